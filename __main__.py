@@ -1,0 +1,8 @@
+"""``python -m skystack`` entry point."""
+
+import sys
+
+from skystack.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())

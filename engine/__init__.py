@@ -1,0 +1,1 @@
+"""Pipeline stages of skystack, one module per stage (see docs/architecture.md)."""
