@@ -1,0 +1,473 @@
+"""The streaming stacking engine: from a session's files to a stacked image.
+
+Pass 1 (streaming): a producer pool decodes lights into a bounded queue; the
+consumer converts, calibrates, corrects defects, detects stars and debayers
+each frame on the chosen backend and puts it in the frame store.
+Then the frames are scored, selected, matched to the reference and warped
+into the reference grid (pass 2, in place in the store). Finally the store is
+combined tile by tile (rejection, normalisation, weighting) and written out.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import time
+from collections import Counter
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+from skystack import __version__
+from skystack.engine.errors import SkystackError
+from skystack.engine.session import SessionFiles
+
+#: Bytes per stored pixel per frame per channel of working space the combine
+#: step needs, as a multiple of the tile itself (NumPy twin's temporaries).
+_COMBINE_WORKSPACE = 6
+
+
+@dataclass(frozen=True, kw_only=True)
+class StackConfig:
+    """Settings of one stack (``skystack stack`` options)."""
+
+    backend: str | None = None
+    rejection: str = "sigma"
+    kappa_low: float = 3.0
+    kappa_high: float = 3.0
+    max_iter: int = 10
+    normalization: str = "additive+scale"
+    weighting: str = "none"
+    debayer: str = "bilinear"
+    apply_wb: bool = True
+    interpolation: str = "lanczos3"
+    transform_model: str = "similarity"
+    reference: str | None = None
+    keep_best: float | None = None
+    max_fwhm: float | None = None
+    min_stars: int = 15
+    memory_limit: int | None = None
+    store_dtype: str = "float32"
+    spill_dir: str | None = None
+    workers: int | None = None
+    queue_size: int = 4
+    dark_optimize: bool = False
+    cosmetic: bool = True
+    cache_dir: str | None = None
+    quiet: bool = False
+
+
+@dataclass(kw_only=True)
+class FrameRecord:
+    """What the report says about one light."""
+
+    path: str
+    used: bool = False
+    reason: str = ""
+    stars: int = 0
+    fwhm_px: float | None = None
+    roundness: float | None = None
+    background: float | None = None
+    noise: float | None = None
+    score: float | None = None
+    weight: float | None = None
+    transform: list[list[float]] | None = None
+    residual_px: float | None = None
+    rejected_fraction: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+@dataclass(kw_only=True)
+class StackResult:
+    """The stacked image and everything the report needs."""
+
+    image: np.ndarray  # (3,H,W) or (H,W) float32, linear, normalised units
+    count: np.ndarray  # (H,W) frames contributing per pixel (first channel)
+    frames: list[FrameRecord]
+    reference: str | None
+    backend: str
+    device: str
+    timings: dict[str, float] = field(default_factory=dict)
+    masters: dict[str, Any] = field(default_factory=dict)
+    settings: dict[str, Any] = field(default_factory=dict)
+    peak_rss_bytes: int = 0
+    queue_peak: int = 0
+    queue_bound: int = 0
+    exposure_s: float = 0.0
+    store_on_disk: bool = False
+
+    @property
+    def n_used(self) -> int:
+        return sum(1 for f in self.frames if f.used)
+
+
+class _Timer:
+    def __init__(self) -> None:
+        self.t: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.t[name] = self.t.get(name, 0.0) + time.perf_counter() - t0
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident set size of this process so far."""
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+def parse_size(text: str | int | None) -> int | None:
+    """``"4GB"``, ``"512M"``, ``"1e9"`` -> bytes."""
+    if text is None or isinstance(text, int):
+        return text
+    s = str(text).strip().upper().replace("IB", "B")
+    mult = 1
+    for suffix, m in (("TB", 1 << 40), ("GB", 1 << 30), ("MB", 1 << 20), ("KB", 1 << 10),
+                      ("T", 1 << 40), ("G", 1 << 30), ("M", 1 << 20), ("K", 1 << 10), ("B", 1)):
+        if s.endswith(suffix):
+            s, mult = s[: -len(suffix)], m
+            break
+    try:
+        return int(float(s) * mult)
+    except ValueError:
+        raise SkystackError(f"--memory-limit {text!r}: expected a size like 4GB or 512MB") from None
+
+
+class _Progress:
+    """rich progress on stderr, silent when quiet or not a TTY."""
+
+    def __init__(self, quiet: bool) -> None:
+        import sys
+
+        self.enabled = not quiet and sys.stderr.isatty()
+        self._p = None
+        if self.enabled:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+            from rich.console import Console
+
+            self._p = Progress(TextColumn("{task.description:<12}"), BarColumn(), MofNCompleteColumn(),
+                               TimeElapsedColumn(), console=Console(stderr=True), transient=False)
+            self._p.start()
+
+    def task(self, name: str, total: int):
+        return self._p.add_task(name, total=total) if self._p else None
+
+    def advance(self, task, n: int = 1) -> None:
+        if self._p is not None and task is not None:
+            self._p.advance(task, n)
+
+    def close(self) -> None:
+        if self._p is not None:
+            self._p.stop()
+
+
+# ----------------------------------------------------------------------------- pipeline
+
+
+def _majority(values: list[Any]) -> Any:
+    return Counter(values).most_common(1)[0][0]
+
+
+def _build_masters(files: SessionFiles, cfg: StackConfig, backend, timer: _Timer) -> dict[str, Any]:
+    """Master bias, dark-flat, dark and flat (cached); a missing kind is None."""
+    from skystack.engine.masters import MasterConfig, build_master
+
+    mcfg = MasterConfig()
+    cache = cfg.cache_dir
+    out: dict[str, Any] = {"bias": None, "dark_flat": None, "dark": None, "flat": None}
+    with timer("masters"):
+        if files.bias:
+            out["bias"] = build_master("bias", files.bias, config=mcfg, cache_dir=cache, backend=backend)
+        if files.dark_flats:
+            out["dark_flat"] = build_master("dark-flat", files.dark_flats, config=mcfg, cache_dir=cache,
+                                            backend=backend)
+        if files.darks:
+            out["dark"] = build_master("dark", files.darks, config=mcfg, bias=out["bias"], cache_dir=cache,
+                                       backend=backend)
+        if files.flats:
+            out["flat"] = build_master("flat", files.flats, config=mcfg, bias=out["bias"],
+                                       dark_flat=out["dark_flat"], cache_dir=cache, backend=backend)
+    return out
+
+
+def stack_session(files: SessionFiles, config: StackConfig = StackConfig()) -> StackResult:
+    """Calibrate, register and stack the lights of ``files``.
+
+    Parameters
+    ----------
+    files : SessionFiles
+        Lights and calibration frames.
+    config : StackConfig
+        Settings.
+
+    Returns
+    -------
+    StackResult
+        The stacked image (reference grid, linear, normalised units) and the
+        per-frame records, timings and memory figures for the report.
+
+    Raises
+    ------
+    SkystackError
+        When no light can be used (the message says why for each).
+    """
+    from skystack.engine import calibrate as cal
+    from skystack.engine import cosmetic, debayer, detect, match, warp
+    from skystack.engine.backend import get_backend, to_host
+    from skystack.engine.framestore import FrameStore
+    from skystack.engine.io import read_meta
+    from skystack.engine.producer import FrameProducer
+    from skystack.engine.rawconv import cfa_to_float
+
+    timer = _Timer()
+    t_start = time.perf_counter()
+    be = get_backend(config.backend, quiet=config.quiet)
+    xp = be.xp
+    lights = list(files.lights)
+    if not lights:
+        raise SkystackError("no light frames given; pass files, folders or a session folder")
+    records = [FrameRecord(path=str(p)) for p in lights]
+
+    # --- headers: one camera/size/pattern per stack; odd frames are skipped
+    with timer("scan"):
+        metas: list[Any] = []
+        for rec, p in zip(records, lights):
+            try:
+                metas.append(read_meta(p))
+            except SkystackError as exc:
+                metas.append(None)
+                rec.reason = str(exc)
+        good = [m for m in metas if m is not None]
+        if not good:
+            raise SkystackError("no readable light frames: " + "; ".join(r.reason for r in records[:3]))
+        key = _majority([(m.shape, m.pattern) for m in good])
+        for rec, m in zip(records, metas):
+            if m is not None and (m.shape, m.pattern) != key:
+                rec.reason = (f"{Path(m.path).name}: size/pattern {m.shape}/{m.pattern} differs from the "
+                              f"session's {key[0]}/{key[1]}; stack it separately")
+    shape, pattern = key
+    if len(shape) != 2:
+        raise SkystackError(f"{lights[0]}: colour (already debayered) lights are not supported yet; "
+                            "pass the camera's RAW or Bayer FITS files")
+    h_full, w_full = shape
+
+    masters = _build_masters(files, config, be, timer)
+    calset = cal.CalibrationSet(bias=masters["bias"], dark=masters["dark"], flat=masters["flat"])
+    ref_meta = next(m for m, r in zip(metas, records) if m is not None and not r.reason)
+    cal.check_compatible(ref_meta, calset)
+    defect_mask = None
+    if config.cosmetic and masters["dark"] is not None:
+        defect_mask = cosmetic.find_defects_from_dark(masters["dark"].data).mask
+    dev = {k: (xp.asarray(v.data) if v is not None else None) for k, v in
+           (("bias", masters["bias"]), ("dark", masters["dark"]), ("flat", masters["flat"]))}
+    dev_mask = xp.asarray(defect_mask) if defect_mask is not None else None
+    dark_exp = masters["dark"].meta.exposure_s if masters["dark"] is not None else None
+
+    # --- pass 1: decode -> calibrate -> cosmetic -> detect -> debayer -> store
+    superpixel = config.debayer == "superpixel"
+    out_h, out_w = (h_full // 2, w_full // 2) if superpixel else (h_full, w_full)
+    n_ch = 3 if pattern else 1
+    budget = be.memory_budget(config.memory_limit) if config.memory_limit else None
+    store_budget = None if budget is None else budget // 2
+    store = FrameStore(len(lights), (n_ch, out_h, out_w), ram_budget=store_budget,
+                       dtype=config.store_dtype, spill_dir=config.spill_dir)
+    todo = [i for i, r in enumerate(records) if not r.reason]
+    stars: dict[int, Any] = {}
+    quality: dict[int, Any] = {}
+    stats: dict[int, Any] = {}
+    exposure_total = 0.0
+    prog = _Progress(config.quiet)
+    producer = FrameProducer([lights[i] for i in todo], workers=config.workers, queue_size=config.queue_size)
+    task = prog.task("calibrate", len(todo))
+    try:
+        for item in producer:
+            i = todo[item.index]
+            rec = records[i]
+            prog.advance(task)
+            if item.frame is None:
+                rec.reason = item.error or "cannot decode"
+                continue
+            fr = item.frame
+            m = fr.meta
+            with timer("calibrate"):
+                raw = xp.asarray(fr.data)  # uint16 upload: 2 bytes/px
+                x = cfa_to_float(raw, pattern=m.pattern, black_level=m.black_level, white_level=m.white_level)
+                scale = 1.0
+                if dev["dark"] is not None:
+                    scale = cal.dark_scale_for(m.exposure_s, dark_exp)
+                    if config.dark_optimize:
+                        scale = cal.optimize_dark_scale(x, dev["dark"], bias=dev["bias"])
+                x = cal.calibrate(x, bias=dev["bias"], dark=dev["dark"], dark_scale=scale, flat=dev["flat"])
+                if dev_mask is not None:
+                    x, _n = cosmetic.correct_defects(x, dev_mask, m.pattern)
+            with timer("detect"):
+                host_cfa = to_host(x)
+                st = detect.detect_stars(host_cfa, pattern=m.pattern)
+                q = detect.measure_quality(host_cfa, st, pattern=m.pattern)
+            with timer("debayer"):
+                wb = m.wb if (config.apply_wb and m.wb is not None) else None
+                rgb = debayer.debayer(x, m.pattern, method=config.debayer, wb=wb) if m.pattern else x[None]
+                host = to_host(rgb)
+            with timer("store"):
+                store.put(i, host)
+            stars[i], quality[i] = st, q
+            exposure_total += float(m.exposure_s or 0.0)
+            rec.stars = int(q.n_stars)
+            rec.fwhm_px = _f(q.fwhm_px)
+            rec.roundness = _f(q.roundness)
+            rec.background = _f(q.background)
+            rec.noise = _f(q.noise)
+            rec.score = _f(q.score)
+    finally:
+        prog.close()
+
+    # --- selection and reference
+    with timer("register"):
+        cand = [i for i in todo if not records[i].reason]
+        if not cand:
+            store.close()
+            raise SkystackError("no light frame could be decoded: " + "; ".join(
+                records[i].reason for i in todo[:3]))
+        decisions = detect.select_frames([quality[i] for i in cand], keep_best=config.keep_best,
+                                         max_fwhm=config.max_fwhm, min_stars=config.min_stars)
+        for i, (used, reason) in zip(cand, decisions):
+            if not used:
+                records[i].reason = reason
+        cand = [i for i in cand if not records[i].reason]
+        if not cand:
+            store.close()
+            raise SkystackError("every light was rejected: " + "; ".join(
+                f"{Path(r.path).name}: {r.reason}" for r in records[:5]))
+        ref = _reference_index(config.reference, lights, cand, quality, detect)
+        mcfg = match.MatchConfig(model=config.transform_model)
+        ref_xy = _xy(stars[ref])
+        transforms: dict[int, np.ndarray] = {}
+        for i in cand:
+            if i == ref:
+                transforms[i] = np.eye(3)
+                records[i].residual_px = 0.0
+                continue
+            try:
+                res = match.match_stars(_xy(stars[i]), ref_xy, config=mcfg)
+            except SkystackError as exc:
+                records[i].reason = f"registration failed: {exc}"
+                continue
+            transforms[i] = np.asarray(res.transform, dtype=np.float64)
+            records[i].residual_px = _f(res.residual_rms_px)
+        used = [i for i in cand if i in transforms]
+
+    # --- pass 2: warp into the reference grid (in place in the store)
+    s_half = np.array([[2.0, 0, 0.5], [0, 2.0, 0.5], [0, 0, 1]])
+    with timer("warp"):
+        for i in used:
+            t = transforms[i]
+            records[i].transform = t.tolist()
+            if i == ref:
+                continue
+            t_store = np.linalg.inv(s_half) @ t @ s_half if superpixel else t
+            img = xp.asarray(store.get(i))
+            out = warp.warp(img, t_store, (out_h, out_w), method=config.interpolation)
+            store.put(i, to_host(out))
+            stats[i] = None
+
+    # --- normalisation and weights
+    from skystack.engine import normalize
+
+    with timer("normalize"):
+        fstats = [normalize.robust_stats(store.get(i)) for i in used]
+        r = used.index(ref)
+        nscale, noffset = normalize.normalization_factors(fstats, r, config.normalization)
+        weights = normalize.frame_weights(fstats, nscale, config.weighting,
+                                          scores=[records[i].score or 0.0 for i in used])
+
+    # --- combine tile by tile
+    with timer("combine"):
+        image, count, rejected = _combine_store(store, used, nscale, noffset, weights, config, be, budget)
+    store_on_disk = store.on_disk
+    store.close()
+    n_pix = out_h * out_w
+    for k, i in enumerate(used):
+        rec = records[i]
+        rec.used = True
+        rec.weight = float(weights[k].mean())
+        rec.rejected_fraction = float(rejected[k]) / float(n_pix * n_ch)
+    timer.t["total"] = time.perf_counter() - t_start
+    return StackResult(
+        image=image if n_ch == 3 else image[0], count=count, frames=records,
+        reference=str(lights[ref]), backend=be.name, device=be.device_name, timings=dict(timer.t),
+        masters={k: (None if v is None else _master_summary(v)) for k, v in masters.items()},
+        settings=_settings(config), peak_rss_bytes=peak_rss_bytes(), queue_peak=producer.gauge.peak,
+        queue_bound=producer.bound, exposure_s=exposure_total, store_on_disk=store_on_disk,
+    )
+
+
+def _combine_store(store, used: list[int], nscale, noffset, weights, config: StackConfig, be, budget):
+    """Combine the store tile by tile; return (image (C,H,W), count (H,W), rejected per frame)."""
+    from skystack.engine.combine import combine
+
+    n = len(used)
+    c, h, w = store.shape
+    per_row = n * w * 4 * _COMBINE_WORKSPACE
+    if budget is None:
+        budget = be.memory_budget(None)
+    rows = int(max(1, min(h, budget // max(per_row, 1))))
+    image = np.full((c, h, w), np.nan, dtype=np.float32)
+    count = np.zeros((h, w), dtype=np.int32)
+    rejected = np.zeros(n, dtype=np.int64)
+    xp = be.xp
+    for y0 in range(0, h, rows):
+        y1 = min(h, y0 + rows)
+        block = store.tile(used, y0, y1)  # (N, C, rows, W)
+        for ch in range(c):
+            cube = xp.asarray(np.ascontiguousarray(block[:, ch]))
+            res = combine(cube, method=config.rejection, kappa_low=config.kappa_low,
+                          kappa_high=config.kappa_high, max_iter=config.max_iter,
+                          scale=xp.asarray(nscale[:, ch]), offset=xp.asarray(noffset[:, ch]),
+                          weights=xp.asarray(weights[:, ch]))
+            image[ch, y0:y1] = be.to_host(res.mean)
+            if ch == 0:
+                count[y0:y1] = be.to_host(res.count)
+            rejected += be.to_host(res.rejected).astype(np.int64)
+        del block
+    return image, count, rejected
+
+
+def _reference_index(reference: str | None, lights: list[Path], cand: list[int], quality, detect) -> int:
+    if reference:
+        target = Path(reference).resolve()
+        for i in cand:
+            if lights[i].resolve() == target or lights[i].name == Path(reference).name:
+                return i
+        raise SkystackError(f"--reference {reference}: not among the usable lights")
+    k = detect.choose_reference([quality[i] for i in cand])
+    return cand[k]
+
+
+def _xy(stars) -> np.ndarray:
+    return np.column_stack([np.asarray(stars.x, dtype=np.float64), np.asarray(stars.y, dtype=np.float64)])
+
+
+def _f(v) -> float | None:
+    if v is None:
+        return None
+    v = float(v)
+    return v if np.isfinite(v) else None
+
+
+def _master_summary(m) -> dict[str, Any]:
+    meta = m.meta
+    d = meta.to_dict() if hasattr(meta, "to_dict") else dict(getattr(meta, "__dict__", {}))
+    return {k: v for k, v in d.items() if isinstance(v, (int, float, str, bool, type(None)))}
+
+
+def _settings(cfg: StackConfig) -> dict[str, Any]:
+    return {k: getattr(cfg, k) for k in cfg.__dataclass_fields__}
