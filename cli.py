@@ -22,7 +22,10 @@ EXIT_USER_ERROR = 2
 def _console(stderr: bool = True):
     from rich.console import Console
 
-    return Console(stderr=stderr, highlight=False)
+    stream = sys.stderr if stderr else sys.stdout
+    # Tables piped to a file or a pager keep their columns readable.
+    width = None if stream.isatty() else 160
+    return Console(stderr=stderr, highlight=False, width=width)
 
 
 def _error_line(message: str) -> None:
@@ -40,7 +43,8 @@ def _cmd_info(args: argparse.Namespace) -> int:
     from skystack.engine.backend import get_backend
     from skystack.engine.io import read_meta
 
-    get_backend(args.backend, quiet=args.quiet)
+    if args.backend:  # info needs no device, but an explicit request is honoured
+        get_backend(args.backend, quiet=args.quiet)
     metas = [read_meta(p) for p in args.files]
     if args.json:
         print(json.dumps([m.to_dict() for m in metas], indent=2, default=str))
