@@ -43,7 +43,10 @@ def _cmd_info(args: argparse.Namespace) -> int:
     from skystack.engine.backend import get_backend
     from skystack.engine.io import read_meta
 
-    if args.backend:  # info needs no device, but an explicit request is honoured
+    import os
+
+    if args.backend or os.environ.get("SKYSTACK_BACKEND"):
+        # info needs no device, but an explicit request (flag or variable) is honoured
         get_backend(args.backend, quiet=args.quiet)
     metas = [read_meta(p) for p in args.files]
     if args.json:

@@ -161,9 +161,12 @@ def launch(source: str, kernel: str, n_items: int, args: Sequence[Any], *,
 
     ``args`` are passed as CuPy passes them: device arrays, and scalars that
     must already be NumPy-typed (``np.int32``, ``np.float32``) to match the C
-    signature.
+    signature. They are checked against the kernel's parsed signature first
+    (:func:`skystack.kernels.check_args`): a wrong dtype raises ``TypeError``
+    instead of being silently misread on the device.
     """
-    from skystack.kernels import get_kernel
+    from skystack.kernels import check_args, get_kernel, kernel_params
 
+    check_args(kernel, kernel_params(source, kernel), args, device=True)
     k = get_kernel(source, kernel, tuple(defines))
     k((grid_for(n_items, block),), (block,), tuple(args))

@@ -5,14 +5,33 @@ written with grid-stride loops over float32 data, no warp intrinsics, no
 shared memory and no ``__syncthreads`` (so the CPU emulator in
 :mod:`skystack.kernels.emulate` can run them one thread at a time).
 CuPy only loads and launches them.
+
+This module also parses the kernels' C signatures (:func:`kernel_params`) so
+that every launch, on the GPU (:func:`skystack.engine.backend.launch`) or in
+the CPU emulator, checks its arguments' dtypes against the signature: a
+``float64`` array passed to a ``float*`` parameter would otherwise be
+silently misread on the device.
 """
 
 from __future__ import annotations
 
+import re
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
 
 KERNEL_DIR = Path(__file__).resolve().parent
+
+#: NVRTC options of every kernel build (CuPy appends ``-ftz=true`` itself).
+#: ``--fmad=false`` keeps ``a*b+c`` as two IEEE roundings, so float32 results
+#: match the NumPy twins (and the ``-ffp-contract=off`` CPU emulation) bit for
+#: bit wherever the order of operations is the same.
+NVRTC_OPTIONS: tuple[str, ...] = ("--std=c++17", "--fmad=false")
+#: Options CuPy adds after ours (the compile check passes them too).
+CUPY_APPENDED_OPTIONS: tuple[str, ...] = ("-ftz=true",)
 
 
 def list_sources() -> list[str]:
@@ -20,9 +39,14 @@ def list_sources() -> list[str]:
     return sorted(p.name for p in KERNEL_DIR.glob("*.cu"))
 
 
-def read_source(name: str) -> str:
-    """Text of the CUDA source ``name`` (e.g. ``"cfa.cu"``)."""
-    return (KERNEL_DIR / name).read_text()
+def _source_path(name: str | Path) -> Path:
+    p = Path(name)
+    return p if p.is_absolute() else KERNEL_DIR / p
+
+
+def read_source(name: str | Path) -> str:
+    """Text of the CUDA source ``name`` (e.g. ``"rawconv.cu"``, or an absolute path)."""
+    return _source_path(name).read_text()
 
 
 @lru_cache(maxsize=None)
@@ -33,10 +57,233 @@ def get_module(name: str, defines: tuple[str, ...] = ()):
     """
     import cupy
 
-    opts = tuple(f"-D{d}" for d in defines) + ("--std=c++14",)
+    opts = tuple(f"-D{d}" for d in defines) + NVRTC_OPTIONS
     return cupy.RawModule(code=read_source(name), options=opts)
 
 
 def get_kernel(name: str, kernel: str, defines: tuple[str, ...] = ()):
     """Return the ``cupy.RawKernel`` ``kernel`` of source ``name``."""
-    return get_module(name, defines).get_function(kernel)
+    return get_module(name, tuple(defines)).get_function(kernel)
+
+
+# ----------------------------------------------------------------------------- signatures
+
+#: C type (normalised spelling) -> NumPy dtype. Pointer and scalar parameters
+#: use the same table; a scalar argument must be a NumPy scalar of exactly this
+#: dtype, a pointer argument a C-contiguous array of it.
+C_TYPES: dict[str, np.dtype] = {
+    "float": np.dtype(np.float32),
+    "double": np.dtype(np.float64),
+    "char": np.dtype(np.int8),
+    "signed char": np.dtype(np.int8),
+    "unsigned char": np.dtype(np.uint8),
+    "short": np.dtype(np.int16),
+    "short int": np.dtype(np.int16),
+    "signed short": np.dtype(np.int16),
+    "unsigned short": np.dtype(np.uint16),
+    "unsigned short int": np.dtype(np.uint16),
+    "int": np.dtype(np.int32),
+    "signed": np.dtype(np.int32),
+    "signed int": np.dtype(np.int32),
+    "unsigned": np.dtype(np.uint32),
+    "unsigned int": np.dtype(np.uint32),
+    "long": np.dtype(np.int64),
+    "long int": np.dtype(np.int64),
+    "unsigned long": np.dtype(np.uint64),
+    "long long": np.dtype(np.int64),
+    "long long int": np.dtype(np.int64),
+    "signed long long": np.dtype(np.int64),
+    "unsigned long long": np.dtype(np.uint64),
+    "unsigned long long int": np.dtype(np.uint64),
+    "size_t": np.dtype(np.uint64),
+    "bool": np.dtype(np.bool_),
+}
+
+_QUALIFIERS = {"const", "volatile", "__restrict__", "__restrict", "restrict"}
+
+
+@dataclass(frozen=True, kw_only=True)
+class KernelParam:
+    """One parameter of a kernel entry point.
+
+    Attributes
+    ----------
+    name : str
+        Parameter name in the source.
+    ctype : str
+        Normalised C base type (``"float"``, ``"unsigned short"``...).
+    dtype : numpy.dtype
+        NumPy dtype matching ``ctype``.
+    pointer : bool
+        True for ``T*`` (an array argument).
+    const : bool
+        True when the pointee (or scalar) is ``const``.
+    decl : str
+        The declaration as written (type part only, without the name).
+    """
+
+    name: str
+    ctype: str
+    dtype: np.dtype
+    pointer: bool
+    const: bool
+    decl: str
+
+
+def strip_comments(text: str) -> str:
+    """``text`` with C/C++ comments replaced by spaces (string literals kept)."""
+    out = []
+    i, n = 0, len(text)
+    while i < n:
+        c = text[i]
+        if c == '"' or c == "'":
+            j = i + 1
+            while j < n and text[j] != c:
+                j += 2 if text[j] == "\\" else 1
+            out.append(text[i:j + 1])
+            i = j + 1
+        elif text.startswith("//", i):
+            j = text.find("\n", i)
+            j = n if j < 0 else j
+            out.append(" " * (j - i))
+            i = j
+        elif text.startswith("/*", i):
+            j = text.find("*/", i + 2)
+            j = n if j < 0 else j + 2
+            out.append("".join(ch if ch == "\n" else " " for ch in text[i:j]))
+            i = j
+        else:
+            out.append(c)
+            i += 1
+    return "".join(out)
+
+
+_ENTRY_RE = re.compile(
+    r'extern\s+"C"\s+__global__\s+(?:__launch_bounds__\s*\([^)]*\)\s*)?void\s+'
+    r'(?:__launch_bounds__\s*\([^)]*\)\s*)?([A-Za-z_]\w*)\s*\('
+)
+
+
+def _parse_param(text: str, kernel: str) -> KernelParam:
+    decl = " ".join(text.replace("*", " * ").split())
+    tokens = decl.split()
+    if len(tokens) < 2 or not re.fullmatch(r"[A-Za-z_]\w*", tokens[-1]):
+        raise ValueError(f"kernel {kernel}: cannot parse parameter {text.strip()!r}")
+    name = tokens[-1]
+    type_tokens = tokens[:-1]
+    n_ptr = type_tokens.count("*")
+    if n_ptr > 1:
+        raise ValueError(f"kernel {kernel}: parameter {name!r} is a pointer to pointer (unsupported)")
+    const = False
+    base = []
+    for tok in type_tokens:
+        if tok == "*":
+            continue
+        if tok == "const":
+            const = True
+        if tok in _QUALIFIERS:
+            continue
+        base.append(tok)
+    ctype = " ".join(base)
+    if ctype not in C_TYPES:
+        raise ValueError(
+            f"kernel {kernel}: parameter {name!r} has unsupported type {ctype!r} "
+            f"(use one of: {', '.join(sorted(C_TYPES))})"
+        )
+    type_decl = " ".join(type_tokens).replace(" *", "*")
+    return KernelParam(name=name, ctype=ctype, dtype=C_TYPES[ctype], pointer=n_ptr == 1,
+                       const=const, decl=type_decl)
+
+
+def parse_kernels(text: str) -> dict[str, tuple[KernelParam, ...]]:
+    """Parse every ``extern "C" __global__ void name(...)`` entry point of a CUDA source.
+
+    Parameters
+    ----------
+    text : str
+        CUDA C source text.
+
+    Returns
+    -------
+    dict
+        Kernel name -> its parameters, in source order.
+    """
+    src = strip_comments(text)
+    kernels: dict[str, tuple[KernelParam, ...]] = {}
+    for m in _ENTRY_RE.finditer(src):
+        name = m.group(1)
+        depth, j = 1, m.end()
+        while j < len(src) and depth:
+            depth += {"(": 1, ")": -1}.get(src[j], 0)
+            j += 1
+        if depth:
+            raise ValueError(f"kernel {name}: unbalanced parentheses in its signature")
+        inner = src[m.end():j - 1].strip()
+        params = () if inner in ("", "void") else tuple(
+            _parse_param(p, name) for p in inner.split(",")
+        )
+        if name in kernels:
+            raise ValueError(f"kernel {name} is defined twice")
+        kernels[name] = params
+    return kernels
+
+
+@lru_cache(maxsize=None)
+def _source_kernels(name: str) -> dict[str, tuple[KernelParam, ...]]:
+    return parse_kernels(read_source(name))
+
+
+def kernel_params(source: str, kernel: str) -> tuple[KernelParam, ...]:
+    """Parameters of ``kernel`` in ``kernels/<source>`` (parsed once per source)."""
+    kernels = _source_kernels(str(source))
+    if kernel not in kernels:
+        raise ValueError(f"{source} has no kernel {kernel!r} (it has: {', '.join(kernels) or 'none'})")
+    return kernels[kernel]
+
+
+def _describe(a: Any) -> str:
+    if hasattr(a, "dtype") and hasattr(a, "shape"):
+        return f"{type(a).__module__.split('.')[0]} {a.dtype} array of shape {tuple(a.shape)}"
+    return f"{type(a).__name__} {a!r}"
+
+
+def check_args(kernel: str, params: Sequence[KernelParam], args: Sequence[Any], *,
+               device: bool) -> None:
+    """Check launch arguments against a kernel's signature.
+
+    Pointer parameters need C-contiguous arrays of the exact dtype (CuPy arrays
+    when ``device``, NumPy arrays otherwise; non-``const`` pointees must be
+    writeable); scalar parameters need NumPy scalars of the exact dtype
+    (``np.int32`` for ``int``, ``np.float32`` for ``float``, ``np.int64`` for
+    ``long long``...). Python ``int``/``float`` are refused: CuPy would pass
+    them as 64-bit values and the kernel would read garbage.
+
+    Raises
+    ------
+    TypeError
+        Naming the kernel, the parameter and what to pass instead.
+    """
+    if len(args) != len(params):
+        raise TypeError(
+            f"kernel {kernel} takes {len(params)} arguments "
+            f"({', '.join(p.name for p in params)}), got {len(args)}"
+        )
+    for i, (p, a) in enumerate(zip(params, args)):
+        where = f"kernel {kernel} argument {i} '{p.name}' ({p.decl})"
+        if p.pointer:
+            is_dev = type(a).__module__.startswith("cupy")
+            ok_kind = is_dev if device else isinstance(a, np.ndarray)
+            if not ok_kind:
+                want = "a CuPy array" if device else "a NumPy array"
+                raise TypeError(f"{where}: expected {want}, got {_describe(a)}")
+            if a.dtype != p.dtype:
+                raise TypeError(f"{where}: expected a {p.dtype} array, got {_describe(a)}")
+            if not a.flags.c_contiguous:
+                raise TypeError(f"{where}: the array must be C-contiguous (use ascontiguousarray)")
+            if not p.const and not device and not a.flags.writeable:
+                raise TypeError(f"{where}: the kernel writes this array but it is read-only")
+        else:
+            if not isinstance(a, np.generic) or a.dtype != p.dtype:
+                raise TypeError(
+                    f"{where}: expected a NumPy scalar np.{p.dtype.name}(...), got {_describe(a)}"
+                )

@@ -1,0 +1,49 @@
+// rawconv.cu -- raw sensor data to normalised float32.
+//
+// out = (raw - black[pos]) / range[pos], pos = ((y & 1) << 1) | (x & 1) being the
+// pixel's place in the 2x2 CFA tile (row-major, as engine/frame.py defines it)
+// and range = white - black. The last two axes of the data are (height, width);
+// leading axes (e.g. 3 colour planes) repeat the same 2x2 rule. Negative
+// results are kept (clipping at 0 would bias the noise floor of dark frames).
+// NumPy twin: skystack.engine.rawconv._cfa_to_float_numpy.
+
+__device__ __forceinline__ float rawconv_pick(int pos, float v0, float v1, float v2, float v3)
+{
+    return pos == 0 ? v0 : (pos == 1 ? v1 : (pos == 2 ? v2 : v3));
+}
+
+// uint16 input (camera RAW, 16-bit FITS/TIFF): 2 bytes per pixel cross the bus.
+extern "C" __global__ void cfa_to_float_u16(
+    const unsigned short* __restrict__ raw, float* __restrict__ out,
+    long long n, int width, int height,
+    float black0, float black1, float black2, float black3,
+    float range0, float range1, float range2, float range3)
+{
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
+         i += (long long)blockDim.x * gridDim.x) {
+        const long long x = i % width;
+        const long long y = (i / width) % height;
+        const int pos = (int)(((y & 1) << 1) | (x & 1));
+        const float b = rawconv_pick(pos, black0, black1, black2, black3);
+        const float r = rawconv_pick(pos, range0, range1, range2, range3);
+        out[i] = ((float)raw[i] - b) / r;
+    }
+}
+
+// float32 input (float FITS/TIFF, or other integer types converted first).
+extern "C" __global__ void cfa_to_float_f32(
+    const float* __restrict__ raw, float* __restrict__ out,
+    long long n, int width, int height,
+    float black0, float black1, float black2, float black3,
+    float range0, float range1, float range2, float range3)
+{
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
+         i += (long long)blockDim.x * gridDim.x) {
+        const long long x = i % width;
+        const long long y = (i / width) % height;
+        const int pos = (int)(((y & 1) << 1) | (x & 1));
+        const float b = rawconv_pick(pos, black0, black1, black2, black3);
+        const float r = rawconv_pick(pos, range0, range1, range2, range3);
+        out[i] = (raw[i] - b) / r;
+    }
+}
