@@ -250,7 +250,7 @@ def _stack_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--keep-best", type=float, metavar="PERCENT", help="keep the best PERCENT of frames")
     g.add_argument("--max-fwhm", type=float, help="reject frames with a larger median FWHM (px)")
     g.add_argument("--min-stars", type=int, default=15, help="reject frames with fewer stars")
-    g.add_argument("--debayer", default="bilinear", choices=("bilinear", "vng", "rcd", "superpixel"))
+    g.add_argument("--debayer", default="bilinear", choices=("bilinear", "rcd", "superpixel"))
     g.add_argument("--no-wb", action="store_true", help="do not apply the camera white balance")
     g.add_argument("--interpolation", default="lanczos3", choices=("lanczos3", "bilinear"))
     g.add_argument("--model", default="similarity", choices=("similarity", "affine", "homography"))

@@ -177,28 +177,6 @@ def _majority(values: list[Any]) -> Any:
     return Counter(values).most_common(1)[0][0]
 
 
-def _build_masters(files: SessionFiles, cfg: StackConfig, backend, timer: _Timer) -> dict[str, Any]:
-    """Master bias, dark-flat, dark and flat (cached); a missing kind is None."""
-    from skystack.engine.masters import MasterConfig, build_master
-
-    mcfg = MasterConfig()
-    cache = cfg.cache_dir
-    out: dict[str, Any] = {"bias": None, "dark_flat": None, "dark": None, "flat": None}
-    with timer("masters"):
-        if files.bias:
-            out["bias"] = build_master("bias", files.bias, config=mcfg, cache_dir=cache, backend=backend)
-        if files.dark_flats:
-            out["dark_flat"] = build_master("dark-flat", files.dark_flats, config=mcfg, cache_dir=cache,
-                                            backend=backend)
-        if files.darks:
-            out["dark"] = build_master("dark", files.darks, config=mcfg, bias=out["bias"], cache_dir=cache,
-                                       backend=backend)
-        if files.flats:
-            out["flat"] = build_master("flat", files.flats, config=mcfg, bias=out["bias"],
-                                       dark_flat=out["dark_flat"], cache_dir=cache, backend=backend)
-    return out
-
-
 def stack_session(files: SessionFiles, config: StackConfig = StackConfig()) -> StackResult:
     """Calibrate, register and stack the lights of ``files``.
 
@@ -221,7 +199,8 @@ def stack_session(files: SessionFiles, config: StackConfig = StackConfig()) -> S
         When no light can be used (the message says why for each).
     """
     from skystack.engine import calibrate as cal
-    from skystack.engine import cosmetic, debayer, detect, match, warp
+    from skystack.engine import debayer, detect, match, warp
+    from skystack.engine.cosmetic import CosmeticConfig
     from skystack.engine.backend import get_backend, to_host
     from skystack.engine.framestore import FrameStore
     from skystack.engine.io import read_meta
@@ -260,17 +239,15 @@ def stack_session(files: SessionFiles, config: StackConfig = StackConfig()) -> S
                             "pass the camera's RAW or Bayer FITS files")
     h_full, w_full = shape
 
-    masters = _build_masters(files, config, be, timer)
-    calset = cal.CalibrationSet(bias=masters["bias"], dark=masters["dark"], flat=masters["flat"])
-    ref_meta = next(m for m, r in zip(metas, records) if m is not None and not r.reason)
-    cal.check_compatible(ref_meta, calset)
-    defect_mask = None
-    if config.cosmetic and masters["dark"] is not None:
-        defect_mask = cosmetic.find_defects_from_dark(masters["dark"].data).mask
-    dev = {k: (xp.asarray(v.data) if v is not None else None) for k, v in
-           (("bias", masters["bias"]), ("dark", masters["dark"]), ("flat", masters["flat"]))}
-    dev_mask = xp.asarray(defect_mask) if defect_mask is not None else None
-    dark_exp = masters["dark"].meta.exposure_s if masters["dark"] is not None else None
+    with timer("masters"):
+        cset = cal.build_calibration_set(
+            bias=list(files.bias), darks=list(files.darks), flats=list(files.flats),
+            dark_flats=list(files.dark_flats), cosmetic=CosmeticConfig() if config.cosmetic else None,
+            cache_dir=config.cache_dir, backend=be)
+        ref_meta = next(m for m, r in zip(metas, records) if m is not None and not r.reason)
+        cal.check_compatible(ref_meta, cset)
+        cset = cset.to_backend(be)
+    ccfg = cal.CalibrationConfig(dark_optimize=config.dark_optimize, cosmetic=config.cosmetic)
 
     # --- pass 1: decode -> calibrate -> cosmetic -> detect -> debayer -> store
     superpixel = config.debayer == "superpixel"
@@ -301,18 +278,11 @@ def stack_session(files: SessionFiles, config: StackConfig = StackConfig()) -> S
             with timer("calibrate"):
                 raw = xp.asarray(fr.data)  # uint16 upload: 2 bytes/px
                 x = cfa_to_float(raw, pattern=m.pattern, black_level=m.black_level, white_level=m.white_level)
-                scale = 1.0
-                if dev["dark"] is not None:
-                    scale = cal.dark_scale_for(m.exposure_s, dark_exp)
-                    if config.dark_optimize:
-                        scale = cal.optimize_dark_scale(x, dev["dark"], bias=dev["bias"])
-                x = cal.calibrate(x, bias=dev["bias"], dark=dev["dark"], dark_scale=scale, flat=dev["flat"])
-                if dev_mask is not None:
-                    x, _n = cosmetic.correct_defects(x, dev_mask, m.pattern)
+                x = cal.calibrate_light(x, m, cset, config=ccfg).data
             with timer("detect"):
                 host_cfa = to_host(x)
                 st = detect.detect_stars(host_cfa, pattern=m.pattern)
-                q = detect.measure_quality(host_cfa, st, pattern=m.pattern)
+                q = detect.measure_quality(st)
             with timer("debayer"):
                 wb = m.wb if (config.apply_wb and m.wb is not None) else None
                 rgb = debayer.debayer(x, m.pattern, method=config.debayer, wb=wb) if m.pattern else x[None]
@@ -404,7 +374,7 @@ def stack_session(files: SessionFiles, config: StackConfig = StackConfig()) -> S
     return StackResult(
         image=image if n_ch == 3 else image[0], count=count, frames=records,
         reference=str(lights[ref]), backend=be.name, device=be.device_name, timings=dict(timer.t),
-        masters={k: (None if v is None else _master_summary(v)) for k, v in masters.items()},
+        masters={k: _master_summary(v) for k, v in cset.masters.items()},
         settings=_settings(config), peak_rss_bytes=peak_rss_bytes(), queue_peak=producer.gauge.peak,
         queue_bound=producer.bound, exposure_s=exposure_total, store_on_disk=store_on_disk,
     )

@@ -6,6 +6,12 @@ For each channel (or all channels together when *linked*):
 * the midtones balance ``m`` is chosen so that the background (the median)
   lands on ``target_background`` (0.25) after the stretch;
 * ``out = MTF_m((x - c0) / (1 - c0))`` clipped to [0, 1].
+
+*Linked* (the default) shares one midtones balance ``m`` across channels (the
+mean of the per-channel ones) so every channel gets the same curve and star
+colours keep their ratios, but clips the shadows per channel, which
+neutralises a light-pollution colour cast in the background. *Unlinked*
+stretches each channel on its own.
 """
 
 from __future__ import annotations
@@ -55,9 +61,8 @@ def autostretch(image: np.ndarray, config: StretchConfig = StretchConfig()) -> n
     chans = img[None] if img.ndim == 2 else img
     params = [stretch_params(c, config) for c in chans]
     if config.linked and len(params) > 1:
-        c0 = float(np.mean([p[0] for p in params]))
         m = float(np.mean([p[1] for p in params]))
-        params = [(c0, m)] * len(params)
+        params = [(p[0], m) for p in params]
     out = np.empty_like(chans)
     for i, (c, (c0, m)) in enumerate(zip(chans, params)):
         x = np.clip((c - c0) / max(1.0 - c0, 1e-12), 0.0, 1.0)

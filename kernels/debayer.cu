@@ -1,0 +1,302 @@
+// debayer.cu -- Bayer demosaicing: white-balance pre-scale, bilinear,
+// super-pixel and RCD (ratio corrected demosaicing, L. Sanz Rodriguez, v2.3
+// structure). NumPy twins: skystack/engine/debayer.py.
+//
+// Conventions shared with the twins:
+//   * `pat` packs the 2x2 CFA tile: colour (0=R, 1=G, 2=B) of the pixel at
+//     (y, x) is (pat >> (2 * (((y & 1) << 1) | (x & 1)))) & 3.
+//   * Colour output is channel-first float32 (3, H, W).
+//   * NaN (and inf) mean "no data": bilinear averages only finite
+//     neighbours; an RCD estimate that is not finite falls back to the
+//     bilinear value of that pixel and channel.
+//   * RCD reads neighbours through mirror reflection about the edge pixel
+//     (index -k -> k, n-1+k -> n-1-k), which keeps the CFA phase; it needs
+//     H, W >= 5 (the caller falls back to bilinear below that).
+
+#define DB_EPS 1e-5f
+#define DB_EPSSQ 1e-10f
+
+__device__ __forceinline__ int db_colour(int pat, int y, int x) {
+    return (pat >> (2 * (((y & 1) << 1) | (x & 1)))) & 3;
+}
+
+__device__ __forceinline__ bool db_finite(float v) { return (v - v) == 0.0f; }
+
+__device__ __forceinline__ int db_reflect(int i, int n) {
+    if (i < 0) i = -i;
+    if (i >= n) i = 2 * (n - 1) - i;
+    return i;
+}
+
+// Value of plane `a` (H x W) at (y + dy, x + dx) with mirror reflection.
+__device__ __forceinline__ float db_at(const float* a, int H, int W, int y, int x, int dy, int dx) {
+    int yy = db_reflect(y + dy, H);
+    int xx = db_reflect(x + dx, W);
+    return a[(long long)yy * W + xx];
+}
+
+// Bilinear estimate of channel c at (y, x): the sample itself when the pixel
+// has colour c, else the mean of the finite same-colour pixels among its 8
+// neighbours (row-major order), NaN when there are none.
+__device__ float db_bilinear_at(const float* cfa, int H, int W, int pat, int y, int x, int c) {
+    if (db_colour(pat, y, x) == c) return cfa[(long long)y * W + x];
+    float s = 0.0f;
+    int n = 0;
+    for (int dy = -1; dy <= 1; ++dy) {
+        int yy = y + dy;
+        if (yy < 0 || yy >= H) continue;
+        for (int dx = -1; dx <= 1; ++dx) {
+            if (dy == 0 && dx == 0) continue;
+            int xx = x + dx;
+            if (xx < 0 || xx >= W) continue;
+            if (db_colour(pat, yy, xx) != c) continue;
+            float v = cfa[(long long)yy * W + xx];
+            if (!db_finite(v)) continue;
+            s = s + v;
+            n = n + 1;
+        }
+    }
+    if (n == 0) return nanf("");
+    return s / (float)n;
+}
+
+// out[i] = cfa[i] * w[colour(i)]  (n = H * W)
+extern "C" __global__ void debayer_wb_kernel(float* out, const float* cfa, long long n, int W, int pat,
+                                             float wr, float wg, float wb) {
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
+         i += (long long)blockDim.x * gridDim.x) {
+        int y = (int)(i / W);
+        int x = (int)(i - (long long)y * W);
+        int c = db_colour(pat, y, x);
+        float w = (c == 0) ? wr : ((c == 1) ? wg : wb);
+        out[i] = cfa[i] * w;
+    }
+}
+
+// out (3, H, W); one thread per pixel writes its three channels.
+extern "C" __global__ void debayer_bilinear_kernel(float* out, const float* cfa, int H, int W, int pat) {
+    long long n = (long long)H * W;
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
+         i += (long long)blockDim.x * gridDim.x) {
+        int y = (int)(i / W);
+        int x = (int)(i - (long long)y * W);
+        for (int c = 0; c < 3; ++c) out[c * n + i] = db_bilinear_at(cfa, H, W, pat, y, x, c);
+    }
+}
+
+// out (3, H/2, W/2); output pixel (u, v) is the 2x2 tile at rows 2v..2v+1,
+// cols 2u..2u+1: R and B are the samples, G the mean of the finite greens.
+extern "C" __global__ void debayer_superpixel_kernel(float* out, const float* cfa, int H, int W, int pat) {
+    int h2 = H / 2, w2 = W / 2;
+    long long n = (long long)h2 * w2;
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
+         i += (long long)blockDim.x * gridDim.x) {
+        int v = (int)(i / w2);
+        int u = (int)(i - (long long)v * w2);
+        float r = 0.0f, b = 0.0f, g1 = 0.0f, g2 = 0.0f;
+        int ng = 0;
+        for (int k = 0; k < 4; ++k) {
+            int y = 2 * v + (k >> 1);
+            int x = 2 * u + (k & 1);
+            float s = cfa[(long long)y * W + x];
+            int c = (pat >> (2 * k)) & 3;
+            if (c == 0) {
+                r = s;
+            } else if (c == 2) {
+                b = s;
+            } else {
+                if (ng == 0) g1 = s; else g2 = s;
+                ng = ng + 1;
+            }
+        }
+        bool f1 = db_finite(g1), f2 = db_finite(g2);
+        float g = (f1 && f2) ? (g1 + g2) * 0.5f : (f1 ? g1 : g2);
+        out[i] = r;
+        out[n + i] = g;
+        out[2 * n + i] = b;
+    }
+}
+
+// ------------------------------------------------------------------ RCD
+// Squared colour-difference high-pass of the CFA along a direction (sy, sx):
+// ((c[-3] - c[-1] - c[+1] + c[+3]) - 3 (c[-2] + c[+2]) + 6 c[0])^2
+__device__ float rcd_hpf2(const float* cfa, int H, int W, int y, int x, int sy, int sx) {
+    float t = (db_at(cfa, H, W, y, x, -3 * sy, -3 * sx) - db_at(cfa, H, W, y, x, -sy, -sx)
+               - db_at(cfa, H, W, y, x, sy, sx) + db_at(cfa, H, W, y, x, 3 * sy, 3 * sx))
+              - 3.0f * (db_at(cfa, H, W, y, x, -2 * sy, -2 * sx) + db_at(cfa, H, W, y, x, 2 * sy, 2 * sx))
+              + 6.0f * cfa[(long long)y * W + x];
+    return t * t;
+}
+
+// Step 1.1: squared high-pass along vertical, horizontal, P (\) and Q (/) diagonals.
+extern "C" __global__ void rcd_hpf_kernel(float* hv, float* hh, float* hp, float* hq, const float* cfa,
+                                          int H, int W) {
+    long long n = (long long)H * W;
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
+         i += (long long)blockDim.x * gridDim.x) {
+        int y = (int)(i / W);
+        int x = (int)(i - (long long)y * W);
+        hv[i] = rcd_hpf2(cfa, H, W, y, x, 1, 0);
+        hh[i] = rcd_hpf2(cfa, H, W, y, x, 0, 1);
+        hp[i] = rcd_hpf2(cfa, H, W, y, x, 1, 1);
+        hq[i] = rcd_hpf2(cfa, H, W, y, x, 1, -1);
+    }
+}
+
+// Step 1.2 + 2: directional discrimination VH_Dir, PQ_Dir and the low-pass filter.
+extern "C" __global__ void rcd_dir_kernel(float* vhdir, float* pqdir, float* lpf, const float* hv,
+                                          const float* hh, const float* hp, const float* hq,
+                                          const float* cfa, int H, int W) {
+    long long n = (long long)H * W;
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
+         i += (long long)blockDim.x * gridDim.x) {
+        int y = (int)(i / W);
+        int x = (int)(i - (long long)y * W);
+        float vs = fmaxf(DB_EPSSQ, (db_at(hv, H, W, y, x, -1, 0) + hv[i]) + db_at(hv, H, W, y, x, 1, 0));
+        float hs = fmaxf(DB_EPSSQ, (db_at(hh, H, W, y, x, 0, -1) + hh[i]) + db_at(hh, H, W, y, x, 0, 1));
+        vhdir[i] = vs / (vs + hs);
+        float ps = fmaxf(DB_EPSSQ, (db_at(hp, H, W, y, x, -1, -1) + hp[i]) + db_at(hp, H, W, y, x, 1, 1));
+        float qs = fmaxf(DB_EPSSQ, (db_at(hq, H, W, y, x, -1, 1) + hq[i]) + db_at(hq, H, W, y, x, 1, -1));
+        pqdir[i] = ps / (ps + qs);
+        float card = ((db_at(cfa, H, W, y, x, -1, 0) + db_at(cfa, H, W, y, x, 1, 0)) + db_at(cfa, H, W, y, x, 0, -1))
+                     + db_at(cfa, H, W, y, x, 0, 1);
+        float diag = ((db_at(cfa, H, W, y, x, -1, -1) + db_at(cfa, H, W, y, x, -1, 1))
+                      + db_at(cfa, H, W, y, x, 1, -1)) + db_at(cfa, H, W, y, x, 1, 1);
+        lpf[i] = (cfa[i] + 0.5f * card) + 0.25f * diag;
+    }
+}
+
+// Refined discrimination: the mean of the 4 diagonal neighbours when it is
+// more decided (farther from 0.5) than the centre value.
+__device__ float rcd_disc(const float* dir, int H, int W, int y, int x) {
+    float central = dir[(long long)y * W + x];
+    float neigh = 0.25f * (((db_at(dir, H, W, y, x, -1, -1) + db_at(dir, H, W, y, x, -1, 1))
+                            + db_at(dir, H, W, y, x, 1, -1)) + db_at(dir, H, W, y, x, 1, 1));
+    return (fabsf(0.5f - central) < fabsf(0.5f - neigh)) ? neigh : central;
+}
+
+// Ratio correction 2 lpf0 / (lpf0 + lpfk): 1 when the denominator is not
+// positive (or NaN), and clamped to [0, 2] (the range it has for
+// non-negative data) so that negative calibrated values cannot blow it up.
+// (RCD's reference adds eps = 1e-5 to the denominator, which biases faint
+// signals in [0, 1] units by ~eps / (2 lpf); the guard makes it unnecessary.)
+__device__ float rcd_ratio(float l0, float lk) {
+    float den = l0 + lk;
+    float r = (den > 0.0f) ? (l0 + l0) / den : 1.0f;
+    return (r < 0.0f) ? 0.0f : ((r > 2.0f) ? 2.0f : r);
+}
+
+// Step 3: green everywhere (G sites copy the sample); R/B sites also get
+// their own sample in their own channel.
+extern "C" __global__ void rcd_green_kernel(float* out, const float* cfa, const float* vhdir, const float* lpf,
+                                            int H, int W, int pat) {
+    long long n = (long long)H * W;
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
+         i += (long long)blockDim.x * gridDim.x) {
+        int y = (int)(i / W);
+        int x = (int)(i - (long long)y * W);
+        int col = db_colour(pat, y, x);
+        if (col == 1) {
+            out[n + i] = cfa[i];
+            continue;
+        }
+        out[col * n + i] = cfa[i];
+        float c0 = cfa[i];
+        float cn1 = db_at(cfa, H, W, y, x, -1, 0), cs1 = db_at(cfa, H, W, y, x, 1, 0);
+        float cw1 = db_at(cfa, H, W, y, x, 0, -1), ce1 = db_at(cfa, H, W, y, x, 0, 1);
+        float cn2 = db_at(cfa, H, W, y, x, -2, 0), cs2 = db_at(cfa, H, W, y, x, 2, 0);
+        float cw2 = db_at(cfa, H, W, y, x, 0, -2), ce2 = db_at(cfa, H, W, y, x, 0, 2);
+        float cn3 = db_at(cfa, H, W, y, x, -3, 0), cs3 = db_at(cfa, H, W, y, x, 3, 0);
+        float cw3 = db_at(cfa, H, W, y, x, 0, -3), ce3 = db_at(cfa, H, W, y, x, 0, 3);
+        float cn4 = db_at(cfa, H, W, y, x, -4, 0), cs4 = db_at(cfa, H, W, y, x, 4, 0);
+        float cw4 = db_at(cfa, H, W, y, x, 0, -4), ce4 = db_at(cfa, H, W, y, x, 0, 4);
+        float ng = DB_EPS + fabsf(cn1 - cs1) + fabsf(c0 - cn2) + fabsf(cn1 - cn3) + fabsf(cn2 - cn4);
+        float sg = DB_EPS + fabsf(cs1 - cn1) + fabsf(c0 - cs2) + fabsf(cs1 - cs3) + fabsf(cs2 - cs4);
+        float wg = DB_EPS + fabsf(cw1 - ce1) + fabsf(c0 - cw2) + fabsf(cw1 - cw3) + fabsf(cw2 - cw4);
+        float eg = DB_EPS + fabsf(ce1 - cw1) + fabsf(c0 - ce2) + fabsf(ce1 - ce3) + fabsf(ce2 - ce4);
+        float l0 = lpf[i];
+        float ne = cn1 * rcd_ratio(l0, db_at(lpf, H, W, y, x, -2, 0));
+        float se = cs1 * rcd_ratio(l0, db_at(lpf, H, W, y, x, 2, 0));
+        float we = cw1 * rcd_ratio(l0, db_at(lpf, H, W, y, x, 0, -2));
+        float ee = ce1 * rcd_ratio(l0, db_at(lpf, H, W, y, x, 0, 2));
+        float v_est = (sg * ne + ng * se) / (ng + sg);
+        float h_est = (eg * we + wg * ee) / (eg + wg);
+        float d = rcd_disc(vhdir, H, W, y, x);
+        float g = d * (h_est - v_est) + v_est;
+        if (!db_finite(g)) g = db_bilinear_at(cfa, H, W, pat, y, x, 1);
+        out[n + i] = g;
+    }
+}
+
+// Step 4.2: red at blue sites and blue at red sites from diagonal colour
+// differences (reads the green plane of out and the CFA samples).
+extern "C" __global__ void rcd_rb_kernel(float* out, const float* cfa, const float* pqdir, int H, int W, int pat) {
+    long long n = (long long)H * W;
+    const float* G = out + n;
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
+         i += (long long)blockDim.x * gridDim.x) {
+        int y = (int)(i / W);
+        int x = (int)(i - (long long)y * W);
+        int col = db_colour(pat, y, x);
+        if (col == 1) continue;
+        int c = 2 - col;
+        float g0 = G[i];
+        float cnw = db_at(cfa, H, W, y, x, -1, -1), cne = db_at(cfa, H, W, y, x, -1, 1);
+        float csw = db_at(cfa, H, W, y, x, 1, -1), cse = db_at(cfa, H, W, y, x, 1, 1);
+        float nw_g = DB_EPS + fabsf(cnw - cse) + fabsf(cnw - db_at(cfa, H, W, y, x, -3, -3))
+                     + fabsf(g0 - db_at(G, H, W, y, x, -2, -2));
+        float ne_g = DB_EPS + fabsf(cne - csw) + fabsf(cne - db_at(cfa, H, W, y, x, -3, 3))
+                     + fabsf(g0 - db_at(G, H, W, y, x, -2, 2));
+        float sw_g = DB_EPS + fabsf(csw - cne) + fabsf(csw - db_at(cfa, H, W, y, x, 3, -3))
+                     + fabsf(g0 - db_at(G, H, W, y, x, 2, -2));
+        float se_g = DB_EPS + fabsf(cse - cnw) + fabsf(cse - db_at(cfa, H, W, y, x, 3, 3))
+                     + fabsf(g0 - db_at(G, H, W, y, x, 2, 2));
+        float nw_e = cnw - db_at(G, H, W, y, x, -1, -1);
+        float ne_e = cne - db_at(G, H, W, y, x, -1, 1);
+        float sw_e = csw - db_at(G, H, W, y, x, 1, -1);
+        float se_e = cse - db_at(G, H, W, y, x, 1, 1);
+        float p_est = (nw_g * se_e + se_g * nw_e) / (nw_g + se_g);
+        float q_est = (ne_g * sw_e + sw_g * ne_e) / (ne_g + sw_g);
+        float d = rcd_disc(pqdir, H, W, y, x);
+        float v = g0 + (d * (q_est - p_est) + p_est);
+        if (!db_finite(v)) v = db_bilinear_at(cfa, H, W, pat, y, x, c);
+        out[c * n + i] = v;
+    }
+}
+
+// Step 4.3: red and blue at green sites from cardinal colour differences
+// (reads the R, G and B planes of out, complete at R/B sites after step 4.2).
+extern "C" __global__ void rcd_rbg_kernel(float* out, const float* cfa, const float* vhdir, int H, int W, int pat) {
+    long long n = (long long)H * W;
+    const float* G = out + n;
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
+         i += (long long)blockDim.x * gridDim.x) {
+        int y = (int)(i / W);
+        int x = (int)(i - (long long)y * W);
+        if (db_colour(pat, y, x) != 1) continue;
+        float g0 = G[i];
+        float d = rcd_disc(vhdir, H, W, y, x);
+        for (int c = 0; c <= 2; c += 2) {
+            const float* X = out + c * n;
+            float xn1 = db_at(X, H, W, y, x, -1, 0), xs1 = db_at(X, H, W, y, x, 1, 0);
+            float xw1 = db_at(X, H, W, y, x, 0, -1), xe1 = db_at(X, H, W, y, x, 0, 1);
+            float ng = DB_EPS + fabsf(g0 - db_at(G, H, W, y, x, -2, 0)) + fabsf(xn1 - xs1)
+                       + fabsf(xn1 - db_at(X, H, W, y, x, -3, 0));
+            float sg = DB_EPS + fabsf(g0 - db_at(G, H, W, y, x, 2, 0)) + fabsf(xs1 - xn1)
+                       + fabsf(xs1 - db_at(X, H, W, y, x, 3, 0));
+            float wg = DB_EPS + fabsf(g0 - db_at(G, H, W, y, x, 0, -2)) + fabsf(xw1 - xe1)
+                       + fabsf(xw1 - db_at(X, H, W, y, x, 0, -3));
+            float eg = DB_EPS + fabsf(g0 - db_at(G, H, W, y, x, 0, 2)) + fabsf(xe1 - xw1)
+                       + fabsf(xe1 - db_at(X, H, W, y, x, 0, 3));
+            float ne = xn1 - db_at(G, H, W, y, x, -1, 0);
+            float se = xs1 - db_at(G, H, W, y, x, 1, 0);
+            float we = xw1 - db_at(G, H, W, y, x, 0, -1);
+            float ee = xe1 - db_at(G, H, W, y, x, 0, 1);
+            float v_est = (ng * se + sg * ne) / (ng + sg);
+            float h_est = (eg * we + wg * ee) / (eg + wg);
+            float v = g0 + (d * (h_est - v_est) + v_est);
+            if (!db_finite(v)) v = db_bilinear_at(cfa, H, W, pat, y, x, c);
+            out[c * n + i] = v;
+        }
+    }
+}
