@@ -319,7 +319,6 @@ def stack_session(files: SessionFiles, config: StackConfig = StackConfig()) -> S
                 f"{Path(r.path).name}: {r.reason}" for r in records[:5]))
         ref = _reference_index(config.reference, lights, cand, quality, detect)
         mcfg = match.MatchConfig(model=config.transform_model)
-        ref_xy = _xy(stars[ref])
         transforms: dict[int, np.ndarray] = {}
         for i in cand:
             if i == ref:
@@ -327,7 +326,8 @@ def stack_session(files: SessionFiles, config: StackConfig = StackConfig()) -> S
                 records[i].residual_px = 0.0
                 continue
             try:
-                res = match.match_stars(_xy(stars[i]), ref_xy, config=mcfg)
+                # StarLists carry per-star centroid errors: the fit is weighted by them.
+                res = match.match_stars(stars[i], stars[ref], config=mcfg)
             except SkystackError as exc:
                 records[i].reason = f"registration failed: {exc}"
                 continue
@@ -420,10 +420,6 @@ def _reference_index(reference: str | None, lights: list[Path], cand: list[int],
         raise SkystackError(f"--reference {reference}: not among the usable lights")
     k = detect.choose_reference([quality[i] for i in cand])
     return cand[k]
-
-
-def _xy(stars) -> np.ndarray:
-    return np.column_stack([np.asarray(stars.x, dtype=np.float64), np.asarray(stars.y, dtype=np.float64)])
 
 
 def _f(v) -> float | None:

@@ -1,0 +1,782 @@
+"""Star detection and frame quality (sep on a background-subtracted luminance image).
+
+Stars are found with `sep <https://sep.readthedocs.io>`_ (SExtractor as a
+library) on a *luminance* image: the 2x2-binned mean of a CFA mosaic (each bin
+holds one full Bayer tile, so the colour checkerboard disappears and the image
+is four times smaller), the channel mean of a colour image, or a mono image
+itself. The background mesh is subtracted first.
+
+Each detection is then measured by a **PSF fit on the full-resolution data**
+(vectorised Levenberg-Marquardt over all stars at once): an elliptical Moffat
+with free ``beta`` (a Gaussian is its limit), sampled at pixel centres. On a
+CFA mosaic every Bayer site gets its own amplitude and sky level, so a star's
+colour cannot pull its centroid towards the red or blue pixels (the 2x2 binned
+image alone would bias a coloured star by up to half a pixel) and the fit
+uses the full resolution. This gives, per star,
+
+* a centroid (with its 1-sigma error from the fit),
+* the FWHM along the two axes, reported as their geometric mean, and the
+  ellipticity ``1 - b/a`` (FWHM ratio of the minor and major axes).
+
+Coordinates and FWHM are always in **full-resolution sensor pixels** with the
+skystack convention ((0, 0) is the centre of the top-left pixel). Binned pixel
+``(u, v)`` has its centre at full-resolution ``(2u + 0.5, 2v + 0.5)``. The
+FWHM is that of the recorded star, pixel response included, as PSF-fitting
+tools (Siril, PixInsight) report it. Detections sharper than
+:attr:`DetectConfig.min_fwhm_px` (hot pixels, cosmic rays) or broader than
+:attr:`DetectConfig.max_fwhm_px` are dropped.
+
+Frame quality
+-------------
+:func:`measure_quality` summarises a frame in a :class:`FrameQuality`:
+star count, median FWHM, median roundness (``b/a``), background level, background
+noise and one **score**::
+
+    score = n_stars * roundness / fwhm_px**2
+
+* ``n_stars`` (sources that pass the shape filters) tracks transparency and
+  depth: haze, clouds, moonlight and sky noise all hide the faint stars first.
+* ``1 / fwhm**2`` is how concentrated a star's light is (peak surface brightness
+  of a fixed flux scales as ``1 / FWHM**2``): focus, seeing and wind.
+* ``roundness`` (median ``b/a``, 1 = round) penalises trailing and wind shake.
+
+It is the same idea as DeepSkyStacker's score (a sum over stars of a per-star
+quality that rewards sharp, round stars, so more stars score higher) and
+Siril's weighted FWHM (FWHM penalised by the loss of stars). Higher is better;
+a frame with no star scores 0. The reference frame is the best-scoring one
+(:func:`choose_reference`); :func:`select_frames` applies the user's filters.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+#: 2 * sqrt(2 ln 2): FWHM of a Gaussian of unit sigma.
+GAUSS_FWHM = 2.0 * math.sqrt(2.0 * math.log(2.0))
+
+#: Star flags (bit mask) in :attr:`StarList.flag`.
+FLAG_SATURATED = 1  #: peak at or above the saturation level
+FLAG_ELONGATED = 2  #: ellipticity above DetectConfig.max_ellipticity (trail, blend)
+FLAG_EDGE = 4  #: measurement window cut by the image border
+FLAG_FIT_FAILED = 8  #: the PSF fit did not converge (sep's isophotal values kept)
+
+_SEP_PIXSTACK = 3_000_000
+#: Range of the Moffat wing parameter u = 1/beta (beta from 50, almost Gaussian, to 1.25).
+_U_MIN, _U_MAX = 0.02, 0.8
+
+
+@dataclass(frozen=True, kw_only=True)
+class DetectConfig:
+    """Settings of :func:`detect_stars`.
+
+    Attributes
+    ----------
+    threshold_sigma : float
+        Detection threshold in units of the background noise of the
+        luminance image (sep matched filter on; the threshold is applied to the
+        filtered image, so 3 sigma is a conservative cut).
+    min_area : int
+        Minimum connected pixels above threshold (in the luminance image).
+    max_stars : int
+        Keep at most this many stars (the brightest) in the returned list.
+        :attr:`StarList.n_total` still counts all of them.
+    bin2 : bool
+        Also bin mono and colour frames 2x2 (faster on big sensors). CFA
+        mosaics are always binned 2x2: the Bayer checkerboard would otherwise
+        break every star into colour-dependent pieces.
+    deblend : bool
+        Run sep's deblender (slower; helps crowded fields).
+    bkg_box : int
+        Background mesh size in luminance pixels.
+    bkg_filter : int
+        Median filter size of the background mesh.
+    min_fwhm_px : float
+        Detections sharper than this (full-resolution px) are hot pixels or
+        cosmic rays and are dropped.
+    max_fwhm_px : float
+        Detections broader than this (full-resolution px) are galaxies,
+        nebula knots or blends and are dropped.
+    max_ellipticity : float
+        Stars more elongated than this get :data:`FLAG_ELONGATED` (kept, but
+        left out of the FWHM and roundness statistics).
+    saturation : float or None
+        Level (in the input's units) at or above which a pixel is saturated;
+        such stars get :data:`FLAG_SATURATED` and are left out of the FWHM
+        statistics. ``None``: no check.
+    max_measured : int
+        Cap on how many detections (brightest first) are fitted. Fitting stops
+        once ``max_stars`` pass the filters; fainter detections are counted in
+        :attr:`StarList.n_total` when sep's size of them is star-like.
+    psf : str
+        ``"moffat"`` (free beta; FWHM right for Moffat and Gaussian stars) or
+        ``"gaussian"`` (slightly faster; overestimates the FWHM of stars
+        with Moffat wings by ~10 %).
+    """
+
+    threshold_sigma: float = 3.0
+    min_area: int = 5
+    max_stars: int = 400
+    bin2: bool = False
+    deblend: bool = False
+    bkg_box: int = 64
+    bkg_filter: int = 3
+    min_fwhm_px: float = 1.2
+    max_fwhm_px: float = 40.0
+    max_ellipticity: float = 0.5
+    saturation: float | None = None
+    max_measured: int = 1000
+    psf: str = "moffat"
+
+    def __post_init__(self) -> None:
+        if self.psf not in ("moffat", "gaussian"):
+            raise ValueError(f"unknown PSF model {self.psf!r}; use 'moffat' or 'gaussian'")
+
+
+@dataclass(frozen=True, kw_only=True)
+class StarList:
+    """Stars of one frame, brightest first (arrays of equal length).
+
+    Attributes
+    ----------
+    x, y : ndarray of float64
+        Centroids in full-resolution sensor pixels ((0, 0) = centre of the
+        top-left pixel, x right, y down).
+    flux : ndarray of float64
+        Background-subtracted flux in luminance-image units (sep isophotal flux).
+    fwhm : ndarray of float64
+        FWHM of the best-fit Gaussian, full-resolution px (geometric mean of
+        the major and minor axes).
+    ellipticity : ndarray of float64
+        ``1 - b/a`` of the best-fit Gaussian (0 = round).
+    pos_err : ndarray of float64
+        1-sigma centroid uncertainty per axis from the fit, full-resolution px.
+    flag : ndarray of int32
+        Bit mask of ``FLAG_*`` values.
+    n_total : int
+        Stars found before the :attr:`DetectConfig.max_stars` cut.
+    background : float
+        Median sky level of the luminance image (input units; NaN if unknown).
+    noise : float
+        Background noise (rms) of the luminance image (input units).
+    binning : int
+        1 or 2: the luminance image the stars were found on.
+    shape : tuple of int
+        ``(H, W)`` of the full-resolution frame.
+    """
+
+    x: np.ndarray
+    y: np.ndarray
+    flux: np.ndarray
+    fwhm: np.ndarray
+    ellipticity: np.ndarray
+    pos_err: np.ndarray
+    flag: np.ndarray
+    n_total: int = 0
+    background: float = float("nan")
+    noise: float = float("nan")
+    binning: int = 1
+    shape: tuple[int, int] = (0, 0)
+
+    def __len__(self) -> int:
+        return int(self.x.shape[0])
+
+    @property
+    def xy(self) -> np.ndarray:
+        """``(N, 2)`` float64 array of centroids, brightest first."""
+        return np.column_stack([self.x, self.y]).astype(np.float64, copy=False)
+
+    @property
+    def roundness(self) -> np.ndarray:
+        """``b/a`` per star (1 = round)."""
+        return 1.0 - self.ellipticity
+
+
+@dataclass(frozen=True, kw_only=True)
+class FrameQuality:
+    """Quality summary of one frame (see the module docstring for the score).
+
+    Attributes
+    ----------
+    n_stars : int
+        Stars detected (after the hot-pixel / extended-object filters).
+    fwhm_px : float
+        Median FWHM of the unflagged stars, full-resolution px (NaN without stars).
+    roundness : float
+        Median ``b/a`` of the unflagged stars (1 = round; NaN without stars).
+    background : float
+        Median sky level of the luminance image (input units).
+    noise : float
+        Background rms of the luminance image (input units).
+    score : float
+        ``n_stars * roundness / fwhm_px**2``; 0 when no star was measured.
+    """
+
+    n_stars: int
+    fwhm_px: float
+    roundness: float
+    background: float
+    noise: float
+    score: float
+
+    def to_dict(self) -> dict[str, float | int]:
+        """JSON-serialisable dict (NaN becomes None)."""
+        out: dict[str, float | int] = {}
+        for k in self.__dataclass_fields__:
+            v = getattr(self, k)
+            out[k] = None if isinstance(v, float) and not math.isfinite(v) else v
+        return out
+
+
+# --------------------------------------------------------------------------- luminance
+
+
+def _bin2(img: np.ndarray) -> np.ndarray:
+    h, w = img.shape[-2] // 2 * 2, img.shape[-1] // 2 * 2
+    a = img[..., :h, :w]
+    out = a[..., 0::2, 0::2].astype(np.float32)
+    out += a[..., 0::2, 1::2]
+    out += a[..., 1::2, 0::2]
+    out += a[..., 1::2, 1::2]
+    out *= np.float32(0.25)
+    return out
+
+
+def luminance(data: np.ndarray, pattern: str | None = None, *, bin2: bool = False) -> np.ndarray:
+    """Return the float32 luminance image stars are detected on.
+
+    Parameters
+    ----------
+    data : ndarray
+        ``(H, W)`` CFA mosaic or mono image, or ``(3, H, W)`` colour image.
+    pattern : str or None
+        Bayer pattern of a CFA mosaic; ``None`` for mono or colour data.
+    bin2 : bool
+        Bin mono/colour data 2x2 as well (a CFA mosaic is always binned).
+
+    Returns
+    -------
+    ndarray of float32
+        CFA: the mean of each 2x2 Bayer tile, shape ``(H//2, W//2)``.
+        Colour: the mean of the three channels. Mono: the image itself.
+        Binned outputs have pixel ``(u, v)`` centred on full-resolution
+        ``(2u + 0.5, 2v + 0.5)``.
+    """
+    data = np.asarray(data)
+    if data.ndim == 3:
+        lum = data.astype(np.float32).mean(axis=0, dtype=np.float32)
+        return _bin2(lum) if bin2 else lum
+    if data.ndim != 2:
+        raise ValueError(f"expected a (H, W) or (3, H, W) image, got shape {data.shape}")
+    if pattern is not None or bin2:
+        return _bin2(data)
+    return data.astype(np.float32, copy=True)
+
+
+# --------------------------------------------------------------------------- detection
+
+
+def _empty(shape: tuple[int, int], binning: int, background: float = float("nan"),
+           noise: float = float("nan")) -> StarList:
+    z = np.zeros(0, dtype=np.float64)
+    return StarList(x=z, y=z.copy(), flux=z.copy(), fwhm=z.copy(), ellipticity=z.copy(),
+                    pos_err=z.copy(), flag=np.zeros(0, dtype=np.int32), n_total=0, background=background,
+                    noise=noise, binning=binning, shape=shape)
+
+
+def _stamps(img: np.ndarray, x: np.ndarray, y: np.ndarray, half: int, sites: int):
+    """Cut ``(N, K, K)`` float64 stamps around ``(x, y)`` (image pixels).
+
+    With ``sites == 4`` (CFA) every stamp starts on an even row and column,
+    so the Bayer site of stamp pixel ``(r, c)`` is ``2 * (r % 2) + c % 2`` for
+    every star. Returns stamps, a validity mask (inside the image and finite),
+    and the stamp origins.
+    """
+    h, w = img.shape
+    k = 2 * half + 2 if sites == 4 else 2 * half + 1
+    ox = np.floor(x).astype(np.int64) - half
+    oy = np.floor(y).astype(np.int64) - half
+    if sites == 4:
+        ox -= ox & 1
+        oy -= oy & 1
+    r = np.arange(k, dtype=np.int64)
+    xx = ox[:, None, None] + r[None, None, :]
+    yy = oy[:, None, None] + r[None, :, None]
+    inside = (xx >= 0) & (xx < w) & (yy >= 0) & (yy < h)
+    st = img[np.clip(yy, 0, h - 1), np.clip(xx, 0, w - 1)].astype(np.float64)
+    valid = inside & np.isfinite(st)
+    st = np.where(valid, st, 0.0)
+    return st, valid, ox, oy
+
+
+def _solve_linear(g: np.ndarray, data: np.ndarray, valid: np.ndarray, blocks: list[slice]):
+    """Per-site amplitude and background minimising ``sum (data - a_s g - b_s)^2``.
+
+    ``g``, ``data``, ``valid``: ``(N, P)`` with the pixels of each Bayer site in
+    one contiguous block (``blocks``). Returns the model ``(N, P)`` and the
+    amplitude of every pixel's site ``(N, P)``.
+    """
+    model = np.empty_like(g)
+    amp = np.empty_like(g)
+    for sl in blocks:
+        gs, ds, vs = g[:, sl] * valid[:, sl], data[:, sl], valid[:, sl]
+        sgg = np.einsum("np,np->n", gs, gs)
+        sg = gs.sum(1)
+        sn = vs.sum(1)
+        sgd = np.einsum("np,np->n", gs, ds)
+        sd = ds.sum(1)  # data is zero where invalid
+        det = sgg * sn - sg * sg
+        ok = det > 1e-12 * np.maximum(sgg * sn, 1e-300)
+        det = np.where(ok, det, 1.0)
+        a = np.where(ok, (sgd * sn - sg * sd) / det, 0.0)
+        b = np.where(ok, (sgg * sd - sg * sgd) / det, sd / np.maximum(sn, 1))
+        model[:, sl] = a[:, None] * g[:, sl] + b[:, None]
+        amp[:, sl] = a[:, None]
+    return model, amp
+
+
+def _fit_psf(img: np.ndarray, x: np.ndarray, y: np.ndarray, s2: np.ndarray,
+             half: int, sites: int, *, moffat: bool = True, n_iter: int = 25):
+    """Fit an elliptical Moffat (or Gaussian) PSF to every star (Levenberg-Marquardt, vectorised).
+
+    The model of a stamp pixel of Bayer site ``s`` is ``a_s * G(p) + b_s`` with
+    ``G = (1 + c(u) q)^(-1/u)``, ``c(u) = (2^u - 1) / (2 ln 2)`` (a Moffat of
+    ``beta = 1/u``, free) or ``G = exp(-q / 2)`` (Gaussian), where
+    ``q = d^T Q d``, ``d = p - mu``. With this parametrisation ``Q`` alone sets
+    the FWHM (as for a Gaussian of covariance ``Q^-1``) and ``u`` only the
+    wings, so the two do not trade off; ``u -> 0`` is the Gaussian. The
+    centre ``mu`` and shape ``Q`` are shared by all sites,
+    a free amplitude and background per CFA site (so star colour and the
+    per-channel sky level cannot bias the centroid); ``sites == 1`` for mono
+    data. ``G`` is sampled at pixel centres of the full-resolution image.
+    The amplitudes and backgrounds are solved exactly at every step (variable
+    projection); stars leave the loop once their step is below 1e-4 px.
+
+    Returns ``x, y, cxx, cyy, cxy, pos_err, ok`` where ``C`` is the covariance
+    of the Gaussian with the same FWHM along each axis.
+    """
+    n = x.shape[0]
+    npar = 6 if moffat else 5
+    st, valid, ox, oy = _stamps(img, x, y, half, sites)
+    k = st.shape[1]
+    r = np.arange(k, dtype=np.float64)
+    px = np.tile(r, k)  # stamp-relative pixel coordinates, flattened row-major
+    py = np.repeat(r, k)
+    site = (py.astype(np.int64) % 2) * 2 + px.astype(np.int64) % 2 if sites == 4 \
+        else np.zeros(k * k, dtype=np.int64)
+    perm = np.argsort(site, kind="stable")  # each site's pixels contiguous
+    px, py, site = px[perm], py[perm], site[perm]
+    bounds = np.searchsorted(site, np.arange(sites + 1))
+    blocks = [slice(int(bounds[i]), int(bounds[i + 1])) for i in range(sites)]
+    data_all = st.reshape(n, -1)[:, perm]
+    vmask_all = valid.reshape(n, -1)[:, perm].astype(np.float64)
+    # parameters: mu_x, mu_y (stamp-relative), Q11, Q12, Q22 (shape), u = 1/beta (Moffat)
+    th = np.empty((n, npar))
+    th[:, 0] = x - ox
+    th[:, 1] = y - oy
+    s2 = np.clip(s2, 0.3, (half / 1.5) ** 2)
+    th[:, 2] = 1.0 / s2
+    th[:, 3] = 0.0
+    th[:, 4] = 1.0 / s2
+    if moffat:
+        th[:, 5] = 1.0 / 3.0
+    lo_p, hi_p = 1.0 / (half / 1.2) ** 2, 1.0 / 0.05
+
+    def admissible(t):
+        det = t[:, 2] * t[:, 4] - t[:, 3] ** 2
+        ok_ = ((t[:, 2] > lo_p) & (t[:, 4] > lo_p) & (t[:, 2] < hi_p) & (t[:, 4] < hi_p)
+               & (det > lo_p * lo_p * 0.5)
+               & (t[:, 0] > 0) & (t[:, 0] < k - 1) & (t[:, 1] > 0) & (t[:, 1] < k - 1))
+        if moffat:
+            ok_ &= (t[:, 5] >= _U_MIN) & (t[:, 5] <= _U_MAX)
+        return ok_
+
+    def evaluate(t, data, vmask):
+        dx = px[None, :] - t[:, 0:1]
+        dy = py[None, :] - t[:, 1:2]
+        q = t[:, 2:3] * dx * dx + 2 * t[:, 3:4] * dx * dy + t[:, 4:5] * dy * dy
+        if moffat:
+            u = t[:, 5:6]
+            c = (np.exp2(u) - 1.0) / (2.0 * math.log(2.0))
+            lq = np.log1p(c * np.maximum(q, 0.0))
+            g = np.exp(-lq / u)
+        else:
+            lq = None
+            g = np.exp(-0.5 * np.minimum(q, 200.0))
+        model, amp = _solve_linear(g, data, vmask, blocks)
+        res = (data - model) * vmask
+        return np.einsum("np,np->n", res, res), g, q, lq, dx, dy, amp, res
+
+    def jacobian(t, g, q, lq, dx, dy, amp, vmask):
+        ag = amp * vmask
+        if moffat:
+            u = t[:, 5:6]
+            c = (np.exp2(u) - 1.0) / (2.0 * math.log(2.0))
+            dc = np.exp2(u) / 2.0  # dc/du
+            one_cq = 1.0 + c * q
+            dg = -(c / u) * g / one_cq  # dG/dq
+            dgu = g * (lq / (u * u) - q * dc / (u * one_cq))  # dG/du
+        else:
+            dg = -0.5 * g
+        adg = ag * dg
+        j = np.empty((t.shape[0], npar, g.shape[1]))
+        j[:, 0] = -2.0 * adg * (t[:, 2:3] * dx + t[:, 3:4] * dy)
+        j[:, 1] = -2.0 * adg * (t[:, 3:4] * dx + t[:, 4:5] * dy)
+        j[:, 2] = adg * dx * dx
+        j[:, 3] = 2.0 * adg * dx * dy
+        j[:, 4] = adg * dy * dy
+        if moffat:
+            j[:, 5] = ag * dgu
+        # Kaufman's variable projection: remove from each column its part that the
+        # per-site amplitude and sky would absorb (superlinear convergence; without
+        # it width and amplitude trade off and the shape converges only linearly)
+        for sl in blocks:
+            gs, vs = g[:, sl] * vmask[:, sl], vmask[:, sl]
+            sgg = np.einsum("nk,nk->n", gs, gs)
+            sg = gs.sum(1)
+            sn = vs.sum(1)
+            det = sgg * sn - sg * sg
+            det = np.where(det > 1e-12 * np.maximum(sgg * sn, 1e-300), det, np.inf)
+            js = j[:, :, sl]
+            jg = np.einsum("npk,nk->np", js, gs)
+            j1 = js.sum(2)
+            al = (jg * sn[:, None] - sg[:, None] * j1) / det[:, None]
+            be = (sgg[:, None] * j1 - sg[:, None] * jg) / det[:, None]
+            j[:, :, sl] = js - (al[:, :, None] * g[:, None, sl] + be[:, :, None]) * vs[:, None, :]
+        return j
+
+    cost = evaluate(th, data_all, vmask_all)[0]
+    lam = np.full(n, 1e-3)
+    done = ~admissible(th)
+    eye = np.eye(npar)[None]
+    for _ in range(n_iter):
+        act = np.flatnonzero(~done)
+        if act.size == 0:
+            break
+        t_a, d_a, v_a = th[act], data_all[act], vmask_all[act]
+        _, g, q, lq, dx, dy, amp, res = evaluate(t_a, d_a, v_a)
+        j = jacobian(t_a, g, q, lq, dx, dy, amp, v_a)
+        jtj = np.einsum("npk,nqk->npq", j, j)
+        jtr = np.einsum("npk,nk->np", j, res)
+        diag = np.einsum("npp->np", jtj)
+        a_mat = jtj + (lam[act, None] * np.maximum(diag, 1e-12))[:, :, None] * eye
+        a_mat[~np.isfinite(a_mat).all(axis=(1, 2))] = np.eye(npar)
+        try:
+            step = np.linalg.solve(a_mat, jtr[:, :, None])[:, :, 0]
+        except np.linalg.LinAlgError:
+            step = np.zeros_like(t_a)
+            for i in range(act.size):
+                try:
+                    step[i] = np.linalg.solve(a_mat[i], jtr[i])
+                except np.linalg.LinAlgError:
+                    pass
+        step = np.where(np.isfinite(step), step, 0.0)
+        cand = t_a + step
+        # project onto the bounds (a Gaussian star drives u to its lower bound)
+        cand[:, 2] = np.clip(cand[:, 2], lo_p * 1.0001, hi_p * 0.9999)
+        cand[:, 4] = np.clip(cand[:, 4], lo_p * 1.0001, hi_p * 0.9999)
+        if moffat:
+            cand[:, 5] = np.clip(cand[:, 5], _U_MIN, _U_MAX)
+        step = cand - t_a
+        adm = admissible(cand)
+        c_cost = evaluate(np.where(adm[:, None], cand, t_a), d_a, v_a)[0]
+        better = adm & (c_cost < cost[act])
+        th[act[better]] = cand[better]
+        cost[act[better]] = c_cost[better]
+        lam[act] = np.where(better, lam[act] / 3.0, lam[act] * 4.0)
+        small = (np.abs(step[:, :2]).max(1) < 1e-4) & (np.abs(step[:, 2:5] / t_a[:, 2:5].max(1, keepdims=True))
+                                                       .max(1) < 1e-4)
+        done[act] |= small | (lam[act] > 1e7)
+
+    # parameter errors from the final Jacobian
+    _, g, q, lq, dx, dy, amp, res = evaluate(th, data_all, vmask_all)
+    j = jacobian(th, g, q, lq, dx, dy, amp, vmask_all)
+    jtj = np.einsum("npk,nqk->npq", j, j)
+    det = th[:, 2] * th[:, 4] - th[:, 3] ** 2
+    cxx, cyy, cxy = th[:, 4] / det, th[:, 2] / det, -th[:, 3] / det
+    dof = np.maximum(vmask_all.sum(1) - npar - 2 * sites, 1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        good_j = np.isfinite(jtj).all(axis=(1, 2)) & (np.linalg.det(np.where(
+            np.isfinite(jtj), jtj, 0.0)) > 0)
+        jtj[~good_j] = np.eye(npar)
+        cov = np.linalg.inv(jtj)
+        var = (cov[:, 0, 0] + cov[:, 1, 1]) / 2 * cost / dof
+    var = np.where(good_j & np.isfinite(var) & (var >= 0), var, np.inf)
+    pos_err = np.sqrt(var)
+    amp_sum = np.array([amp[:, b].mean(1) for b in blocks]).sum(0)
+    ok = admissible(th) & (amp_sum > 0) & np.isfinite(pos_err)
+    return th[:, 0] + ox, th[:, 1] + oy, cxx, cyy, cxy, pos_err, ok
+
+
+def detect_stars(image: np.ndarray, *, pattern: str | None = None,
+                 config: DetectConfig | None = None) -> StarList:
+    """Find and measure the stars of one frame.
+
+    Parameters
+    ----------
+    image : ndarray
+        ``(H, W)`` CFA mosaic or mono frame, or ``(3, H, W)`` colour frame, any
+        dtype (raw ``uint16`` or calibrated ``float32``). NaN marks no-data.
+    pattern : str or None
+        Bayer pattern when ``image`` is a CFA mosaic (it is then binned 2x2).
+    config : DetectConfig, optional
+        Detection settings.
+
+    Returns
+    -------
+    StarList
+        Stars brightest first, in full-resolution sensor coordinates. An empty,
+        black, constant or all-NaN frame gives an empty list (never an error).
+    """
+    cfg = config or DetectConfig()
+    import sep
+
+    image = np.asarray(image)
+    shape = (int(image.shape[-2]), int(image.shape[-1]))
+    binning = 2 if (pattern is not None and image.ndim == 2) or cfg.bin2 else 1
+    if min(shape) < 4 * binning:
+        return _empty(shape, binning)
+    lum_full = None
+    if image.ndim == 3:
+        lum_full = luminance(image)
+        lum = _bin2(lum_full) if cfg.bin2 else lum_full.copy()
+    else:
+        lum = luminance(image, pattern, bin2=cfg.bin2)
+    lum = np.ascontiguousarray(lum, dtype=np.float32)
+    bad = ~np.isfinite(lum)
+    if bad.all():
+        return _empty(shape, binning)
+    if bad.any():
+        lum[bad] = np.float32(np.median(lum[~bad]))
+    box = int(max(8, min(cfg.bkg_box, min(lum.shape) // 2)))
+    try:
+        bkg = sep.Background(lum, mask=bad if bad.any() else None, bw=box, bh=box,
+                             fw=cfg.bkg_filter, fh=cfg.bkg_filter)
+    except Exception:  # sep refuses degenerate images
+        return _empty(shape, binning)
+    background, noise = float(bkg.globalback), float(bkg.globalrms)
+    if not (math.isfinite(noise) and noise > 0):
+        return _empty(shape, binning, background, noise)
+    bkg.subfrom(lum)
+    if bad.any():
+        lum[bad] = 0.0
+
+    sep.set_extract_pixstack(_SEP_PIXSTACK)
+    thresh = float(cfg.threshold_sigma)
+    objs = None
+    for _ in range(4):  # a frame full of nebulosity can overflow sep's buffers
+        try:
+            objs = sep.extract(lum, thresh, err=noise, minarea=int(cfg.min_area),
+                               deblend_cont=0.005 if cfg.deblend else 1.0,
+                               clean=cfg.deblend)
+            break
+        except Exception:
+            thresh *= 2.0
+    if objs is None or len(objs) == 0:
+        return _empty(shape, binning, background, noise)
+    if bad.any():
+        lum[bad] = np.nan  # no-data again for the PSF fit
+
+    order = np.argsort(-objs["flux"], kind="stable")
+    objs = objs[order]
+    n_obj = len(objs)
+    f = float(binning)
+    sx = objs["x"].astype(np.float64) * f + (f - 1.0) / 2.0
+    sy = objs["y"].astype(np.float64) * f + (f - 1.0) / 2.0
+    s2 = np.clip(objs["a"].astype(np.float64) * objs["b"], 0.1, None) * f * f
+    sigma_med = float(np.sqrt(np.median(s2[: max(cfg.max_stars, 50)])))
+    half = int(np.clip(math.ceil(4.0 * sigma_med), 4, 24))
+
+    # measure on the full-resolution data: the CFA mosaic itself (per-site
+    # amplitude and sky in the fit), or the mono / colour-mean luminance
+    if image.ndim == 2 and pattern is not None:
+        fit_img, sites = image, 4
+    elif binning == 1:
+        fit_img, sites = lum, 1  # background-subtracted; the fit has its own sky term
+    else:
+        fit_img, sites = (lum_full if lum_full is not None else image), 1
+
+    # fit the brightest first, in chunks, until max_stars pass the filters
+    cap = min(n_obj, int(cfg.max_measured))
+    mx, my, cxx, cyy, cxy, perr = (np.full(cap, np.nan) for _ in range(6))
+    ok = np.zeros(cap, dtype=bool)
+    keep = np.zeros(cap, dtype=bool)
+    done = 0
+    while done < cap:
+        want = cfg.max_stars - int(keep[:done].sum())
+        sl = slice(done, min(cap, done + max(32, int(want * 1.2) + 8)))
+        mx[sl], my[sl], cxx[sl], cyy[sl], cxy[sl], perr[sl], ok[sl] = _fit_psf(
+            fit_img, sx[sl], sy[sl], s2[sl], half, sites, moffat=cfg.psf == "moffat")
+        done = sl.stop
+        keep[:done], fwhm, ellip, x_full, y_full, cxx_f, cyy_f, cxy_f, perr_f = _finish(
+            objs[:done], ok[:done], mx[:done], my[:done], cxx[:done], cyy[:done], cxy[:done],
+            perr[:done], sx[:done], sy[:done], f, shape, cfg)
+        if keep[:done].sum() >= cfg.max_stars:
+            break
+
+    flag = np.zeros(done, dtype=np.int32)
+    flag[~ok[:done]] |= FLAG_FIT_FAILED
+    edge = ((sx[:done] < half) | (sy[:done] < half) | (sx[:done] > shape[1] - 1 - half)
+            | (sy[:done] > shape[0] - 1 - half))
+    flag[edge] |= FLAG_EDGE
+    flag[ellip > cfg.max_ellipticity] |= FLAG_ELONGATED
+    if cfg.saturation is not None:
+        sat_level = (float(cfg.saturation) - background) * 0.999
+        flag[(objs["peak"][:done] >= sat_level)] |= FLAG_SATURATED
+    keep = keep[:done]
+    idx = np.flatnonzero(keep)
+    # detections not fitted are counted when sep's size is star-like (0.25x..16x the
+    # fitted stars' median area): hot pixels and big blobs are left out
+    n_total = int(idx.size)
+    if done < n_obj and idx.size:
+        ab = objs["a"][done:].astype(np.float64) * objs["b"][done:]
+        med = float(np.median(objs["a"][idx].astype(np.float64) * objs["b"][idx]))
+        n_total += int(np.count_nonzero((ab >= 0.25 * med) & (ab <= 16.0 * med)))
+    idx = idx[: cfg.max_stars]
+    return StarList(
+        x=x_full[idx], y=y_full[idx], flux=objs["flux"][idx].astype(np.float64) * f * f,
+        fwhm=fwhm[idx], ellipticity=ellip[idx], pos_err=perr_f[idx], flag=flag[idx],
+        n_total=n_total, background=background, noise=noise, binning=binning, shape=shape,
+    )
+
+
+def _finish(objs, ok, mx, my, cxx, cyy, cxy, perr, sx, sy, f, shape, cfg):
+    """Turn fit results (with sep fallbacks) into FWHM, ellipticity and the keep mask."""
+    cxx = np.where(ok, cxx, objs["x2"] * f * f)
+    cyy = np.where(ok, cyy, objs["y2"] * f * f)
+    cxy = np.where(ok, cxy, objs["xy"] * f * f)
+    x_full = np.where(ok, mx, sx)
+    y_full = np.where(ok, my, sy)
+    perr = np.where(ok, perr, np.sqrt(np.maximum(objs["errx2"] + objs["erry2"], 0) / 2) * f)
+    tr = cxx + cyy
+    disc = np.sqrt(np.maximum((cxx - cyy) ** 2 / 4.0 + cxy ** 2, 0.0))
+    lam1 = np.maximum(tr / 2.0 + disc, 1e-6)
+    lam2 = np.maximum(tr / 2.0 - disc, 1e-6)
+    fwhm = GAUSS_FWHM * np.sqrt(np.sqrt(lam1 * lam2))
+    ellip = 1.0 - np.sqrt(lam2 / lam1)
+    keep = (fwhm >= cfg.min_fwhm_px) & (fwhm <= cfg.max_fwhm_px) & np.isfinite(x_full) & np.isfinite(y_full)
+    keep &= (x_full > -0.5) & (x_full < shape[1] - 0.5) & (y_full > -0.5) & (y_full < shape[0] - 0.5)
+    return keep, fwhm, ellip, x_full, y_full, cxx, cyy, cxy, perr
+
+
+# --------------------------------------------------------------------------- quality
+
+
+def measure_quality(stars: StarList | np.ndarray, star_list: StarList | None = None, *,
+                    pattern: str | None = None) -> FrameQuality:
+    """Summarise a frame's :class:`StarList` (see the module docstring for the score).
+
+    Parameters
+    ----------
+    stars : StarList
+        Output of :func:`detect_stars` (it carries the background level and
+        noise). For convenience the call ``measure_quality(image, stars,
+        pattern=...)`` is accepted too; the image is not needed.
+    star_list : StarList, optional
+        The stars, when the first argument is the image.
+    pattern : str or None
+        Ignored (kept for the ``(image, stars, pattern=)`` form).
+
+    Returns
+    -------
+    FrameQuality
+    """
+    if not isinstance(stars, StarList):
+        if not isinstance(star_list, StarList):
+            raise TypeError("measure_quality needs the StarList from detect_stars")
+        stars = star_list
+    n = int(stars.n_total)
+    good = (stars.flag & (FLAG_SATURATED | FLAG_ELONGATED | FLAG_FIT_FAILED)) == 0
+    if good.sum() < 3:  # too few clean stars: use what there is
+        good = np.ones(len(stars), dtype=bool)
+    if n == 0 or len(stars) == 0:
+        return FrameQuality(n_stars=n, fwhm_px=float("nan"), roundness=float("nan"),
+                            background=float(stars.background), noise=float(stars.noise), score=0.0)
+    fwhm = float(np.median(stars.fwhm[good]))
+    rnd = float(np.median(stars.roundness[good]))
+    score = n * rnd / fwhm ** 2 if fwhm > 0 else 0.0
+    return FrameQuality(n_stars=n, fwhm_px=fwhm, roundness=rnd, background=float(stars.background),
+                        noise=float(stars.noise), score=float(score))
+
+
+def select_frames(qualities: Sequence[FrameQuality | None], *, keep_best: float | None = None,
+                  max_fwhm: float | None = None, min_stars: int = 15,
+                  min_roundness: float | None = None) -> list[tuple[bool, str]]:
+    """Decide which frames to stack, with a reason for every rejected one.
+
+    The filters run in this order (a frame gets the first reason that hits it):
+
+    1. no quality (unreadable frame) -> rejected;
+    2. ``n_stars < min_stars`` (clouds, lens cap, dew) -> rejected;
+    3. ``fwhm_px > max_fwhm`` (Siril's FWHM filter) -> rejected;
+    4. ``roundness < min_roundness`` (trailing) -> rejected;
+    5. ``keep_best`` percent (DeepSkyStacker's "keep the best X %"): of *all*
+       frames, ``ceil(keep_best / 100 * n_frames)`` (at least one) are kept,
+       chosen by score among those that passed 1-4.
+
+    Parameters
+    ----------
+    qualities : sequence of FrameQuality or None
+        One per frame, in frame order.
+    keep_best : float or None
+        Percentage (0 < p <= 100) of frames to keep.
+    max_fwhm : float or None
+        Largest accepted median FWHM, full-resolution px.
+    min_stars : int
+        Fewest stars a frame needs to be registered.
+    min_roundness : float or None
+        Smallest accepted median ``b/a``.
+
+    Returns
+    -------
+    list of (bool, str)
+        ``(used, reason)`` per frame; ``reason`` is ``""`` for used frames.
+    """
+    if keep_best is not None and not (0 < keep_best <= 100):
+        raise ValueError(f"keep_best must be a percentage in (0, 100], got {keep_best}")
+    out: list[tuple[bool, str]] = []
+    for q in qualities:
+        if q is None:
+            out.append((False, "no quality measurement (frame could not be read)"))
+        elif q.n_stars < min_stars:
+            out.append((False, f"too few stars: {q.n_stars} < {min_stars} (clouds, lens cap or dew?)"))
+        elif max_fwhm is not None and not (q.fwhm_px <= max_fwhm):
+            out.append((False, f"FWHM {q.fwhm_px:.2f} px > max-fwhm {max_fwhm:g} px"))
+        elif min_roundness is not None and not (q.roundness >= min_roundness):
+            out.append((False, f"roundness {q.roundness:.2f} < {min_roundness:g} (trailed stars?)"))
+        else:
+            out.append((True, ""))
+    if keep_best is not None and qualities:
+        n_keep = max(1, math.ceil(keep_best / 100.0 * len(qualities) - 1e-9))
+        cand = [i for i, (u, _) in enumerate(out) if u]
+        cand.sort(key=lambda i: (-qualities[i].score, i))  # type: ignore[union-attr]
+        for rank, i in enumerate(cand):
+            if rank >= n_keep:
+                out[i] = (False, f"not in the best {keep_best:g}% by score "
+                                 f"(rank {rank + 1}, score {qualities[i].score:.3g}; "  # type: ignore[union-attr]
+                                 f"keeping {n_keep} of {len(qualities)})")
+    return out
+
+
+def choose_reference(qualities: Sequence[FrameQuality | None],
+                     used: Sequence[bool] | None = None) -> int:
+    """Index of the best-scoring frame (among ``used`` ones when given).
+
+    Ties go to the earliest frame. Raises :class:`~skystack.engine.errors.NotEnoughStars`
+    when no candidate frame has any star.
+    """
+    from skystack.engine.errors import NotEnoughStars
+
+    best, best_score = -1, 0.0
+    for i, q in enumerate(qualities):
+        if q is None or (used is not None and not used[i]):
+            continue
+        if q.score > best_score:
+            best, best_score = i, q.score
+    if best < 0:
+        raise NotEnoughStars("no frame has stars to register against; check the lights "
+                             "(lens cap, clouds) or pass --reference FILE")
+    return best
