@@ -1,53 +1,134 @@
-"""Combine a stack of registered frames: kappa-sigma clipped, weighted mean per pixel.
+"""Combine a stack of registered frames: per-pixel rejection, then a weighted mean.
 
 The operation works on one ``(N, H, W)`` float32 tile (N frames; NaN, or any
 non-finite value, means "no data" there). Per frame ``f`` the values are first
-normalised, ``v = cube[f] * scale[f] + offset[f]``, then clipped per pixel like
-Siril's sigma clipping:
+normalised, ``v = cube[f] * scale[f] + offset[f]``; then each pixel's valid
+values go through the rejection ``method`` of :func:`combine`, and the result
+is the ``weights``-weighted mean of the values kept (NaN where none are), their
+count, and per frame how many of its valid values were rejected over the tile.
 
-1. ``kept`` = the valid values of the pixel;
-2. ``centre`` = median of ``kept``; ``sigma`` = standard deviation of ``kept``
-   (ddof = 0, around their mean);
-3. drop ``v < centre - kappa_low * sigma`` and ``v > centre + kappa_high * sigma``;
-4. repeat from 2 until nothing changes or ``max_iter`` rounds ran.
+Rules shared by every rejecting method:
 
-A pixel never drops below 3 kept values: a round that would leave fewer is
-not applied and clipping stops there (so pixels with 1 or 2 valid values are
-averaged unclipped). The result is the ``weights``-weighted mean of the kept
-values (NaN where there are none), their count, and how many valid values of
-each frame were rejected over the tile.
+* a rejection round that would leave fewer than 3 kept values is not applied
+  and rejection stops there (so a pixel with 1 to 3 valid values, or a
+  round asking for too much, keeps what it had);
+* ``max_iter = 0`` turns rejection off (the plain weighted mean);
+* the median of ``m`` sorted values ``s`` is ``(s[(m-1)//2] + s[m//2]) / 2``;
+* "std" is the standard deviation around the mean, divided by ``n`` (ddof = 0)
+  unless said otherwise.
 
-All sums run in frame order in float32 without fused multiply-add, in the CUDA
-kernel (``kernels/combine.cu``, one thread per pixel) and in the NumPy twin
-alike, so both backends return the same bits.
+Methods (``kappa_low``/``kappa_high`` are called kl/kh):
+
+``"sigma"``
+    Kappa-sigma clipping, like Siril's: repeat (at most ``max_iter`` rounds,
+    until nothing changes) ``c = median(kept)``, ``sigma = std(kept)``, drop
+    ``v < c - kl*sigma`` and ``v > c + kh*sigma``.
+``"winsorized"``
+    Winsorized sigma clipping, like Siril's. Per round: ``c = median(kept)``;
+    the robust sigma starts at ``sigma = std1(kept)`` and repeats (at most
+    :data:`WINSOR_MAX_ITER` times) ``L = max(L, c - 1.5 sigma)``,
+    ``U = min(U, c + 1.5 sigma)`` (``L, U`` start at -inf, +inf),
+    ``w = clip(kept, L, U)``, ``sigma' = 1.134 * std1(w)``, until
+    ``|sigma' - sigma| <= 0.0005 * sigma``; ``std1`` divides by ``n - 1``
+    like Siril's (with ``n`` it would average 0.94 sigma on 20 Gaussian
+    values instead of 0.98). Siril winsorizes its working copy cumulatively,
+    which is the running ``L``/``U``; 1.134 corrects the std of Gaussian data
+    winsorized at 1.5 sigma (0.882 sigma) back to sigma. Then the *original*
+    kept values below ``c - kl*sigma'`` or above ``c + kh*sigma'`` are
+    dropped. Rounds repeat like ``"sigma"``. (Siril has no cap on the inner
+    loop; the cap stops a pixel whose sigma shrinks geometrically towards 0,
+    e.g. four equal values and one other, from running into subnormal numbers.)
+``"linear"``
+    Linear fit clipping, like Siril's. Per round, the ``m`` kept values sorted
+    ascending ``s_j`` against their rank ``x_j = j`` (0..m-1) get a least-squares
+    line ``fit_j = ym + slope * (x_j - xm)`` (``xm = (m-1)/2``, ``ym`` = mean,
+    ``slope = sum((x-xm)(s-ym)) / sum((x-xm)^2)``); ``sigma`` = mean of
+    ``|s_j - fit_j|``; values with ``fit_j - s_j > kl*sigma`` or
+    ``s_j - fit_j > kh*sigma`` are dropped (Siril divides by sigma instead; the
+    product form gives no rejection when sigma is 0). Ranks are recounted over
+    the values kept each round; rounds repeat like ``"sigma"``. A residual
+    alone on its side of the line is exactly ``m/2`` sigma (the residuals sum
+    to 0), so kappas of 1.5, 2, 2.5 meet 3, 4, 5 values on that edge, where
+    rounding decides.
+``"percentile"``
+    Percentile clipping, like Siril's, one pass (any ``max_iter >= 1``):
+    ``c = median(valid)``; unless ``c == 0`` (then nothing is rejected, as in
+    Siril), drop ``v < c - kl*|c|`` and ``v > c + kh*|c|``. **The kappas are
+    fractions of the median here** (Siril's defaults are 0.2 and 0.1), not
+    standard deviations; ``|c|`` keeps the bounds ordered for a negative median
+    (Siril's data is never negative).
+``"minmax"``
+    Drop the ``k_low`` lowest and ``k_high`` highest valid values, ``k = int(kappa)``
+    for ``kappa >= 1`` and ``k = 1`` below (so ``kappa`` 0 still drops one
+    value per side); nothing is dropped unless ``k_low + k_high + 3`` values
+    are valid. Equal values are ranked in frame order (a stable sort), which
+    decides which frame loses a tied value.
+``"median"``
+    The median of the valid values (``count`` = valid values, nothing
+    rejected). Weights, kappas and ``max_iter`` are ignored.
+``"mean"``
+    The weighted mean of every valid value (no rejection).
+
+Every method is a CUDA kernel in ``kernels/combine.cu`` (one thread per pixel)
+with a NumPy twin here (vectorised over pixels, loops over frames or ranks or
+rounds only). Both run the same float32 operations in the same order without
+fused multiply-add -- sums in frame order (``"sigma"`` and the final mean) or
+rank order (the others' statistics) -- so both backends return the same bits.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
 from skystack.engine.backend import array_module, is_device_array, launch
-from skystack.engine.errors import NotBuiltYet, SkystackError
+from skystack.engine.errors import SkystackError
 
-__all__ = ["ClipResult", "sigma_clip_mean", "combine", "MAX_SUPPORTED_FRAMES", "max_frames_define"]
+__all__ = ["ClipResult", "sigma_clip_mean", "combine", "METHODS", "DEFAULT_KAPPAS", "MAX_SUPPORTED_FRAMES",
+           "WINSOR_MAX_ITER", "max_frames_define"]
 
 #: Compile-time sizes of the kernel's per-thread sort buffer (``-DMAX_FRAMES=``).
 _FRAME_BUCKETS = (64, 256, 1024, 4096)
 #: Most frames one tile may hold (on either backend, so results never depend on it).
 MAX_SUPPORTED_FRAMES = _FRAME_BUCKETS[-1]
+#: Rejection methods of :func:`combine`.
+METHODS = ("sigma", "winsorized", "linear", "percentile", "minmax", "median", "mean")
+#: Suggested ``(kappa_low, kappa_high)`` per method, since the kappas mean different things:
+#: standard deviations (sigma, winsorized, linear), fractions of the median (percentile,
+#: Siril's 0.2 / 0.1) and values per side (minmax). Linear fit uses 5: its sigma is the
+#: mean absolute residual (~0.8 sigma) and the tails of sorted Gaussian values bend away from
+#: the line, so kappa 3 rejects ~4.5% of pure noise (noise gain 0.90 sqrt(N) at N = 20)
+#: against ~0.5% at 5 (0.98 sqrt(N)).
+DEFAULT_KAPPAS: dict[str, tuple[float, float]] = {
+    "sigma": (3.0, 3.0), "winsorized": (3.0, 3.0), "linear": (5.0, 5.0), "percentile": (0.2, 0.1),
+    "minmax": (1.0, 1.0), "median": (3.0, 3.0), "mean": (3.0, 3.0)}
+#: Most rounds of the winsorized (Huber) sigma loop (``WINSOR_MAX_ITER`` in combine.cu).
+WINSOR_MAX_ITER = 50
+
+#: Method -> kernel in combine.cu ("mean" is "sigma" with max_iter = 0).
+_KERNELS = {"sigma": "sigma_clip_mean", "winsorized": "winsorized_clip_mean",
+            "linear": "linear_fit_clip_mean", "percentile": "percentile_clip_mean",
+            "minmax": "minmax_clip_mean", "median": "median_combine"}
+_USES_KAPPA = ("sigma", "winsorized", "linear", "percentile", "minmax")
+
+#: Values (frames x pixels) the NumPy twins handle at once (see :func:`_run_twin`).
+_CHUNK_VALUES = 1 << 19
+
+_ZERO = np.float32(0.0)
+_HALF = np.float32(0.5)
 
 
 @dataclass(frozen=True, kw_only=True)
 class ClipResult:
-    """Result of :func:`sigma_clip_mean` (arrays on the input's backend).
+    """Result of :func:`combine` (arrays on the input's backend).
 
     Attributes
     ----------
     mean : ndarray, (H, W) float32
-        Weighted mean of the kept values; NaN where a pixel has none.
+        Weighted mean of the kept values (for ``"median"``: the median); NaN
+        where a pixel has none.
     count : ndarray, (H, W) int32
         Number of values kept per pixel.
     rejected : ndarray, (N,) int64
@@ -84,88 +165,409 @@ def _per_frame(xp, v, n: int, default: float, name: str, *, nonneg: bool = False
     return a
 
 
+def _minmax_count(kappa: np.float32) -> int:
+    """Values ``"minmax"`` drops on one side for ``kappa`` (as the kernel computes it)."""
+    k = np.float32(kappa)
+    if not k >= 1:
+        return 1
+    return int(k) if k < MAX_SUPPORTED_FRAMES else MAX_SUPPORTED_FRAMES
+
+
+# ----------------------------------------------------------------------------- NumPy building blocks
+
+
+def _normalised(cube: np.ndarray, scale: np.ndarray, offset: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(v, valid)``, both ``(N, H*W)``: ``cube*scale + offset`` (two roundings, like the kernels), NaN = no data."""
+    n = cube.shape[0]
+    v = cube.reshape(n, -1) * scale[:, None] + offset[:, None]
+    valid = np.isfinite(v)
+    v[~valid] = np.nan
+    return v, valid
+
+
+def _seqsum(x: np.ndarray) -> np.ndarray:
+    """Sum over axis 0 of a C-contiguous 2-D float32 array, row after row from +0 (the kernels' loop order)."""
+    return np.add.reduce(x, axis=0, initial=_ZERO)
+
+
+def _sort_values(v: np.ndarray) -> np.ndarray:
+    """Each pixel's values sorted ascending, NaN last, ``(N, P)`` (sorting the contiguous transpose is fastest)."""
+    t = np.array(v.T, order="C")  # a copy, even where v.T is contiguous already (one pixel)
+    t.sort(axis=1)
+    return np.ascontiguousarray(t.T)
+
+
+def _sorted(v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Sort each pixel's values like the kernels' pair sort: ``(srt, order)``, both ``(N, P)``.
+
+    Ascending by value, ties in frame order (-0 ties with +0), NaN last;
+    ``order[r, p]`` is the frame holding rank ``r`` of pixel ``p``. One sort of
+    64-bit keys (the float's bits mapped to an ordered unsigned int, then the
+    frame number) is several times faster than a stable argsort.
+    """
+    n = v.shape[0]
+    t = np.ascontiguousarray(v.T)  # (P, N)
+    bits = (t + _ZERO).view(np.uint32)  # a copy; -0 + 0 = +0
+    flip = bits >> np.uint32(31)
+    np.negative(flip, out=flip)  # 0 -> 0, 1 -> 0xFFFFFFFF
+    flip |= np.uint32(0x80000000)
+    bits ^= flip  # negative: all bits flipped, positive: sign bit set -> unsigned order = float order
+    key = bits.astype(np.uint64)
+    key <<= np.uint64(16)
+    key |= np.arange(n, dtype=np.uint64)
+    key.sort(axis=1)
+    order = (key & np.uint64(0xFFFF)).astype(np.int32)
+    srt = np.take_along_axis(t, order, axis=1)
+    return np.ascontiguousarray(srt.T), np.ascontiguousarray(order.T)
+
+
+def _median_sorted(srt: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Median of the sorted ranks ``[a, b)`` of each column (``b > a``), like ``combine_median``."""
+    cnt = b - a
+    cols = np.arange(srt.shape[1])
+    return (srt[a + (cnt - 1) // 2, cols] + srt[a + cnt // 2, cols]) * _HALF
+
+
+def _rank_mask(a: np.ndarray, b: np.ndarray, n: int) -> np.ndarray:
+    """``(N, P)`` bool: rank ``r`` lies in ``[a, b)``."""
+    r = np.arange(n)[:, None]
+    return (r >= a) & (r < b)
+
+
+def _std_masked(sz: np.ndarray, maskf: np.ndarray, cntf: np.ndarray, div: np.ndarray) -> np.ndarray:
+    """Std of the rows of each column where ``maskf`` is 1: ``sqrt(sum((s - mean)^2) / div)``, row-order sums.
+
+    ``sz`` must be finite (0 where there is no data): masking multiplies by
+    0/1, which is exact, and the +-0 it adds leaves a sum started at +0
+    unchanged, while ``np.where`` on irregular masks is several times slower.
+    """
+    mean = _seqsum(sz * maskf) / cntf
+    d = sz - mean
+    d *= maskf
+    return np.sqrt(_seqsum(d * d) / div)
+
+
+def _zeroed(a: np.ndarray) -> np.ndarray:
+    """Copy of ``a`` with NaN (no data) replaced by 0, for mask-by-multiplication."""
+    return np.where(np.isnan(a), _ZERO, a)
+
+
+def _running_count(kf: np.ndarray) -> np.ndarray:
+    """Cumulative sum over axis 0 of a 0/1 float32 mask (a loop over rows: ``np.cumsum`` over axis 0 is slow)."""
+    c = np.empty_like(kf)
+    c[0] = kf[0]
+    for r in range(1, kf.shape[0]):
+        np.add(c[r - 1], kf[r], out=c[r])
+    return c
+
+
+def _clip_range(s: np.ndarray, a: np.ndarray, b: np.ndarray, nvalid: np.ndarray,
+                lo: np.ndarray, hi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Shrink each sorted rank range ``[a, b)`` to the values in ``[lo, hi]``, like ``combine_clip_range``."""
+    n_below = (s < lo).sum(axis=0)  # sorted: a prefix (NaN compares False)
+    n_above = (s > hi).sum(axis=0)  # and a suffix of the valid values
+    a2 = np.minimum(np.maximum(a, n_below), b)
+    b2 = np.maximum(a2, np.minimum(b, nvalid - n_above))
+    return a2, b2
+
+
+def _finish(v: np.ndarray, valid: np.ndarray, kept: np.ndarray, weights: np.ndarray,
+            shape: tuple[int, int]) -> ClipResult:
+    """Weighted mean (frame order), count and per-frame rejections of the ``kept`` ``(N, P)`` mask."""
+    n, p = v.shape
+    vz = _zeroed(v)
+    keptf = kept.astype(np.float32)
+    acc = np.zeros(p, dtype=np.float32)
+    wsum = np.zeros(p, dtype=np.float32)
+    for f in range(n):  # frame order; a value not kept adds +-0
+        acc += (weights[f] * vz[f]) * keptf[f]
+        wsum += weights[f] * keptf[f]
+    rejected = valid.sum(axis=1, dtype=np.int64) - kept.sum(axis=1, dtype=np.int64)  # kept is a subset
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = np.where(wsum > 0, acc / wsum, np.float32(np.nan)).astype(np.float32)
+    count = kept.sum(axis=0, dtype=np.int32)
+    return ClipResult(mean=mean.reshape(shape), count=count.reshape(shape), rejected=rejected)
+
+
+def _finish_interval(v: np.ndarray, valid: np.ndarray, srt: np.ndarray, a: np.ndarray, b: np.ndarray,
+                     weights: np.ndarray, shape: tuple[int, int]) -> ClipResult:
+    """:func:`_finish` for kept sorted ranks ``[a, b)`` that hold every value in ``[srt[a], srt[b-1]]``."""
+    n, p = v.shape
+    cols = np.arange(p)
+    has = b > a
+    lo_v = np.where(has, srt[np.minimum(a, n - 1), cols], np.float32(np.inf))
+    hi_v = np.where(has, srt[np.maximum(b - 1, 0), cols], np.float32(-np.inf))
+    return _finish(v, valid, (v >= lo_v) & (v <= hi_v), weights, shape)
+
+
+def _finish_ranks(v: np.ndarray, valid: np.ndarray, order: np.ndarray, kept_ranks: np.ndarray,
+                  weights: np.ndarray, shape: tuple[int, int]) -> ClipResult:
+    """:func:`_finish` for a kept mask over sorted ranks (mapped to frames through ``order``)."""
+    n, p = order.shape
+    itype = np.int32 if n * p < 2**31 else np.int64  # flat indices (faster than put_along_axis)
+    flat = order.astype(itype) * itype(p)
+    flat += np.arange(p, dtype=itype)
+    kept = np.empty_like(kept_ranks)
+    kept.ravel()[flat.ravel()] = kept_ranks.ravel()
+    return _finish(v, valid, kept, weights, shape)
+
+
+# ----------------------------------------------------------------------------- NumPy twins
+
+
 def _sigma_clip_mean_numpy(cube: np.ndarray, kappa_low: np.float32, kappa_high: np.float32,
                            max_iter: int, scale: np.ndarray, offset: np.ndarray,
                            weights: np.ndarray) -> ClipResult:
     """NumPy twin of the ``sigma_clip_mean`` kernel: vectorised over pixels, same float32 ops."""
     n, h, w = cube.shape
-    p = h * w
-    v = cube.reshape(n, p) * scale[:, None] + offset[:, None]  # two roundings, like the kernel
-    valid = np.isfinite(v)
-    v[~valid] = np.nan
-    srt = np.sort(v, axis=0)  # NaN last
+    v, valid = _normalised(cube, scale, offset)
+    vz = _zeroed(v)
+    srt = _sort_values(v)  # NaN last
     nvalid = valid.sum(axis=0)
-    a = np.zeros(p, dtype=np.intp)
+    a = np.zeros(v.shape[1], dtype=np.intp)
     b = nvalid.astype(np.intp)
-    half = np.float32(0.5)
-    zero = np.float32(0.0)
     idx = np.flatnonzero(b >= 3) if max_iter > 0 else np.empty(0, dtype=np.intp)
     for _ in range(max_iter):
         if idx.size == 0:
             break
         vs, ss_ = v[:, idx], srt[:, idx]
         ai, bi = a[idx], b[idx]
-        cnt = bi - ai
+        cntf = (bi - ai).astype(np.float32)
+        centre = _median_sorted(ss_, ai, bi)
         cols = np.arange(idx.size)
-        centre = (ss_[ai + (cnt - 1) // 2, cols] + ss_[ai + cnt // 2, cols]) * half
-        kept = (vs >= ss_[ai, cols]) & (vs <= ss_[bi - 1, cols])
-        total = np.zeros(idx.size, dtype=np.float32)
-        for f in range(n):  # frame order, like the kernel
-            total += np.where(kept[f], vs[f], zero)
-        cntf = cnt.astype(np.float32)
-        mean = total / cntf
-        sq = np.zeros(idx.size, dtype=np.float32)
-        for f in range(n):
-            d = np.where(kept[f], vs[f] - mean, zero)
-            sq += d * d
-        sigma = np.sqrt(sq / cntf)
-        lo = centre - kappa_low * sigma
-        hi = centre + kappa_high * sigma
-        n_below = (ss_ < lo).sum(axis=0)  # sorted: a prefix (NaN compares False)
-        n_above = (ss_ > hi).sum(axis=0)  # and a suffix of the valid values
-        a2 = np.minimum(np.maximum(ai, n_below), bi)
-        b2 = np.maximum(a2, np.minimum(bi, nvalid[idx] - n_above))
+        kept = (vs >= ss_[ai, cols]) & (vs <= ss_[bi - 1, cols])  # the kept value interval
+        # ddof 0, frame-order sums, like the kernel
+        sigma = _std_masked(vz[:, idx], kept.astype(np.float32), cntf, cntf)
+        a2, b2 = _clip_range(ss_, ai, bi, nvalid[idx], centre - kappa_low * sigma,
+                             centre + kappa_high * sigma)
         go = ((b2 - a2) >= 3) & ((a2 != ai) | (b2 != bi))
         a[idx[go]] = a2[go]
         b[idx[go]] = b2[go]
         idx = idx[go]
-    cnt = b - a
-    cols = np.arange(p)
-    has = cnt > 0
-    lo_v = np.where(has, srt[np.minimum(a, n - 1), cols], np.float32(np.inf))
-    hi_v = np.where(has, srt[np.maximum(b - 1, 0), cols], np.float32(-np.inf))
-    acc = np.zeros(p, dtype=np.float32)
-    wsum = np.zeros(p, dtype=np.float32)
+    return _finish_interval(v, valid, srt, a, b, weights, (h, w))
+
+
+def _winsorized_sigma(sz: np.ndarray, inside: np.ndarray, cntf: np.ndarray, dof: np.ndarray,
+                      centre: np.ndarray, sigma: np.ndarray) -> np.ndarray:
+    """The Huber-like sigma of ``"winsorized"`` per column, from the start ``sigma``.
+
+    ``sz``: sorted values, 0 where none; ``inside``: 0/1 float mask of the kept ranks.
+    """
+    sigma = sigma.copy()
+    lo = np.full(sigma.shape, -np.inf, dtype=np.float32)
+    hi = np.full(sigma.shape, np.inf, dtype=np.float32)
+    act = np.arange(sigma.size)
+    for _ in range(WINSOR_MAX_ITER):
+        if act.size == 0:
+            break
+        c, sg, ins, cf, df = centre[act], sigma[act], inside[:, act], cntf[act], dof[act]
+        lo_a = np.maximum(lo[act], c - np.float32(1.5) * sg)
+        hi_a = np.minimum(hi[act], c + np.float32(1.5) * sg)
+        lo[act], hi[act] = lo_a, hi_a
+        wv = np.minimum(hi_a, np.maximum(lo_a, sz[:, act]))
+        wv *= ins
+        mean_w = _seqsum(wv) / cf
+        d = wv - mean_w
+        d *= ins
+        new = np.float32(1.134) * np.sqrt(_seqsum(d * d) / df)
+        sigma[act] = new
+        act = act[np.abs(new - sg) > sg * np.float32(0.0005)]
+    return sigma
+
+
+def _winsorized_clip_mean_numpy(cube: np.ndarray, kappa_low: np.float32, kappa_high: np.float32,
+                                max_iter: int, scale: np.ndarray, offset: np.ndarray,
+                                weights: np.ndarray) -> ClipResult:
+    """NumPy twin of the ``winsorized_clip_mean`` kernel."""
+    n, h, w = cube.shape
+    v, valid = _normalised(cube, scale, offset)
+    srt = _sort_values(v)
+    srt_z = _zeroed(srt)
+    nvalid = valid.sum(axis=0)
+    a = np.zeros(v.shape[1], dtype=np.intp)
+    b = nvalid.astype(np.intp)
+    idx = np.flatnonzero(b >= 3) if max_iter > 0 else np.empty(0, dtype=np.intp)
+    for _ in range(max_iter):
+        if idx.size == 0:
+            break
+        s, sz, ai, bi = srt[:, idx], srt_z[:, idx], a[idx], b[idx]
+        cntf = (bi - ai).astype(np.float32)
+        dof = (bi - ai - 1).astype(np.float32)
+        inside = _rank_mask(ai, bi, n).astype(np.float32)
+        centre = _median_sorted(s, ai, bi)
+        sigma = _winsorized_sigma(sz, inside, cntf, dof, centre, _std_masked(sz, inside, cntf, dof))
+        a2, b2 = _clip_range(s, ai, bi, nvalid[idx], centre - kappa_low * sigma, centre + kappa_high * sigma)
+        go = ((b2 - a2) >= 3) & ((a2 != ai) | (b2 != bi))
+        a[idx[go]] = a2[go]
+        b[idx[go]] = b2[go]
+        idx = idx[go]
+    return _finish_interval(v, valid, srt, a, b, weights, (h, w))
+
+
+def _linear_fit_clip_mean_numpy(cube: np.ndarray, kappa_low: np.float32, kappa_high: np.float32,
+                                max_iter: int, scale: np.ndarray, offset: np.ndarray,
+                                weights: np.ndarray) -> ClipResult:
+    """NumPy twin of the ``linear_fit_clip_mean`` kernel.
+
+    Works on the sorted ranks with a kept mask; a rejected rank adds an exact
+    zero (+0 or -0, which leave a sum started at +0 unchanged) to every sum,
+    so the sums equal the kernel's over its compacted array.
+    """
+    n, h, w = cube.shape
+    v, valid = _normalised(cube, scale, offset)
+    srt, order = _sorted(v)
+    nvalid = valid.sum(axis=0)
+    kept = _rank_mask(0, nvalid, n)  # over ranks of srt
+    idx = np.flatnonzero(nvalid >= 3) if max_iter > 0 else np.empty(0, dtype=np.intp)
+    sz, k = _zeroed(srt[:, idx]), kept[:, idx]
+    m = nvalid[idx]
+    for _ in range(max_iter):
+        if idx.size == 0:
+            break
+        kf = k.astype(np.float32)
+        mf = m.astype(np.float32)
+        xm = (m - 1).astype(np.float32) * _HALF
+        s0 = sz * kf
+        ym = _seqsum(s0) / mf
+        t = _running_count(kf)  # rank among the kept values, + 1
+        t -= xm + np.float32(1.0)  # x - xm, exact
+        t *= kf  # rejected ranks: +-0
+        slope = _seqsum(t * (s0 - ym)) / _sum_sq_dev_ranks(m)
+        r = t * slope
+        r += ym  # the fit
+        np.subtract(s0, r, out=r)  # s - fit
+        sigma = _seqsum(np.abs(r) * kf) / mf
+        bad = r < -(kappa_low * sigma)  # fit - s > kappa_low*sigma (negation is exact)
+        bad |= r > kappa_high * sigma
+        new = np.greater(k, bad)  # kept and not bad
+        m2 = new.sum(axis=0)
+        go = (m2 >= 3) & (m2 != m)
+        kept[:, idx[go]] = new[:, go]
+        idx, sz, k, m = idx[go], sz[:, go], new[:, go], m2[go]
+    return _finish_ranks(v, valid, order, kept, weights, (h, w))
+
+
+def _sum_sq_dev_ranks(m: np.ndarray) -> np.ndarray:
+    """``sum((x - xm)^2)`` over ranks ``x = 0..m-1``, ``m (m^2 - 1) / 12`` in float32 (like the kernel)."""
+    mf = m.astype(np.float32)
+    return mf * (mf * mf - np.float32(1.0)) / np.float32(12.0)
+
+
+def _percentile_clip_mean_numpy(cube: np.ndarray, kappa_low: np.float32, kappa_high: np.float32,
+                                max_iter: int, scale: np.ndarray, offset: np.ndarray,
+                                weights: np.ndarray) -> ClipResult:
+    """NumPy twin of the ``percentile_clip_mean`` kernel."""
+    n, h, w = cube.shape
+    v, valid = _normalised(cube, scale, offset)
+    srt = _sort_values(v)
+    nvalid = valid.sum(axis=0).astype(np.intp)
+    a = np.zeros_like(nvalid)
+    b = nvalid.copy()
+    idx = np.flatnonzero(nvalid >= 3) if max_iter > 0 else np.empty(0, dtype=np.intp)
+    if idx.size:
+        s, nv = srt[:, idx], nvalid[idx]
+        centre = _median_sorted(s, np.zeros_like(nv), nv)
+        ac = np.abs(centre)
+        a2, b2 = _clip_range(s, np.zeros_like(nv), nv, nv, centre - kappa_low * ac, centre + kappa_high * ac)
+        go = (centre != 0) & ((b2 - a2) >= 3)
+        a[idx[go]] = a2[go]
+        b[idx[go]] = b2[go]
+    return _finish_interval(v, valid, srt, a, b, weights, (h, w))
+
+
+def _minmax_clip_mean_numpy(cube: np.ndarray, kappa_low: np.float32, kappa_high: np.float32,
+                            max_iter: int, scale: np.ndarray, offset: np.ndarray,
+                            weights: np.ndarray) -> ClipResult:
+    """NumPy twin of the ``minmax_clip_mean`` kernel."""
+    n, h, w = cube.shape
+    v, valid = _normalised(cube, scale, offset)
+    _srt, order = _sorted(v)
+    nvalid = valid.sum(axis=0).astype(np.intp)
+    k_low, k_high = _minmax_count(kappa_low), _minmax_count(kappa_high)
+    go = (nvalid - k_low - k_high >= 3) & (max_iter > 0)
+    a = np.where(go, k_low, 0)
+    b = np.where(go, nvalid - k_high, nvalid)
+    return _finish_ranks(v, valid, order, _rank_mask(a, b, n), weights, (h, w))
+
+
+def _median_combine_numpy(cube: np.ndarray, kappa_low: np.float32, kappa_high: np.float32,
+                          max_iter: int, scale: np.ndarray, offset: np.ndarray,
+                          weights: np.ndarray) -> ClipResult:
+    """NumPy twin of the ``median_combine`` kernel (kappas, max_iter and weights unused)."""
+    n, h, w = cube.shape
+    v, valid = _normalised(cube, scale, offset)
+    srt = _sort_values(v)  # NaN last
+    nvalid = valid.sum(axis=0).astype(np.intp)
+    has = nvalid > 0
+    med = _median_sorted(srt, np.zeros_like(nvalid), np.maximum(nvalid, 1))
+    med = np.where(has, med, np.float32(np.nan)).astype(np.float32)
+    return ClipResult(mean=med.reshape(h, w), count=nvalid.astype(np.int32).reshape(h, w),
+                      rejected=np.zeros(n, dtype=np.int64))
+
+
+_TWINS: dict[str, Callable[..., ClipResult]] = {
+    "sigma": _sigma_clip_mean_numpy, "winsorized": _winsorized_clip_mean_numpy,
+    "linear": _linear_fit_clip_mean_numpy, "percentile": _percentile_clip_mean_numpy,
+    "minmax": _minmax_clip_mean_numpy, "median": _median_combine_numpy,
+}
+
+
+def _run_twin(twin: Callable[..., ClipResult], cube: np.ndarray, kappa_low: np.float32,
+              kappa_high: np.float32, max_iter: int, scale: np.ndarray, offset: np.ndarray,
+              weights: np.ndarray) -> ClipResult:
+    """Run a twin over blocks of about :data:`_CHUNK_VALUES` values (pixels are independent).
+
+    Blocks keep the twins' temporaries (several times the block) in cache and
+    bound their memory, whatever the tile size; the result is the same bits.
+    """
+    n, h, w = cube.shape
+    p = h * w
+    step = max(1, _CHUNK_VALUES // n)
+    if p <= step:
+        return twin(cube, kappa_low, kappa_high, max_iter, scale, offset, weights)
+    flat = cube.reshape(n, p)
+    mean = np.empty(p, dtype=np.float32)
+    count = np.empty(p, dtype=np.int32)
     rejected = np.zeros(n, dtype=np.int64)
-    for f in range(n):
-        kept = (v[f] >= lo_v) & (v[f] <= hi_v)
-        acc += np.where(kept, weights[f] * v[f], zero)
-        wsum += np.where(kept, weights[f], zero)
-        rejected[f] = int(np.count_nonzero(valid[f] & ~kept))
-    with np.errstate(invalid="ignore", divide="ignore"):
-        mean = np.where(wsum > 0, acc / wsum, np.float32(np.nan)).astype(np.float32)
-    return ClipResult(mean=mean.reshape(h, w), count=cnt.astype(np.int32).reshape(h, w),
-                      rejected=rejected)
+    for s in range(0, p, step):
+        e = min(p, s + step)
+        r = twin(flat[:, s:e].reshape(n, 1, e - s), kappa_low, kappa_high, max_iter, scale, offset, weights)
+        mean[s:e] = r.mean.ravel()
+        count[s:e] = r.count.ravel()
+        rejected += r.rejected
+    return ClipResult(mean=mean.reshape(h, w), count=count.reshape(h, w), rejected=rejected)
 
 
-def sigma_clip_mean(cube: Any, *, kappa_low: float = 3.0, kappa_high: float = 3.0,
-                    max_iter: int = 10, scale: Any | None = None, offset: Any | None = None,
-                    weights: Any | None = None) -> ClipResult:
-    """Per-pixel iterative kappa-sigma clipped, weighted mean of an ``(N, H, W)`` tile.
+# ----------------------------------------------------------------------------- operations
+
+
+def combine(cube: Any, *, method: str = "sigma", kappa_low: float = 3.0, kappa_high: float = 3.0,
+            max_iter: int = 10, scale: Any | None = None, offset: Any | None = None,
+            weights: Any | None = None) -> ClipResult:
+    """Per-pixel rejection and weighted mean of an ``(N, H, W)`` tile.
 
     Parameters
     ----------
     cube : ndarray (NumPy or CuPy), (N, H, W)
         Registered frames, float (converted to float32); NaN/inf = no data.
+    method : str
+        One of :data:`METHODS`: ``"sigma"``, ``"winsorized"``, ``"linear"``,
+        ``"percentile"``, ``"minmax"``, ``"median"``, ``"mean"`` (defined in the
+        module docstring).
     kappa_low, kappa_high : float
-        Rejection thresholds below/above the median, in standard deviations (>= 0).
+        Rejection thresholds below/above (>= 0): standard deviations for
+        ``"sigma"``/``"winsorized"``/``"linear"``, fractions of the median for
+        ``"percentile"`` (e.g. 0.2), values dropped per side for ``"minmax"``
+        (``int(kappa)``, at least 1). Ignored by ``"median"`` and ``"mean"``.
     max_iter : int
-        Most clipping rounds (0: plain weighted mean of the valid values).
+        Most rejection rounds (0: no rejection; ``"percentile"`` and
+        ``"minmax"`` make one pass).
     scale, offset : array-like (N,), optional
-        Per-frame normalisation ``v * scale + offset`` applied before clipping
-        (default 1 and 0); the mean is in normalised units.
+        Per-frame normalisation ``v * scale + offset`` applied before rejection
+        (default 1 and 0); the result is in normalised units.
     weights : array-like (N,), optional
-        Per-frame weights (>= 0) of the mean of the kept values (default 1).
+        Per-frame weights (>= 0) of the mean of the kept values (default 1;
+        ignored by ``"median"``).
 
     Returns
     -------
@@ -176,14 +578,19 @@ def sigma_clip_mean(cube: Any, *, kappa_low: float = 3.0, kappa_high: float = 3.
     Raises
     ------
     SkystackError
-        For a cube that is not (N, H, W), more than :data:`MAX_SUPPORTED_FRAMES`
-        frames, negative kappas, or bad per-frame arrays.
+        For an unknown method, a cube that is not (N, H, W), more than
+        :data:`MAX_SUPPORTED_FRAMES` frames, negative or non-finite kappas,
+        negative ``max_iter``, or bad per-frame arrays.
     """
+    if method not in METHODS:
+        raise SkystackError(f"unknown rejection method {method!r}; use one of {', '.join(METHODS)}")
+    if method == "mean":
+        method, max_iter, kappa_low, kappa_high = "sigma", 0, 3.0, 3.0
     if cube.ndim != 3 or cube.shape[0] < 1:
         raise SkystackError(f"combine needs an (N, H, W) tile with N >= 1, got shape {tuple(cube.shape)}")
     n, h, w = (int(s) for s in cube.shape)
     defines = max_frames_define(n)
-    kl, kh = float(kappa_low), float(kappa_high)
+    kl, kh = (float(kappa_low), float(kappa_high)) if method in _USES_KAPPA else (0.0, 0.0)
     if not (np.isfinite(kl) and np.isfinite(kh) and kl >= 0 and kh >= 0):
         raise SkystackError(f"kappa values must be finite and >= 0, got {kl:g} and {kh:g}")
     if int(max_iter) < 0:
@@ -194,30 +601,43 @@ def sigma_clip_mean(cube: Any, *, kappa_low: float = 3.0, kappa_high: float = 3.
     offset_a = _per_frame(xp, offset, n, 0.0, "offset")
     weights_a = _per_frame(xp, weights, n, 1.0, "weights", nonneg=True)
     if not is_device_array(cube):
-        return _sigma_clip_mean_numpy(cube, np.float32(kl), np.float32(kh), int(max_iter),
-                                      scale_a, offset_a, weights_a)
+        return _run_twin(_TWINS[method], cube, np.float32(kl), np.float32(kh), int(max_iter), scale_a,
+                         offset_a, weights_a)
     mean = xp.empty((h, w), dtype=xp.float32)
     count = xp.empty((h, w), dtype=xp.int32)
     rejected = xp.zeros(n, dtype=xp.uint64)
     npix = h * w
-    launch("combine.cu", "sigma_clip_mean", npix,
+    launch("combine.cu", _KERNELS[method], npix,
            (cube, np.int64(npix), np.int32(n), scale_a, offset_a, weights_a,
             np.float32(kl), np.float32(kh), np.int32(max_iter), mean, count, rejected),
            defines=defines)
     return ClipResult(mean=mean, count=count, rejected=rejected.view(xp.int64))
 
 
-def combine(cube: Any, *, method: str = "sigma", kappa_low: float = 3.0, kappa_high: float = 3.0,
-            max_iter: int = 10, scale: Any | None = None, offset: Any | None = None,
-            weights: Any | None = None) -> ClipResult:
-    """Combine an ``(N, H, W)`` tile with the rejection ``method``.
+def sigma_clip_mean(cube: Any, *, kappa_low: float = 3.0, kappa_high: float = 3.0,
+                    max_iter: int = 10, scale: Any | None = None, offset: Any | None = None,
+                    weights: Any | None = None) -> ClipResult:
+    """Per-pixel iterative kappa-sigma clipped, weighted mean of an ``(N, H, W)`` tile.
 
-    ``"sigma"`` is :func:`sigma_clip_mean`; ``"mean"`` is the weighted mean of
-    every valid value (no rejection). Other methods are not built yet.
+    The same as ``combine(cube, method="sigma", ...)``; see :func:`combine`.
+
+    Parameters
+    ----------
+    cube : ndarray (NumPy or CuPy), (N, H, W)
+        Registered frames, float (converted to float32); NaN/inf = no data.
+    kappa_low, kappa_high : float
+        Rejection thresholds below/above the median, in standard deviations (>= 0).
+    max_iter : int
+        Most clipping rounds (0: plain weighted mean of the valid values).
+    scale, offset : array-like (N,), optional
+        Per-frame normalisation ``v * scale + offset`` applied before clipping.
+    weights : array-like (N,), optional
+        Per-frame weights (>= 0) of the mean of the kept values (default 1).
+
+    Returns
+    -------
+    ClipResult
+        ``mean`` (H, W) float32, ``count`` (H, W) int32, ``rejected`` (N,) int64.
     """
-    if method == "sigma":
-        return sigma_clip_mean(cube, kappa_low=kappa_low, kappa_high=kappa_high, max_iter=max_iter,
-                               scale=scale, offset=offset, weights=weights)
-    if method == "mean":
-        return sigma_clip_mean(cube, max_iter=0, scale=scale, offset=offset, weights=weights)
-    raise NotBuiltYet(f"rejection method {method!r} is not built yet; use --rejection sigma or mean")
+    return combine(cube, method="sigma", kappa_low=kappa_low, kappa_high=kappa_high, max_iter=max_iter,
+                   scale=scale, offset=offset, weights=weights)

@@ -67,6 +67,7 @@ class FrameRecord:
     path: str
     used: bool = False
     reason: str = ""
+    exposure_s: float | None = None
     stars: int = 0
     fwhm_px: float | None = None
     roundness: float | None = None
@@ -180,6 +181,9 @@ def _majority(values: list[Any]) -> Any:
 def stack_session(files: SessionFiles, config: StackConfig = StackConfig()) -> StackResult:
     """Calibrate, register and stack the lights of ``files``.
 
+    Runs :func:`register_session` then :func:`combine_registered` and frees the
+    frame store.
+
     Parameters
     ----------
     files : SessionFiles
@@ -192,6 +196,60 @@ def stack_session(files: SessionFiles, config: StackConfig = StackConfig()) -> S
     StackResult
         The stacked image (reference grid, linear, normalised units) and the
         per-frame records, timings and memory figures for the report.
+    """
+    with register_session(files, config) as reg:
+        return combine_registered(reg, config)
+
+
+@dataclass(kw_only=True)
+class Registered:
+    """Calibrated frames warped into the reference grid, in a frame store.
+
+    Close it (or use it as a context manager) to free the store.
+    """
+
+    store: Any
+    used: list[int]
+    ref: int
+    records: list[FrameRecord]
+    lights: list[Path]
+    backend: Any
+    timer: _Timer
+    t_start: float
+    budget: int | None
+    masters: dict[str, Any]
+    queue_peak: int
+    queue_bound: int
+
+    def frame(self, i: int) -> np.ndarray:
+        """Registered frame ``i`` (index into the lights), ``(C, H, W)`` float32."""
+        return self.store.get(i)
+
+    def close(self) -> None:
+        self.store.close()
+
+    def __enter__(self) -> "Registered":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def register_session(files: SessionFiles, config: StackConfig = StackConfig()) -> Registered:
+    """Decode, calibrate, debayer, detect, select, match and warp every light.
+
+    Parameters
+    ----------
+    files : SessionFiles
+        Lights and calibration frames.
+    config : StackConfig
+        Settings.
+
+    Returns
+    -------
+    Registered
+        The frame store with every usable light in the reference grid (NaN
+        where a frame has no data), the per-frame records and the timings.
 
     Raises
     ------
@@ -261,7 +319,6 @@ def stack_session(files: SessionFiles, config: StackConfig = StackConfig()) -> S
     stars: dict[int, Any] = {}
     quality: dict[int, Any] = {}
     stats: dict[int, Any] = {}
-    exposure_total = 0.0
     prog = _Progress(config.quiet)
     producer = FrameProducer([lights[i] for i in todo], workers=config.workers, queue_size=config.queue_size)
     task = prog.task("calibrate", len(todo))
@@ -290,7 +347,7 @@ def stack_session(files: SessionFiles, config: StackConfig = StackConfig()) -> S
             with timer("store"):
                 store.put(i, host)
             stars[i], quality[i] = st, q
-            exposure_total += float(m.exposure_s or 0.0)
+            rec.exposure_s = _f(m.exposure_s)
             rec.stars = int(q.n_stars)
             rec.fwhm_px = _f(q.fwhm_px)
             rec.roundness = _f(q.roundness)
@@ -349,34 +406,48 @@ def stack_session(files: SessionFiles, config: StackConfig = StackConfig()) -> S
             store.put(i, to_host(out))
             stats[i] = None
 
-    # --- normalisation and weights
+    return Registered(store=store, used=used, ref=ref, records=records, lights=lights, backend=be,
+                      timer=timer, t_start=t_start, budget=budget,
+                      masters={k: _master_summary(v) for k, v in cset.masters.items()},
+                      queue_peak=producer.gauge.peak, queue_bound=producer.bound)
+
+
+def combine_registered(reg: Registered, config: StackConfig = StackConfig()) -> StackResult:
+    """Normalise, weight and combine a :class:`Registered` store tile by tile.
+
+    Only ``rejection``, ``kappa_*``, ``max_iter``, ``normalization`` and
+    ``weighting`` of ``config`` matter here, so one store can be combined
+    several ways.
+    """
     from skystack.engine import normalize
 
+    timer, store, used, ref, be = reg.timer, reg.store, reg.used, reg.ref, reg.backend
+    records = [replace(r) for r in reg.records]
+    n_ch, out_h, out_w = store.shape
     with timer("normalize"):
         fstats = [normalize.robust_stats(store.get(i)) for i in used]
         r = used.index(ref)
         nscale, noffset = normalize.normalization_factors(fstats, r, config.normalization)
         weights = normalize.frame_weights(fstats, nscale, config.weighting,
                                           scores=[records[i].score or 0.0 for i in used])
-
-    # --- combine tile by tile
     with timer("combine"):
-        image, count, rejected = _combine_store(store, used, nscale, noffset, weights, config, be, budget)
-    store_on_disk = store.on_disk
-    store.close()
+        image, count, rejected = _combine_store(store, used, nscale, noffset, weights, config, be,
+                                                reg.budget)
     n_pix = out_h * out_w
+    exposure = 0.0
     for k, i in enumerate(used):
         rec = records[i]
         rec.used = True
         rec.weight = float(weights[k].mean())
         rec.rejected_fraction = float(rejected[k]) / float(n_pix * n_ch)
-    timer.t["total"] = time.perf_counter() - t_start
+    timer.t["total"] = time.perf_counter() - reg.t_start
     return StackResult(
         image=image if n_ch == 3 else image[0], count=count, frames=records,
-        reference=str(lights[ref]), backend=be.name, device=be.device_name, timings=dict(timer.t),
-        masters={k: _master_summary(v) for k, v in cset.masters.items()},
-        settings=_settings(config), peak_rss_bytes=peak_rss_bytes(), queue_peak=producer.gauge.peak,
-        queue_bound=producer.bound, exposure_s=exposure_total, store_on_disk=store_on_disk,
+        reference=str(reg.lights[ref]), backend=be.name, device=be.device_name, timings=dict(timer.t),
+        masters=reg.masters, settings=_settings(config), peak_rss_bytes=peak_rss_bytes(),
+        queue_peak=reg.queue_peak, queue_bound=reg.queue_bound,
+        exposure_s=float(sum(records[i].exposure_s or 0.0 for i in used)),
+        store_on_disk=store.on_disk,
     )
 
 

@@ -1,22 +1,36 @@
-// combine.cu -- per-pixel iterative kappa-sigma clipped (weighted) mean of an (N, H, W) tile.
+// combine.cu -- per-pixel rejection + (weighted) mean of an (N, H, W) tile, one kernel per
+// rejection method (skystack.engine.combine documents each method exactly).
 //
-// One thread per pixel i (grid-stride). For frame f the value is
+// Every kernel: one thread per pixel i (grid-stride). For frame f the value is
 // v = cube[f*npix + i] * scale[f] + offset[f]; non-finite v (NaN = no data, or inf)
-// is not data. Clipping (like Siril's sigma clipping):
-//   kept = all valid values; repeat at most max_iter times:
+// is not data. The method picks the kept values; then
+// mean_out = sum(w*v)/sum(w) over kept values (frame order; NaN when none),
+// count_out = kept count, rejected[f] += 1 for each valid value of frame f dropped.
+// A rejection round never leaves fewer than 3 kept values (such a round is not
+// applied and rejection stops) and max_iter = 0 turns rejection off.
+// All arithmetic is float32 with no fused multiply-add and every sum runs in a
+// fixed order, so the NumPy twins in skystack.engine.combine give the same bits.
+//
+//   sigma_clip_mean       kappa-sigma clipping (median centre, std sigma), iterated
+//   winsorized_clip_mean  winsorized sigma clipping (Huber sigma, 1.134 correction), iterated
+//   linear_fit_clip_mean  line fitted to the sorted values vs rank, mean |residual|, iterated
+//   percentile_clip_mean  one pass: keep median*(1 - kappa_low) .. median*(1 + kappa_high)
+//   minmax_clip_mean      drop the k_low lowest and k_high highest values
+//   median_combine        median of the valid values (weights ignored, nothing rejected)
+//
+// sigma_clip_mean: kept = all valid values; repeat at most max_iter times:
 //     centre = median(kept), mean = sum(kept)/n (sums in frame order),
 //     sigma = sqrt(sum((kept - mean)^2)/n)  (ddof = 0),
 //     drop v < centre - kappa_low*sigma and v > centre + kappa_high*sigma;
 //     stop when nothing changes, or keep the previous set and stop when fewer
 //     than 3 values would remain (a pixel never drops below 3 kept values).
-// Then mean_out = sum(w*v)/sum(w) over kept values (frame order; NaN when none),
-// count_out = kept count, rejected[f] += 1 for each valid value of frame f dropped.
-// All arithmetic is float32 with no fused multiply-add, so the NumPy twin
-// (skystack.engine.combine._sigma_clip_mean_numpy) gives the same bits.
-//
 // The kept set is always the valid values inside a value interval, so the
 // valid values are sorted once (heapsort, in a per-thread array of MAX_FRAMES)
 // and the kept set is the index range [a, b) of the sorted array.
+//
+// The other kernels sort (value, frame) pairs -- ties in frame order, like a stable
+// sort -- so a rank maps to one frame even where values repeat (minmax, linear fit);
+// their sums run in rank order.
 
 // The compile check also builds the smallest and largest sizes engine/combine.py picks:
 // compile-check-defines: MAX_FRAMES=64
@@ -51,6 +65,137 @@ __device__ void combine_heap_sort(float* s, int n)
     }
 }
 
+#ifndef WINSOR_MAX_ITER
+#define WINSOR_MAX_ITER 50  // engine/combine.py WINSOR_MAX_ITER: most rounds of the Huber sigma loop
+#endif
+
+// Median of the sorted values s[a..b) (b > a): the mean of the two middle values.
+__device__ float combine_median(const float* s, int a, int b)
+{
+    const int cnt = b - a;
+    return (s[a + (cnt - 1) / 2] + s[a + cnt / 2]) * 0.5f;
+}
+
+// (value, frame) pairs in ascending order: by value, ties by frame index.
+__device__ bool combine_pair_greater(float va, unsigned short ia, float vb, unsigned short ib)
+{
+    return va > vb || (va == vb && ia > ib);
+}
+
+__device__ void combine_pair_sift_down(float* s, unsigned short* id, int root, int n)
+{
+    const float x = s[root];
+    const unsigned short xi = id[root];
+    for (;;) {
+        int child = 2 * root + 1;
+        if (child >= n) break;
+        if (child + 1 < n && combine_pair_greater(s[child + 1], id[child + 1], s[child], id[child])) child += 1;
+        if (!combine_pair_greater(s[child], id[child], x, xi)) break;
+        s[root] = s[child];
+        id[root] = id[child];
+        root = child;
+    }
+    s[root] = x;
+    id[root] = xi;
+}
+
+// Heapsort of n (value, frame) pairs; equal values end up in frame order (as a stable sort).
+__device__ void combine_pair_sort(float* s, unsigned short* id, int n)
+{
+    for (int start = n / 2 - 1; start >= 0; --start) combine_pair_sift_down(s, id, start, n);
+    for (int end = n - 1; end > 0; --end) {
+        const float t = s[0];
+        const unsigned short ti = id[0];
+        s[0] = s[end];
+        id[0] = id[end];
+        s[end] = t;
+        id[end] = ti;
+        combine_pair_sift_down(s, id, 0, end);
+    }
+}
+
+// Normalised value of frame f at pixel i (non-finite: no data).
+__device__ float combine_value(const float* cube, long long npix, long long i, int f,
+                               const float* scale, const float* offset)
+{
+    return cube[f * npix + i] * scale[f] + offset[f];
+}
+
+// Loads the valid normalised values of pixel i with their frame numbers and sorts them;
+// returns how many there are.
+__device__ int combine_load_sorted(const float* cube, long long npix, long long i, int nframes,
+                                   const float* scale, const float* offset, float* s, unsigned short* id)
+{
+    int n = 0;
+    for (int f = 0; f < nframes; ++f) {
+        const float v = combine_value(cube, npix, i, f, scale, offset);
+        if (isfinite(v)) {
+            s[n] = v;
+            id[n] = (unsigned short)f;
+            ++n;
+        }
+    }
+    combine_pair_sort(s, id, n);
+    return n;
+}
+
+// Sample standard deviation of s[a..b) with divisor (b - a - ddof) (sums in rank order).
+__device__ float combine_std(const float* s, int a, int b, int ddof)
+{
+    const float cntf = (float)(b - a);
+    float sum = 0.0f;
+    for (int r = a; r < b; ++r) sum += s[r];
+    const float mean = sum / cntf;
+    float ss = 0.0f;
+    for (int r = a; r < b; ++r) {
+        const float d = s[r] - mean;
+        ss += d * d;
+    }
+    return sqrtf(ss / (float)(b - a - ddof));
+}
+
+// Shrinks the kept rank range [a, b) of the sorted s to the values in [lo, hi].
+__device__ void combine_clip_range(const float* s, int a, int b, float lo, float hi, int* a2, int* b2)
+{
+    int na = a, nb = b;
+    while (na < nb && s[na] < lo) ++na;
+    while (nb > na && s[nb - 1] > hi) --nb;
+    *a2 = na;
+    *b2 = nb;
+}
+
+// Writes the pixel's result: kept = the frames id[a..b). s is reused as a per-frame flag.
+__device__ void combine_finish(const float* cube, long long npix, long long i, int nframes,
+                               const float* scale, const float* offset, const float* weights,
+                               float* s, const unsigned short* id, int a, int b,
+                               float* mean_out, int* count_out, unsigned long long* rejected)
+{
+    for (int f = 0; f < nframes; ++f) s[f] = 0.0f;
+    for (int r = a; r < b; ++r) s[id[r]] = 1.0f;
+    float acc = 0.0f, wsum = 0.0f;
+    for (int f = 0; f < nframes; ++f) {
+        const float v = combine_value(cube, npix, i, f, scale, offset);
+        if (!isfinite(v)) continue;
+        if (s[f] != 0.0f) {
+            acc += weights[f] * v;
+            wsum += weights[f];
+        } else {
+            atomicAdd(&rejected[f], 1ULL);
+        }
+    }
+    mean_out[i] = wsum > 0.0f ? acc / wsum : __int_as_float(0x7fc00000);
+    count_out[i] = b - a;
+}
+
+// A tile with more frames than this build holds: mark the pixel (count -1, NaN).
+__device__ bool combine_refuse(int nframes, long long i, float* mean_out, int* count_out)
+{
+    if (nframes <= MAX_FRAMES) return false;  // the caller picks MAX_FRAMES >= nframes
+    mean_out[i] = __int_as_float(0x7fc00000);
+    count_out[i] = -1;
+    return true;
+}
+
 extern "C" __global__ void sigma_clip_mean(
     const float* __restrict__ cube, long long npix, int nframes,
     const float* __restrict__ scale, const float* __restrict__ offset,
@@ -77,7 +222,7 @@ extern "C" __global__ void sigma_clip_mean(
         int a = 0, b = n;
         for (int it = 0; it < max_iter && b - a >= 3; ++it) {
             const int cnt = b - a;
-            const float centre = (s[a + (cnt - 1) / 2] + s[a + cnt / 2]) * 0.5f;
+            const float centre = combine_median(s, a, b);
             const float lo_v = s[a], hi_v = s[b - 1];
             float sum = 0.0f;
             for (int f = 0; f < nframes; ++f) {
@@ -120,5 +265,200 @@ extern "C" __global__ void sigma_clip_mean(
         }
         mean_out[i] = wsum > 0.0f ? acc / wsum : nan;
         count_out[i] = cnt;
+    }
+}
+
+// Winsorized sigma clipping (Siril): per round, centre = median(kept) and, starting from
+// sigma = std(kept), repeat at most WINSOR_MAX_ITER times: L = max(L, centre - 1.5 sigma),
+// U = min(U, centre + 1.5 sigma) (L, U start at -inf, +inf), w = kept clamped to [L, U],
+// sigma' = 1.134 * std(w), stop once |sigma' - sigma| <= 0.0005 sigma; then drop the kept
+// values below centre - kappa_low*sigma' or above centre + kappa_high*sigma'.
+// Both stds here divide by (n - 1), as Siril's do.
+extern "C" __global__ void winsorized_clip_mean(
+    const float* __restrict__ cube, long long npix, int nframes,
+    const float* __restrict__ scale, const float* __restrict__ offset,
+    const float* __restrict__ weights,
+    float kappa_low, float kappa_high, int max_iter,
+    float* __restrict__ mean_out, int* __restrict__ count_out,
+    unsigned long long* __restrict__ rejected)
+{
+    float s[MAX_FRAMES];
+    unsigned short id[MAX_FRAMES];
+    const float inf = __int_as_float(0x7f800000);
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < npix;
+         i += (long long)blockDim.x * gridDim.x) {
+        if (combine_refuse(nframes, i, mean_out, count_out)) continue;
+        const int n = combine_load_sorted(cube, npix, i, nframes, scale, offset, s, id);
+        int a = 0, b = n;
+        for (int it = 0; it < max_iter && b - a >= 3; ++it) {
+            const float cntf = (float)(b - a);
+            const float dof = (float)(b - a - 1);
+            const float centre = combine_median(s, a, b);
+            float sigma = combine_std(s, a, b, 1);
+            float lo_w = -inf, hi_w = inf;
+            for (int j = 0; j < WINSOR_MAX_ITER; ++j) {
+                lo_w = fmaxf(lo_w, centre - 1.5f * sigma);
+                hi_w = fminf(hi_w, centre + 1.5f * sigma);
+                float sum = 0.0f;
+                for (int r = a; r < b; ++r) sum += fminf(hi_w, fmaxf(lo_w, s[r]));
+                const float mean_w = sum / cntf;
+                float ss = 0.0f;
+                for (int r = a; r < b; ++r) {
+                    const float d = fminf(hi_w, fmaxf(lo_w, s[r])) - mean_w;
+                    ss += d * d;
+                }
+                const float sigma0 = sigma;
+                sigma = 1.134f * sqrtf(ss / dof);
+                if (!(fabsf(sigma - sigma0) > sigma0 * 0.0005f)) break;
+            }
+            int a2, b2;
+            combine_clip_range(s, a, b, centre - kappa_low * sigma, centre + kappa_high * sigma, &a2, &b2);
+            if (b2 - a2 < 3 || (a2 == a && b2 == b)) break;
+            a = a2;
+            b = b2;
+        }
+        combine_finish(cube, npix, i, nframes, scale, offset, weights, s, id, a, b,
+                       mean_out, count_out, rejected);
+    }
+}
+
+// Linear fit clipping (Siril): per round, with the m kept values sorted (s[0..m), x = rank
+// 0..m-1), fit s = ym + slope*(x - xm) by least squares (xm = (m-1)/2, ym = mean,
+// slope = sum((x-xm)(s-ym)) / sum((x-xm)^2)), sigma = mean |s - fit|, and drop values
+// with fit - s > kappa_low*sigma or s - fit > kappa_high*sigma. The kept values are
+// compacted (still sorted) after each round.
+extern "C" __global__ void linear_fit_clip_mean(
+    const float* __restrict__ cube, long long npix, int nframes,
+    const float* __restrict__ scale, const float* __restrict__ offset,
+    const float* __restrict__ weights,
+    float kappa_low, float kappa_high, int max_iter,
+    float* __restrict__ mean_out, int* __restrict__ count_out,
+    unsigned long long* __restrict__ rejected)
+{
+    float s[MAX_FRAMES];
+    unsigned short id[MAX_FRAMES];
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < npix;
+         i += (long long)blockDim.x * gridDim.x) {
+        if (combine_refuse(nframes, i, mean_out, count_out)) continue;
+        int m = combine_load_sorted(cube, npix, i, nframes, scale, offset, s, id);
+        for (int it = 0; it < max_iter && m >= 3; ++it) {
+            const float mf = (float)m;
+            const float xm = (float)(m - 1) * 0.5f;
+            float sum = 0.0f;
+            for (int j = 0; j < m; ++j) sum += s[j];
+            const float ym = sum / mf;
+            const float sxx = mf * (mf * mf - 1.0f) / 12.0f;  // sum((j - xm)^2)
+            float sxy = 0.0f;
+            for (int j = 0; j < m; ++j) sxy += ((float)j - xm) * (s[j] - ym);
+            const float slope = sxy / sxx;
+            float sad = 0.0f;
+            for (int j = 0; j < m; ++j) {
+                const float fit = ym + slope * ((float)j - xm);
+                sad += fabsf(s[j] - fit);
+            }
+            const float sigma = sad / mf;
+            const float lo_k = kappa_low * sigma, hi_k = kappa_high * sigma;
+            int kept = 0;
+            for (int j = 0; j < m; ++j) {
+                const float fit = ym + slope * ((float)j - xm);
+                if (!(fit - s[j] > lo_k) && !(s[j] - fit > hi_k)) ++kept;
+            }
+            if (kept < 3 || kept == m) break;
+            int k = 0;
+            for (int j = 0; j < m; ++j) {
+                const float fit = ym + slope * ((float)j - xm);
+                if (!(fit - s[j] > lo_k) && !(s[j] - fit > hi_k)) {
+                    s[k] = s[j];
+                    id[k] = id[j];
+                    ++k;
+                }
+            }
+            m = k;
+        }
+        combine_finish(cube, npix, i, nframes, scale, offset, weights, s, id, 0, m,
+                       mean_out, count_out, rejected);
+    }
+}
+
+// Percentile clipping (Siril), one pass (max_iter >= 1): c = median of the valid values;
+// unless c == 0, drop values below c - kappa_low*|c| or above c + kappa_high*|c|.
+extern "C" __global__ void percentile_clip_mean(
+    const float* __restrict__ cube, long long npix, int nframes,
+    const float* __restrict__ scale, const float* __restrict__ offset,
+    const float* __restrict__ weights,
+    float kappa_low, float kappa_high, int max_iter,
+    float* __restrict__ mean_out, int* __restrict__ count_out,
+    unsigned long long* __restrict__ rejected)
+{
+    float s[MAX_FRAMES];
+    unsigned short id[MAX_FRAMES];
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < npix;
+         i += (long long)blockDim.x * gridDim.x) {
+        if (combine_refuse(nframes, i, mean_out, count_out)) continue;
+        const int n = combine_load_sorted(cube, npix, i, nframes, scale, offset, s, id);
+        int a = 0, b = n;
+        if (max_iter > 0 && n >= 3) {
+            const float centre = combine_median(s, 0, n);
+            if (centre != 0.0f) {
+                const float ac = fabsf(centre);
+                int a2, b2;
+                combine_clip_range(s, 0, n, centre - kappa_low * ac, centre + kappa_high * ac, &a2, &b2);
+                if (b2 - a2 >= 3) {
+                    a = a2;
+                    b = b2;
+                }
+            }
+        }
+        combine_finish(cube, npix, i, nframes, scale, offset, weights, s, id, a, b,
+                       mean_out, count_out, rejected);
+    }
+}
+
+// Min/max rejection (max_iter >= 1): drop the k_low lowest and k_high highest valid values,
+// k = (int)kappa for kappa >= 1, else 1 (ties in frame order); no rejection unless at
+// least 3 values remain.
+extern "C" __global__ void minmax_clip_mean(
+    const float* __restrict__ cube, long long npix, int nframes,
+    const float* __restrict__ scale, const float* __restrict__ offset,
+    const float* __restrict__ weights,
+    float kappa_low, float kappa_high, int max_iter,
+    float* __restrict__ mean_out, int* __restrict__ count_out,
+    unsigned long long* __restrict__ rejected)
+{
+    float s[MAX_FRAMES];
+    unsigned short id[MAX_FRAMES];
+    const int k_low = kappa_low >= 1.0f ? (kappa_low < (float)MAX_FRAMES ? (int)kappa_low : MAX_FRAMES) : 1;
+    const int k_high = kappa_high >= 1.0f ? (kappa_high < (float)MAX_FRAMES ? (int)kappa_high : MAX_FRAMES) : 1;
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < npix;
+         i += (long long)blockDim.x * gridDim.x) {
+        if (combine_refuse(nframes, i, mean_out, count_out)) continue;
+        const int n = combine_load_sorted(cube, npix, i, nframes, scale, offset, s, id);
+        int a = 0, b = n;
+        if (max_iter > 0 && n - k_low - k_high >= 3) {
+            a = k_low;
+            b = n - k_high;
+        }
+        combine_finish(cube, npix, i, nframes, scale, offset, weights, s, id, a, b,
+                       mean_out, count_out, rejected);
+    }
+}
+
+// Median of the valid values (weights, kappas and max_iter unused; nothing is rejected).
+extern "C" __global__ void median_combine(
+    const float* __restrict__ cube, long long npix, int nframes,
+    const float* __restrict__ scale, const float* __restrict__ offset,
+    const float* __restrict__ weights,
+    float kappa_low, float kappa_high, int max_iter,
+    float* __restrict__ mean_out, int* __restrict__ count_out,
+    unsigned long long* __restrict__ rejected)
+{
+    float s[MAX_FRAMES];
+    unsigned short id[MAX_FRAMES];
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < npix;
+         i += (long long)blockDim.x * gridDim.x) {
+        if (combine_refuse(nframes, i, mean_out, count_out)) continue;
+        const int n = combine_load_sorted(cube, npix, i, nframes, scale, offset, s, id);
+        mean_out[i] = n > 0 ? combine_median(s, 0, n) : __int_as_float(0x7fc00000);
+        count_out[i] = n;
     }
 }
