@@ -117,7 +117,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 def _stack_config(args: argparse.Namespace):
     from skystack.engine.stack import StackConfig, parse_size
 
-    klo, khi = args.kappa
+    klo, khi = args.kappa if args.kappa else (None, None)
     return StackConfig(
         backend=args.backend, rejection=args.rejection, kappa_low=klo, kappa_high=khi,
         normalization=args.normalization, weighting=args.weighting, debayer=args.debayer,
@@ -239,7 +239,9 @@ def _stack_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--report", help="JSON report (default OUT.json)")
     g.add_argument("--rejection", default="sigma",
                    choices=("sigma", "winsorized", "linear", "percentile", "minmax", "median", "mean"))
-    g.add_argument("--kappa", nargs=2, type=float, default=(3.0, 3.0), metavar=("LOW", "HIGH"))
+    g.add_argument("--kappa", nargs=2, type=float, default=None, metavar=("LOW", "HIGH"),
+                   help="rejection thresholds (default per method: sigma/winsorized 3 3, linear 4 4, "
+                        "percentile 0.2 0.1, minmax 1 1)")
     g.add_argument("--normalization", default="additive+scale",
                    choices=("none", "additive", "multiplicative", "additive+scale"))
     g.add_argument("--weighting", default="none", choices=("none", "noise", "stars"))

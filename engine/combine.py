@@ -102,7 +102,7 @@ METHODS = ("sigma", "winsorized", "linear", "percentile", "minmax", "median", "m
 #: the line, so kappa 3 rejects ~4.5% of pure noise (noise gain 0.90 sqrt(N) at N = 20)
 #: against ~0.5% at 5 (0.98 sqrt(N)).
 DEFAULT_KAPPAS: dict[str, tuple[float, float]] = {
-    "sigma": (3.0, 3.0), "winsorized": (3.0, 3.0), "linear": (5.0, 5.0), "percentile": (0.2, 0.1),
+    "sigma": (3.0, 3.0), "winsorized": (3.0, 3.0), "linear": (4.0, 4.0), "percentile": (0.2, 0.1),
     "minmax": (1.0, 1.0), "median": (3.0, 3.0), "mean": (3.0, 3.0)}
 #: Most rounds of the winsorized (Huber) sigma loop (``WINSOR_MAX_ITER`` in combine.cu).
 WINSOR_MAX_ITER = 50

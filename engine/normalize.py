@@ -2,8 +2,9 @@
 
 Each registered frame gets, per channel, a robust location and scale measured
 on a sub-sample of its valid pixels: the median, and the MAD-based sigma
-(``1.4826 * MAD``) after two rounds of 3-sigma clipping of stars, the same
-idea as Siril's IKSS estimator. From these the combine kernel gets a
+(``1.4826 * MAD``) after two rounds of 3-sigma clipping of stars (the idea of
+Siril's IKSS estimator), taken after subtracting a coarse block-median
+background so that a light-pollution gradient does not pass for scale. From these the combine kernel gets a
 ``scale`` and ``offset`` per frame and channel so that ``v * scale + offset``
 puts every frame on the reference frame's level:
 
@@ -35,17 +36,44 @@ class FrameStats:
     scale: np.ndarray  # (C,)
 
 
+def _flatten_background(chan: np.ndarray, block: int = 32) -> np.ndarray:
+    """``chan`` minus its coarse background (block medians): the dispersion left is noise-like.
+
+    A light-pollution gradient would otherwise dominate the scale estimate and
+    frames would be rescaled by their gradient rather than their signal.
+    """
+    h, w = chan.shape
+    hb, wb = h // block, w // block
+    if hb < 2 or wb < 2:
+        return chan
+    core = chan[: hb * block, : wb * block].reshape(hb, block, wb, block)
+    with np.errstate(all="ignore"):
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            med = np.nanmedian(core.transpose(0, 2, 1, 3).reshape(hb, wb, -1), axis=2)
+    return (core - med[:, None, :, None]).reshape(hb * block, wb * block)
+
+
 def robust_stats(image: np.ndarray, *, sample: int = 200_000) -> FrameStats:
-    """Median and clipped MAD-sigma per channel of a ``(C,H,W)`` frame (NaNs ignored)."""
+    """Median, and the clipped MAD-sigma of the background-flattened frame, per channel.
+
+    ``image`` is ``(C,H,W)`` or ``(H,W)``; NaNs are ignored.
+    """
     img = np.asarray(image, dtype=np.float32)
-    chans = img.reshape(img.shape[0], -1) if img.ndim == 3 else img.reshape(1, -1)
+    planes = img if img.ndim == 3 else img[None]
     locs, scales = [], []
-    for c in chans:
-        step = max(1, c.size // sample)
-        v = c[::step]
+    for plane in planes:
+        step = max(1, plane.size // sample)
+        flat = plane.ravel()[::step]
+        flat = flat[np.isfinite(flat)]
+        locs.append(float(np.median(flat)) if flat.size else np.nan)
+        # Sub-sample rows for the scale so that large frames stay cheap.
+        rstep = max(1, plane.size // (4 * sample))
+        v = _flatten_background(plane[::rstep]).ravel()
         v = v[np.isfinite(v)]
         if v.size == 0:
-            locs.append(np.nan)
             scales.append(np.nan)
             continue
         med = float(np.median(v))
@@ -59,7 +87,6 @@ def robust_stats(image: np.ndarray, *, sample: int = 200_000) -> FrameStats:
             v = v[keep]
             med = float(np.median(v))
             sig = MAD_TO_SIGMA * float(np.median(np.abs(v - med)))
-        locs.append(med)
         scales.append(sig)
     return FrameStats(location=np.asarray(locs, np.float64), scale=np.asarray(scales, np.float64))
 

@@ -36,8 +36,8 @@ class StackConfig:
 
     backend: str | None = None
     rejection: str = "sigma"
-    kappa_low: float = 3.0
-    kappa_high: float = 3.0
+    kappa_low: float | None = None  # None: the method's default (combine.DEFAULT_KAPPAS)
+    kappa_high: float | None = None
     max_iter: int = 10
     normalization: str = "additive+scale"
     weighting: str = "none"
@@ -455,6 +455,11 @@ def _combine_store(store, used: list[int], nscale, noffset, weights, config: Sta
     """Combine the store tile by tile; return (image (C,H,W), count (H,W), rejected per frame)."""
     from skystack.engine.combine import combine
 
+    from skystack.engine.combine import DEFAULT_KAPPAS
+
+    dk = DEFAULT_KAPPAS.get(config.rejection, (3.0, 3.0))
+    klo = dk[0] if config.kappa_low is None else config.kappa_low
+    khi = dk[1] if config.kappa_high is None else config.kappa_high
     n = len(used)
     c, h, w = store.shape
     per_row = n * w * 4 * _COMBINE_WORKSPACE
@@ -470,8 +475,8 @@ def _combine_store(store, used: list[int], nscale, noffset, weights, config: Sta
         block = store.tile(used, y0, y1)  # (N, C, rows, W)
         for ch in range(c):
             cube = xp.asarray(np.ascontiguousarray(block[:, ch]))
-            res = combine(cube, method=config.rejection, kappa_low=config.kappa_low,
-                          kappa_high=config.kappa_high, max_iter=config.max_iter,
+            res = combine(cube, method=config.rejection, kappa_low=klo, kappa_high=khi,
+                          max_iter=config.max_iter,
                           scale=xp.asarray(nscale[:, ch]), offset=xp.asarray(noffset[:, ch]),
                           weights=xp.asarray(weights[:, ch]))
             image[ch, y0:y1] = be.to_host(res.mean)
@@ -507,4 +512,10 @@ def _master_summary(m) -> dict[str, Any]:
 
 
 def _settings(cfg: StackConfig) -> dict[str, Any]:
-    return {k: getattr(cfg, k) for k in cfg.__dataclass_fields__}
+    from skystack.engine.combine import DEFAULT_KAPPAS
+
+    d = {k: getattr(cfg, k) for k in cfg.__dataclass_fields__}
+    dk = DEFAULT_KAPPAS.get(cfg.rejection, (3.0, 3.0))
+    d["kappa_low"] = dk[0] if cfg.kappa_low is None else cfg.kappa_low
+    d["kappa_high"] = dk[1] if cfg.kappa_high is None else cfg.kappa_high
+    return d

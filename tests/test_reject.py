@@ -400,17 +400,18 @@ def test_noise_gain_on_gaussian_noise(gaussian_stack, method):
         assert gain >= NOISE_GAIN_FLOOR[method], gain
 
 
-@pytest.mark.parametrize("method, floor", [("linear", 0.95), ("minmax", 0.95)])
+@pytest.mark.parametrize("method, floor", [("linear", 0.93), ("minmax", 0.95)])
 def test_default_kappas_keep_the_noise_gain(gaussian_stack, method, floor):
     # minmax drops 2 of 20 values (the mean of the central 18 is nearly efficient);
-    # linear fit at its default kappa 5 rejects ~0.5% of pure noise (at kappa 3: ~4.5%, gain 0.90)
+    # linear fit at its default kappa 4 rejects ~1.4% of pure noise, gain ~0.95 (at kappa 3:
+    # ~4.5%, gain 0.90; at kappa 5 it cannot reject a lone outlier among 13 frames, see test_stack)
     assert set(DEFAULT_KAPPAS) == set(METHODS)
     n = gaussian_stack.shape[0]
     kl, kh = DEFAULT_KAPPAS[method]
     r = combine(gaussian_stack, method=method, kappa_low=kl, kappa_high=kh)
     gain = float(gaussian_stack[0].std() / r.mean.std()) / np.sqrt(n)
     assert gain >= floor, gain
-    assert r.rejected.sum() / gaussian_stack.size < (0.11 if method == "minmax" else 0.01)
+    assert r.rejected.sum() / gaussian_stack.size < (0.11 if method == "minmax" else 0.02)
 
 
 # ----------------------------------------------------------------------------- kernels vs twins
