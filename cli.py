@@ -203,6 +203,12 @@ def _cmd_master(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from skystack.engine.bench import bench_command
+
+    return bench_command(args)
+
+
 def _not_built(issue: int) -> Callable[[argparse.Namespace], int]:
     def run(args: argparse.Namespace) -> int:
         raise NotBuiltYet(f"'skystack {args.command}' is not built yet (issue {issue})")
@@ -333,8 +339,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", help="master cache folder (default ~/.cache/skystack)")
     p.set_defaults(func=_cmd_master)
 
+    p = sub.add_parser("bench", help="benchmark the CPU and GPU paths")
+    _common(p)
+    from skystack.engine.bench import add_bench_arguments
+
+    add_bench_arguments(p)
+    p.set_defaults(func=_cmd_bench)
+
     for name, issue, helptext in (
-        ("bench", 7, "benchmark the CPU and GPU paths"),
         ("batch", 8, "reprocess a whole archive"),
     ):
         p = sub.add_parser(name, help=helptext)

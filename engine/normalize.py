@@ -70,7 +70,7 @@ def robust_stats(image: np.ndarray, *, sample: int = 200_000) -> FrameStats:
         flat = flat[np.isfinite(flat)]
         locs.append(float(np.median(flat)) if flat.size else np.nan)
         # Sub-sample rows for the scale so that large frames stay cheap.
-        rstep = max(1, plane.size // (4 * sample))
+        rstep = max(1, plane.size // sample)
         v = _flatten_background(plane[::rstep]).ravel()
         v = v[np.isfinite(v)]
         if v.size == 0:

@@ -56,10 +56,14 @@ class FrameProducer:
         Decoded frames that may wait for the consumer.
     reader : callable
         ``reader(path) -> Frame`` (default :func:`skystack.engine.io.read_frame`).
+    manual_release : bool
+        When True the consumer calls :meth:`release` once it is done with an
+        item (so frames handed to worker threads still count against the
+        bound); otherwise an item is released when the next one is requested.
     """
 
     def __init__(self, paths: Sequence[Path], *, workers: int | None = None, queue_size: int = 4,
-                 reader: Callable[[Path], Frame] | None = None) -> None:
+                 reader: Callable[[Path], Frame] | None = None, manual_release: bool = False) -> None:
         if reader is None:
             from skystack.engine.io import read_frame as reader  # noqa: N813
         self.paths = [Path(p) for p in paths]
@@ -70,11 +74,18 @@ class FrameProducer:
         # A slot is taken before decoding starts and given back when the consumer
         # is done with the frame: this is the bound on decoded frames alive.
         self._slots = threading.Semaphore(self.queue_size + self.workers)
+        self._manual = manual_release
 
     @property
     def bound(self) -> int:
-        """Most decoded frames that can be alive at once (queue + workers + consumer)."""
-        return self.queue_size + self.workers + 1
+        """Most decoded frames that can be alive at once (queue + decoders), consumer's included."""
+        return self.queue_size + self.workers
+
+    def release(self, item: Decoded) -> None:
+        """Give back the slot of ``item`` (``manual_release`` mode)."""
+        if item.frame is not None:
+            self.gauge.add(-1)
+        self._slots.release()
 
     def __iter__(self) -> Iterator[Decoded]:
         n = len(self.paths)
@@ -122,9 +133,8 @@ class FrameProducer:
                         cond.wait()
                     item = results.pop(i)
                 yield item
-                if item.frame is not None:
-                    self.gauge.add(-1)
-                self._slots.release()
+                if not self._manual:
+                    self.release(item)
         finally:
             stop.set()
             for t in threads:

@@ -108,8 +108,13 @@ class StackResult:
 
 
 class _Timer:
+    """Seconds per stage, summed over worker threads (so stages can add up to more than the wall time)."""
+
     def __init__(self) -> None:
+        import threading
+
         self.t: dict[str, float] = {}
+        self._lock = threading.Lock()
 
     @contextmanager
     def __call__(self, name: str) -> Iterator[None]:
@@ -117,7 +122,9 @@ class _Timer:
         try:
             yield
         finally:
-            self.t[name] = self.t.get(name, 0.0) + time.perf_counter() - t0
+            dt = time.perf_counter() - t0
+            with self._lock:
+                self.t[name] = self.t.get(name, 0.0) + dt
 
 
 def peak_rss_bytes() -> int:
@@ -259,7 +266,7 @@ def register_session(files: SessionFiles, config: StackConfig = StackConfig()) -
     from skystack.engine import calibrate as cal
     from skystack.engine import debayer, detect, match, warp
     from skystack.engine.cosmetic import CosmeticConfig
-    from skystack.engine.backend import get_backend, to_host
+    from skystack.engine.backend import CPU, get_backend, to_host
     from skystack.engine.framestore import FrameStore
     from skystack.engine.io import read_meta
     from skystack.engine.producer import FrameProducer
@@ -311,49 +318,57 @@ def register_session(files: SessionFiles, config: StackConfig = StackConfig()) -
     superpixel = config.debayer == "superpixel"
     out_h, out_w = (h_full // 2, w_full // 2) if superpixel else (h_full, w_full)
     n_ch = 3 if pattern else 1
-    budget = be.memory_budget(config.memory_limit) if config.memory_limit else None
-    store_budget = None if budget is None else budget // 2
+    # Half of the budget (min(--memory-limit, half the free memory)) may hold the
+    # frame store; beyond that it spills to disk.
+    budget = be.memory_budget(config.memory_limit)
+    store_budget = CPU.memory_budget(config.memory_limit) // 2  # the store is host memory
     store = FrameStore(len(lights), (n_ch, out_h, out_w), ram_budget=store_budget,
                        dtype=config.store_dtype, spill_dir=config.spill_dir)
     todo = [i for i, r in enumerate(records) if not r.reason]
     stars: dict[int, Any] = {}
     quality: dict[int, Any] = {}
-    stats: dict[int, Any] = {}
     prog = _Progress(config.quiet)
-    producer = FrameProducer([lights[i] for i in todo], workers=config.workers, queue_size=config.queue_size)
+    producer = FrameProducer([lights[i] for i in todo], workers=config.workers, queue_size=config.queue_size,
+                             manual_release=True)
     task = prog.task("calibrate", len(todo))
+
+    def process(item) -> None:
+        try:
+            _process(item)
+        finally:
+            producer.release(item)
+
+    def _process(item) -> None:
+        i = todo[item.index]
+        rec = records[i]
+        if item.frame is None:
+            rec.reason = item.error or "cannot decode"
+            return
+        m = item.frame.meta
+        with timer("calibrate"):
+            raw = xp.asarray(item.frame.data)  # uint16 upload: 2 bytes/px
+            x = cfa_to_float(raw, pattern=m.pattern, black_level=m.black_level, white_level=m.white_level)
+            x = cal.calibrate_light(x, m, cset, config=ccfg).data
+        with timer("detect"):
+            st = detect.detect_stars(to_host(x), pattern=m.pattern)
+            q = detect.measure_quality(st)
+        with timer("debayer"):
+            wb = m.wb if (config.apply_wb and m.wb is not None) else None
+            rgb = debayer.debayer(x, m.pattern, method=config.debayer, wb=wb) if m.pattern else x[None]
+            host = to_host(rgb)
+        with timer("store"):
+            store.put(i, host)
+        stars[i], quality[i] = st, q
+        rec.exposure_s = _f(m.exposure_s)
+        rec.stars = int(q.n_stars)
+        rec.fwhm_px = _f(q.fwhm_px)
+        rec.roundness = _f(q.roundness)
+        rec.background = _f(q.background)
+        rec.noise = _f(q.noise)
+        rec.score = _f(q.score)
+
     try:
-        for item in producer:
-            i = todo[item.index]
-            rec = records[i]
-            prog.advance(task)
-            if item.frame is None:
-                rec.reason = item.error or "cannot decode"
-                continue
-            fr = item.frame
-            m = fr.meta
-            with timer("calibrate"):
-                raw = xp.asarray(fr.data)  # uint16 upload: 2 bytes/px
-                x = cfa_to_float(raw, pattern=m.pattern, black_level=m.black_level, white_level=m.white_level)
-                x = cal.calibrate_light(x, m, cset, config=ccfg).data
-            with timer("detect"):
-                host_cfa = to_host(x)
-                st = detect.detect_stars(host_cfa, pattern=m.pattern)
-                q = detect.measure_quality(st)
-            with timer("debayer"):
-                wb = m.wb if (config.apply_wb and m.wb is not None) else None
-                rgb = debayer.debayer(x, m.pattern, method=config.debayer, wb=wb) if m.pattern else x[None]
-                host = to_host(rgb)
-            with timer("store"):
-                store.put(i, host)
-            stars[i], quality[i] = st, q
-            rec.exposure_s = _f(m.exposure_s)
-            rec.stars = int(q.n_stars)
-            rec.fwhm_px = _f(q.fwhm_px)
-            rec.roundness = _f(q.roundness)
-            rec.background = _f(q.background)
-            rec.noise = _f(q.noise)
-            rec.score = _f(q.score)
+        _run_parallel(process, producer, _compute_threads(be, config), on_done=lambda: prog.advance(task))
     finally:
         prog.close()
 
@@ -394,17 +409,17 @@ def register_session(files: SessionFiles, config: StackConfig = StackConfig()) -
 
     # --- pass 2: warp into the reference grid (in place in the store)
     s_half = np.array([[2.0, 0, 0.5], [0, 2.0, 0.5], [0, 0, 1]])
+    def warp_one(i: int) -> None:
+        t = transforms[i]
+        records[i].transform = t.tolist()
+        if i == ref:
+            return
+        t_store = np.linalg.inv(s_half) @ t @ s_half if superpixel else t
+        out = warp.warp(xp.asarray(store.get(i)), t_store, (out_h, out_w), method=config.interpolation)
+        store.put(i, to_host(out))
+
     with timer("warp"):
-        for i in used:
-            t = transforms[i]
-            records[i].transform = t.tolist()
-            if i == ref:
-                continue
-            t_store = np.linalg.inv(s_half) @ t @ s_half if superpixel else t
-            img = xp.asarray(store.get(i))
-            out = warp.warp(img, t_store, (out_h, out_w), method=config.interpolation)
-            store.put(i, to_host(out))
-            stats[i] = None
+        _run_parallel(warp_one, used, _compute_threads(be, config))
 
     return Registered(store=store, used=used, ref=ref, records=records, lights=lights, backend=be,
                       timer=timer, t_start=t_start, budget=budget,
@@ -425,7 +440,13 @@ def combine_registered(reg: Registered, config: StackConfig = StackConfig()) -> 
     records = [replace(r) for r in reg.records]
     n_ch, out_h, out_w = store.shape
     with timer("normalize"):
-        fstats = [normalize.robust_stats(store.get(i)) for i in used]
+        fstats_by: dict[int, Any] = {}
+
+        def stats_one(i: int) -> None:
+            fstats_by[i] = normalize.robust_stats(store.get(i))
+
+        _run_parallel(stats_one, used, _compute_threads(be, config))
+        fstats = [fstats_by[i] for i in used]
         r = used.index(ref)
         nscale, noffset = normalize.normalization_factors(fstats, r, config.normalization)
         weights = normalize.frame_weights(fstats, nscale, config.weighting,
@@ -453,15 +474,17 @@ def combine_registered(reg: Registered, config: StackConfig = StackConfig()) -> 
 
 def _combine_store(store, used: list[int], nscale, noffset, weights, config: StackConfig, be, budget):
     """Combine the store tile by tile; return (image (C,H,W), count (H,W), rejected per frame)."""
-    from skystack.engine.combine import combine
+    import threading
 
-    from skystack.engine.combine import DEFAULT_KAPPAS
+    from skystack.engine.combine import DEFAULT_KAPPAS, combine
 
     dk = DEFAULT_KAPPAS.get(config.rejection, (3.0, 3.0))
     klo = dk[0] if config.kappa_low is None else config.kappa_low
     khi = dk[1] if config.kappa_high is None else config.kappa_high
     n = len(used)
     c, h, w = store.shape
+    # A tile row costs the block itself (C planes) plus, per channel in flight, a
+    # contiguous copy and the combine's bounded temporaries.
     per_row = n * w * 4 * _COMBINE_WORKSPACE
     if budget is None:
         budget = be.memory_budget(None)
@@ -469,22 +492,66 @@ def _combine_store(store, used: list[int], nscale, noffset, weights, config: Sta
     image = np.full((c, h, w), np.nan, dtype=np.float32)
     count = np.zeros((h, w), dtype=np.int32)
     rejected = np.zeros(n, dtype=np.int64)
+    lock = threading.Lock()
     xp = be.xp
+    threads = min(c, _compute_threads(be, config), max(1, _COMBINE_WORKSPACE - c - 1))
     for y0 in range(0, h, rows):
         y1 = min(h, y0 + rows)
         block = store.tile(used, y0, y1)  # (N, C, rows, W)
-        for ch in range(c):
+
+        def one(ch: int) -> None:
             cube = xp.asarray(np.ascontiguousarray(block[:, ch]))
             res = combine(cube, method=config.rejection, kappa_low=klo, kappa_high=khi,
                           max_iter=config.max_iter,
                           scale=xp.asarray(nscale[:, ch]), offset=xp.asarray(noffset[:, ch]),
                           weights=xp.asarray(weights[:, ch]))
             image[ch, y0:y1] = be.to_host(res.mean)
-            if ch == 0:
-                count[y0:y1] = be.to_host(res.count)
-            rejected += be.to_host(res.rejected).astype(np.int64)
+            rej = be.to_host(res.rejected).astype(np.int64)
+            with lock:
+                if ch == 0:
+                    count[y0:y1] = be.to_host(res.count)
+                rejected[:] += rej
+
+        _run_parallel(one, range(c), threads)
         del block
     return image, count, rejected
+
+
+def _compute_threads(be, config: StackConfig) -> int:
+    """Threads for per-frame work: one per core on the CPU (NumPy releases the GIL), one on a GPU."""
+    if be.is_gpu:
+        return 1
+    return max(1, min(config.workers or (os.cpu_count() or 1), os.cpu_count() or 1))
+
+
+def _run_parallel(fn, items, threads: int, *, on_done=None) -> None:
+    """Apply ``fn`` to every item with at most ``threads`` in flight; re-raise the first error.
+
+    ``items`` may be a lazy iterator (the producer): it is pulled only as
+    workers free up, so back-pressure reaches the decoders.
+    """
+    if threads <= 1:
+        for it in items:
+            fn(it)
+            if on_done:
+                on_done()
+        return
+    from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+
+    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="skystack-work") as pool:
+        pending: set = set()
+        for it in items:
+            pending.add(pool.submit(fn, it))
+            if len(pending) >= threads:
+                done, pending = wait(pending, return_when=FIRST_COMPLETED)
+                for f in done:
+                    f.result()
+                    if on_done:
+                        on_done()
+        for f in pending:
+            f.result()
+            if on_done:
+                on_done()
 
 
 def _reference_index(reference: str | None, lights: list[Path], cand: list[int], quality, detect) -> int:

@@ -35,8 +35,25 @@ def test_order_and_bound_with_slow_consumer(workers, queue_size):
         seen.append(int(item.frame.data[0, 0]))
         time.sleep(0.005)  # slow consumer: producers must wait, not pile up
     assert seen == list(range(20))
-    assert prod.gauge.peak <= prod.bound
-    assert prod.gauge.peak <= queue_size + workers  # consumer's frame counted while alive
+    assert prod.gauge.peak <= prod.bound == queue_size + workers  # consumer's frame counted while alive
+    assert prod.gauge.live == 0
+
+
+def test_manual_release_bounds_frames_held_by_workers():
+    from concurrent.futures import ThreadPoolExecutor
+
+    paths = [Path(f"f_{i}.dng") for i in range(30)]
+    prod = FrameProducer(paths, workers=2, queue_size=2, reader=_fake_reader(0.001), manual_release=True)
+    held = []
+
+    def slow(item):
+        time.sleep(0.01)
+        held.append(prod.gauge.live)
+        prod.release(item)
+
+    with ThreadPoolExecutor(4) as pool:  # more consumers than the bound allows frames
+        list(pool.map(slow, prod))
+    assert max(held) <= prod.bound and prod.gauge.peak <= prod.bound
     assert prod.gauge.live == 0
 
 
