@@ -2,6 +2,9 @@
 
 The stacker reads it back tile by tile, so only one ``(N, C, h, w)`` block
 has to be in memory at once, whatever the number and size of the frames.
+The spill cache is a plain file read and written with ``pread``/``pwrite``,
+not a memory map: mapped pages would count as the process's resident memory
+and defeat ``--memory-limit``.
 """
 
 from __future__ import annotations
@@ -39,45 +42,67 @@ class FrameStore:
         need = self.n * int(np.prod(self.shape)) * 4
         self.on_disk = ram_budget is not None and need > ram_budget
         self._dir: Path | None = None
+        self._fd: int | None = None
         if self.on_disk:
             self.dtype = np.dtype(dtype)
             self._dir = Path(tempfile.mkdtemp(prefix="skystack-store-", dir=spill_dir))
-            self._data = np.lib.format.open_memmap(self._dir / "frames.npy", mode="w+", dtype=self.dtype,
-                                                   shape=(self.n, *self.shape))
+            self._fd = os.open(self._dir / "frames.bin", os.O_RDWR | os.O_CREAT, 0o600)
+            self._data = None
         else:
             self.dtype = np.dtype(np.float32)
             self._data = np.empty((self.n, *self.shape), dtype=np.float32)
+        c, h, w = self.shape
+        self._row = w * self.dtype.itemsize
+        self._plane = h * self._row
+        self._frame = c * self._plane
 
     @property
     def nbytes(self) -> int:
         """Bytes held (in RAM or on disk)."""
-        return int(self._data.nbytes)
+        return self.n * self._frame
 
     def put(self, i: int, image: np.ndarray) -> None:
         """Store frame ``i`` (``(C,H,W)`` or ``(H,W)`` for C = 1)."""
         img = np.asarray(image, dtype=np.float32).reshape(self.shape)
-        self._data[i] = img
-        if self.on_disk:
-            if i % 8 == 7:
-                self._data.flush()
+        if self._fd is None:
+            self._data[i] = img
+            return
+        buf = np.ascontiguousarray(img, dtype=self.dtype).tobytes()
+        written = os.pwrite(self._fd, buf, i * self._frame)
+        if written != len(buf):
+            raise OSError(28, "short write to the frame cache (disk full?)")
 
     def get(self, i: int) -> np.ndarray:
         """Frame ``i`` as float32 ``(C, H, W)``."""
-        return np.asarray(self._data[i], dtype=np.float32)
+        if self._fd is None:
+            return self._data[i]
+        raw = os.pread(self._fd, self._frame, i * self._frame)
+        return np.frombuffer(raw, dtype=self.dtype).reshape(self.shape).astype(np.float32)
 
     def tile(self, indices, y0: int, y1: int, x0: int = 0, x1: int | None = None) -> np.ndarray:
         """Block ``(len(indices), C, y1-y0, x1-x0)`` as float32."""
-        idx = np.asarray(list(indices), dtype=np.intp)
-        x1 = self.shape[2] if x1 is None else x1
-        if idx.size == self.n and np.array_equal(idx, np.arange(self.n)):
-            block = self._data[:, :, y0:y1, x0:x1]
-        else:
-            block = self._data[idx, :, y0:y1, x0:x1]
-        return np.asarray(block, dtype=np.float32)
+        idx = [int(i) for i in indices]
+        c, h, w = self.shape
+        x1 = w if x1 is None else x1
+        if self._fd is None:
+            if len(idx) == self.n and idx == list(range(self.n)):
+                return np.asarray(self._data[:, :, y0:y1, x0:x1], dtype=np.float32)
+            return np.asarray(self._data[idx, :, y0:y1, x0:x1], dtype=np.float32)
+        out = np.empty((len(idx), c, y1 - y0, x1 - x0), dtype=np.float32)
+        nbytes = (y1 - y0) * self._row
+        for k, i in enumerate(idx):
+            for ch in range(c):
+                raw = os.pread(self._fd, nbytes, i * self._frame + ch * self._plane + y0 * self._row)
+                rows = np.frombuffer(raw, dtype=self.dtype).reshape(y1 - y0, w)
+                out[k, ch] = rows[:, x0:x1]
+        return out
 
     def close(self) -> None:
         """Drop the data and delete any spill file."""
         self._data = None  # type: ignore[assignment]
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
         if self._dir is not None:
             shutil.rmtree(self._dir, ignore_errors=True)
             self._dir = None

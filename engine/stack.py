@@ -128,7 +128,18 @@ class _Timer:
 
 
 def peak_rss_bytes() -> int:
-    """Peak resident set size of this process so far."""
+    """Peak resident set size of this process so far.
+
+    Linux's ``VmHWM`` belongs to the process image and starts afresh at exec;
+    ``ru_maxrss`` (the fallback elsewhere) can carry the parent's peak over.
+    """
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
