@@ -77,7 +77,8 @@ def test_benchmark_tiny_session_one_row_per_backend_and_same_run_ratios(tmp_path
         assert r["megapixels_per_s"] == pytest.approx(4 * w * h / 1e6 / total, rel=1e-12)
         stages = sum(v for k, v in r["timings"].items() if k != "total")
         assert r["other_s"] == pytest.approx(max(0.0, total - stages), abs=1e-9)
-        assert stages <= total * 1.001
+        # stage times are summed over worker threads: at most (threads x wall) in all
+        assert stages <= total * (os.cpu_count() or 1) * 1.001
         # the pipeline decodes the same lights (and more), so it cannot beat the lights' decode floor
         assert total > dec["lights_s"]
         # measured in a separate process: its peak holds at least the (3, H, W) float32 result
