@@ -157,8 +157,10 @@ def _run_stack(files, args: argparse.Namespace, out: str) -> int:
 def _cmd_stack(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
+    from skystack.engine.backend import get_backend
     from skystack.engine.session import resolve_inputs, split_inputs
 
+    get_backend(args.backend, quiet=args.quiet)  # a missing GPU fails before any work
     files = split_inputs(args.lights)
     extra = {}
     for name, kind in (("darks", "darks"), ("flats", "flats"), ("bias", "bias"), ("dark_flats", "dark-flats")):
@@ -175,6 +177,9 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from skystack.engine.session import discover_session
     from skystack.engine.synth import SynthConfig, simulate
 
+    from skystack.engine.backend import get_backend
+
+    get_backend(args.backend, quiet=args.quiet)  # a missing GPU fails before any work
     outdir = Path(args.outdir) if args.outdir else Path(tempfile.mkdtemp(prefix="skystack-demo-"))
     w, h = _parse_size(args.size)
     cfg = SynthConfig(seed=args.seed, width=w, height=h, n_lights=args.lights, n_bias=6, n_darks=6,

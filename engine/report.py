@@ -87,8 +87,8 @@ def summary_table(result, outputs: dict[str, str]):
     if len(skipped) > 10:
         t.add_row("skipped (more)", f"{len(skipped) - 10} more, see the report")
     total = result.timings.get("total", 0.0)
-    t.add_row("time", f"{total:.1f} s (" + ", ".join(
-        f"{k} {v:.1f}" for k, v in result.timings.items() if k != "total") + ")")
+    t.add_row("time", f"{total:.1f} s wall; stage seconds summed over worker threads: " + ", ".join(
+        f"{k} {v:.1f}" for k, v in result.timings.items() if k != "total"))
     t.add_row("peak memory", f"{result.peak_rss_bytes / 2**20:.0f} MiB")
     for k, v in outputs.items():
         t.add_row(k, v)

@@ -1,0 +1,72 @@
+"""The command line: user errors are one red line and exit 2; master and stack write what they say."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from skystack import cli
+from skystack.engine.synth import SynthConfig, load_truth, simulate
+
+
+@pytest.fixture(scope="module")
+def small_session(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli") / "s"
+    simulate(SynthConfig(seed=5, width=480, height=360, n_lights=6, n_bias=4, n_darks=0, n_flats=0,
+                         n_dark_flats=0, trail_frames=None, cloudy_frame=None, shake_frame=None), root)
+    return root
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--backend", "cpu", "stack", "/nonexistent/lights"], "no such file or folder"),
+    (["--backend", "cpu", "stack", "{empty}"], "no frame files"),
+    (["info", "/nonexistent/x.dng"], "x.dng"),
+    (["plan"], "focal length"),
+    (["--backend", "gpu", "stack", "{empty}"], "GPU unavailable"),
+])
+def test_user_errors_are_one_line_exit_2(tmp_path, capsys, argv, needle):
+    from skystack.engine.backend import _gpu_cached
+
+    if "gpu" in argv and _gpu_cached()[0] is not None:
+        pytest.skip("a GPU is present")
+    (tmp_path / "empty").mkdir()
+    argv = [a.replace("{empty}", str(tmp_path / "empty")) for a in argv]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and needle in err[0] and "Traceback" not in err[0]
+
+
+def test_master_bias_matches_truth(small_session, tmp_path):
+    from astropy.io import fits
+
+    truth = load_truth(small_session / "truth.json")
+    out = tmp_path / "bias.fits"
+    files = sorted(str(p) for p in (small_session / "bias").iterdir())
+    assert cli.main(["master", "bias", *files, "-o", str(out), "--cache-dir", str(tmp_path / "c")]) == 0
+    with fits.open(out) as h:
+        assert h[0].header["NCOMBINE"] == 4
+        data = h[0].data.astype(np.float64)
+    cfg = truth.config
+    # normalised units: (adu - black) / (white - black); the truth pattern holds the black level
+    black = np.asarray(cfg.black_level).reshape(2, 2)
+    black_map = np.tile(black, (cfg.height // 2, cfg.width // 2))
+    want = (truth.bias_pattern() - black_map) / (cfg.white_level - black_map)
+    noise = cfg.read_noise_e / cfg.gain_e_per_adu / (cfg.white_level - black_map.mean()) / 2.0  # / sqrt(4)
+    assert np.sqrt(np.mean((data - want) ** 2)) < 1.5 * noise
+
+
+def test_stack_writes_all_outputs_and_never_touches_inputs(small_session, tmp_path):
+    before = {p: p.stat().st_mtime_ns for p in small_session.rglob("*") if p.is_file()}
+    out = tmp_path / "o" / "m.tif"
+    assert cli.main(["stack", str(small_session), "-o", str(out), "-q", "--cache-dir", str(tmp_path / "c")]) == 0
+    for suffix in (".tif", ".png", ".fits", ".json"):
+        assert out.with_suffix(suffix).stat().st_size > 0
+    rep = json.loads(out.with_suffix(".json").read_text())
+    assert rep["frames_used"] == 6 and rep["backend"] == "cpu"
+    assert {"path", "used", "reason", "stars", "fwhm_px", "roundness", "background", "noise", "score",
+            "weight", "transform", "rejected_fraction"} <= set(rep["frames"][0])
+    after = {p: p.stat().st_mtime_ns for p in small_session.rglob("*") if p.is_file()}
+    assert before == after
+    assert not list(out.parent.glob("*.part"))
