@@ -11,10 +11,10 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 from skystack import __version__
-from skystack.engine.errors import NotBuiltYet, SkystackError
+from skystack.engine.errors import SkystackError
 
 EXIT_USER_ERROR = 2
 
@@ -214,11 +214,17 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return bench_command(args)
 
 
-def _not_built(issue: int) -> Callable[[argparse.Namespace], int]:
-    def run(args: argparse.Namespace) -> int:
-        raise NotBuiltYet(f"'skystack {args.command}' is not built yet (issue {issue})")
+def _cmd_batch(args: argparse.Namespace) -> int:
+    from skystack.engine.batch import CalibrationMatchConfig, batch_command
 
-    return run
+    ns = argparse.Namespace(**vars(args))
+    ns.workers = args.decode_threads  # StackConfig.workers = decoder threads; --workers = sessions at once
+    match = CalibrationMatchConfig(temperature_tolerance_c=args.temperature_tolerance,
+                                   exposure_tolerance=args.exposure_tolerance,
+                                   scale_darks=not args.no_dark_scaling)
+    return batch_command(args.archive, args.output, workers=args.workers, scheduler=args.scheduler,
+                         dry_run=args.dry_run, calibration_library=args.calibration,
+                         stack_config=_stack_config(ns), match=match, quiet=args.quiet)
 
 
 # ----------------------------------------------------------------------------- parser
@@ -243,11 +249,12 @@ def _common(p: argparse.ArgumentParser, *, top: bool = False) -> None:
     p.add_argument("--debug", action="store_true", default=dflt(False), help="show tracebacks")
 
 
-def _stack_options(p: argparse.ArgumentParser) -> None:
+def _stack_options(p: argparse.ArgumentParser, *, batch: bool = False) -> None:
     g = p.add_argument_group("stacking")
-    g.add_argument("--preview", help="stretched 8-bit PNG/JPEG (default OUT.png)")
-    g.add_argument("--fits", help="FITS output (default OUT.fits)")
-    g.add_argument("--report", help="JSON report (default OUT.json)")
+    if not batch:  # a batch names each session's files itself
+        g.add_argument("--preview", help="stretched 8-bit PNG/JPEG (default OUT.png)")
+        g.add_argument("--fits", help="FITS output (default OUT.fits)")
+        g.add_argument("--report", help="JSON report (default OUT.json)")
     g.add_argument("--rejection", default="sigma",
                    choices=("sigma", "winsorized", "linear", "percentile", "minmax", "median", "mean"))
     g.add_argument("--kappa", nargs=2, type=float, default=None, metavar=("LOW", "HIGH"),
@@ -269,9 +276,13 @@ def _stack_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--model", default="similarity", choices=("similarity", "affine", "homography"))
     g.add_argument("--dark-optimize", action="store_true", help="scale the dark to minimise noise")
     g.add_argument("--no-cosmetic", action="store_true", help="no hot/cold pixel correction")
-    g.add_argument("--unlinked", action="store_true", help="stretch the preview's channels separately")
-    g.add_argument("--workers", type=int, help="decoder threads")
-    g.add_argument("--cache-dir", help="master cache folder")
+    if batch:
+        g.add_argument("--decode-threads", type=int, help="decoder threads per session")
+        g.add_argument("--cache-dir", help="master cache folder (default OUT/masters)")
+    else:
+        g.add_argument("--unlinked", action="store_true", help="stretch the preview's channels separately")
+        g.add_argument("--workers", type=int, help="decoder threads")
+        g.add_argument("--cache-dir", help="master cache folder")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -351,13 +362,27 @@ def build_parser() -> argparse.ArgumentParser:
     add_bench_arguments(p)
     p.set_defaults(func=_cmd_bench)
 
-    for name, issue, helptext in (
-        ("batch", 8, "reprocess a whole archive"),
-    ):
-        p = sub.add_parser(name, help=helptext)
-        _common(p)
-        p.add_argument("rest", nargs=argparse.REMAINDER)
-        p.set_defaults(func=_not_built(issue))
+    p = sub.add_parser("batch", help="reprocess a whole archive (resumable, parallel)")
+    _common(p)
+    p.add_argument("archive", help="folder holding the sessions")
+    p.add_argument("-o", "--output", required=True,
+                   help="output folder: one sub-folder per session, journal.jsonl, summary.csv, masters/")
+    p.add_argument("--workers", type=int,
+                   help="sessions at once in local processes (default: half the CPU cores, 1 on the GPU; "
+                        "0 = in this process)")
+    p.add_argument("--scheduler", metavar="ADDRESS", help="run on a dask.distributed cluster, e.g. tcp://host:8786")
+    p.add_argument("--dry-run", action="store_true",
+                   help="show the sessions, their frame counts and the masters each gets; write nothing")
+    p.add_argument("--calibration", metavar="DIR",
+                   help="calibration library: bias/darks/flats/darkflats frames or masters of any cameras")
+    p.add_argument("--temperature-tolerance", type=float, default=3.0, metavar="C",
+                   help="largest dark temperature difference in C (default 3)")
+    p.add_argument("--exposure-tolerance", type=float, default=0.05, metavar="FRACTION",
+                   help="largest relative difference of a dark's exposure (default 0.05)")
+    p.add_argument("--no-dark-scaling", action="store_true",
+                   help="never scale a dark of another exposure (with a bias it is scaled by default)")
+    _stack_options(p, batch=True)
+    p.set_defaults(func=_cmd_batch)
     return parser
 
 

@@ -45,7 +45,3 @@ class InputNotFound(SkystackError):
 
 class OutputError(SkystackError):
     """An output could not be written (full disk, permissions, would overwrite input)."""
-
-
-class NotBuiltYet(SkystackError):
-    """A subcommand whose issue is not built yet."""
