@@ -149,6 +149,15 @@ def _run_stack(files, args: argparse.Namespace, out: str) -> int:
     paths = _outputs_for(out, args)
     inputs = [*files.lights, *files.darks, *files.flats, *files.bias, *files.dark_flats]
     written = write_outputs(result, inputs=inputs, linked=not args.unlinked, **paths)
+    if getattr(args, "picture", None):
+        from skystack.engine.finish import finish_image, write_finished
+
+        fin = finish_image(result.image, count=result.coverage, n_frames=result.n_used,
+                           config=_finish_config(args))
+        pic = write_finished(fin, args.picture, linear=args.linear_out, tiff16=args.tiff16,
+                             inputs=inputs, quality=args.quality)
+        written.update({f"picture {k}" if k != "picture" else k: v for k, v in pic.items()})
+        _print_finish(fin, {}, quiet=True)
     if not args.quiet:
         _console().print(summary_table(result, written))
     return 0
@@ -189,10 +198,12 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     simulate(cfg, outdir / "session", progress=not args.quiet)
     files = discover_session(outdir / "session")
     out = str(outdir / "stack.tif")
+    if not args.picture:
+        args.picture = str(outdir / "picture.jpg")
     rc = _run_stack(files, args, out)
     paths = _outputs_for(out, args)
     console.print(f"TIFF:    {paths['tiff']}\npreview: {paths['preview']}\nFITS:    {paths['fits']}\n"
-                  f"report:  {paths['report']}")
+                  f"report:  {paths['report']}\npicture: {args.picture}")
     return rc
 
 
@@ -206,6 +217,68 @@ def _cmd_master(args: argparse.Namespace) -> int:
     master_command(args.kind, files, args.output, config=cfg, cache_dir=args.cache_dir)
     _console().print(f"wrote master {args.kind} ({len(files)} frames) to {args.output}")
     return 0
+
+
+def _finish_options(p: argparse.ArgumentParser, *, for_stack: bool = False) -> None:
+    g = p.add_argument_group("finishing" + (" (with --picture)" if for_stack else ""))
+    if for_stack:
+        g.add_argument("--picture", metavar="PATH",
+                       help="also write a finished picture: .jpg/.png (8-bit) or .tif (16-bit)")
+    g.add_argument("--no-crop", action="store_true", help="keep the edges that not every frame covered")
+    g.add_argument("--crop-fraction", type=float, default=0.9,
+                   help="keep pixels covered by at least this fraction of the frames (default 0.9)")
+    g.add_argument("--background", default="subtract", choices=("subtract", "divide", "none"),
+                   help="gradient removal: subtract (light pollution), divide (vignetting), none")
+    g.add_argument("--bg-model", default="poly", choices=("poly", "rbf"), help="background model")
+    g.add_argument("--bg-degree", type=int, default=3, choices=(1, 2, 3, 4), help="polynomial degree")
+    g.add_argument("--bg-grid", type=int, default=24, help="background sample boxes along the longer side")
+    g.add_argument("--bg-tolerance", type=float, default=2.5,
+                   help="reject sample boxes this many sigmas off (galaxies, nebulae)")
+    g.add_argument("--bg-smoothing", type=float, default=0.05, help="RBF smoothing (0 = interpolate)")
+    g.add_argument("--no-neutralize", action="store_true", help="keep the sky background's colour")
+    g.add_argument("--no-star-wb", action="store_true", help="no white balance with the stars as reference")
+    g.add_argument("--target-background", type=float, default=0.2, help="sky level after the stretch (0..1)")
+    g.add_argument("--black-point", type=float, default=0.0, help="black point on the stretched image (0..1)")
+    g.add_argument("--contrast", type=float, default=0.2, help="S-curve strength 0..1 (0 = none)")
+    g.add_argument("--saturation", type=float, default=1.4, help="colour saturation (1 = unchanged)")
+    g.add_argument("--linear-out", metavar="PATH",
+                   help="also write the cropped, background-extracted, colour-calibrated linear 32-bit TIFF")
+    g.add_argument("--tiff16", metavar="PATH", help="also write a 16-bit TIFF of the picture")
+    g.add_argument("--quality", type=int, default=92, help="JPEG quality (default 92)")
+
+
+def _finish_config(args: argparse.Namespace):
+    from skystack.engine.finish import FinishConfig
+
+    return FinishConfig(
+        crop=not args.no_crop, crop_fraction=args.crop_fraction, background=args.background,
+        bg_model=args.bg_model, bg_degree=args.bg_degree, bg_grid=args.bg_grid, bg_reject=args.bg_tolerance,
+        bg_smoothing=args.bg_smoothing, neutralize=not args.no_neutralize, white_balance=not args.no_star_wb,
+        target_background=args.target_background, black_point=args.black_point, contrast=args.contrast,
+        saturation=args.saturation,
+    )
+
+
+def _cmd_finish(args: argparse.Namespace) -> int:
+    from skystack.engine.finish import finish_command
+
+    out = args.output or str(Path(args.stack).with_suffix("")) + "_finished.jpg"
+    res, written = finish_command(args.stack, out, config=_finish_config(args), coverage=args.coverage,
+                                  linear=args.linear_out, tiff16=args.tiff16, report=args.report,
+                                  quality=args.quality)
+    _print_finish(res, written, quiet=args.quiet)
+    return 0
+
+
+def _print_finish(res, written: dict, *, quiet: bool) -> None:
+    from rich.text import Text
+
+    con = _console()
+    for w in res.warnings:
+        con.print(Text.assemble(("warning: ", "yellow"), w))
+    if not quiet:
+        for k, v in written.items():
+            con.print(f"{k}: {v}", highlight=False)
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
@@ -334,6 +407,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dark-flats", nargs="+", metavar="PATH")
     p.add_argument("-o", "--output", default="stack.tif", help="32-bit float TIFF (default stack.tif)")
     _stack_options(p)
+    _finish_options(p, for_stack=True)
     p.set_defaults(func=_cmd_stack)
 
     p = sub.add_parser("demo", help="synthesize a small night and stack it")
@@ -343,7 +417,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lights", type=int, default=16)
     p.add_argument("--seed", type=int, default=1)
     _stack_options(p)
+    _finish_options(p, for_stack=True)
     p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser("finish", help="crop, remove the gradient, calibrate colour and stretch a stack")
+    _common(p)
+    p.add_argument("stack", help="stack TIFF or FITS written by 'skystack stack'")
+    p.add_argument("-o", "--output", help="picture: .jpg/.png (8-bit) or .tif (16-bit) (default STACK_finished.jpg)")
+    p.add_argument("--coverage", metavar="FITS",
+                   help="FITS with the stack's COVERAGE extension (default: the stack's own FITS beside it)")
+    p.add_argument("--report", metavar="JSON", help="also write a JSON summary of what was done")
+    _finish_options(p)
+    p.set_defaults(func=_cmd_finish)
 
     p = sub.add_parser("master", help="build a master bias/dark/flat/dark-flat")
     _common(p)

@@ -71,18 +71,29 @@ def write_tiff(path: str | os.PathLike, image: np.ndarray, *, inputs: Iterable =
 
 
 def write_fits(path: str | os.PathLike, image: np.ndarray, header: dict[str, Any] | None = None, *,
-               inputs: Iterable = ()) -> Path:
-    """Write a float32 FITS (channel-first cube for colour) with header cards."""
+               inputs: Iterable = (),
+               extensions: Iterable[tuple[str, np.ndarray, dict[str, Any]]] = ()) -> Path:
+    """Write a float32 FITS (channel-first cube for colour) with header cards.
+
+    ``extensions`` are ``(name, array, header)`` image HDUs appended after the
+    primary one (e.g. the stack's ``COVERAGE`` map).
+    """
     from astropy.io import fits
 
+    def cards(hdu, values: dict[str, Any] | None) -> None:
+        for key, value in (values or {}).items():
+            if value is not None:
+                hdu.header[key] = value
+
     hdu = fits.PrimaryHDU(np.asarray(image, dtype=np.float32))
-    for key, value in (header or {}).items():
-        if isinstance(value, tuple):
-            hdu.header[key] = value
-        elif value is not None:
-            hdu.header[key] = value
+    cards(hdu, header)
+    hdus = [hdu]
+    for name, data, hdr in extensions:
+        ext = fits.ImageHDU(np.asarray(data), name=name)
+        cards(ext, hdr)
+        hdus.append(ext)
     with atomic_path(path, inputs=inputs) as tmp:
-        hdu.writeto(tmp, overwrite=True)
+        fits.HDUList(hdus).writeto(tmp, overwrite=True)
     return Path(path)
 
 

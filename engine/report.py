@@ -107,7 +107,12 @@ def write_outputs(result, *, tiff: str | None, preview: str | None = None, fits:
     if tiff:
         out["tiff"] = str(write_tiff(tiff, img, inputs=inputs, description=f"skystack {__version__}"))
     if fits:
-        out["fits"] = str(write_fits(fits, img, fits_header(result), inputs=inputs))
+        ext = []
+        if getattr(result, "coverage", None) is not None:
+            ext.append(("COVERAGE", result.coverage.astype(np.int16),
+                        {"NFRAMES": (result.n_used, "frames combined"),
+                         "COMMENT": "frames whose data covered each pixel, before rejection"}))
+        out["fits"] = str(write_fits(fits, img, fits_header(result), inputs=inputs, extensions=ext))
     if preview:
         shown = np.where(np.isfinite(img), img, np.nan)
         out["preview"] = str(write_preview(preview, autostretch(shown, StretchConfig(linked=linked)),

@@ -88,7 +88,8 @@ class StackResult:
     """The stacked image and everything the report needs."""
 
     image: np.ndarray  # (3,H,W) or (H,W) float32, linear, normalised units
-    count: np.ndarray  # (H,W) frames contributing per pixel (first channel)
+    count: np.ndarray  # (H,W) values kept after rejection per pixel (first channel)
+    coverage: np.ndarray | None = None  # (H,W) frames whose data covered the pixel (before rejection)
     frames: list[FrameRecord]
     reference: str | None
     backend: str
@@ -463,8 +464,8 @@ def combine_registered(reg: Registered, config: StackConfig = StackConfig()) -> 
         weights = normalize.frame_weights(fstats, nscale, config.weighting,
                                           scores=[records[i].score or 0.0 for i in used])
     with timer("combine"):
-        image, count, rejected = _combine_store(store, used, nscale, noffset, weights, config, be,
-                                                reg.budget)
+        image, count, coverage, rejected = _combine_store(store, used, nscale, noffset, weights, config, be,
+                                                          reg.budget)
     n_pix = out_h * out_w
     exposure = 0.0
     for k, i in enumerate(used):
@@ -474,7 +475,7 @@ def combine_registered(reg: Registered, config: StackConfig = StackConfig()) -> 
         rec.rejected_fraction = float(rejected[k]) / float(n_pix * n_ch)
     timer.t["total"] = time.perf_counter() - reg.t_start
     return StackResult(
-        image=image if n_ch == 3 else image[0], count=count, frames=records,
+        image=image if n_ch == 3 else image[0], count=count, coverage=coverage, frames=records,
         reference=str(reg.lights[ref]), backend=be.name, device=be.device_name, timings=dict(timer.t),
         masters=reg.masters, settings=_settings(config), peak_rss_bytes=peak_rss_bytes(),
         queue_peak=reg.queue_peak, queue_bound=reg.queue_bound,
@@ -484,7 +485,11 @@ def combine_registered(reg: Registered, config: StackConfig = StackConfig()) -> 
 
 
 def _combine_store(store, used: list[int], nscale, noffset, weights, config: StackConfig, be, budget):
-    """Combine the store tile by tile; return (image (C,H,W), count (H,W), rejected per frame)."""
+    """Combine the store tile by tile.
+
+    Returns image (C,H,W), count (H,W) of kept values, coverage (H,W) of frames
+    with data there, and the rejected values per frame.
+    """
     import threading
 
     from skystack.engine.combine import DEFAULT_KAPPAS, combine
@@ -502,6 +507,7 @@ def _combine_store(store, used: list[int], nscale, noffset, weights, config: Sta
     rows = int(max(1, min(h, budget // max(per_row, 1))))
     image = np.full((c, h, w), np.nan, dtype=np.float32)
     count = np.zeros((h, w), dtype=np.int32)
+    coverage = np.zeros((h, w), dtype=np.int16)
     rejected = np.zeros(n, dtype=np.int64)
     lock = threading.Lock()
     xp = be.xp
@@ -509,6 +515,7 @@ def _combine_store(store, used: list[int], nscale, noffset, weights, config: Sta
     for y0 in range(0, h, rows):
         y1 = min(h, y0 + rows)
         block = store.tile(used, y0, y1)  # (N, C, rows, W)
+        coverage[y0:y1] = np.isfinite(block[:, 0]).sum(axis=0)
 
         def one(ch: int) -> None:
             cube = xp.asarray(np.ascontiguousarray(block[:, ch]))
@@ -525,7 +532,7 @@ def _combine_store(store, used: list[int], nscale, noffset, weights, config: Sta
 
         _run_parallel(one, range(c), threads)
         del block
-    return image, count, rejected
+    return image, count, coverage, rejected
 
 
 def _compute_threads(be, config: StackConfig) -> int:
