@@ -238,3 +238,18 @@ def test_rejected_fraction_reported(stacks, registered):
     assert all(f.rejected_fraction is not None and 0 <= f.rejected_fraction < 0.2 for f in used)
     # The trail frames lose the most pixels to rejection.
     assert max(used, key=lambda f: f.rejected_fraction).rejected_fraction > 0
+
+
+@pytest.mark.gpu
+def test_gpu_stack_matches_cpu(night, stacks, tmp_path):
+    """The whole pipeline on the GPU gives the CPU's image (kernels vs NumPy twins, end to end)."""
+    root, truth = night
+    cfg = StackConfig(quiet=True, backend="gpu", rejection="sigma",
+                      reference=str(truth.file_path("light", truth.reference_index)), cache_dir=str(tmp_path))
+    with register_session(discover_session(root), cfg) as reg:
+        gpu = combine_registered(reg, cfg).image
+    cpu = stacks["sigma"].image
+    both = np.isfinite(gpu) & np.isfinite(cpu)
+    assert both.mean() > 0.95
+    scale = np.nanmax(np.abs(cpu))
+    assert np.max(np.abs(gpu[both] - cpu[both])) < 1e-4 * scale
