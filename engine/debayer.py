@@ -41,7 +41,13 @@ X-Trans and other non-Bayer mosaics are not demosaiced here: :func:`debayer`
 raises, and such files are read already demosaiced by LibRaw.
 
 Every method is a CUDA kernel in ``kernels/debayer.cu`` with its NumPy twin
-below; the public :func:`debayer` dispatches on the array type.
+below; the public :func:`debayer` dispatches on the array type. The twins do
+the kernels' float32 operations in the kernels' order (bit-identical results;
+the RCD ratio clamp may give ``+0`` for the kernel's ``-0``), organised for
+speed on one core: per CFA phase plane, in cache-sized row bands, with only the
+sites that need each quantity computed. Everything runs in NumPy's compiled
+loops (which release the GIL, so two frames debayer in parallel threads); the
+twins start no thread.
 """
 
 from __future__ import annotations
@@ -71,7 +77,6 @@ _SRC = "debayer.cu"
 _COLOUR = {"R": 0, "G": 1, "B": 2}
 _EPS = np.float32(1e-5)
 _EPSSQ = np.float32(1e-10)
-_PAD = 4
 
 
 # ----------------------------------------------------------------------------- pattern helpers
@@ -213,43 +218,123 @@ def _rcd(cfa, code: int):
 
 
 # ----------------------------------------------------------------------------- NumPy twins
+#
+# The twins compute exactly the kernels' float32 operations in the kernels' order
+# (the emulated kernels and the twins are compared bit for bit), but organised for
+# NumPy: the mosaic is split into its four 2x2 CFA *phase planes* (contiguous
+# quarter-size arrays), each site computes only what its phase needs, every
+# quantity that the kernels read through mirror reflection is stored padded with
+# that reflection, and the work runs over row bands of about _BAND_ELEMS elements
+# so that temporaries stay in the CPU cache. Non-finite estimates fall back to the
+# bilinear value computed only at those pixels (:func:`_bilinear_points`).
+
+#: Elements per row band of the banded twins (small enough for the L2 cache).
+_BAND_ELEMS = 1 << 16
+
+#: The 8 neighbours in the kernels' row-major order.
+_NEIGH8 = tuple((dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1) if (dy, dx) != (0, 0))
 
 
-def _colour_map_code(code: int, shape: tuple[int, int]) -> np.ndarray:
-    tile = np.array([(code >> (2 * k)) & 3 for k in range(4)], dtype=np.int8).reshape(2, 2)
-    h, w = shape
-    return np.tile(tile, ((h + 1) // 2, (w + 1) // 2))[:h, :w]
+def _phase_colours(code: int) -> list[int]:
+    """Colour of CFA phase ``k = (y & 1) << 1 | (x & 1)``."""
+    return [(code >> (2 * k)) & 3 for k in range(4)]
 
 
 def _apply_wb_numpy(cfa: np.ndarray, code: int, wb: tuple) -> np.ndarray:
     """Twin of ``debayer_wb_kernel``: each sample times its colour's multiplier."""
-    cmap = _colour_map_code(code, cfa.shape)
-    mult = np.array(wb, dtype=np.float32)[cmap]
-    return (cfa * mult).astype(np.float32, copy=False)
+    mult = [np.float32(v) for v in wb]
+    cols = _phase_colours(code)
+    out = np.empty(cfa.shape, dtype=np.float32)
+    for k in range(4):
+        py, px = k >> 1, k & 1
+        np.multiply(cfa[py::2, px::2], mult[cols[k]], out=out[py::2, px::2])
+    return out
+
+
+def _bilinear_points(cfa: np.ndarray, code: int, ys: np.ndarray, xs: np.ndarray, c: int) -> np.ndarray:
+    """``db_bilinear_at`` for channel ``c`` at the pixels ``(ys, xs)`` (any number, any order)."""
+    h, w = cfa.shape
+    cols = np.array(_phase_colours(code), dtype=np.int8)
+    ys = np.asarray(ys, dtype=np.intp)
+    xs = np.asarray(xs, dtype=np.intp)
+    s = np.zeros(ys.shape, dtype=np.float32)
+    n = np.zeros(ys.shape, dtype=np.int32)
+    with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+        for dy, dx in _NEIGH8:
+            yy, xx = ys + dy, xs + dx
+            v = cfa[np.clip(yy, 0, h - 1), np.clip(xx, 0, w - 1)]
+            ok = ((yy >= 0) & (yy < h) & (xx >= 0) & (xx < w) & (cols[((yy & 1) << 1) | (xx & 1)] == c)
+                  & np.isfinite(v))
+            s = np.where(ok, s + v, s)
+            n += ok
+        est = np.where(n > 0, s / n.astype(np.float32), np.float32(np.nan))
+    own = cols[((ys & 1) << 1) | (xs & 1)] == c
+    return np.where(own, cfa[ys, xs], est).astype(np.float32, copy=False)
 
 
 def _bilinear_numpy(cfa: np.ndarray, code: int) -> np.ndarray:
-    """Twin of ``debayer_bilinear_kernel`` (and of ``db_bilinear_at``)."""
+    """Twin of ``debayer_bilinear_kernel`` (and of ``db_bilinear_at``).
+
+    Per CFA phase and missing colour the estimate is the sum of the 2 or 4
+    same-colour neighbours in row-major order times 1/2 or 1/4 (exactly the
+    kernel's ``s / n`` for a power of two), read from NaN-padded phase planes.
+    Where that is not finite (a non-finite or out-of-frame neighbour) the
+    pixel is recomputed with the kernel's per-neighbour rule.
+    """
     h, w = cfa.shape
-    cmap = _colour_map_code(code, (h, w))
-    pad_v = np.pad(cfa, 1, mode="constant", constant_values=np.nan)
-    pad_c = np.pad(cmap, 1, mode="constant", constant_values=-1)
     out = np.empty((3, h, w), dtype=np.float32)
+    if h == 0 or w == 0:
+        return out
+    f = _Field(h, w)
+    for k in range(4):
+        f.planes[k][...] = np.nan
+        f.inner(k)[...] = cfa[k >> 1::2, k & 1::2]
+    cols = _phase_colours(code)
+    p = _Field.P
+    with np.errstate(invalid="ignore", over="ignore"):
+        for k in range(4):
+            py, px = k >> 1, k & 1
+            hp, wp = _plane_shape(h, w, k)
+            if hp == 0 or wp == 0:
+                continue
+            own = cols[k]
+            out[own, py::2, px::2] = cfa[py::2, px::2]
+            for c in range(3):
+                if c == own:
+                    continue
+                nb = [(dy, dx) for dy, dx in _NEIGH8 if cols[(((py + dy) & 1) << 1) | ((px + dx) & 1)] == c]
+                scale = np.float32(1.0 / len(nb))
+                dst = out[c, py::2, px::2]
+                for y0, y1 in _bands(hp, f.S):
+                    s = f.at(k, *nb[0], y0, y1) + f.at(k, *nb[1], y0, y1)
+                    for dy, dx in nb[2:]:
+                        s += f.at(k, dy, dx, y0, y1)
+                    s *= scale
+                    dst[y0:y1] = s.reshape(-1, f.S)[:, p:p + wp]
+    ys, xs = _redo_pixels(cfa)
     for c in range(3):
-        s = np.zeros((h, w), dtype=np.float32)
-        n = np.zeros((h, w), dtype=np.int32)
+        out[c, ys, xs] = _bilinear_points(cfa, code, ys, xs, c)
+    return out
+
+
+def _redo_pixels(cfa: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The pixels with a neighbour outside the frame or not finite (row-major order)."""
+    h, w = cfa.shape
+    ys, xs = np.nonzero(~np.isfinite(cfa))
+    if ys.size > cfa.size // 64:
+        m = np.zeros((h, w), dtype=bool)
+        m[0, :] = m[-1, :] = True
+        m[:, 0] = m[:, -1] = True
         for dy in (-1, 0, 1):
             for dx in (-1, 0, 1):
-                if dy == 0 and dx == 0:
-                    continue
-                v = pad_v[1 + dy:1 + dy + h, 1 + dx:1 + dx + w]
-                ok = (pad_c[1 + dy:1 + dy + h, 1 + dx:1 + dx + w] == c) & np.isfinite(v)
-                s = np.where(ok, s + v, s)
-                n += ok
-        with np.errstate(invalid="ignore", divide="ignore"):
-            est = np.where(n > 0, s / n.astype(np.float32), np.float32(np.nan))
-        out[c] = np.where(cmap == c, cfa, est)
-    return out
+                m[np.clip(ys + dy, 0, h - 1), np.clip(xs + dx, 0, w - 1)] = True
+        return np.nonzero(m)
+    parts = [np.arange(w), (h - 1) * w + np.arange(w), np.arange(h) * w, np.arange(h) * w + (w - 1)]
+    for dy in (-1, 0, 1):
+        for dx in (-1, 0, 1):
+            parts.append(np.clip(ys + dy, 0, h - 1) * w + np.clip(xs + dx, 0, w - 1))
+    flat = np.unique(np.concatenate(parts))
+    return flat // w, flat % w
 
 
 def _superpixel_numpy(cfa: np.ndarray, code: int) -> np.ndarray:
@@ -268,147 +353,398 @@ def _superpixel_numpy(cfa: np.ndarray, code: int) -> np.ndarray:
     return np.stack([r, g, b]).astype(np.float32, copy=False)
 
 
-def _reflect_pad(a: np.ndarray) -> np.ndarray:
-    """Mirror padding by :data:`_PAD` about the edge pixel (``db_reflect``)."""
-    return np.pad(a, _PAD, mode="reflect")
+# ----------------------------------------------------------------------------- RCD twin
 
 
-def _shifted(ap: np.ndarray, shape: tuple[int, int], dy: int, dx: int) -> np.ndarray:
-    """``a[y + dy, x + dx]`` for every (y, x) from the padded ``ap``."""
-    h, w = shape
-    return ap[_PAD + dy:_PAD + dy + h, _PAD + dx:_PAD + dx + w]
+def _reflect_index(i: np.ndarray, n: int) -> np.ndarray:
+    """``db_reflect`` (one mirror about each edge pixel), clipped for cells never read."""
+    i = np.where(i < 0, -i, i)
+    i = np.where(i >= n, 2 * (n - 1) - i, i)
+    return np.clip(i, 0, n - 1)
 
 
-def _rcd_hpf2(cp: np.ndarray, shape, sy: int, sx: int) -> np.ndarray:
-    """Twin of ``rcd_hpf2``."""
-    def s(k):
-        return _shifted(cp, shape, k * sy, k * sx)
+class _Field:
+    """A full-resolution ``(H, W)`` quantity stored as its CFA phase planes.
 
-    t = (s(-3) - s(-1) - s(1) + s(3)) - np.float32(3.0) * (s(-2) + s(2)) + np.float32(6.0) * s(0)
-    return t * t
+    Phase ``k = py << 1 | px`` holds the sites ``(py::2, px::2)``. Every plane
+    has the same padded shape ``(rows, S)`` (the larger phase's size plus
+    :attr:`P` cells on each side) and is stored flat, so that the value at
+    ``(y + dy, x + dx)`` for a run of sites is a *contiguous* slice of some
+    plane at a fixed offset (NumPy is several times faster on contiguous
+    operands than on 2-D views). Work on whole padded rows computes junk in the
+    padding columns; :meth:`fill` then writes the padding with the values the
+    kernels read through ``db_reflect``.
+    """
+
+    P = 3
+
+    def __init__(self, h: int, w: int, phases=range(4), *, empty: bool = False):
+        self.h, self.w = h, w
+        self.rows = (h + 1) // 2 + 2 * self.P
+        self.S = (w + 1) // 2 + 2 * self.P
+        self.planes: dict[int, np.ndarray] = {}
+        if not empty:  # one buffer (large enough for NumPy's huge-page advice)
+            phases = list(phases)
+            buf = np.empty((len(phases), self.rows * self.S), dtype=np.float32)
+            for i, k in enumerate(phases):
+                self.planes[k] = buf[i]
+
+    def at(self, k: int, dy: int, dx: int, y0: int, y1: int) -> np.ndarray:
+        """Flat values at ``(y + dy, x + dx)`` for the sites of phase ``k`` in plane rows ``[y0, y1)``."""
+        py, px = k >> 1, k & 1
+        qy, qx = (py + dy) & 1, (px + dx) & 1
+        off = ((py + dy - qy) >> 1) * self.S + ((px + dx - qx) >> 1)
+        b = (self.P + y0) * self.S + off
+        return self.planes[(qy << 1) | qx][b:b + (y1 - y0) * self.S]
+
+    def band(self, k: int, y0: int, y1: int) -> np.ndarray:
+        """Writable flat rows ``[y0, y1)`` of phase ``k`` (padding columns included)."""
+        return self.planes[k][(self.P + y0) * self.S:(self.P + y1) * self.S]
+
+    def inner(self, k: int) -> np.ndarray:
+        """2-D view of the sites of phase ``k``."""
+        hp, wp = _plane_shape(self.h, self.w, k)
+        return self.planes[k].reshape(self.rows, self.S)[self.P:self.P + hp, self.P:self.P + wp]
+
+    def fill(self) -> None:
+        p = self.P
+        for k, flat in self.planes.items():
+            a = flat.reshape(self.rows, self.S)
+            py, px = k >> 1, k & 1
+            hp, wp = _plane_shape(self.h, self.w, k)
+            for axis, n_full, par, n_plane, size in ((0, self.h, py, hp, self.rows), (1, self.w, px, wp, self.S)):
+                dst = np.r_[0:p, p + n_plane:size]
+                src = p + (_reflect_index(2 * (dst - p) + par, n_full) - par) // 2
+                if axis == 0:
+                    a[dst] = a[src]
+                else:
+                    a[:, dst] = a[:, src]
 
 
-def _rcd_disc(dp: np.ndarray, shape) -> np.ndarray:
-    """Twin of ``rcd_disc`` on the reflect-padded direction map ``dp``."""
-    def s(dy, dx):
-        return _shifted(dp, shape, dy, dx)
+def _plane_shape(h: int, w: int, k: int) -> tuple[int, int]:
+    return (h - (k >> 1) + 1) >> 1, (w - (k & 1) + 1) >> 1
 
-    central = s(0, 0)
-    neigh = np.float32(0.25) * (((s(-1, -1) + s(-1, 1)) + s(1, -1)) + s(1, 1))
+
+def _bands(n_rows: int, width: int):
+    step = max(1, _BAND_ELEMS // max(width, 1))
+    for y0 in range(0, n_rows, step):
+        yield y0, min(n_rows, y0 + step)
+
+
+def _fallback(est: np.ndarray, f: _Field, cfa: np.ndarray, code: int, k: int, y0: int, c: int) -> None:
+    """Replace the non-finite estimates of a flat band (sites only) by the bilinear value, in place."""
+    wp = _plane_shape(f.h, f.w, k)[1]
+    sites = est.reshape(-1, f.S)[:, f.P:f.P + wp]
+    fin = np.isfinite(sites)
+    if not fin.all():
+        ys, xs = np.nonzero(~fin)
+        sites[ys, xs] = _bilinear_points(cfa, code, 2 * (ys + y0) + (k >> 1), 2 * xs + (k & 1), c)
+
+
+def _select(cond: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """``np.where(cond, a, b)`` for float32 by bit masks (NumPy's ``where`` branches: slow on noise)."""
+    m = cond.view(np.int8).astype(np.int32)
+    np.negative(m, out=m)
+    bi = b.view(np.int32)
+    r = np.bitwise_xor(a.view(np.int32), bi)
+    r &= m
+    r ^= bi
+    return r.view(np.float32)
+
+
+def _disc(f: _Field, k: int, y0: int, y1: int) -> np.ndarray:
+    """Twin of ``rcd_disc`` at the sites of phase ``k`` (rows ``[y0, y1)``)."""
+    central = f.at(k, 0, 0, y0, y1)
+    neigh = (((f.at(k, -1, -1, y0, y1) + f.at(k, -1, 1, y0, y1)) + f.at(k, 1, -1, y0, y1))
+             + f.at(k, 1, 1, y0, y1))
+    neigh *= np.float32(0.25)
     half = np.float32(0.5)
-    return np.where(np.abs(half - central) < np.abs(half - neigh), neigh, central)
+    a = np.subtract(half, central)
+    np.abs(a, out=a)
+    b = np.subtract(half, neigh)
+    np.abs(b, out=b)
+    return _select(a < b, neigh, central)
 
 
-def _rcd_ratio(l0: np.ndarray, lk: np.ndarray) -> np.ndarray:
-    """Twin of ``rcd_ratio``."""
+def _rcd_ratio(l0: np.ndarray, l02: np.ndarray, lk: np.ndarray) -> np.ndarray:
+    """Twin of ``rcd_ratio`` (``l02 = l0 + l0``).
+
+    The clamp to ``[0, 2]`` may give ``+0`` where the kernel keeps ``-0``: a
+    ratio of zero only ever multiplies, so no other value can differ.
+    """
     den = l0 + lk
-    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
-        r = np.where(den > 0, (l0 + l0) / den, np.float32(1.0))
-    return np.where(r < 0, np.float32(0.0), np.where(r > 2, np.float32(2.0), r))
+    r = np.divide(l02, den)
+    pos = den > 0
+    if not pos.all():
+        r = _select(pos, r, np.full_like(r, 1.0))
+    return np.clip(r, np.float32(0.0), np.float32(2.0), out=r)
+
+
+def _absdiff(f: _Field, dy: int, dx: int, phases) -> _Field:
+    """``|f(y, x) - f(y + dy, x + dx)|`` on the whole padded planes of ``phases``.
+
+    It equals every kernel term ``fabsf(a - b)`` whose two reads are that pair
+    (in either order: ``|a - b|`` and ``|b - a|`` are the same float), reflection
+    included, since the padding already holds the reflected values. The last
+    cells, whose partner lies beyond the plane, are NaN (never read).
+    """
+    d = _Field(f.h, f.w, empty=True)
+    phases = list(phases)
+    buf = np.empty((len(phases), f.rows * f.S), dtype=np.float32)
+    for i, k in enumerate(phases):
+        py, px = k >> 1, k & 1
+        qy, qx = (py + dy) & 1, (px + dx) & 1
+        off = ((py + dy - qy) >> 1) * f.S + ((px + dx - qx) >> 1)
+        a, b = f.planes[k], f.planes[(qy << 1) | qx]
+        dk = buf[i]
+        lo, hi = max(0, -off), a.size - max(0, off)
+        dk[:lo] = np.nan
+        dk[hi:] = np.nan
+        np.abs(np.subtract(a[lo:hi], b[lo + off:hi + off], out=dk[lo:hi]), out=dk[lo:hi])
+        d.planes[k] = dk
+    return d
+
+
+def _hpf2(c, sy: int, sx: int) -> np.ndarray:
+    """Twin of ``rcd_hpf2``; ``c(dy, dx)`` gives the shifted CFA."""
+    t = c(-3 * sy, -3 * sx) - c(-sy, -sx)
+    t -= c(sy, sx)
+    t += c(3 * sy, 3 * sx)
+    u = c(-2 * sy, -2 * sx) + c(2 * sy, 2 * sx)
+    u *= np.float32(3.0)
+    t -= u
+    np.multiply(c(0, 0), np.float32(6.0), out=u)
+    t += u
+    t *= t
+    return t
 
 
 def _rcd_numpy(cfa: np.ndarray, code: int) -> np.ndarray:
-    """Twin of the RCD kernel sequence (hpf, dir, green, rb, rbg)."""
-    shape = cfa.shape
+    """Twin of the RCD kernel sequence (hpf, dir, green, rb, rbg); needs ``H, W >= 5``."""
     with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
-        return _rcd_numpy_body(cfa, code, shape)
+        return _rcd_numpy_body(np.ascontiguousarray(cfa, dtype=np.float32), code)
 
 
-def _rcd_numpy_body(cfa: np.ndarray, code: int, shape) -> np.ndarray:
+def _rcd_numpy_body(cfa: np.ndarray, code: int) -> np.ndarray:
     f32 = np.float32
-    cp = _reflect_pad(cfa)
+    eps, epssq = _EPS, _EPSSQ
+    h, w = cfa.shape
+    cols = _phase_colours(code)
+    gph = [k for k in range(4) if cols[k] == 1]   # green phases
+    nph = [k for k in range(4) if cols[k] != 1]   # red and blue phases
+    S = _Field(h, w, empty=True).S
 
-    def c(dy, dx):
-        return _shifted(cp, shape, dy, dx)
+    def bands(k):
+        return _bands(_plane_shape(h, w, k)[0], S)
 
-    cmap = _colour_map_code(code, shape)
-    bil = _bilinear_numpy(cfa, code)
+    C = _Field(h, w)
+    for k in range(4):
+        C.inner(k)[...] = cfa[k >> 1::2, k & 1::2]
+    C.fill()
 
-    # Step 1.1 / 1.2 / 2 (rcd_hpf_kernel, rcd_dir_kernel)
-    hv, hh = _rcd_hpf2(cp, shape, 1, 0), _rcd_hpf2(cp, shape, 0, 1)
-    hp, hq = _rcd_hpf2(cp, shape, 1, 1), _rcd_hpf2(cp, shape, 1, -1)
-    hvp, hhp, hpp, hqp = (_reflect_pad(a) for a in (hv, hh, hp, hq))
-    vs = np.fmax(_EPSSQ, (_shifted(hvp, shape, -1, 0) + hv) + _shifted(hvp, shape, 1, 0))
-    hs = np.fmax(_EPSSQ, (_shifted(hhp, shape, 0, -1) + hh) + _shifted(hhp, shape, 0, 1))
-    vhdir = vs / (vs + hs)
-    ps = np.fmax(_EPSSQ, (_shifted(hpp, shape, -1, -1) + hp) + _shifted(hpp, shape, 1, 1))
-    qs = np.fmax(_EPSSQ, (_shifted(hqp, shape, -1, 1) + hq) + _shifted(hqp, shape, 1, -1))
-    pqdir = ps / (ps + qs)
-    card = ((c(-1, 0) + c(1, 0)) + c(0, -1)) + c(0, 1)
-    diag = ((c(-1, -1) + c(-1, 1)) + c(1, -1)) + c(1, 1)
-    lpf = (cfa + f32(0.5) * card) + f32(0.25) * diag
-    lp = _reflect_pad(lpf)
-    vhd = _rcd_disc(_reflect_pad(vhdir), shape)
-    pqd = _rcd_disc(_reflect_pad(pqdir), shape)
+    # Step 1.1: squared high-passes (rcd_hpf_kernel); P/Q only where they are read (R/B sites)
+    HV, HH = _Field(h, w), _Field(h, w)
+    HP, HQ = _Field(h, w, nph), _Field(h, w, nph)
+    for k in range(4):
+        for y0, y1 in bands(k):
+            def c(dy, dx):
+                return C.at(k, dy, dx, y0, y1)
+            HV.band(k, y0, y1)[...] = _hpf2(c, 1, 0)
+            HH.band(k, y0, y1)[...] = _hpf2(c, 0, 1)
+            if k in nph:
+                HP.band(k, y0, y1)[...] = _hpf2(c, 1, 1)
+                HQ.band(k, y0, y1)[...] = _hpf2(c, 1, -1)
+    for f in (HV, HH, HP, HQ):
+        f.fill()
 
-    # Step 3: green (rcd_green_kernel)
-    c0 = cfa
-    cn1, cs1, cw1, ce1 = c(-1, 0), c(1, 0), c(0, -1), c(0, 1)
-    cn2, cs2, cw2, ce2 = c(-2, 0), c(2, 0), c(0, -2), c(0, 2)
-    cn3, cs3, cw3, ce3 = c(-3, 0), c(3, 0), c(0, -3), c(0, 3)
-    cn4, cs4, cw4, ce4 = c(-4, 0), c(4, 0), c(0, -4), c(0, 4)
-    ng = _EPS + np.abs(cn1 - cs1) + np.abs(c0 - cn2) + np.abs(cn1 - cn3) + np.abs(cn2 - cn4)
-    sg = _EPS + np.abs(cs1 - cn1) + np.abs(c0 - cs2) + np.abs(cs1 - cs3) + np.abs(cs2 - cs4)
-    wg = _EPS + np.abs(cw1 - ce1) + np.abs(c0 - cw2) + np.abs(cw1 - cw3) + np.abs(cw2 - cw4)
-    eg = _EPS + np.abs(ce1 - cw1) + np.abs(c0 - ce2) + np.abs(ce1 - ce3) + np.abs(ce2 - ce4)
-    ne = cn1 * _rcd_ratio(lpf, _shifted(lp, shape, -2, 0))
-    se = cs1 * _rcd_ratio(lpf, _shifted(lp, shape, 2, 0))
-    we = cw1 * _rcd_ratio(lpf, _shifted(lp, shape, 0, -2))
-    ee = ce1 * _rcd_ratio(lpf, _shifted(lp, shape, 0, 2))
-    v_est = (sg * ne + ng * se) / (ng + sg)
-    h_est = (eg * we + wg * ee) / (eg + wg)
-    g = vhd * (h_est - v_est) + v_est
-    g = np.where(np.isfinite(g), g, bil[1])
-    is_g = cmap == 1
-    G = np.where(is_g, cfa, g).astype(np.float32, copy=False)
-    out = np.empty((3,) + tuple(shape), dtype=np.float32)
-    out[1] = G
-    out[0] = np.where(cmap == 0, cfa, np.float32(np.nan))
-    out[2] = np.where(cmap == 2, cfa, np.float32(np.nan))
+    # Step 1.2 + 2: directions and low-pass (rcd_dir_kernel); PQ and LPF only at R/B sites
+    VH = _Field(h, w)
+    PQ, LP = _Field(h, w, nph), _Field(h, w, nph)
+    for k in range(4):
+        for y0, y1 in bands(k):
+            vs = HV.at(k, -1, 0, y0, y1) + HV.at(k, 0, 0, y0, y1)
+            vs += HV.at(k, 1, 0, y0, y1)
+            np.fmax(epssq, vs, out=vs)
+            hs = HH.at(k, 0, -1, y0, y1) + HH.at(k, 0, 0, y0, y1)
+            hs += HH.at(k, 0, 1, y0, y1)
+            np.fmax(epssq, hs, out=hs)
+            hs += vs
+            np.divide(vs, hs, out=VH.band(k, y0, y1))
+            if k in nph:
+                ps = HP.at(k, -1, -1, y0, y1) + HP.at(k, 0, 0, y0, y1)
+                ps += HP.at(k, 1, 1, y0, y1)
+                np.fmax(epssq, ps, out=ps)
+                qs = HQ.at(k, -1, 1, y0, y1) + HQ.at(k, 0, 0, y0, y1)
+                qs += HQ.at(k, 1, -1, y0, y1)
+                np.fmax(epssq, qs, out=qs)
+                qs += ps
+                np.divide(ps, qs, out=PQ.band(k, y0, y1))
 
-    # Step 4.2: R at B, B at R (rcd_rb_kernel)
-    Gp = _reflect_pad(G)
+                def c(dy, dx):
+                    return C.at(k, dy, dx, y0, y1)
+                card = c(-1, 0) + c(1, 0)
+                card += c(0, -1)
+                card += c(0, 1)
+                card *= f32(0.5)
+                card += c(0, 0)
+                diag = c(-1, -1) + c(-1, 1)
+                diag += c(1, -1)
+                diag += c(1, 1)
+                diag *= f32(0.25)
+                np.add(card, diag, out=LP.band(k, y0, y1))
+    del HV, HH, HP, HQ
+    for f in (VH, PQ, LP):
+        f.fill()
 
-    def gs(dy, dx):
-        return _shifted(Gp, shape, dy, dx)
+    # Step 3: green at R/B sites (rcd_green_kernel). The gradient terms are
+    # |c(y) - c(y + 2)| (vertical) and |c(x) - c(x + 2)| (horizontal) at shifts.
+    DV, DH = _absdiff(C, 2, 0, range(4)), _absdiff(C, 0, 2, range(4))
+    G = _Field(h, w)
+    for k in gph:
+        G.planes[k][...] = C.planes[k]
+    for k in nph:
+        for y0, y1 in bands(k):
+            def c(dy, dx):
+                return C.at(k, dy, dx, y0, y1)
 
-    g0 = G
-    cnw, cne, csw, cse = c(-1, -1), c(-1, 1), c(1, -1), c(1, 1)
-    nw_g = _EPS + np.abs(cnw - cse) + np.abs(cnw - c(-3, -3)) + np.abs(g0 - gs(-2, -2))
-    ne_g = _EPS + np.abs(cne - csw) + np.abs(cne - c(-3, 3)) + np.abs(g0 - gs(-2, 2))
-    sw_g = _EPS + np.abs(csw - cne) + np.abs(csw - c(3, -3)) + np.abs(g0 - gs(2, -2))
-    se_g = _EPS + np.abs(cse - cnw) + np.abs(cse - c(3, 3)) + np.abs(g0 - gs(2, 2))
-    nw_e = cnw - gs(-1, -1)
-    ne_e = cne - gs(-1, 1)
-    sw_e = csw - gs(1, -1)
-    se_e = cse - gs(1, 1)
-    p_est = (nw_g * se_e + se_g * nw_e) / (nw_g + se_g)
-    q_est = (ne_g * sw_e + sw_g * ne_e) / (ne_g + sw_g)
-    v = g0 + (pqd * (q_est - p_est) + p_est)
-    for col, other in ((0, 2), (2, 0)):
-        site = cmap == col
-        val = np.where(np.isfinite(v), v, bil[other])
-        out[other] = np.where(site, val, out[other])
+            def lp(dy, dx):
+                return LP.at(k, dy, dx, y0, y1)
 
-    # Step 4.3: R and B at G sites (rcd_rbg_kernel)
+            def grad(d, dy, dx, a, b, cc):
+                g = eps + d.at(k, dy, dx, y0, y1)
+                g += d.at(k, dy * a, dx * a, y0, y1)
+                g += d.at(k, dy * b, dx * b, y0, y1)
+                g += d.at(k, dy * cc, dx * cc, y0, y1)
+                return g
+            ng = grad(DV, -1, 0, 2, 3, 4)    # DV(-1) + DV(-2) + DV(-3) + DV(-4)
+            sg = grad(DV, -1, 0, 0, -1, -2)  # DV(-1) + DV(0) + DV(1) + DV(2)
+            wg = grad(DH, 0, -1, 2, 3, 4)
+            eg = grad(DH, 0, -1, 0, -1, -2)
+            l0 = lp(0, 0)
+            l02 = l0 + l0
+            ne = c(-1, 0) * _rcd_ratio(l0, l02, lp(-2, 0))
+            se = c(1, 0) * _rcd_ratio(l0, l02, lp(2, 0))
+            we = c(0, -1) * _rcd_ratio(l0, l02, lp(0, -2))
+            ee = c(0, 1) * _rcd_ratio(l0, l02, lp(0, 2))
+            ne *= sg
+            se *= ng
+            ne += se
+            ng += sg
+            v_est = np.divide(ne, ng, out=ne)
+            we *= eg
+            ee *= wg
+            we += ee
+            eg += wg
+            h_est = np.divide(we, eg, out=we)
+            h_est -= v_est
+            g = _disc(VH, k, y0, y1)
+            g *= h_est
+            g += v_est
+            _fallback(g, G, cfa, code, k, y0, 1)
+            G.band(k, y0, y1)[...] = g
+    G.fill()
+    del LP, DV, DH
+
+    # Step 4.2: red at blue sites and blue at red sites (rcd_rb_kernel); diagonal
+    # gradient terms |f(y, x) - f(y + 2, x +- 2)| of the CFA and of green.
+    DP, DQ = _absdiff(C, 2, 2, nph), _absdiff(C, 2, -2, nph)
+    DGP, DGQ = _absdiff(G, 2, 2, nph), _absdiff(G, 2, -2, nph)
+    X = {0: _Field(h, w, nph), 2: _Field(h, w, nph)}
+    for k in nph:
+        own, oth = cols[k], 2 - cols[k]
+        X[own].planes[k][...] = C.planes[k]
+        for y0, y1 in bands(k):
+            def c(dy, dx):
+                return C.at(k, dy, dx, y0, y1)
+
+            def gs(dy, dx):
+                return G.at(k, dy, dx, y0, y1)
+
+            def grad(d1, o1, d2, o2, d3, o3):
+                g = eps + d1.at(k, *o1, y0, y1)
+                g += d2.at(k, *o2, y0, y1)
+                g += d3.at(k, *o3, y0, y1)
+                return g
+            nw_g = grad(DP, (-1, -1), DP, (-3, -3), DGP, (-2, -2))
+            ne_g = grad(DQ, (-1, 1), DQ, (-3, 3), DGQ, (-2, 2))
+            sw_g = grad(DQ, (-1, 1), DQ, (1, -1), DGQ, (0, 0))
+            se_g = grad(DP, (-1, -1), DP, (1, 1), DGP, (0, 0))
+            nw_e = c(-1, -1) - gs(-1, -1)
+            ne_e = c(-1, 1) - gs(-1, 1)
+            sw_e = c(1, -1) - gs(1, -1)
+            se_e = c(1, 1) - gs(1, 1)
+            se_e *= nw_g
+            nw_e *= se_g
+            se_e += nw_e
+            nw_g += se_g
+            p_est = np.divide(se_e, nw_g, out=se_e)
+            sw_e *= ne_g
+            ne_e *= sw_g
+            sw_e += ne_e
+            ne_g += sw_g
+            q_est = np.divide(sw_e, ne_g, out=sw_e)
+            q_est -= p_est
+            v = _disc(PQ, k, y0, y1)
+            v *= q_est
+            v += p_est
+            v += gs(0, 0)  # g0 + (...): addition commutes exactly
+            _fallback(v, G, cfa, code, k, y0, oth)
+            X[oth].band(k, y0, y1)[...] = v
+    X[0].fill()
+    X[2].fill()
+    del PQ, DP, DQ, DGP, DGQ
+
+    # Step 4.3: red and blue at green sites (rcd_rbg_kernel)
+    out = np.empty((3, h, w), dtype=np.float32)
+    DGV, DGH = _absdiff(G, 2, 0, gph), _absdiff(G, 0, 2, gph)
     for ch in (0, 2):
-        Xp = _reflect_pad(out[ch])
+        DXV, DXH = _absdiff(X[ch], 2, 0, nph), _absdiff(X[ch], 0, 2, nph)
+        for k in gph:
+            py, px = k >> 1, k & 1
+            hp, wp = _plane_shape(h, w, k)
+            for y0, y1 in bands(k):
+                def gs(dy, dx):
+                    return G.at(k, dy, dx, y0, y1)
 
-        def xs(dy, dx):
-            return _shifted(Xp, shape, dy, dx)
+                def xs(dy, dx):
+                    return X[ch].at(k, dy, dx, y0, y1)
 
-        xn1, xs1, xw1, xe1 = xs(-1, 0), xs(1, 0), xs(0, -1), xs(0, 1)
-        ng = _EPS + np.abs(g0 - gs(-2, 0)) + np.abs(xn1 - xs1) + np.abs(xn1 - xs(-3, 0))
-        sg = _EPS + np.abs(g0 - gs(2, 0)) + np.abs(xs1 - xn1) + np.abs(xs1 - xs(3, 0))
-        wg = _EPS + np.abs(g0 - gs(0, -2)) + np.abs(xw1 - xe1) + np.abs(xw1 - xs(0, -3))
-        eg = _EPS + np.abs(g0 - gs(0, 2)) + np.abs(xe1 - xw1) + np.abs(xe1 - xs(0, 3))
-        ne = xn1 - gs(-1, 0)
-        se = xs1 - gs(1, 0)
-        we = xw1 - gs(0, -1)
-        ee = xe1 - gs(0, 1)
-        v_est = (ng * se + sg * ne) / (ng + sg)
-        h_est = (eg * we + wg * ee) / (eg + wg)
-        v = g0 + (vhd * (h_est - v_est) + v_est)
-        v = np.where(np.isfinite(v), v, bil[ch])
-        out[ch] = np.where(is_g, v, out[ch])
+                def grad(dg, og, dx_, o1, o2):
+                    g = eps + dg.at(k, *og, y0, y1)
+                    g += dx_.at(k, *o1, y0, y1)
+                    g += dx_.at(k, *o2, y0, y1)
+                    return g
+                ng = grad(DGV, (-2, 0), DXV, (-1, 0), (-3, 0))
+                sg = grad(DGV, (0, 0), DXV, (-1, 0), (1, 0))
+                wg = grad(DGH, (0, -2), DXH, (0, -1), (0, -3))
+                eg = grad(DGH, (0, 0), DXH, (0, -1), (0, 1))
+                ne = xs(-1, 0) - gs(-1, 0)
+                se = xs(1, 0) - gs(1, 0)
+                we = xs(0, -1) - gs(0, -1)
+                ee = xs(0, 1) - gs(0, 1)
+                se *= ng
+                ne *= sg
+                se += ne
+                ng += sg
+                v_est = np.divide(se, ng, out=se)
+                we *= eg
+                ee *= wg
+                we += ee
+                eg += wg
+                h_est = np.divide(we, eg, out=we)
+                h_est -= v_est
+                v = _disc(VH, k, y0, y1)
+                v *= h_est
+                v += v_est
+                v += gs(0, 0)
+                _fallback(v, G, cfa, code, k, y0, ch)
+                out[ch, py::2, px::2][y0:y1] = v.reshape(-1, S)[:, _Field.P:_Field.P + wp]
+
+    # assemble: green everywhere, R/B at their own and the opposite sites
+    for k in range(4):
+        py, px = k >> 1, k & 1
+        out[1, py::2, px::2] = G.inner(k)
+        if k in nph:
+            out[0, py::2, px::2] = X[0].inner(k)
+            out[2, py::2, px::2] = X[2].inner(k)
     return out

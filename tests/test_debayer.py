@@ -265,6 +265,26 @@ def test_emulated_bilinear_superpixel_wb_equal_twins(rng, pattern, h, w):
 
 
 @needs_gxx
+@pytest.mark.parametrize("holes", ["many", "few", "none"])
+@pytest.mark.parametrize("h, w", [(23, 37), (40, 41), (9, 64)])
+def test_emulated_equal_twins_across_row_bands(monkeypatch, rng, holes, h, w):
+    """The twins work on CFA phase planes in row bands; with bands of one or two plane
+    rows (every band edge exercised) they still equal the kernels bit for bit."""
+    cfa = _random_cfa(rng, h, w, holes=holes == "many")
+    if holes == "few":  # the bilinear twin's sparse redo branch
+        cfa[h // 2, w // 3] = np.nan
+        cfa[1, w - 2] = np.inf
+    monkeypatch.setattr(db, "_BAND_ELEMS", 2 * ((w + 1) // 2 + 6) - 1)
+    mod = emulated("debayer.cu")
+    for pattern in BAYER_PATTERNS:
+        code = pattern_code(pattern)
+        np.testing.assert_array_equal(_run_rcd_emulated(mod, cfa, code), db._rcd_numpy(cfa, code))
+        out = np.full((3, h, w), -7, np.float32)
+        mod.launch("debayer_bilinear_kernel", h * w, (out, cfa, np.int32(h), np.int32(w), np.int32(code)))
+        np.testing.assert_array_equal(out, db._bilinear_numpy(cfa, code))
+
+
+@needs_gxx
 @pytest.mark.parametrize("method", ["bilinear", "rcd", "superpixel"])
 def test_operation_gpu_branch_in_emulator(monkeypatch, rng, method):
     """The op's GPU branch (argument passing, buffer shapes) through the emulator equals the twin path."""
