@@ -305,12 +305,12 @@ def register_session(files: SessionFiles, config: StackConfig = StackConfig()) -
         good = [m for m in metas if m is not None]
         if not good:
             raise SkystackError("no readable light frames: " + "; ".join(r.reason for r in records[:3]))
-        key = _majority([(m.shape, m.pattern) for m in good])
+        key = _majority([(m.shape, m.pattern, m.camera) for m in good])
         for rec, m in zip(records, metas):
-            if m is not None and (m.shape, m.pattern) != key:
-                rec.reason = (f"{Path(m.path).name}: size/pattern {m.shape}/{m.pattern} differs from the "
-                              f"session's {key[0]}/{key[1]}; stack it separately")
-    shape, pattern = key
+            if m is not None and (m.shape, m.pattern, m.camera) != key:
+                rec.reason = (f"{Path(m.path).name}: camera/size/pattern {m.camera}/{m.shape}/{m.pattern} "
+                              f"differs from the session's {key[2]}/{key[0]}/{key[1]}; stack it separately")
+    shape, pattern, _camera = key
     if len(shape) != 2:
         raise SkystackError(f"{lights[0]}: colour (already debayered) lights are not supported yet; "
                             "pass the camera's RAW or Bayer FITS files")

@@ -70,3 +70,45 @@ def test_stack_writes_all_outputs_and_never_touches_inputs(small_session, tmp_pa
     after = {p: p.stat().st_mtime_ns for p in small_session.rglob("*") if p.is_file()}
     assert before == after
     assert not list(out.parent.glob("*.part"))
+
+
+def test_bad_lights_are_skipped_with_a_reason_and_the_stack_goes_on(small_session, tmp_path):
+    """A truncated RAW and a frame from another camera are skipped and named; the rest stacks."""
+    import shutil
+
+    from skystack.engine.dng import write_dng
+    from skystack.engine.io import read_frame
+
+    s = tmp_path / "s"
+    shutil.copytree(small_session, s)
+    lights = sorted((s / "lights").iterdir())
+    data = lights[1].read_bytes()
+    lights[1].write_bytes(data[: len(data) * 6 // 10])  # truncated
+    fr = read_frame(lights[2])
+    write_dng(lights[2], fr.data, pattern=fr.meta.pattern, black_level=fr.meta.black_level,
+              white_level=int(fr.meta.white_level), exif={"make": "Other", "model": "Camera 2"})
+    out = tmp_path / "o.tif"
+    assert cli.main(["--backend", "cpu", "stack", str(s), "-o", str(out), "-q",
+                     "--cache-dir", str(tmp_path / "c")]) == 0
+    rep = json.loads(out.with_suffix(".json").read_text())
+    assert rep["frames_used"] == 4
+    reasons = {f["path"].rsplit("/", 1)[-1]: f["reason"] for f in rep["frames"] if not f["used"]}
+    assert set(reasons) == {lights[1].name, lights[2].name}
+    assert lights[1].name in reasons[lights[1].name] and "truncated" in reasons[lights[1].name].lower()
+    assert "camera" in reasons[lights[2].name] and "Camera 2" in reasons[lights[2].name]
+
+
+def test_full_disk_is_a_clear_error(tmp_path, monkeypatch):
+    import errno
+    import os
+
+    from skystack.engine.errors import OutputError
+    from skystack.engine.output import write_tiff
+
+    def full(*_a, **_k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", full)
+    with pytest.raises(OutputError, match="disk full"):
+        write_tiff(tmp_path / "x.tif", np.zeros((4, 4), np.float32))
+    assert list(tmp_path.iterdir()) == []  # no partial file left
