@@ -360,7 +360,9 @@ def _stack_options(p: argparse.ArgumentParser, *, batch: bool = False) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """Return the ``skystack`` argument parser."""
-    parser = argparse.ArgumentParser(prog="skystack", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="skystack",
+        description="Calibrate, register and stack astrophotography frames on the CPU or an NVIDIA GPU.")
     parser.add_argument("--version", action="version", version=f"skystack {__version__}")
     _common(parser, top=True)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
