@@ -9,7 +9,6 @@ decoded plus the one the consumer holds.
 from __future__ import annotations
 
 import os
-import queue
 import threading
 from dataclasses import dataclass
 from pathlib import Path

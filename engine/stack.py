@@ -21,7 +21,6 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from skystack import __version__
 from skystack.engine.errors import SkystackError
 from skystack.engine.session import SessionFiles
 
@@ -281,6 +280,7 @@ def register_session(files: SessionFiles, config: StackConfig = StackConfig()) -
     from skystack.engine.backend import CPU, get_backend, to_host
     from skystack.engine.framestore import FrameStore
     from skystack.engine.io import read_meta
+    from skystack.engine.masters import same_camera
     from skystack.engine.producer import FrameProducer
     from skystack.engine.rawconv import cfa_to_float
 
@@ -305,12 +305,13 @@ def register_session(files: SessionFiles, config: StackConfig = StackConfig()) -
         good = [m for m in metas if m is not None]
         if not good:
             raise SkystackError("no readable light frames: " + "; ".join(r.reason for r in records[:3]))
-        key = _majority([(m.shape, m.pattern, m.camera) for m in good])
+        key = _majority([(m.shape, m.pattern) for m in good])
+        camera = _majority([m.camera for m in good if (m.shape, m.pattern) == key and m.camera] or [None])
         for rec, m in zip(records, metas):
-            if m is not None and (m.shape, m.pattern, m.camera) != key:
+            if m is not None and ((m.shape, m.pattern) != key or not same_camera(m.camera, camera)):
                 rec.reason = (f"{Path(m.path).name}: camera/size/pattern {m.camera}/{m.shape}/{m.pattern} "
-                              f"differs from the session's {key[2]}/{key[0]}/{key[1]}; stack it separately")
-    shape, pattern, _camera = key
+                              f"differs from the session's {camera}/{key[0]}/{key[1]}; stack it separately")
+    shape, pattern = key
     if len(shape) != 2:
         raise SkystackError(f"{lights[0]}: colour (already debayered) lights are not supported yet; "
                             "pass the camera's RAW or Bayer FITS files")
@@ -467,7 +468,6 @@ def combine_registered(reg: Registered, config: StackConfig = StackConfig()) -> 
         image, count, coverage, rejected = _combine_store(store, used, nscale, noffset, weights, config, be,
                                                           reg.budget)
     n_pix = out_h * out_w
-    exposure = 0.0
     for k, i in enumerate(used):
         rec = records[i]
         rec.used = True
