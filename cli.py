@@ -78,14 +78,24 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 def _cmd_synth(args: argparse.Namespace) -> int:
     from skystack.engine.synth import SynthConfig, simulate
+    from skystack.engine.synth_scene import tripod_config
 
-    w, h = _parse_size(args.size)
-    cfg = SynthConfig(
-        seed=args.seed, width=w, height=h, n_lights=args.lights, n_bias=args.bias,
-        n_darks=args.darks, n_flats=args.flats, n_dark_flats=args.dark_flats,
-        pattern=args.pattern, file_format=args.format, exposure_s=args.exposure,
-        interval_s=args.interval,
-    )
+    given = {"seed": args.seed, "n_lights": args.lights, "n_bias": args.bias, "n_darks": args.darks,
+             "n_flats": args.flats, "n_dark_flats": args.dark_flats, "pattern": args.pattern,
+             "file_format": args.format, "exposure_s": args.exposure, "interval_s": args.interval,
+             "fov_deg": args.fov, "lens_k1": args.k1, "lens_k2": args.k2, "duration_min": args.duration}
+    if args.size is not None:
+        given["width"], given["height"] = _parse_size(args.size)
+    if args.no_landscape:
+        given["landscape"] = False
+    kw = {k: v for k, v in given.items() if v is not None}
+    if args.scene == "tripod":
+        cfg = tripod_config(**kw)
+    else:
+        if "duration_min" in kw or "fov_deg" in kw or "lens_k1" in kw or "lens_k2" in kw:
+            raise SkystackError("--duration, --fov, --k1 and --k2 need --scene tripod")
+        defaults = {"width": 1600, "height": 1200, "exposure_s": 20.0}
+        cfg = SynthConfig(**{**defaults, **kw})
     truth = simulate(cfg, Path(args.outdir), progress=not args.quiet)
     _console().print(f"wrote synthetic session to {args.outdir} (truth: {truth})")
     return 0
@@ -122,6 +132,7 @@ def _stack_config(args: argparse.Namespace):
         backend=args.backend, rejection=args.rejection, kappa_low=klo, kappa_high=khi,
         normalization=args.normalization, weighting=args.weighting, debayer=args.debayer,
         apply_wb=not args.no_wb, interpolation=args.interpolation, transform_model=args.model,
+        framing=args.framing, foreground=args.foreground, save_mask=getattr(args, "save_mask", None),
         reference=args.reference, keep_best=args.keep_best, max_fwhm=args.max_fwhm,
         min_stars=args.min_stars, memory_limit=parse_size(args.memory_limit),
         store_dtype=args.store_dtype, workers=args.workers, dark_optimize=args.dark_optimize,
@@ -346,7 +357,18 @@ def _stack_options(p: argparse.ArgumentParser, *, batch: bool = False) -> None:
     g.add_argument("--debayer", default="bilinear", choices=("bilinear", "rcd", "superpixel"))
     g.add_argument("--no-wb", action="store_true", help="do not apply the camera white balance")
     g.add_argument("--interpolation", default="lanczos3", choices=("lanczos3", "bilinear"))
-    g.add_argument("--model", default="similarity", choices=("similarity", "affine", "homography"))
+    g.add_argument("--model", default="auto", choices=("auto", "similarity", "affine", "homography",
+                                                    "homography+radial"),
+                   help="registration model (default auto: the simplest that fits held-out stars; "
+                        "homography+radial follows a wide, distorted lens)")
+    g.add_argument("--framing", default="reference", choices=("reference", "intersection", "union"),
+                   help="output field: the reference frame's (default), only what every frame covers, "
+                        "or all the sky any frame saw")
+    g.add_argument("--foreground", default="auto", metavar="auto|none|MASK.png",
+                   help="landscape under a moving sky: auto-detect it (default), none, or a mask (white = "
+                        "landscape); it is stacked unregistered and blended along the horizon")
+    if not batch:
+        g.add_argument("--save-mask", metavar="PATH", help="write the landscape mask used (PNG) to correct it")
     g.add_argument("--dark-optimize", action="store_true", help="scale the dark to minimise noise")
     g.add_argument("--no-cosmetic", action="store_true", help="no hot/cold pixel correction")
     if batch:
@@ -376,17 +398,25 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("synth", help="write a synthetic night session with truth.json")
     _common(p)
     p.add_argument("outdir")
+    p.add_argument("--scene", default="telescope", choices=("telescope", "tripod"),
+                   help="telescope: a small field turning about an off-frame pole (default); tripod: a phone "
+                        "on a tripod for an hour, wide barrel-distorted lens, landscape with lights")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--size", default="1600x1200", help="WIDTHxHEIGHT (default 1600x1200)")
-    p.add_argument("--lights", type=int, default=12)
-    p.add_argument("--bias", type=int, default=8)
-    p.add_argument("--darks", type=int, default=8)
-    p.add_argument("--flats", type=int, default=8)
-    p.add_argument("--dark-flats", type=int, default=8)
-    p.add_argument("--pattern", default="RGGB", choices=("RGGB", "BGGR", "GRBG", "GBRG"))
-    p.add_argument("--format", default="dng", choices=("dng", "fits"))
-    p.add_argument("--exposure", type=float, default=20.0, help="light exposure in s")
+    p.add_argument("--size", default=None, help="WIDTHxHEIGHT (default 1600x1200; tripod 960x720)")
+    p.add_argument("--lights", type=int, default=None, help="light frames (default 12; tripod 40)")
+    p.add_argument("--bias", type=int, default=None)
+    p.add_argument("--darks", type=int, default=None)
+    p.add_argument("--flats", type=int, default=None)
+    p.add_argument("--dark-flats", type=int, default=None)
+    p.add_argument("--pattern", default=None, choices=("RGGB", "BGGR", "GRBG", "GBRG"))
+    p.add_argument("--format", default=None, choices=("dng", "fits"))
+    p.add_argument("--exposure", type=float, default=None, help="light exposure in s (default 20; tripod 10)")
     p.add_argument("--interval", type=float, default=None, help="cadence in s (default exposure + 2)")
+    p.add_argument("--duration", type=float, default=None, help="tripod: session length in minutes (60)")
+    p.add_argument("--fov", type=float, default=None, help="tripod: field of view across, degrees (66)")
+    p.add_argument("--k1", type=float, default=None, help="tripod: radial distortion k1 (-0.045, barrel)")
+    p.add_argument("--k2", type=float, default=None, help="tripod: radial distortion k2 (0)")
+    p.add_argument("--no-landscape", action="store_true", help="tripod: sky only")
     p.set_defaults(func=_cmd_synth)
 
     p = sub.add_parser("plan", help="exposure calculator (500 and NPF rules)")

@@ -986,7 +986,7 @@ def _load_toml(path: Path) -> dict[str, Any]:
 
 
 def _apply_toml(cfg: StackConfig, path: Path) -> StackConfig:
-    from skystack.engine import combine, debayer, normalize, warp
+    from skystack.engine import combine, debayer, normalize, register, warp
     from skystack.engine.stack import parse_size
 
     data = _load_toml(path)
@@ -998,7 +998,7 @@ def _apply_toml(cfg: StackConfig, path: Path) -> StackConfig:
     fields = {f.name: f for f in dataclasses.fields(StackConfig)}
     choices = {"rejection": combine.METHODS, "normalization": normalize.NORMALIZATIONS,
                "weighting": normalize.WEIGHTINGS, "debayer": debayer.METHODS, "interpolation": warp.METHODS,
-               "transform_model": ("similarity", "affine", "homography"), "store_dtype": ("float32", "float16"),
+               "transform_model": ("auto", *register.MODELS), "store_dtype": ("float32", "float16"),
                "backend": ("auto", "cpu", "gpu")}
     changes: dict[str, Any] = {}
     for raw_key, value in data.items():

@@ -524,3 +524,42 @@ def match_stars(src: Any, dst: Any, *, config: MatchConfig | None = None,
     model = cfg.model if si.size >= 2 * _MIN_POINTS[cfg.model] + 2 else "similarity"
     return MatchResult(transform=t, src_idx=s_idx[si], dst_idx=d_idx[di], residual_rms_px=rms,
                        model=model, n_hypotheses=n_hyp_total)
+
+
+def refine_from(guess: np.ndarray, src: Any, dst: Any, *, config: MatchConfig | None = None) -> MatchResult:
+    """Refine a known approximate transform (no triangle search): re-associate and fit ``config.model``.
+
+    Used to re-reference a frame (a composed transform as the guess), to chain a
+    frame through a neighbour, and to refit in ideal (undistorted) pixels.
+
+    Parameters
+    ----------
+    guess : ndarray, shape (3, 3)
+        Approximate frame -> reference transform (within ``ransac_threshold_px``
+        where the stars are).
+    src, dst : ndarray (N, 2) or StarList
+        Frame and reference stars.
+    config : MatchConfig, optional
+
+    Raises
+    ------
+    RegistrationError
+        Fewer than ``min_inliers`` stars agree with the refined transform.
+    """
+    cfg = config or MatchConfig()
+    s_xy, es = _as_xy_err(src)
+    d_xy, ed = _as_xy_err(dst)
+    s_idx = np.flatnonzero(np.isfinite(s_xy).all(1))
+    d_idx = np.flatnonzero(np.isfinite(d_xy).all(1))
+    s_xy, d_xy = s_xy[s_idx], d_xy[d_idx]
+    es = None if es is None else es[s_idx]
+    ed = None if ed is None else ed[d_idx]
+    if len(s_xy) < cfg.min_inliers or len(d_xy) < cfg.min_inliers:
+        raise NotEnoughStars(f"too few stars to register: {len(s_xy)} in the frame, {len(d_xy)} in the reference")
+    t, si, di = _refine(np.asarray(guess, dtype=np.float64), s_xy, d_xy, es, ed, cfg, cfg.model)
+    if si.size < cfg.min_inliers:
+        raise RegistrationError(f"only {si.size} stars agree with the transform (need {cfg.min_inliers})")
+    res = transform_points(t, s_xy[si]) - d_xy[di]
+    rms = float(np.sqrt(np.mean(np.sum(res * res, axis=1))))
+    model = cfg.model if si.size >= 2 * _MIN_POINTS[cfg.model] + 2 else "similarity"
+    return MatchResult(transform=t, src_idx=s_idx[si], dst_idx=d_idx[di], residual_rms_px=rms, model=model)

@@ -32,6 +32,7 @@ def build_report(result, *, outputs: dict[str, str] | None = None) -> dict[str, 
         "total_exposure_s": result.exposure_s,
         "output_shape": list(result.image.shape),
         "settings": result.settings,
+        "registration": getattr(result, "registration", {}),
         "masters": result.masters,
         "frames": frames,
         "timings_s": {k: round(v, 4) for k, v in result.timings.items()},
@@ -81,6 +82,8 @@ def summary_table(result, outputs: dict[str, str]):
     t.add_row("frames used", f"{result.n_used} / {len(result.frames)}")
     t.add_row("total exposure", f"{result.exposure_s:.0f} s")
     t.add_row("reference", Path(result.reference).name if result.reference else "-")
+    for line in _registration_lines(getattr(result, "registration", {}) or {}):
+        t.add_row(*line)
     skipped = [f for f in result.frames if not f.used]
     for f in skipped[:10]:
         t.add_row(f"skipped {Path(f.path).name}", f.reason)
@@ -93,6 +96,25 @@ def summary_table(result, outputs: dict[str, str]):
     for k, v in outputs.items():
         t.add_row(k, v)
     return t
+
+
+def _registration_lines(reg: dict[str, Any]) -> list[tuple[str, str]]:
+    """Summary rows for the registration: model (and lens), framing, foreground, trailing."""
+    rows = []
+    if reg.get("model"):
+        lens = reg.get("lens")
+        extra = f" (lens k1 {lens['k1']:+.4f}, k2 {lens['k2']:+.4f})" if lens else ""
+        if reg.get("heldout_rms_px"):
+            extra += "; held-out RMS " + ", ".join(f"{k} {v:.3f}" for k, v in reg["heldout_rms_px"].items()) + " px"
+        rows.append(("model", reg["model"] + extra))
+    if reg.get("chained_frames"):
+        rows.append(("chained", f"{reg['chained_frames']} frames registered through a neighbour"))
+    if reg.get("static_sources"):
+        rows.append(("static sources", f"{reg['static_sources']} fixed lights/landscape detections left out"))
+    for key in ("framing", "foreground", "trailing"):
+        if reg.get(key):
+            rows.append((key, str(reg[key])))
+    return rows
 
 
 def write_outputs(result, *, tiff: str | None, preview: str | None = None, fits: str | None = None,

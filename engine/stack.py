@@ -24,6 +24,11 @@ import numpy as np
 from skystack.engine.errors import SkystackError
 from skystack.engine.session import SessionFiles
 
+#: Landscape seam (in detector blocks): the landscape stack is used fully up to
+#: ``margin`` above the horizon (and frames' pixels that close to their own
+#: horizon stay out of the sky stack), then blends into the sky over ``feather``.
+_FG_MARGIN_BLOCKS, _FG_FEATHER_BLOCKS = 1.5, 2.0
+
 #: Bytes per stored pixel per frame per channel of working space the combine
 #: step needs, as a multiple of the tile itself (NumPy twin's temporaries).
 _COMBINE_WORKSPACE = 6
@@ -43,7 +48,10 @@ class StackConfig:
     debayer: str = "bilinear"
     apply_wb: bool = True
     interpolation: str = "lanczos3"
-    transform_model: str = "similarity"
+    transform_model: str = "auto"
+    framing: str = "reference"
+    foreground: str = "auto"
+    save_mask: str | None = None
     reference: str | None = None
     keep_best: float | None = None
     max_fwhm: float | None = None
@@ -96,6 +104,7 @@ class StackResult:
     timings: dict[str, float] = field(default_factory=dict)
     masters: dict[str, Any] = field(default_factory=dict)
     settings: dict[str, Any] = field(default_factory=dict)
+    registration: dict[str, Any] = field(default_factory=dict)
     peak_rss_bytes: int = 0
     queue_peak: int = 0
     queue_bound: int = 0
@@ -238,6 +247,9 @@ class Registered:
     masters: dict[str, Any]
     queue_peak: int
     queue_bound: int
+    registration: dict[str, Any] = field(default_factory=dict)
+    landscape: tuple[np.ndarray, np.ndarray] | None = None  # (image, weight) in the canvas
+    framing: str = "reference"
 
     def frame(self, i: int) -> np.ndarray:
         """Registered frame ``i`` (index into the lights), ``(C, H, W)`` float32."""
@@ -275,7 +287,7 @@ def register_session(files: SessionFiles, config: StackConfig = StackConfig()) -
         When no light can be used (the message says why for each).
     """
     from skystack.engine import calibrate as cal
-    from skystack.engine import debayer, detect, match, warp
+    from skystack.engine import debayer, detect, foreground, framing, register, warp
     from skystack.engine.cosmetic import CosmeticConfig
     from skystack.engine.backend import CPU, get_backend, to_host
     from skystack.engine.framestore import FrameStore
@@ -402,40 +414,72 @@ def register_session(files: SessionFiles, config: StackConfig = StackConfig()) -
             store.close()
             raise SkystackError("every light was rejected: " + "; ".join(
                 f"{Path(r.path).name}: {r.reason}" for r in records[:5]))
-        ref = _reference_index(config.reference, lights, cand, quality, detect)
-        mcfg = match.MatchConfig(model=config.transform_model)
-        transforms: dict[int, np.ndarray] = {}
-        for i in cand:
-            if i == ref:
-                transforms[i] = np.eye(3)
-                records[i].residual_px = 0.0
-                continue
-            try:
-                # StarLists carry per-star centroid errors: the fit is weighted by them.
-                res = match.match_stars(stars[i], stars[ref], config=mcfg)
-            except SkystackError as exc:
-                records[i].reason = f"registration failed: {exc}"
-                continue
-            transforms[i] = np.asarray(res.transform, dtype=np.float64)
-            records[i].residual_px = _f(res.residual_rms_px)
+        prov = _reference_index(config.reference, lights, cand, quality, detect)
+        sreg = register.register_frames({i: stars[i] for i in cand}, {i: quality[i].score for i in cand},
+                                        (h_full, w_full), model=config.transform_model, provisional=prov,
+                                        fixed_reference=bool(config.reference))
+        ref, transforms, lens = sreg.ref, sreg.transforms, sreg.lens
+        for i, why in sreg.failures.items():
+            records[i].reason = why if why.startswith("registration failed") else f"registration failed: {why}"
+        for i, r in sreg.residuals.items():
+            records[i].residual_px = _f(r)
         used = [i for i in cand if i in transforms]
 
     # --- pass 2: warp into the reference grid (in place in the store)
     s_half = np.array([[2.0, 0, 0.5], [0, 2.0, 0.5], [0, 0, 1]])
+    lens_store = lens
+    if lens is not None and superpixel:
+        lens_store = type(lens)(cx=(lens.cx - 0.5) / 2, cy=(lens.cy - 0.5) / 2, r_norm=lens.r_norm / 2,
+                                k1=lens.k1, k2=lens.k2)
+
+    t_store = {i: (np.linalg.inv(s_half) @ t @ s_half if superpixel else t) for i, t in transforms.items()}
+    motion = sreg.motion_px / (2.0 if superpixel else 1.0)
+    with timer("foreground"):
+        sky_xy = np.concatenate([sreg.sky_stars[i] for i in used if i in sreg.sky_stars] or [np.zeros((0, 2))])
+        sky_xy = (sky_xy - 0.5) / 2.0 if superpixel else sky_xy
+        fg = _foreground(config, store, used, ref, t_store, lens_store, motion, (out_h, out_w), lights, sky_xy)
+        land = None
+        if fg.found:
+            land = _landscape_stack(fg, [lights[i] for i in used], cset, ccfg, config, be, budget,
+                                    2 if superpixel else 1)
+    canvas = framing.make_canvas(config.framing, {i: t_store[i] for i in used}, (out_h, out_w), lens_store)
+    target = store
+    if canvas.shape != (out_h, out_w):
+        target = FrameStore(len(lights), (n_ch, *canvas.shape), ram_budget=store_budget,
+                            dtype=config.store_dtype, spill_dir=config.spill_dir)
+    excl = foreground.sky_exclusion(fg.mask, _fg_margins((out_h, out_w))[0]) if fg.found else None
+
     def warp_one(i: int) -> None:
-        t = transforms[i]
-        records[i].transform = t.tolist()
-        if i == ref:
+        records[i].transform = transforms[i].tolist()
+        if i == ref and target is store and excl is None:
+            return  # the reference is its own grid
+        img = store.get(i)
+        if excl is not None:
+            img = np.array(img, dtype=np.float32)
+            img[:, excl] = np.nan
+        if i == ref:  # copied, never resampled
+            target.put(i, canvas.place(np.asarray(img, dtype=np.float32)))
             return
-        t_store = np.linalg.inv(s_half) @ t @ s_half if superpixel else t
-        out = warp.warp(xp.asarray(store.get(i)), t_store, (out_h, out_w), method=config.interpolation)
-        store.put(i, to_host(out))
+        out = warp.warp(xp.asarray(img), canvas.offset @ t_store[i], canvas.shape, method=config.interpolation,
+                        lens=lens_store, lens_offset=(canvas.ox, canvas.oy))
+        target.put(i, to_host(out))
 
     with timer("warp"):
         _run_parallel(warp_one, used, _compute_threads(be, config))
+        landscape = (canvas.place(land[0]), canvas.place(land[1][None])[0]) if land is not None else None
+    if target is not store:
+        store.close()
+        store = target
+    regdesc = register.describe(sreg)
+    regdesc.update({"framing": f"{canvas.framing} ({canvas.shape[1]}x{canvas.shape[0]})", "canvas": canvas.to_dict(),
+                    "foreground": fg.message})
+    trailing = _trailing(transforms, lens, lights, metas, used, (h_full, w_full))
+    if trailing:
+        regdesc["trailing"] = trailing
 
     return Registered(store=store, used=used, ref=ref, records=records, lights=lights, backend=be,
-                      timer=timer, t_start=t_start, budget=budget,
+                      timer=timer, t_start=t_start, budget=budget, registration=regdesc, landscape=landscape,
+                      framing=canvas.framing,
                       masters={k: _master_summary(v) for k, v in cset.masters.items()},
                       queue_peak=producer.gauge.peak, queue_bound=producer.bound)
 
@@ -467,6 +511,11 @@ def combine_registered(reg: Registered, config: StackConfig = StackConfig()) -> 
     with timer("combine"):
         image, count, coverage, rejected = _combine_store(store, used, nscale, noffset, weights, config, be,
                                                           reg.budget)
+    if reg.landscape is not None:
+        image, coverage = _blend_landscape(image, coverage, reg.landscape, len(used))
+    if reg.framing == "intersection":
+        image, count, coverage = _crop_full_coverage(image, count, coverage, len(used))
+        out_h, out_w = image.shape[-2:]
     n_pix = out_h * out_w
     for k, i in enumerate(used):
         rec = records[i]
@@ -477,15 +526,17 @@ def combine_registered(reg: Registered, config: StackConfig = StackConfig()) -> 
     return StackResult(
         image=image if n_ch == 3 else image[0], count=count, coverage=coverage, frames=records,
         reference=str(reg.lights[ref]), backend=be.name, device=be.device_name, timings=dict(timer.t),
-        masters=reg.masters, settings=_settings(config), peak_rss_bytes=peak_rss_bytes(),
+        masters=reg.masters, settings=_settings(config), registration=reg.registration,
+        peak_rss_bytes=peak_rss_bytes(),
         queue_peak=reg.queue_peak, queue_bound=reg.queue_bound,
         exposure_s=float(sum(records[i].exposure_s or 0.0 for i in used)),
         store_on_disk=store.on_disk,
     )
 
 
-def _combine_store(store, used: list[int], nscale, noffset, weights, config: StackConfig, be, budget):
-    """Combine the store tile by tile.
+def _combine_store(store, used: list[int], nscale, noffset, weights, config: StackConfig, be, budget,
+                   first_row: int = 0):
+    """Combine the store tile by tile (rows ``first_row`` and below).
 
     Returns image (C,H,W), count (H,W) of kept values, coverage (H,W) of frames
     with data there, and the rejected values per frame.
@@ -499,23 +550,24 @@ def _combine_store(store, used: list[int], nscale, noffset, weights, config: Sta
     khi = dk[1] if config.kappa_high is None else config.kappa_high
     n = len(used)
     c, h, w = store.shape
+    h0 = first_row
     # A tile row costs the block itself (C planes) plus, per channel in flight, a
     # contiguous copy and the combine's bounded temporaries.
     per_row = n * w * 4 * _COMBINE_WORKSPACE
     if budget is None:
         budget = be.memory_budget(None)
     rows = int(max(1, min(h, budget // max(per_row, 1))))
-    image = np.full((c, h, w), np.nan, dtype=np.float32)
-    count = np.zeros((h, w), dtype=np.int32)
-    coverage = np.zeros((h, w), dtype=np.int16)
+    image = np.full((c, h - h0, w), np.nan, dtype=np.float32)
+    count = np.zeros((h - h0, w), dtype=np.int32)
+    coverage = np.zeros((h - h0, w), dtype=np.int16)
     rejected = np.zeros(n, dtype=np.int64)
     lock = threading.Lock()
     xp = be.xp
     threads = min(c, _compute_threads(be, config), max(1, _COMBINE_WORKSPACE - c - 1))
-    for y0 in range(0, h, rows):
+    for y0 in range(h0, h, rows):
         y1 = min(h, y0 + rows)
         block = store.tile(used, y0, y1)  # (N, C, rows, W)
-        coverage[y0:y1] = np.isfinite(block[:, 0]).sum(axis=0)
+        coverage[y0 - h0:y1 - h0] = np.isfinite(block[:, 0]).sum(axis=0)
 
         def one(ch: int) -> None:
             cube = xp.asarray(np.ascontiguousarray(block[:, ch]))
@@ -523,16 +575,170 @@ def _combine_store(store, used: list[int], nscale, noffset, weights, config: Sta
                           max_iter=config.max_iter,
                           scale=xp.asarray(nscale[:, ch]), offset=xp.asarray(noffset[:, ch]),
                           weights=xp.asarray(weights[:, ch]))
-            image[ch, y0:y1] = be.to_host(res.mean)
+            image[ch, y0 - h0:y1 - h0] = be.to_host(res.mean)
             rej = be.to_host(res.rejected).astype(np.int64)
             with lock:
                 if ch == 0:
-                    count[y0:y1] = be.to_host(res.count)
+                    count[y0 - h0:y1 - h0] = be.to_host(res.count)
                 rejected[:] += rej
 
         _run_parallel(one, range(c), threads)
         del block
     return image, count, coverage, rejected
+
+
+def _fg_margins(shape: tuple[int, int]) -> tuple[float, float]:
+    """(margin, feather) of the landscape seam in pixels of a frame of ``shape``."""
+    from skystack.engine.foreground import small_bin
+
+    b = small_bin(shape)
+    return _FG_MARGIN_BLOCKS * b, _FG_FEATHER_BLOCKS * b
+
+
+def _foreground(config: StackConfig, store, used: list[int], ref: int, transforms: dict[int, np.ndarray], lens,
+                motion: float, shape: tuple[int, int], lights: list[Path], star_xy: np.ndarray):
+    """The landscape of the session (``--foreground auto|none|MASK``), written to ``--save-mask`` if asked."""
+    from skystack.engine import foreground as fgm
+    from skystack.engine.register import _spread
+
+    if config.foreground == "none":
+        fg = fgm.none("none (--foreground none)")
+    elif config.foreground != "auto":
+        fg = fgm.load_mask(config.foreground, shape)
+    else:
+        b = fgm.small_bin(shape)
+        pick = sorted(set(_spread(used, fgm.N_FRAMES - 1)) | {ref})
+        small = {i: fgm.block_mean(np.asarray(store.get(i), dtype=np.float32).mean(axis=0), b) for i in pick}
+        fg = fgm.detect_foreground(small, {i: transforms[i] for i in pick}, shape, b, lens=lens, motion_px=motion,
+                                   star_xy=star_xy)
+    if config.save_mask:
+        fgm.save_mask(config.save_mask, fg, shape, inputs=lights)
+    return fg
+
+
+def _landscape_stack(fg, paths: list[Path], cset, ccfg, config: StackConfig, be, budget: int | None,
+                     scale: int) -> tuple[np.ndarray, np.ndarray]:
+    """The still landscape: unregistered lights stacked on the CFA mosaic, then debayered once.
+
+    Only the rows from just above the horizon down are kept. Stacking the
+    mosaic before interpolating (a still scene needs no resampling) and
+    debayering the high-SNR result with RCD keeps roof lines and lights as
+    sharp as the sensor recorded them. ``scale`` is 2 for super-pixel stores.
+    Returns the ``(C, H, W)`` image (NaN above the band) and the blend weight.
+    """
+    from skystack.engine import calibrate as cal
+    from skystack.engine import debayer
+    from skystack.engine.foreground import blend_weight
+    from skystack.engine.framestore import FrameStore
+    from skystack.engine.producer import FrameProducer
+    from skystack.engine.rawconv import cfa_to_float
+
+    margin, feather = _fg_margins(fg.mask.shape)
+    weight = blend_weight(fg.mask, margin, feather)
+    rows = np.flatnonzero(weight.max(axis=1) > 0)
+    y0 = (max(0, int(rows[0]) - 4) * scale) // 2 * 2  # full-resolution, even: the CFA pattern is kept
+    h_full, w_full = fg.mask.shape[0] * scale, fg.mask.shape[1] * scale
+    band = FrameStore(len(paths), (1, h_full - y0, w_full), ram_budget=(budget or 1 << 30) // 2)
+    metas: list[Any] = [None] * len(paths)
+    producer = FrameProducer(paths, workers=config.workers, queue_size=config.queue_size, manual_release=True)
+    xp = be.xp
+
+    def one(item) -> None:
+        try:
+            if item.frame is None:
+                raise SkystackError(item.error or f"{paths[item.index]}: cannot decode")
+            m = item.frame.meta
+            x = cfa_to_float(xp.asarray(item.frame.data), pattern=m.pattern, black_level=m.black_level,
+                             white_level=m.white_level)
+            x = cal.calibrate_light(x, m, cset, config=ccfg).data
+            band.put(item.index, be.to_host(x[y0:])[None])
+            metas[item.index] = m
+        finally:
+            producer.release(item)
+
+    try:
+        _run_parallel(one, producer, _compute_threads(be, config))
+        k = list(range(len(paths)))
+        ones, zeros = np.ones((len(k), 1), np.float32), np.zeros((len(k), 1), np.float32)
+        cfa, _, _, _ = _combine_store(band, k, ones, zeros, ones, config, be, budget)
+    finally:
+        band.close()
+    m = metas[0]
+    wb = m.wb if (config.apply_wb and m.wb is not None) else None
+    method = "superpixel" if scale == 2 else "rcd"
+    rgb = debayer.debayer(cfa[0], m.pattern, method=method, wb=wb) if m.pattern else cfa
+    full = np.full((rgb.shape[0], *fg.mask.shape), np.nan, dtype=np.float32)
+    full[:, y0 // scale:] = be.to_host(rgb)
+    return full, weight
+
+
+def _blend_landscape(image: np.ndarray, coverage: np.ndarray, landscape, n: int):
+    """Landscape over the sky along the feathered seam; the sky's holes below the horizon filled."""
+    land, w = landscape
+    w = np.nan_to_num(w, nan=0.0)
+    sky_ok = np.isfinite(image)
+    land_ok = np.isfinite(land)
+    w = np.where(sky_ok, w[None], 1.0) * land_ok
+    out = np.where(land_ok, w * np.nan_to_num(land) + (1.0 - w) * np.nan_to_num(image), image)
+    out = np.where(sky_ok | land_ok, out, np.nan).astype(np.float32)
+    cov = np.where(w[0] > 0.5, n, coverage).astype(coverage.dtype)
+    return out, cov
+
+
+def _crop_full_coverage(image: np.ndarray, count: np.ndarray, coverage: np.ndarray, n: int):
+    """Intersection framing: the largest rectangle every used frame covers."""
+    from skystack.engine.crop import apply_box, max_rectangle
+
+    box = max_rectangle(coverage >= n)
+    if box[1] <= box[0] or box[3] <= box[2]:
+        raise SkystackError("framing intersection: the frames share no common area; use --framing reference")
+    return apply_box(image, box), apply_box(count, box), apply_box(coverage, box)
+
+
+def _trailing(transforms: dict[int, np.ndarray], lens, lights: list[Path], metas: list[Any], used: list[int],
+              shape: tuple[int, int]) -> str:
+    """Star trailing per exposure at the frame's edge, with the NPF rule's suggestion for this lens."""
+    from skystack.engine.framing import border_points
+    from skystack.engine.match import transform_points
+    from skystack.engine.plan import rule_npf
+
+    rates = []
+    for a, b in zip(used, used[1:]):
+        ma, mb = metas[a], metas[b]
+        ta, tb = _timestamp(ma), _timestamp(mb)
+        if ta is None or tb is None or not tb > ta:
+            continue
+        p = border_points(shape, 16)
+        q = lens.undistort(p) if lens is not None else p
+        q = transform_points(np.linalg.inv(transforms[b]) @ transforms[a], q)
+        q = lens.distort(q) if lens is not None else q
+        rates.append(float(np.nanmax(np.hypot(*(q - p).T))) / (tb - ta))
+    exp = next((m.exposure_s for m in (metas[i] for i in used) if m is not None and m.exposure_s), None)
+    if not rates or not exp:
+        return ""
+    px = float(np.median(rates)) * exp
+    text = f"{px:.1f} px per {exp:g} s exposure at the frame's edge"
+    m = metas[used[0]]
+    pitch = (m.extra or {}).get("pixel_pitch_um") or (m.extra or {}).get("XPIXSZ")
+    aperture = (m.extra or {}).get("f_number") or (m.extra or {}).get("FOCRATIO")
+    if m.focal_length_mm and pitch and aperture:
+        try:
+            npf = rule_npf(float(m.focal_length_mm), float(aperture), float(pitch))
+            text += f"; the NPF rule suggests at most {npf:.1f} s for this lens (skystack plan)"
+        except (SkystackError, ValueError, TypeError):
+            pass
+    return text
+
+
+def _timestamp(meta) -> float | None:
+    import datetime as _dt
+
+    if meta is None or not meta.timestamp:
+        return None
+    try:
+        return _dt.datetime.fromisoformat(str(meta.timestamp).replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return None
 
 
 def _compute_threads(be, config: StackConfig) -> int:

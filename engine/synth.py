@@ -163,6 +163,16 @@ class SynthConfig:
     ``None``/``()`` disables): trail_frames (first a satellite, then an
     aircraft), cloudy_frame, shake_frame, shake_px (amplitude of the wind
     shake, px).
+
+    Fixed-tripod scene (``scene="tripod"``, :mod:`skystack.engine.synth_scene`)
+    ---------------------------------------------------------------------------
+    Stars on the celestial sphere turning at the sidereal rate for
+    latitude_deg, seen by a camera aimed at pointing_az_deg / pointing_alt_deg
+    with a horizontal field of view fov_deg (pinhole) and radial distortion
+    lens_k1, lens_k2 (the geometry fields above are ignored); landscape :
+    ground below an irregular horizon covering the bottom landscape_height
+    of the frame (hill, tree line, house), of brightness ground_level times
+    the G sky, with n_static_lights fixed lights of about static_light_adu.
     """
 
     # session
@@ -248,6 +258,19 @@ class SynthConfig:
     cloudy_frame: Any = "auto"
     shake_frame: Any = "auto"
     shake_px: float = 4.0
+    # fixed-tripod scene (engine/synth_scene.py; synth_scene.tripod_config() is a phone night)
+    scene: str = "telescope"
+    latitude_deg: float = 45.0
+    pointing_az_deg: float = 180.0
+    pointing_alt_deg: float = 35.0
+    fov_deg: float = 66.0
+    lens_k1: float = 0.0
+    lens_k2: float = 0.0
+    landscape: bool = False
+    landscape_height: float = 0.25
+    ground_level: float = 0.25
+    n_static_lights: int = 6
+    static_light_adu: float = 3000.0
 
     # -- derived -------------------------------------------------------------
 
@@ -313,6 +336,13 @@ class SynthConfig:
         lo, hi = self.fwhm_range
         if not 0.8 <= lo <= hi <= 30:
             bad(f"fwhm_range {self.fwhm_range} must satisfy 0.8 <= lo <= hi <= 30")
+        if self.scene not in ("telescope", "tripod"):
+            bad(f"scene {self.scene!r}: use 'telescope' or 'tripod'")
+        if self.scene == "tripod" and not (5.0 <= self.fov_deg <= 120.0 and -89 <= self.latitude_deg <= 89
+                                           and -10 <= self.pointing_alt_deg <= 89):
+            bad("tripod scene: fov_deg in 5..120, latitude_deg in -89..89, pointing_alt_deg in -10..89")
+        if self.landscape and self.scene != "tripod":
+            bad("landscape needs scene='tripod'")
         if self.hemisphere not in ("north", "south"):
             bad(f"hemisphere {self.hemisphere!r}: use 'north' or 'south'")
         if self.amp_glow_corner not in ("top-left", "top-right", "bottom-left", "bottom-right"):
@@ -713,7 +743,9 @@ class SynthTruth:
         return self._ref_to_sensor[index].copy()
 
     def project_stars(self, index: int) -> np.ndarray:
-        """(N, 2) positions of all stars in light ``index`` sensor pixels (mid-exposure)."""
+        """(N, 2) positions of all stars in light ``index`` sensor pixels (mid-exposure; NaN: not in view)."""
+        if self.scene is not None:
+            return self.scene.project(self._star_vec, self._t_mid[index])
         m = self._ref_to_sensor[index]
         xy = self.stars.xy
         return xy @ m[:2, :2].T + m[:2, 2]
@@ -866,9 +898,16 @@ class SynthTruth:
         specials = self._special_indices()
         lights = []
         self._ref_to_sensor = []
+        self._t_mid = t_mid
+        self.scene = None
+        if c.scene == "tripod":
+            from skystack.engine.synth_scene import TripodScene
+
+            self.scene = TripodScene(c, t_mid, r)
+            phi = np.array([math.radians(self.scene.rotation_deg(i)) for i in range(n)])
         for i in range(n):
             d = drift * (i - r) + c.jitter_px * g[i, :2]
-            if i == r:
+            if i == r or self.scene is not None:
                 d = np.zeros(2)
             cs, sn = math.cos(phi[i]), math.sin(phi[i])
             R = np.array([[cs, -sn], [sn, cs]])
@@ -881,6 +920,9 @@ class SynthTruth:
             t[:2, 2] = P - R.T @ (P + d)
             if i == r:
                 m, t = np.eye(3), np.eye(3)
+            elif self.scene is not None:  # ideal (undistorted) pixels; the lens is in truth.lens
+                t = self.scene.homography(i)
+                m = np.linalg.inv(t)
             self._ref_to_sensor.append(m)
             lo, hi = c.fwhm_range
             fwhm = lo + (hi - lo) * u[i, 0]
@@ -1091,6 +1133,12 @@ class SynthTruth:
     def _make_stars(self) -> StarList:
         c = self.config
         rng = _rng(c.seed, "stars")
+        if self.scene is not None:
+            self._star_vec = self.scene.make_star_vectors(rng, c.star_density)
+            n = len(self._star_vec)
+            xy = self.scene.project(self._star_vec, self._t_mid[self.reference_index]) if self.lights \
+                else np.full((n, 2), np.nan)
+            return self._star_fluxes(rng, xy)
         margin = float(_RADIUS_BUCKETS[-1]) + c.shake_px + 8.0
         rmin, rmax, lo, hi, _ = self._coverage(margin)
         area = 0.5 * (hi - lo) * (rmax * rmax - rmin * rmin)
@@ -1098,6 +1146,11 @@ class SynthTruth:
         rad = np.sqrt(rng.uniform(rmin * rmin, rmax * rmax, n))
         th = rng.uniform(lo, hi, n)
         xy = np.column_stack([self.pole_xy[0] + rad * np.cos(th), self.pole_xy[1] + rad * np.sin(th)])
+        return self._star_fluxes(rng, xy)
+
+    def _star_fluxes(self, rng: np.random.Generator, xy: np.ndarray) -> StarList:
+        c = self.config
+        n = len(xy)
         # truncated power law N(>F) ~ F^-g between F_min and F_max (G channel, per light exposure)
         g = c.star_flux_index
         fmin = c.star_flux_min_adu_s * c.exposure_s
@@ -1289,7 +1342,54 @@ class SynthTruth:
             out += self._render_stars(lt, cmap, fwhm, cloud_c is not None)
         if trail and lt is not None and lt.trail is not None:
             out += self._render_trail(lt, cmap)
+        if self.scene is not None and c.landscape:
+            out = self._with_landscape(out, lt, cmap, fwhm)
         return out
+
+    def _with_landscape(self, sky: np.ndarray, lt: LightTruth | None, cmap: np.ndarray | None,
+                        fwhm: float | None) -> np.ndarray:
+        """The sky hidden below the horizon, the ground and its fixed lights in its place."""
+        c = self.config
+        if "land" not in self._cache:
+            cov = self.scene.coverage().astype(np.float64)
+            ground = self.scene.ground_brightness(c.sky_adu_s[1] * c.exposure_s).astype(np.float64)
+            self._cache["land"] = (cov, ground, self.scene.static_lights())
+        cov, ground, lights = self._cache["land"]
+        f = lt.fwhm_px if lt is not None else (fwhm or self.lights[self.reference_index].fwhm_px)
+        alpha = moffat_alpha(f, c.moffat_beta)
+        rad = _stamp_radius(lights["flux"].max(axis=1), alpha, c.moffat_beta, 0.0)
+        pts = _render_points(self.shape, lights["xy"][:, 0], lights["xy"][:, 1], lights["flux"], alpha=alpha,
+                             beta=c.moffat_beta, radius=rad, cmap=cmap)
+        if cmap is not None:
+            ci = self._cidx()
+            ground = np.where(ci == 0, ground[0], np.where(ci == 1, ground[1], ground[2]))
+        return sky * (1.0 - cov) + ground * cov + pts
+
+    def horizon_mask(self) -> np.ndarray:
+        """(H, W) bool: landscape pixels (sensor geometry); all False without a landscape."""
+        if self.scene is None or not self.config.landscape:
+            return np.zeros(self.shape, dtype=bool)
+        return self.scene.mask()
+
+    def static_lights(self) -> dict[str, np.ndarray]:
+        """Fixed landscape lights: ``xy`` (N, 2) sensor px, ``flux`` (N, 3) ADU; empty without a landscape."""
+        if self.scene is None or not self.config.landscape:
+            return {"xy": np.zeros((0, 2)), "flux": np.zeros((0, 3))}
+        return self.scene.static_lights()
+
+    @property
+    def lens(self):
+        """The :class:`~skystack.engine.lens.RadialLens` of the session (identity for the telescope scene)."""
+        from skystack.engine.lens import RadialLens
+
+        return self.scene.lens if self.scene is not None else RadialLens.for_shape(self.shape)
+
+    def mapping(self, index: int, xy: np.ndarray) -> np.ndarray:
+        """Exact map of light ``index``'s sensor pixels ``(N, 2)`` to the reference light's sensor pixels."""
+        lens = self.lens
+        from skystack.engine.match import transform_points
+
+        return lens.distort(transform_points(self.lights[index].transform, lens.undistort(xy)))
 
     def _render_stars(self, lt: LightTruth | None, cmap: np.ndarray | None, fwhm: float | None,
                       cloudy: bool) -> np.ndarray:
@@ -1308,7 +1408,14 @@ class SynthTruth:
             flux = self.stars.flux * lt.transparency
             shake = lt.shake_offsets
             L = None
-            if c.rotation_smear:
+            if self.scene is not None:
+                half = 0.5 * lt.exposure_s
+                p0 = self.scene.project(self._star_vec, lt.t_mid_s - half)
+                p1 = self.scene.project(self._star_vec, lt.t_mid_s + half)
+                vx = np.nan_to_num(p1[:, 0] - p0[:, 0])
+                vy = np.nan_to_num(p1[:, 1] - p0[:, 1])
+                L = np.hypot(vx, vy)
+            elif c.rotation_smear:
                 pole_s = self._ref_to_sensor[lt.index] @ np.array([*self.pole_xy, 1.0])
                 vx = -(xy[:, 1] - pole_s[1]) * self.omega_rad_s * lt.exposure_s
                 vy = (xy[:, 0] - pole_s[0]) * self.omega_rad_s * lt.exposure_s
@@ -1321,6 +1428,7 @@ class SynthTruth:
         reach = 0.0 if shake is None else float(np.max(np.hypot(shake[:, 0], shake[:, 1])))
         radius = _stamp_radius(flux.max(axis=1) / kk, alpha, beta, extra)  # one (sub-)stamp
         cull = radius + reach
+        xy = np.nan_to_num(xy, nan=-1e9)
         inside = ((xy[:, 0] + cull >= 0) & (xy[:, 0] - cull <= w - 1)
                   & (xy[:, 1] + cull >= 0) & (xy[:, 1] - cull <= h - 1))
         sel = np.flatnonzero(inside)
@@ -1416,6 +1524,8 @@ class SynthTruth:
             "gain_e_per_adu": c.gain_e_per_adu,
             "reference_index": self.reference_index,
             "pole_xy": list(self.pole_xy),
+            "scene": c.scene,
+            "lens": self.lens.to_dict(),
             "omega_rad_s": self.omega_rad_s,
             "n_stars": len(self.stars),
             "n_hot_pixels": int(len(self.hot_pixels)),

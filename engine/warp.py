@@ -123,20 +123,72 @@ def _lanczos3_weights(f: np.ndarray, g: np.ndarray, out) -> None:
     np.divide(kk, d, out=out[5])
 
 
-def _source_coords(m, x: np.ndarray, y: np.ndarray):
+def _source_coords(m, x: np.ndarray, y: np.ndarray, lens=None):
     """``u, v`` (float32) of the output pixels ``(x, y)``: the kernel's expression and order.
 
     For an affine ``m`` (``m6 = m7 = 0``, ``m8 = 1``) the denominator is exactly 1
-    and the division is skipped (dividing by 1 changes nothing).
+    and the division is skipped (dividing by 1 changes nothing). ``lens`` is
+    ``(ocx, ocy, scx, scy, 1 / r_norm^2, k1, k2)`` float32 or None: the output
+    pixel is undistorted about ``oc`` before ``m`` and the result distorted about
+    ``sc`` (``warp_source``, the same operations in the same order).
     """
     m0, m1, m2, m3, m4, m5, m6, m7, m8 = m
+    if lens is not None and (lens[5] != 0 or lens[6] != 0):
+        x, y = _undistort_grid(lens, x, y)
     u = (m0 * x + m1 * y) + m2
     v = (m3 * x + m4 * y) + m5
     if not (m6 == 0 and m7 == 0 and m8 == 1):
         den = (m6 * x + m7 * y) + m8
         u /= den
         v /= den
+    if lens is not None and (lens[5] != 0 or lens[6] != 0):
+        _, _, cx, cy, inv_r2, k1, k2 = lens
+        dx = u - cx
+        dy = v - cy
+        r2 = dx * dx + dy * dy
+        r2 *= inv_r2
+        fac = k2 * r2
+        fac += k1
+        fac *= r2
+        fac += np.float32(1.0)
+        dx *= fac
+        dy *= fac
+        u = dx + cx
+        v = dy + cy
     return u, v
+
+
+def _undistort_grid(lens, x: np.ndarray, y: np.ndarray):
+    """Twin of ``warp_source``'s undistortion of the output pixels (6 float32 Newton steps)."""
+    ocx, ocy, _, _, inv_r2, k1, k2 = lens
+    f32 = np.float32
+    x, y = np.broadcast_arrays(np.asarray(x, dtype=np.float32), np.asarray(y, dtype=np.float32))
+    ex = x - ocx
+    ey = y - ocy
+    q = ex * ex + ey * ey
+    q *= inv_r2
+    kq = k1 * q
+    k2q = q * q
+    k2q *= k2
+    s = np.ones_like(q)
+    for _ in range(6):
+        s2 = s * s
+        g = k2q * s2
+        g += kq
+        g *= s2
+        g += f32(1.0)
+        g *= s
+        g -= f32(1.0)
+        gp = f32(5.0) * k2q
+        gp *= s2
+        gp += f32(3.0) * kq
+        gp *= s2
+        gp += f32(1.0)
+        g /= gp
+        s = s - g
+    ex *= s
+    ey *= s
+    return ex + ocx, ey + ocy
 
 
 def _axis_weights(method: str, u: np.ndarray, fu0: np.ndarray) -> list[np.ndarray]:
@@ -150,7 +202,7 @@ def _axis_weights(method: str, u: np.ndarray, fu0: np.ndarray) -> list[np.ndarra
 
 
 def _warp_exact(flat: np.ndarray, hs: int, ws: int, m, method: str, x: np.ndarray, y: np.ndarray,
-                channels) -> np.ndarray:
+                channels, lens=None) -> np.ndarray:
     """The kernel's per-tap rules at the pixels ``(x, y)``, for ``channels`` (a list of plane indices).
 
     Vectorised over the pixels, with every tap outside the frame or on a NaN
@@ -161,7 +213,7 @@ def _warp_exact(flat: np.ndarray, hs: int, ws: int, m, method: str, x: np.ndarra
     f32 = np.float32
     taps, first = (6, -2) if method == "lanczos3" else (2, 0)
     res = np.full((len(channels), x.size), np.nan, dtype=np.float32)
-    u, v = _source_coords(m, x, y)
+    u, v = _source_coords(m, x, y, lens)
     nu, nv = np.floor(u + f32(0.5)), np.floor(v + f32(0.5))
     inside = (nu >= 0) & (nu < f32(ws)) & (nv >= 0) & (nv < f32(hs))
     sel = np.flatnonzero(inside)
@@ -182,32 +234,36 @@ def _warp_exact(flat: np.ndarray, hs: int, ws: int, m, method: str, x: np.ndarra
     zero = f32(0.0)
     for n, ch in enumerate(channels):
         plane = flat[ch]
+        # a NaN nearest sample makes the output NaN: only the others need their taps
+        live = np.flatnonzero(~np.isnan(plane.take(cidx)))
+        if live.size == 0:
+            continue
+        pick = (lambda a: a[live]) if live.size < sel.size else (lambda a: a)  # noqa: E731
+        lwx, lwy = [pick(a) for a in wx], [pick(a) for a in wy]
+        lxc, lyc = [pick(a) for a in xc], [pick(a) for a in yc]
+        lokx, loky = [pick(a) for a in okx], [pick(a) for a in oky]
+        acc = np.zeros(live.size, dtype=np.float32)
+        wsum = np.zeros(live.size, dtype=np.float32)
         if method == "lanczos3":
-            acc = np.zeros(sel.size, dtype=np.float32)
-            wsum = np.zeros(sel.size, dtype=np.float32)
             for j in range(taps):
-                h = np.zeros(sel.size, dtype=np.float32)
-                hw = np.zeros(sel.size, dtype=np.float32)
+                h = np.zeros(live.size, dtype=np.float32)
+                hw = np.zeros(live.size, dtype=np.float32)
                 for k in range(taps):
-                    val = plane.take(yc[j] + xc[k])
-                    ok = oky[j] & okx[k] & ~np.isnan(val)
-                    h += np.where(ok, wx[k] * val, zero)  # an inf sample times 0 is NaN, as in the kernel
-                    hw += np.where(ok, wx[k], zero)
-                acc += wy[j] * h
-                wsum += wy[j] * hw
+                    val = plane.take(lyc[j] + lxc[k])
+                    ok = loky[j] & lokx[k] & ~np.isnan(val)
+                    h += np.where(ok, lwx[k] * val, zero)  # an inf sample times 0 is NaN, as in the kernel
+                    hw += np.where(ok, lwx[k], zero)
+                acc += lwy[j] * h
+                wsum += lwy[j] * hw
         else:
-            acc = np.zeros(sel.size, dtype=np.float32)
-            wsum = np.zeros(sel.size, dtype=np.float32)
             for j in range(taps):
                 for k in range(taps):
-                    val = plane.take(yc[j] + xc[k])
-                    ok = oky[j] & okx[k] & ~np.isnan(val)
-                    wt = wy[j] * wx[k]
+                    val = plane.take(lyc[j] + lxc[k])
+                    ok = loky[j] & lokx[k] & ~np.isnan(val)
+                    wt = lwy[j] * lwx[k]
                     acc += np.where(ok, wt * val, zero)
                     wsum += np.where(ok, wt, zero)
-        out = acc / wsum
-        out[np.isnan(plane.take(cidx))] = np.nan
-        res[n, sel] = out
+        res[n, sel[live]] = acc / wsum
     return res
 
 
@@ -237,7 +293,7 @@ except ImportError:  # pragma: no cover
 
 
 def _warp_numpy(src: np.ndarray, m: np.ndarray, out: np.ndarray, method: str,
-                chunk_pixels: int = 1 << 16) -> None:
+                chunk_pixels: int = 1 << 16, lens=None) -> None:
     """NumPy twin of ``warp_lanczos3`` / ``warp_bilinear``.
 
     ``src``: ``(C, Hs, Ws)`` float32; ``m``: 9 float32 inverse coefficients;
@@ -274,7 +330,7 @@ def _warp_numpy(src: np.ndarray, m: np.ndarray, out: np.ndarray, method: str,
             ys = np.arange(y0, y1, dtype=np.float32)[:, None]
             for x0 in range(0, wo, tw):
                 x1 = min(wo, x0 + tw)
-                u, v = _source_coords(mf, xs[None, x0:x1], ys)
+                u, v = _source_coords(mf, xs[None, x0:x1], ys, lens)
                 u, v = u.ravel(), v.ravel()
                 fu0, fv0 = np.floor(u), np.floor(v)
                 iu, iv = fu0.astype(itype), fv0.astype(itype)
@@ -319,10 +375,10 @@ def _warp_numpy(src: np.ndarray, m: np.ndarray, out: np.ndarray, method: str,
                         if bad.size:
                             redo[ch].append(flat_index(bad if fast is None else fast[bad]))
         if slow_all:
-            _exact_into(out2, flat, hs, ws, mf, method, wo, np.concatenate(slow_all), range(c_n))
+            _exact_into(out2, flat, hs, ws, mf, method, wo, np.concatenate(slow_all), range(c_n), lens=lens)
         for ch in range(c_n):
             if redo[ch]:
-                _exact_into(out2, flat, hs, ws, mf, method, wo, np.concatenate(redo[ch]), [ch])
+                _exact_into(out2, flat, hs, ws, mf, method, wo, np.concatenate(redo[ch]), [ch], lens=lens)
 
 
 #: Width of the output tiles of the NumPy twin (narrow outputs use whole rows).
@@ -330,13 +386,13 @@ _TILE_W = 256
 
 
 def _exact_into(out2: np.ndarray, flat: np.ndarray, hs: int, ws: int, mf, method: str, wo: int,
-                pix: np.ndarray, channels, batch: int = 1 << 16) -> None:
+                pix: np.ndarray, channels, batch: int = 1 << 16, lens=None) -> None:
     """Write :func:`_warp_exact` at the flat output pixels ``pix`` into ``out2`` (in batches)."""
     channels = list(channels)
     for b in range(0, pix.size, batch):
         p = pix[b:b + batch]
         res = _warp_exact(flat, hs, ws, mf, method, (p % wo).astype(np.float32),
-                          (p // wo).astype(np.float32), channels)
+                          (p // wo).astype(np.float32), channels, lens)
         for n, ch in enumerate(channels):
             out2[ch, p] = res[n]
 
@@ -429,7 +485,7 @@ def _fast_taps(flat: np.ndarray, hs: int, ws: int, method: str, fu: np.ndarray, 
 
 
 def warp(image, transform: np.ndarray, out_shape: tuple[int, int], *, method: str = "lanczos3",
-         out=None):
+         out=None, lens=None, lens_offset: tuple[float, float] = (0.0, 0.0)):
     """Resample ``image`` into the reference grid.
 
     Parameters
@@ -445,6 +501,16 @@ def warp(image, transform: np.ndarray, out_shape: tuple[int, int], *, method: st
     out : ndarray, optional
         float32 C-contiguous array of the output shape (``(H_ref, W_ref)`` or
         ``(C, H_ref, W_ref)``, same backend as ``image``) to write into.
+    lens : RadialLens, optional
+        The session's lens (:mod:`skystack.engine.lens`): ``transform`` then
+        maps ideal frame pixels to ideal output pixels, the output grid is in
+        recorded (distorted) pixels like the frame, and each output pixel
+        ``p`` samples the frame at ``distort(inv(transform) undistort(p))``.
+        None or an identity lens: no distortion.
+    lens_offset : (float, float)
+        Where the lens centre's frame lies in the output grid: the output is
+        undistorted about ``(cx + ox, cy + oy)`` (a canvas shifted by the
+        framing; ``transform`` then includes the same shift).
 
     Returns
     -------
@@ -467,14 +533,15 @@ def warp(image, transform: np.ndarray, out_shape: tuple[int, int], *, method: st
         raise ValueError(f"out must be a C-contiguous float32 array of shape {full_shape} "
                          "on the same backend as the image")
     m = inverse_coeffs(transform)
+    lp = lens.kernel_params(lens_offset) if lens is not None and not lens.is_identity else None
     dst = out.reshape((src.shape[0], ho, wo))
     if ho == 0 or wo == 0:
         return out
     if not is_device_array(src):
-        _warp_numpy(src, m, dst, method)
+        _warp_numpy(src, m, dst, method, lens=lp)
         return out
     n = ho * wo
     launch("warp.cu", _KERNELS[method], n,
            (src, dst, np.int64(n), np.int32(src.shape[0]), np.int32(src.shape[1]), np.int32(src.shape[2]),
-            np.int32(wo), *[np.float32(v) for v in m]))
+            np.int32(wo), *[np.float32(v) for v in m], *(lp or (np.float32(0.0),) * 7)))
     return out

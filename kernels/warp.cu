@@ -3,7 +3,8 @@
 // One thread per reference (output) pixel i = y * dst_w + x, all channels.
 // The source position is q = Minv (x, y, 1), u = q0 / q2, v = q1 / q2, where
 // Minv = inverse of the frame->reference transform (9 float scalars, row-major),
-// evaluated as ((m0*x + m1*y) + m2) / ((m6*x + m7*y) + m8) in float32.
+// evaluated as ((m0*x + m1*y) + m2) / ((m6*x + m7*y) + m8) in float32; with the
+// session's radial lens model, undistorted before and distorted after (warp_source).
 //
 // Rules (shared with the NumPy twin skystack.engine.warp._warp_numpy):
 // * The output is NaN (no data) when the nearest source pixel
@@ -70,19 +71,63 @@ __device__ __forceinline__ void warp_lanczos3_weights(float f, float g, float* w
     w[5] = (kk * sa) / ((g + 2.0f) * (g + 2.0f));
 }
 
+// Source position (u, v) of output pixel (x, y). Without a lens (k1 = k2 = 0):
+// Minv (x, y, 1). With the session's radial lens (skystack.engine.lens), output
+// and source are both in recorded (distorted) pixels: (x, y) is first undistorted
+// about the output-side centre (ocx, ocy) -- the factor s solves
+// s (1 + k1 q s^2 + k2 q^2 s^4) = 1, q = |p - oc|^2 / r_norm^2, by 6 Newton steps
+// from s = 1 -- then mapped by Minv, then distorted about the source centre
+// (scx, scy): c + d (1 + r2 (k1 + k2 r2)), r2 = |d|^2 / r_norm^2.
+__device__ __forceinline__ void warp_source(
+    float x, float y, float m0, float m1, float m2, float m3, float m4, float m5, float m6, float m7,
+    float m8, float ocx, float ocy, float scx, float scy, float linv_r2, float lk1, float lk2,
+    float* pu, float* pv)
+{
+    const bool lens = lk1 != 0.0f || lk2 != 0.0f;
+    if (lens) {
+        const float ex = x - ocx;
+        const float ey = y - ocy;
+        const float q = (ex * ex + ey * ey) * linv_r2;
+        const float kq = lk1 * q;
+        const float k2q = lk2 * (q * q);
+        float s = 1.0f;
+        for (int it = 0; it < 6; ++it) {
+            const float s2 = s * s;
+            const float g = s * (1.0f + s2 * (kq + k2q * s2)) - 1.0f;
+            const float gp = 1.0f + s2 * (3.0f * kq + 5.0f * k2q * s2);
+            s = s - g / gp;
+        }
+        x = ocx + ex * s;
+        y = ocy + ey * s;
+    }
+    const float den = (m6 * x + m7 * y) + m8;
+    float u = ((m0 * x + m1 * y) + m2) / den;
+    float v = ((m3 * x + m4 * y) + m5) / den;
+    if (lens) {
+        const float dx = u - scx;
+        const float dy = v - scy;
+        const float r2 = (dx * dx + dy * dy) * linv_r2;
+        const float fac = 1.0f + r2 * (lk1 + lk2 * r2);
+        u = scx + dx * fac;
+        v = scy + dy * fac;
+    }
+    *pu = u;
+    *pv = v;
+}
+
 extern "C" __global__ void warp_lanczos3(
     const float* __restrict__ src, float* __restrict__ dst,
     long long n, int channels, int src_h, int src_w, int dst_w,
-    float m0, float m1, float m2, float m3, float m4, float m5, float m6, float m7, float m8)
+    float m0, float m1, float m2, float m3, float m4, float m5, float m6, float m7, float m8,
+    float ocx, float ocy, float scx, float scy, float linv_r2, float lk1, float lk2)
 {
     const long long plane = (long long)src_h * src_w;
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
          i += (long long)blockDim.x * gridDim.x) {
         const float x = (float)(i % dst_w);
         const float y = (float)(i / dst_w);
-        const float den = (m6 * x + m7 * y) + m8;
-        const float u = ((m0 * x + m1 * y) + m2) / den;
-        const float v = ((m3 * x + m4 * y) + m5) / den;
+        float u, v;
+        warp_source(x, y, m0, m1, m2, m3, m4, m5, m6, m7, m8, ocx, ocy, scx, scy, linv_r2, lk1, lk2, &u, &v);
         const float nu = floorf(u + 0.5f);
         const float nv = floorf(v + 0.5f);
         if (!(nu >= 0.0f && nu < (float)src_w && nv >= 0.0f && nv < (float)src_h)) {
@@ -128,16 +173,16 @@ extern "C" __global__ void warp_lanczos3(
 extern "C" __global__ void warp_bilinear(
     const float* __restrict__ src, float* __restrict__ dst,
     long long n, int channels, int src_h, int src_w, int dst_w,
-    float m0, float m1, float m2, float m3, float m4, float m5, float m6, float m7, float m8)
+    float m0, float m1, float m2, float m3, float m4, float m5, float m6, float m7, float m8,
+    float ocx, float ocy, float scx, float scy, float linv_r2, float lk1, float lk2)
 {
     const long long plane = (long long)src_h * src_w;
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
          i += (long long)blockDim.x * gridDim.x) {
         const float x = (float)(i % dst_w);
         const float y = (float)(i / dst_w);
-        const float den = (m6 * x + m7 * y) + m8;
-        const float u = ((m0 * x + m1 * y) + m2) / den;
-        const float v = ((m3 * x + m4 * y) + m5) / den;
+        float u, v;
+        warp_source(x, y, m0, m1, m2, m3, m4, m5, m6, m7, m8, ocx, ocy, scx, scy, linv_r2, lk1, lk2, &u, &v);
         const float nu = floorf(u + 0.5f);
         const float nv = floorf(v + 0.5f);
         if (!(nu >= 0.0f && nu < (float)src_w && nv >= 0.0f && nv < (float)src_h)) {

@@ -1,0 +1,368 @@
+"""Sky and landscape: find the still part of a fixed-tripod scene and stack it apart from the sky.
+
+On a fixed tripod the stars move across the sensor while the ground does
+not. Registering on the stars smears the landscape; stacking unregistered
+trails the stars. So skystack stacks both: the landscape *unregistered*
+(with rejection), the sky *registered*, and blends them along the horizon
+with a feathered seam in the reference frame's geometry.
+
+Detection (:func:`detect_foreground`) works on small, high-passed luminance
+images of up to :data:`N_FRAMES` calibrated lights (block-averaged by
+``bin``; a 24 MP frame is about 300 x 200):
+
+1. two predictions of each small frame ``F_k``: the *static* one ``U``, the
+   median of all small frames as recorded (what does not move), and the
+   *sky* one ``S_k``, the median of all small frames registered on the stars
+   (their transforms and the session's lens) mapped back into frame ``k``;
+2. motion evidence ``E = mean_k (|F_k - S_k| - |F_k - U|) / noise_k``:
+   positive where the static model explains the pixels better (tree tops,
+   roofs, lit windows), negative where the stars' motion does (stars);
+3. the star-bearing region: every sky star detected in every frame (static
+   sources excluded), as a smoothed density on the sensor. Where it is close
+   to zero while the rest of the frame has stars, something hides the sky;
+4. the horizon ``y = b(x)`` with the landscape below it that minimises, over
+   all columns at once, the motion evidence on the wrong side, the starless
+   (or star-bearing) rows on the wrong side, minus a reward for lying on a
+   strong edge of ``U`` (the silhouette), plus a price per row of jump
+   between neighbouring columns: dynamic programming (Viterbi with an L1
+   distance transform). A horizontal horizon moving sideways with the sky
+   has no motion evidence of its own: the starless region finds it, the edge
+   places it.
+
+A session whose sky does not move across the sensor (a tracking mount) has
+nothing to separate and is left alone; so is one where the detector finds
+no still region (less than :data:`MIN_FRACTION` of the frame).
+
+A user's mask (PNG, white or nonzero = landscape, the lights' size) replaces
+detection (``--foreground MASK.png``), and ``--save-mask`` writes the one
+found, so it can be corrected and passed back.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+import numpy as np
+
+from skystack.engine.errors import SkystackError
+from skystack.engine.lens import RadialLens
+from skystack.engine.match import transform_points
+
+#: Small frames used by the detector (spread over the session).
+N_FRAMES = 12
+#: Largest small-image size (pixels) the detector works on.
+SMALL_PIXELS = 65_000
+#: Sky motion (full-resolution px) below which there is nothing to separate.
+MIN_MOTION_PX = 12.0
+#: Smallest landscape, as a fraction of the frame.
+MIN_FRACTION = 0.005
+
+
+@dataclass(frozen=True, kw_only=True)
+class Foreground:
+    """The landscape of a session, in the reference frame's sensor pixels.
+
+    Attributes
+    ----------
+    mask : ndarray (H, W) bool or None
+        Landscape pixels; None when there is none.
+    horizon : ndarray (W,) float or None
+        Row of the horizon per column (the landscape is below), where detected.
+    source : str
+        ``"auto"``, ``"mask"`` or ``"none"``.
+    message : str
+        One line for the summary and the report.
+    """
+
+    mask: np.ndarray | None
+    horizon: np.ndarray | None
+    source: str
+    message: str
+
+    @property
+    def found(self) -> bool:
+        """True when there is a landscape to stack apart."""
+        return self.mask is not None and bool(self.mask.any())
+
+
+def none(message: str) -> Foreground:
+    """No landscape, with the reason."""
+    return Foreground(mask=None, horizon=None, source="none", message=message)
+
+
+def block_mean(img: np.ndarray, b: int) -> np.ndarray:
+    """``(H // b, W // b)`` means of ``b x b`` blocks (NaN ignored; all-NaN blocks are NaN)."""
+    h, w = img.shape[0] // b * b, img.shape[1] // b * b
+    blocks = img[:h, :w].reshape(h // b, b, w // b, b)
+    with np.errstate(invalid="ignore"), _quiet():
+        return np.nanmean(blocks, axis=(1, 3)).astype(np.float32)
+
+
+class _quiet:
+    """Silence NumPy's all-NaN RuntimeWarnings inside a block."""
+
+    def __enter__(self) -> None:
+        import warnings
+
+        self._w = warnings.catch_warnings()
+        self._w.__enter__()
+        warnings.simplefilter("ignore", RuntimeWarning)
+
+    def __exit__(self, *exc) -> None:
+        self._w.__exit__(*exc)
+
+
+def small_bin(shape: tuple[int, int]) -> int:
+    """Block size that brings a frame under :data:`SMALL_PIXELS` (at least 2)."""
+    h, w = shape
+    return max(2, int(math.ceil(math.sqrt(h * w / SMALL_PIXELS))))
+
+
+def _highpass(img: np.ndarray) -> np.ndarray:
+    from scipy.ndimage import median_filter
+
+    fill = np.where(np.isfinite(img), img, np.nanmedian(img))
+    return (img - median_filter(fill, size=7, mode="nearest")).astype(np.float32)
+
+
+def _noise(img: np.ndarray) -> float:
+    v = img[np.isfinite(img)]
+    if v.size < 10:
+        return 1.0
+    mad = float(np.median(np.abs(v - np.median(v))))
+    return max(1.4826 * mad, 1e-12)
+
+
+def _sample(small: np.ndarray, xy: np.ndarray) -> np.ndarray:
+    """Bilinear samples of a small image at ``(N, 2)`` small-pixel positions (NaN outside)."""
+    from scipy.ndimage import map_coordinates
+
+    fin = np.isfinite(xy).all(axis=1)
+    out = np.full(len(xy), np.nan, dtype=np.float32)
+    if fin.any():
+        filled = np.where(np.isfinite(small), small, 0.0)
+        valid = map_coordinates(np.isfinite(small).astype(np.float32), [xy[fin, 1], xy[fin, 0]], order=0,
+                                mode="constant", cval=0.0)
+        vals = map_coordinates(filled, [xy[fin, 1], xy[fin, 0]], order=1, mode="constant", cval=np.nan)
+        out[fin] = np.where(valid > 0.5, vals, np.nan)
+    return out
+
+
+def detect_foreground(small: dict[int, np.ndarray], transforms: dict[int, np.ndarray], shape: tuple[int, int],
+                      b: int, *, lens: RadialLens | None = None, motion_px: float = 0.0,
+                      star_xy: np.ndarray | None = None) -> Foreground:
+    """Find the landscape (see the module docstring).
+
+    Parameters
+    ----------
+    small : dict
+        Frame index -> block-mean luminance ``(H // b, W // b)`` of the
+        calibrated frame (sensor geometry); the reference frame among them.
+    transforms : dict
+        Frame index -> frame -> reference transform (ideal pixels with ``lens``).
+    shape : tuple of int
+        Full-resolution ``(H, W)``.
+    b : int
+        Block size of ``small``.
+    lens : RadialLens, optional
+    motion_px : float
+        Largest sky motion over the frame, full-resolution px.
+    star_xy : ndarray (N, 2), optional
+        Sensor positions of the sky stars of all frames (static sources excluded).
+    """
+    if motion_px < MIN_MOTION_PX:
+        return none(f"none: the sky moves at most {motion_px:.1f} px across the sensor (tracked), "
+                    "nothing to separate")
+    keys = [k for k in small if k in transforms]
+    if len(keys) < 3:
+        return none("none: too few frames to tell the landscape from the sky")
+    hp = {k: _highpass(small[k]) for k in keys}
+    hs, ws = next(iter(hp.values())).shape
+    ev = _evidence(hp, {k: transforms[k] for k in keys}, (hs, ws), b, lens)
+    absent = _absence(star_xy, (hs, ws), b) if star_xy is not None and len(star_xy) else np.zeros((hs, ws))
+    with _quiet():
+        still = np.nanmedian(np.stack([small[k] for k in keys]), axis=0)
+    bnd = horizon_dp(ev, absent=absent, edge=_edges(still))
+    rows_land = (hs - bnd).clip(0)
+    if rows_land.sum() < MIN_FRACTION * hs * ws:
+        return none("auto: no still landscape found (the whole scene moves with the stars)")
+    horizon = _to_full(bnd, b, shape)
+    mask = np.arange(shape[0])[:, None] >= horizon[None, :]
+    frac = float(mask.mean())
+    return Foreground(mask=mask, horizon=horizon, source="auto",
+                      message=f"auto: landscape below a horizon at rows {horizon.min():.0f}-"
+                              f"{min(horizon.max(), shape[0]):.0f} ({100 * frac:.0f} % of the frame), "
+                              "stacked unregistered")
+
+
+def _grid(hs: int, ws: int, b: int) -> np.ndarray:
+    """Full-resolution positions ``(hs * ws, 2)`` of the small pixels' centres."""
+    yy, xx = np.mgrid[0:hs, 0:ws]
+    return np.column_stack([xx.ravel() * b + (b - 1) / 2.0, yy.ravel() * b + (b - 1) / 2.0]).astype(np.float64)
+
+
+def _to_small(xy: np.ndarray, b: int) -> np.ndarray:
+    return (xy - (b - 1) / 2.0) / b
+
+
+def _evidence(hp: dict[int, np.ndarray], trans: dict[int, np.ndarray], small_shape: tuple[int, int], b: int,
+              lens: RadialLens | None) -> np.ndarray:
+    """Mean normalised evidence (static minus sky residuals) per small pixel, smoothed 3x3."""
+    from scipy.ndimage import uniform_filter
+
+    hs, ws = small_shape
+    grid = _grid(hs, ws, b)
+    ideal = grid if lens is None else lens.undistort(grid)  # reference ideal pixels of the small grid
+    stack = []
+    for k, img in hp.items():  # each frame on the reference's ideal grid
+        src = transform_points(np.linalg.inv(trans[k]), ideal)
+        src = src if lens is None else lens.distort(src)
+        stack.append(_sample(img, _to_small(src, b)).reshape(hs, ws))
+    with _quiet():
+        sky = np.nanmedian(np.stack(stack), axis=0)
+        static = np.nanmedian(np.stack(list(hp.values())), axis=0)
+    rec_ideal = grid if lens is None else lens.undistort(grid)
+    acc = np.zeros((hs, ws), dtype=np.float64)
+    cnt = np.zeros((hs, ws), dtype=np.float64)
+    for k, img in hp.items():  # sky prediction mapped back into frame k
+        q = transform_points(trans[k], rec_ideal)
+        q = q if lens is None else lens.distort(q)
+        pred = _sample(sky, _to_small(q, b)).reshape(hs, ws)
+        d = (np.abs(img - pred) - np.abs(img - static)) / _noise(img)
+        ok = np.isfinite(d)
+        acc[ok] += d[ok]
+        cnt[ok] += 1
+    ev = np.where(cnt > 0, acc / np.maximum(cnt, 1), 0.0)
+    return uniform_filter(ev, size=3, mode="nearest")
+
+
+def _absence(star_xy: np.ndarray, small_shape: tuple[int, int], b: int, sigma: float = 4.0) -> np.ndarray:
+    """1 where no sky star was ever seen although the frame has them elsewhere, 0 where they are common."""
+    from scipy.ndimage import gaussian_filter
+
+    hs, ws = small_shape
+    xy = _to_small(np.asarray(star_xy, dtype=np.float64).reshape(-1, 2), b)
+    hist, _, _ = np.histogram2d(xy[:, 1], xy[:, 0], bins=(hs, ws), range=((-0.5, hs - 0.5), (-0.5, ws - 0.5)))
+    dens = gaussian_filter(hist, sigma, mode="nearest")
+    ref = float(np.percentile(dens, 75))
+    if ref <= 0:
+        return np.zeros((hs, ws))
+    return np.clip(1.0 - dens / (0.1 * ref), 0.0, 1.0)
+
+
+def _edges(still: np.ndarray) -> np.ndarray:
+    """Strength (in noise units, at most 10) of the edge between rows ``y - 1`` and ``y`` of the still image."""
+    d = np.abs(np.diff(np.nan_to_num(still), axis=0)) / _noise(_highpass(still))
+    out = np.zeros((still.shape[0] + 1, still.shape[1]))
+    out[1:-1] = np.minimum(d, 10.0)
+    return out
+
+
+def horizon_dp(ev: np.ndarray, *, absent: np.ndarray | None = None, edge: np.ndarray | None = None,
+               tau: float = 0.3, region_cost: float = 0.5, edge_reward: float = 3.0,
+               jump_cost: float = 0.5) -> np.ndarray:
+    """Per column the first landscape row ``b(x)`` (``H``: none), minimising the cost of the module docstring.
+
+    Parameters
+    ----------
+    ev : ndarray (H, W)
+        Motion evidence: positive = still (landscape), negative = moving (sky).
+    absent : ndarray (H, W), optional
+        Star absence in [0, 1] (1 = no sky star ever seen there).
+    edge : ndarray (H + 1, W), optional
+        Edge strength between rows ``b - 1`` and ``b`` of the still image.
+    tau : float
+        Motion evidence below this magnitude counts as none.
+    region_cost : float
+        Price per row of a starless row called sky or a star-bearing row called landscape.
+    edge_reward : float
+        Reward per unit of edge strength for a horizon on that edge.
+    jump_cost : float
+        Price per row of difference between neighbouring columns' horizons.
+    """
+    h, w = ev.shape
+    a = np.zeros((h, w)) if absent is None else absent
+    pos = np.maximum(ev - tau, 0.0) + region_cost * a  # cost of a landscape-looking row called sky
+    neg = np.maximum(-ev - tau, 0.0) + region_cost * (1.0 - a)  # cost of a sky row called landscape
+    zero = np.zeros((1, w))
+    above = np.concatenate([zero, np.cumsum(pos, axis=0)])  # rows < b are sky
+    below = np.concatenate([np.cumsum(neg[::-1], axis=0)[::-1], zero])  # rows >= b are landscape
+    cost = above + below
+    if edge is not None:
+        cost = cost - edge_reward * edge
+    acc = cost[:, 0].copy()
+    back = np.zeros((h + 1, w), dtype=np.int64)
+    for x in range(1, w):
+        prev, arg = _l1_transform(acc, jump_cost)
+        back[:, x] = arg
+        acc = prev + cost[:, x]
+    out = np.zeros(w, dtype=np.int64)
+    out[-1] = int(np.argmin(acc))
+    for x in range(w - 1, 0, -1):
+        out[x - 1] = back[out[x], x]
+    return out
+
+
+def _l1_transform(f: np.ndarray, lam: float) -> tuple[np.ndarray, np.ndarray]:
+    """``g[i] = min_j f[j] + lam |i - j|`` and its argmin (two passes)."""
+    n = len(f)
+    g = f.copy()
+    arg = np.arange(n)
+    for i in range(1, n):
+        if g[i - 1] + lam < g[i]:
+            g[i], arg[i] = g[i - 1] + lam, arg[i - 1]
+    for i in range(n - 2, -1, -1):
+        if g[i + 1] + lam < g[i]:
+            g[i], arg[i] = g[i + 1] + lam, arg[i + 1]
+    return g, arg
+
+
+def _to_full(bnd: np.ndarray, b: int, shape: tuple[int, int]) -> np.ndarray:
+    """Small-grid horizon rows -> full-resolution rows per column (top edge of the first landscape block)."""
+    h, w = shape
+    xs_small = np.arange(len(bnd)) * b + (b - 1) / 2.0
+    rows = np.where(bnd * b >= (h // b) * b, float(h), bnd * b - 0.5)
+    return np.interp(np.arange(w), xs_small, rows)
+
+
+def load_mask(path: str | Path, shape: tuple[int, int]) -> Foreground:
+    """A user's landscape mask: PNG/TIFF, nonzero = landscape, the lights' ``(H, W)``."""
+    from PIL import Image
+
+    p = Path(path)
+    try:
+        with Image.open(p) as im:
+            m = np.asarray(im.convert("L")) > 127
+    except (OSError, ValueError) as exc:
+        raise SkystackError(f"{p}: cannot read the foreground mask ({exc}); pass a PNG, white = landscape") from None
+    if m.shape != tuple(shape):
+        raise SkystackError(f"{p}: mask is {m.shape[1]}x{m.shape[0]} but the lights are {shape[1]}x{shape[0]}; "
+                            "draw it on a light of this session")
+    return Foreground(mask=m, horizon=None, source="mask",
+                      message=f"mask {p.name}: {100 * m.mean():.0f} % of the frame stacked unregistered")
+
+
+def save_mask(path: str | Path, fg: Foreground, shape: tuple[int, int], inputs=()) -> Path:
+    """Write the landscape mask as an 8-bit PNG (white = landscape), atomically."""
+    from skystack.engine.output import write_preview
+
+    m = fg.mask if fg.mask is not None else np.zeros(shape, dtype=bool)
+    return write_preview(path, m.astype(np.float32), inputs=inputs)
+
+
+def blend_weight(mask: np.ndarray, margin: float, feather: float) -> np.ndarray:
+    """Landscape weight (H, W) float32: 1 inside the mask and up to ``margin`` px from it, 0 beyond
+    ``margin + feather``, linear between (distance to the mask)."""
+    from scipy.ndimage import distance_transform_edt
+
+    d = distance_transform_edt(~mask)
+    return np.clip((margin + feather - d) / max(feather, 1e-6), 0.0, 1.0).astype(np.float32)
+
+
+def sky_exclusion(mask: np.ndarray, margin: float) -> np.ndarray:
+    """Pixels of a frame kept out of the sky stack: the landscape and ``margin`` px around it."""
+    from scipy.ndimage import distance_transform_edt
+
+    return distance_transform_edt(~mask) <= margin
+

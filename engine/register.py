@@ -1,0 +1,471 @@
+"""Session registration: one reference, one transform model and one lens for every light.
+
+:func:`register_frames` turns per-frame star lists into frame -> reference
+transforms, for any session from a tracked telescope to a phone on a tripod
+for an hour:
+
+1. **Provisional matches.** Every frame is matched to a provisional reference
+   (the best-scoring frame, or ``--reference``) by
+   :func:`~skystack.engine.match.match_stars` (triangles, RANSAC, homography
+   refinement).
+2. **Sky stars only.** A source found at the same *sensor* position in other
+   frames although the sky moved there by more than a few pixels does not
+   move with the stars: a lit window, a lamp, a hot pixel, landscape texture.
+   Such static sources are removed from every list (and reported).
+3. **Reference from the majority, in the middle.** Each frame's pose (where
+   its centre lands, its rotation) is known from step 1. The medoid pose
+   (smallest summed pose distance to all frames) is the middle of a drifting
+   session and lies inside the majority when a few frames are rotated; the
+   reference is the best-scoring frame within 5 % of the frame diagonal of
+   the medoid. A session that hardly moves keeps the best-scoring frame.
+4. **Chaining.** A frame that does not match the reference directly (too
+   little overlap after an hour of drift) is matched to its nearest
+   registered neighbours in time and composed, then refined directly
+   against the reference from that guess.
+5. **Model by validated residuals** (``model="auto"``). On up to
+   :data:`N_VALIDATE` frames (the ones that moved most) the matched pairs are
+   split in two halves; each model is fitted on one half and measured on
+   the other (2-fold cross-validation, RMS in reference pixels). The
+   simplest model within 5 % (+ 0.002 px) of the best held-out RMS wins:
+   similarity < affine < homography < homography + radial lens. The lens
+   (:class:`~skystack.engine.lens.RadialLens`) is one model for the whole
+   night, fitted jointly over those frames (variable projection: for given
+   ``k1, k2`` every frame's homography is a least-squares fit in ideal
+   pixels; ``k1, k2`` minimise the reprojection error of all of them).
+6. **Final transforms.** Without a lens: :func:`match_stars` of every frame
+   against the reference with the chosen model (exactly the matcher's
+   result). With a lens: homographies refined in ideal pixels; the warp
+   applies the lens (:func:`skystack.engine.warp.warp`, ``lens=``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from scipy.spatial import cKDTree
+
+from skystack.engine.errors import RegistrationError
+from skystack.engine.lens import RadialLens
+from skystack.engine.match import MatchConfig, estimate_transform, match_stars, refine_from, transform_points
+
+#: Transform models, simplest first ("auto" picks one by held-out residuals).
+MODELS = ("similarity", "affine", "homography", "homography+radial")
+#: Frames used to choose the model and fit the lens.
+N_VALIDATE = 10
+#: A source is static when found at the same sensor position (px) ...
+STATIC_TOL_PX = 1.5
+#: ... in frames where the sky moved by more than this there (px).
+STATIC_MOTION_PX = 4.0
+
+
+@dataclass(kw_only=True)
+class SessionRegistration:
+    """Outcome of :func:`register_frames`.
+
+    Attributes
+    ----------
+    ref : int
+        Reference frame (a key of the star lists).
+    transforms : dict
+        Frame -> reference transform (3x3) of every registered frame; in ideal
+        (undistorted) pixels when :attr:`lens` is set.
+    residuals : dict
+        RMS of matched stars per frame, reference px.
+    failures : dict
+        Frame -> reason, for frames that could not be registered.
+    model : str
+        Model used (one of :data:`MODELS`).
+    lens : RadialLens or None
+        The session's lens when the model has one.
+    heldout_rms : dict
+        Held-out RMS (px) of each model tried (``model="auto"`` only).
+    chained : list of int
+        Frames registered through a neighbour.
+    static : dict
+        Frame -> ``(K, 2)`` sensor positions of its static sources.
+    sky_stars : dict
+        Frame -> ``(N, 2)`` sensor positions of its other (sky) sources.
+    motion_px : float
+        Largest displacement of the sky over the frame, relative to the reference, px.
+    reference_reason : str
+        Why this reference.
+    """
+
+    ref: int
+    transforms: dict[int, np.ndarray]
+    residuals: dict[int, float]
+    failures: dict[int, str]
+    model: str
+    lens: RadialLens | None = None
+    heldout_rms: dict[str, float] = field(default_factory=dict)
+    chained: list[int] = field(default_factory=list)
+    static: dict[int, np.ndarray] = field(default_factory=dict)
+    motion_px: float = 0.0
+    reference_reason: str = ""
+    sky_stars: dict[int, np.ndarray] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class _Stars:
+    """Positions and 1-sigma errors of one frame's stars (brightest first)."""
+
+    xy: np.ndarray
+    err: np.ndarray
+
+
+def _as_stars(st: Any) -> _Stars:
+    xy = np.asarray(st.xy, dtype=np.float64).reshape(-1, 2)
+    err = np.asarray(getattr(st, "pos_err", np.full(len(xy), 0.1)), dtype=np.float64)
+    return _Stars(xy, np.where(np.isfinite(err), err, 1.0))
+
+
+def register_frames(stars: dict[int, Any], scores: dict[int, float], shape: tuple[int, int], *,
+                    model: str = "auto", provisional: int, fixed_reference: bool = False) -> SessionRegistration:
+    """Register every frame of a session (see the module docstring).
+
+    Parameters
+    ----------
+    stars : dict
+        Frame index -> :class:`~skystack.engine.detect.StarList` (or anything
+        with ``xy`` and ``pos_err``), in full-resolution sensor pixels.
+    scores : dict
+        Frame index -> quality score (higher is better).
+    shape : tuple of int
+        ``(H, W)`` of the frames.
+    model : str
+        ``"auto"`` or one of :data:`MODELS`.
+    provisional : int
+        First reference (the best-scoring frame, or the user's ``--reference``).
+    fixed_reference : bool
+        Keep ``provisional`` as the reference (``--reference`` given).
+
+    Returns
+    -------
+    SessionRegistration
+    """
+    if model != "auto" and model not in MODELS:
+        raise ValueError(f"unknown transform model {model!r}; choose auto or one of {', '.join(MODELS)}")
+    lists = {i: _as_stars(s) for i, s in stars.items()}
+    hcfg = MatchConfig(model="homography")
+    trans, fails = _match_all(lists, provisional, hcfg)
+    static = _flag_static(lists, trans, provisional)
+    if any(m.any() for m in static.values()):
+        lists = {i: _Stars(s.xy[~static[i]], s.err[~static[i]]) for i, s in lists.items()}
+        trans, fails = _match_all(lists, provisional, hcfg)
+    ref, reason = provisional, "--reference" if fixed_reference else "best-scoring frame"
+    if not fixed_reference:
+        ref, reason = _choose_reference(trans, scores, shape, provisional)
+    if ref != provisional:
+        inv = np.linalg.inv(trans[ref])
+        trans = {i: _norm(inv @ t) for i, t in trans.items()}
+        trans[ref] = np.eye(3)
+    chained = _chain(lists, trans, fails, ref, hcfg)
+    motion = _max_motion(trans, shape)
+    heldout: dict[str, float] = {}
+    lens = None
+    if model in ("auto", "homography+radial"):
+        pairs = _pairs(lists, trans, ref, _validation_frames(trans, ref, shape), hcfg)
+        lens = fit_lens(pairs, shape) if pairs else None
+        if lens is not None:
+            pairs = _pairs(lists, trans, ref, [p[3] for p in pairs], hcfg, lens=lens)
+        if model == "auto":
+            heldout = {m: heldout_rms(m, pairs, shape) for m in MODELS} if pairs else {}
+            model = choose_model(heldout) if heldout else "similarity"
+    reg = SessionRegistration(ref=ref, transforms={}, residuals={}, failures=dict(fails), model=model,
+                              heldout_rms=heldout, chained=chained, motion_px=motion,
+                              reference_reason=reason,
+                              static={i: stars[i].xy[m] if hasattr(stars[i], "xy") else np.zeros((0, 2))
+                                      for i, m in static.items() if m.any()},
+                              sky_stars={i: s.xy for i, s in lists.items()})
+    if model == "homography+radial" and lens is not None and not lens.is_identity:
+        reg.lens = lens
+        _final_with_lens(reg, lists, trans, lens)
+    else:
+        reg.model = "homography" if model == "homography+radial" else model
+        _final_plain(reg, lists, trans, chained)
+    return reg
+
+
+def _norm(t: np.ndarray) -> np.ndarray:
+    return t / t[2, 2] if abs(t[2, 2]) > 1e-12 else t
+
+
+def _match_all(lists: dict[int, _Stars], ref: int, cfg: MatchConfig) -> tuple[dict[int, np.ndarray], dict[int, str]]:
+    """Match every frame to ``ref``; return transforms and failure reasons."""
+    trans: dict[int, np.ndarray] = {ref: np.eye(3)}
+    fails: dict[int, str] = {}
+    r = lists[ref]
+    for i, s in lists.items():
+        if i == ref:
+            continue
+        try:
+            trans[i] = match_stars(s.xy, r.xy, config=cfg, src_err=s.err, dst_err=r.err).transform
+        except RegistrationError as exc:
+            fails[i] = str(exc)
+    return trans, fails
+
+
+def _spread(items: list[int], k: int) -> list[int]:
+    """Up to ``k`` items evenly spread over ``items`` (in order)."""
+    if len(items) <= k:
+        return list(items)
+    idx = np.unique(np.linspace(0, len(items) - 1, k).round().astype(int))
+    return [items[j] for j in idx]
+
+
+def _flag_static(lists: dict[int, _Stars], trans: dict[int, np.ndarray], ref: int) -> dict[int, np.ndarray]:
+    """Per frame, a bool mask of sources that stay put on the sensor while the sky moves."""
+    reg = sorted(trans)
+    sample = _spread(reg, 9)
+    trees = {j: cKDTree(lists[j].xy) for j in sample if len(lists[j].xy)}
+    out = {i: np.zeros(len(s.xy), dtype=bool) for i, s in lists.items()}
+    for i in reg:
+        p = lists[i].xy
+        if not len(p):
+            continue
+        found = np.zeros(len(p), dtype=int)
+        moved = np.zeros(len(p), dtype=int)
+        for j, tree in trees.items():
+            if j == i:
+                continue
+            q = transform_points(np.linalg.inv(trans[j]) @ trans[i], p)  # where the sky of p is in frame j
+            mv = np.hypot(*(q - p).T) > STATIC_MOTION_PX
+            d, _ = tree.query(p, distance_upper_bound=STATIC_TOL_PX)
+            moved += mv
+            found += mv & np.isfinite(d)
+        out[i] = (moved >= 2) & (found >= np.maximum(2, 0.5 * moved))
+    return out
+
+
+def _pose(t: np.ndarray, shape: tuple[int, int]) -> tuple[np.ndarray, float]:
+    h, w = shape
+    c = transform_points(t, np.array([[(w - 1) / 2.0, (h - 1) / 2.0]]))[0]
+    a = t[:2, :2]
+    return c, math.atan2(a[1, 0] - a[0, 1], a[0, 0] + a[1, 1])
+
+
+def _choose_reference(trans: dict[int, np.ndarray], scores: dict[int, float], shape: tuple[int, int],
+                      provisional: int) -> tuple[int, str]:
+    """The best-scoring frame near the medoid pose (see the module docstring)."""
+    idx = sorted(trans)
+    if len(idx) < 3:
+        return provisional, "best-scoring frame"
+    poses = [_pose(trans[i], shape) for i in idx]
+    c = np.array([p[0] for p in poses])
+    ang = np.unwrap(np.array([p[1] for p in poses]))
+    radius = 0.5 * math.hypot(*shape)
+    d = np.hypot(c[:, None, 0] - c[None, :, 0], c[:, None, 1] - c[None, :, 1])
+    d += radius * np.abs(ang[:, None] - ang[None, :])
+    med = int(np.argmin(d.sum(axis=0)))
+    near = [idx[k] for k in np.flatnonzero(d[med] <= 0.05 * 2 * radius)]
+    best = max(near, key=lambda i: (scores.get(i, 0.0), -i))
+    if best == provisional:
+        return best, "best-scoring frame"
+    return best, "best-scoring frame near the middle of the session's motion (majority pose)"
+
+
+def _chain(lists: dict[int, _Stars], trans: dict[int, np.ndarray], fails: dict[int, str], ref: int,
+           cfg: MatchConfig) -> list[int]:
+    """Register failed frames through their nearest registered neighbours; updates ``trans``/``fails``."""
+    chained: list[int] = []
+    progress = True
+    while fails and progress:
+        progress = False
+        for f in sorted(fails):
+            s = lists[f]
+            for g in sorted(trans, key=lambda j: (abs(j - f), j))[:3]:
+                try:
+                    t_fg = match_stars(s.xy, lists[g].xy, config=cfg, src_err=s.err, dst_err=lists[g].err).transform
+                except RegistrationError:
+                    continue
+                guess = _norm(trans[g] @ t_fg)
+                try:
+                    t = refine_from(guess, s.xy, lists[ref].xy, config=cfg).transform
+                except RegistrationError:
+                    t = guess
+                trans[f] = t
+                chained.append(f)
+                del fails[f]
+                progress = True
+                break
+    return chained
+
+
+def _max_motion(trans: dict[int, np.ndarray], shape: tuple[int, int]) -> float:
+    h, w = shape
+    g = np.array([[x, y] for x in (0, w - 1) for y in (0, h - 1)] + [[(w - 1) / 2, (h - 1) / 2]], dtype=float)
+    return max((float(np.max(np.hypot(*(transform_points(t, g) - g).T))) for t in trans.values()), default=0.0)
+
+
+def _validation_frames(trans: dict[int, np.ndarray], ref: int, shape: tuple[int, int]) -> list[int]:
+    """Up to :data:`N_VALIDATE` frames, those that moved most first, spread over the session."""
+    others = [i for i in sorted(trans) if i != ref]
+    if len(others) <= N_VALIDATE:
+        return others
+    motion = {i: _max_motion({i: trans[i]}, shape) for i in others}
+    far = sorted(others, key=lambda i: -motion[i])[: 2 * N_VALIDATE]
+    return _spread(sorted(far), N_VALIDATE)
+
+
+def _undistort(lens: RadialLens | None, xy: np.ndarray) -> np.ndarray:
+    return xy if lens is None else lens.undistort(xy)
+
+
+def _pairs(lists: dict[int, _Stars], trans: dict[int, np.ndarray], ref: int, frames: list[int],
+           cfg: MatchConfig, lens: RadialLens | None = None) -> list[tuple[np.ndarray, np.ndarray, np.ndarray, int]]:
+    """Matched star pairs ``(src_xy, dst_xy, weight, frame)`` (recorded pixels) of ``frames``."""
+    r = lists[ref]
+    rd = _undistort(lens, r.xy)
+    out = []
+    for i in frames:
+        s = lists[i]
+        try:
+            res = refine_from(trans[i], _StarsView(_undistort(lens, s.xy), s.err), _StarsView(rd, r.err), config=cfg)
+        except RegistrationError:
+            continue
+        w = 1.0 / (s.err[res.src_idx] ** 2 + r.err[res.dst_idx] ** 2 + 0.02 ** 2)
+        out.append((s.xy[res.src_idx], r.xy[res.dst_idx], w, i))
+    return out
+
+
+@dataclass(frozen=True)
+class _StarsView:
+    """``xy`` + ``pos_err`` view that :func:`refine_from` accepts as a star list."""
+
+    xy: np.ndarray
+    pos_err: np.ndarray
+
+
+def _fit_h(src: np.ndarray, dst: np.ndarray, w: np.ndarray, lens: RadialLens | None) -> np.ndarray:
+    return estimate_transform(_undistort(lens, src), _undistort(lens, dst), "homography", w)
+
+
+def _predict(t: np.ndarray, src: np.ndarray, lens: RadialLens | None) -> np.ndarray:
+    p = transform_points(t, _undistort(lens, src))
+    return p if lens is None else lens.distort(p)
+
+
+def fit_lens(pairs: list[tuple[np.ndarray, np.ndarray, np.ndarray, int]], shape: tuple[int, int]) -> RadialLens | None:
+    """Jointly fitted radial lens ``(k1, k2)`` of matched pairs from several frames (None: too few stars).
+
+    For given ``k1, k2`` each frame's homography is its weighted least-squares
+    fit in ideal pixels; ``k1, k2`` minimise the weighted reprojection error
+    (reference pixels) of all frames together (SciPy's ``least_squares``).
+    """
+    from scipy.optimize import least_squares
+
+    pairs = [p for p in pairs if len(p[0]) >= 12]
+    if not pairs:
+        return None
+
+    def resid(k: np.ndarray) -> np.ndarray:
+        lens = RadialLens.for_shape(shape, k1=float(k[0]), k2=float(k[1]))
+        out = []
+        for s, d, w, _ in pairs:
+            try:
+                r = _predict(_fit_h(s, d, w, lens), s, lens) - d
+            except (np.linalg.LinAlgError, RegistrationError, ValueError):
+                r = np.full_like(s, 10.0)
+            out.append((np.nan_to_num(r, nan=10.0) * np.sqrt(w)[:, None]).ravel())
+        return np.concatenate(out)
+
+    sol = least_squares(resid, x0=[0.0, 0.0], bounds=([-0.5, -0.5], [0.5, 0.5]), x_scale=[0.01, 0.01],
+                        diff_step=1e-4, max_nfev=60)
+    return RadialLens.for_shape(shape, k1=float(sol.x[0]), k2=float(sol.x[1]))
+
+
+def heldout_rms(model: str, pairs: list[tuple[np.ndarray, np.ndarray, np.ndarray, int]],
+                shape: tuple[int, int], seed: int = 0) -> float:
+    """2-fold cross-validated RMS (reference px) of ``model`` on matched pairs of several frames."""
+    rng = np.random.default_rng(seed)
+    halves = []
+    for s, d, w, _ in pairs:
+        perm = rng.permutation(len(s))
+        halves.append((perm[: len(s) // 2], perm[len(s) // 2:]))
+    sq, n = 0.0, 0
+    for fit_k, test_k in ((0, 1), (1, 0)):
+        fit = [(s[h[fit_k]], d[h[fit_k]], w[h[fit_k]], i) for (s, d, w, i), h in zip(pairs, halves)]
+        lens = fit_lens(fit, shape) if model == "homography+radial" else None
+        for (s, d, w, _), (fs, fd, fw, _), h in zip(pairs, fit, halves):
+            t = _fit_model(model, fs, fd, fw, lens)
+            if t is None:
+                continue
+            tk = h[test_k]
+            r = _predict(t, s[tk], lens) - d[tk]
+            sq += float(np.nansum(r * r))
+            n += len(tk)
+    return math.sqrt(sq / n) if n else float("inf")
+
+
+def _fit_model(model: str, s: np.ndarray, d: np.ndarray, w: np.ndarray, lens: RadialLens | None):
+    base = "homography" if model == "homography+radial" else model
+    try:
+        return estimate_transform(_undistort(lens, s), _undistort(lens, d), base, w)
+    except (RegistrationError, np.linalg.LinAlgError, ValueError):
+        return None
+
+
+def choose_model(heldout: dict[str, float], rel: float = 0.05, abs_px: float = 0.002) -> str:
+    """The simplest model whose held-out RMS is within ``rel`` (+ ``abs_px``) of the best."""
+    best = min(heldout.values())
+    for m in MODELS:
+        if m in heldout and heldout[m] <= best * (1.0 + rel) + abs_px:
+            return m
+    return "similarity"
+
+
+def _final_plain(reg: SessionRegistration, lists: dict[int, _Stars], trans: dict[int, np.ndarray],
+                 chained: list[int]) -> None:
+    """Transforms of the chosen lens-less model: the matcher's result against the reference."""
+    cfg = MatchConfig(model=reg.model)
+    r = lists[reg.ref]
+    for i in sorted(trans):
+        if i == reg.ref:
+            reg.transforms[i], reg.residuals[i] = np.eye(3), 0.0
+            continue
+        s = lists[i]
+        try:
+            if i in chained:
+                res = refine_from(trans[i], _StarsView(s.xy, s.err), _StarsView(r.xy, r.err), config=cfg)
+            else:
+                res = match_stars(s.xy, r.xy, config=cfg, src_err=s.err, dst_err=r.err)
+        except RegistrationError as exc:
+            reg.failures[i] = f"registration failed: {exc}"
+            continue
+        reg.transforms[i] = np.asarray(res.transform, dtype=np.float64)
+        reg.residuals[i] = float(res.residual_rms_px)
+
+
+def _final_with_lens(reg: SessionRegistration, lists: dict[int, _Stars], trans: dict[int, np.ndarray],
+                     lens: RadialLens) -> None:
+    """Homographies in ideal pixels, refined from the provisional transforms."""
+    cfg = MatchConfig(model="homography")
+    r = lists[reg.ref]
+    rv = _StarsView(lens.undistort(r.xy), r.err)
+    for i in sorted(trans):
+        if i == reg.ref:
+            reg.transforms[i], reg.residuals[i] = np.eye(3), 0.0
+            continue
+        s = lists[i]
+        try:
+            res = refine_from(trans[i], _StarsView(lens.undistort(s.xy), s.err), rv, config=cfg)
+        except RegistrationError as exc:
+            reg.failures[i] = f"registration failed: {exc}"
+            continue
+        reg.transforms[i] = res.transform
+        pred = _predict(res.transform, s.xy[res.src_idx], lens) - r.xy[res.dst_idx]
+        reg.residuals[i] = float(np.sqrt(np.nanmean(np.sum(pred * pred, axis=1))))
+
+
+def describe(reg: SessionRegistration) -> dict[str, Any]:
+    """JSON-serialisable summary for the report."""
+    return {
+        "model": reg.model, "lens": None if reg.lens is None else reg.lens.to_dict(),
+        "heldout_rms_px": {k: round(v, 4) for k, v in reg.heldout_rms.items()},
+        "chained_frames": len(reg.chained), "static_sources": int(sum(len(v) for v in reg.static.values())),
+        "max_sky_motion_px": round(reg.motion_px, 1), "reference_reason": reg.reference_reason,
+    }
+
