@@ -57,6 +57,10 @@ SMALL_PIXELS = 65_000
 MIN_MOTION_PX = 12.0
 #: Smallest landscape, as a fraction of the frame.
 MIN_FRACTION = 0.005
+#: Steps of the still image smaller than this (noise units) are not edges.
+EDGE_FLOOR = 3.0
+#: A horizon lies on an edge of the still image: median strength above the floor along it.
+MIN_EDGE = 1.0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -183,9 +187,11 @@ def detect_foreground(small: dict[int, np.ndarray], transforms: dict[int, np.nda
     absent = _absence(star_xy, (hs, ws), b) if star_xy is not None and len(star_xy) else np.zeros((hs, ws))
     with _quiet():
         still = np.nanmedian(np.stack([small[k] for k in keys]), axis=0)
-    bnd = horizon_dp(ev, absent=absent, edge=_edges(still))
+    edges = _edges(still)
+    bnd = horizon_dp(ev, absent=absent, edge=edges)
     rows_land = (hs - bnd).clip(0)
-    if rows_land.sum() < MIN_FRACTION * hs * ws:
+    on = np.flatnonzero((bnd > 0) & (bnd < hs))
+    if rows_land.sum() < MIN_FRACTION * hs * ws or not on.size or np.median(edges[bnd[on], on]) < MIN_EDGE:
         return none("auto: no still landscape found (the whole scene moves with the stars)")
     horizon = _to_full(bnd, b, shape)
     mask = np.arange(shape[0])[:, None] >= horizon[None, :]
@@ -237,14 +243,25 @@ def _evidence(hp: dict[int, np.ndarray], trans: dict[int, np.ndarray], small_sha
     return uniform_filter(ev, size=3, mode="nearest")
 
 
-def _absence(star_xy: np.ndarray, small_shape: tuple[int, int], b: int, sigma: float = 4.0) -> np.ndarray:
-    """1 where no sky star was ever seen although the frame has them elsewhere, 0 where they are common."""
+def _absence(star_xy: np.ndarray, small_shape: tuple[int, int], b: int) -> np.ndarray:
+    """1 where no sky star was ever seen although the frame has them elsewhere, 0 where they are common.
+
+    The density is smoothed over a scale that holds about 12 stars at the
+    frame's mean density (at least 4 small pixels), normalised at the borders
+    (no star is detected right at an edge, which is no evidence of anything).
+    """
     from scipy.ndimage import gaussian_filter
 
     hs, ws = small_shape
     xy = _to_small(np.asarray(star_xy, dtype=np.float64).reshape(-1, 2), b)
     hist, _, _ = np.histogram2d(xy[:, 1], xy[:, 0], bins=(hs, ws), range=((-0.5, hs - 0.5), (-0.5, ws - 0.5)))
-    dens = gaussian_filter(hist, sigma, mode="nearest")
+    rho = max(float(hist.sum()) / (hs * ws), 1e-9)
+    sigma = max(4.0, math.sqrt(12.0 / (2.0 * math.pi * rho)))
+    edge = max(1, int(round(8.0 / b)))  # detections avoid the outer ~8 px
+    support = np.zeros((hs, ws))
+    support[edge:hs - edge, edge:ws - edge] = 1.0
+    dens = gaussian_filter(hist, sigma, mode="constant") / np.maximum(
+        gaussian_filter(support, sigma, mode="constant"), 0.05)
     ref = float(np.percentile(dens, 75))
     if ref <= 0:
         return np.zeros((hs, ws))
@@ -252,10 +269,13 @@ def _absence(star_xy: np.ndarray, small_shape: tuple[int, int], b: int, sigma: f
 
 
 def _edges(still: np.ndarray) -> np.ndarray:
-    """Strength (in noise units, at most 10) of the edge between rows ``y - 1`` and ``y`` of the still image."""
+    """Strength (noise units, at most 10) of the edge between rows ``y - 1`` and ``y`` of the still image.
+
+    The first :data:`EDGE_FLOOR` units are taken off: a noise-sized step is no edge.
+    """
     d = np.abs(np.diff(np.nan_to_num(still), axis=0)) / _noise(_highpass(still))
     out = np.zeros((still.shape[0] + 1, still.shape[1]))
-    out[1:-1] = np.minimum(d, 10.0)
+    out[1:-1] = np.clip(d - EDGE_FLOOR, 0.0, 10.0)
     return out
 
 

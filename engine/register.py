@@ -441,23 +441,62 @@ def _final_plain(reg: SessionRegistration, lists: dict[int, _Stars], trans: dict
 
 def _final_with_lens(reg: SessionRegistration, lists: dict[int, _Stars], trans: dict[int, np.ndarray],
                      lens: RadialLens) -> None:
-    """Homographies in ideal pixels, refined from the provisional transforms."""
-    cfg = MatchConfig(model="homography")
-    r = lists[reg.ref]
-    rv = _StarsView(lens.undistort(r.xy), r.err)
-    for i in sorted(trans):
-        if i == reg.ref:
-            reg.transforms[i], reg.residuals[i] = np.eye(3), 0.0
+    """Homographies in ideal pixels, refined from the provisional transforms (nearest the reference first).
+
+    A frame whose direct refinement is poor (too few stars for a homography,
+    or an RMS above :data:`MAX_RMS_PX`) is chained: matched to an already
+    registered neighbour in time, composed, and refined against the
+    reference from that guess.
+    """
+    ideal = {i: _StarsView(lens.undistort(s.xy), s.err) for i, s in lists.items()}
+    ref = reg.ref
+    reg.transforms[ref], reg.residuals[ref] = np.eye(3), 0.0
+    for i in sorted((i for i in trans if i != ref), key=lambda i: (abs(i - ref), i)):
+        best = _refine_ideal(trans[i], ideal[i], ideal[ref])
+        if best is None or best[1] > MAX_RMS_PX:
+            for g in sorted(reg.transforms, key=lambda j: (abs(j - i), j))[:3]:
+                t_ig = _refine_ideal(None, ideal[i], ideal[g])
+                if t_ig is None:
+                    continue
+                cand = _refine_ideal(_norm(reg.transforms[g] @ t_ig[0]), ideal[i], ideal[ref])
+                if cand is not None and (best is None or cand[1] < best[1]):
+                    best = cand
+                    if i not in reg.chained:
+                        reg.chained.append(i)
+                if best is not None and best[1] <= MAX_RMS_PX:
+                    break
+        if best is None:
+            reg.failures[i] = "registration failed: too few stars agree with a homography through the lens model"
             continue
-        s = lists[i]
-        try:
-            res = refine_from(trans[i], _StarsView(lens.undistort(s.xy), s.err), rv, config=cfg)
-        except RegistrationError as exc:
-            reg.failures[i] = f"registration failed: {exc}"
-            continue
-        reg.transforms[i] = res.transform
-        pred = _predict(res.transform, s.xy[res.src_idx], lens) - r.xy[res.dst_idx]
+        t, _, res = best
+        reg.transforms[i] = t
+        pred = _predict(t, lists[i].xy[res.src_idx], lens) - lists[ref].xy[res.dst_idx]
         reg.residuals[i] = float(np.sqrt(np.nanmean(np.sum(pred * pred, axis=1))))
+
+
+#: A registration with a larger RMS (reference px, ideal) is retried through a neighbour.
+MAX_RMS_PX = 0.8
+
+
+def _refine_ideal(guess: np.ndarray | None, src: _StarsView, dst: _StarsView):
+    """``(transform, rms, MatchResult)`` of a homography in ideal pixels, or None.
+
+    From a guess: refined with a 6 px association radius, then 3 px. Without
+    one: the triangle matcher. Results that fell back to a similarity (too
+    few stars for a homography) count as failures.
+    """
+    try:
+        if guess is None:
+            res = match_stars(src.xy, dst.xy, config=MatchConfig(model="homography"), src_err=src.pos_err,
+                              dst_err=dst.pos_err)
+        else:
+            res = refine_from(guess, src, dst, config=MatchConfig(model="homography", ransac_threshold_px=6.0))
+            res = refine_from(res.transform, src, dst, config=MatchConfig(model="homography"))
+    except RegistrationError:
+        return None
+    if res.model != "homography":
+        return None
+    return res.transform, res.residual_rms_px, res
 
 
 def describe(reg: SessionRegistration) -> dict[str, Any]:

@@ -127,3 +127,60 @@ def test_union_framing_covers_the_whole_night(night):
     assert share >= 0.95, share
     assert res.image.shape[-1] > night["truth"].shape[1] * 1.1  # the canvas grew with the drift
     assert res.coverage.shape == res.image.shape[-2:]
+
+
+@pytest.mark.parametrize("fov,k1,k2,minutes,landscape", [
+    (50.0, -0.02, 0.005, 30.0, True),
+    (80.0, -0.07, 0.0, 60.0, False),
+    (66.0, 0.0, 0.0, 45.0, True),
+])
+def test_lens_field_and_duration_variants(tmp_path, fov, k1, k2, minutes, landscape):
+    """Other lenses, fields and durations: every light registers to within a fraction of a pixel of the
+    exact mapping (over every star both frames see), and the landscape is found when there is one."""
+    from skystack.engine.lens import RadialLens
+    from skystack.engine.match import transform_points
+
+    cfg = tripod_config(seed=11, width=640, height=480, n_lights=16, fov_deg=fov, lens_k1=k1, lens_k2=k2,
+                        duration_min=minutes, landscape=landscape, n_bias=4, n_darks=4, n_flats=4,
+                        n_dark_flats=4)
+    simulate(cfg, tmp_path / "s")
+    truth = load_truth(tmp_path / "s")
+    res = stack.stack_session(discover_session(tmp_path / "s"), stack.StackConfig(quiet=True))
+    assert res.n_used == 16
+    reg = res.registration
+    lens = RadialLens.for_shape((480, 640), **{k: reg["lens"][k] for k in ("k1", "k2")}) if reg["lens"] else None
+    ref = [f.path for f in res.frames].index(res.reference)
+    p_ref = truth.project_stars(ref)
+    errs = []
+    for i, f in enumerate(res.frames):
+        p = truth.project_stars(i)
+        both = np.isfinite(p).all(1) & np.isfinite(p_ref).all(1)
+        both &= (p[:, 0] > 5) & (p[:, 0] < 634) & (p[:, 1] > 5) & (p[:, 1] < 474)
+        both &= (p_ref[:, 0] > 5) & (p_ref[:, 0] < 634) & (p_ref[:, 1] > 5) & (p_ref[:, 1] < 474)
+        q = p[both] if lens is None else lens.undistort(p[both])
+        q = transform_points(np.asarray(f.transform), q)
+        q = q if lens is None else lens.distort(q)
+        errs.append(float(np.sqrt(np.mean(np.sum((q - p_ref[both]) ** 2, axis=1)))))
+    assert np.median(errs) < 0.2 and max(errs) < 0.5, (reg["model"], errs)
+    if abs(k1) >= 0.04:
+        assert reg["model"] == "homography+radial"
+    assert ("landscape below" in reg["foreground"]) == landscape, reg["foreground"]
+
+
+def test_telescope_session_unchanged(tmp_path):
+    """A tracked, narrow field: auto picks similarity, finds no landscape, and the stack is exactly what
+    the explicit pre-tripod settings (similarity, no foreground) give."""
+    from skystack.engine.synth import SynthConfig
+
+    simulate(SynthConfig(seed=4, width=640, height=480, n_lights=16, interval_s=60.0, n_bias=4, n_darks=4,
+                         n_flats=4, n_dark_flats=4), tmp_path / "s")
+    files = discover_session(tmp_path / "s")
+    cache = str(tmp_path / "cache")
+    auto = stack.stack_session(files, stack.StackConfig(quiet=True, cache_dir=cache))
+    plain = stack.stack_session(files, stack.StackConfig(quiet=True, cache_dir=cache, transform_model="similarity",
+                                                         foreground="none"))
+    assert auto.registration["model"] == "similarity"
+    assert auto.registration["max_sky_motion_px"] > 30  # the detector ran (the sky moved) ...
+    assert "no still landscape" in auto.registration["foreground"]  # ... and found nothing
+    assert auto.reference == plain.reference
+    np.testing.assert_array_equal(auto.image, plain.image)
