@@ -129,15 +129,43 @@ def _stack_config(args: argparse.Namespace):
     )
 
 
+_OUTPUT_SUFFIXES = {"preview": (".png", ".jpg", ".jpeg"), "fits": (".fits", ".fit", ".fts"),
+                    "report": (".json",), "html": (".html", ".htm")}
+
+
 def _outputs_for(out: str, args: argparse.Namespace) -> dict[str, str | None]:
+    """OUT.tif, OUT.png, OUT.fits, OUT.json and OUT.html (``-o`` without a suffix gets ``.tif``)."""
+    from skystack.engine.output import NON_TIFF_SUFFIXES
+
     base = Path(out)
-    stem = base.with_suffix("")
-    return {
-        "tiff": str(base),
-        "preview": args.preview or str(stem) + ".png",
-        "fits": args.fits or str(stem) + ".fits",
-        "report": args.report or str(stem) + ".json",
-    }
+    if base.suffix.lower() in NON_TIFF_SUFFIXES:
+        raise SkystackError(f"-o {out}: -o names the 32-bit TIFF; use -o {base.with_suffix('.tif')} "
+                            "(the preview, FITS, JSON and HTML report are written beside it)")
+    if base.suffix.lower() not in (".tif", ".tiff"):
+        base = base.with_name(base.name + ".tif")
+    stem = str(base.with_suffix(""))
+    paths = {"tiff": str(base)}
+    for kind, default in (("preview", ".png"), ("fits", ".fits"), ("report", ".json"), ("html", ".html")):
+        given = getattr(args, kind, None)
+        if given and Path(given).suffix.lower() not in _OUTPUT_SUFFIXES[kind]:
+            raise SkystackError(f"--{kind} {given}: expected a name ending in "
+                                f"{' or '.join(_OUTPUT_SUFFIXES[kind])}")
+        paths[kind] = given or stem + default
+    return paths
+
+
+def _check_outputs(paths: dict[str, str | None], files, args: argparse.Namespace, inputs) -> None:
+    """Distinct, writable outputs with room for them, checked before any work."""
+    from skystack.engine.io import read_meta
+    from skystack.engine.output import check_outputs
+
+    extra = [getattr(args, k, None) for k in ("picture", "linear_out", "tiff16")]
+    try:
+        h, w = read_meta(files.lights[0]).shape[-2:] if files.lights else (0, 0)
+    except SkystackError:
+        h, w = 0, 0
+    # TIFF and FITS 12 B/px each (RGB float32), coverage 2, preview, HTML, picture: ~32 B/px in all
+    check_outputs([p for p in [*paths.values(), *extra] if p], inputs=inputs, nbytes=32 * h * w)
 
 
 def _run_stack(files, args: argparse.Namespace, out: str) -> int:
@@ -145,9 +173,10 @@ def _run_stack(files, args: argparse.Namespace, out: str) -> int:
     from skystack.engine.stack import stack_session
 
     cfg = _stack_config(args)
-    result = stack_session(files, cfg)
     paths = _outputs_for(out, args)
     inputs = [*files.lights, *files.darks, *files.flats, *files.bias, *files.dark_flats]
+    _check_outputs(paths, files, args, inputs)
+    result = stack_session(files, cfg)
     written = write_outputs(result, inputs=inputs, linked=not args.unlinked, **paths)
     if getattr(args, "picture", None):
         from skystack.engine.finish import finish_image, write_finished
@@ -160,6 +189,8 @@ def _run_stack(files, args: argparse.Namespace, out: str) -> int:
         _print_finish(fin, {}, quiet=True)
     if not args.quiet:
         _console().print(summary_table(result, written))
+    for kind, path in written.items():  # paths on stdout, everything else on stderr
+        print(f"{kind}: {path}")
     return 0
 
 
@@ -200,11 +231,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     out = str(outdir / "stack.tif")
     if not args.picture:
         args.picture = str(outdir / "picture.jpg")
-    rc = _run_stack(files, args, out)
-    paths = _outputs_for(out, args)
-    console.print(f"TIFF:    {paths['tiff']}\npreview: {paths['preview']}\nFITS:    {paths['fits']}\n"
-                  f"report:  {paths['report']}\npicture: {args.picture}")
-    return rc
+    return _run_stack(files, args, out)
 
 
 def _cmd_master(args: argparse.Namespace) -> int:
@@ -328,6 +355,7 @@ def _stack_options(p: argparse.ArgumentParser, *, batch: bool = False) -> None:
         g.add_argument("--preview", help="stretched 8-bit PNG/JPEG (default OUT.png)")
         g.add_argument("--fits", help="FITS output (default OUT.fits)")
         g.add_argument("--report", help="JSON report (default OUT.json)")
+        g.add_argument("--html", help="HTML report with plots (default OUT.html)")
     g.add_argument("--rejection", default="sigma",
                    choices=("sigma", "winsorized", "linear", "percentile", "minmax", "median", "mean"))
     g.add_argument("--kappa", nargs=2, type=float, default=None, metavar=("LOW", "HIGH"),
@@ -407,7 +435,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--flats", nargs="+", metavar="PATH")
     p.add_argument("--bias", nargs="+", metavar="PATH")
     p.add_argument("--dark-flats", nargs="+", metavar="PATH")
-    p.add_argument("-o", "--output", default="stack.tif", help="32-bit float TIFF (default stack.tif)")
+    p.add_argument("-o", "--output", default="stack.tif",
+                   help="32-bit float TIFF, .tif (default stack.tif); OUT.png, OUT.fits, OUT.json and "
+                        "OUT.html are written beside it")
     _stack_options(p)
     _finish_options(p, for_stack=True)
     p.set_defaults(func=_cmd_stack)

@@ -1096,7 +1096,8 @@ def _output_paths(out_dir: Path, name: str) -> tuple[Path, dict[str, Path]]:
     folder = out_dir / name
     stem = Path(name).name or "stack"
     return folder, {"tiff": folder / f"{stem}.tif", "fits": folder / f"{stem}.fits",
-                    "preview": folder / f"{stem}.png", "report": folder / "report.json"}
+                    "preview": folder / f"{stem}.png", "report": folder / "report.json",
+                    "html": folder / "report.html"}
 
 
 def plan_batch(archive: str | os.PathLike, out_dir: str | os.PathLike, *,
@@ -1341,8 +1342,9 @@ def _clean_report(rep: dict[str, Any], out_dir: Path) -> tuple[dict[str, Any], d
 def _session_task(task: dict[str, Any]) -> dict[str, Any]:
     """Stack one session and write its outputs; never raises (the outcome says what happened)."""
     from skystack.engine import masters
-    from skystack.engine.output import write_fits, write_json, write_preview, write_tiff
-    from skystack.engine.report import build_report, fits_header
+    from skystack.engine.htmlreport import preview_uri, render_report
+    from skystack.engine.output import output_set, write_fits, write_json, write_preview, write_text, write_tiff
+    from skystack.engine.report import build_report, fits_header, rejection_map
     from skystack.engine.stack import stack_session
     from skystack.engine.stretch import StretchConfig, autostretch
 
@@ -1360,10 +1362,7 @@ def _session_task(task: dict[str, Any]) -> dict[str, Any]:
         header.pop("DATE", None)  # file creation time: would differ between runs
         header["OBJECT"] = (str(task["object"])[:60], "target")
         header["SSFPRINT"] = task["fingerprint"]  # 64 hex digits: no room for a comment
-        write_tiff(paths["tiff"], img, inputs=inputs, description=f"skystack {__version__}")
-        write_fits(paths["fits"], img, header, inputs=inputs)
-        shown = np.where(np.isfinite(img), img, np.nan)
-        write_preview(paths["preview"], autostretch(shown, StretchConfig(linked=True)), inputs=inputs)
+        shown = autostretch(np.where(np.isfinite(img), img, np.nan), StretchConfig(linked=True))
         quality = stack_quality(img)
         rep = build_report(result, outputs={k: p.name for k, p in paths.items()})
         rep, run = _clean_report(rep, Path(task["out_root"]))
@@ -1373,7 +1372,14 @@ def _session_task(task: dict[str, Any]) -> dict[str, Any]:
             "calibration": task["calibration"], "notes": task["notes"], "settings_files": task["settings_files"],
             "quality": quality,
         }
-        write_json(paths["report"], rep, inputs=inputs)
+        with output_set():  # written together, renamed together
+            write_tiff(paths["tiff"], img, inputs=inputs, description=f"skystack {__version__}")
+            write_fits(paths["fits"], img, header, inputs=inputs)
+            write_preview(paths["preview"], shown, inputs=inputs)
+            write_json(paths["report"], rep, inputs=inputs)
+            if "html" in paths:
+                write_text(paths["html"], render_report(rep, preview=preview_uri(shown), coverage=result.coverage,
+                                                        rejections=rejection_map(result)), inputs=inputs)
         sizes = {k: p.stat().st_size for k, p in paths.items()}
         elapsed = time.perf_counter() - t0
         run["peak_rss_bytes"] = result.peak_rss_bytes
@@ -1673,7 +1679,25 @@ def run_batch(plan: BatchPlan, *, workers: int | None = None, scheduler: str | N
                 ex.close()
         result.rows = [_summary_row(s, last.get(s.name)) for s in plan.sessions]
         result.summary_csv = write_summary_csv(out / SUMMARY_NAME, result.rows)
+        write_index(out / INDEX_NAME, result.rows)
     return result
+
+
+#: The batch's HTML index page, beside ``summary.csv``.
+INDEX_NAME = "index.html"
+
+
+def write_index(path: str | os.PathLike, rows: Sequence[dict[str, Any]]) -> Path:
+    """Write the batch's index page, linking each finished session's ``report.html``."""
+    from skystack.engine.htmlreport import render_index
+    from skystack.engine.output import write_text
+
+    folder = Path(path).parent
+    linked = []
+    for r in rows:
+        rel = f"{r['session']}/report.html"
+        linked.append({**r, "report": rel if (folder / rel).is_file() else None})
+    return write_text(path, render_index(linked, title=f"skystack batch: {folder.name}"))
 
 
 def _printer(console: Any, quiet: bool) -> Callable[[str], None]:

@@ -717,7 +717,7 @@ def write_master(master: Master, path: str | os.PathLike) -> Master:
     for i, b in enumerate(m.black_level):
         hdr[f"BLACK{i}"] = (float(b), f"black level (ADU), 2x2 position {i}")
     hdr["WHITELVL"] = (float(m.white_level), "white level (ADU)")
-    hdr["BUNIT"] = ("normalised", "(adu - black) / (white - black)")
+    hdr["BUNIT"] = ("", "dimensionless: (adu - black) / (white - black)")
     hdr["BIASSUB"] = (bool(m.bias_subtracted), "dark: master bias subtracted (thermal only)")
     hdr["FLATOFFS"] = (m.flat_offset, "flat: offset removed before normalising")
     if m.flat_medians is not None:
@@ -730,19 +730,10 @@ def write_master(master: Master, path: str | os.PathLike) -> Master:
     hdr["DATE"] = (m.created, "UTC time of the combine")
     for s in m.sources:
         hdr.add_history(f"source: {Path(s).name}")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
-    os.close(fd)
-    try:
+    from skystack.engine.output import atomic_path
+
+    with atomic_path(dest) as tmp:
         fits.PrimaryHDU(data=data, header=hdr).writeto(tmp, overwrite=True, output_verify="silentfix")
-        os.replace(tmp, dest)
-    except OSError as exc:
-        Path(tmp).unlink(missing_ok=True)
-        raise OutputError(f"could not write master {m.kind} to {dest}: {exc}; "
-                          "check free space and permissions") from exc
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return dataclasses.replace(master, meta=dataclasses.replace(m, path=str(dest)))
 
 

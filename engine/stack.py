@@ -66,6 +66,7 @@ class FrameRecord:
     path: str
     used: bool = False
     reason: str = ""
+    timestamp: str | None = None
     exposure_s: float | None = None
     stars: int = 0
     fwhm_px: float | None = None
@@ -101,6 +102,7 @@ class StackResult:
     queue_bound: int = 0
     exposure_s: float = 0.0
     store_on_disk: bool = False
+    lights_meta: list[Any] = field(default_factory=list)  # FrameMeta of the combined lights, reference first
 
     @property
     def n_used(self) -> int:
@@ -238,6 +240,7 @@ class Registered:
     masters: dict[str, Any]
     queue_peak: int
     queue_bound: int
+    metas: list[Any] = field(default_factory=list)  # FrameMeta per light (None: unreadable)
 
     def frame(self, i: int) -> np.ndarray:
         """Registered frame ``i`` (index into the lights), ``(C, H, W)`` float32."""
@@ -373,6 +376,7 @@ def register_session(files: SessionFiles, config: StackConfig = StackConfig()) -
             store.put(i, host)
         stars[i], quality[i] = st, q
         rec.exposure_s = _f(m.exposure_s)
+        rec.timestamp = m.timestamp
         rec.stars = int(q.n_stars)
         rec.fwhm_px = _f(q.fwhm_px)
         rec.roundness = _f(q.roundness)
@@ -437,7 +441,7 @@ def register_session(files: SessionFiles, config: StackConfig = StackConfig()) -
     return Registered(store=store, used=used, ref=ref, records=records, lights=lights, backend=be,
                       timer=timer, t_start=t_start, budget=budget,
                       masters={k: _master_summary(v) for k, v in cset.masters.items()},
-                      queue_peak=producer.gauge.peak, queue_bound=producer.bound)
+                      queue_peak=producer.gauge.peak, queue_bound=producer.bound, metas=metas)
 
 
 def combine_registered(reg: Registered, config: StackConfig = StackConfig()) -> StackResult:
@@ -481,6 +485,7 @@ def combine_registered(reg: Registered, config: StackConfig = StackConfig()) -> 
         queue_peak=reg.queue_peak, queue_bound=reg.queue_bound,
         exposure_s=float(sum(records[i].exposure_s or 0.0 for i in used)),
         store_on_disk=store.on_disk,
+        lights_meta=[reg.metas[i] for i in [ref, *(j for j in used if j != ref)]] if reg.metas else [],
     )
 
 

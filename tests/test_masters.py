@@ -147,6 +147,21 @@ def test_fits_provenance_headers(session, built):
     assert back.meta.pattern == cfg.pattern and back.meta.exposure_s == pytest.approx(cfg.exposure_s)
 
 
+def test_masters_open_as_ccddata_and_honour_the_umask(built):
+    """BUNIT is a valid (dimensionless) unit, so astropy's CCDData reads every master."""
+    import astropy.units as u
+    from astropy.nddata import CCDData
+
+    for kind in ("bias", "dark", "flat"):
+        path = built[kind].meta.path
+        ccd = CCDData.read(path)
+        assert ccd.unit == u.dimensionless_unscaled
+        np.testing.assert_array_equal(ccd.data, read_master(path).data)
+        umask = os.umask(0)
+        os.umask(umask)
+        assert os.stat(path).st_mode & 0o777 == 0o666 & ~umask
+
+
 # ----------------------------------------------------------------------------- cache
 
 
