@@ -36,6 +36,39 @@ def _error_line(message: str) -> None:
     _console().print(Text.assemble(("error: ", "bold red"), line), soft_wrap=True)
 
 
+def _warning_line(message: str) -> None:
+    """Print ``warning: message`` as one yellow line on stderr."""
+    from rich.text import Text
+
+    _console().print(Text.assemble(("warning: ", "yellow"), " ".join(str(message).split())), soft_wrap=True)
+
+
+class _LineHandler:
+    """Turns the library's log records (level WARNING and up) and warnings into stderr lines."""
+
+    def __enter__(self):
+        import logging
+        import warnings
+
+        class Handler(logging.Handler):
+            def emit(self, record: logging.LogRecord) -> None:
+                _warning_line(record.getMessage())
+
+        self.log = logging.getLogger("skystack")
+        self.saved = (self.log.handlers[:], self.log.propagate, self.log.level, warnings.showwarning)
+        self.log.handlers[:] = [Handler(level=logging.WARNING)]
+        self.log.propagate = False
+        self.log.setLevel(logging.INFO)
+        warnings.showwarning = lambda message, *_a, **_k: _warning_line(str(message))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import warnings
+
+        self.log.handlers[:], self.log.propagate, level, warnings.showwarning = self.saved
+        self.log.setLevel(level)
+
+
 # ----------------------------------------------------------------------------- commands
 
 
@@ -510,6 +543,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "command", None):
         parser.print_help()
         return EXIT_USER_ERROR
+    with _LineHandler():
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     if args.debug:
         return int(args.func(args) or 0)
     try:
@@ -521,7 +559,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         _console().print("[red]interrupted[/red]")
         return 130
     except OSError as exc:
-        _error_line(str(exc))
+        where = f"{exc.filename}: " if exc.filename else ""
+        _error_line(f"{where}{exc.strerror or exc}; check the path, its permissions and the free space")
         return EXIT_USER_ERROR
 
 

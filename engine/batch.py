@@ -109,7 +109,6 @@ import json
 import math
 import os
 import platform
-import re
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -1237,37 +1236,31 @@ def _locked(out_dir: Path) -> Iterator[None]:
         fh.close()
 
 
-_PARTIAL = re.compile(r"^\.(?P<final>.+)\.[A-Za-z0-9_]{8}\.(part|tmp)$")
-
-
 def _remove_partials(folders: Iterable[Path]) -> int:
     """Delete the temporary files a killed run left in ``folders``; return how many.
 
     Only the names :func:`~skystack.engine.output.atomic_path` (``.NAME.XXXXXXXX.part``)
-    and :func:`~skystack.engine.masters.write_master` (``.NAME.XXXXXXXX.tmp``) give
-    are touched, and only in the batch's own folders.
+    and older writers (``.NAME.XXXXXXXX.tmp``) give, that no live run holds, are
+    touched (:func:`~skystack.engine.output.remove_stale_partials`), and only in
+    the batch's own folders.
     """
-    n = 0
-    for folder in folders:
-        try:
-            names = os.listdir(folder)
-        except OSError:
-            continue
-        for name in names:
-            if _PARTIAL.match(name):
-                with contextlib.suppress(OSError):
-                    os.unlink(os.path.join(folder, name))
-                    n += 1
-    return n
+    from skystack.engine.output import remove_stale_partials
+
+    return sum(remove_stale_partials(folder) for folder in folders)
 
 
 # ----------------------------------------------------------------------------- work done in the workers
 
 
 def _worker_init() -> None:
-    """Pool initializer: die with the coordinator when it is killed (Linux ``PR_SET_PDEATHSIG``)."""
+    """Pool initializer: die with the coordinator when it is killed (Linux ``PR_SET_PDEATHSIG``).
+
+    Ctrl-C reaches the whole process group: the workers ignore it and the
+    coordinator stops them (:meth:`_Pool.map`), so no queued session starts.
+    """
     import signal
 
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     with contextlib.suppress(Exception):
         import ctypes
 
@@ -1451,16 +1444,23 @@ class _Pool:
             self._pool = self._new(self.workers)
         futures = {self._pool.submit(fn, payload): (key, payload) for key, payload in items}
         broken: list[tuple[str, Any]] = []
-        for fut in as_completed(futures):
-            key, payload = futures[fut]
-            try:
-                res = fut.result()
-            except BrokenProcessPool:
-                broken.append((key, payload))
-                continue
-            except Exception as exc:  # noqa: BLE001 - e.g. an unpicklable result
-                res = {"status": "failed", "error": f"{type(exc).__name__}: {exc}"}
-            on_result(key, res)
+        seen: set = set()
+        try:
+            for fut in as_completed(futures):
+                seen.add(fut)
+                key, payload = futures[fut]
+                try:
+                    res = fut.result()
+                except BrokenProcessPool:
+                    broken.append((key, payload))
+                    continue
+                except Exception as exc:  # noqa: BLE001 - e.g. an unpicklable result
+                    res = {"status": "failed", "error": f"{type(exc).__name__}: {exc}"}
+                on_result(key, res)
+        except KeyboardInterrupt:
+            self._stop()
+            _journal_finished(futures, seen, on_result)
+            raise
         if not broken:
             return
         # A worker died and took the pool down: rerun what it left one at a time,
@@ -1478,10 +1478,34 @@ class _Pool:
                 solo.shutdown(wait=True, cancel_futures=True)
             on_result(key, res)
 
+    def _stop(self) -> None:
+        """Cancel what is queued and end the workers now (Ctrl-C): no new session starts."""
+        if self._pool is None:
+            return
+        procs = list((getattr(self._pool, "_processes", None) or {}).values())
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        for proc in procs:
+            with contextlib.suppress(Exception):
+                proc.terminate()
+        for proc in procs:
+            with contextlib.suppress(Exception):
+                proc.join(timeout=5)
+        self._pool = None
+
     def close(self) -> None:
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None
+
+
+def _journal_finished(futures: dict, seen: set, on_result: Callable[[str, dict], None]) -> None:
+    """After Ctrl-C: hand on the results that completed but were not handed on yet."""
+    for fut, key in futures.items():
+        if fut in seen or not fut.done() or fut.cancelled():
+            continue
+        with contextlib.suppress(BaseException):
+            res = fut.result(timeout=0)
+            on_result(key[0] if isinstance(key, tuple) else key, res)
 
 
 class _Dask:
@@ -1512,13 +1536,21 @@ class _Dask:
             f = self._client.submit(fn, payload, pure=False, key=f"skystack-{fn.__name__.strip('_')}-{tok}-"
                                                                   f"{time.time_ns()}")
             futures[f] = key
-        for fut in as_completed(list(futures), loop=self._client.loop):
-            key = futures[fut]
-            try:
-                res = fut.result()
-            except Exception as exc:  # noqa: BLE001 - KilledWorker, cancelled...
-                res = {"status": "failed", "error": f"{_DIED}: {type(exc).__name__}: {exc}"}
-            on_result(key, res)
+        seen: set = set()
+        try:
+            for fut in as_completed(list(futures), loop=self._client.loop):
+                seen.add(fut)
+                key = futures[fut]
+                try:
+                    res = fut.result()
+                except Exception as exc:  # noqa: BLE001 - KilledWorker, cancelled...
+                    res = {"status": "failed", "error": f"{_DIED}: {type(exc).__name__}: {exc}"}
+                on_result(key, res)
+        except KeyboardInterrupt:
+            with contextlib.suppress(Exception):
+                self._client.cancel([f for f in futures if f not in seen and not f.done()])
+            _journal_finished({f: k for f, k in futures.items() if f.status == "finished"}, seen, on_result)
+            raise
 
     def close(self) -> None:
         with contextlib.suppress(Exception):
@@ -1675,6 +1707,13 @@ def run_batch(plan: BatchPlan, *, workers: int | None = None, scheduler: str | N
             try:
                 _run_sessions(ex, plan, runnable, last, result, say, gpu=gpu,
                               n_workers=getattr(ex, "workers", 1))
+            except KeyboardInterrupt:
+                # what completed is journaled; the summary says what did not run
+                rows = [_summary_row(s, last.get(s.name)) for s in plan.sessions]
+                with contextlib.suppress(Exception):
+                    write_summary_csv(out / SUMMARY_NAME, rows)
+                    write_index(out / INDEX_NAME, rows)
+                raise
             finally:
                 ex.close()
         result.rows = [_summary_row(s, last.get(s.name)) for s in plan.sessions]

@@ -222,6 +222,9 @@ def render_report(report: dict[str, Any], *, preview: str | None, coverage: np.n
         parts.append('<div><h2>Rejections</h2><img id="rejections" alt="rejection-count map" src="'
                      + map_uri(rejections, "values rejected per pixel (first channel)", "rejected") + '"></div>')
     parts.append("</div>")
+    if report.get("notes"):
+        parts.append('<h2>Notes</h2><ul id="notes">' + "".join(f"<li>{html.escape(n)}</li>" for n in report["notes"])
+                     + "</ul>")
     parts.append(f"<h2>Frames</h2><p>Click a column title to sort.</p>{frame_table(frames)}")
     parts.append('<div class="grid">'
                  f"<div><h2>Settings</h2>{_kv_table(report.get('settings', {}))}</div>"

@@ -17,9 +17,12 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import errno
+import fcntl
 import json
 import os
+import re
 import shutil
+import time
 import struct
 import tempfile
 import unicodedata
@@ -61,9 +64,103 @@ def _os_error(final: Path, exc: OSError) -> OutputError:
     return OutputError(f"{final}: cannot write ({exc.strerror or exc}); check the folder and free space")
 
 
-def _commit(tmp: Path, final: Path) -> None:
-    os.chmod(tmp, 0o666 & ~_umask())
-    os.replace(tmp, final)
+def _commit(tmp: Path, final: Path, fd: int) -> None:
+    try:
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, final)
+    finally:
+        os.close(fd)
+
+
+def _locked_temp(final: Path) -> tuple[int, Path]:
+    """``mkstemp`` beside ``final``, its descriptor kept open with an exclusive ``flock``.
+
+    The lock marks the file as a live run's: :func:`remove_stale_partials`
+    only deletes temporaries nobody holds.
+    """
+    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".part", dir=final.parent)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    return fd, Path(tmp)
+
+
+#: Temporary names left by :func:`atomic_path` (``.NAME.XXXXXXXX.part``) and older writers (``.tmp``).
+PARTIAL_NAME = re.compile(r"^\.(?P<final>.+)\.[A-Za-z0-9_]{8}\.(part|tmp)$")
+
+
+def _unheld(path: Path) -> bool:
+    """True when no process holds ``path``'s ``flock`` (it is taken, then released at once)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+
+
+def remove_stale_partials(folder: str | os.PathLike) -> int:
+    """Delete the temporary files a killed run left in ``folder``; return how many.
+
+    Only names :data:`PARTIAL_NAME` matches, and only those whose ``flock`` no
+    live run holds, are removed.
+    """
+    n = 0
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return 0
+    for name in names:
+        path = Path(folder) / name
+        if PARTIAL_NAME.match(name) and path.is_file() and _unheld(path):
+            with contextlib.suppress(OSError):
+                path.unlink()
+                n += 1
+    return n
+
+
+def live_dir(prefix: str, parent: str | os.PathLike | None = None) -> tuple[Path, int]:
+    """A new scratch folder ``PREFIX…`` holding a ``.lock`` this process keeps locked.
+
+    Stale folders of the same prefix (a killed run's: nobody holds their lock)
+    are removed first (:func:`remove_stale_dirs`). Close the returned
+    descriptor after deleting the folder.
+    """
+    remove_stale_dirs(prefix, parent)
+    folder = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    fd = os.open(folder / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    return folder, fd
+
+
+def remove_stale_dirs(prefix: str, parent: str | os.PathLike | None = None, *, legacy_age_s: float = 86400.0) -> int:
+    """Remove ``PREFIX…`` scratch folders of killed runs in ``parent``; return how many.
+
+    A folder is stale when no process holds its ``.lock``; one without a lock
+    (written before locks existed) when untouched for ``legacy_age_s``.
+    """
+    parent = Path(parent) if parent is not None else Path(tempfile.gettempdir())
+    n = 0
+    try:
+        entries = [e for e in os.scandir(parent) if e.name.startswith(prefix) and e.is_dir(follow_symlinks=False)]
+    except OSError:
+        return 0
+    for e in entries:
+        lock = Path(e.path) / ".lock"
+        if lock.exists():
+            stale = _unheld(lock)
+        else:
+            try:
+                stale = time.time() - e.stat(follow_symlinks=False).st_mtime > legacy_age_s
+            except OSError:
+                stale = False
+        if stale:
+            shutil.rmtree(e.path, ignore_errors=True)
+            n += 1
+    return n
 
 
 @contextlib.contextmanager
@@ -73,23 +170,26 @@ def output_set() -> Iterator[None]:
     A failure (or a kill) before the end leaves the previous set untouched;
     the renames themselves take microseconds.
     """
-    staged: list[tuple[Path, Path]] = []
+    staged: list[tuple[Path, Path, int]] = []
     token = _SET.set(staged)
     try:
         yield
     except BaseException:
-        for tmp, _ in staged:
+        for tmp, _, fd in staged:
             tmp.unlink(missing_ok=True)
+            os.close(fd)
         raise
     finally:
         _SET.reset(token)
-    try:
-        for i, (tmp, final) in enumerate(staged):
-            _commit(tmp, final)
-    except OSError as exc:
-        for tmp, _ in staged[i:]:
+    for i, (tmp, final, fd) in enumerate(staged):
+        try:
+            _commit(tmp, final, fd)
+        except OSError as exc:
+            for tmp2, _, fd2 in staged[i + 1:]:
+                tmp2.unlink(missing_ok=True)
+                os.close(fd2)
             tmp.unlink(missing_ok=True)
-        raise _os_error(final, exc) from exc
+            raise _os_error(final, exc) from exc
 
 
 def _check_not_input(final: Path, inputs: Iterable[str | os.PathLike]) -> None:
@@ -120,24 +220,26 @@ def atomic_path(final: str | os.PathLike, *, inputs: Iterable[str | os.PathLike]
         raise OutputError(f"{final.parent}: cannot create the output folder ({exc.strerror}); "
                           "choose another -o path") from exc
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".part", dir=final.parent)
+        fd, tmp_path = _locked_temp(final)
     except OSError as exc:
         raise _os_error(final, exc) from exc
-    os.close(fd)
-    tmp_path = Path(tmp)
     staged = _SET.get()
     try:
         yield tmp_path
-        if staged is not None:
-            staged.append((tmp_path, final))
-        else:
-            _commit(tmp_path, final)
+    except BaseException as exc:
+        tmp_path.unlink(missing_ok=True)
+        os.close(fd)
+        if isinstance(exc, OSError):
+            raise _os_error(final, exc) from exc
+        raise
+    if staged is not None:
+        staged.append((tmp_path, final, fd))
+        return
+    try:
+        _commit(tmp_path, final, fd)
     except OSError as exc:
         tmp_path.unlink(missing_ok=True)
         raise _os_error(final, exc) from exc
-    except BaseException:
-        tmp_path.unlink(missing_ok=True)
-        raise
 
 
 def check_outputs(paths: Iterable[str | os.PathLike], *, inputs: Iterable[str | os.PathLike] = (),
@@ -175,6 +277,7 @@ def check_outputs(paths: Iterable[str | os.PathLike], *, inputs: Iterable[str | 
     for folder, files in by_folder.items():
         try:
             folder.mkdir(parents=True, exist_ok=True)
+            remove_stale_partials(folder)
             fd, probe = tempfile.mkstemp(prefix=f".{files[0].name}.", suffix=".part", dir=folder)
             os.close(fd)
             os.unlink(probe)

@@ -33,6 +33,7 @@ def build_report(result, *, outputs: dict[str, str] | None = None) -> dict[str, 
         "output_shape": list(result.image.shape),
         "settings": result.settings,
         "masters": result.masters,
+        "notes": list(getattr(result, "notes", [])),
         "frames": frames,
         "timings_s": {k: round(v, 4) for k, v in result.timings.items()},
         "throughput": {

@@ -58,6 +58,38 @@ class StackConfig:
     cache_dir: str | None = None
     quiet: bool = False
 
+    def __post_init__(self) -> None:
+        _validate_config(self)
+
+
+def _validate_config(c: StackConfig) -> None:
+    """Raise :class:`SkystackError` naming the option and the values it takes (before any work)."""
+    from skystack.engine import combine, debayer, match, normalize, warp
+
+    def bad(msg: str) -> None:
+        raise SkystackError(msg)
+
+    for option, value, allowed in (
+            ("--rejection", c.rejection, combine.METHODS), ("--normalization", c.normalization, normalize.NORMALIZATIONS),
+            ("--weighting", c.weighting, normalize.WEIGHTINGS), ("--debayer", c.debayer, debayer.METHODS),
+            ("--interpolation", c.interpolation, warp.METHODS), ("--model", c.transform_model, match.MODELS),
+            ("--store-dtype", c.store_dtype, ("float32", "float16")),
+            ("--backend", c.backend, (None, "auto", "cpu", "gpu"))):
+        if value not in allowed:
+            bad(f"{option} {value!r}: use one of {', '.join(a for a in allowed if a)}")
+    if c.keep_best is not None and not 0.0 < c.keep_best <= 100.0:
+        bad(f"--keep-best {c.keep_best:g}: a percentage of the frames in (0, 100], e.g. 80")
+    if c.max_fwhm is not None and not c.max_fwhm > 0.0:
+        bad(f"--max-fwhm {c.max_fwhm:g}: a FWHM in pixels above 0, e.g. 5")
+    for option, value in (("--kappa (low)", c.kappa_low), ("--kappa (high)", c.kappa_high)):
+        if value is not None and not value > 0.0:
+            bad(f"{option} {value:g}: a threshold above 0, e.g. 3")
+    for option, value, least in (("--min-stars", c.min_stars, 0), ("max_iter", c.max_iter, 1),
+                                 ("--workers", c.workers, 1), ("queue_size", c.queue_size, 1),
+                                 ("--memory-limit", c.memory_limit, 1)):
+        if value is not None and value < least:
+            bad(f"{option} {value}: use {least} or more")
+
 
 @dataclass(kw_only=True)
 class FrameRecord:
@@ -103,6 +135,7 @@ class StackResult:
     exposure_s: float = 0.0
     store_on_disk: bool = False
     lights_meta: list[Any] = field(default_factory=list)  # FrameMeta of the combined lights, reference first
+    notes: list[str] = field(default_factory=list)  # calibration remarks and skipped calibration frames
 
     @property
     def n_used(self) -> int:
@@ -241,6 +274,7 @@ class Registered:
     queue_peak: int
     queue_bound: int
     metas: list[Any] = field(default_factory=list)  # FrameMeta per light (None: unreadable)
+    notes: list[str] = field(default_factory=list)  # calibration remarks and skipped calibration frames
 
     def frame(self, i: int) -> np.ndarray:
         """Registered frame ``i`` (index into the lights), ``(C, H, W)`` float32."""
@@ -321,12 +355,13 @@ def register_session(files: SessionFiles, config: StackConfig = StackConfig()) -
     h_full, w_full = shape
 
     with timer("masters"):
+        ref_meta = next(m for m, r in zip(metas, records) if m is not None and not r.reason)
         cset = cal.build_calibration_set(
             bias=list(files.bias), darks=list(files.darks), flats=list(files.flats),
             dark_flats=list(files.dark_flats), cosmetic=CosmeticConfig() if config.cosmetic else None,
-            cache_dir=config.cache_dir, backend=be)
-        ref_meta = next(m for m, r in zip(metas, records) if m is not None and not r.reason)
-        cal.check_compatible(ref_meta, cset)
+            cache_dir=config.cache_dir, backend=be, light=ref_meta)
+        notes: dict[str, None] = dict.fromkeys(f"skipped {s}" for s in cset.skipped)
+        notes.update(dict.fromkeys(cal.check_compatible(ref_meta, cset)))
         cset = cset.to_backend(be)
     ccfg = cal.CalibrationConfig(dark_optimize=config.dark_optimize, cosmetic=config.cosmetic)
 
@@ -362,9 +397,18 @@ def register_session(files: SessionFiles, config: StackConfig = StackConfig()) -
             return
         m = item.frame.meta
         with timer("calibrate"):
-            raw = xp.asarray(item.frame.data)  # uint16 upload: 2 bytes/px
-            x = cfa_to_float(raw, pattern=m.pattern, black_level=m.black_level, white_level=m.white_level)
-            x = cal.calibrate_light(x, m, cset, config=ccfg).data
+            try:
+                raw = xp.asarray(item.frame.data)  # uint16 upload: 2 bytes/px
+                x = cfa_to_float(raw, pattern=m.pattern, black_level=m.black_level, white_level=m.white_level)
+                cl = cal.calibrate_light(x, m, cset, config=ccfg)
+            except SkystackError as exc:  # e.g. levels the header gets wrong: skip this light, named
+                rec.reason = str(exc)
+                return
+            rec.reason = cal.overcorrection(x, cl.data, cset, dark_scale=cl.dark_scale) or ""
+            notes.update(dict.fromkeys(cl.notes))
+            if rec.reason:
+                return
+            x = cl.data
         with timer("detect"):
             st = detect.detect_stars(to_host(x), pattern=m.pattern)
             q = detect.measure_quality(st)
@@ -394,8 +438,8 @@ def register_session(files: SessionFiles, config: StackConfig = StackConfig()) -
         cand = [i for i in todo if not records[i].reason]
         if not cand:
             store.close()
-            raise SkystackError("no light frame could be decoded: " + "; ".join(
-                records[i].reason for i in todo[:3]))
+            raise SkystackError("no light frame could be used: " + "; ".join(
+                f"{Path(records[i].path).name}: {records[i].reason}" for i in todo[:3]))
         decisions = detect.select_frames([quality[i] for i in cand], keep_best=config.keep_best,
                                          max_fwhm=config.max_fwhm, min_stars=config.min_stars)
         for i, (used, reason) in zip(cand, decisions):
@@ -441,7 +485,8 @@ def register_session(files: SessionFiles, config: StackConfig = StackConfig()) -
     return Registered(store=store, used=used, ref=ref, records=records, lights=lights, backend=be,
                       timer=timer, t_start=t_start, budget=budget,
                       masters={k: _master_summary(v) for k, v in cset.masters.items()},
-                      queue_peak=producer.gauge.peak, queue_bound=producer.bound, metas=metas)
+                      queue_peak=producer.gauge.peak, queue_bound=producer.bound, metas=metas,
+                      notes=_log_notes(notes))
 
 
 def combine_registered(reg: Registered, config: StackConfig = StackConfig()) -> StackResult:
@@ -486,7 +531,18 @@ def combine_registered(reg: Registered, config: StackConfig = StackConfig()) -> 
         exposure_s=float(sum(records[i].exposure_s or 0.0 for i in used)),
         store_on_disk=store.on_disk,
         lights_meta=[reg.metas[i] for i in [ref, *(j for j in used if j != ref)]] if reg.metas else [],
+        notes=list(reg.notes),
     )
+
+
+def _log_notes(notes: dict[str, None]) -> list[str]:
+    """Log each calibration remark once (the CLI shows them as warning lines); return them."""
+    import logging
+
+    log = logging.getLogger("skystack")
+    for n in notes:
+        log.warning(n)
+    return list(notes)
 
 
 def _combine_store(store, used: list[int], nscale, noffset, weights, config: StackConfig, be, budget):

@@ -284,7 +284,7 @@ def test_empty_flat_is_refused(tmp_path):
     bias = build_master("bias", _frames(tmp_path, [100, 100]), use_cache=False)
     (tmp_path / "f").mkdir()
     flats = _frames(tmp_path / "f", [100, 100])
-    with pytest.raises(CalibrationError, match="median"):
+    with pytest.raises(CalibrationError, match="empty flat|median"):
         build_master("flat", flats, bias=bias, use_cache=False)
 
 
