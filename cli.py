@@ -81,7 +81,13 @@ def _cmd_info(args: argparse.Namespace) -> int:
     if args.backend or os.environ.get("SKYSTACK_BACKEND"):
         # info needs no device, but an explicit request (flag or variable) is honoured
         get_backend(args.backend, quiet=args.quiet)
-    metas = [read_meta(p) for p in args.files]
+    from skystack.engine.session import split_inputs
+
+    files = []
+    for spec in args.files:  # files, folders, globs, or a session folder (all its kinds), as 'stack' takes
+        s = split_inputs([spec])
+        files.extend([*s.lights, *s.darks, *s.flats, *s.bias, *s.dark_flats])
+    metas = [read_meta(p) for p in files]
     if args.json:
         print(json.dumps([m.to_dict() for m in metas], indent=2, default=str))
         return 0
@@ -120,7 +126,7 @@ def _cmd_synth(args: argparse.Namespace) -> int:
         interval_s=args.interval,
     )
     truth = simulate(cfg, Path(args.outdir), progress=not args.quiet)
-    _console().print(f"wrote synthetic session to {args.outdir} (truth: {truth})")
+    print(f"session: {args.outdir}\ntruth: {truth}")
     return 0
 
 
@@ -275,7 +281,9 @@ def _cmd_master(args: argparse.Namespace) -> int:
     klo, khi = args.kappa
     cfg = MasterConfig(method=args.method, kappa_low=klo, kappa_high=khi)
     master_command(args.kind, files, args.output, config=cfg, cache_dir=args.cache_dir)
-    _console().print(f"wrote master {args.kind} ({len(files)} frames) to {args.output}")
+    if not args.quiet:
+        _console().print(f"combined {len(files)} {args.kind} frames")
+    print(f"master {args.kind}: {args.output}")
     return 0
 
 
@@ -336,9 +344,8 @@ def _print_finish(res, written: dict, *, quiet: bool) -> None:
     con = _console()
     for w in res.warnings:
         con.print(Text.assemble(("warning: ", "yellow"), w))
-    if not quiet:
-        for k, v in written.items():
-            con.print(f"{k}: {v}", highlight=False)
+    for k, v in written.items():  # paths on stdout
+        print(f"{k}: {v}")
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
@@ -390,24 +397,36 @@ def _stack_options(p: argparse.ArgumentParser, *, batch: bool = False) -> None:
         g.add_argument("--report", help="JSON report (default OUT.json)")
         g.add_argument("--html", help="HTML report with plots (default OUT.html)")
     g.add_argument("--rejection", default="sigma",
-                   choices=("sigma", "winsorized", "linear", "percentile", "minmax", "median", "mean"))
+                   choices=("sigma", "winsorized", "linear", "percentile", "minmax", "median", "mean"),
+                   help="how outliers (satellites, planes, hot pixels) are rejected before averaging: sigma "
+                        "clipping, winsorized sigma, linear fit, percentile, min/max, or a plain median or mean "
+                        "(default: %(default)s)")
     g.add_argument("--kappa", nargs=2, type=float, default=None, metavar=("LOW", "HIGH"),
                    help="rejection thresholds (default per method: sigma/winsorized 3 3, linear 4 4, "
                         "percentile 0.2 0.1, minmax 1 1)")
     g.add_argument("--normalization", default="additive+scale",
-                   choices=("none", "additive", "multiplicative", "additive+scale"))
-    g.add_argument("--weighting", default="none", choices=("none", "noise", "stars"))
-    g.add_argument("--memory-limit", help="RAM/VRAM budget for buffers, e.g. 4GB")
+                   choices=("none", "additive", "multiplicative", "additive+scale"),
+                   help="how frames are brought to the reference's sky level and contrast before combining "
+                        "(default: %(default)s)")
+    g.add_argument("--weighting", default="none", choices=("none", "noise", "stars"),
+                   help="weight frames by their noise or star quality (default: %(default)s)")
+    g.add_argument("--memory-limit", help="RAM/VRAM budget for buffers, e.g. 4GB (default: half the free memory)")
     g.add_argument("--store-dtype", default="float32", choices=("float32", "float16"),
-                   help="type of the on-disk frame cache when frames spill")
+                   help="type of the on-disk frame cache when frames spill (default: %(default)s)")
     g.add_argument("--reference", help="reference light (default: best score)")
-    g.add_argument("--keep-best", type=float, metavar="PERCENT", help="keep the best PERCENT of frames")
-    g.add_argument("--max-fwhm", type=float, help="reject frames with a larger median FWHM (px)")
-    g.add_argument("--min-stars", type=int, default=15, help="reject frames with fewer stars")
-    g.add_argument("--debayer", default="bilinear", choices=("bilinear", "rcd", "superpixel"))
+    g.add_argument("--keep-best", type=float, metavar="PERCENT",
+                   help="keep the best PERCENT (0-100] of frames by star quality (default: all usable frames)")
+    g.add_argument("--max-fwhm", type=float, help="reject frames with a larger median FWHM in pixels (default: none)")
+    g.add_argument("--min-stars", type=int, default=15, help="reject frames with fewer stars (default: %(default)s)")
+    g.add_argument("--debayer", default="bilinear", choices=("bilinear", "rcd", "superpixel"),
+                   help="colour reconstruction: bilinear, RCD (sharper) or super-pixel (half size) "
+                        "(default: %(default)s)")
     g.add_argument("--no-wb", action="store_true", help="do not apply the camera white balance")
-    g.add_argument("--interpolation", default="lanczos3", choices=("lanczos3", "bilinear"))
-    g.add_argument("--model", default="similarity", choices=("similarity", "affine", "homography"))
+    g.add_argument("--interpolation", default="lanczos3", choices=("lanczos3", "bilinear"),
+                   help="resampling when frames are aligned (default: %(default)s)")
+    g.add_argument("--model", default="similarity", choices=("similarity", "affine", "homography"),
+                   help="alignment transform: similarity (shift, rotation, scale), affine or homography "
+                        "(default: %(default)s)")
     g.add_argument("--dark-optimize", action="store_true", help="scale the dark to minimise noise")
     g.add_argument("--no-cosmetic", action="store_true", help="no hot/cold pixel correction")
     if batch:
@@ -430,7 +449,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("info", help="print frame metadata")
     _common(p)
-    p.add_argument("files", nargs="+")
+    p.add_argument("files", nargs="+", help="frame files, folders, globs or a session folder")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=_cmd_info)
 

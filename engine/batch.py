@@ -1938,7 +1938,8 @@ def batch_command(archive: str | os.PathLike, out_dir: str | os.PathLike, *, wor
             out_console.print(line, markup=False, highlight=False, soft_wrap=True)
         return 0
     res = run_batch(plan, workers=workers, scheduler=scheduler, quiet=quiet)
-    if not quiet:
-        out_console.print(summary_table(res.rows))
-        out_console.print(f"summary: {res.summary_csv}", markup=False, highlight=False, soft_wrap=True)
+    if not quiet:  # the table on stderr, the paths on stdout
+        Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() else 160).print(
+            summary_table(res.rows))
+    print(f"summary: {res.summary_csv}\nindex: {plan.out_dir / INDEX_NAME}")
     return 0 if res.ok else 1

@@ -196,20 +196,22 @@ def parse_size(text: str | int | None) -> int | None:
 
 
 class _Progress:
-    """rich progress on stderr, silent when quiet or not a TTY."""
+    """rich progress bars on stderr (a terminal or a Jupyter notebook); silent when quiet or piped.
+
+    One per stage group, used as a context manager so a failure stops the display.
+    """
 
     def __init__(self, quiet: bool) -> None:
-        import sys
+        from rich.console import Console
 
-        self.enabled = not quiet and sys.stderr.isatty()
+        console = Console(stderr=True)
+        self.enabled = not quiet and (console.is_terminal or console.is_jupyter)
         self._p = None
         if self.enabled:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-            from rich.console import Console
-
             self._p = Progress(TextColumn("{task.description:<12}"), BarColumn(), MofNCompleteColumn(),
-                               TimeElapsedColumn(), console=Console(stderr=True), transient=False)
+                               TimeElapsedColumn(), console=console, transient=False)
             self._p.start()
 
     def task(self, name: str, total: int):
@@ -219,9 +221,21 @@ class _Progress:
         if self._p is not None and task is not None:
             self._p.advance(task, n)
 
+    def stepper(self, name: str, total: int):
+        """A new bar ``name`` of ``total`` steps; returns the function that advances it by one."""
+        task = self.task(name, total)
+        return lambda: self.advance(task)
+
     def close(self) -> None:
         if self._p is not None:
             self._p.stop()
+            self._p = None
+
+    def __enter__(self) -> "_Progress":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 # ----------------------------------------------------------------------------- pipeline
@@ -434,7 +448,7 @@ def register_session(files: SessionFiles, config: StackConfig = StackConfig()) -
         prog.close()
 
     # --- selection and reference
-    with timer("register"):
+    with timer("register"), _Progress(config.quiet) as prog:
         cand = [i for i in todo if not records[i].reason]
         if not cand:
             store.close()
@@ -453,7 +467,9 @@ def register_session(files: SessionFiles, config: StackConfig = StackConfig()) -
         ref = _reference_index(config.reference, lights, cand, quality, detect)
         mcfg = match.MatchConfig(model=config.transform_model)
         transforms: dict[int, np.ndarray] = {}
+        step = prog.stepper("register", len(cand))
         for i in cand:
+            step()
             if i == ref:
                 transforms[i] = np.eye(3)
                 records[i].residual_px = 0.0
@@ -479,8 +495,8 @@ def register_session(files: SessionFiles, config: StackConfig = StackConfig()) -
         out = warp.warp(xp.asarray(store.get(i)), t_store, (out_h, out_w), method=config.interpolation)
         store.put(i, to_host(out))
 
-    with timer("warp"):
-        _run_parallel(warp_one, used, _compute_threads(be, config))
+    with timer("warp"), _Progress(config.quiet) as prog:
+        _run_parallel(warp_one, used, _compute_threads(be, config), on_done=prog.stepper("warp", len(used)))
 
     return Registered(store=store, used=used, ref=ref, records=records, lights=lights, backend=be,
                       timer=timer, t_start=t_start, budget=budget,
@@ -501,21 +517,21 @@ def combine_registered(reg: Registered, config: StackConfig = StackConfig()) -> 
     timer, store, used, ref, be = reg.timer, reg.store, reg.used, reg.ref, reg.backend
     records = [replace(r) for r in reg.records]
     n_ch, out_h, out_w = store.shape
-    with timer("normalize"):
+    with timer("normalize"), _Progress(config.quiet) as prog:
         fstats_by: dict[int, Any] = {}
 
         def stats_one(i: int) -> None:
             fstats_by[i] = normalize.robust_stats(store.get(i))
 
-        _run_parallel(stats_one, used, _compute_threads(be, config))
+        _run_parallel(stats_one, used, _compute_threads(be, config), on_done=prog.stepper("normalize", len(used)))
         fstats = [fstats_by[i] for i in used]
         r = used.index(ref)
         nscale, noffset = normalize.normalization_factors(fstats, r, config.normalization)
         weights = normalize.frame_weights(fstats, nscale, config.weighting,
                                           scores=[records[i].score or 0.0 for i in used])
-    with timer("combine"):
+    with timer("combine"), _Progress(config.quiet) as prog:
         image, count, coverage, rejected = _combine_store(store, used, nscale, noffset, weights, config, be,
-                                                          reg.budget)
+                                                          reg.budget, progress=prog)
     n_pix = out_h * out_w
     for k, i in enumerate(used):
         rec = records[i]
@@ -545,7 +561,8 @@ def _log_notes(notes: dict[str, None]) -> list[str]:
     return list(notes)
 
 
-def _combine_store(store, used: list[int], nscale, noffset, weights, config: StackConfig, be, budget):
+def _combine_store(store, used: list[int], nscale, noffset, weights, config: StackConfig, be, budget,
+                   progress: _Progress | None = None):
     """Combine the store tile by tile.
 
     Returns image (C,H,W), count (H,W) of kept values, coverage (H,W) of frames
@@ -573,6 +590,7 @@ def _combine_store(store, used: list[int], nscale, noffset, weights, config: Sta
     lock = threading.Lock()
     xp = be.xp
     threads = min(c, _compute_threads(be, config), max(1, _COMBINE_WORKSPACE - c - 1))
+    step = progress.stepper("combine", -(-h // rows)) if progress is not None else (lambda: None)
     for y0 in range(0, h, rows):
         y1 = min(h, y0 + rows)
         block = store.tile(used, y0, y1)  # (N, C, rows, W)
@@ -592,6 +610,7 @@ def _combine_store(store, used: list[int], nscale, noffset, weights, config: Sta
                 rejected[:] += rej
 
         _run_parallel(one, range(c), threads)
+        step()
         del block
     return image, count, coverage, rejected
 
