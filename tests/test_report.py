@@ -200,3 +200,31 @@ def test_html_report_renders_its_plots_in_headless_chromium(stacked, tmp_path):
     assert _near(control, (0x1F, 0x77, 0xB4)).sum() < 50 and _near(control, (0xFD, 0xE7, 0x25)).sum() < 50
     # the preview itself: a dark sky, not the white page
     assert (shot[100:300, 30:400].mean(axis=-1) < 90).mean() > 0.5
+
+
+@pytest.mark.skipif(_chromium() is None, reason="chromium is not installed (CI installs it)")
+def test_html_frame_table_sorts_in_chromium(stacked, tmp_path):
+    """Clicking a column title sorts the rows by it (twice: the other way round)."""
+    import re
+
+    out, _ = stacked
+    page = out.with_suffix(".html").read_text()
+    click = ("<script>var th = Array.from(document.querySelectorAll('#frames th'))"
+             ".find(function(t){ return t.textContent === 'FWHM px'; }); th.click(); "
+             "var first = Array.from(document.querySelectorAll('#frames tbody tr')).map(function(r){ "
+             "return r.cells[5].dataset.v; }).join(','); th.click(); "
+             "var second = Array.from(document.querySelectorAll('#frames tbody tr')).map(function(r){ "
+             "return r.cells[5].dataset.v; }).join(','); "
+             "document.body.setAttribute('data-asc', first); document.body.setAttribute('data-desc', second);"
+             "</script></body>")
+    probe = tmp_path / "probe.html"
+    probe.write_text(page.replace("</body>", click))
+    r = subprocess.run([_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--dump-dom", probe.as_uri()],
+                       capture_output=True, text=True, timeout=120)
+    if r.returncode != 0:
+        pytest.skip(f"headless chromium could not render: {r.stderr[-300:]}")
+    asc = [float(v) for v in re.search(r'data-asc="([^"]*)"', r.stdout).group(1).split(",")]
+    desc = [float(v) for v in re.search(r'data-desc="([^"]*)"', r.stdout).group(1).split(",")]
+    fwhm = sorted(json.loads(out.with_suffix(".json").read_text())["frames"], key=lambda f: f["fwhm_px"])
+    assert asc == sorted(asc) and desc == asc[::-1] and len(asc) == N_LIGHTS
+    assert asc == pytest.approx([f["fwhm_px"] for f in fwhm])
