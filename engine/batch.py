@@ -1258,9 +1258,14 @@ def _worker_init() -> None:
     Ctrl-C reaches the whole process group: the workers ignore it and the
     coordinator stops them (:meth:`_Pool.map`), so no queued session starts.
     """
+    import logging
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # a session's remarks go to its report (notes); the worker prints nothing itself
+    log = logging.getLogger("skystack")
+    log.addHandler(logging.NullHandler())
+    log.propagate = False
     with contextlib.suppress(Exception):
         import ctypes
 
