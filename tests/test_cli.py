@@ -163,6 +163,11 @@ def test_unwritable_output_folder_fails_before_the_pipeline(small_session, tmp_p
 
 def test_stack_prints_output_paths_on_stdout(small_session, tmp_path, capsys):
     out = tmp_path / "m.tif"
+    # temporaries a killed run left (nobody holds their lock) in the output folder and the master cache
+    (tmp_path / "c").mkdir()
+    stale = [tmp_path / ".m.tif.k3j_9x2a.part", tmp_path / "c" / ".master-bias-0a.fits.abcdefgh.tmp"]
+    for p in stale:
+        p.write_bytes(b"x")
     assert cli.main(["--backend", "cpu", "stack", str(small_session), "-o", str(out), "-q",
                      "--cache-dir", str(tmp_path / "c")]) == 0
     cap = capsys.readouterr()
@@ -171,3 +176,4 @@ def test_stack_prints_output_paths_on_stdout(small_session, tmp_path, capsys):
                      "report": str(out.with_suffix(".json")), "html": str(out.with_suffix(".html"))}
     assert all(Path(p).is_file() for p in lines.values())
     assert str(out) not in cap.err
+    assert not any(p.exists() for p in stale)
