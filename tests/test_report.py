@@ -228,3 +228,29 @@ def test_html_frame_table_sorts_in_chromium(stacked, tmp_path):
     fwhm = sorted(json.loads(out.with_suffix(".json").read_text())["frames"], key=lambda f: f["fwhm_px"])
     assert asc == sorted(asc) and desc == asc[::-1] and len(asc) == N_LIGHTS
     assert asc == pytest.approx([f["fwhm_px"] for f in fwhm])
+
+
+def test_rejection_map_shows_a_satellite_trail(tmp_path):
+    """The report's rejection-count map (coverage - kept values) lights up along the simulated
+    satellite of light 2, mapped into the reference grid, and stays dark elsewhere."""
+    from skystack.engine.report import rejection_map
+    from skystack.engine.session import discover_session
+    from skystack.engine.stack import StackConfig, stack_session
+    from skystack.engine.synth import load_truth
+
+    truth = load_truth(simulate(SynthConfig(seed=5, width=480, height=360, n_lights=6, n_bias=0, n_darks=0,
+                                            n_flats=0, n_dark_flats=0, file_format="fits", trail_frames=(2,),
+                                            cloudy_frame=None, shake_frame=None), tmp_path / "s"))
+    # percentile clipping: with 6 frames a 3-sigma clip cannot reject a lone outlier ((n-1)/sqrt(n) < 3)
+    res = stack_session(discover_session(tmp_path / "s"), StackConfig(quiet=True, backend="cpu",
+                                                                      rejection="percentile"))
+    rej = rejection_map(res)
+    trail = truth.frames("light")[2].trail
+    t = np.asarray(res.frames[2].transform)
+    (x0, y0, _), (x1, y1, _) = t @ [trail["x0"], trail["y0"], 1.0], t @ [trail["x1"], trail["y1"], 1.0]
+    yy, xx = np.mgrid[: rej.shape[0], : rej.shape[1]]
+    dist = np.abs((y1 - y0) * xx - (x1 - x0) * yy + x1 * y0 - y1 * x0) / np.hypot(x1 - x0, y1 - y0)
+    covered = res.coverage == N_LIGHTS
+    near, far = covered & (dist < 1.5), covered & (dist > 8)
+    assert near.sum() > 300
+    assert (rej[near] >= 1).mean() > 0.9 and rej[far].mean() < 0.1, ((rej[near] >= 1).mean(), rej[far].mean())
