@@ -36,6 +36,39 @@ def _error_line(message: str) -> None:
     _console().print(Text.assemble(("error: ", "bold red"), line), soft_wrap=True)
 
 
+def _warning_line(message: str) -> None:
+    """Print ``warning: message`` as one yellow line on stderr."""
+    from rich.text import Text
+
+    _console().print(Text.assemble(("warning: ", "yellow"), " ".join(str(message).split())), soft_wrap=True)
+
+
+class _LineHandler:
+    """Turns the library's log records (level WARNING and up) and warnings into stderr lines."""
+
+    def __enter__(self):
+        import logging
+        import warnings
+
+        class Handler(logging.Handler):
+            def emit(self, record: logging.LogRecord) -> None:
+                _warning_line(record.getMessage())
+
+        self.log = logging.getLogger("skystack")
+        self.saved = (self.log.handlers[:], self.log.propagate, self.log.level, warnings.showwarning)
+        self.log.handlers[:] = [Handler(level=logging.WARNING)]
+        self.log.propagate = False
+        self.log.setLevel(logging.INFO)
+        warnings.showwarning = lambda message, *_a, **_k: _warning_line(str(message))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import warnings
+
+        self.log.handlers[:], self.log.propagate, level, warnings.showwarning = self.saved
+        self.log.setLevel(level)
+
+
 # ----------------------------------------------------------------------------- commands
 
 
@@ -48,7 +81,13 @@ def _cmd_info(args: argparse.Namespace) -> int:
     if args.backend or os.environ.get("SKYSTACK_BACKEND"):
         # info needs no device, but an explicit request (flag or variable) is honoured
         get_backend(args.backend, quiet=args.quiet)
-    metas = [read_meta(p) for p in args.files]
+    from skystack.engine.session import split_inputs
+
+    files = []
+    for spec in args.files:  # files, folders, globs, or a session folder (all its kinds), as 'stack' takes
+        s = split_inputs([spec])
+        files.extend([*s.lights, *s.darks, *s.flats, *s.bias, *s.dark_flats])
+    metas = [read_meta(p) for p in files]
     if args.json:
         print(json.dumps([m.to_dict() for m in metas], indent=2, default=str))
         return 0
@@ -97,7 +136,7 @@ def _cmd_synth(args: argparse.Namespace) -> int:
         defaults = {"width": 1600, "height": 1200, "exposure_s": 20.0}
         cfg = SynthConfig(**{**defaults, **kw})
     truth = simulate(cfg, Path(args.outdir), progress=not args.quiet)
-    _console().print(f"wrote synthetic session to {args.outdir} (truth: {truth})")
+    print(f"session: {args.outdir}\ntruth: {truth}")
     return 0
 
 
@@ -140,15 +179,43 @@ def _stack_config(args: argparse.Namespace):
     )
 
 
+_OUTPUT_SUFFIXES = {"preview": (".png", ".jpg", ".jpeg"), "fits": (".fits", ".fit", ".fts"),
+                    "report": (".json",), "html": (".html", ".htm")}
+
+
 def _outputs_for(out: str, args: argparse.Namespace) -> dict[str, str | None]:
+    """OUT.tif, OUT.png, OUT.fits, OUT.json and OUT.html (``-o`` without a suffix gets ``.tif``)."""
+    from skystack.engine.output import NON_TIFF_SUFFIXES
+
     base = Path(out)
-    stem = base.with_suffix("")
-    return {
-        "tiff": str(base),
-        "preview": args.preview or str(stem) + ".png",
-        "fits": args.fits or str(stem) + ".fits",
-        "report": args.report or str(stem) + ".json",
-    }
+    if base.suffix.lower() in NON_TIFF_SUFFIXES:
+        raise SkystackError(f"-o {out}: -o names the 32-bit TIFF; use -o {base.with_suffix('.tif')} "
+                            "(the preview, FITS, JSON and HTML report are written beside it)")
+    if base.suffix.lower() not in (".tif", ".tiff"):
+        base = base.with_name(base.name + ".tif")
+    stem = str(base.with_suffix(""))
+    paths = {"tiff": str(base)}
+    for kind, default in (("preview", ".png"), ("fits", ".fits"), ("report", ".json"), ("html", ".html")):
+        given = getattr(args, kind, None)
+        if given and Path(given).suffix.lower() not in _OUTPUT_SUFFIXES[kind]:
+            raise SkystackError(f"--{kind} {given}: expected a name ending in "
+                                f"{' or '.join(_OUTPUT_SUFFIXES[kind])}")
+        paths[kind] = given or stem + default
+    return paths
+
+
+def _check_outputs(paths: dict[str, str | None], files, args: argparse.Namespace, inputs) -> None:
+    """Distinct, writable outputs with room for them, checked before any work."""
+    from skystack.engine.io import read_meta
+    from skystack.engine.output import check_outputs
+
+    extra = [getattr(args, k, None) for k in ("picture", "linear_out", "tiff16")]
+    try:
+        h, w = read_meta(files.lights[0]).shape[-2:] if files.lights else (0, 0)
+    except SkystackError:
+        h, w = 0, 0
+    # TIFF and FITS 12 B/px each (RGB float32), coverage 2, preview, HTML, picture: ~32 B/px in all
+    check_outputs([p for p in [*paths.values(), *extra] if p], inputs=inputs, nbytes=32 * h * w)
 
 
 def _run_stack(files, args: argparse.Namespace, out: str) -> int:
@@ -156,9 +223,10 @@ def _run_stack(files, args: argparse.Namespace, out: str) -> int:
     from skystack.engine.stack import stack_session
 
     cfg = _stack_config(args)
-    result = stack_session(files, cfg)
     paths = _outputs_for(out, args)
     inputs = [*files.lights, *files.darks, *files.flats, *files.bias, *files.dark_flats]
+    _check_outputs(paths, files, args, inputs)
+    result = stack_session(files, cfg)
     written = write_outputs(result, inputs=inputs, linked=not args.unlinked, **paths)
     if getattr(args, "picture", None):
         from skystack.engine.finish import finish_image, write_finished
@@ -171,6 +239,8 @@ def _run_stack(files, args: argparse.Namespace, out: str) -> int:
         _print_finish(fin, {}, quiet=True)
     if not args.quiet:
         _console().print(summary_table(result, written))
+    for kind, path in written.items():  # paths on stdout, everything else on stderr
+        print(f"{kind}: {path}")
     return 0
 
 
@@ -211,11 +281,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     out = str(outdir / "stack.tif")
     if not args.picture:
         args.picture = str(outdir / "picture.jpg")
-    rc = _run_stack(files, args, out)
-    paths = _outputs_for(out, args)
-    console.print(f"TIFF:    {paths['tiff']}\npreview: {paths['preview']}\nFITS:    {paths['fits']}\n"
-                  f"report:  {paths['report']}\npicture: {args.picture}")
-    return rc
+    return _run_stack(files, args, out)
 
 
 def _cmd_master(args: argparse.Namespace) -> int:
@@ -226,7 +292,9 @@ def _cmd_master(args: argparse.Namespace) -> int:
     klo, khi = args.kappa
     cfg = MasterConfig(method=args.method, kappa_low=klo, kappa_high=khi)
     master_command(args.kind, files, args.output, config=cfg, cache_dir=args.cache_dir)
-    _console().print(f"wrote master {args.kind} ({len(files)} frames) to {args.output}")
+    if not args.quiet:
+        _console().print(f"combined {len(files)} {args.kind} frames")
+    print(f"master {args.kind}: {args.output}")
     return 0
 
 
@@ -287,9 +355,8 @@ def _print_finish(res, written: dict, *, quiet: bool) -> None:
     con = _console()
     for w in res.warnings:
         con.print(Text.assemble(("warning: ", "yellow"), w))
-    if not quiet:
-        for k, v in written.items():
-            con.print(f"{k}: {v}", highlight=False)
+    for k, v in written.items():  # paths on stdout
+        print(f"{k}: {v}")
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
@@ -339,34 +406,45 @@ def _stack_options(p: argparse.ArgumentParser, *, batch: bool = False) -> None:
         g.add_argument("--preview", help="stretched 8-bit PNG/JPEG (default OUT.png)")
         g.add_argument("--fits", help="FITS output (default OUT.fits)")
         g.add_argument("--report", help="JSON report (default OUT.json)")
+        g.add_argument("--html", help="HTML report with plots (default OUT.html)")
     g.add_argument("--rejection", default="sigma",
-                   choices=("sigma", "winsorized", "linear", "percentile", "minmax", "median", "mean"))
+                   choices=("sigma", "winsorized", "linear", "percentile", "minmax", "median", "mean"),
+                   help="how outliers (satellites, planes, hot pixels) are rejected before averaging: sigma "
+                        "clipping, winsorized sigma, linear fit, percentile, min/max, or a plain median or mean "
+                        "(default: %(default)s)")
     g.add_argument("--kappa", nargs=2, type=float, default=None, metavar=("LOW", "HIGH"),
                    help="rejection thresholds (default per method: sigma/winsorized 3 3, linear 4 4, "
                         "percentile 0.2 0.1, minmax 1 1)")
     g.add_argument("--normalization", default="additive+scale",
-                   choices=("none", "additive", "multiplicative", "additive+scale"))
-    g.add_argument("--weighting", default="none", choices=("none", "noise", "stars"))
-    g.add_argument("--memory-limit", help="RAM/VRAM budget for buffers, e.g. 4GB")
+                   choices=("none", "additive", "multiplicative", "additive+scale"),
+                   help="how frames are brought to the reference's sky level and contrast before combining "
+                        "(default: %(default)s)")
+    g.add_argument("--weighting", default="none", choices=("none", "noise", "stars"),
+                   help="weight frames by their noise or star quality (default: %(default)s)")
+    g.add_argument("--memory-limit", help="RAM/VRAM budget for buffers, e.g. 4GB (default: half the free memory)")
     g.add_argument("--store-dtype", default="float32", choices=("float32", "float16"),
-                   help="type of the on-disk frame cache when frames spill")
+                   help="type of the on-disk frame cache when frames spill (default: %(default)s)")
     g.add_argument("--reference", help="reference light (default: best score)")
-    g.add_argument("--keep-best", type=float, metavar="PERCENT", help="keep the best PERCENT of frames")
-    g.add_argument("--max-fwhm", type=float, help="reject frames with a larger median FWHM (px)")
-    g.add_argument("--min-stars", type=int, default=15, help="reject frames with fewer stars")
-    g.add_argument("--debayer", default="bilinear", choices=("bilinear", "rcd", "superpixel"))
+    g.add_argument("--keep-best", type=float, metavar="PERCENT",
+                   help="keep the best PERCENT (0-100] of frames by star quality (default: all usable frames)")
+    g.add_argument("--max-fwhm", type=float, help="reject frames with a larger median FWHM in pixels (default: none)")
+    g.add_argument("--min-stars", type=int, default=15, help="reject frames with fewer stars (default: %(default)s)")
+    g.add_argument("--debayer", default="bilinear", choices=("bilinear", "rcd", "superpixel"),
+                   help="colour reconstruction: bilinear, RCD (sharper) or super-pixel (half size) "
+                        "(default: %(default)s)")
     g.add_argument("--no-wb", action="store_true", help="do not apply the camera white balance")
-    g.add_argument("--interpolation", default="lanczos3", choices=("lanczos3", "bilinear"))
+    g.add_argument("--interpolation", default="lanczos3", choices=("lanczos3", "bilinear"),
+                   help="resampling when frames are aligned (default: %(default)s)")
     g.add_argument("--model", default="auto", choices=("auto", "similarity", "affine", "homography",
                                                     "homography+radial"),
-                   help="registration model (default auto: the simplest that fits held-out stars; "
-                        "homography+radial follows a wide, distorted lens)")
+                   help="alignment transform; auto picks the simplest that fits held-out stars, "
+                        "homography+radial follows a wide, distorted lens (default: %(default)s)")
     g.add_argument("--framing", default="reference", choices=("reference", "intersection", "union"),
-                   help="output field: the reference frame's (default), only what every frame covers, "
-                        "or all the sky any frame saw")
+                   help="output field: the reference frame's, only what every frame covers, "
+                        "or all the sky any frame saw (default: %(default)s)")
     g.add_argument("--foreground", default="auto", metavar="auto|none|MASK.png",
-                   help="landscape under a moving sky: auto-detect it (default), none, or a mask (white = "
-                        "landscape); it is stacked unregistered and blended along the horizon")
+                   help="landscape under a moving sky: auto-detect it, none, or a mask (white = landscape); "
+                        "it is stacked unregistered and blended along the horizon (default: %(default)s)")
     if not batch:
         g.add_argument("--save-mask", metavar="PATH", help="write the landscape mask used (PNG) to correct it")
     g.add_argument("--dark-optimize", action="store_true", help="scale the dark to minimise noise")
@@ -391,7 +469,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("info", help="print frame metadata")
     _common(p)
-    p.add_argument("files", nargs="+")
+    p.add_argument("files", nargs="+", help="frame files, folders, globs or a session folder")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=_cmd_info)
 
@@ -437,7 +515,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--flats", nargs="+", metavar="PATH")
     p.add_argument("--bias", nargs="+", metavar="PATH")
     p.add_argument("--dark-flats", nargs="+", metavar="PATH")
-    p.add_argument("-o", "--output", default="stack.tif", help="32-bit float TIFF (default stack.tif)")
+    p.add_argument("-o", "--output", default="stack.tif",
+                   help="32-bit float TIFF, .tif (default stack.tif); OUT.png, OUT.fits, OUT.json and "
+                        "OUT.html are written beside it")
     _stack_options(p)
     _finish_options(p, for_stack=True)
     p.set_defaults(func=_cmd_stack)
@@ -510,6 +590,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "command", None):
         parser.print_help()
         return EXIT_USER_ERROR
+    with _LineHandler():
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     if args.debug:
         return int(args.func(args) or 0)
     try:
@@ -521,7 +606,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         _console().print("[red]interrupted[/red]")
         return 130
     except OSError as exc:
-        _error_line(str(exc))
+        where = f"{exc.filename}: " if exc.filename else ""
+        _error_line(f"{where}{exc.strerror or exc}; check the path, its permissions and the free space")
         return EXIT_USER_ERROR
 
 

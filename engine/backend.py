@@ -9,7 +9,6 @@ arrays. :func:`get_backend` decides where arrays live.
 from __future__ import annotations
 
 import os
-import sys
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, Sequence
@@ -109,7 +108,8 @@ def get_backend(name: str | None = None, *, quiet: bool = False) -> Backend:
     """Return the backend for ``name`` (``auto``, ``cpu`` or ``gpu``).
 
     ``None`` reads ``SKYSTACK_BACKEND`` (default ``auto``). ``auto`` falls back
-    to the CPU and says so once on stderr; ``gpu`` raises
+    to the CPU and logs it once (a warning when CuPy is installed but finds no
+    usable device; only at info level when CuPy is not installed); ``gpu`` raises
     :class:`BackendUnavailable` with a one-line reason.
     """
     global _warned_fallback
@@ -124,8 +124,13 @@ def get_backend(name: str | None = None, *, quiet: bool = False) -> Backend:
     if name == "gpu":
         raise BackendUnavailable(f"GPU unavailable ({reason}); use --backend cpu or auto")
     if not quiet and not _warned_fallback:
-        print(f"GPU unavailable ({reason}); using CPU", file=sys.stderr)
+        import importlib.util
+        import logging
+
         _warned_fallback = True
+        # without CuPy installed, the CPU is what the user chose: nothing to warn about
+        level = logging.INFO if importlib.util.find_spec("cupy") is None else logging.WARNING
+        logging.getLogger("skystack").log(level, "GPU unavailable (%s); using CPU", reason)
     return CPU
 
 

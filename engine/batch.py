@@ -109,7 +109,6 @@ import json
 import math
 import os
 import platform
-import re
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -1096,7 +1095,8 @@ def _output_paths(out_dir: Path, name: str) -> tuple[Path, dict[str, Path]]:
     folder = out_dir / name
     stem = Path(name).name or "stack"
     return folder, {"tiff": folder / f"{stem}.tif", "fits": folder / f"{stem}.fits",
-                    "preview": folder / f"{stem}.png", "report": folder / "report.json"}
+                    "preview": folder / f"{stem}.png", "report": folder / "report.json",
+                    "html": folder / "report.html"}
 
 
 def plan_batch(archive: str | os.PathLike, out_dir: str | os.PathLike, *,
@@ -1236,37 +1236,36 @@ def _locked(out_dir: Path) -> Iterator[None]:
         fh.close()
 
 
-_PARTIAL = re.compile(r"^\.(?P<final>.+)\.[A-Za-z0-9_]{8}\.(part|tmp)$")
-
-
 def _remove_partials(folders: Iterable[Path]) -> int:
     """Delete the temporary files a killed run left in ``folders``; return how many.
 
     Only the names :func:`~skystack.engine.output.atomic_path` (``.NAME.XXXXXXXX.part``)
-    and :func:`~skystack.engine.masters.write_master` (``.NAME.XXXXXXXX.tmp``) give
-    are touched, and only in the batch's own folders.
+    and older writers (``.NAME.XXXXXXXX.tmp``) give, that no live run holds, are
+    touched (:func:`~skystack.engine.output.remove_stale_partials`), and only in
+    the batch's own folders.
     """
-    n = 0
-    for folder in folders:
-        try:
-            names = os.listdir(folder)
-        except OSError:
-            continue
-        for name in names:
-            if _PARTIAL.match(name):
-                with contextlib.suppress(OSError):
-                    os.unlink(os.path.join(folder, name))
-                    n += 1
-    return n
+    from skystack.engine.output import remove_stale_partials
+
+    return sum(remove_stale_partials(folder) for folder in folders)
 
 
 # ----------------------------------------------------------------------------- work done in the workers
 
 
 def _worker_init() -> None:
-    """Pool initializer: die with the coordinator when it is killed (Linux ``PR_SET_PDEATHSIG``)."""
+    """Pool initializer: die with the coordinator when it is killed (Linux ``PR_SET_PDEATHSIG``).
+
+    Ctrl-C reaches the whole process group: the workers ignore it and the
+    coordinator stops them (:meth:`_Pool.map`), so no queued session starts.
+    """
+    import logging
     import signal
 
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # a session's remarks go to its report (notes); the worker prints nothing itself
+    log = logging.getLogger("skystack")
+    log.addHandler(logging.NullHandler())
+    log.propagate = False
     with contextlib.suppress(Exception):
         import ctypes
 
@@ -1341,8 +1340,9 @@ def _clean_report(rep: dict[str, Any], out_dir: Path) -> tuple[dict[str, Any], d
 def _session_task(task: dict[str, Any]) -> dict[str, Any]:
     """Stack one session and write its outputs; never raises (the outcome says what happened)."""
     from skystack.engine import masters
-    from skystack.engine.output import write_fits, write_json, write_preview, write_tiff
-    from skystack.engine.report import build_report, fits_header
+    from skystack.engine.htmlreport import preview_uri, render_report
+    from skystack.engine.output import output_set, write_fits, write_json, write_preview, write_text, write_tiff
+    from skystack.engine.report import build_report, fits_header, rejection_map
     from skystack.engine.stack import stack_session
     from skystack.engine.stretch import StretchConfig, autostretch
 
@@ -1360,10 +1360,7 @@ def _session_task(task: dict[str, Any]) -> dict[str, Any]:
         header.pop("DATE", None)  # file creation time: would differ between runs
         header["OBJECT"] = (str(task["object"])[:60], "target")
         header["SSFPRINT"] = task["fingerprint"]  # 64 hex digits: no room for a comment
-        write_tiff(paths["tiff"], img, inputs=inputs, description=f"skystack {__version__}")
-        write_fits(paths["fits"], img, header, inputs=inputs)
-        shown = np.where(np.isfinite(img), img, np.nan)
-        write_preview(paths["preview"], autostretch(shown, StretchConfig(linked=True)), inputs=inputs)
+        shown = autostretch(np.where(np.isfinite(img), img, np.nan), StretchConfig(linked=True))
         quality = stack_quality(img)
         rep = build_report(result, outputs={k: p.name for k, p in paths.items()})
         rep, run = _clean_report(rep, Path(task["out_root"]))
@@ -1373,7 +1370,14 @@ def _session_task(task: dict[str, Any]) -> dict[str, Any]:
             "calibration": task["calibration"], "notes": task["notes"], "settings_files": task["settings_files"],
             "quality": quality,
         }
-        write_json(paths["report"], rep, inputs=inputs)
+        with output_set():  # written together, renamed together
+            write_tiff(paths["tiff"], img, inputs=inputs, description=f"skystack {__version__}")
+            write_fits(paths["fits"], img, header, inputs=inputs)
+            write_preview(paths["preview"], shown, inputs=inputs)
+            write_json(paths["report"], rep, inputs=inputs)
+            if "html" in paths:
+                write_text(paths["html"], render_report(rep, preview=preview_uri(shown), coverage=result.coverage,
+                                                        rejections=rejection_map(result)), inputs=inputs)
         sizes = {k: p.stat().st_size for k, p in paths.items()}
         elapsed = time.perf_counter() - t0
         run["peak_rss_bytes"] = result.peak_rss_bytes
@@ -1445,16 +1449,23 @@ class _Pool:
             self._pool = self._new(self.workers)
         futures = {self._pool.submit(fn, payload): (key, payload) for key, payload in items}
         broken: list[tuple[str, Any]] = []
-        for fut in as_completed(futures):
-            key, payload = futures[fut]
-            try:
-                res = fut.result()
-            except BrokenProcessPool:
-                broken.append((key, payload))
-                continue
-            except Exception as exc:  # noqa: BLE001 - e.g. an unpicklable result
-                res = {"status": "failed", "error": f"{type(exc).__name__}: {exc}"}
-            on_result(key, res)
+        seen: set = set()
+        try:
+            for fut in as_completed(futures):
+                seen.add(fut)
+                key, payload = futures[fut]
+                try:
+                    res = fut.result()
+                except BrokenProcessPool:
+                    broken.append((key, payload))
+                    continue
+                except Exception as exc:  # noqa: BLE001 - e.g. an unpicklable result
+                    res = {"status": "failed", "error": f"{type(exc).__name__}: {exc}"}
+                on_result(key, res)
+        except KeyboardInterrupt:
+            self._stop()
+            _journal_finished(futures, seen, on_result)
+            raise
         if not broken:
             return
         # A worker died and took the pool down: rerun what it left one at a time,
@@ -1472,10 +1483,34 @@ class _Pool:
                 solo.shutdown(wait=True, cancel_futures=True)
             on_result(key, res)
 
+    def _stop(self) -> None:
+        """Cancel what is queued and end the workers now (Ctrl-C): no new session starts."""
+        if self._pool is None:
+            return
+        procs = list((getattr(self._pool, "_processes", None) or {}).values())
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        for proc in procs:
+            with contextlib.suppress(Exception):
+                proc.terminate()
+        for proc in procs:
+            with contextlib.suppress(Exception):
+                proc.join(timeout=5)
+        self._pool = None
+
     def close(self) -> None:
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None
+
+
+def _journal_finished(futures: dict, seen: set, on_result: Callable[[str, dict], None]) -> None:
+    """After Ctrl-C: hand on the results that completed but were not handed on yet."""
+    for fut, key in futures.items():
+        if fut in seen or not fut.done() or fut.cancelled():
+            continue
+        with contextlib.suppress(BaseException):
+            res = fut.result(timeout=0)
+            on_result(key[0] if isinstance(key, tuple) else key, res)
 
 
 class _Dask:
@@ -1506,13 +1541,21 @@ class _Dask:
             f = self._client.submit(fn, payload, pure=False, key=f"skystack-{fn.__name__.strip('_')}-{tok}-"
                                                                   f"{time.time_ns()}")
             futures[f] = key
-        for fut in as_completed(list(futures), loop=self._client.loop):
-            key = futures[fut]
-            try:
-                res = fut.result()
-            except Exception as exc:  # noqa: BLE001 - KilledWorker, cancelled...
-                res = {"status": "failed", "error": f"{_DIED}: {type(exc).__name__}: {exc}"}
-            on_result(key, res)
+        seen: set = set()
+        try:
+            for fut in as_completed(list(futures), loop=self._client.loop):
+                seen.add(fut)
+                key = futures[fut]
+                try:
+                    res = fut.result()
+                except Exception as exc:  # noqa: BLE001 - KilledWorker, cancelled...
+                    res = {"status": "failed", "error": f"{_DIED}: {type(exc).__name__}: {exc}"}
+                on_result(key, res)
+        except KeyboardInterrupt:
+            with contextlib.suppress(Exception):
+                self._client.cancel([f for f in futures if f not in seen and not f.done()])
+            _journal_finished({f: k for f, k in futures.items() if f.status == "finished"}, seen, on_result)
+            raise
 
     def close(self) -> None:
         with contextlib.suppress(Exception):
@@ -1669,11 +1712,36 @@ def run_batch(plan: BatchPlan, *, workers: int | None = None, scheduler: str | N
             try:
                 _run_sessions(ex, plan, runnable, last, result, say, gpu=gpu,
                               n_workers=getattr(ex, "workers", 1))
+            except KeyboardInterrupt:
+                # what completed is journaled; the summary says what did not run
+                rows = [_summary_row(s, last.get(s.name)) for s in plan.sessions]
+                with contextlib.suppress(Exception):
+                    write_summary_csv(out / SUMMARY_NAME, rows)
+                    write_index(out / INDEX_NAME, rows)
+                raise
             finally:
                 ex.close()
         result.rows = [_summary_row(s, last.get(s.name)) for s in plan.sessions]
         result.summary_csv = write_summary_csv(out / SUMMARY_NAME, result.rows)
+        write_index(out / INDEX_NAME, result.rows)
     return result
+
+
+#: The batch's HTML index page, beside ``summary.csv``.
+INDEX_NAME = "index.html"
+
+
+def write_index(path: str | os.PathLike, rows: Sequence[dict[str, Any]]) -> Path:
+    """Write the batch's index page, linking each finished session's ``report.html``."""
+    from skystack.engine.htmlreport import render_index
+    from skystack.engine.output import write_text
+
+    folder = Path(path).parent
+    linked = []
+    for r in rows:
+        rel = f"{r['session']}/report.html"
+        linked.append({**r, "report": rel if (folder / rel).is_file() else None})
+    return write_text(path, render_index(linked, title=f"skystack batch: {folder.name}"))
 
 
 def _printer(console: Any, quiet: bool) -> Callable[[str], None]:
@@ -1875,7 +1943,8 @@ def batch_command(archive: str | os.PathLike, out_dir: str | os.PathLike, *, wor
             out_console.print(line, markup=False, highlight=False, soft_wrap=True)
         return 0
     res = run_batch(plan, workers=workers, scheduler=scheduler, quiet=quiet)
-    if not quiet:
-        out_console.print(summary_table(res.rows))
-        out_console.print(f"summary: {res.summary_csv}", markup=False, highlight=False, soft_wrap=True)
+    if not quiet:  # the table on stderr, the paths on stdout
+        Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() else 160).print(
+            summary_table(res.rows))
+    print(f"summary: {res.summary_csv}\nindex: {plan.out_dir / INDEX_NAME}")
     return 0 if res.ok else 1

@@ -785,17 +785,9 @@ def _command_line() -> str:
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(data, fh, indent=1, default=_json_default)
-            fh.write("\n")
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    from skystack.engine.output import write_text
+
+    write_text(path, json.dumps(data, indent=1, default=_json_default) + "\n")
 
 
 # ----------------------------------------------------------------------------- tables
@@ -907,12 +899,9 @@ def update_results_md(path: str | os.PathLike, key: str, section: str) -> Path:
         text = text[:a] + block + text[b:]
     else:
         text = text.rstrip() + "\n\n" + block + "\n"
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".part", dir=p.parent)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text if text.endswith("\n") else text + "\n")
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, p)
-    return p
+    from skystack.engine.output import write_text
+
+    return write_text(p, text if text.endswith("\n") else text + "\n")
 
 
 def _print_profile(console, profile: dict[str, Any] | None, top: int = 15) -> None:

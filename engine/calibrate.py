@@ -100,6 +100,9 @@ class CalibrationSet:
         Masters (``dark_flat`` only served to build the flat; kept for the report).
     defects : DefectMap or None
         Hot/cold pixels (from the dark, or from the lights).
+    skipped : tuple of str
+        ``"name: reason"`` for each calibration frame left out (another camera
+        mode than the lights, unreadable, empty).
     """
 
     bias: Master | None = None
@@ -107,6 +110,7 @@ class CalibrationSet:
     flat: Master | None = None
     dark_flat: Master | None = None
     defects: DefectMap | None = None
+    skipped: tuple[str, ...] = ()
     _mask: Any = field(default=None, repr=False, compare=False)  # device copy of defects.mask
 
     @property
@@ -225,6 +229,41 @@ def check_compatible(light_meta: FrameMeta, cset: CalibrationSet) -> tuple[str, 
             "rebuild it from darks or lights of this camera mode"
         )
     return tuple(notes)
+
+
+#: Fraction of a calibrated light's pixels below zero beyond which its masters are too bright for it.
+NEGATIVE_LIMIT = 0.75
+
+
+def overcorrection(light: Any, calibrated: Any, cset: CalibrationSet, *, dark_scale: float = 1.0) -> str | None:
+    """Why the masters drive this light negative, or None when they do not.
+
+    A light whose calibrated pixels are mostly (:data:`NEGATIVE_LIMIT`) below
+    zero had a bias or dark subtracted that is brighter than the light itself:
+    from another gain/ISO, offset, exposure or camera. The reason names the
+    master (the bias when it alone is brighter than the light, else the dark).
+    """
+    xp = array_module(calibrated)
+    frac = float((calibrated[..., ::4, ::4] < 0).mean())
+    if frac <= NEGATIVE_LIMIT:
+        return None
+
+    def med(a: Any) -> float:
+        return float(xp.median(xp.asarray(a)[..., ::4, ::4]))
+
+    lmed = med(light)
+    bmed = med(cset.bias.data) if cset.bias is not None else 0.0
+    if cset.bias is not None and (bmed >= lmed or cset.dark is None):
+        m, level = cset.bias, bmed
+        fix = "bias frames of this camera at the light's ISO/gain and offset"
+    elif cset.dark is not None:
+        m, level = cset.dark, med(cset.dark.data) * (dark_scale if cset.dark.meta.bias_subtracted else 1.0)
+        fix = "darks of this camera at the light's ISO/gain, offset, exposure and temperature"
+    else:
+        return None
+    where = m.meta.path or f"built from {m.meta.count} frames"
+    return (f"calibration leaves {frac:.1%} of it below zero: the master {m.kind} ({where}, level {level:.4g}) "
+            f"is brighter than this light (level {lmed:.4g}); use {fix}")
 
 
 def dark_scale_for(light_exposure_s: float | None, dark_exposure_s: float | None) -> float:
@@ -441,24 +480,84 @@ def build_calibration_set(*, bias: Any = None, darks: Any = None, flats: Any = N
                           master_config: MasterConfig = MasterConfig(),
                           cosmetic: CosmeticConfig | None = CosmeticConfig(),
                           cache_dir: str | os.PathLike | None = None, use_cache: bool = True,
-                          backend: Backend | None = None) -> CalibrationSet:
+                          backend: Backend | None = None, light: FrameMeta | None = None) -> CalibrationSet:
     """Build (or read from the cache) every master of a session, in dependency order.
 
     Each of ``bias``, ``darks``, ``flats``, ``dark_flats`` is None, a list of
     calibration frames, or one skystack master FITS. The bias is built first,
     then the dark-flat, the dark (bias-subtracted when a bias exists) and the
     flat (dark-flat, else bias, removed), then the defect map from the dark.
+
+    With ``light`` (a light's metadata), each list of frames is first checked
+    against the lights (:func:`screen_frames`): a set of another camera mode is
+    refused naming that set, and odd frames within a set are left out.
     """
     kw = dict(config=master_config, cache_dir=cache_dir, use_cache=use_cache, backend=backend)
+    skipped: list[str] = []
 
     def given(v: Any) -> bool:
         return v is not None and not (isinstance(v, (list, tuple)) and len(v) == 0)
 
+    def frames(kind: str, v: Any) -> Any:
+        if light is None or not isinstance(v, (list, tuple)):
+            return v
+        good, odd = screen_frames(kind, v, light)
+        skipped.extend(odd)
+        return good
+
+    bias, dark_flats, darks, flats = (frames(k, v) for k, v in (("bias", bias), ("dark-flat", dark_flats),
+                                                               ("dark", darks), ("flat", flats)))
     mb = load_or_build_master("bias", bias, **kw) if given(bias) else None
     mdf = load_or_build_master("dark-flat", dark_flats, **kw) if given(dark_flats) else None
     md = load_or_build_master("dark", darks, bias=mb, **kw) if given(darks) else None
     mf = load_or_build_master("flat", flats, bias=mb, dark_flat=mdf, **kw) if given(flats) else None
-    return make_calibration_set(bias=mb, dark=md, flat=mf, dark_flat=mdf, cosmetic=cosmetic)
+    for m in (mb, mdf, md, mf):
+        if m is not None:
+            skipped.extend(f"{m.kind} {s}" for s in m.meta.skipped)
+    cset = make_calibration_set(bias=mb, dark=md, flat=mf, dark_flat=mdf, cosmetic=cosmetic)
+    return dataclasses.replace(cset, skipped=tuple(skipped))
+
+
+def screen_frames(kind: str, paths: Any, light: FrameMeta) -> tuple[list[Any], list[str]]:
+    """Split calibration frames into those of the lights' camera mode and the others.
+
+    Returns the usable paths and ``"kind name: reason"`` for each frame left
+    out. Unreadable files are kept here (the master build skips them with
+    their reason); a master FITS is checked later against the light.
+
+    Raises
+    ------
+    CalibrationError
+        When no readable frame of the set matches the lights: the message
+        names the set, what it is and what the lights are.
+    """
+    from pathlib import Path
+
+    from skystack.engine.errors import SkystackError
+    from skystack.engine.io import read_meta
+    from skystack.engine.masters import is_master_file
+
+    lshape, ldesc = tuple(light.shape), describe(light.shape, light.pattern, light.camera)
+    good, odd, odd_desc = [], [], []
+    for p in paths:
+        if is_master_file(p):
+            good.append(p)
+            continue
+        try:
+            m = read_meta(p)
+        except SkystackError:
+            good.append(p)
+            continue
+        if tuple(m.shape) != lshape or m.pattern != light.pattern or not same_camera(m.camera, light.camera):
+            odd.append(p)
+            odd_desc.append(describe(m.shape, m.pattern, m.camera))
+        else:
+            good.append(p)
+    if odd and not good:
+        raise CalibrationError(
+            f"the {kind} frames ({len(odd)} files, e.g. {odd[0]}) are {odd_desc[0]} but the lights are {ldesc}; "
+            f"pass {kind} frames taken with the lights' camera and mode (or leave them out)")
+    return good, [f"{kind} {Path(p).name}: {d}, not the lights' {ldesc}" for p, d in zip(odd, odd_desc)]
 
 
 def calibrate_light(light: Any, meta: FrameMeta, cset: CalibrationSet, *,

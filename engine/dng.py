@@ -23,7 +23,6 @@ from __future__ import annotations
 import datetime as _dt
 import os
 import struct
-import tempfile
 from fractions import Fraction
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -283,12 +282,9 @@ def write_dng(
             tags.append((code, typ, len(value), value[0] if len(value) == 1 else value, True))
     tags.sort(key=lambda t: 34665 if isinstance(t[0], str) else t[0])
 
-    folder = path.parent if str(path.parent) else Path(".")
-    tmp_name = None
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
-        os.close(fd)
+    from skystack.engine.output import atomic_path
+
+    with atomic_path(path) as tmp_name:  # errors name the path and the fix
         tifffile.imwrite(
             tmp_name, np.ascontiguousarray(cfa), photometric="cfa", planarconfig=None,
             compression=None, rowsperstrip=h, metadata=None, software="skystack synth",
@@ -296,10 +292,3 @@ def write_dng(
         )
         with open(tmp_name, "r+b") as fh:
             _patch_exif_ifd(fh, exif_entries)
-        os.replace(tmp_name, path)
-        tmp_name = None
-    except OSError as exc:
-        raise OutputError(f"{path}: cannot write DNG ({exc.strerror or exc}); check the folder is writable") from exc
-    finally:
-        if tmp_name is not None and os.path.exists(tmp_name):
-            os.unlink(tmp_name)

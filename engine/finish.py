@@ -392,18 +392,21 @@ class StackFile:
 def _read_fits_stack(p: Path) -> tuple[np.ndarray, np.ndarray | None, int | None]:
     from astropy.io import fits
 
+    from skystack.engine.output import fits_rows
+
     try:
         with fits.open(p, memmap=False) as hdul:
             data = hdul[0].data
             n = hdul[0].header.get("NCOMBINE")
             cov = None
             if "COVERAGE" in hdul:
-                cov = np.asarray(hdul["COVERAGE"].data)
+                cov = fits_rows(np.asarray(hdul["COVERAGE"].data), hdul["COVERAGE"].header)
                 n = hdul["COVERAGE"].header.get("NFRAMES", n)
             if data is None:
                 raise FrameReadError(f"{p}: the FITS has no image in its primary HDU; pass the stack FITS "
                                      "written by 'skystack stack'")
-            return np.asarray(data, dtype=np.float32), cov, (int(n) if n is not None else None)
+            img = fits_rows(np.asarray(data, dtype=np.float32), hdul[0].header)
+            return img, cov, (int(n) if n is not None else None)
     except (OSError, ValueError, TypeError) as exc:
         raise FrameReadError(f"{p}: cannot read the FITS ({exc}); pass a stack written by 'skystack stack'") from None
 
@@ -411,12 +414,15 @@ def _read_fits_stack(p: Path) -> tuple[np.ndarray, np.ndarray | None, int | None
 def _read_coverage(p: Path) -> tuple[np.ndarray | None, int | None]:
     from astropy.io import fits
 
+    from skystack.engine.output import fits_rows
+
     try:
         with fits.open(p, memmap=False) as hdul:
             if "COVERAGE" not in hdul:
                 return None, None
             n = hdul["COVERAGE"].header.get("NFRAMES", hdul[0].header.get("NCOMBINE"))
-            return np.asarray(hdul["COVERAGE"].data), (int(n) if n is not None else None)
+            cov = fits_rows(np.asarray(hdul["COVERAGE"].data), hdul["COVERAGE"].header)
+            return cov, (int(n) if n is not None else None)
     except (OSError, ValueError, TypeError) as exc:
         raise FrameReadError(f"{p}: cannot read the coverage map ({exc}); pass --coverage with the stack's "
                              "FITS or use --no-crop") from None

@@ -9,12 +9,21 @@ and defeat ``--memory-limit``.
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
+
+from skystack.engine.errors import OutputError
+
+
+def _spill_error(where: Path | str, exc: OSError) -> OutputError:
+    """The frame cache's OSError as one line naming the folder and the fixes."""
+    what = "disk full" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else (exc.strerror or str(exc))
+    return OutputError(f"{where}: {what} while spilling frames to disk; free space there, raise --memory-limit "
+                       "so more frames stay in RAM, or point TMPDIR at a larger disk")
 
 
 class FrameStore:
@@ -32,7 +41,9 @@ class FrameStore:
     dtype : {"float32", "float16"}
         Storage type of the spill cache (RAM storage is always float32).
     spill_dir : path or None
-        Folder for the cache file (default: the system temp folder).
+        Folder for the cache file (default: the system temp folder). The cache
+        lives in a ``skystack-store-*`` folder locked by this process; such
+        folders left by a killed run are removed when the next store spills.
     """
 
     def __init__(self, n: int, shape: tuple[int, int, int], *, ram_budget: int | None = None,
@@ -43,10 +54,18 @@ class FrameStore:
         self.on_disk = ram_budget is not None and need > ram_budget
         self._dir: Path | None = None
         self._fd: int | None = None
+        self._lock: int | None = None
         if self.on_disk:
+            from skystack.engine.output import live_dir
+
             self.dtype = np.dtype(dtype)
-            self._dir = Path(tempfile.mkdtemp(prefix="skystack-store-", dir=spill_dir))
-            self._fd = os.open(self._dir / "frames.bin", os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                self._dir, self._lock = live_dir("skystack-store-", spill_dir)
+                self._fd = os.open(self._dir / "frames.bin", os.O_RDWR | os.O_CREAT, 0o600)
+            except OSError as exc:
+                where = self._dir or spill_dir or "the temporary folder"
+                self.close()
+                raise _spill_error(where, exc) from exc
             self._data = None
         else:
             self.dtype = np.dtype(np.float32)
@@ -68,9 +87,12 @@ class FrameStore:
             self._data[i] = img
             return
         buf = np.ascontiguousarray(img, dtype=self.dtype).tobytes()
-        written = os.pwrite(self._fd, buf, i * self._frame)
+        try:
+            written = os.pwrite(self._fd, buf, i * self._frame)
+        except OSError as exc:
+            raise _spill_error(self._dir, exc) from exc
         if written != len(buf):
-            raise OSError(28, "short write to the frame cache (disk full?)")
+            raise _spill_error(self._dir, OSError(errno.ENOSPC, "short write"))
 
     def get(self, i: int) -> np.ndarray:
         """Frame ``i`` as float32 ``(C, H, W)``."""
@@ -106,6 +128,9 @@ class FrameStore:
         if self._dir is not None:
             shutil.rmtree(self._dir, ignore_errors=True)
             self._dir = None
+        if self._lock is not None:
+            os.close(self._lock)
+            self._lock = None
 
     def __enter__(self) -> "FrameStore":
         return self

@@ -43,6 +43,8 @@ Rules
 * **FITS black level**: ``BLKLEVEL``, else ``|PEDESTAL|`` (MaxIm writes the
   negated pedestal), else ``OFFSET`` (a camera offset setting, at most the true
   black in ADU), else 0.
+  Float data in 0..1 (white level 1) with a black level of 1 ADU or more (a
+  16-bit value the header kept) gets ``black / 65535``, the data's own scale.
 * ``imagetyp`` is lower case, with a trailing ``" frame"``/``" field"`` removed,
   ``offset`` mapped to ``bias`` and dark-flat spellings mapped to ``darkflat``.
 * For colour ``(3, H, W)`` data ``black_level`` holds R, G, B, G.
@@ -760,6 +762,10 @@ def _read_fits(p: Path, size: int, want_data: bool) -> tuple[np.ndarray | None, 
         ts = f"{ts}T{_text(hdr['TIME-OBS'])}"
     gain = _num(_hget(hdr, "GAIN"))
     b = _fits_black(hdr)
+    if white == 1.0 and 1.0 <= b <= 65535.0:
+        # float data in 0..1 whose header kept the 16-bit black level (ADU): same scale as the data
+        extra["black_level_adu"] = b
+        b = b / 65535.0
     meta = FrameMeta(
         path=str(p), format="fits", shape=shape, pattern=pattern, black_level=(b, b, b, b),
         white_level=white, wb=None,

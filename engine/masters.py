@@ -56,7 +56,6 @@ import hashlib
 import json
 import math
 import os
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,6 +73,7 @@ from skystack.engine.errors import (
     SkystackError,
 )
 from skystack.engine.frame import FrameMeta
+from skystack.engine.output import atomic_path, fits_text
 
 __all__ = [
     "KINDS",
@@ -196,6 +196,8 @@ class MasterMeta:
         FITS file the master was read from or last written to.
     created : str
         ISO-8601 UTC time of the combine.
+    skipped : tuple of str
+        ``"name: reason"`` for each input frame left out (unreadable, empty).
     """
 
     kind: str
@@ -220,6 +222,7 @@ class MasterMeta:
     key: str = ""
     path: str | None = None
     created: str = ""
+    skipped: tuple[str, ...] = ()
 
     def describe(self) -> str:
         """``"1920x1080 GRBG (ZWO Seestar S50)"``-style summary for messages."""
@@ -337,13 +340,25 @@ def describe(shape: Sequence[int], pattern: str | None, camera: str | None) -> s
 
 
 def _check_frames(kind: str, metas: Sequence[FrameMeta]) -> None:
-    ref = metas[0]
-    for m in metas[1:]:
-        if tuple(m.shape) != tuple(ref.shape) or m.pattern != ref.pattern or not same_camera(m.camera, ref.camera):
-            raise FrameMismatchError(
-                f"{kind} frame {m.path} is {_desc(m)} but {ref.path} is {_desc(ref)}; "
-                f"combine only {kind} frames of one camera and mode (remove the odd file)"
-            )
+    """All frames of one camera mode; the odd ones out (the minority) are named."""
+    from collections import Counter
+
+    def mode(m: FrameMeta) -> tuple:
+        return (tuple(m.shape), m.pattern)
+
+    common = Counter(mode(m) for m in metas).most_common(1)[0][0]
+    ref = next(m for m in metas if mode(m) == common)
+    cameras = Counter(m.camera for m in metas if mode(m) == common and m.camera).most_common(1)
+    camera = cameras[0][0] if cameras else None
+    odd = [m for m in metas if mode(m) != common or not same_camera(m.camera, camera)]
+    if odd:
+        names = ", ".join(Path(m.path).name for m in odd[:3]) + (f" and {len(odd) - 3} more" if len(odd) > 3 else "")
+        raise FrameMismatchError(
+            f"{kind} frame {odd[0].path} is {_desc(odd[0])} but {ref.path} is "
+            f"{describe(ref.shape, ref.pattern, camera)}, like most {kind} frames; combine only {kind} frames "
+            "of one camera and mode "
+            f"(remove {names})"
+        )
 
 
 def _desc(m: FrameMeta) -> str:
@@ -378,12 +393,15 @@ class _Cube:
     def __init__(self, first: np.ndarray, n: int, spill_dir: Path | None) -> None:
         shape = (n,) + tuple(first.shape)
         nbytes = int(np.prod(shape)) * first.dtype.itemsize
-        self._tmp: tempfile.TemporaryDirectory | None = None
+        self._tmp: Path | None = None
+        self._lock: int | None = None
         if nbytes > _host_budget():
+            from skystack.engine.output import live_dir
+
             if spill_dir is not None:
                 spill_dir.mkdir(parents=True, exist_ok=True)
-            self._tmp = tempfile.TemporaryDirectory(prefix="skystack-master-", dir=spill_dir)
-            self.arr = np.lib.format.open_memmap(Path(self._tmp.name) / "cube.npy", mode="w+",
+            self._tmp, self._lock = live_dir("skystack-master-", spill_dir)  # a killed run's is removed
+            self.arr = np.lib.format.open_memmap(self._tmp / "cube.npy", mode="w+",
                                                  dtype=first.dtype, shape=shape)
         else:
             self.arr = np.empty(shape, dtype=first.dtype)
@@ -391,7 +409,11 @@ class _Cube:
     def close(self) -> None:
         self.arr = None  # type: ignore[assignment]
         if self._tmp is not None:
-            self._tmp.cleanup()
+            import shutil
+
+            shutil.rmtree(self._tmp, ignore_errors=True)
+            os.close(self._lock)
+            self._tmp = self._lock = None
 
 
 def _host_budget() -> int:
@@ -401,26 +423,49 @@ def _host_budget() -> int:
 
 
 def _read_all(kind: str, paths: Sequence[Path], spill_dir: Path | None
-              ) -> tuple[_Cube, list[FrameMeta]]:
+              ) -> tuple[_Cube, list[FrameMeta], list[str]]:
+    """Read the frames into a cube; unreadable or empty ones are left out with a reason.
+
+    Returns the cube (its first ``len(metas)`` entries hold data), the metadata
+    of the frames read, and ``"name: reason"`` for each one left out.
+    """
     from skystack.engine.io import read_frame
 
     metas: list[FrameMeta] = []
+    seen: list[FrameMeta] = []  # every readable frame: one camera mode is checked over all of them
+    skipped: list[str] = []
     cube: _Cube | None = None
-    for i, p in enumerate(paths):
-        fr = read_frame(p)
+    for p in paths:
+        try:
+            fr = read_frame(p)
+        except SkystackError as exc:
+            skipped.append(f"{Path(p).name}: {exc}")
+            continue
         STATS.frames_read += 1
+        seen.append(fr.meta)
+        lo, hi = np.nanmin(fr.data), np.nanmax(fr.data)
+        if kind == "flat" and not lo < hi:  # a flat that recorded nothing (all zero, or saturated)
+            skipped.append(f"{Path(p).name}: every pixel is {lo:g}, an empty {kind} frame")
+            continue
         if cube is None:
             cube = _Cube(fr.data, len(paths), spill_dir)
-        metas.append(fr.meta)
-        _check_frames(kind, metas)
-        if fr.data.dtype != cube.arr.dtype:
+        if fr.data.shape == cube.arr.shape[1:] and fr.data.dtype != cube.arr.dtype:
             raise FrameMismatchError(
-                f"{kind} frame {p} holds {fr.data.dtype} data but {paths[0]} holds {cube.arr.dtype}; "
+                f"{kind} frame {p} holds {fr.data.dtype} data but {metas[0].path} holds {cube.arr.dtype}; "
                 f"combine only {kind} frames of one camera and format"
             )
-        cube.arr[i] = fr.data
-    assert cube is not None
-    return cube, metas
+        metas.append(fr.meta)
+        if fr.data.shape == cube.arr.shape[1:]:
+            cube.arr[len(metas) - 1] = fr.data
+    if seen:
+        _check_frames(kind, seen)
+    if cube is None:
+        raise CalibrationError(f"no usable {kind} frame: " + "; ".join(skipped[:3])
+                               + "; replace these files or leave the " + kind + " frames out")
+    if skipped:
+        warnings.warn(f"{len(skipped)} {kind} frame(s) skipped: " + "; ".join(skipped), RuntimeWarning,
+                      stacklevel=3)
+    return cube, metas, skipped
 
 
 def _bands(h: int, row_bytes: int, budget: int) -> list[tuple[int, int]]:
@@ -550,6 +595,10 @@ def build_master(kind: str, paths: Sequence[str | os.PathLike], *, config: Maste
     key = _cache_key(kind, files, config, deps)
     cdir = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     cpath = _cache_path(cdir, kind, key)
+    if use_cache:
+        from skystack.engine.output import remove_stale_partials
+
+        remove_stale_partials(cdir)  # a killed run's half-written masters
     if use_cache and cpath.is_file():
         try:
             m = read_master(cpath)
@@ -573,14 +622,14 @@ def build_master(kind: str, paths: Sequence[str | os.PathLike], *, config: Maste
 
 def _combine_files(kind: str, files: Sequence[Path], *, config: MasterConfig, bias: Master | None,
                    dark_flat: Master | None, key: str, backend: Backend, spill_dir: Path | None) -> Master:
-    cube, metas = _read_all(kind, files, spill_dir)
+    cube, metas, skipped = _read_all(kind, files, spill_dir)
     try:
         ref = metas[0]
         _check_dep(kind, bias, ref)
         _check_dep(kind, dark_flat, ref)
         offset = dark_flat if dark_flat is not None else bias
         off = None if offset is None else np.asarray(to_host(offset.data), dtype=np.float32)
-        n = len(files)
+        n = len(metas)
         shape = tuple(ref.shape)
         h = shape[-2]
         row_px = int(np.prod(shape)) // h
@@ -619,8 +668,8 @@ def _combine_files(kind: str, files: Sequence[Path], *, config: MasterConfig, bi
         white_level=float(ref.white_level), bias_subtracted=(kind == "dark" and bias is not None),
         flat_offset=("none" if kind != "flat" else
                      ("dark-flat" if dark_flat is not None else ("bias" if bias is not None else "none"))),
-        flat_medians=medians, sources=tuple(str(f) for f in files), key=key, path=None,
-        created=_dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S"),
+        flat_medians=medians, sources=tuple(m.path for m in metas), key=key, path=None,
+        created=_dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S"), skipped=tuple(skipped),
     )
     return Master(data=out, meta=meta, from_cache=False)
 
@@ -717,7 +766,7 @@ def write_master(master: Master, path: str | os.PathLike) -> Master:
     for i, b in enumerate(m.black_level):
         hdr[f"BLACK{i}"] = (float(b), f"black level (ADU), 2x2 position {i}")
     hdr["WHITELVL"] = (float(m.white_level), "white level (ADU)")
-    hdr["BUNIT"] = ("normalised", "(adu - black) / (white - black)")
+    hdr["BUNIT"] = ("", "dimensionless: (adu - black) / (white - black)")
     hdr["BIASSUB"] = (bool(m.bias_subtracted), "dark: master bias subtracted (thermal only)")
     hdr["FLATOFFS"] = (m.flat_offset, "flat: offset removed before normalising")
     if m.flat_medians is not None:
@@ -730,19 +779,10 @@ def write_master(master: Master, path: str | os.PathLike) -> Master:
     hdr["DATE"] = (m.created, "UTC time of the combine")
     for s in m.sources:
         hdr.add_history(f"source: {Path(s).name}")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
-    os.close(fd)
-    try:
+    for s in m.skipped:
+        hdr.add_history(fits_text(f"skipped: {s}")[:72])
+    with atomic_path(dest) as tmp:
         fits.PrimaryHDU(data=data, header=hdr).writeto(tmp, overwrite=True, output_verify="silentfix")
-        os.replace(tmp, dest)
-    except OSError as exc:
-        Path(tmp).unlink(missing_ok=True)
-        raise OutputError(f"could not write master {m.kind} to {dest}: {exc}; "
-                          "check free space and permissions") from exc
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return dataclasses.replace(master, meta=dataclasses.replace(m, path=str(dest)))
 
 
@@ -812,6 +852,8 @@ def read_master(path: str | os.PathLike) -> Master:
         flat_offset=str(h.get("FLATOFFS", "none")), flat_medians=meds,
         sources=tuple(str(v).removeprefix("source: ") for v in h.get("HISTORY", []) if str(v).startswith("source: ")),
         key=str(h.get("SSKEY", "")) or _file_key(p), path=str(p), created=str(h.get("DATE", "")),
+        skipped=tuple(str(v).removeprefix("skipped: ") for v in h.get("HISTORY", [])
+                      if str(v).startswith("skipped: ")),
     )
     return Master(data=data, meta=meta, from_cache=False)
 

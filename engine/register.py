@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 from scipy.spatial import cKDTree
@@ -123,7 +123,8 @@ def _as_stars(st: Any) -> _Stars:
 
 
 def register_frames(stars: dict[int, Any], scores: dict[int, float], shape: tuple[int, int], *,
-                    model: str = "auto", provisional: int, fixed_reference: bool = False) -> SessionRegistration:
+                    model: str = "auto", provisional: int, fixed_reference: bool = False,
+                    on_frame: Callable[[], None] | None = None) -> SessionRegistration:
     """Register every frame of a session (see the module docstring).
 
     Parameters
@@ -141,6 +142,8 @@ def register_frames(stars: dict[int, Any], scores: dict[int, float], shape: tupl
         First reference (the best-scoring frame, or the user's ``--reference``).
     fixed_reference : bool
         Keep ``provisional`` as the reference (``--reference`` given).
+    on_frame : callable, optional
+        Called once per frame as its final transform is settled (progress).
 
     Returns
     -------
@@ -180,12 +183,15 @@ def register_frames(stars: dict[int, Any], scores: dict[int, float], shape: tupl
                               static={i: stars[i].xy[m] if hasattr(stars[i], "xy") else np.zeros((0, 2))
                                       for i, m in static.items() if m.any()},
                               sky_stars={i: s.xy for i, s in lists.items()})
+    tick = on_frame or (lambda: None)
     if model == "homography+radial" and lens is not None and not lens.is_identity:
         reg.lens = lens
-        _final_with_lens(reg, lists, trans, lens)
+        _final_with_lens(reg, lists, trans, lens, tick)
     else:
         reg.model = "homography" if model == "homography+radial" else model
-        _final_plain(reg, lists, trans, chained)
+        _final_plain(reg, lists, trans, chained, tick)
+    for _ in fails:  # frames that never registered are done too
+        tick()
     return reg
 
 
@@ -418,11 +424,12 @@ def choose_model(heldout: dict[str, float], rel: float = 0.05, abs_px: float = 0
 
 
 def _final_plain(reg: SessionRegistration, lists: dict[int, _Stars], trans: dict[int, np.ndarray],
-                 chained: list[int]) -> None:
+                 chained: list[int], tick: Callable[[], None]) -> None:
     """Transforms of the chosen lens-less model: the matcher's result against the reference."""
     cfg = MatchConfig(model=reg.model)
     r = lists[reg.ref]
     for i in sorted(trans):
+        tick()
         if i == reg.ref:
             reg.transforms[i], reg.residuals[i] = np.eye(3), 0.0
             continue
@@ -440,7 +447,7 @@ def _final_plain(reg: SessionRegistration, lists: dict[int, _Stars], trans: dict
 
 
 def _final_with_lens(reg: SessionRegistration, lists: dict[int, _Stars], trans: dict[int, np.ndarray],
-                     lens: RadialLens) -> None:
+                     lens: RadialLens, tick: Callable[[], None]) -> None:
     """Homographies in ideal pixels, refined from the provisional transforms (nearest the reference first).
 
     A frame whose direct refinement is poor (too few stars for a homography,
@@ -451,7 +458,9 @@ def _final_with_lens(reg: SessionRegistration, lists: dict[int, _Stars], trans: 
     ideal = {i: _StarsView(lens.undistort(s.xy), s.err) for i, s in lists.items()}
     ref = reg.ref
     reg.transforms[ref], reg.residuals[ref] = np.eye(3), 0.0
+    tick()
     for i in sorted((i for i in trans if i != ref), key=lambda i: (abs(i - ref), i)):
+        tick()
         best = _refine_ideal(trans[i], ideal[i], ideal[ref])
         if best is None or best[1] > MAX_RMS_PX:
             for g in sorted(reg.transforms, key=lambda j: (abs(j - i), j))[:3]:

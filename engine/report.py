@@ -34,6 +34,7 @@ def build_report(result, *, outputs: dict[str, str] | None = None) -> dict[str, 
         "settings": result.settings,
         "registration": getattr(result, "registration", {}),
         "masters": result.masters,
+        "notes": list(getattr(result, "notes", [])),
         "frames": frames,
         "timings_s": {k: round(v, 4) for k, v in result.timings.items()},
         "throughput": {
@@ -52,12 +53,80 @@ def build_report(result, *, outputs: dict[str, str] | None = None) -> dict[str, 
     }
 
 
+def _utc(text: str | None) -> _dt.datetime | None:
+    """A frame's ISO timestamp as naive UTC (naive input is taken as UTC, as FITS DATE-OBS is)."""
+    if not text:
+        return None
+    try:
+        t = _dt.datetime.fromisoformat(str(text).strip().replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    if t.tzinfo is not None:
+        t = t.astimezone(_dt.timezone.utc).replace(tzinfo=None)
+    return t
+
+
+def acquisition_cards(metas, *, superpixel: bool = False) -> dict[str, Any]:
+    """FITS cards the lights agree on, as Siril writes them on a stack.
+
+    ``DATE-OBS`` is the first light's start and ``DATE-END`` the last light's
+    end; ``OBJECT``, ``INSTRUME``, ``TELESCOP``, ``FILTER``, ``RA``/``DEC``
+    (or ``OBJCTRA``/``OBJCTDEC``), ``FOCALLEN``, ``XPIXSZ``/``YPIXSZ`` (doubled
+    by the super-pixel debayer), ``GAIN`` and ``ISOSPEED`` come from the first
+    of ``metas`` (the reference), ``CCD-TEMP`` is the mean. Unknown values are
+    left out, never invented.
+    """
+    metas = [m for m in metas if m is not None]
+    if not metas:
+        return {}
+    ref = metas[0]
+    ex = {k.lower(): v for k, v in (ref.extra or {}).items()}
+    cards: dict[str, Any] = {}
+    spans = []
+    for m in metas:
+        t0 = _utc(m.timestamp)
+        if t0 is not None:
+            spans.append((t0, t0 + _dt.timedelta(seconds=float(m.exposure_s or 0.0))))
+    if spans:
+        cards["DATE-OBS"] = (min(a for a, _ in spans).isoformat(timespec="milliseconds"),
+                             "UTC start of the first light")
+        cards["DATE-END"] = (max(b for _, b in spans).isoformat(timespec="milliseconds"),
+                             "UTC end of the last light")
+    for key, value, comment in (
+            ("OBJECT", ex.get("object"), "target"),
+            ("INSTRUME", ref.camera, "camera"),
+            ("TELESCOP", ex.get("telescop"), "telescope"),
+            ("FILTER", ex.get("filter"), "filter"),
+            ("RA", ex.get("ra"), "[deg] right ascension of the centre"),
+            ("DEC", ex.get("dec"), "[deg] declination of the centre"),
+            ("OBJCTRA", ex.get("objctra"), "right ascension (hms)"),
+            ("OBJCTDEC", ex.get("objctdec"), "declination (dms)"),
+            ("FOCALLEN", ref.focal_length_mm, "[mm] focal length"),
+            ("XPIXSZ", _scaled(ex.get("xpixsz"), superpixel), "[um] pixel width"),
+            ("YPIXSZ", _scaled(ex.get("ypixsz"), superpixel), "[um] pixel height"),
+            ("GAIN", ref.gain, "sensor gain setting"),
+            ("ISOSPEED", ref.iso, "ISO speed")):
+        if value is not None and value != "":
+            cards[key] = (value if isinstance(value, str) else float(value), comment)
+    temps = [m.temperature_c for m in metas if m.temperature_c is not None]
+    if temps:
+        cards["CCD-TEMP"] = (round(float(np.mean(temps)), 2), "[C] mean sensor temperature")
+    return cards
+
+
+def _scaled(v: Any, superpixel: bool) -> float | None:
+    return None if v is None else float(v) * (2.0 if superpixel else 1.0)
+
+
 def fits_header(result) -> dict[str, Any]:
-    """Provenance cards for the stacked FITS."""
+    """Provenance and acquisition cards for the stacked FITS."""
     s = result.settings
-    return {
+    cards = acquisition_cards(getattr(result, "lights_meta", []), superpixel=s.get("debayer") == "superpixel")
+    cards.update({
         "NCOMBINE": (result.n_used, "frames combined"),
         "EXPTIME": (float(result.exposure_s), "[s] total exposure of combined frames"),
+        "LIVETIME": (float(result.exposure_s), "[s] total exposure (Siril)"),
+        "STACKCNT": (result.n_used, "frames combined (Siril)"),
         "STACKREJ": (str(s.get("rejection")), "rejection method"),
         "STACKKLO": (float(s.get("kappa_low", 0.0)), "rejection kappa low"),
         "STACKKHI": (float(s.get("kappa_high", 0.0)), "rejection kappa high"),
@@ -68,7 +137,8 @@ def fits_header(result) -> dict[str, Any]:
         "BACKEND": (result.backend, "compute backend"),
         "SWCREATE": (f"skystack {__version__}", "software"),
         "DATE": (_dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S"), "file creation (UTC)"),
-    }
+    })
+    return cards
 
 
 def summary_table(result, outputs: dict[str, str]):
@@ -117,29 +187,61 @@ def _registration_lines(reg: dict[str, Any]) -> list[tuple[str, str]]:
     return rows
 
 
+def rejection_map(result) -> np.ndarray | None:
+    """Values rejected per pixel (first channel): frames covering it minus values kept."""
+    cov, count = getattr(result, "coverage", None), getattr(result, "count", None)
+    if cov is None or count is None or np.shape(cov) != np.shape(count):
+        return None
+    return np.clip(cov.astype(np.int32) - count.astype(np.int32), 0, None)
+
+
 def write_outputs(result, *, tiff: str | None, preview: str | None = None, fits: str | None = None,
-                  report: str | None = None, inputs=(), linked: bool = True) -> dict[str, str]:
-    """Write the TIFF, preview, FITS and report that were asked for; return their paths."""
-    from skystack.engine.output import write_fits, write_json, write_preview, write_tiff
+                  report: str | None = None, html: str | None = None, inputs=(),
+                  linked: bool = True) -> dict[str, str]:
+    """Write the TIFF, preview, FITS, JSON and HTML reports that were asked for; return their paths.
+
+    The files form one set (:func:`~skystack.engine.output.output_set`): all
+    are written to temporary files first and renamed together, so a kill never
+    leaves files of two runs side by side. Each also carries the same run id
+    (TIFF description, FITS ``RUNID``, PNG text, ``run_id`` in the JSON and HTML).
+    """
+    import uuid
+
+    from skystack.engine.htmlreport import preview_uri, render_report
+    from skystack.engine.output import output_set, write_fits, write_json, write_preview, write_text, write_tiff
     from skystack.engine.stretch import StretchConfig, autostretch
 
     inputs = list(inputs)
+    run_id = uuid.uuid4().hex[:16]
     out: dict[str, str] = {}
     img = result.image
-    if tiff:
-        out["tiff"] = str(write_tiff(tiff, img, inputs=inputs, description=f"skystack {__version__}"))
-    if fits:
-        ext = []
-        if getattr(result, "coverage", None) is not None:
-            ext.append(("COVERAGE", result.coverage.astype(np.int16),
-                        {"NFRAMES": (result.n_used, "frames combined"),
-                         "COMMENT": "frames whose data covered each pixel, before rejection"}))
-        out["fits"] = str(write_fits(fits, img, fits_header(result), inputs=inputs, extensions=ext))
-    if preview:
-        shown = np.where(np.isfinite(img), img, np.nan)
-        out["preview"] = str(write_preview(preview, autostretch(shown, StretchConfig(linked=linked)),
-                                           inputs=inputs))
-    if report:
-        out["report"] = str(report)
-        write_json(report, build_report(result, outputs=out), inputs=inputs)
+    stretched = None
+    if preview or html:
+        stretched = autostretch(np.where(np.isfinite(img), img, np.nan), StretchConfig(linked=linked))
+    with output_set():
+        if tiff:
+            out["tiff"] = str(write_tiff(tiff, img, inputs=inputs,
+                                         description=f"skystack {__version__} run {run_id}"))
+        if fits:
+            ext = []
+            if getattr(result, "coverage", None) is not None:
+                ext.append(("COVERAGE", result.coverage.astype(np.int16),
+                            {"NFRAMES": (result.n_used, "frames combined"),
+                             "COMMENT": "frames whose data covered each pixel, before rejection"}))
+            header = {**fits_header(result), "RUNID": (run_id, "skystack run that wrote this output set")}
+            out["fits"] = str(write_fits(fits, img, header, inputs=inputs, extensions=ext))
+        if preview:
+            out["preview"] = str(write_preview(preview, stretched, inputs=inputs,
+                                               text={"Software": f"skystack {__version__}", "skystack-run": run_id}))
+        if report:
+            out["report"] = str(report)
+        if html:
+            out["html"] = str(html)
+        rep = build_report(result, outputs=out)
+        rep["run_id"] = run_id
+        if report:
+            write_json(report, rep, inputs=inputs)
+        if html:
+            write_text(html, render_report(rep, preview=preview_uri(stretched), coverage=result.coverage,
+                                           rejections=rejection_map(result)), inputs=inputs)
     return out

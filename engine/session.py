@@ -58,7 +58,8 @@ def resolve_inputs(specs: Iterable[str | os.PathLike], *, what: str = "lights") 
         if p.is_dir():
             found = sorted(q for q in p.iterdir() if _is_frame(q))
             if not found:
-                raise InputNotFound(f"{p}: folder holds no frame files (RAW, FITS, TIFF, JPEG/PNG) for {what}")
+                raise InputNotFound(_session_hint(p) or
+                                    f"{p}: folder holds no frame files (RAW, FITS, TIFF, JPEG/PNG) for {what}")
             out.extend(found)
         elif p.is_file():
             out.append(p)
@@ -77,6 +78,29 @@ def resolve_inputs(specs: Iterable[str | os.PathLike], *, what: str = "lights") 
             seen.add(r)
             unique.append(p)
     return unique
+
+
+def _looks_like_session(d: Path) -> bool:
+    """A folder with a lights sub-folder, or with frame files of its own."""
+    try:
+        entries = list(d.iterdir())
+    except OSError:
+        return False
+    return any(e.is_dir() and e.name.lower() in KIND_FOLDERS["lights"] for e in entries) or any(
+        _is_frame(e) for e in entries[:200])
+
+
+def _session_hint(folder: Path) -> str | None:
+    """The message for a folder that holds session folders instead of frames (None otherwise)."""
+    try:
+        sessions = sorted(d for d in folder.iterdir() if d.is_dir() and _looks_like_session(d))
+    except OSError:
+        return None
+    if not sessions:
+        return None
+    names = ", ".join(d.name for d in sessions[:3]) + (f" and {len(sessions) - 3} more" if len(sessions) > 3 else "")
+    return (f"{folder}: holds session folders ({names}), not frames; pass one of them, e.g. "
+            f"'skystack stack {sessions[0]}', or stack them all with 'skystack batch {folder} -o OUT'")
 
 
 def discover_session(root: str | os.PathLike) -> SessionFiles:

@@ -66,6 +66,40 @@ class StackConfig:
     cache_dir: str | None = None
     quiet: bool = False
 
+    def __post_init__(self) -> None:
+        _validate_config(self)
+
+
+def _validate_config(c: StackConfig) -> None:
+    """Raise :class:`SkystackError` naming the option and the values it takes (before any work)."""
+    from skystack.engine import combine, debayer, framing, normalize, register, warp
+
+    def bad(msg: str) -> None:
+        raise SkystackError(msg)
+
+    for option, value, allowed in (
+            ("--rejection", c.rejection, combine.METHODS), ("--normalization", c.normalization, normalize.NORMALIZATIONS),
+            ("--weighting", c.weighting, normalize.WEIGHTINGS), ("--debayer", c.debayer, debayer.METHODS),
+            ("--interpolation", c.interpolation, warp.METHODS), ("--model", c.transform_model, ("auto", *register.MODELS)),
+            ("--framing", c.framing, framing.FRAMINGS), ("--store-dtype", c.store_dtype, ("float32", "float16")),
+            ("--backend", c.backend, (None, "auto", "cpu", "gpu"))):
+        if value not in allowed:
+            bad(f"{option} {value!r}: use one of {', '.join(a for a in allowed if a)}")
+    if c.foreground not in ("auto", "none") and not Path(c.foreground).is_file():
+        bad(f"--foreground {c.foreground}: no such mask file; pass auto, none or a PNG (white = landscape)")
+    if c.keep_best is not None and not 0.0 < c.keep_best <= 100.0:
+        bad(f"--keep-best {c.keep_best:g}: a percentage of the frames in (0, 100], e.g. 80")
+    if c.max_fwhm is not None and not c.max_fwhm > 0.0:
+        bad(f"--max-fwhm {c.max_fwhm:g}: a FWHM in pixels above 0, e.g. 5")
+    for option, value in (("--kappa (low)", c.kappa_low), ("--kappa (high)", c.kappa_high)):
+        if value is not None and not value > 0.0:
+            bad(f"{option} {value:g}: a threshold above 0, e.g. 3")
+    for option, value, least in (("--min-stars", c.min_stars, 0), ("max_iter", c.max_iter, 1),
+                                 ("--workers", c.workers, 1), ("queue_size", c.queue_size, 1),
+                                 ("--memory-limit", c.memory_limit, 1)):
+        if value is not None and value < least:
+            bad(f"{option} {value}: use {least} or more")
+
 
 @dataclass(kw_only=True)
 class FrameRecord:
@@ -74,6 +108,7 @@ class FrameRecord:
     path: str
     used: bool = False
     reason: str = ""
+    timestamp: str | None = None
     exposure_s: float | None = None
     stars: int = 0
     fwhm_px: float | None = None
@@ -110,6 +145,8 @@ class StackResult:
     queue_bound: int = 0
     exposure_s: float = 0.0
     store_on_disk: bool = False
+    lights_meta: list[Any] = field(default_factory=list)  # FrameMeta of the combined lights, reference first
+    notes: list[str] = field(default_factory=list)  # calibration remarks and skipped calibration frames
 
     @property
     def n_used(self) -> int:
@@ -170,20 +207,22 @@ def parse_size(text: str | int | None) -> int | None:
 
 
 class _Progress:
-    """rich progress on stderr, silent when quiet or not a TTY."""
+    """rich progress bars on stderr (a terminal or a Jupyter notebook); silent when quiet or piped.
+
+    One per stage group, used as a context manager so a failure stops the display.
+    """
 
     def __init__(self, quiet: bool) -> None:
-        import sys
+        from rich.console import Console
 
-        self.enabled = not quiet and sys.stderr.isatty()
+        console = Console(stderr=True)
+        self.enabled = not quiet and (console.is_terminal or console.is_jupyter)
         self._p = None
         if self.enabled:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-            from rich.console import Console
-
             self._p = Progress(TextColumn("{task.description:<12}"), BarColumn(), MofNCompleteColumn(),
-                               TimeElapsedColumn(), console=Console(stderr=True), transient=False)
+                               TimeElapsedColumn(), console=console, transient=False)
             self._p.start()
 
     def task(self, name: str, total: int):
@@ -193,9 +232,21 @@ class _Progress:
         if self._p is not None and task is not None:
             self._p.advance(task, n)
 
+    def stepper(self, name: str, total: int):
+        """A new bar ``name`` of ``total`` steps; returns the function that advances it by one."""
+        task = self.task(name, total)
+        return lambda: self.advance(task)
+
     def close(self) -> None:
         if self._p is not None:
             self._p.stop()
+            self._p = None
+
+    def __enter__(self) -> "_Progress":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 # ----------------------------------------------------------------------------- pipeline
@@ -250,6 +301,8 @@ class Registered:
     registration: dict[str, Any] = field(default_factory=dict)
     landscape: tuple[np.ndarray, np.ndarray] | None = None  # (image, weight) in the canvas
     framing: str = "reference"
+    metas: list[Any] = field(default_factory=list)  # FrameMeta per light (None: unreadable)
+    notes: list[str] = field(default_factory=list)  # calibration remarks and skipped calibration frames
 
     def frame(self, i: int) -> np.ndarray:
         """Registered frame ``i`` (index into the lights), ``(C, H, W)`` float32."""
@@ -330,12 +383,13 @@ def register_session(files: SessionFiles, config: StackConfig = StackConfig()) -
     h_full, w_full = shape
 
     with timer("masters"):
+        ref_meta = next(m for m, r in zip(metas, records) if m is not None and not r.reason)
         cset = cal.build_calibration_set(
             bias=list(files.bias), darks=list(files.darks), flats=list(files.flats),
             dark_flats=list(files.dark_flats), cosmetic=CosmeticConfig() if config.cosmetic else None,
-            cache_dir=config.cache_dir, backend=be)
-        ref_meta = next(m for m, r in zip(metas, records) if m is not None and not r.reason)
-        cal.check_compatible(ref_meta, cset)
+            cache_dir=config.cache_dir, backend=be, light=ref_meta)
+        notes: dict[str, None] = dict.fromkeys(f"skipped {s}" for s in cset.skipped)
+        notes.update(dict.fromkeys(cal.check_compatible(ref_meta, cset)))
         cset = cset.to_backend(be)
     ccfg = cal.CalibrationConfig(dark_optimize=config.dark_optimize, cosmetic=config.cosmetic)
 
@@ -371,9 +425,18 @@ def register_session(files: SessionFiles, config: StackConfig = StackConfig()) -
             return
         m = item.frame.meta
         with timer("calibrate"):
-            raw = xp.asarray(item.frame.data)  # uint16 upload: 2 bytes/px
-            x = cfa_to_float(raw, pattern=m.pattern, black_level=m.black_level, white_level=m.white_level)
-            x = cal.calibrate_light(x, m, cset, config=ccfg).data
+            try:
+                raw = xp.asarray(item.frame.data)  # uint16 upload: 2 bytes/px
+                x = cfa_to_float(raw, pattern=m.pattern, black_level=m.black_level, white_level=m.white_level)
+                cl = cal.calibrate_light(x, m, cset, config=ccfg)
+            except SkystackError as exc:  # e.g. levels the header gets wrong: skip this light, named
+                rec.reason = str(exc)
+                return
+            rec.reason = cal.overcorrection(x, cl.data, cset, dark_scale=cl.dark_scale) or ""
+            notes.update(dict.fromkeys(cl.notes))
+            if rec.reason:
+                return
+            x = cl.data
         with timer("detect"):
             st = detect.detect_stars(to_host(x), pattern=m.pattern)
             q = detect.measure_quality(st)
@@ -385,6 +448,7 @@ def register_session(files: SessionFiles, config: StackConfig = StackConfig()) -
             store.put(i, host)
         stars[i], quality[i] = st, q
         rec.exposure_s = _f(m.exposure_s)
+        rec.timestamp = m.timestamp
         rec.stars = int(q.n_stars)
         rec.fwhm_px = _f(q.fwhm_px)
         rec.roundness = _f(q.roundness)
@@ -398,12 +462,12 @@ def register_session(files: SessionFiles, config: StackConfig = StackConfig()) -
         prog.close()
 
     # --- selection and reference
-    with timer("register"):
+    with timer("register"), _Progress(config.quiet) as prog:
         cand = [i for i in todo if not records[i].reason]
         if not cand:
             store.close()
-            raise SkystackError("no light frame could be decoded: " + "; ".join(
-                records[i].reason for i in todo[:3]))
+            raise SkystackError("no light frame could be used: " + "; ".join(
+                f"{Path(records[i].path).name}: {records[i].reason}" for i in todo[:3]))
         decisions = detect.select_frames([quality[i] for i in cand], keep_best=config.keep_best,
                                          max_fwhm=config.max_fwhm, min_stars=config.min_stars)
         for i, (used, reason) in zip(cand, decisions):
@@ -417,7 +481,8 @@ def register_session(files: SessionFiles, config: StackConfig = StackConfig()) -
         prov = _reference_index(config.reference, lights, cand, quality, detect)
         sreg = register.register_frames({i: stars[i] for i in cand}, {i: quality[i].score for i in cand},
                                         (h_full, w_full), model=config.transform_model, provisional=prov,
-                                        fixed_reference=bool(config.reference))
+                                        fixed_reference=bool(config.reference),
+                                        on_frame=prog.stepper("register", len(cand)))
         ref, transforms, lens = sreg.ref, sreg.transforms, sreg.lens
         for i, why in sreg.failures.items():
             records[i].reason = why if why.startswith("registration failed") else f"registration failed: {why}"
@@ -464,8 +529,8 @@ def register_session(files: SessionFiles, config: StackConfig = StackConfig()) -
                         lens=lens_store, lens_offset=(canvas.ox, canvas.oy))
         target.put(i, to_host(out))
 
-    with timer("warp"):
-        _run_parallel(warp_one, used, _compute_threads(be, config))
+    with timer("warp"), _Progress(config.quiet) as prog:
+        _run_parallel(warp_one, used, _compute_threads(be, config), on_done=prog.stepper("warp", len(used)))
         landscape = (canvas.place(land[0]), canvas.place(land[1][None])[0]) if land is not None else None
     if target is not store:
         store.close()
@@ -481,7 +546,8 @@ def register_session(files: SessionFiles, config: StackConfig = StackConfig()) -
                       timer=timer, t_start=t_start, budget=budget, registration=regdesc, landscape=landscape,
                       framing=canvas.framing,
                       masters={k: _master_summary(v) for k, v in cset.masters.items()},
-                      queue_peak=producer.gauge.peak, queue_bound=producer.bound)
+                      queue_peak=producer.gauge.peak, queue_bound=producer.bound, metas=metas,
+                      notes=_log_notes(notes))
 
 
 def combine_registered(reg: Registered, config: StackConfig = StackConfig()) -> StackResult:
@@ -496,21 +562,21 @@ def combine_registered(reg: Registered, config: StackConfig = StackConfig()) -> 
     timer, store, used, ref, be = reg.timer, reg.store, reg.used, reg.ref, reg.backend
     records = [replace(r) for r in reg.records]
     n_ch, out_h, out_w = store.shape
-    with timer("normalize"):
+    with timer("normalize"), _Progress(config.quiet) as prog:
         fstats_by: dict[int, Any] = {}
 
         def stats_one(i: int) -> None:
             fstats_by[i] = normalize.robust_stats(store.get(i))
 
-        _run_parallel(stats_one, used, _compute_threads(be, config))
+        _run_parallel(stats_one, used, _compute_threads(be, config), on_done=prog.stepper("normalize", len(used)))
         fstats = [fstats_by[i] for i in used]
         r = used.index(ref)
         nscale, noffset = normalize.normalization_factors(fstats, r, config.normalization)
         weights = normalize.frame_weights(fstats, nscale, config.weighting,
                                           scores=[records[i].score or 0.0 for i in used])
-    with timer("combine"):
+    with timer("combine"), _Progress(config.quiet) as prog:
         image, count, coverage, rejected = _combine_store(store, used, nscale, noffset, weights, config, be,
-                                                          reg.budget)
+                                                          reg.budget, progress=prog)
     if reg.landscape is not None:
         image, coverage = _blend_landscape(image, coverage, reg.landscape, len(used))
     if reg.framing == "intersection":
@@ -531,11 +597,23 @@ def combine_registered(reg: Registered, config: StackConfig = StackConfig()) -> 
         queue_peak=reg.queue_peak, queue_bound=reg.queue_bound,
         exposure_s=float(sum(records[i].exposure_s or 0.0 for i in used)),
         store_on_disk=store.on_disk,
+        lights_meta=[reg.metas[i] for i in [ref, *(j for j in used if j != ref)]] if reg.metas else [],
+        notes=list(reg.notes),
     )
 
 
+def _log_notes(notes: dict[str, None]) -> list[str]:
+    """Log each calibration remark once (the CLI shows them as warning lines); return them."""
+    import logging
+
+    log = logging.getLogger("skystack")
+    for n in notes:
+        log.warning(n)
+    return list(notes)
+
+
 def _combine_store(store, used: list[int], nscale, noffset, weights, config: StackConfig, be, budget,
-                   first_row: int = 0):
+                   progress: _Progress | None = None, first_row: int = 0):
     """Combine the store tile by tile (rows ``first_row`` and below).
 
     Returns image (C,H,W), count (H,W) of kept values, coverage (H,W) of frames
@@ -564,6 +642,7 @@ def _combine_store(store, used: list[int], nscale, noffset, weights, config: Sta
     lock = threading.Lock()
     xp = be.xp
     threads = min(c, _compute_threads(be, config), max(1, _COMBINE_WORKSPACE - c - 1))
+    step = progress.stepper("combine", -(-(h - h0) // rows)) if progress is not None else (lambda: None)
     for y0 in range(h0, h, rows):
         y1 = min(h, y0 + rows)
         block = store.tile(used, y0, y1)  # (N, C, rows, W)
@@ -583,6 +662,7 @@ def _combine_store(store, used: list[int], nscale, noffset, weights, config: Sta
                 rejected[:] += rej
 
         _run_parallel(one, range(c), threads)
+        step()
         del block
     return image, count, coverage, rejected
 

@@ -46,19 +46,53 @@ def test_gpu_raises_one_line_reason(fresh):
     assert reason and reason in msg and msg.startswith("GPU unavailable (")
 
 
+def _fallback_records(caplog) -> list:
+    return [r for r in caplog.records if r.name == "skystack" and "GPU unavailable" in r.getMessage()]
+
+
 @no_gpu_only
-def test_auto_falls_back_and_says_so_once(fresh, capsys):
+def test_auto_falls_back_and_logs_it_once(fresh, caplog, capsys):
+    """The library logs (never prints) the fallback, once: a warning when CuPy is installed but finds
+    no device, only info when CuPy is not installed (the user did not ask for a GPU)."""
+    import importlib.util
+    import logging
+
+    caplog.set_level(logging.INFO, logger="skystack")
     assert be.get_backend("auto") is be.CPU
     assert be.get_backend("auto") is be.CPU
     assert be.get_backend(None) is be.CPU
-    lines = capsys.readouterr().err.splitlines()
-    assert len(lines) == 1 and FALLBACK.match(lines[0]), lines
+    recs = _fallback_records(caplog)
+    assert len(recs) == 1 and FALLBACK.match(recs[0].getMessage()), recs
+    want = logging.INFO if importlib.util.find_spec("cupy") is None else logging.WARNING
+    assert recs[0].levelno == want
+    assert capsys.readouterr().err == ""
 
 
 @no_gpu_only
-def test_auto_quiet_prints_nothing(fresh, capsys):
+def test_auto_quiet_logs_nothing(fresh, caplog, capsys):
+    import logging
+
+    caplog.set_level(logging.DEBUG, logger="skystack")
     assert be.get_backend("auto", quiet=True) is be.CPU
-    assert capsys.readouterr().err == ""
+    assert capsys.readouterr().err == "" and not _fallback_records(caplog)
+
+
+@no_gpu_only
+@pytest.mark.parametrize("cupy_installed", [False, True])
+def test_cli_gpu_line_only_when_cupy_is_installed(fresh, capsys, monkeypatch, tmp_path, cupy_installed):
+    """CLI: no GPU line at all without CuPy; with CuPy but no device, one warning line."""
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: (object() if cupy_installed else None) if name == "cupy" else real(name, *a))
+    (tmp_path / "empty").mkdir()
+    for _ in range(2):
+        assert cli.main(["stack", str(tmp_path / "empty")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("GPU unavailable") == (1 if cupy_installed else 0), err
+    if cupy_installed:
+        assert "warning: GPU unavailable (" in err
 
 
 def test_environment_variable(fresh, monkeypatch, capsys):

@@ -478,7 +478,7 @@ def test_sigkill_then_rerun_is_byte_identical_and_resumes(archive, cluster_run, 
     assert not [p for p in out.rglob(".*") if p.name != ".skystack-batch.lock"]  # no temp file left
     # byte-identical to the uninterrupted LocalCluster run (another folder, executor and process layout)
     ours, ref = _final_files(out), _final_files(ref_out)
-    assert sorted(ours) == sorted(ref) and len(ours) == 16
+    assert sorted(ours) == sorted(ref) and len(ours) == 21  # 4 sessions x (TIFF, FITS, PNG, JSON, HTML) + index.html
     for name in ref:
         assert ours[name] == ref[name], name
     # summary.csv: identical except the processing time column
@@ -561,3 +561,25 @@ def test_batch_on_gpu(archive, tmp_path):
     res = run_batch(plan_batch(arch, tmp_path / "out", calibration_library=lib,
                                stack_config=StackConfig(backend="gpu")), workers=1, quiet=True)
     assert res.executor == "local:1" and res.failed == ["broken"] and len(res.ran) == 4
+
+
+def test_unicode_session_name_and_html_index(tmp_path):
+    """A session folder named "Night Ω été 1" stacks (its name goes into ASCII FITS cards) and the
+    index page links its HTML report."""
+    from astropy.io import fits
+
+    arch, out = tmp_path / "arch", tmp_path / "out"
+    _synth(arch / "Night Ω été 1", seed=1, model="Cam A", start="2025-03-02T21:00:00", n_lights=4, n_cal=2)
+    for f in (arch / "Night Ω été 1" / "lights").iterdir():
+        fits.delval(f, "OBJECT")  # the target is then named after the folder
+    res = run_batch(plan_batch(arch, out), workers=0, quiet=True)
+    assert res.ok and res.ran == ["Night Ω été 1"]
+    folder = out / "Night Ω été 1"
+    names = sorted(p.name for p in folder.iterdir())
+    assert names == ["Night Ω été 1.fits", "Night Ω été 1.png", "Night Ω été 1.tif", "report.html", "report.json"]
+    h = fits.getheader(folder / "Night Ω été 1.fits")
+    assert h["OBJECT"].isascii() and "ete" in h["OBJECT"] and h["NCOMBINE"] == 4
+    index = (out / batch.INDEX_NAME).read_text()
+    assert 'href="Night Ω été 1/report.html"' in index
+    page = (folder / "report.html").read_text()
+    assert page.count('<tr class="used">') == 4 and 'id="time-plots"' in page

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -112,3 +113,67 @@ def test_full_disk_is_a_clear_error(tmp_path, monkeypatch):
     with pytest.raises(OutputError, match="disk full"):
         write_tiff(tmp_path / "x.tif", np.zeros((4, 4), np.float32))
     assert list(tmp_path.iterdir()) == []  # no partial file left
+
+
+@pytest.mark.parametrize("name,needle", [("out.png", "out.tif"), ("x.jpg", "x.tif"), ("s.fits", "s.tif")])
+def test_o_with_another_image_suffix_is_refused_before_any_work(small_session, tmp_path, capsys, monkeypatch,
+                                                                name, needle):
+    from skystack.engine import stack
+
+    monkeypatch.setattr(stack, "stack_session", lambda *a, **k: pytest.fail("the pipeline ran"))
+    assert cli.main(["--backend", "cpu", "stack", str(small_session), "-o", str(tmp_path / name), "-q"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "-o" in err[0] and needle in err[0]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_o_without_a_suffix_gets_tif_and_outputs_never_overwrite_each_other(small_session, tmp_path, capsys,
+                                                                           monkeypatch):
+    from skystack.engine import stack
+
+    paths = cli._outputs_for(str(tmp_path / "m42"), cli.build_parser().parse_args(["stack", "x"]))
+    assert paths == {k: str(tmp_path / f"m42.{s}") for k, s in
+                     (("tiff", "tif"), ("preview", "png"), ("fits", "fits"), ("report", "json"), ("html", "html"))}
+    monkeypatch.setattr(stack, "stack_session", lambda *a, **k: pytest.fail("the pipeline ran"))
+    # --picture on the preview's name would overwrite it: refused before any work
+    argv = ["--backend", "cpu", "stack", str(small_session), "-o", str(tmp_path / "m.tif"), "-q",
+            "--picture", str(tmp_path / "m.png")]
+    assert cli.main(argv) == 2
+    assert "two outputs" in capsys.readouterr().err
+    assert cli.main([*argv[:-2], "--report", str(tmp_path / "m.txt")]) == 2
+    assert ".json" in capsys.readouterr().err
+
+
+def test_unwritable_output_folder_fails_before_the_pipeline(small_session, tmp_path, capsys, monkeypatch):
+    """A read-only folder is found before any work, named with the fix (not a hidden temp file)."""
+    import errno
+    import tempfile
+
+    from skystack.engine import stack
+
+    def denied(*_a, **_k):
+        raise PermissionError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(stack, "stack_session", lambda *a, **k: pytest.fail("the pipeline ran"))
+    monkeypatch.setattr(tempfile, "mkstemp", denied)
+    assert cli.main(["--backend", "cpu", "stack", str(small_session), "-o", str(tmp_path / "m.tif"), "-q"]) == 2
+    err = capsys.readouterr().err
+    assert str(tmp_path) in err and "not writable" in err and ".part" not in err
+
+
+def test_stack_prints_output_paths_on_stdout(small_session, tmp_path, capsys):
+    out = tmp_path / "m.tif"
+    # temporaries a killed run left (nobody holds their lock) in the output folder and the master cache
+    (tmp_path / "c").mkdir()
+    stale = [tmp_path / ".m.tif.k3j_9x2a.part", tmp_path / "c" / ".master-bias-0a.fits.abcdefgh.tmp"]
+    for p in stale:
+        p.write_bytes(b"x")
+    assert cli.main(["--backend", "cpu", "stack", str(small_session), "-o", str(out), "-q",
+                     "--cache-dir", str(tmp_path / "c")]) == 0
+    cap = capsys.readouterr()
+    lines = dict(line.split(": ", 1) for line in cap.out.strip().splitlines())
+    assert lines == {"tiff": str(out), "fits": str(out.with_suffix(".fits")), "preview": str(out.with_suffix(".png")),
+                     "report": str(out.with_suffix(".json")), "html": str(out.with_suffix(".html"))}
+    assert all(Path(p).is_file() for p in lines.values())
+    assert str(out) not in cap.err
+    assert not any(p.exists() for p in stale)

@@ -134,7 +134,9 @@ def test_fits_float_int16_and_black(tmp_path, rng):
     _write_fits(p1, unit, EXPOSURE=5.0, BLKLEVEL=512)
     f = read_frame(p1)
     assert f.data.dtype == np.float32 and np.array_equal(f.data, unit)
-    assert f.meta.white_level == 1.0 and f.meta.exposure_s == 5.0 and f.meta.black_level == (512.0,) * 4
+    assert f.meta.white_level == 1.0 and f.meta.exposure_s == 5.0
+    # BLKLEVEL is 16-bit ADU; the 0..1 data gets it on its own scale (else every black > white level 1)
+    assert f.meta.black_level == (512.0 / 65535.0,) * 4 and f.meta.extra["black_level_adu"] == 512.0
     assert f.meta.pattern is None
 
     adu = (unit * 30000).astype(np.float64)

@@ -147,6 +147,21 @@ def test_fits_provenance_headers(session, built):
     assert back.meta.pattern == cfg.pattern and back.meta.exposure_s == pytest.approx(cfg.exposure_s)
 
 
+def test_masters_open_as_ccddata_and_honour_the_umask(built):
+    """BUNIT is a valid (dimensionless) unit, so astropy's CCDData reads every master."""
+    import astropy.units as u
+    from astropy.nddata import CCDData
+
+    for kind in ("bias", "dark", "flat"):
+        path = built[kind].meta.path
+        ccd = CCDData.read(path)
+        assert ccd.unit == u.dimensionless_unscaled
+        np.testing.assert_array_equal(ccd.data, read_master(path).data)
+        umask = os.umask(0)
+        os.umask(umask)
+        assert os.stat(path).st_mode & 0o777 == 0o666 & ~umask
+
+
 # ----------------------------------------------------------------------------- cache
 
 
@@ -269,7 +284,7 @@ def test_empty_flat_is_refused(tmp_path):
     bias = build_master("bias", _frames(tmp_path, [100, 100]), use_cache=False)
     (tmp_path / "f").mkdir()
     flats = _frames(tmp_path / "f", [100, 100])
-    with pytest.raises(CalibrationError, match="median"):
+    with pytest.raises(CalibrationError, match="empty flat|median"):
         build_master("flat", flats, bias=bias, use_cache=False)
 
 
