@@ -186,8 +186,17 @@ def _normalised(cube: np.ndarray, scale: np.ndarray, offset: np.ndarray) -> tupl
 
 
 def _seqsum(x: np.ndarray) -> np.ndarray:
-    """Sum over axis 0 of a C-contiguous 2-D float32 array, row after row from +0 (the kernels' loop order)."""
-    return np.add.reduce(x, axis=0, initial=_ZERO)
+    """Sum over axis 0 of a 2-D float32 array, row after row from +0 (the kernels' loop order).
+
+    NumPy's reduce keeps that order only where each row is the contiguous
+    inner loop; on one column, or on a non-C-contiguous array (the fancy-indexed
+    and ``np.where`` temporaries of the twins can be F-ordered), it sums pairwise
+    instead, which flips values on a clip boundary. Hence the contiguous copy,
+    and ``np.add.accumulate`` (sequential by definition) on one column.
+    """
+    if x.shape[1] == 1:
+        return np.add.accumulate(np.concatenate(([_ZERO], x[:, 0])))[-1:]
+    return np.add.reduce(np.ascontiguousarray(x), axis=0, initial=_ZERO)
 
 
 def _sort_values(v: np.ndarray) -> np.ndarray:
