@@ -94,7 +94,25 @@ def _gpu_probe() -> tuple[Backend | None, str]:
         cupy.zeros(1, dtype=cupy.float32).sum()  # touch the device once
     except Exception as exc:
         return None, f"CUDA device unusable ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})"
+    try:  # a device without a working compiler (e.g. CuPy >= 14 without the CUDA headers) is unusable
+        from skystack.kernels import get_kernel
+
+        get_kernel("rawconv.cu", "cfa_to_float_u16")
+    except Exception as exc:
+        return None, f"CUDA kernels do not compile: {error_line(exc)}"
     return Backend(name="gpu", xp=cupy, device_name=name), ""
+
+
+def error_line(exc: BaseException, limit: int = 200) -> str:
+    """One line naming an exception's cause: its first line that mentions an error, else its first line.
+
+    Compiler exceptions carry the whole log (dozens of lines); the CLI prints one.
+    """
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    if not lines:
+        return type(exc).__name__
+    line = next((ln for ln in lines if "error" in ln.lower()), lines[0])
+    return line if len(line) <= limit else line[:limit - 3] + "..."
 
 
 @lru_cache(maxsize=1)
@@ -165,8 +183,13 @@ def launch(source: str, kernel: str, n_items: int, args: Sequence[Any], *,
     (:func:`skystack.kernels.check_args`): a wrong dtype raises ``TypeError``
     instead of being silently misread on the device.
     """
+    from skystack.engine.errors import KernelCompileError
     from skystack.kernels import check_args, get_kernel, kernel_params
 
     check_args(kernel, kernel_params(source, kernel), args, device=True)
-    k = get_kernel(source, kernel, tuple(defines))
+    try:
+        k = get_kernel(source, kernel, tuple(defines))
+    except Exception as exc:  # NVRTC's log: one line for the user, the rest with --debug
+        raise KernelCompileError(f"CUDA kernel {kernel} ({source}) does not compile: {error_line(exc)}; "
+                                 "use --backend cpu") from exc
     k((grid_for(n_items, block),), (block,), tuple(args))

@@ -503,8 +503,13 @@ def _combine_store(store, used: list[int], nscale, noffset, weights, config: Sta
     # contiguous copy and the combine's bounded temporaries.
     per_row = n * w * 4 * _COMBINE_WORKSPACE
     if budget is None:
-        budget = be.memory_budget(None)
-    rows = int(max(1, min(h, budget // max(per_row, 1))))
+        budget = be.memory_budget(config.memory_limit)
+    # The block is read into host memory (and, on a GPU, copied up): it must fit
+    # both the device's budget and the host's, whichever is smaller.
+    from skystack.engine.backend import CPU
+
+    host_budget = CPU.memory_budget(config.memory_limit)
+    rows = int(max(1, min(h, min(budget, host_budget) // max(per_row, 1))))
     image = np.full((c, h, w), np.nan, dtype=np.float32)
     count = np.zeros((h, w), dtype=np.int32)
     coverage = np.zeros((h, w), dtype=np.int16)
