@@ -193,3 +193,81 @@ def launch(source: str, kernel: str, n_items: int, args: Sequence[Any], *,
         raise KernelCompileError(f"CUDA kernel {kernel} ({source}) does not compile: {error_line(exc)}; "
                                  "use --backend cpu") from exc
     k((grid_for(n_items, block),), (block,), tuple(args))
+
+
+# ----------------------------------------------------------------------------- native CPU kernels
+
+#: Smallest launch (work items) whose timing may choose between a native kernel and its twin.
+NATIVE_MIN_ITEMS = 1 << 14
+_native_choice: dict[tuple, str] = {}
+_native_lock = __import__("threading").Lock()
+
+
+def native_mode() -> str:
+    """``SKYSTACK_NATIVE``: ``auto`` (default: per kernel, the faster of native and twin), ``on``, ``off``."""
+    mode = (os.environ.get("SKYSTACK_NATIVE") or "auto").lower()
+    return {"1": "on", "0": "off", "true": "on", "false": "off"}.get(mode, mode)
+
+
+def run_cpu(source: str, kernel: str, n_items: int, twin: Any, native: Any, *,
+            defines: Sequence[str] = ()) -> Any:
+    """Run an operation's CPU branch: its NumPy twin, or its kernel compiled natively.
+
+    The native build (:mod:`skystack.kernels.native`: the same CUDA source at
+    ``-O3``, blocks over the cores) is used where a C++ compiler exists and,
+    under the default ``SKYSTACK_NATIVE=auto``, where it ran faster than the
+    twin: the first launch of each kernel (and defines) with at least
+    :data:`NATIVE_MIN_ITEMS` items runs both, keeps the twin's result (the
+    reference) and remembers the faster for the rest of the process. Without a
+    compiler, or when the build fails, the twins run and a log line says so once.
+
+    Parameters
+    ----------
+    source, kernel, n_items, defines :
+        As for :func:`launch` (``n_items`` only sizes the benchmark).
+    twin : callable
+        ``twin()`` computes the result with NumPy.
+    native : callable
+        ``native(module)`` launches the kernel on ``module``
+        (:func:`skystack.kernels.native.native`) with NumPy arrays and returns
+        the same result.
+
+    Returns
+    -------
+    object
+        What ``twin()`` or ``native(module)`` returned.
+    """
+    import logging
+    import time
+
+    mode = native_mode()
+    key = (source, kernel, tuple(defines))
+    choice = "twin" if mode == "off" else _native_choice.get(key)
+    if choice == "twin":
+        return twin()
+    from skystack.kernels import native as nat
+
+    if not nat.available():
+        _native_choice[key] = "twin"
+        return twin()
+    try:
+        module = nat.native(source, tuple(defines))
+    except Exception as exc:  # a compiler that cannot build it: keep the twin, say so once
+        logging.getLogger(__name__).info("native %s (%s) unavailable, using the NumPy twin: %s",
+                                         kernel, source, error_line(exc))
+        _native_choice[key] = "twin"
+        return twin()
+    if choice == "native" or mode == "on":
+        return native(module)
+    if n_items < NATIVE_MIN_ITEMS:
+        return twin()
+    t0 = time.perf_counter()
+    native(module)
+    t1 = time.perf_counter()
+    result = twin()
+    t2 = time.perf_counter()
+    with _native_lock:
+        _native_choice.setdefault(key, "native" if t1 - t0 < t2 - t1 else "twin")
+    logging.getLogger(__name__).debug("%s: native %.4f s, twin %.4f s -> %s", kernel, t1 - t0, t2 - t1,
+                                      _native_choice[key])
+    return result

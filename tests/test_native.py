@@ -109,3 +109,87 @@ def test_warp_native_equals_twin(monkeypatch, rng, method):
     np.testing.assert_array_equal(np.isnan(got), np.isnan(twin))
     fin = np.isfinite(twin)
     np.testing.assert_allclose(got[fin], twin[fin], rtol=1e-6, atol=1e-6)  # as the GPU test
+
+
+# ----------------------------------------------------------------------------- the CPU branch's choice
+
+
+@pytest.fixture
+def choice(monkeypatch):
+    """A fresh per-kernel choice, and a count of the native launches."""
+    from skystack.engine import backend as be
+    from skystack.kernels import native as nat
+
+    monkeypatch.setattr(be, "_native_choice", {})
+    calls = []
+    real = nat.native
+
+    def spy(source, defines=()):
+        mod = real(source, defines)
+
+        class Counting:
+            def launch(self, kernel, *a, **k):
+                calls.append(kernel)
+                return mod.launch(kernel, *a, **k)
+
+        return Counting()
+
+    monkeypatch.setattr(nat, "native", spy)
+    return be, calls
+
+
+def _warp_case(rng):
+    src = rng.uniform(0, 1, size=(3, 200, 150)).astype(np.float32)
+    t = np.array([[1.0, 0.01, 2.5], [-0.01, 1.0, -1.5], [0, 0, 1]])
+    return src, t
+
+
+def _twin_warp(src, t):
+    out = np.empty((3, 200, 150), np.float32)
+    warp_mod._warp_numpy(src, warp_mod.inverse_coeffs(t), out, "lanczos3")
+    return out
+
+
+@pytest.mark.parametrize("mode, launches", [("on", 2), ("off", 0)])
+def test_native_mode_on_and_off(monkeypatch, choice, rng, mode, launches):
+    be, calls = choice
+    monkeypatch.setenv("SKYSTACK_NATIVE", mode)
+    src, t = _warp_case(rng)
+    a = warp_mod.warp(src, t, (200, 150))
+    b = warp_mod.warp(src, t, (200, 150))
+    assert len(calls) == launches
+    np.testing.assert_allclose(a, _twin_warp(src, t), rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(a, b)
+
+
+def test_auto_times_both_once_and_keeps_the_faster(monkeypatch, choice, rng):
+    be, calls = choice
+    monkeypatch.delenv("SKYSTACK_NATIVE", raising=False)
+    src, t = _warp_case(rng)
+    first = warp_mod.warp(src, t, (200, 150))
+    np.testing.assert_array_equal(first, _twin_warp(src, t))  # the benchmark call returns the twin's
+    key = ("warp.cu", "warp_lanczos3", ())
+    assert len(calls) == 1 and be._native_choice[key] in ("native", "twin")
+    for _ in range(3):
+        warp_mod.warp(src, t, (200, 150))
+    assert len(calls) == (4 if be._native_choice[key] == "native" else 1)
+
+
+def test_no_compiler_uses_the_twins_and_says_so_once(monkeypatch, choice, rng, caplog):
+    import logging
+
+    from skystack.kernels import native as nat
+
+    be, calls = choice
+    monkeypatch.setenv("SKYSTACK_NATIVE", "on")
+    monkeypatch.setattr(nat, "emulator_available", lambda: False)
+    monkeypatch.setattr(nat, "_said", False)
+    src, t = _warp_case(rng)
+    with caplog.at_level(logging.INFO, logger="skystack.kernels.native"):
+        got = warp_mod.warp(src, t, (200, 150))
+        warp_mod.warp(src, t, (200, 150))
+        nat.available()
+    np.testing.assert_array_equal(got, _twin_warp(src, t))
+    assert calls == []
+    assert [r.getMessage() for r in caplog.records].count(caplog.records[0].getMessage()) == 1
+    assert "NumPy twins" in caplog.records[0].getMessage() and len(caplog.records) == 1
