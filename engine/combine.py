@@ -83,7 +83,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from skystack.engine.backend import array_module, is_device_array, launch
+from skystack.engine.backend import array_module, is_device_array, launch, run_cpu
 from skystack.engine.errors import SkystackError
 
 __all__ = ["ClipResult", "sigma_clip_mean", "combine", "METHODS", "DEFAULT_KAPPAS", "MAX_SUPPORTED_FRAMES",
@@ -609,18 +609,21 @@ def combine(cube: Any, *, method: str = "sigma", kappa_low: float = 3.0, kappa_h
     scale_a = _per_frame(xp, scale, n, 1.0, "scale")
     offset_a = _per_frame(xp, offset, n, 0.0, "offset")
     weights_a = _per_frame(xp, weights, n, 1.0, "weights", nonneg=True)
-    if not is_device_array(cube):
-        return _run_twin(_TWINS[method], cube, np.float32(kl), np.float32(kh), int(max_iter), scale_a,
-                         offset_a, weights_a)
-    mean = xp.empty((h, w), dtype=xp.float32)
-    count = xp.empty((h, w), dtype=xp.int32)
-    rejected = xp.zeros(n, dtype=xp.uint64)
     npix = h * w
-    launch("combine.cu", _KERNELS[method], npix,
-           (cube, np.int64(npix), np.int32(n), scale_a, offset_a, weights_a,
-            np.float32(kl), np.float32(kh), np.int32(max_iter), mean, count, rejected),
-           defines=defines)
-    return ClipResult(mean=mean, count=count, rejected=rejected.view(xp.int64))
+
+    def kernel(run) -> ClipResult:  # run(kernel, n_items, args): the GPU's launch or the native module's
+        mean = xp.empty((h, w), dtype=xp.float32)
+        count = xp.empty((h, w), dtype=xp.int32)
+        rejected = xp.zeros(n, dtype=xp.uint64)
+        run(_KERNELS[method], npix, (cube, np.int64(npix), np.int32(n), scale_a, offset_a, weights_a,
+                                     np.float32(kl), np.float32(kh), np.int32(max_iter), mean, count, rejected))
+        return ClipResult(mean=mean, count=count, rejected=rejected.view(xp.int64))
+
+    if not is_device_array(cube):
+        return run_cpu("combine.cu", _KERNELS[method], npix, lambda: _run_twin(
+            _TWINS[method], cube, np.float32(kl), np.float32(kh), int(max_iter), scale_a, offset_a, weights_a),
+            lambda mod: kernel(mod.launch), defines=defines)
+    return kernel(lambda name, items, args: launch("combine.cu", name, items, args, defines=defines))
 
 
 def sigma_clip_mean(cube: Any, *, kappa_low: float = 3.0, kappa_high: float = 3.0,

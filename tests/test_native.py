@@ -193,3 +193,16 @@ def test_no_compiler_uses_the_twins_and_says_so_once(monkeypatch, choice, rng, c
     assert calls == []
     assert [r.getMessage() for r in caplog.records].count(caplog.records[0].getMessage()) == 1
     assert "NumPy twins" in caplog.records[0].getMessage() and len(caplog.records) == 1
+
+
+@pytest.mark.parametrize("method", ["sigma", "linear", "median"])
+def test_combine_on_the_cpu_uses_native_kernels_with_the_twins_bits(monkeypatch, choice, rng, method):
+    be, calls = choice
+    monkeypatch.setenv("SKYSTACK_NATIVE", "on")
+    cube = _cube(rng, 25, 30, 41)
+    got = combine(cube, method=method)
+    monkeypatch.setenv("SKYSTACK_NATIVE", "off")
+    twin = combine(cube, method=method)
+    assert len(calls) == 1
+    for f in ("mean", "count", "rejected"):
+        np.testing.assert_array_equal(getattr(got, f), getattr(twin, f))
