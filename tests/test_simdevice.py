@@ -145,15 +145,20 @@ def test_master_honours_backend(sim, night, tmp_path, backend, launches):
 
 @pytest.fixture(scope="module")
 def gpu_stack(night, tmp_path_factory):
-    """``skystack --backend gpu stack`` on the simulated device, with its transfer counters."""
-    import cupy
+    """``skystack --backend gpu stack`` in its own process on the simulated device, with its counters."""
+    import json
+    import os
+    import subprocess
+    import sys
 
     out = tmp_path_factory.mktemp("simstack") / "stack.tif"
-    cupy.sim.reset()
-    assert cli.main(["--backend", "gpu", "--quiet", "stack", str(night), "-o", str(out),
-                     "--cache-dir", str(out.parent / "cache")]) == 0
-    stats = cupy.sim.summary()
-    return out, stats
+    stats = out.parent / "sim.json"
+    env = dict(os.environ, SKYSTACK_SIM_STATS=str(stats))
+    subprocess.run([sys.executable, "-m", "skystack", "--backend", "gpu", "--quiet", "stack", str(night),
+                    "-o", str(out), "--cache-dir", str(out.parent / "cache")], check=True, env=env, timeout=600)
+    report = json.loads(out.with_suffix(".json").read_text())
+    assert report["backend"] == "gpu", report["backend"]
+    return out, json.loads(stats.read_text())
 
 
 def _per_light_pixel(stats, night):

@@ -14,7 +14,8 @@ first stack frame outside this module), synchronisations, kernel launches and
 the seconds spent emulating them, and the device memory in use and its peak.
 ``SKYSTACK_SIM_VRAM`` sets the device's size (default 8 GiB) and
 ``SKYSTACK_SIM_COMPILE_ERROR=1`` makes every kernel compile fail (with a long
-log, as NVRTC's are) after the device itself works.
+log, as NVRTC's are) after the device itself works, and ``SKYSTACK_SIM_STATS=FILE``
+writes the counters to FILE (JSON) when the process exits.
 """
 
 from __future__ import annotations
@@ -110,6 +111,18 @@ class SimStats:
 
 
 sim = SimStats()
+
+
+def _dump_at_exit(path: str) -> None:
+    import json
+
+    Path(path).write_text(json.dumps(sim.summary(), indent=1))
+
+
+if os.environ.get("SKYSTACK_SIM_STATS"):  # a child process (the CLI) leaves its counters there
+    import atexit
+
+    atexit.register(_dump_at_exit, os.environ["SKYSTACK_SIM_STATS"])
 
 
 def _refuse_host(obj: Any, what: str) -> None:
