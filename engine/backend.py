@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, Sequence
@@ -200,13 +201,18 @@ def launch(source: str, kernel: str, n_items: int, args: Sequence[Any], *,
 #: Smallest launch (work items) whose timing may choose between a native kernel and its twin.
 NATIVE_MIN_ITEMS = 1 << 14
 _native_choice: dict[tuple, str] = {}
-_native_lock = __import__("threading").Lock()
+_native_lock = threading.Lock()
 
 
 def native_mode() -> str:
     """``SKYSTACK_NATIVE``: ``auto`` (default: per kernel, the faster of native and twin), ``on``, ``off``."""
     mode = (os.environ.get("SKYSTACK_NATIVE") or "auto").lower()
-    return {"1": "on", "0": "off", "true": "on", "false": "off"}.get(mode, mode)
+    mode = {"1": "on", "0": "off", "true": "on", "false": "off"}.get(mode, mode)
+    if mode not in ("auto", "on", "off"):
+        from skystack.engine.errors import SkystackError
+
+        raise SkystackError(f"SKYSTACK_NATIVE={mode!r}: use auto, on or off")
+    return mode
 
 
 def run_cpu(source: str, kernel: str, n_items: int, twin: Any, native: Any, *,

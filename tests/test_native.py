@@ -206,3 +206,11 @@ def test_combine_on_the_cpu_uses_native_kernels_with_the_twins_bits(monkeypatch,
     assert len(calls) == 1
     for f in ("mean", "count", "rejected"):
         np.testing.assert_array_equal(getattr(got, f), getattr(twin, f))
+
+
+def test_bad_native_mode_is_one_clear_error(monkeypatch, rng):
+    from skystack.engine.errors import SkystackError
+
+    monkeypatch.setenv("SKYSTACK_NATIVE", "fast")
+    with pytest.raises(SkystackError, match="SKYSTACK_NATIVE='fast': use auto, on or off"):
+        combine(_cube(rng, 5, 4, 4))
