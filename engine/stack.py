@@ -241,7 +241,9 @@ class Registered:
 
     def frame(self, i: int) -> np.ndarray:
         """Registered frame ``i`` (index into the lights), ``(C, H, W)`` float32."""
-        return self.store.get(i)
+        from skystack.engine.backend import to_host
+
+        return to_host(self.store.get(i))
 
     def close(self) -> None:
         self.store.close()
@@ -278,7 +280,7 @@ def register_session(files: SessionFiles, config: StackConfig = StackConfig()) -
     from skystack.engine import debayer, detect, match, warp
     from skystack.engine.cosmetic import CosmeticConfig
     from skystack.engine.backend import CPU, get_backend, to_host
-    from skystack.engine.framestore import FrameStore
+    from skystack.engine.framestore import DeviceFrameStore, FrameStore
     from skystack.engine.io import read_meta
     from skystack.engine.masters import same_camera
     from skystack.engine.producer import FrameProducer
@@ -334,9 +336,14 @@ def register_session(files: SessionFiles, config: StackConfig = StackConfig()) -
     # Half of the budget (min(--memory-limit, half the free memory)) may hold the
     # frame store; beyond that it spills to disk.
     budget = be.memory_budget(config.memory_limit)
-    store_budget = CPU.memory_budget(config.memory_limit) // 2  # the store is host memory
-    store = FrameStore(len(lights), (n_ch, out_h, out_w), ram_budget=store_budget,
-                       dtype=config.store_dtype, spill_dir=config.spill_dir)
+    if be.is_gpu and DeviceFrameStore.fits(len(lights), (n_ch, out_h, out_w), budget):
+        # frames stay on the device from debayering to the combine (the VRAM frame store)
+        store = DeviceFrameStore(len(lights), (n_ch, out_h, out_w), xp=xp)
+        budget -= store.nbytes
+    else:
+        store_budget = CPU.memory_budget(config.memory_limit) // 2  # the store is host memory
+        store = FrameStore(len(lights), (n_ch, out_h, out_w), ram_budget=store_budget,
+                           dtype=config.store_dtype, spill_dir=config.spill_dir)
     todo = [i for i, r in enumerate(records) if not r.reason]
     stars: dict[int, Any] = {}
     quality: dict[int, Any] = {}
@@ -368,7 +375,7 @@ def register_session(files: SessionFiles, config: StackConfig = StackConfig()) -
         with timer("debayer"):
             wb = m.wb if (config.apply_wb and m.wb is not None) else None
             rgb = debayer.debayer(x, m.pattern, method=config.debayer, wb=wb) if m.pattern else x[None]
-            host = to_host(rgb)
+            host = rgb if getattr(store, "on_device", False) else to_host(rgb)
         with timer("store"):
             store.put(i, host)
         stars[i], quality[i] = st, q
@@ -429,7 +436,7 @@ def register_session(files: SessionFiles, config: StackConfig = StackConfig()) -
             return
         t_store = np.linalg.inv(s_half) @ t @ s_half if superpixel else t
         out = warp.warp(xp.asarray(store.get(i)), t_store, (out_h, out_w), method=config.interpolation)
-        store.put(i, to_host(out))
+        store.put(i, out if getattr(store, "on_device", False) else to_host(out))
 
     with timer("warp"):
         _run_parallel(warp_one, used, _compute_threads(be, config))
@@ -448,6 +455,7 @@ def combine_registered(reg: Registered, config: StackConfig = StackConfig()) -> 
     several ways.
     """
     from skystack.engine import normalize
+    from skystack.engine.backend import to_host
 
     timer, store, used, ref, be = reg.timer, reg.store, reg.used, reg.ref, reg.backend
     records = [replace(r) for r in reg.records]
@@ -456,7 +464,7 @@ def combine_registered(reg: Registered, config: StackConfig = StackConfig()) -> 
         fstats_by: dict[int, Any] = {}
 
         def stats_one(i: int) -> None:
-            fstats_by[i] = normalize.robust_stats(store.get(i))
+            fstats_by[i] = normalize.robust_stats(to_host(store.get(i)))
 
         _run_parallel(stats_one, used, _compute_threads(be, config))
         fstats = [fstats_by[i] for i in used]
@@ -492,6 +500,7 @@ def _combine_store(store, used: list[int], nscale, noffset, weights, config: Sta
     """
     import threading
 
+    from skystack.engine.backend import array_module
     from skystack.engine.combine import DEFAULT_KAPPAS, combine
 
     dk = DEFAULT_KAPPAS.get(config.rejection, (3.0, 3.0))
@@ -520,10 +529,11 @@ def _combine_store(store, used: list[int], nscale, noffset, weights, config: Sta
     for y0 in range(0, h, rows):
         y1 = min(h, y0 + rows)
         block = store.tile(used, y0, y1)  # (N, C, rows, W)
-        coverage[y0:y1] = np.isfinite(block[:, 0]).sum(axis=0)
+        bxp = array_module(block)  # the device for the VRAM store, else the host
+        coverage[y0:y1] = be.to_host(bxp.isfinite(block[:, 0]).sum(axis=0, dtype=bxp.int16))
 
         def one(ch: int) -> None:
-            cube = xp.asarray(np.ascontiguousarray(block[:, ch]))
+            cube = xp.ascontiguousarray(xp.asarray(block[:, ch]))  # a host block goes up here
             res = combine(cube, method=config.rejection, kappa_low=klo, kappa_high=khi,
                           max_iter=config.max_iter,
                           scale=xp.asarray(nscale[:, ch]), offset=xp.asarray(noffset[:, ch]),
