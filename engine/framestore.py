@@ -35,6 +35,9 @@ class FrameStore:
         Folder for the cache file (default: the system temp folder).
     """
 
+    #: Host memory (see :class:`DeviceFrameStore`).
+    on_device = False
+
     def __init__(self, n: int, shape: tuple[int, int, int], *, ram_budget: int | None = None,
                  dtype: str = "float32", spill_dir: str | os.PathLike | None = None) -> None:
         self.n = int(n)

@@ -375,7 +375,7 @@ def register_session(files: SessionFiles, config: StackConfig = StackConfig()) -
         with timer("debayer"):
             wb = m.wb if (config.apply_wb and m.wb is not None) else None
             rgb = debayer.debayer(x, m.pattern, method=config.debayer, wb=wb) if m.pattern else x[None]
-            host = rgb if getattr(store, "on_device", False) else to_host(rgb)
+            host = rgb if store.on_device else to_host(rgb)
         with timer("store"):
             store.put(i, host)
         stars[i], quality[i] = st, q
@@ -436,7 +436,7 @@ def register_session(files: SessionFiles, config: StackConfig = StackConfig()) -
             return
         t_store = np.linalg.inv(s_half) @ t @ s_half if superpixel else t
         out = warp.warp(xp.asarray(store.get(i)), t_store, (out_h, out_w), method=config.interpolation)
-        store.put(i, out if getattr(store, "on_device", False) else to_host(out))
+        store.put(i, out if store.on_device else to_host(out))
 
     with timer("warp"):
         _run_parallel(warp_one, used, _compute_threads(be, config))
