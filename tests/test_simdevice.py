@@ -221,3 +221,20 @@ def test_vram_store_and_host_store_give_the_same_stack(sim, night, tmp_path, mon
 def test_cli_gpu_stack_bytes_per_light_pixel_target(gpu_stack, night):
     up, down = _per_light_pixel(gpu_stack[1], night)
     assert up <= 2.5 and down <= 1.0, (up, down)
+
+
+def test_bench_reports_gpu_traffic_on_the_simulated_device(sim, tmp_path):
+    """``skystack bench --backend gpu`` shows bytes per light pixel each way and host seconds per light."""
+    from skystack.engine import bench
+
+    cfg = bench.BenchConfig(frames=4, megapixels=0.3, backend="gpu", cache_root=str(tmp_path / "cache"),
+                            output=str(tmp_path / "b.json"), quiet=True, timeout_s=600)
+    res = bench.run_benchmark(cfg)
+    (run,) = res["runs"]
+    t = run["device_traffic"]
+    assert run["ok"] and t is not None
+    # at least the raw uint16 frames went up and the float32 RGB result came down
+    assert t["h2d_bytes_per_light_px"] > 2.0 and t["d2h_bytes_per_light_px"] > 3 * 4 / 4
+    assert 0 < t["host_s_per_light"] < run["timings"]["total"]
+    md = bench.markdown_tables(res)
+    assert f"| {t['h2d_bytes_per_light_px']:.1f} | {t['d2h_bytes_per_light_px']:.1f} |" in md
