@@ -285,13 +285,15 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_master(args: argparse.Namespace) -> int:
+    from skystack.engine.backend import get_backend
     from skystack.engine.masters import MasterConfig, master_command
     from skystack.engine.session import resolve_inputs
 
+    backend = get_backend(args.backend, quiet=args.quiet)  # a missing GPU fails before any work
     files = resolve_inputs(args.files, what=f"{args.kind} frames")
     klo, khi = args.kappa
     cfg = MasterConfig(method=args.method, kappa_low=klo, kappa_high=khi)
-    master_command(args.kind, files, args.output, config=cfg, cache_dir=args.cache_dir)
+    master_command(args.kind, files, args.output, config=cfg, cache_dir=args.cache_dir, backend=backend)
     if not args.quiet:
         _console().print(f"combined {len(files)} {args.kind} frames")
     print(f"master {args.kind}: {args.output}")

@@ -9,6 +9,7 @@ arrays. :func:`get_backend` decides where arrays live.
 from __future__ import annotations
 
 import os
+import threading
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, Sequence
@@ -93,7 +94,25 @@ def _gpu_probe() -> tuple[Backend | None, str]:
         cupy.zeros(1, dtype=cupy.float32).sum()  # touch the device once
     except Exception as exc:
         return None, f"CUDA device unusable ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})"
+    try:  # a device without a working compiler (e.g. CuPy >= 14 without the CUDA headers) is unusable
+        from skystack.kernels import get_kernel
+
+        get_kernel("rawconv.cu", "cfa_to_float_u16")
+    except Exception as exc:
+        return None, f"CUDA kernels do not compile: {error_line(exc)}"
     return Backend(name="gpu", xp=cupy, device_name=name), ""
+
+
+def error_line(exc: BaseException, limit: int = 200) -> str:
+    """One line naming an exception's cause: its first line that mentions an error, else its first line.
+
+    Compiler exceptions carry the whole log (dozens of lines); the CLI prints one.
+    """
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    if not lines:
+        return type(exc).__name__
+    line = next((ln for ln in lines if "error" in ln.lower()), lines[0])
+    return line if len(line) <= limit else line[:limit - 3] + "..."
 
 
 @lru_cache(maxsize=1)
@@ -170,8 +189,96 @@ def launch(source: str, kernel: str, n_items: int, args: Sequence[Any], *,
     (:func:`skystack.kernels.check_args`): a wrong dtype raises ``TypeError``
     instead of being silently misread on the device.
     """
+    from skystack.engine.errors import KernelCompileError
     from skystack.kernels import check_args, get_kernel, kernel_params
 
     check_args(kernel, kernel_params(source, kernel), args, device=True)
-    k = get_kernel(source, kernel, tuple(defines))
+    try:
+        k = get_kernel(source, kernel, tuple(defines))
+    except Exception as exc:  # NVRTC's log: one line for the user, the rest with --debug
+        raise KernelCompileError(f"CUDA kernel {kernel} ({source}) does not compile: {error_line(exc)}; "
+                                 "use --backend cpu") from exc
     k((grid_for(n_items, block),), (block,), tuple(args))
+
+
+# ----------------------------------------------------------------------------- native CPU kernels
+
+#: Smallest launch (work items) whose timing may choose between a native kernel and its twin.
+NATIVE_MIN_ITEMS = 1 << 14
+_native_choice: dict[tuple, str] = {}
+_native_lock = threading.Lock()
+
+
+def native_mode() -> str:
+    """``SKYSTACK_NATIVE``: ``auto`` (default: per kernel, the faster of native and twin), ``on``, ``off``."""
+    mode = (os.environ.get("SKYSTACK_NATIVE") or "auto").lower()
+    mode = {"1": "on", "0": "off", "true": "on", "false": "off"}.get(mode, mode)
+    if mode not in ("auto", "on", "off"):
+        from skystack.engine.errors import SkystackError
+
+        raise SkystackError(f"SKYSTACK_NATIVE={mode!r}: use auto, on or off")
+    return mode
+
+
+def run_cpu(source: str, kernel: str, n_items: int, twin: Any, native: Any, *,
+            defines: Sequence[str] = ()) -> Any:
+    """Run an operation's CPU branch: its NumPy twin, or its kernel compiled natively.
+
+    The native build (:mod:`skystack.kernels.native`: the same CUDA source at
+    ``-O3``, blocks over the cores) is used where a C++ compiler exists and,
+    under the default ``SKYSTACK_NATIVE=auto``, where it ran faster than the
+    twin: the first launch of each kernel (and defines) with at least
+    :data:`NATIVE_MIN_ITEMS` items runs both, keeps the twin's result (the
+    reference) and remembers the faster for the rest of the process. Without a
+    compiler, or when the build fails, the twins run and a log line says so once.
+
+    Parameters
+    ----------
+    source, kernel, n_items, defines :
+        As for :func:`launch` (``n_items`` only sizes the benchmark).
+    twin : callable
+        ``twin()`` computes the result with NumPy.
+    native : callable
+        ``native(module)`` launches the kernel on ``module``
+        (:func:`skystack.kernels.native.native`) with NumPy arrays and returns
+        the same result.
+
+    Returns
+    -------
+    object
+        What ``twin()`` or ``native(module)`` returned.
+    """
+    import logging
+    import time
+
+    mode = native_mode()
+    key = (source, kernel, tuple(defines))
+    choice = "twin" if mode == "off" else _native_choice.get(key)
+    if choice == "twin":
+        return twin()
+    from skystack.kernels import native as nat
+
+    if not nat.available():
+        _native_choice[key] = "twin"
+        return twin()
+    try:
+        module = nat.native(source, tuple(defines))
+    except Exception as exc:  # a compiler that cannot build it: keep the twin, say so once
+        logging.getLogger(__name__).info("native %s (%s) unavailable, using the NumPy twin: %s",
+                                         kernel, source, error_line(exc))
+        _native_choice[key] = "twin"
+        return twin()
+    if choice == "native" or mode == "on":
+        return native(module)
+    if n_items < NATIVE_MIN_ITEMS:
+        return twin()
+    t0 = time.perf_counter()
+    native(module)
+    t1 = time.perf_counter()
+    result = twin()
+    t2 = time.perf_counter()
+    with _native_lock:
+        _native_choice.setdefault(key, "native" if t1 - t0 < t2 - t1 else "twin")
+    logging.getLogger(__name__).debug("%s: native %.4f s, twin %.4f s -> %s", kernel, t1 - t0, t2 - t1,
+                                      _native_choice[key])
+    return result

@@ -504,6 +504,24 @@ def _gpu_sync_and_pool() -> int | None:
         return None
 
 
+def _device_traffic(res) -> dict[str, Any] | None:
+    """Host<->device bytes per light pixel and host seconds per light of a GPU run.
+
+    Only the simulated device of the tests (``tests/fakecupy``, which counts every
+    transfer and the seconds it spends emulating kernels) gives them; CuPy on a real
+    device has no such counters, so this is ``None`` there and on the CPU.
+    """
+    sim = getattr(sys.modules.get("cupy"), "sim", None)
+    if res.backend != "gpu" or sim is None:
+        return None
+    n = max(1, len(res.frames))
+    px = n * int(np.prod(res.image.shape[-2:]))
+    host_s = float(res.timings.get("total", 0.0)) - float(sim.kernel_seconds)
+    return {"h2d_bytes_per_light_px": sim.h2d_bytes / px, "d2h_bytes_per_light_px": sim.d2h_bytes / px,
+            "host_s_per_light": host_s / n, "syncs": int(sim.syncs), "peak_device_bytes": int(sim.peak),
+            "note": "simulated device: all traffic of the run (masters and results included)"}
+
+
 def _child_stack(spec: dict[str, Any]) -> dict[str, Any]:
     from dataclasses import replace as _replace
 
@@ -540,6 +558,7 @@ def _child_stack(spec: dict[str, Any]) -> dict[str, Any]:
         "peak_rss_bytes_reported": int(res.peak_rss_bytes), "gpu_pool_bytes": pool,
         "queue_peak": int(res.queue_peak), "queue_bound": int(res.queue_bound),
         "store_on_disk": bool(res.store_on_disk), "reference": res.reference,
+        "device_traffic": _device_traffic(res),
         "skipped": {Path(f.path).name: f.reason for f in res.frames if not f.used},
         "transforms": {str(i): f.transform for i, f in enumerate(res.frames) if f.transform is not None},
     }
@@ -803,6 +822,13 @@ def _mib(v: Any) -> str:
     return "-" if not v else f"{v / 2**20:.0f}"
 
 
+def _traffic_cells(t: dict[str, Any] | None) -> list[str]:
+    if not t:
+        return ["-", "-", "-"]
+    return [_fmt(t.get("h2d_bytes_per_light_px"), "{:.1f}"), _fmt(t.get("d2h_bytes_per_light_px"), "{:.1f}"),
+            _fmt(t.get("host_s_per_light"), "{:.3f}")]
+
+
 def _table_rows(results: dict[str, Any]) -> tuple[list[str], list[list[str]], list[str], list[list[str]]]:
     runs = results["runs"]
     present = [s for s in STAGES if any(s in (r.get("timings") or {}) for r in runs)]
@@ -818,7 +844,8 @@ def _table_rows(results: dict[str, Any]) -> tuple[list[str], list[list[str]], li
                            _fmt(r.get("total_s"))])
     sess = results["session"]
     sum_cols = ["backend", "device", "frames", "MP/frame", "total s", "frames/s", "MP/s", "peak RSS MiB",
-                "GPU pool MiB", "decode floor s", "pipeline / decode floor", "lights-only ratio"]
+                "GPU pool MiB", "decode floor s", "pipeline / decode floor", "lights-only ratio",
+                "B/light px up", "B/light px down", "host s/light"]
     sum_rows = []
     for r in runs:
         if not r.get("ok"):
@@ -831,6 +858,7 @@ def _table_rows(results: dict[str, Any]) -> tuple[list[str], list[list[str]], li
             _fmt(r.get("megapixels_per_s"), "{:.1f}"), _mib(r.get("peak_rss_bytes")), _mib(r.get("gpu_pool_bytes")),
             _fmt(r.get("decode_floor_s")), _fmt(r.get("ratio_to_decode_floor")),
             _fmt(r.get("ratio_lights_to_decode_lights")),
+            *_traffic_cells(r.get("device_traffic")),
         ])
     return stage_cols, stage_rows, sum_cols, sum_rows
 

@@ -83,7 +83,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from skystack.engine.backend import array_module, is_device_array, launch
+from skystack.engine.backend import array_module, is_device_array, launch, run_cpu
 from skystack.engine.errors import SkystackError
 
 __all__ = ["ClipResult", "sigma_clip_mean", "combine", "METHODS", "DEFAULT_KAPPAS", "MAX_SUPPORTED_FRAMES",
@@ -186,8 +186,17 @@ def _normalised(cube: np.ndarray, scale: np.ndarray, offset: np.ndarray) -> tupl
 
 
 def _seqsum(x: np.ndarray) -> np.ndarray:
-    """Sum over axis 0 of a C-contiguous 2-D float32 array, row after row from +0 (the kernels' loop order)."""
-    return np.add.reduce(x, axis=0, initial=_ZERO)
+    """Sum over axis 0 of a 2-D float32 array, row after row from +0 (the kernels' loop order).
+
+    NumPy's reduce keeps that order only where each row is the contiguous
+    inner loop; on one column, or on a non-C-contiguous array (the fancy-indexed
+    and ``np.where`` temporaries of the twins can be F-ordered), it sums pairwise
+    instead, which flips values on a clip boundary. Hence the contiguous copy,
+    and ``np.add.accumulate`` (sequential by definition) on one column.
+    """
+    if x.shape[1] == 1:
+        return np.add.accumulate(np.concatenate(([_ZERO], x[:, 0])))[-1:]
+    return np.add.reduce(np.ascontiguousarray(x), axis=0, initial=_ZERO)
 
 
 def _sort_values(v: np.ndarray) -> np.ndarray:
@@ -600,18 +609,21 @@ def combine(cube: Any, *, method: str = "sigma", kappa_low: float = 3.0, kappa_h
     scale_a = _per_frame(xp, scale, n, 1.0, "scale")
     offset_a = _per_frame(xp, offset, n, 0.0, "offset")
     weights_a = _per_frame(xp, weights, n, 1.0, "weights", nonneg=True)
-    if not is_device_array(cube):
-        return _run_twin(_TWINS[method], cube, np.float32(kl), np.float32(kh), int(max_iter), scale_a,
-                         offset_a, weights_a)
-    mean = xp.empty((h, w), dtype=xp.float32)
-    count = xp.empty((h, w), dtype=xp.int32)
-    rejected = xp.zeros(n, dtype=xp.uint64)
     npix = h * w
-    launch("combine.cu", _KERNELS[method], npix,
-           (cube, np.int64(npix), np.int32(n), scale_a, offset_a, weights_a,
-            np.float32(kl), np.float32(kh), np.int32(max_iter), mean, count, rejected),
-           defines=defines)
-    return ClipResult(mean=mean, count=count, rejected=rejected.view(xp.int64))
+
+    def kernel(run) -> ClipResult:  # run(kernel, n_items, args): the GPU's launch or the native module's
+        mean = xp.empty((h, w), dtype=xp.float32)
+        count = xp.empty((h, w), dtype=xp.int32)
+        rejected = xp.zeros(n, dtype=xp.uint64)
+        run(_KERNELS[method], npix, (cube, np.int64(npix), np.int32(n), scale_a, offset_a, weights_a,
+                                     np.float32(kl), np.float32(kh), np.int32(max_iter), mean, count, rejected))
+        return ClipResult(mean=mean, count=count, rejected=rejected.view(xp.int64))
+
+    if not is_device_array(cube):
+        return run_cpu("combine.cu", _KERNELS[method], npix, lambda: _run_twin(
+            _TWINS[method], cube, np.float32(kl), np.float32(kh), int(max_iter), scale_a, offset_a, weights_a),
+            lambda mod: kernel(mod.launch), defines=defines)
+    return kernel(lambda name, items, args: launch("combine.cu", name, items, args, defines=defines))
 
 
 def sigma_clip_mean(cube: Any, *, kappa_low: float = 3.0, kappa_high: float = 3.0,

@@ -95,12 +95,19 @@ def none(message: str) -> Foreground:
     return Foreground(mask=None, horizon=None, source="none", message=message)
 
 
-def block_mean(img: np.ndarray, b: int) -> np.ndarray:
-    """``(H // b, W // b)`` means of ``b x b`` blocks (NaN ignored; all-NaN blocks are NaN)."""
+def block_mean(img, b: int):
+    """``(H // b, W // b)`` float32 means of ``b x b`` blocks of a ``(H, W)`` or ``(C, H, W)`` image
+    (channels averaged; NaN ignored; all-NaN blocks are NaN). Runs where the image is (NumPy or CuPy),
+    so only the small result need cross to the host."""
+    from skystack.engine.backend import array_module
+
+    xp = array_module(img)
+    if img.ndim == 3:
+        img = img.mean(axis=0)
     h, w = img.shape[0] // b * b, img.shape[1] // b * b
     blocks = img[:h, :w].reshape(h // b, b, w // b, b)
     with np.errstate(invalid="ignore"), _quiet():
-        return np.nanmean(blocks, axis=(1, 3)).astype(np.float32)
+        return xp.nanmean(blocks, axis=(1, 3)).astype(xp.float32)
 
 
 class _quiet:

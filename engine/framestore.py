@@ -46,6 +46,9 @@ class FrameStore:
         folders left by a killed run are removed when the next store spills.
     """
 
+    #: Host memory (see :class:`DeviceFrameStore`).
+    on_device = False
+
     def __init__(self, n: int, shape: tuple[int, int, int], *, ram_budget: int | None = None,
                  dtype: str = "float32", spill_dir: str | os.PathLike | None = None) -> None:
         self.n = int(n)
@@ -143,3 +146,68 @@ class FrameStore:
             self.close()
         except Exception:
             pass
+
+
+class DeviceFrameStore:
+    """``n`` frames of shape ``(C, H, W)`` float32 in GPU memory (the VRAM frame store).
+
+    The same interface as :class:`FrameStore`, on device arrays: ``put`` takes a
+    device array (a host one is copied up), ``get`` and ``tile`` return device
+    arrays, so frames stay on the device from debayering through warping to the
+    combine. Use it when :meth:`fits`; otherwise the host store is the fallback.
+
+    Parameters
+    ----------
+    n : int
+        Number of frames.
+    shape : tuple of int
+        ``(C, H, W)`` of each frame.
+    xp : module
+        ``cupy`` (the backend's array module).
+    """
+
+    on_disk = False
+    on_device = True
+
+    def __init__(self, n: int, shape: tuple[int, int, int], *, xp) -> None:
+        self.n = int(n)
+        self.shape = tuple(int(s) for s in shape)
+        self.dtype = np.dtype(np.float32)
+        self._xp = xp
+        self._data = xp.empty((self.n, *self.shape), dtype=xp.float32)
+
+    @staticmethod
+    def fits(n: int, shape: tuple[int, int, int], budget: int) -> bool:
+        """True when ``n`` frames of ``shape`` take at most half of the device ``budget``."""
+        return n * int(np.prod(shape)) * 4 <= budget // 2
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held on the device."""
+        return self.n * int(np.prod(self.shape)) * 4
+
+    def put(self, i: int, image) -> None:
+        """Store frame ``i`` (``(C,H,W)`` or ``(H,W)`` for C = 1)."""
+        self._data[i] = self._xp.asarray(image, dtype=self._xp.float32).reshape(self.shape)
+
+    def get(self, i: int):
+        """Frame ``i``, a ``(C, H, W)`` device array (a view: copy it before changing it)."""
+        return self._data[i]
+
+    def tile(self, indices, y0: int, y1: int, x0: int = 0, x1: int | None = None):
+        """Block ``(len(indices), C, y1-y0, x1-x0)``, a device array."""
+        idx = [int(i) for i in indices]
+        x1 = self.shape[2] if x1 is None else x1
+        if idx == list(range(self.n)):
+            return self._data[:, :, y0:y1, x0:x1]
+        return self._data[self._xp.asarray(np.asarray(idx, dtype=np.int64))][:, :, y0:y1, x0:x1]
+
+    def close(self) -> None:
+        """Free the device memory."""
+        self._data = None
+
+    def __enter__(self) -> "DeviceFrameStore":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

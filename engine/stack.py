@@ -306,7 +306,9 @@ class Registered:
 
     def frame(self, i: int) -> np.ndarray:
         """Registered frame ``i`` (index into the lights), ``(C, H, W)`` float32."""
-        return self.store.get(i)
+        from skystack.engine.backend import to_host
+
+        return to_host(self.store.get(i))
 
     def close(self) -> None:
         self.store.close()
@@ -342,8 +344,8 @@ def register_session(files: SessionFiles, config: StackConfig = StackConfig()) -
     from skystack.engine import calibrate as cal
     from skystack.engine import debayer, detect, foreground, framing, register, warp
     from skystack.engine.cosmetic import CosmeticConfig
-    from skystack.engine.backend import CPU, get_backend, to_host
-    from skystack.engine.framestore import FrameStore
+    from skystack.engine.backend import CPU, array_module, get_backend, to_host
+    from skystack.engine.framestore import DeviceFrameStore, FrameStore
     from skystack.engine.io import read_meta
     from skystack.engine.masters import same_camera
     from skystack.engine.producer import FrameProducer
@@ -400,9 +402,14 @@ def register_session(files: SessionFiles, config: StackConfig = StackConfig()) -
     # Half of the budget (min(--memory-limit, half the free memory)) may hold the
     # frame store; beyond that it spills to disk.
     budget = be.memory_budget(config.memory_limit)
-    store_budget = CPU.memory_budget(config.memory_limit) // 2  # the store is host memory
-    store = FrameStore(len(lights), (n_ch, out_h, out_w), ram_budget=store_budget,
-                       dtype=config.store_dtype, spill_dir=config.spill_dir)
+    if be.is_gpu and DeviceFrameStore.fits(len(lights), (n_ch, out_h, out_w), budget):
+        # frames stay on the device from debayering to the combine (the VRAM frame store)
+        store = DeviceFrameStore(len(lights), (n_ch, out_h, out_w), xp=xp)
+        budget -= store.nbytes
+    else:
+        store_budget = CPU.memory_budget(config.memory_limit) // 2  # the store is host memory
+        store = FrameStore(len(lights), (n_ch, out_h, out_w), ram_budget=store_budget,
+                           dtype=config.store_dtype, spill_dir=config.spill_dir)
     todo = [i for i, r in enumerate(records) if not r.reason]
     stars: dict[int, Any] = {}
     quality: dict[int, Any] = {}
@@ -443,7 +450,7 @@ def register_session(files: SessionFiles, config: StackConfig = StackConfig()) -
         with timer("debayer"):
             wb = m.wb if (config.apply_wb and m.wb is not None) else None
             rgb = debayer.debayer(x, m.pattern, method=config.debayer, wb=wb) if m.pattern else x[None]
-            host = to_host(rgb)
+            host = rgb if store.on_device else to_host(rgb)
         with timer("store"):
             store.put(i, host)
         stars[i], quality[i] = st, q
@@ -519,15 +526,17 @@ def register_session(files: SessionFiles, config: StackConfig = StackConfig()) -
         if i == ref and target is store and excl is None:
             return  # the reference is its own grid
         img = store.get(i)
-        if excl is not None:
-            img = np.array(img, dtype=np.float32)
-            img[:, excl] = np.nan
+        if excl is not None:  # a copy on the store's backend, the landscape blanked
+            bxp = array_module(img)
+            img = bxp.array(img, dtype=bxp.float32)
+            img[:, bxp.asarray(excl)] = bxp.nan
         if i == ref:  # copied, never resampled
-            target.put(i, canvas.place(np.asarray(img, dtype=np.float32)))
+            placed = canvas.place(to_host(img))
+            target.put(i, xp.asarray(placed) if target.on_device else placed)
             return
         out = warp.warp(xp.asarray(img), canvas.offset @ t_store[i], canvas.shape, method=config.interpolation,
                         lens=lens_store, lens_offset=(canvas.ox, canvas.oy))
-        target.put(i, to_host(out))
+        target.put(i, out if target.on_device else to_host(out))
 
     with timer("warp"), _Progress(config.quiet) as prog:
         _run_parallel(warp_one, used, _compute_threads(be, config), on_done=prog.stepper("warp", len(used)))
@@ -558,6 +567,7 @@ def combine_registered(reg: Registered, config: StackConfig = StackConfig()) -> 
     several ways.
     """
     from skystack.engine import normalize
+    from skystack.engine.backend import to_host
 
     timer, store, used, ref, be = reg.timer, reg.store, reg.used, reg.ref, reg.backend
     records = [replace(r) for r in reg.records]
@@ -566,7 +576,7 @@ def combine_registered(reg: Registered, config: StackConfig = StackConfig()) -> 
         fstats_by: dict[int, Any] = {}
 
         def stats_one(i: int) -> None:
-            fstats_by[i] = normalize.robust_stats(store.get(i))
+            fstats_by[i] = normalize.robust_stats(to_host(store.get(i)))
 
         _run_parallel(stats_one, used, _compute_threads(be, config), on_done=prog.stepper("normalize", len(used)))
         fstats = [fstats_by[i] for i in used]
@@ -621,6 +631,7 @@ def _combine_store(store, used: list[int], nscale, noffset, weights, config: Sta
     """
     import threading
 
+    from skystack.engine.backend import array_module
     from skystack.engine.combine import DEFAULT_KAPPAS, combine
 
     dk = DEFAULT_KAPPAS.get(config.rejection, (3.0, 3.0))
@@ -633,8 +644,13 @@ def _combine_store(store, used: list[int], nscale, noffset, weights, config: Sta
     # contiguous copy and the combine's bounded temporaries.
     per_row = n * w * 4 * _COMBINE_WORKSPACE
     if budget is None:
-        budget = be.memory_budget(None)
-    rows = int(max(1, min(h, budget // max(per_row, 1))))
+        budget = be.memory_budget(config.memory_limit)
+    # The block is read into host memory (and, on a GPU, copied up): it must fit
+    # both the device's budget and the host's, whichever is smaller.
+    from skystack.engine.backend import CPU
+
+    host_budget = CPU.memory_budget(config.memory_limit)
+    rows = int(max(1, min(h, min(budget, host_budget) // max(per_row, 1))))
     image = np.full((c, h - h0, w), np.nan, dtype=np.float32)
     count = np.zeros((h - h0, w), dtype=np.int32)
     coverage = np.zeros((h - h0, w), dtype=np.int16)
@@ -646,10 +662,11 @@ def _combine_store(store, used: list[int], nscale, noffset, weights, config: Sta
     for y0 in range(h0, h, rows):
         y1 = min(h, y0 + rows)
         block = store.tile(used, y0, y1)  # (N, C, rows, W)
-        coverage[y0 - h0:y1 - h0] = np.isfinite(block[:, 0]).sum(axis=0)
+        bxp = array_module(block)  # the device for the VRAM store, else the host
+        coverage[y0 - h0:y1 - h0] = be.to_host(bxp.isfinite(block[:, 0]).sum(axis=0, dtype=bxp.int16))
 
         def one(ch: int) -> None:
-            cube = xp.asarray(np.ascontiguousarray(block[:, ch]))
+            cube = xp.ascontiguousarray(xp.asarray(block[:, ch]))  # a host block goes up here
             res = combine(cube, method=config.rejection, kappa_low=klo, kappa_high=khi,
                           max_iter=config.max_iter,
                           scale=xp.asarray(nscale[:, ch]), offset=xp.asarray(noffset[:, ch]),
@@ -679,16 +696,19 @@ def _foreground(config: StackConfig, store, used: list[int], ref: int, transform
                 motion: float, shape: tuple[int, int], lights: list[Path], star_xy: np.ndarray):
     """The landscape of the session (``--foreground auto|none|MASK``), written to ``--save-mask`` if asked."""
     from skystack.engine import foreground as fgm
+    from skystack.engine.backend import to_host
     from skystack.engine.register import _spread
 
     if config.foreground == "none":
         fg = fgm.none("none (--foreground none)")
     elif config.foreground != "auto":
         fg = fgm.load_mask(config.foreground, shape)
+    elif motion < fgm.MIN_MOTION_PX:
+        fg = fgm.detect_foreground({}, transforms, shape, 1, motion_px=motion)
     else:
         b = fgm.small_bin(shape)
         pick = sorted(set(_spread(used, fgm.N_FRAMES - 1)) | {ref})
-        small = {i: fgm.block_mean(np.asarray(store.get(i), dtype=np.float32).mean(axis=0), b) for i in pick}
+        small = {i: to_host(fgm.block_mean(store.get(i), b)) for i in pick}
         fg = fgm.detect_foreground(small, {i: transforms[i] for i in pick}, shape, b, lens=lens, motion_px=motion,
                                    star_xy=star_xy)
     if config.save_mask:

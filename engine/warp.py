@@ -42,7 +42,7 @@ import sys
 
 import numpy as np
 
-from skystack.engine.backend import array_module, is_device_array, launch
+from skystack.engine.backend import array_module, is_device_array, launch, run_cpu
 
 METHODS = ("lanczos3", "bilinear")
 _KERNELS = {"lanczos3": "warp_lanczos3", "bilinear": "warp_bilinear"}
@@ -537,11 +537,12 @@ def warp(image, transform: np.ndarray, out_shape: tuple[int, int], *, method: st
     dst = out.reshape((src.shape[0], ho, wo))
     if ho == 0 or wo == 0:
         return out
-    if not is_device_array(src):
-        _warp_numpy(src, m, dst, method, lens=lp)
-        return out
     n = ho * wo
-    launch("warp.cu", _KERNELS[method], n,
-           (src, dst, np.int64(n), np.int32(src.shape[0]), np.int32(src.shape[1]), np.int32(src.shape[2]),
-            np.int32(wo), *[np.float32(v) for v in m], *(lp or (np.float32(0.0),) * 7)))
+    args = (src, dst, np.int64(n), np.int32(src.shape[0]), np.int32(src.shape[1]), np.int32(src.shape[2]),
+            np.int32(wo), *[np.float32(v) for v in m], *(lp or (np.float32(0.0),) * 7))
+    if not is_device_array(src):
+        run_cpu("warp.cu", _KERNELS[method], n, lambda: _warp_numpy(src, m, dst, method, lens=lp),
+                lambda mod: mod.launch(_KERNELS[method], n, args))
+        return out
+    launch("warp.cu", _KERNELS[method], n, args)
     return out

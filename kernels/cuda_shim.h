@@ -135,13 +135,29 @@ static inline int __mulhi(int a, int b) { return (int)(((long long)a * (long lon
 
 // ---------------------------------------------------------------- atomics
 // Threads run sequentially in the emulator, so these need no hardware atomics.
+// The native CPU backend (SKYSTACK_NATIVE: blocks run on several cores) gets real
+// ones: a compare-and-swap loop on GCC's generic __atomic builtins.
 // Each returns the old value, like CUDA's.
+#ifdef SKYSTACK_NATIVE
+#define SKYSTACK_ATOMIC_RMW(NAME, T, EXPR)                                               \
+    static inline T NAME(T* address, T val) {                                            \
+        T old;                                                                           \
+        __atomic_load(address, &old, __ATOMIC_RELAXED);                                  \
+        T desired;                                                                       \
+        do {                                                                             \
+            desired = (EXPR);                                                            \
+        } while (!__atomic_compare_exchange(address, &old, &desired, false,              \
+                                            __ATOMIC_SEQ_CST, __ATOMIC_RELAXED));        \
+        return old;                                                                      \
+    }
+#else
 #define SKYSTACK_ATOMIC_RMW(NAME, T, EXPR)                 \
     static inline T NAME(T* address, T val) {              \
         T old = *address;                                  \
         *address = (EXPR);                                 \
         return old;                                        \
     }
+#endif
 SKYSTACK_ATOMIC_RMW(atomicAdd, int, old + val)
 SKYSTACK_ATOMIC_RMW(atomicAdd, unsigned int, old + val)
 SKYSTACK_ATOMIC_RMW(atomicAdd, unsigned long long, old + val)
@@ -169,8 +185,22 @@ SKYSTACK_ATOMIC_RMW(atomicOr, unsigned int, old | val)
 SKYSTACK_ATOMIC_RMW(atomicOr, unsigned long long, old | val)
 SKYSTACK_ATOMIC_RMW(atomicXor, int, old ^ val)
 SKYSTACK_ATOMIC_RMW(atomicXor, unsigned int, old ^ val)
+SKYSTACK_ATOMIC_RMW(atomicInc, unsigned int, (old >= val) ? 0u : old + 1u)
+SKYSTACK_ATOMIC_RMW(atomicDec, unsigned int, (old == 0u || old > val) ? val : old - 1u)
 #undef SKYSTACK_ATOMIC_RMW
 
+#ifdef SKYSTACK_NATIVE
+#define SKYSTACK_ATOMIC_CAS(T)                                                            \
+    static inline T atomicCAS(T* address, T compare, T val) {                             \
+        __atomic_compare_exchange_n(address, &compare, val, false, __ATOMIC_SEQ_CST,      \
+                                    __ATOMIC_SEQ_CST);                                    \
+        return compare;                                                                   \
+    }
+SKYSTACK_ATOMIC_CAS(int)
+SKYSTACK_ATOMIC_CAS(unsigned int)
+SKYSTACK_ATOMIC_CAS(unsigned long long)
+#undef SKYSTACK_ATOMIC_CAS
+#else
 static inline int atomicCAS(int* address, int compare, int val) {
     int old = *address;
     if (old == compare) *address = val;
@@ -187,16 +217,7 @@ static inline unsigned long long atomicCAS(unsigned long long* address, unsigned
     if (old == compare) *address = val;
     return old;
 }
-static inline unsigned int atomicInc(unsigned int* address, unsigned int val) {
-    unsigned int old = *address;
-    *address = (old >= val) ? 0u : old + 1u;
-    return old;
-}
-static inline unsigned int atomicDec(unsigned int* address, unsigned int val) {
-    unsigned int old = *address;
-    *address = (old == 0u || old > val) ? val : old - 1u;
-    return old;
-}
+#endif
 
 // No-ops: threads never share memory within a launch under the kernel rules.
 static inline void __threadfence() {}

@@ -58,8 +58,12 @@ __all__ = ["EmulatedModule", "emulated", "emulated_launch", "use_emulator", "emu
 #: g++ flags of every emulation build.
 CXX_FLAGS: tuple[str, ...] = ("-O2", "-std=c++17", "-ffp-contract=off", "-fPIC", "-shared",
                               "-fno-strict-aliasing")
+#: g++ flags of the native CPU backend (:mod:`skystack.kernels.native`): the same IEEE
+#: float rules (no contraction, no fast-math), -O3, blocks over the cores, real atomics.
+NATIVE_CXX_FLAGS: tuple[str, ...] = ("-O3", "-std=c++17", "-ffp-contract=off", "-fPIC", "-shared",
+                                     "-fno-strict-aliasing", "-fopenmp", "-DSKYSTACK_NATIVE=1")
 SHIM = KERNEL_DIR / "cuda_shim.h"
-_LAUNCHER_VERSION = "3"  # bump when the generated wrapper changes
+_LAUNCHER_VERSION = "4"  # bump when the generated wrapper changes
 _build_lock = threading.Lock()
 
 
@@ -97,17 +101,23 @@ _SCALAR_CTYPES: dict[str, Any] = {
 }
 
 
-def _launcher(name: str, params: Sequence[KernelParam]) -> str:
-    """C++ source of ``skystack_emu_<name>``: run every (block, thread) of a launch."""
+def _launcher(name: str, params: Sequence[KernelParam], *, parallel: bool = False) -> str:
+    """C++ source of ``skystack_emu_<name>``: run every (block, thread) of a launch.
+
+    ``parallel`` spreads the blocks over the cores with OpenMP (the native CPU
+    backend); the index globals are thread-local, so each core sets its own.
+    """
     decls = "".join(f", {p.decl} a{i}" for i, p in enumerate(params))
     call = ", ".join(f"a{i}" for i in range(len(params)))
+    omp = "#pragma omp parallel for schedule(dynamic, 1)" if parallel else ""
     return f"""
 extern "C" void skystack_emu_{name}(unsigned gx, unsigned gy, unsigned gz,
         unsigned bx, unsigned by, unsigned bz, int reverse{decls}) {{
-    gridDim = dim3(gx, gy, gz);
-    blockDim = dim3(bx, by, bz);
     const long long nb = (long long)gx * gy * gz, nt = (long long)bx * by * bz;
+    {omp}
     for (long long ib = 0; ib < nb; ++ib) {{
+        gridDim = dim3(gx, gy, gz);
+        blockDim = dim3(bx, by, bz);
         const long long b = reverse ? nb - 1 - ib : ib;
         blockIdx.x = (unsigned)(b % gx);
         blockIdx.y = (unsigned)((b / gx) % gy);
@@ -197,15 +207,15 @@ class EmulatedModule:
 
 
 def _build(text: str, label: str, defines: tuple[str, ...],
-           signatures: dict[str, tuple[KernelParam, ...]]) -> Path:
+           signatures: dict[str, tuple[KernelParam, ...]], *, native: bool = False) -> Path:
     cxx = _cxx()
     if cxx is None:
         raise KernelCompileError("the CPU kernel emulator needs g++ on PATH (apt-get install g++)")
     shim = SHIM.read_text()
     unit = (f'#include "{SHIM.name}"\n#line 1 "{label}"\n{text}\n'
             "#line 1 \"<skystack-emulation-launchers>\"\n"
-            + "".join(_launcher(k, ps) for k, ps in signatures.items()))
-    flags = list(CXX_FLAGS) + [f"-D{d}" for d in defines]
+            + "".join(_launcher(k, ps, parallel=native) for k, ps in signatures.items()))
+    flags = list(NATIVE_CXX_FLAGS if native else CXX_FLAGS) + [f"-D{d}" for d in defines]
     try:
         version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout
     except OSError:
@@ -239,10 +249,10 @@ def _build(text: str, label: str, defines: tuple[str, ...],
 
 
 @lru_cache(maxsize=None)
-def _emulated(path: str, text: str, defines: tuple[str, ...]) -> EmulatedModule:
+def _emulated(path: str, text: str, defines: tuple[str, ...], native: bool = False) -> EmulatedModule:
     signatures = parse_kernels(text)
     with _build_lock:
-        so = _build(text, Path(path).name, defines, signatures)
+        so = _build(text, Path(path).name, defines, signatures, native=native)
     lib = ctypes.CDLL(str(so))
     for name, params in signatures.items():
         fn = getattr(lib, f"skystack_emu_{name}")

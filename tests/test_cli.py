@@ -39,6 +39,20 @@ def test_user_errors_are_one_line_exit_2(tmp_path, capsys, argv, needle):
     assert len(err) == 1 and needle in err[0] and "Traceback" not in err[0]
 
 
+def test_master_honours_backend_gpu_without_device(small_session, tmp_path, capsys):
+    """``--backend gpu master`` with no usable GPU is the one-line error, not a silent CPU run."""
+    from skystack.engine.backend import _gpu_cached
+
+    if _gpu_cached()[0] is not None:
+        pytest.skip("a GPU (or the simulated device) is present")
+    out = tmp_path / "bias.fits"
+    files = sorted(str(p) for p in (small_session / "bias").iterdir())
+    assert cli.main(["--backend", "gpu", "master", "bias", *files, "-o", str(out),
+                     "--cache-dir", str(tmp_path / "c")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "GPU unavailable" in err[0] and not out.exists()
+
+
 def test_master_bias_matches_truth(small_session, tmp_path):
     from astropy.io import fits
 

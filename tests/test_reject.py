@@ -471,6 +471,37 @@ def test_emulated_kernel_equals_twin(rng, method, n, h, w):
 
 @needs_gxx
 @pytest.mark.parametrize("method", NEW_METHODS)
+def test_emulated_kernel_equals_twin_on_300_frames(rng, method):
+    """Late rounds leave one or two active pixels: the twin's (N, 1) and F-ordered sums must run in frame order.
+
+    (NumPy sums such arrays pairwise; the linear fit then kept one value more than the kernel.)
+    """
+    n, h, w = 300, 33, 31
+    cube = _cube(rng, n, h, w)
+    scale, offset, weights = _per_frame(rng, n)
+    kl, kh = KAPPAS[method]
+    got = _kernel_run(emulated("combine.cu", max_frames_define(n)), method, cube, scale, offset, weights,
+                      kl, kh, 10)
+    twin = _TWIN[method](cube, np.float32(kl), np.float32(kh), 10, scale, offset, weights)
+    for a, b in zip(got, (twin.mean, twin.count, twin.rejected)):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("cols, order", [(1, "C"), (1, "F"), (2, "F"), (7, "F"), (5, "C")])
+def test_twin_sums_run_in_row_order(rng, cols, order):
+    """``_seqsum`` adds row after row from +0 on every layout, like the kernels' loops."""
+    from skystack.engine.combine import _seqsum
+
+    x = np.array(rng.normal(size=(300, cols)) * 10.0 ** rng.uniform(-3, 3, size=(300, 1)), np.float32,
+                 order=order)
+    expect = np.zeros(cols, np.float32)
+    for row in x:
+        expect = expect + row
+    np.testing.assert_array_equal(_seqsum(x), expect)
+
+
+@needs_gxx
+@pytest.mark.parametrize("method", NEW_METHODS)
 def test_emulated_kernel_equals_twin_on_ties(rng, method):
     cube = rng.integers(0, 5, size=(15, 8, 9)).astype(np.float32)
     cube[rng.random(cube.shape) < 0.05] = np.nan

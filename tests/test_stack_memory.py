@@ -57,3 +57,42 @@ def test_pipeline_never_exceeds_the_queue_bound(tmp_path):
                         StackConfig(quiet=True, backend="cpu", queue_size=1, workers=2,
                                     cache_dir=str(tmp_path / "c")))
     assert 1 <= res.queue_peak <= res.queue_bound == 3
+
+
+def test_combine_tile_fits_the_host_budget_too(backend, monkeypatch):
+    """A device budget far above host RAM (141 GB of VRAM) must not size the host-side tile block.
+
+    The combine reads each (N, C, rows, W) block into host memory before the device
+    sees it, so its rows come from min(device budget, host budget); the image equals
+    the one from a single tile.
+    """
+    import psutil
+
+    from skystack.engine import stack as stack_mod
+    from skystack.engine.framestore import FrameStore
+    from skystack.engine.stack import _COMBINE_WORKSPACE, _combine_store
+
+    n, c, h, w = 7, 3, 40, 24
+    rng = np.random.default_rng(3)
+    store = FrameStore(n, (c, h, w))
+    for i in range(n):
+        store.put(i, rng.normal(1.0, 0.1, (c, h, w)).astype(np.float32))
+    per_row = n * w * 4 * _COMBINE_WORKSPACE
+    host_free = 2 * 5 * per_row  # the host budget (half the free RAM) fits 5 rows
+    blocks = []
+    real_tile = FrameStore.tile
+
+    def tile(self, indices, y0, y1, *a, **k):
+        blocks.append(y1 - y0)
+        return real_tile(self, indices, y0, y1, *a, **k)
+
+    ones, zeros = np.ones((n, c), np.float32), np.zeros((n, c), np.float32)
+    cfg = StackConfig(quiet=True, rejection="sigma")
+    whole = _combine_store(store, list(range(n)), ones, zeros, ones, cfg, backend, budget=141 * 10**9)[0]
+    vm = psutil.virtual_memory()
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: vm._replace(available=host_free))
+    monkeypatch.setattr(FrameStore, "tile", tile)
+    image = _combine_store(store, list(range(n)), ones, zeros, ones, cfg, backend, budget=141 * 10**9)[0]
+    assert blocks and max(blocks) == 5, blocks
+    np.testing.assert_array_equal(image, whole)
+    assert stack_mod  # the module under test

@@ -1,0 +1,79 @@
+"""Native CPU backend: skystack's CUDA kernels compiled for the host, blocks over the cores.
+
+:func:`native` builds a ``kernels/*.cu`` source exactly like the emulator
+(:mod:`skystack.kernels.emulate`: the same shim ``cuda_shim.h``, the same
+IEEE float rules, ``-ffp-contract=off``) but with ``-O3``, OpenMP spreading the
+launch's blocks over the cores (threads of one block run in turn on one core)
+and real atomics. The result has the emulator's interface
+(``.launch(kernel, n_items, args)`` on NumPy arrays, written in place), so a
+kernel that obeys the kernel rules gives the NumPy twin's bits here too
+(float ``atomicAdd`` aside, whose order varies between runs as on a GPU).
+
+Libraries are built once per source text, defines and compiler, and cached
+beside the emulator's (:func:`skystack.kernels.emulate.cache_dir`).
+:func:`available` says whether a compiler is present; without one, callers
+keep the NumPy twins, and :func:`available` logs that once.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Sequence
+
+from skystack.kernels import KERNEL_DIR
+from skystack.kernels.emulate import EmulatedModule, _emulated, emulator_available
+
+__all__ = ["native", "available", "threads"]
+
+_log = logging.getLogger(__name__)
+_said = False
+
+
+def available() -> bool:
+    """True when a C++ compiler is on PATH; says once (logging) that the twins are used otherwise."""
+    global _said
+    ok = emulator_available()
+    if not ok and not _said:
+        _log.info("no C++ compiler (g++) on PATH: the CPU path uses the NumPy twins, not native kernels")
+        _said = True
+    return ok
+
+
+def threads() -> int:
+    """Cores the native kernels use (``OMP_NUM_THREADS``, else the CPUs this process may run on)."""
+    env = os.environ.get("OMP_NUM_THREADS")
+    if env and env.isdigit():
+        return int(env)
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
+def native(source: str | os.PathLike, defines: Sequence[str] = ()) -> EmulatedModule:
+    """Build (once per source text and defines) the native multi-core CPU module of a CUDA source.
+
+    Parameters
+    ----------
+    source : str or path
+        File name in ``kernels/`` (``"combine.cu"``), or a path to another ``.cu`` file.
+    defines : sequence of str
+        Preprocessor defines (``("MAX_FRAMES=64",)``).
+
+    Returns
+    -------
+    EmulatedModule
+        ``.launch(kernel, n_items, args)`` with NumPy arrays, as for the emulator.
+
+    Raises
+    ------
+    KernelCompileError
+        When g++ is missing or rejects the source.
+    """
+    p = Path(source)
+    full = p if p.is_absolute() or not (KERNEL_DIR / p).exists() else KERNEL_DIR / p
+    if not full.is_file():
+        raise FileNotFoundError(f"no CUDA source {source} (give a name in {KERNEL_DIR} or a path)")
+    return _emulated(str(source), full.read_text(), tuple(str(d) for d in defines), True)

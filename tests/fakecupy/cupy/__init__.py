@@ -1,0 +1,536 @@
+"""A simulated CuPy device for the tests (``tests/fakecupy`` on ``sys.path`` makes it ``cupy``).
+
+Arrays live "on the device": :class:`ndarray` wraps a NumPy array that host
+code cannot reach except through the explicit transfers CuPy has
+(:func:`asarray` and friends up, ``.get()``/:func:`asnumpy`/``float()`` down).
+It refuses what CuPy refuses -- ``np.asarray(device_array)`` (implicit
+conversion), host NumPy arrays mixed into device arithmetic or passed to a
+device function, and NumPy arrays given to a kernel -- and runs the project's
+kernels (``RawModule(code=...).get_function(name)``) in the g++ emulator of
+:mod:`skystack.kernels.emulate`.
+
+:data:`sim` counts host->device and device->host bytes per call site (the
+first stack frame outside this module), synchronisations, kernel launches and
+the seconds spent emulating them, and the device memory in use and its peak.
+``SKYSTACK_SIM_VRAM`` sets the device's size (default 8 GiB) and
+``SKYSTACK_SIM_COMPILE_ERROR=1`` makes every kernel compile fail (with a long
+log, as NVRTC's are) after the device itself works, and ``SKYSTACK_SIM_STATS=FILE``
+writes the counters to FILE (JSON) when the process exits.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import sys
+import threading
+import time
+import types
+import weakref
+from pathlib import Path
+from typing import Any
+
+import numpy as _np
+
+__version__ = "13.99.0-sim"
+_HERE = str(Path(__file__).resolve().parent)
+#: Generic transfer helpers: a transfer is counted at their caller's line.
+_PASS_THROUGH = (str(Path("engine", "backend.py")),)
+
+
+# ----------------------------------------------------------------------------- counters
+
+
+class SimStats:
+    """Traffic, syncs, launches and memory of the simulated device (reset with :meth:`reset`)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.RLock()
+        self.total_bytes = int(os.environ.get("SKYSTACK_SIM_VRAM", 8 << 30))
+        self._live: dict[int, int] = {}
+        self.in_use = 0
+        self.reset()
+
+    def reset(self) -> None:
+        with self._lock:
+            self.h2d: collections.Counter = collections.Counter()
+            self.d2h: collections.Counter = collections.Counter()
+            self.syncs = 0
+            self.launches: collections.Counter = collections.Counter()
+            self.kernel_seconds = 0.0
+            self.peak = self.in_use
+
+    @property
+    def h2d_bytes(self) -> int:
+        return sum(self.h2d.values())
+
+    @property
+    def d2h_bytes(self) -> int:
+        return sum(self.d2h.values())
+
+    def _site(self) -> str:
+        f = sys._getframe(2)
+        while f is not None and (f.f_code.co_filename.startswith(_HERE)
+                                 or f.f_code.co_filename.endswith(_PASS_THROUGH)):
+            f = f.f_back
+        if f is None:
+            return "?"
+        return f"{Path(f.f_code.co_filename).name}:{f.f_lineno}"
+
+    def up(self, nbytes: int) -> None:
+        with self._lock:
+            self.h2d[self._site()] += int(nbytes)
+
+    def down(self, nbytes: int) -> None:
+        with self._lock:
+            self.d2h[self._site()] += int(nbytes)
+            self.syncs += 1  # a device->host copy waits for the device
+
+    def track(self, a: _np.ndarray) -> None:
+        """Count ``a``'s buffer as device memory until it is freed."""
+        root = a
+        while isinstance(root.base, _np.ndarray):
+            root = root.base
+        key = id(root)
+        with self._lock:
+            if key in self._live:
+                return
+            self._live[key] = root.nbytes
+            self.in_use += root.nbytes
+            self.peak = max(self.peak, self.in_use)
+        weakref.finalize(root, self._free, key)
+
+    def _free(self, key: int) -> None:
+        with self._lock:
+            self.in_use -= self._live.pop(key, 0)
+
+    def summary(self) -> dict[str, Any]:
+        return {"h2d_bytes": self.h2d_bytes, "d2h_bytes": self.d2h_bytes, "syncs": self.syncs,
+                "launches": sum(self.launches.values()), "kernel_seconds": self.kernel_seconds,
+                "peak_bytes": self.peak, "h2d_sites": dict(self.h2d), "d2h_sites": dict(self.d2h)}
+
+
+sim = SimStats()
+
+
+def _dump_at_exit(path: str) -> None:
+    import json
+
+    Path(path).write_text(json.dumps(sim.summary(), indent=1))
+
+
+if os.environ.get("SKYSTACK_SIM_STATS"):  # a child process (the CLI) leaves its counters there
+    import atexit
+
+    atexit.register(_dump_at_exit, os.environ["SKYSTACK_SIM_STATS"])
+
+
+def _refuse_host(obj: Any, what: str) -> None:
+    if isinstance(obj, _np.ndarray):
+        raise TypeError(f"Unsupported type {type(obj)} ({what}: a NumPy array given to the device)")
+    if isinstance(obj, (list, tuple)):
+        for o in obj:
+            _refuse_host(o, what)
+
+
+def _unwrap(obj: Any) -> Any:
+    if isinstance(obj, ndarray):
+        return obj._a
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_unwrap(o) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _unwrap(v) for k, v in obj.items()}
+    return obj
+
+
+def _wrap(obj: Any) -> Any:
+    if isinstance(obj, _np.ndarray):
+        return ndarray._of(obj)
+    if isinstance(obj, _np.generic) and not isinstance(obj, (_np.str_, _np.bytes_)):
+        return ndarray._of(_np.asarray(obj))  # CuPy reductions give 0-d device arrays
+    if isinstance(obj, tuple):
+        return tuple(_wrap(o) for o in obj)
+    if isinstance(obj, list):
+        return [_wrap(o) for o in obj]
+    return obj
+
+
+def _device_call(fn, *args, **kwargs):
+    _refuse_host(args, getattr(fn, "__name__", "call"))
+    _refuse_host(list(kwargs.values()), getattr(fn, "__name__", "call"))
+    return _wrap(fn(*_unwrap(args), **_unwrap(kwargs)))
+
+
+# ----------------------------------------------------------------------------- arrays
+
+
+class ndarray:
+    """A device array (wraps a NumPy array that only explicit transfers reach)."""
+
+    __array_priority__ = 100
+
+    def __init__(self, shape, dtype=float, order="C") -> None:
+        self._a = _np.empty(shape, dtype=dtype, order=order)
+        sim.track(self._a)
+
+    @classmethod
+    def _of(cls, a: _np.ndarray) -> "ndarray":
+        obj = cls.__new__(cls)
+        obj._a = a
+        sim.track(a)
+        return obj
+
+    # --- CuPy's rules
+    def __array__(self, *args, **kwargs):
+        raise TypeError("Implicit conversion to a NumPy array is not allowed. "
+                        "Please use `.get()` to construct a NumPy array explicitly.")
+
+    def __array_ufunc__(self, ufunc, method, *inputs, **kwargs):
+        _refuse_host(inputs, ufunc.__name__)
+        if "out" in kwargs:
+            _refuse_host(kwargs["out"], ufunc.__name__)
+        res = getattr(ufunc, method)(*_unwrap(inputs), **_unwrap(kwargs))
+        out = kwargs.get("out")
+        if out is not None and method == "__call__" and len(out) == 1:
+            return out[0]  # in place: the same device array
+        return _wrap(res)
+
+    def __array_function__(self, func, types_, args, kwargs):
+        return _device_call(func, *args, **kwargs)
+
+    # --- transfers (explicit)
+    def get(self, stream=None, order="C", out=None) -> _np.ndarray:
+        sim.down(self._a.nbytes)
+        h = _np.array(self._a, order=order if order != "K" else "C", copy=True)
+        if out is not None:
+            out[...] = h
+            return out
+        return h
+
+    def set(self, arr, stream=None) -> None:
+        sim.up(arr.nbytes)
+        self._a[...] = arr
+
+    def item(self):
+        sim.down(self._a.itemsize)
+        return self._a.item()
+
+    def tolist(self):
+        sim.down(self._a.nbytes)
+        return self._a.tolist()
+
+    def __float__(self):
+        return float(self.item())
+
+    def __int__(self):
+        return int(self.item())
+
+    def __index__(self):
+        return int(self.item())
+
+    def __bool__(self):
+        if self._a.size != 1:
+            raise ValueError("The truth value of an array with more than one element is ambiguous.")
+        return bool(self.item())
+
+    def __format__(self, spec):
+        return format(self.item() if self._a.ndim == 0 else self.get(), spec)
+
+    def __repr__(self):
+        return f"sim-device {self._a!r}"
+
+    __str__ = __repr__
+
+    # --- attributes and views
+    shape = property(lambda s: s._a.shape)
+    dtype = property(lambda s: s._a.dtype)
+    ndim = property(lambda s: s._a.ndim)
+    size = property(lambda s: s._a.size)
+    nbytes = property(lambda s: s._a.nbytes)
+    itemsize = property(lambda s: s._a.itemsize)
+    strides = property(lambda s: s._a.strides)
+    flags = property(lambda s: s._a.flags)
+    T = property(lambda s: _wrap(s._a.T))
+
+    def __len__(self):
+        return len(self._a)
+
+    def __iter__(self):
+        for i in range(len(self._a)):
+            yield _wrap(self._a[i])
+
+    def __getitem__(self, key):
+        if isinstance(key, _np.ndarray) or (isinstance(key, tuple) and any(isinstance(k, _np.ndarray)
+                                                                           for k in key)):
+            sim.up(sum(k.nbytes for k in (key if isinstance(key, tuple) else (key,))
+                       if isinstance(k, _np.ndarray)))
+        return _wrap(self._a[_unwrap(key)])
+
+    def __setitem__(self, key, value):
+        if isinstance(value, _np.ndarray):  # CuPy copies a host value up
+            sim.up(value.nbytes)
+        self._a[_unwrap(key)] = _unwrap(value)
+
+    def __getattr__(self, name):
+        if name == "_a" or name.startswith("__"):  # no __array_interface__ etc.: no implicit host view
+            raise AttributeError(name)
+        attr = getattr(self._a, name)
+        if callable(attr):
+            return lambda *a, **k: _device_call(attr, *a, **k)
+        return _wrap(attr)
+
+    def __deepcopy__(self, memo):
+        return _wrap(self._a.copy())
+
+    def __reduce__(self):
+        raise TypeError("device arrays are not pickled here; call .get() first")
+
+
+for _d, _u in {"add": "add", "sub": "subtract", "mul": "multiply", "truediv": "true_divide",
+               "floordiv": "floor_divide", "pow": "power", "mod": "remainder", "and": "bitwise_and",
+               "or": "bitwise_or", "xor": "bitwise_xor", "lshift": "left_shift", "rshift": "right_shift",
+               "matmul": "matmul", "lt": "less", "le": "less_equal", "gt": "greater",
+               "ge": "greater_equal", "eq": "equal", "ne": "not_equal"}.items():
+    setattr(ndarray, f"__{_d}__", (lambda u: lambda s, o: getattr(_np, u)(s, o))(_u))
+    if _d not in ("lt", "le", "gt", "ge", "eq", "ne"):
+        setattr(ndarray, f"__r{_d}__", (lambda u: lambda s, o: getattr(_np, u)(o, s))(_u))
+        setattr(ndarray, f"__i{_d}__", (lambda u: lambda s, o: getattr(_np, u)(s, o, out=s))(_u))
+for _d, _u in {"neg": "negative", "pos": "positive", "abs": "absolute", "invert": "invert"}.items():
+    setattr(ndarray, f"__{_d}__", (lambda u: lambda s: getattr(_np, u)(s))(_u))
+ndarray.__hash__ = None  # type: ignore[assignment]
+
+
+# ----------------------------------------------------------------------------- module functions
+
+
+def asarray(a, dtype=None, order=None, *, blocking=False):
+    """Device array of ``a``: a host array is copied up (counted)."""
+    if isinstance(a, ndarray):
+        return a if dtype is None or a.dtype == _np.dtype(dtype) else a.astype(dtype)
+    h = _np.asarray(a, dtype=dtype, order=order)
+    sim.up(h.nbytes)
+    return ndarray._of(_np.array(h, copy=True))
+
+
+def array(a, dtype=None, copy=True, order="K", ndmin=0, *, blocking=False):
+    if isinstance(a, ndarray):
+        return _wrap(_np.array(a._a, dtype=dtype, copy=copy, order=order, ndmin=ndmin))
+    h = _np.array(a, dtype=dtype, order=order, ndmin=ndmin)
+    sim.up(h.nbytes)
+    return ndarray._of(h)
+
+
+asanyarray = asarray
+
+
+def asnumpy(a, stream=None, order="C", out=None, *, blocking=True):
+    if isinstance(a, ndarray):
+        return a.get(order=order, out=out)
+    return _np.asarray(a, order=order)
+
+
+def ascontiguousarray(a, dtype=None):
+    if not isinstance(a, ndarray):
+        raise TypeError(f"Argument 'a' has incorrect type (expected cupy.ndarray, got {type(a).__name__})")
+    return _wrap(_np.ascontiguousarray(a._a, dtype=dtype))
+
+
+def get_array_module(*args):
+    return sys.modules[__name__] if any(isinstance(a, ndarray) for a in args) else _np
+
+
+def __getattr__(name: str):
+    obj = getattr(_np, name)  # dtypes, constants and functions: CuPy mirrors NumPy's names
+    if isinstance(obj, type) or not callable(obj):
+        return obj
+    if isinstance(obj, _np.ufunc):
+        return _Ufunc(obj)
+
+    def fn(*args, **kwargs):
+        return _device_call(obj, *args, **kwargs)
+
+    fn.__name__ = name
+    return fn
+
+
+class _Ufunc:
+    """A NumPy ufunc as a device function (host arrays refused)."""
+
+    def __init__(self, uf) -> None:
+        self._uf = uf
+        self.__name__ = uf.__name__
+
+    def __call__(self, *args, **kwargs):
+        _refuse_host(args, self.__name__)
+        return self._uf(*args, **kwargs)  # device arrays dispatch to ndarray.__array_ufunc__
+
+    def __getattr__(self, name):
+        return lambda *a, **k: _device_call(getattr(self._uf, name), *a, **k)
+
+
+# ----------------------------------------------------------------------------- kernels
+
+
+class CompileException(Exception):
+    pass
+
+
+def _compile_failure(code: str) -> None:
+    if os.environ.get("SKYSTACK_SIM_COMPILE_ERROR"):
+        log = "\n".join(f"/usr/include/cupy/cuda_fp16.h({i}): catastrophic error: cannot open source "
+                        f"file \"cuda_fp16.h\"" for i in range(40))
+        raise CompileException(f"{log}\n\n1 catastrophic error detected in the compilation of "
+                                f"\"/tmp/tmpxyz/kern.cu\".\nCompilation terminated.")
+
+
+class RawKernel:
+    """One kernel of a :class:`RawModule`, run in the emulator."""
+
+    def __init__(self, module, name: str) -> None:
+        self._mod, self.name = module, name
+
+    def __call__(self, grid, block, args, *, shared_mem=0, stream=None) -> None:
+        host_args = []
+        for a in args:
+            if isinstance(a, _np.ndarray):
+                raise TypeError(f"Unsupported type {type(a)} (kernel {self.name}: a NumPy array "
+                                "as a kernel argument)")
+            host_args.append(a._a if isinstance(a, ndarray) else a)
+        t0 = time.perf_counter()
+        self._mod.call(self.name, grid, block, host_args)
+        with sim._lock:
+            sim.launches[self.name] += 1
+            sim.kernel_seconds += time.perf_counter() - t0
+
+
+class RawModule:
+    """``cupy.RawModule(code=..., options=...)``: the source built by the g++ emulator."""
+
+    def __init__(self, *, code: str, options=(), backend="nvrtc", name_expressions=None) -> None:
+        self.code = code
+        self.defines = tuple(o[2:] for o in options if o.startswith("-D"))
+        self._emu = None
+
+    def _module(self):
+        if self._emu is None:
+            _compile_failure(self.code)
+            from skystack.kernels import KERNEL_DIR
+            from skystack.kernels.emulate import emulated
+
+            src = next((p.name for p in sorted(KERNEL_DIR.glob("*.cu")) if p.read_text() == self.code), None)
+            if src is None:
+                import tempfile
+
+                tmp = Path(tempfile.mkdtemp(prefix="fakecupy-")) / "module.cu"
+                tmp.write_text(self.code)
+                src = str(tmp)
+            try:
+                self._emu = emulated(src, self.defines)
+            except Exception as exc:
+                raise CompileException(str(exc)) from exc
+        return self._emu
+
+    def get_function(self, name: str) -> RawKernel:
+        mod = self._module()
+        mod.params(name)
+        return RawKernel(mod, name)
+
+
+# ----------------------------------------------------------------------------- cuda namespace
+
+
+def _sync():
+    with sim._lock:
+        sim.syncs += 1
+
+
+class _Runtime:
+    CUDARuntimeError = RuntimeError
+
+    @staticmethod
+    def getDeviceCount() -> int:
+        return 1
+
+    @staticmethod
+    def getDeviceProperties(i: int) -> dict:
+        return {"name": b"Simulated CUDA device (g++ emulator)", "totalGlobalMem": sim.total_bytes,
+                "major": 9, "minor": 0, "multiProcessorCount": 1}
+
+    @staticmethod
+    def memGetInfo() -> tuple[int, int]:
+        return max(0, sim.total_bytes - sim.in_use), sim.total_bytes
+
+    @staticmethod
+    def deviceSynchronize() -> None:
+        _sync()
+
+    @staticmethod
+    def runtimeGetVersion() -> int:
+        return 12000
+
+    @staticmethod
+    def driverGetVersion() -> int:
+        return 12000
+
+
+class _Stream:
+    def __init__(self, non_blocking=False, null=False) -> None:
+        pass
+
+    def synchronize(self) -> None:
+        _sync()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def use(self):
+        return self
+
+
+class _Device:
+    def __init__(self, i: int = 0) -> None:
+        self.id = i
+
+    def synchronize(self) -> None:
+        _sync()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+class _Pool:
+    def used_bytes(self) -> int:
+        return sim.in_use
+
+    def total_bytes(self) -> int:
+        return sim.in_use
+
+    def free_all_blocks(self) -> None:
+        pass
+
+    def set_limit(self, size=None, fraction=None) -> None:
+        pass
+
+
+_pool = _Pool()
+
+
+def get_default_memory_pool() -> _Pool:
+    return _pool
+
+
+def get_default_pinned_memory_pool() -> _Pool:
+    return _pool
+
+
+cuda = types.SimpleNamespace(
+    runtime=_Runtime(), Stream=_Stream, Device=_Device, is_available=lambda: True,
+    compiler=types.SimpleNamespace(CompileException=CompileException),
+)
+cuda.Stream.null = _Stream(null=True)

@@ -1,0 +1,216 @@
+"""Native CPU kernels (kernels/native.py): the CUDA sources at -O3, blocks over the cores, against the twins.
+
+The same comparisons as the emulation tests: every operation's GPU branch runs
+its kernels natively on NumPy arrays and must give the NumPy twin's bits.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from skystack.engine import combine as combine_mod
+from skystack.engine import debayer as debayer_mod
+from skystack.engine import rawconv as rawconv_mod
+from skystack.engine import warp as warp_mod
+from skystack.engine.backend import BLOCK
+from skystack.engine.combine import METHODS, combine, max_frames_define
+from skystack.kernels.native import available, native
+
+pytestmark = pytest.mark.skipif(not available(), reason="g++ is not on PATH")
+
+KAPPAS = {"sigma": (2.5, 3.0), "winsorized": (2.0, 2.5), "linear": (2.1, 2.6), "percentile": (0.04, 0.05),
+          "minmax": (1.0, 2.0), "median": (3.0, 3.0), "mean": (3.0, 3.0)}
+
+
+def _native_launch(source, kernel, n_items, args, *, defines=(), block=BLOCK):
+    native(source, tuple(defines)).launch(kernel, n_items, args, block=block)
+
+
+def use_native(monkeypatch, module):
+    """Send ``module``'s operations down their GPU branch on NumPy arrays, kernels built natively."""
+    monkeypatch.setattr(module, "is_device_array", lambda a: isinstance(a, np.ndarray))
+    monkeypatch.setattr(module, "launch", _native_launch)
+
+
+def _cube(rng, n, h, w):
+    cube = rng.normal(1.0, 0.05, size=(n, h, w)).astype(np.float32)
+    cube[rng.random(cube.shape) < 0.05] = np.nan
+    cube[rng.random(cube.shape) < 0.04] += 1.0  # outliers
+    return cube
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("n, h, w", [(1, 1, 1), (3, 1, 9), (20, 16, 15), (65, 5, 3), (30, 64, 70)])
+def test_combine_native_equals_twin(monkeypatch, rng, method, n, h, w):
+    cube = _cube(rng, n, h, w)
+    scale = rng.uniform(0.9, 1.1, n).astype(np.float32)
+    offset = rng.normal(0, 0.01, n).astype(np.float32)
+    weights = rng.uniform(0.5, 2, n).astype(np.float32)
+    kl, kh = KAPPAS[method]
+    kw = dict(method=method, kappa_low=kl, kappa_high=kh, scale=scale, offset=offset, weights=weights)
+    twin = combine(cube, **kw)
+    use_native(monkeypatch, combine_mod)
+    got = combine(cube, **kw)
+    for f in ("mean", "count", "rejected"):  # rejected: real atomics from several cores
+        np.testing.assert_array_equal(getattr(got, f), getattr(twin, f))
+
+
+def test_native_blocks_run_on_several_cores_with_the_same_bits(rng):
+    """Small blocks, many of them: the per-frame atomic counts and the results equal the one-core run."""
+    n, h, w = 30, 50, 41
+    cube = _cube(rng, n, h, w)
+    ones = np.ones(n, np.float32)
+
+    def run(mod, block):
+        mean, count = np.empty((h, w), np.float32), np.empty((h, w), np.int32)
+        rej = np.zeros(n, np.uint64)
+        mod.launch("sigma_clip_mean", h * w, (cube, np.int64(h * w), np.int32(n), ones, ones * 0, ones,
+                                              np.float32(2.5), np.float32(2.5), np.int32(10), mean, count, rej),
+                   block=block)
+        return mean, count, rej
+
+    from skystack.kernels.emulate import emulated
+
+    ref = run(emulated("combine.cu", max_frames_define(n)), 256)
+    got = run(native("combine.cu", max_frames_define(n)), 8)
+    for a, b in zip(got, ref):
+        np.testing.assert_array_equal(a, b)
+    assert ref[2].sum() > 0
+
+
+@pytest.mark.parametrize("kind", ["u16", "f32"])
+def test_rawconv_native_equals_twin(monkeypatch, rng, kind):
+    raw = rng.integers(0, 4096, size=(37, 50)).astype(np.uint16)
+    if kind == "f32":
+        raw = raw.astype(np.float32)
+    kw = dict(pattern="RGGB", black_level=(60, 64, 64, 61), white_level=4095)
+    twin = rawconv_mod.cfa_to_float(raw, **kw)
+    use_native(monkeypatch, rawconv_mod)
+    np.testing.assert_array_equal(rawconv_mod.cfa_to_float(raw, **kw), twin)
+
+
+@pytest.mark.parametrize("method", ["bilinear", "rcd", "superpixel"])
+def test_debayer_native_equals_twin(monkeypatch, rng, method):
+    cfa = rng.uniform(0.0, 1.0, size=(45, 62)).astype(np.float32)
+    twin = debayer_mod.debayer(cfa, "GRBG", method=method, wb=(1.7, 1.0, 1.3))
+    use_native(monkeypatch, debayer_mod)
+    got = debayer_mod.debayer(cfa, "GRBG", method=method, wb=(1.7, 1.0, 1.3))
+    np.testing.assert_allclose(got, twin, rtol=1e-5, atol=1e-7, equal_nan=True)  # as the GPU test
+
+
+@pytest.mark.parametrize("method", ["lanczos3", "bilinear"])
+def test_warp_native_equals_twin(monkeypatch, rng, method):
+    src = rng.uniform(0, 1, size=(3, 40, 52)).astype(np.float32)
+    t = np.array([[np.cos(0.1), -np.sin(0.1), 3.2], [np.sin(0.1), np.cos(0.1), -1.7], [0, 0, 1]])
+    twin = warp_mod.warp(src, t, (38, 50), method=method)
+    use_native(monkeypatch, warp_mod)
+    got = warp_mod.warp(src, t, (38, 50), method=method)
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(twin))
+    fin = np.isfinite(twin)
+    np.testing.assert_allclose(got[fin], twin[fin], rtol=1e-6, atol=1e-6)  # as the GPU test
+
+
+# ----------------------------------------------------------------------------- the CPU branch's choice
+
+
+@pytest.fixture
+def choice(monkeypatch):
+    """A fresh per-kernel choice, and a count of the native launches."""
+    from skystack.engine import backend as be
+    from skystack.kernels import native as nat
+
+    monkeypatch.setattr(be, "_native_choice", {})
+    calls = []
+    real = nat.native
+
+    def spy(source, defines=()):
+        mod = real(source, defines)
+
+        class Counting:
+            def launch(self, kernel, *a, **k):
+                calls.append(kernel)
+                return mod.launch(kernel, *a, **k)
+
+        return Counting()
+
+    monkeypatch.setattr(nat, "native", spy)
+    return be, calls
+
+
+def _warp_case(rng):
+    src = rng.uniform(0, 1, size=(3, 200, 150)).astype(np.float32)
+    t = np.array([[1.0, 0.01, 2.5], [-0.01, 1.0, -1.5], [0, 0, 1]])
+    return src, t
+
+
+def _twin_warp(src, t):
+    out = np.empty((3, 200, 150), np.float32)
+    warp_mod._warp_numpy(src, warp_mod.inverse_coeffs(t), out, "lanczos3")
+    return out
+
+
+@pytest.mark.parametrize("mode, launches", [("on", 2), ("off", 0)])
+def test_native_mode_on_and_off(monkeypatch, choice, rng, mode, launches):
+    be, calls = choice
+    monkeypatch.setenv("SKYSTACK_NATIVE", mode)
+    src, t = _warp_case(rng)
+    a = warp_mod.warp(src, t, (200, 150))
+    b = warp_mod.warp(src, t, (200, 150))
+    assert len(calls) == launches
+    np.testing.assert_allclose(a, _twin_warp(src, t), rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(a, b)
+
+
+def test_auto_times_both_once_and_keeps_the_faster(monkeypatch, choice, rng):
+    be, calls = choice
+    monkeypatch.delenv("SKYSTACK_NATIVE", raising=False)
+    src, t = _warp_case(rng)
+    first = warp_mod.warp(src, t, (200, 150))
+    np.testing.assert_array_equal(first, _twin_warp(src, t))  # the benchmark call returns the twin's
+    key = ("warp.cu", "warp_lanczos3", ())
+    assert len(calls) == 1 and be._native_choice[key] in ("native", "twin")
+    for _ in range(3):
+        warp_mod.warp(src, t, (200, 150))
+    assert len(calls) == (4 if be._native_choice[key] == "native" else 1)
+
+
+def test_no_compiler_uses_the_twins_and_says_so_once(monkeypatch, choice, rng, caplog):
+    import logging
+
+    from skystack.kernels import native as nat
+
+    be, calls = choice
+    monkeypatch.setenv("SKYSTACK_NATIVE", "on")
+    monkeypatch.setattr(nat, "emulator_available", lambda: False)
+    monkeypatch.setattr(nat, "_said", False)
+    src, t = _warp_case(rng)
+    with caplog.at_level(logging.INFO, logger="skystack.kernels.native"):
+        got = warp_mod.warp(src, t, (200, 150))
+        warp_mod.warp(src, t, (200, 150))
+        nat.available()
+    np.testing.assert_array_equal(got, _twin_warp(src, t))
+    assert calls == []
+    assert [r.getMessage() for r in caplog.records].count(caplog.records[0].getMessage()) == 1
+    assert "NumPy twins" in caplog.records[0].getMessage() and len(caplog.records) == 1
+
+
+@pytest.mark.parametrize("method", ["sigma", "linear", "median"])
+def test_combine_on_the_cpu_uses_native_kernels_with_the_twins_bits(monkeypatch, choice, rng, method):
+    be, calls = choice
+    monkeypatch.setenv("SKYSTACK_NATIVE", "on")
+    cube = _cube(rng, 25, 30, 41)
+    got = combine(cube, method=method)
+    monkeypatch.setenv("SKYSTACK_NATIVE", "off")
+    twin = combine(cube, method=method)
+    assert len(calls) == 1
+    for f in ("mean", "count", "rejected"):
+        np.testing.assert_array_equal(getattr(got, f), getattr(twin, f))
+
+
+def test_bad_native_mode_is_one_clear_error(monkeypatch, rng):
+    from skystack.engine.errors import SkystackError
+
+    monkeypatch.setenv("SKYSTACK_NATIVE", "fast")
+    with pytest.raises(SkystackError, match="SKYSTACK_NATIVE='fast': use auto, on or off"):
+        combine(_cube(rng, 5, 4, 4))

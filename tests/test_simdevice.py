@@ -1,0 +1,244 @@
+"""The simulated CuPy device (tests/fakecupy) and what the GPU path does on it.
+
+Run with ``--sim-device`` or ``SKYSTACK_SIM_DEVICE=1`` (CI does): every
+gpu-marked test then runs its kernels in the g++ emulator under CuPy's
+transfer rules. The tests here check the stand-in itself, the GPU faults of
+issue 15, and the host<->device bytes of ``skystack --backend gpu stack``.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from skystack import cli
+from skystack.engine import backend as be
+from skystack.engine.synth import SynthConfig, simulate
+
+pytestmark = pytest.mark.gpu
+
+FALLBACK = re.compile(r"^GPU unavailable \(.+\); using CPU$")
+
+
+# ----------------------------------------------------------------------------- the stand-in itself
+
+
+def test_refuses_what_cupy_refuses(sim):
+    import cupy
+
+    x = cupy.asarray(np.arange(6, dtype=np.float32))
+    with pytest.raises(TypeError, match="Implicit conversion"):
+        np.asarray(x)
+    with pytest.raises(TypeError, match="Unsupported type"):
+        x + np.ones(6, np.float32)
+    with pytest.raises(TypeError, match="Unsupported type"):
+        cupy.maximum(x, np.ones(6, np.float32))
+    k = cupy.RawModule(code=(Path(be.__file__).parents[1] / "kernels" / "rawconv.cu").read_text(),
+                       options=("--std=c++17",)).get_function("cfa_to_float_f32")
+    host = np.zeros(4, np.float32)
+    args = (host, x[:4], np.int64(4), np.int32(2), np.int32(2), *(np.float32(0),) * 4, *(np.float32(1),) * 4)
+    with pytest.raises(TypeError, match="NumPy array as a kernel argument"):
+        k((1,), (32,), args)
+    assert float((x * 2).sum()) == 30.0  # device arithmetic; float() is an explicit download
+
+
+def test_counts_bytes_per_call_site_syncs_and_peak_memory(sim):
+    import cupy
+
+    a = cupy.asarray(np.ones((100, 10), np.float32))  # 4000 B up
+    b = a * 2  # 4000 B more on the device
+    h = b.get()  # 4000 B down
+    assert h.sum() == 2000
+    assert sim.h2d_bytes == 4000 and sim.d2h_bytes == 4000
+    site = f"{Path(__file__).name}:"
+    assert all(k.startswith(site) for k in (*sim.h2d, *sim.d2h)), (sim.h2d, sim.d2h)
+    assert sim.syncs >= 1
+    assert sim.peak >= 8000
+    before = sim.in_use
+    del a, b
+    assert sim.in_use == before - 8000
+
+
+def test_kernels_run_in_the_emulator_and_match_the_twin(sim, rng):
+    from skystack.engine.rawconv import cfa_to_float
+
+    raw = rng.integers(0, 4096, size=(6, 8)).astype(np.uint16)
+    kw = dict(pattern="RGGB", black_level=(64, 64, 64, 64), white_level=4095)
+    got = be.to_host(cfa_to_float(be.get_backend("gpu").asarray(raw), **kw))
+    np.testing.assert_array_equal(got, cfa_to_float(raw, **kw))
+    assert sim.launches["cfa_to_float_u16"] == 1
+
+
+# ----------------------------------------------------------------------------- faults of issue 15
+
+
+@pytest.fixture
+def compile_failure(sim, monkeypatch):
+    """Kernel builds fail (as CuPy >= 14 without CUDA headers) while the device itself works."""
+    from skystack import kernels
+
+    monkeypatch.setenv("SKYSTACK_SIM_COMPILE_ERROR", "1")
+    monkeypatch.delenv("SKYSTACK_BACKEND", raising=False)
+    monkeypatch.setattr(be, "_warned_fallback", False)
+    be._gpu_cached.cache_clear()
+    kernels.get_module.cache_clear()
+    yield
+    monkeypatch.delenv("SKYSTACK_SIM_COMPILE_ERROR")
+    be._gpu_cached.cache_clear()
+    kernels.get_module.cache_clear()
+
+
+def test_compile_failure_auto_falls_back_in_one_line(compile_failure, caplog):
+    """The library logs the fallback once, as one line naming the reason (the CLI prints log lines)."""
+    import logging
+
+    with caplog.at_level(logging.INFO, logger="skystack"):
+        assert be.get_backend("auto") is be.CPU
+    err = [r.getMessage() for r in caplog.records if "GPU unavailable" in r.getMessage()]
+    assert len(err) == 1 and FALLBACK.match(err[0]) and "cuda_fp16.h" in err[0], err
+
+
+def test_compile_failure_gpu_is_one_line_exit_2(compile_failure, capsys, tmp_path):
+    (tmp_path / "lights").mkdir()
+    assert cli.main(["--backend", "gpu", "stack", str(tmp_path / "lights"), "-o", str(tmp_path / "o.tif")]) == 2
+    captured = capsys.readouterr()
+    err = captured.err.strip().splitlines()
+    assert len(err) == 1 and "kernels do not compile" in err[0] and "Traceback" not in captured.err, err
+
+
+def test_kernel_compile_error_at_launch_is_one_line(sim, monkeypatch):
+    """A source that fails later (after the probe) raises a one-line KernelCompileError."""
+    from skystack import kernels
+    from skystack.engine.errors import KernelCompileError
+
+    x = be.get_backend("gpu").xp.zeros(4, dtype=np.float32)
+    monkeypatch.setenv("SKYSTACK_SIM_COMPILE_ERROR", "1")
+    kernels.get_module.cache_clear()
+    try:
+        with pytest.raises(KernelCompileError) as err:
+            be.launch("rawconv.cu", "cfa_to_float_f32", 4, (x, x, np.int64(4), np.int32(2), np.int32(2),
+                                                             *(np.float32(0),) * 4, *(np.float32(1),) * 4))
+    finally:
+        kernels.get_module.cache_clear()
+    assert "\n" not in str(err.value) and "cuda_fp16.h" in str(err.value)
+
+
+@pytest.fixture(scope="module")
+def night(tmp_path_factory):
+    root = tmp_path_factory.mktemp("simnight")
+    simulate(SynthConfig(seed=7, width=640, height=480, n_lights=6, n_bias=3, n_darks=3, n_flats=3,
+                         n_dark_flats=0, exposure_s=20.0, sky_adu_s=(13.0, 15.0, 11.0)), root)
+    return root
+
+
+@pytest.mark.parametrize("backend, launches", [("gpu", True), ("cpu", False)])
+def test_master_honours_backend(sim, night, tmp_path, backend, launches):
+    files = sorted(str(p) for p in (night / "bias").iterdir())
+    out = tmp_path / "bias.fits"
+    assert cli.main(["--backend", backend, "--quiet", "master", "bias", *files, "-o", str(out),
+                     "--cache-dir", str(tmp_path / "c")]) == 0
+    assert out.exists()
+    assert (sum(sim.launches.values()) > 0) is launches, dict(sim.launches)
+
+
+# ----------------------------------------------------------------------------- end to end
+
+
+@pytest.fixture(scope="module")
+def gpu_stack(night, tmp_path_factory):
+    """``skystack --backend gpu stack`` in its own process on the simulated device, with its counters."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path_factory.mktemp("simstack") / "stack.tif"
+    stats = out.parent / "sim.json"
+    env = dict(os.environ, SKYSTACK_SIM_STATS=str(stats))
+    subprocess.run([sys.executable, "-m", "skystack", "--backend", "gpu", "--quiet", "stack", str(night),
+                    "-o", str(out), "--cache-dir", str(out.parent / "cache")], check=True, env=env, timeout=600)
+    report = json.loads(out.with_suffix(".json").read_text())
+    assert report["backend"] == "gpu", report["backend"]
+    return out, json.loads(stats.read_text())
+
+
+def _per_light_pixel(stats, night):
+    from skystack.engine.synth import load_truth
+
+    cfg = load_truth(night / "truth.json").config
+    px = cfg.n_lights * cfg.width * cfg.height
+    light_up = sum(v for k, v in stats["h2d_sites"].items() if not k.startswith("masters.py"))
+    final = (3 * 4 + 4 + 2) * cfg.width * cfg.height  # the results: image (3 float32), count (int32), coverage
+    light_down = sum(v for k, v in stats["d2h_sites"].items() if not k.startswith("masters.py")) - final
+    return light_up / px, light_down / px
+
+
+def test_cli_gpu_stack_matches_cpu(gpu_stack, night, tmp_path):
+    import tifffile
+
+    out, _ = gpu_stack
+    cpu_out = tmp_path / "cpu.tif"
+    assert cli.main(["--backend", "cpu", "--quiet", "stack", str(night), "-o", str(cpu_out),
+                     "--cache-dir", str(tmp_path / "cache")]) == 0
+    gpu, cpu = tifffile.imread(out).astype(np.float64), tifffile.imread(cpu_out).astype(np.float64)
+    both = np.isfinite(gpu) & np.isfinite(cpu)
+    assert both.mean() > 0.95
+    assert np.max(np.abs(gpu[both] - cpu[both])) < 1e-4 * np.nanmax(np.abs(cpu))
+
+
+def test_cli_gpu_stack_bytes_per_light_pixel_today(gpu_stack, night):
+    """With the VRAM frame store, frames stay on the device from debayering to the combine.
+
+    Per light pixel (masters excluded, the calibration set's upload included, the
+    results -- image, count, coverage -- excluded from the download), measured on this
+    session of 6 lights (5 used): up 4.17 B = raw frame 2 + calibration set 2.17;
+    down 14.0 B = calibrated frame for star detection 4 + registered frames for the
+    normalisation statistics 10. (Before the device store: up 22.2 B, down 24.0 B.)
+    """
+    up, down = _per_light_pixel(gpu_stack[1], night)
+    assert 3.5 < up < 5.0, up
+    assert 12.0 < down < 16.0, down
+
+
+def test_vram_store_and_host_store_give_the_same_stack(sim, night, tmp_path, monkeypatch):
+    """A store that does not fit half the device budget falls back to host memory, with the same result."""
+    from skystack.engine.session import discover_session
+    from skystack.engine.stack import StackConfig, combine_registered, register_session
+
+    cfg = StackConfig(quiet=True, backend="gpu", cache_dir=str(tmp_path))
+    images, kinds = [], []
+    for vram in (8 << 30, 40 << 20):  # 40 MiB: the 22 MB store exceeds half the budget
+        monkeypatch.setattr(sim, "total_bytes", vram)
+        with register_session(discover_session(night), cfg) as reg:
+            kinds.append(type(reg.store).__name__)
+            images.append(combine_registered(reg, cfg).image)
+    assert kinds == ["DeviceFrameStore", "FrameStore"]
+    np.testing.assert_array_equal(images[0], images[1])
+
+
+@pytest.mark.xfail(reason="needs star detection and the normalisation statistics on the device (issue 15's "
+                          "device pipeline): today the calibrated frame and the registered frames come down",
+                   strict=True)
+def test_cli_gpu_stack_bytes_per_light_pixel_target(gpu_stack, night):
+    up, down = _per_light_pixel(gpu_stack[1], night)
+    assert up <= 2.5 and down <= 1.0, (up, down)
+
+
+def test_bench_reports_gpu_traffic_on_the_simulated_device(sim, tmp_path):
+    """``skystack bench --backend gpu`` shows bytes per light pixel each way and host seconds per light."""
+    from skystack.engine import bench
+
+    cfg = bench.BenchConfig(frames=4, megapixels=0.3, backend="gpu", cache_root=str(tmp_path / "cache"),
+                            output=str(tmp_path / "b.json"), quiet=True, timeout_s=600)
+    res = bench.run_benchmark(cfg)
+    (run,) = res["runs"]
+    t = run["device_traffic"]
+    assert run["ok"] and t is not None
+    # at least the raw uint16 frames went up and the float32 RGB result came down
+    assert t["h2d_bytes_per_light_px"] > 2.0 and t["d2h_bytes_per_light_px"] > 3 * 4 / 4
+    assert 0 < t["host_s_per_light"] < run["timings"]["total"]
+    md = bench.markdown_tables(res)
+    assert f"| {t['h2d_bytes_per_light_px']:.1f} | {t['d2h_bytes_per_light_px']:.1f} |" in md
