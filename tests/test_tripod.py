@@ -184,3 +184,19 @@ def test_telescope_session_unchanged(tmp_path):
     assert "no still landscape" in auto.registration["foreground"]  # ... and found nothing
     assert auto.reference == plain.reference
     np.testing.assert_array_equal(auto.image, plain.image)
+
+
+@pytest.mark.gpu
+def test_gpu_path_matches_cpu_on_a_tripod_night(tmp_path):
+    """The lens warp, landscape and framing on the GPU path (a real device or the simulated one) give the
+    CPU's stack."""
+    cfg = tripod_config(seed=13, width=480, height=360, n_lights=8, duration_min=40.0, n_bias=3, n_darks=3,
+                        n_flats=3, n_dark_flats=0, star_density=12000.0)
+    simulate(cfg, tmp_path / "s")
+    files = discover_session(tmp_path / "s")
+    cpu = stack.stack_session(files, stack.StackConfig(quiet=True, backend="cpu", cache_dir=str(tmp_path / "c")))
+    gpu = stack.stack_session(files, stack.StackConfig(quiet=True, backend="gpu", cache_dir=str(tmp_path / "g")))
+    assert gpu.backend == "gpu" and gpu.registration["model"] == cpu.registration["model"]
+    both = np.isfinite(gpu.image) & np.isfinite(cpu.image)
+    assert both.mean() > 0.9
+    assert np.max(np.abs(gpu.image[both] - cpu.image[both])) < 1e-4 * np.nanmax(np.abs(cpu.image))
