@@ -231,7 +231,7 @@ def _run_stack(files, args: argparse.Namespace, out: str) -> int:
     if getattr(args, "picture", None):
         from skystack.engine.finish import finish_image, write_finished
 
-        fin = finish_image(result.image, count=result.coverage, n_frames=result.n_used,
+        fin = finish_image(result.image, count=result.coverage, n_frames=result.n_used, landscape=result.landscape,
                            config=_finish_config(args))
         pic = write_finished(fin, args.picture, linear=args.linear_out, tiff16=args.tiff16,
                              inputs=inputs, quality=args.quality)

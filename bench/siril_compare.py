@@ -315,8 +315,12 @@ def run_peer(session: Path, work: Path, *, timeout_s: float) -> dict[str, Any]:
 
 def _score(image: np.ndarray, truth, mask, ref: dict[str, np.ndarray], reg: dict[str, Any] | None
            ) -> dict[str, Any]:
+    from skystack.engine import skymetrics
+
     q = measure_quality(image, truth, 0, mask=mask, star_image=ref["stars"], background=ref["background"])
-    return {"quality": q.to_dict(), "registration": reg}
+    pts = skymetrics.isolated_stars(truth, 0, truth.shape, flux_range=(1500.0, 2.0e4), avoid=truth.horizon_mask())
+    regions = skymetrics.star_regions(skymetrics.luminance(image), pts)
+    return {"quality": q.to_dict(), "registration": reg, "regions": regions}
 
 
 def _fmt(v: Any, fmt: str = "{:.2f}") -> str:
@@ -342,6 +346,9 @@ def comparison_rows(results: dict[str, Any]) -> tuple[list[str], list[list[str]]
     def q(t, k):
         return (t.get("score") or {}).get("quality", {}).get(k)
 
+    def rg(t, k):
+        return ((t.get("score") or {}).get("regions") or {}).get(k)
+
     def reg(t, k):
         r = (t.get("score") or {}).get("registration") or {}
         return r.get(k)
@@ -357,6 +364,8 @@ def comparison_rows(results: dict[str, Any]) -> tuple[list[str], list[list[str]]
             lambda t: "/".join(_fmt(v, "{:.3f}") for v in (q(t, "noise_adu") or []))),
         row("noise at 4x4 binning (ADU, mean RGB)", lambda t: _fmt(q(t, "noise_binned_mean_adu"), "{:.3f}")),
         row("median star FWHM (px)", lambda t: _fmt(q(t, "fwhm_px"))),
+        row("FWHM centre / corner ninths (px)", lambda t: f"{_fmt(rg(t, 'fwhm_centre'))} / {_fmt(rg(t, 'fwhm_corner'))}"),
+        row("elongation centre / corner", lambda t: f"{_fmt(rg(t, 'elong_centre'))} / {_fmt(rg(t, 'elong_corner'))}"),
         row("stars detected", lambda t: str(q(t, "n_stars") or "-")),
         row("registration error RMS / max (px)",
             lambda t: f"{_fmt(reg(t, 'rms_px'), '{:.3f}')} / {_fmt(reg(t, 'max_px'), '{:.3f}')}"),
@@ -393,7 +402,12 @@ def compare(args: argparse.Namespace) -> dict[str, Any]:
         n, mp = PRESETS[args.preset]
         n = args.frames or n
         mp = args.megapixels or mp
-        scfg = session_synth_config(n, mp, file_format="fits", seed=args.seed)
+        if args.scene == "tripod":
+            from skystack.engine.synth_scene import tripod_config
+
+            scfg = tripod_config(file_format="fits", seed=args.seed, n_lights=args.frames or 40)
+        else:
+            scfg = session_synth_config(n, mp, file_format="fits", seed=args.seed)
         session = ensure_session(scfg, args.cache_dir, quiet=args.quiet)
     files = discover_session(session)
     truth = load_truth(session)
@@ -450,17 +464,23 @@ def compare(args: argparse.Namespace) -> dict[str, Any]:
     # --- scoring, all in the grid of light 0
     say("scoring ...")
     mask = star_free_mask(truth, 0)
+    land = truth.horizon_mask()
+    if land.any():  # a tripod night: noise and stars are measured in the sky only
+        from scipy.ndimage import distance_transform_edt
+
+        mask &= distance_transform_edt(~land) > 12
     ref = {"stars": truth.sky(0, background=False, gradient=False, trail=False),
            "background": truth.sky(0, stars=False, trail=False)}
     if sk_entry.get("ok"):
         transforms = {int(k): v for k, v in sk.get("transforms", {}).items()}
         sk_entry["score"] = _score(np.load(img_path), truth, mask, ref,
-                                   registration_error(transforms, truth, 0))
+                                   registration_error(transforms, truth, 0) if not land.any() else None)
     if siril.get("ok"):
         from astropy.io import fits
 
         img = np.asarray(fits.getdata(work_root / "siril" / "result.fit"), dtype=np.float32)
-        reg = measured_registration_error(_siril_registered(work_root / "siril", truth), truth, 0)
+        reg = measured_registration_error(_siril_registered(work_root / "siril", truth), truth, 0) \
+            if not land.any() else None
         siril["score"] = _score(img, truth, mask, ref, reg)
     if peer is not None and peer.get("ok"):
         tr = {int(k): v for k, v in peer.get("transforms", {}).items()}
@@ -510,6 +530,8 @@ def print_results(results: dict[str, Any]) -> None:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="bench/siril_compare.py", description=__doc__.splitlines()[0])
     p.add_argument("--preset", default="small", choices=tuple(PRESETS))
+    p.add_argument("--scene", default="telescope", choices=("telescope", "tripod"),
+                   help="tripod: the phone-on-a-tripod hour (wide barrel lens, landscape; 40 lights of 960x720)")
     p.add_argument("--frames", type=int, help="number of lights (overrides the preset)")
     p.add_argument("--megapixels", type=float, help="megapixels per frame (overrides the preset)")
     p.add_argument("--session", help="existing synthetic FITS session (with truth.json)")
@@ -549,7 +571,9 @@ def main(argv: list[str] | None = None) -> int:
     _write_json(out, results)
     print(f"results: {out}")
     if args.results_md:
-        update_results_md(args.results_md, "Siril comparison: " + machine_key(results["machine"]), markdown(results))
+        scene = "" if args.scene == "telescope" else f", {args.scene} night"
+        update_results_md(args.results_md, f"Siril comparison{scene}: " + machine_key(results["machine"]),
+                          markdown(results))
         print(f"updated {args.results_md}")
     return 0 if all(t.get("ok") for t in results["tools"][:2]) else 1
 

@@ -35,6 +35,8 @@ optionally a 16-bit TIFF, the linear result and a JSON summary).
 
 from __future__ import annotations
 
+import dataclasses
+
 import math
 import time
 import warnings
@@ -281,8 +283,25 @@ def stretch_shared(img: np.ndarray, c0: float, m: float) -> np.ndarray:
 # ----------------------------------------------------------------------------- pipeline
 
 
+def _grow(mask: np.ndarray, px: float) -> np.ndarray:
+    """``mask`` grown by ``px`` pixels."""
+    from scipy.ndimage import distance_transform_edt
+
+    return distance_transform_edt(~mask) <= px
+
+
+def _hold_below(model: np.ndarray, land: np.ndarray) -> np.ndarray:
+    """A ``(C, H, W)`` sky model continued below each column's horizon (first landscape row) at its
+    value just above it: the ground is not lit by the light dome the sky fit extrapolates."""
+    h, w = land.shape
+    top = np.where(land.any(axis=0), land.argmax(axis=0), h)  # first landscape row per column
+    rows = np.arange(h)[:, None]
+    src = np.minimum(rows, np.maximum(top - 1, 0)[None, :])  # (H, W) row to read the model from
+    return np.take_along_axis(model, np.broadcast_to(src, model.shape), axis=1).astype(np.float32)
+
+
 def finish_image(image: np.ndarray, *, count: np.ndarray | None = None, n_frames: int | None = None,
-                 config: FinishConfig = FinishConfig()) -> FinishResult:
+                 config: FinishConfig = FinishConfig(), landscape: np.ndarray | None = None) -> FinishResult:
     """Turn a linear stack into a finished picture.
 
     Parameters
@@ -295,6 +314,13 @@ def finish_image(image: np.ndarray, *, count: np.ndarray | None = None, n_frames
         Frames in the stack (default: ``count.max()``).
     config : FinishConfig
         Settings.
+    landscape : ndarray, optional
+        ``(H, W)`` bool: the still landscape of a fixed-tripod stack. The
+        sky's background and colour are then measured on the sky alone, the
+        background model is taken off the sky only (the landscape keeps its
+        own brightness, less the sky's mean background level, blended over a
+        feathered seam), and the crop keeps everything with data: a tripod
+        night's edges are the sky seen by fewer frames, not stacking borders.
 
     Returns
     -------
@@ -315,8 +341,13 @@ def finish_image(image: np.ndarray, *, count: np.ndarray | None = None, n_frames
 
     # 1. crop
     box, source = None, ""
+    land = None if landscape is None or not np.any(landscape) else np.asarray(landscape, dtype=bool)
+    if land is not None and land.shape != (h, w):
+        raise SkystackError(f"finish: landscape mask {land.shape} does not match the image {(h, w)}")
     if config.crop:
-        if count is not None:
+        if land is not None:
+            box, source = (_crop.finite_box(img), "data") if not np.isfinite(img).all() else (None, "")
+        elif count is not None:
             cnt = np.asarray(count)
             if cnt.shape != (h, w):
                 raise SkystackError(f"finish: coverage map {cnt.shape} does not match the image {(h, w)}")
@@ -333,6 +364,7 @@ def finish_image(image: np.ndarray, *, count: np.ndarray | None = None, n_frames
                 raise SkystackError(f"finish: the autocrop leaves only {box[1] - box[0]}x{box[3] - box[2]} px; "
                                     "lower --crop-fraction or pass --no-crop")
             img = np.ascontiguousarray(_crop.apply_box(img, box))
+            land = None if land is None else _crop.apply_box(land, box)
     t["crop"] = time.perf_counter() - t0
 
     # 2. background
@@ -344,7 +376,11 @@ def finish_image(image: np.ndarray, *, count: np.ndarray | None = None, n_frames
 
         bcfg = config.background_config()
         mask, _ = object_mask(img, sigma=bcfg.star_sigma, grow=bcfg.mask_grow, grid=bcfg.grid, kappa=bcfg.kappa)
+        if land is not None:
+            mask = mask | _grow(land, 12)
         bg = fit_background(img, bcfg, mask=mask)
+        if land is not None:  # below the horizon the model stays at its value on the horizon
+            bg = dataclasses.replace(bg, model=_hold_below(bg.model, land))
         img = apply_background(img, bg, bcfg.mode)
     t["background"] = time.perf_counter() - t1
 
@@ -387,6 +423,7 @@ class StackFile:
     n_frames: int | None
     path: Path
     coverage_path: Path | None = None
+    landscape: np.ndarray | None = None  # (H, W) bool from the FITS's LANDSCAPE extension
 
 
 def _read_fits_stack(p: Path) -> tuple[np.ndarray, np.ndarray | None, int | None]:
@@ -426,6 +463,21 @@ def _read_coverage(p: Path) -> tuple[np.ndarray | None, int | None]:
     except (OSError, ValueError, TypeError) as exc:
         raise FrameReadError(f"{p}: cannot read the coverage map ({exc}); pass --coverage with the stack's "
                              "FITS or use --no-crop") from None
+
+
+def _read_landscape(p: Path) -> np.ndarray | None:
+    """The LANDSCAPE extension of a stack FITS (True = still landscape), or None."""
+    from astropy.io import fits
+
+    from skystack.engine.output import fits_rows
+
+    try:
+        with fits.open(p, memmap=False) as hdul:
+            if "LANDSCAPE" not in hdul:
+                return None
+            return fits_rows(np.asarray(hdul["LANDSCAPE"].data), hdul["LANDSCAPE"].header) > 0
+    except (OSError, ValueError, TypeError):
+        return None
 
 
 def read_stack(path: str | Path, *, coverage: str | Path | None = None) -> StackFile:
@@ -488,7 +540,11 @@ def read_stack(path: str | Path, *, coverage: str | Path | None = None) -> Stack
     if cov is not None and cov.shape != img.shape[-2:]:
         raise FrameReadError(f"{cov_path}: coverage map {cov.shape} does not match the stack "
                              f"{img.shape[-2:]}; pass the FITS of the same stack")
-    return StackFile(image=img, count=cov, n_frames=n, path=p, coverage_path=cov_path)
+    fits_file = p if suffix in (".fits", ".fit", ".fts") else p.with_suffix(".fits")
+    land = _read_landscape(fits_file) if fits_file.is_file() else None
+    if land is not None and land.shape != img.shape[-2:]:
+        land = None
+    return StackFile(image=img, count=cov, n_frames=n, path=p, coverage_path=cov_path, landscape=land)
 
 
 def write_tiff16(path: str | Path, image: np.ndarray, *, inputs: Iterable = ()) -> Path:
@@ -567,7 +623,7 @@ def finish_command(stack: str | Path, output: str | Path, *, config: FinishConfi
     st = read_stack(stack, coverage=coverage)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
-        res = finish_image(st.image, count=st.count, n_frames=st.n_frames, config=config)
+        res = finish_image(st.image, count=st.count, n_frames=st.n_frames, config=config, landscape=st.landscape)
     inputs = [st.path] + ([st.coverage_path] if st.coverage_path else [])
     written = write_finished(res, output, linear=linear, tiff16=tiff16, report=report, inputs=inputs,
                              quality=quality)

@@ -228,6 +228,9 @@ def write_outputs(result, *, tiff: str | None, preview: str | None = None, fits:
                 ext.append(("COVERAGE", result.coverage.astype(np.int16),
                             {"NFRAMES": (result.n_used, "frames combined"),
                              "COMMENT": "frames whose data covered each pixel, before rejection"}))
+            if getattr(result, "landscape", None) is not None:
+                ext.append(("LANDSCAPE", result.landscape.astype(np.uint8),
+                            {"COMMENT": "1 = still landscape, stacked unregistered (--foreground)"}))
             header = {**fits_header(result), "RUNID": (run_id, "skystack run that wrote this output set")}
             out["fits"] = str(write_fits(fits, img, header, inputs=inputs, extensions=ext))
         if preview:

@@ -140,6 +140,7 @@ class StackResult:
     masters: dict[str, Any] = field(default_factory=dict)
     settings: dict[str, Any] = field(default_factory=dict)
     registration: dict[str, Any] = field(default_factory=dict)
+    landscape: np.ndarray | None = None  # (H,W) bool: the still landscape stacked unregistered
     peak_rss_bytes: int = 0
     queue_peak: int = 0
     queue_bound: int = 0
@@ -299,7 +300,7 @@ class Registered:
     queue_peak: int
     queue_bound: int
     registration: dict[str, Any] = field(default_factory=dict)
-    landscape: tuple[np.ndarray, np.ndarray] | None = None  # (image, weight) in the canvas
+    landscape: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None  # (image, weight, mask) in the canvas
     framing: str = "reference"
     metas: list[Any] = field(default_factory=list)  # FrameMeta per light (None: unreadable)
     notes: list[str] = field(default_factory=list)  # calibration remarks and skipped calibration frames
@@ -540,7 +541,10 @@ def register_session(files: SessionFiles, config: StackConfig = StackConfig()) -
 
     with timer("warp"), _Progress(config.quiet) as prog:
         _run_parallel(warp_one, used, _compute_threads(be, config), on_done=prog.stepper("warp", len(used)))
-        landscape = (canvas.place(land[0]), canvas.place(land[1][None])[0]) if land is not None else None
+        landscape = None
+        if land is not None:
+            landscape = (canvas.place(land[0]), canvas.place(land[1][None])[0],
+                         canvas.place(fg.mask[None].astype(np.float32))[0] > 0.5)
     if target is not store:
         store.close()
         store = target
@@ -587,10 +591,12 @@ def combine_registered(reg: Registered, config: StackConfig = StackConfig()) -> 
     with timer("combine"), _Progress(config.quiet) as prog:
         image, count, coverage, rejected = _combine_store(store, used, nscale, noffset, weights, config, be,
                                                           reg.budget, progress=prog)
+    land_mask = None
     if reg.landscape is not None:
         image, coverage = _blend_landscape(image, coverage, reg.landscape, len(used))
+        land_mask = reg.landscape[2]
     if reg.framing == "intersection":
-        image, count, coverage = _crop_full_coverage(image, count, coverage, len(used))
+        image, count, coverage, land_mask = _crop_full_coverage(image, count, coverage, len(used), land_mask)
         out_h, out_w = image.shape[-2:]
     n_pix = out_h * out_w
     for k, i in enumerate(used):
@@ -602,7 +608,7 @@ def combine_registered(reg: Registered, config: StackConfig = StackConfig()) -> 
     return StackResult(
         image=image if n_ch == 3 else image[0], count=count, coverage=coverage, frames=records,
         reference=str(reg.lights[ref]), backend=be.name, device=be.device_name, timings=dict(timer.t),
-        masters=reg.masters, settings=_settings(config), registration=reg.registration,
+        masters=reg.masters, settings=_settings(config), registration=reg.registration, landscape=land_mask,
         peak_rss_bytes=peak_rss_bytes(),
         queue_peak=reg.queue_peak, queue_bound=reg.queue_bound,
         exposure_s=float(sum(records[i].exposure_s or 0.0 for i in used)),
@@ -774,7 +780,7 @@ def _landscape_stack(fg, paths: list[Path], cset, ccfg, config: StackConfig, be,
 
 def _blend_landscape(image: np.ndarray, coverage: np.ndarray, landscape, n: int):
     """Landscape over the sky along the feathered seam; the sky's holes below the horizon filled."""
-    land, w = landscape
+    land, w, _ = landscape
     w = np.nan_to_num(w, nan=0.0)
     sky_ok = np.isfinite(image)
     land_ok = np.isfinite(land)
@@ -785,14 +791,16 @@ def _blend_landscape(image: np.ndarray, coverage: np.ndarray, landscape, n: int)
     return out, cov
 
 
-def _crop_full_coverage(image: np.ndarray, count: np.ndarray, coverage: np.ndarray, n: int):
-    """Intersection framing: the largest rectangle every used frame covers."""
+def _crop_full_coverage(image: np.ndarray, count: np.ndarray, coverage: np.ndarray, n: int,
+                        mask: np.ndarray | None = None):
+    """Intersection framing: the largest rectangle every used frame covers (``mask`` cropped alike)."""
     from skystack.engine.crop import apply_box, max_rectangle
 
     box = max_rectangle(coverage >= n)
     if box[1] <= box[0] or box[3] <= box[2]:
         raise SkystackError("framing intersection: the frames share no common area; use --framing reference")
-    return apply_box(image, box), apply_box(count, box), apply_box(coverage, box)
+    return (apply_box(image, box), apply_box(count, box), apply_box(coverage, box),
+            None if mask is None else apply_box(mask, box))
 
 
 def _trailing(transforms: dict[int, np.ndarray], lens, lights: list[Path], metas: list[Any], used: list[int],

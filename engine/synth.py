@@ -1343,27 +1343,32 @@ class SynthTruth:
         if trail and lt is not None and lt.trail is not None:
             out += self._render_trail(lt, cmap)
         if self.scene is not None and c.landscape:
-            out = self._with_landscape(out, lt, cmap, fwhm)
+            out = self._with_landscape(out, lt, cmap, fwhm, ground=background, lights=stars)
         return out
 
     def _with_landscape(self, sky: np.ndarray, lt: LightTruth | None, cmap: np.ndarray | None,
-                        fwhm: float | None) -> np.ndarray:
-        """The sky hidden below the horizon, the ground and its fixed lights in its place."""
+                        fwhm: float | None, *, ground: bool = True, lights: bool = True) -> np.ndarray:
+        """The sky hidden below the horizon, the ground (a background) and its fixed lights (sources)."""
         c = self.config
         if "land" not in self._cache:
             cov = self.scene.coverage().astype(np.float64)
-            ground = self.scene.ground_brightness(c.sky_adu_s[1] * c.exposure_s).astype(np.float64)
-            self._cache["land"] = (cov, ground, self.scene.static_lights())
-        cov, ground, lights = self._cache["land"]
-        f = lt.fwhm_px if lt is not None else (fwhm or self.lights[self.reference_index].fwhm_px)
-        alpha = moffat_alpha(f, c.moffat_beta)
-        rad = _stamp_radius(lights["flux"].max(axis=1), alpha, c.moffat_beta, 0.0)
-        pts = _render_points(self.shape, lights["xy"][:, 0], lights["xy"][:, 1], lights["flux"], alpha=alpha,
-                             beta=c.moffat_beta, radius=rad, cmap=cmap)
-        if cmap is not None:
-            ci = self._cidx()
-            ground = np.where(ci == 0, ground[0], np.where(ci == 1, ground[1], ground[2]))
-        return sky * (1.0 - cov) + ground * cov + pts
+            self._cache["land"] = (cov, self.scene.ground_brightness(c.sky_adu_s[1] * c.exposure_s).astype(
+                np.float64), self.scene.static_lights())
+        cov, ground_img, pts_all = self._cache["land"]
+        out = sky * (1.0 - cov)
+        if ground:
+            g = ground_img
+            if cmap is not None:
+                ci = self._cidx()
+                g = np.where(ci == 0, g[0], np.where(ci == 1, g[1], g[2]))
+            out += g * cov
+        if lights and len(pts_all["xy"]):
+            f = lt.fwhm_px if lt is not None else (fwhm or self.lights[self.reference_index].fwhm_px)
+            alpha = moffat_alpha(f, c.moffat_beta)
+            rad = _stamp_radius(pts_all["flux"].max(axis=1), alpha, c.moffat_beta, 0.0)
+            out += _render_points(self.shape, pts_all["xy"][:, 0], pts_all["xy"][:, 1], pts_all["flux"],
+                                  alpha=alpha, beta=c.moffat_beta, radius=rad, cmap=cmap)
+        return out
 
     def horizon_mask(self) -> np.ndarray:
         """(H, W) bool: landscape pixels (sensor geometry); all False without a landscape."""

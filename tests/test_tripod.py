@@ -12,6 +12,7 @@ registered with the exact truth mappings, and keep the landscape sharp.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -24,6 +25,8 @@ from skystack.engine.synth import load_truth, simulate
 from skystack.engine.synth_scene import tripod_config
 
 pytestmark = pytest.mark.slow
+#: Finished pictures of the simulated night, kept for a look (not committed).
+ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts" / "tripod"
 
 
 @pytest.fixture(scope="module")
@@ -31,8 +34,10 @@ def night(tmp_path_factory):
     root = tmp_path_factory.mktemp("tripod")
     simulate(tripod_config(seed=5), root / "session")
     out = root / "out"
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
     rc = cli.main(["stack", str(root / "session"), "-o", str(out / "night.tif"), "--quiet",
-                   "--cache-dir", str(root / "cache"), "--save-mask", str(out / "mask.png")])
+                   "--cache-dir", str(root / "cache"), "--save-mask", str(out / "mask.png"),
+                   "--picture", str(ARTIFACTS / "tripod-night.png")])
     assert rc == 0
     report = json.loads((out / "night.json").read_text())
     image = tifffile.imread(out / "night.tif")
@@ -106,6 +111,22 @@ def test_landscape_stays_sharp(night):
     truth.scene.horizon()
     width = skymetrics.edge_width(lum, truth.scene.house)
     assert width <= 2.0, width
+
+
+def test_finished_picture_keeps_the_landscape_and_a_neutral_sky(night):
+    """``--picture`` (saved in artifacts/tripod/): the full frame, a neutral dark sky, the lit windows
+    standing out of a dark ground (the sky's gradient model is not extrapolated into the landscape)."""
+    from PIL import Image
+
+    pic = np.asarray(Image.open(ARTIFACTS / "tripod-night.png").convert("RGB"), dtype=np.float64)
+    truth = night["truth"]
+    assert pic.shape[:2] == truth.shape  # a tripod night keeps its whole frame
+    sky = skymetrics.star_free_sky(truth, night["ref"], truth.shape, truth.horizon_mask())
+    med = np.array([np.median(pic[..., c][sky]) for c in range(3)])
+    assert np.ptp(med) <= 0.03 * 255 + 0.1 * med.mean(), med
+    land_level = np.median(pic[truth.horizon_mask()].mean(axis=1))
+    for x, y in truth.static_lights()["xy"]:
+        assert pic[int(round(y)), int(round(x))].max() > land_level + 40, (x, y, land_level)
 
 
 def test_landscape_mask_written_and_close_to_truth(night):
