@@ -230,7 +230,7 @@ def _homography_lsq(src: np.ndarray, dst: np.ndarray, w: np.ndarray) -> np.ndarr
     a[1::2, 3:6] = np.column_stack([x, y, np.ones(n)])
     a[1::2, 6:9] = -v[:, None] * np.column_stack([x, y, np.ones(n)])
     a *= np.repeat(np.sqrt(w), 2)[:, None]
-    _, _, vt = np.linalg.svd(a)
+    _, _, vt = np.linalg.svd(a, full_matrices=False)  # only V is needed: not the (2n x 2n) U
     h = vt[-1].reshape(3, 3)
     # Gauss-Newton on the geometric (reprojection) error, in normalised coordinates
     h = h / h[2, 2] if abs(h[2, 2]) > 1e-12 else h

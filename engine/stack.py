@@ -784,6 +784,12 @@ def _blend_landscape(image: np.ndarray, coverage: np.ndarray, landscape, n: int)
     w = np.nan_to_num(w, nan=0.0)
     sky_ok = np.isfinite(image)
     land_ok = np.isfinite(land)
+    # the sky stack is normalised to the reference frame, the unregistered landscape is not: match their
+    # sky background on the seam (where both have sky) so no step or halo shows along the horizon
+    seam = (w > 0.0) & (w < 1.0) & sky_ok.all(axis=0) & land_ok.all(axis=0)
+    if seam.sum() >= 50:
+        land = land + np.array([np.median(image[c][seam] - land[c][seam]) for c in range(land.shape[0])],
+                               dtype=np.float32)[:, None, None]
     w = np.where(sky_ok, w[None], 1.0) * land_ok
     out = np.where(land_ok, w * np.nan_to_num(land) + (1.0 - w) * np.nan_to_num(image), image)
     out = np.where(sky_ok | land_ok, out, np.nan).astype(np.float32)
@@ -808,7 +814,7 @@ def _trailing(transforms: dict[int, np.ndarray], lens, lights: list[Path], metas
     """Star trailing per exposure at the frame's edge, with the NPF rule's suggestion for this lens."""
     from skystack.engine.framing import border_points
     from skystack.engine.match import transform_points
-    from skystack.engine.plan import rule_npf
+    from skystack.engine.plan import inputs_from_frame, rule_npf
 
     rates = []
     for a, b in zip(used, used[1:]):
@@ -826,15 +832,15 @@ def _trailing(transforms: dict[int, np.ndarray], lens, lights: list[Path], metas
         return ""
     px = float(np.median(rates)) * exp
     text = f"{px:.1f} px per {exp:g} s exposure at the frame's edge"
-    m = metas[used[0]]
-    pitch = (m.extra or {}).get("pixel_pitch_um") or (m.extra or {}).get("XPIXSZ")
-    aperture = (m.extra or {}).get("f_number") or (m.extra or {}).get("FOCRATIO")
-    if m.focal_length_mm and pitch and aperture:
-        try:
-            npf = rule_npf(float(m.focal_length_mm), float(aperture), float(pitch))
+    try:
+        lens_in = inputs_from_frame(str(lights[used[0]]))
+        if lens_in.focal_length_mm and lens_in.aperture and lens_in.pixel_pitch_um:
+            npf = rule_npf(lens_in.focal_length_mm, lens_in.aperture, lens_in.pixel_pitch_um)
             text += f"; the NPF rule suggests at most {npf:.1f} s for this lens (skystack plan)"
-        except (SkystackError, ValueError, TypeError):
-            pass
+        else:
+            text += "; the files do not record the lens and pixel size the NPF rule needs (see skystack plan)"
+    except SkystackError:
+        pass
     return text
 
 
