@@ -16,7 +16,7 @@ for an hour:
    its centre lands, its rotation) is known from step 1. The medoid pose
    (smallest summed pose distance to all frames) is the middle of a drifting
    session and lies inside the majority when a few frames are rotated; the
-   reference is the best-scoring frame within 5 % of the frame diagonal of
+   reference is the best-scoring frame within 2 % of the frame diagonal of
    the medoid. A session that hardly moves keeps the best-scoring frame.
 4. **Chaining.** A frame that does not match the reference directly (too
    little overlap after an hour of drift) is matched to its nearest
@@ -53,6 +53,8 @@ from skystack.engine.match import MatchConfig, estimate_transform, match_stars, 
 
 #: Transform models, simplest first ("auto" picks one by held-out residuals).
 MODELS = ("similarity", "affine", "homography", "homography+radial")
+#: The reference is the best-scoring frame within this fraction of the frame diagonal of the medoid pose.
+NEAR_MEDOID = 0.02
 #: Frames used to choose the model and fit the lens.
 N_VALIDATE = 10
 #: A source is static when found at the same sensor position (px) ...
@@ -266,7 +268,7 @@ def _choose_reference(trans: dict[int, np.ndarray], scores: dict[int, float], sh
     d = np.hypot(c[:, None, 0] - c[None, :, 0], c[:, None, 1] - c[None, :, 1])
     d += radius * np.abs(ang[:, None] - ang[None, :])
     med = int(np.argmin(d.sum(axis=0)))
-    near = [idx[k] for k in np.flatnonzero(d[med] <= 0.05 * 2 * radius)]
+    near = [idx[k] for k in np.flatnonzero(d[med] <= NEAR_MEDOID * 2 * radius)]
     best = max(near, key=lambda i: (scores.get(i, 0.0), -i))
     if best == provisional:
         return best, "best-scoring frame"
