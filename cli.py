@@ -328,11 +328,13 @@ def _stack_options(p: argparse.ArgumentParser, *, batch: bool = False) -> None:
         g.add_argument("--preview", help="stretched 8-bit PNG/JPEG (default OUT.png)")
         g.add_argument("--fits", help="FITS output (default OUT.fits)")
         g.add_argument("--report", help="JSON report (default OUT.json)")
-    g.add_argument("--rejection", default="sigma",
-                   choices=("sigma", "winsorized", "linear", "percentile", "minmax", "median", "mean"))
+    g.add_argument("--rejection", default="auto",
+                   choices=("auto", "sigma", "winsorized", "linear", "gesd", "percentile", "minmax", "median",
+                            "mean"),
+                   help="auto (default): median up to 4 frames, winsorized from 5, gesd from 10")
     g.add_argument("--kappa", nargs=2, type=float, default=None, metavar=("LOW", "HIGH"),
                    help="rejection thresholds (default per method: sigma/winsorized 3 3, linear 4 4, "
-                        "percentile 0.2 0.1, minmax 1 1)")
+                        "gesd 0.3 0.05 (outlier fraction, significance), percentile 0.2 0.1, minmax 1 1)")
     g.add_argument("--normalization", default="additive+scale",
                    choices=("none", "additive", "multiplicative", "additive+scale"))
     g.add_argument("--weighting", default="none", choices=("none", "noise", "stars"))

@@ -996,7 +996,7 @@ def _apply_toml(cfg: StackConfig, path: Path) -> StackConfig:
             raise SkystackError(f"{path}: put every setting in the [stack] table (found {', '.join(extra) or 'stack'})")
         data = data["stack"]
     fields = {f.name: f for f in dataclasses.fields(StackConfig)}
-    choices = {"rejection": combine.METHODS, "normalization": normalize.NORMALIZATIONS,
+    choices = {"rejection": combine.REJECTIONS, "normalization": normalize.NORMALIZATIONS,
                "weighting": normalize.WEIGHTINGS, "debayer": debayer.METHODS, "interpolation": warp.METHODS,
                "transform_model": ("similarity", "affine", "homography"), "store_dtype": ("float32", "float16"),
                "backend": ("auto", "cpu", "gpu")}

@@ -81,6 +81,10 @@ def summary_table(result, outputs: dict[str, str]):
     t.add_row("frames used", f"{result.n_used} / {len(result.frames)}")
     t.add_row("total exposure", f"{result.exposure_s:.0f} s")
     t.add_row("reference", Path(result.reference).name if result.reference else "-")
+    rej = result.settings.get("rejection")
+    if rej is not None:
+        asked = result.settings.get("rejection_requested")
+        t.add_row("rejection", f"{rej} (auto for {result.n_used} frames)" if asked == "auto" else str(rej))
     skipped = [f for f in result.frames if not f.used]
     for f in skipped[:10]:
         t.add_row(f"skipped {Path(f.path).name}", f.reason)

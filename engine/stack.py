@@ -34,7 +34,7 @@ class StackConfig:
     """Settings of one stack (``skystack stack`` options)."""
 
     backend: str | None = None
-    rejection: str = "sigma"
+    rejection: str = "auto"  # "auto": chosen from the frame count (combine.auto_rejection)
     kappa_low: float | None = None  # None: the method's default (combine.DEFAULT_KAPPAS)
     kappa_high: float | None = None
     max_iter: int = 10
@@ -477,7 +477,7 @@ def combine_registered(reg: Registered, config: StackConfig = StackConfig()) -> 
     return StackResult(
         image=image if n_ch == 3 else image[0], count=count, coverage=coverage, frames=records,
         reference=str(reg.lights[ref]), backend=be.name, device=be.device_name, timings=dict(timer.t),
-        masters=reg.masters, settings=_settings(config), peak_rss_bytes=peak_rss_bytes(),
+        masters=reg.masters, settings=_settings(config, len(used)), peak_rss_bytes=peak_rss_bytes(),
         queue_peak=reg.queue_peak, queue_bound=reg.queue_bound,
         exposure_s=float(sum(records[i].exposure_s or 0.0 for i in used)),
         store_on_disk=store.on_disk,
@@ -492,12 +492,11 @@ def _combine_store(store, used: list[int], nscale, noffset, weights, config: Sta
     """
     import threading
 
-    from skystack.engine.combine import DEFAULT_KAPPAS, combine
+    from skystack.engine.combine import combine
 
-    dk = DEFAULT_KAPPAS.get(config.rejection, (3.0, 3.0))
-    klo = dk[0] if config.kappa_low is None else config.kappa_low
-    khi = dk[1] if config.kappa_high is None else config.kappa_high
     n = len(used)
+    settings = _settings(config, n)
+    method, klo, khi = settings["rejection"], settings["kappa_low"], settings["kappa_high"]
     c, h, w = store.shape
     # A tile row costs the block itself (C planes) plus, per channel in flight, a
     # contiguous copy and the combine's bounded temporaries.
@@ -519,7 +518,7 @@ def _combine_store(store, used: list[int], nscale, noffset, weights, config: Sta
 
         def one(ch: int) -> None:
             cube = xp.asarray(np.ascontiguousarray(block[:, ch]))
-            res = combine(cube, method=config.rejection, kappa_low=klo, kappa_high=khi,
+            res = combine(cube, method=method, kappa_low=klo, kappa_high=khi,
                           max_iter=config.max_iter,
                           scale=xp.asarray(nscale[:, ch]), offset=xp.asarray(noffset[:, ch]),
                           weights=xp.asarray(weights[:, ch]))
@@ -596,11 +595,19 @@ def _master_summary(m) -> dict[str, Any]:
     return {k: v for k, v in d.items() if isinstance(v, (int, float, str, bool, type(None)))}
 
 
-def _settings(cfg: StackConfig) -> dict[str, Any]:
-    from skystack.engine.combine import DEFAULT_KAPPAS
+def _settings(cfg: StackConfig, n_frames: int | None = None) -> dict[str, Any]:
+    """The settings of ``cfg`` as the report gives them, kappas filled in.
+
+    With ``n_frames`` (the frames combined), ``rejection`` is the method used
+    (what ``"auto"`` chose) and ``rejection_requested`` what was asked for.
+    """
+    from skystack.engine.combine import DEFAULT_KAPPAS, resolve_rejection
 
     d = {k: getattr(cfg, k) for k in cfg.__dataclass_fields__}
-    dk = DEFAULT_KAPPAS.get(cfg.rejection, (3.0, 3.0))
+    if n_frames is not None:
+        d["rejection_requested"] = cfg.rejection
+        d["rejection"] = resolve_rejection(cfg.rejection, n_frames)
+    dk = DEFAULT_KAPPAS.get(d["rejection"], (3.0, 3.0))
     d["kappa_low"] = dk[0] if cfg.kappa_low is None else cfg.kappa_low
     d["kappa_high"] = dk[1] if cfg.kappa_high is None else cfg.kappa_high
     return d
