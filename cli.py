@@ -334,10 +334,12 @@ def _stack_options(p: argparse.ArgumentParser, *, batch: bool = False) -> None:
                    help="auto (default): median up to 4 frames, winsorized from 5, gesd from 10")
     g.add_argument("--kappa", nargs=2, type=float, default=None, metavar=("LOW", "HIGH"),
                    help="rejection thresholds (default per method: sigma/winsorized 3 3, linear 4 4, "
-                        "gesd 0.3 0.05 (outlier fraction, significance), percentile 0.2 0.1, minmax 1 1)")
+                        "gesd 0.3 0.01 (outlier fraction, significance), percentile 0.2 0.1, minmax 1 1)")
     g.add_argument("--normalization", default="additive+scale",
                    choices=("none", "additive", "multiplicative", "additive+scale"))
-    g.add_argument("--weighting", default="none", choices=("none", "noise", "stars"))
+    g.add_argument("--weighting", default="noise", choices=("none", "noise", "psf", "stars"),
+                   help="frame weights: noise (default, inverse noise variance), psf (star peak over noise), "
+                        "stars (quality score), none")
     g.add_argument("--memory-limit", help="RAM/VRAM budget for buffers, e.g. 4GB")
     g.add_argument("--store-dtype", default="float32", choices=("float32", "float16"),
                    help="type of the on-disk frame cache when frames spill")

@@ -64,7 +64,7 @@ Methods (``kappa_low``/``kappa_high`` are called kl/kh):
     Generalized extreme Studentized deviate test (Rosner 1983), as in Siril
     and PixInsight; one pass (any ``max_iter >= 1``). **kl is the largest
     fraction of outliers** (default 0.3) **and kh the significance**
-    (default 0.05). With the ``n`` valid values sorted, ``r = int(kl * n)``
+    (default 0.01; Siril's 0.05 rejects ~1.5 % of pure noise at 13 values). With the ``n`` valid values sorted, ``r = int(kl * n)``
     steps (while at least 3 values are left): ``mean`` and ``std1`` of the
     kept values; the value farthest from the mean (the highest on a tie) has
     deviation ``dev``; step ``j`` is significant if
@@ -130,7 +130,7 @@ ROBUST_MIN_KEPT = 2
 #: the line, so kappa 3 rejects ~4.5% of pure noise (noise gain 0.90 sqrt(N) at N = 20)
 #: against ~0.5% at 5 (0.98 sqrt(N)).
 DEFAULT_KAPPAS: dict[str, tuple[float, float]] = {
-    "sigma": (3.0, 3.0), "winsorized": (3.0, 3.0), "linear": (4.0, 4.0), "gesd": (0.3, 0.05),
+    "sigma": (3.0, 3.0), "winsorized": (3.0, 3.0), "linear": (4.0, 4.0), "gesd": (0.3, 0.01),
     "percentile": (0.2, 0.1),
     "minmax": (1.0, 1.0), "median": (3.0, 3.0), "mean": (3.0, 3.0)}
 #: Most rounds of the winsorized (Huber) sigma loop (``WINSOR_MAX_ITER`` in combine.cu).
@@ -668,7 +668,7 @@ def combine(cube: Any, *, method: str = "sigma", kappa_low: float | None = None,
         Rejection thresholds below/above (>= 0; default :data:`DEFAULT_KAPPAS` of the method): standard deviations for
         ``"sigma"``/``"winsorized"``/``"linear"``, fractions of the median for
         ``"percentile"`` (e.g. 0.2), for ``"gesd"`` the largest outlier fraction
-        and the significance (0.3, 0.05), values dropped per side for ``"minmax"``
+        and the significance (0.3, 0.01), values dropped per side for ``"minmax"``
         (``int(kappa)``, at least 1). Ignored by ``"median"`` and ``"mean"``.
     max_iter : int
         Most rejection rounds (0: no rejection; ``"percentile"`` and
@@ -748,8 +748,10 @@ def auto_rejection(n_frames: int) -> str:
     * 5 to 9 frames, ``"winsorized"`` (robust start): <= 0.83 sigma left,
       noise 1.07-1.09x the mean's (the median: 0.55 sigma but 1.13-1.21x);
       GESD leaves more than 1 sigma at 5 frames;
-    * from 10 frames, ``"gesd"``: <= 0.55 sigma left and the least noise of
-      the rejecting methods, 1.03-1.04x (winsorized 1.05-1.07x).
+    * from 10 frames, ``"gesd"`` at its default significance 0.01: <= 0.87
+      sigma left at 10 frames, <= 0.68 from 13, with the mean's noise
+      (1.00-1.01x; winsorized 1.05-1.07x, GESD at Siril's 0.05 1.02-1.05x:
+      on a simulated 13-light night 0.05 cost 2 % of the stack's SNR).
 
     This follows PixInsight's and DSS's guidance (median or percentile for very
     few frames, a sigma clip in the middle, a many-frame statistic above).
