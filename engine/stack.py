@@ -39,7 +39,7 @@ class StackConfig:
     kappa_high: float | None = None
     max_iter: int = 10
     normalization: str = "additive+scale"
-    weighting: str = "none"
+    weighting: str = "noise"  # inverse noise variance after normalisation (normalize.frame_weights)
     debayer: str = "bilinear"
     apply_wb: bool = True
     interpolation: str = "lanczos3"
@@ -275,7 +275,7 @@ def register_session(files: SessionFiles, config: StackConfig = StackConfig()) -
         When no light can be used (the message says why for each).
     """
     from skystack.engine import calibrate as cal
-    from skystack.engine import debayer, detect, match, warp
+    from skystack.engine import debayer, detect, match, normalize, warp
     from skystack.engine.cosmetic import CosmeticConfig
     from skystack.engine.backend import CPU, get_backend, to_host
     from skystack.engine.framestore import FrameStore
@@ -363,8 +363,10 @@ def register_session(files: SessionFiles, config: StackConfig = StackConfig()) -
             x = cfa_to_float(raw, pattern=m.pattern, black_level=m.black_level, white_level=m.white_level)
             x = cal.calibrate_light(x, m, cset, config=ccfg).data
         with timer("detect"):
-            st = detect.detect_stars(to_host(x), pattern=m.pattern)
+            x_host = to_host(x)
+            st = detect.detect_stars(x_host, pattern=m.pattern)
             q = detect.measure_quality(st)
+            noise = normalize.highpass_noise(x_host, step=2 if m.pattern else 1)
         with timer("debayer"):
             wb = m.wb if (config.apply_wb and m.wb is not None) else None
             rgb = debayer.debayer(x, m.pattern, method=config.debayer, wb=wb) if m.pattern else x[None]
@@ -377,7 +379,7 @@ def register_session(files: SessionFiles, config: StackConfig = StackConfig()) -
         rec.fwhm_px = _f(q.fwhm_px)
         rec.roundness = _f(q.roundness)
         rec.background = _f(q.background)
-        rec.noise = _f(q.noise)
+        rec.noise = _f(noise)  # before normalisation and warping: the noise weights' input
         rec.score = _f(q.score)
 
     try:
@@ -454,16 +456,23 @@ def combine_registered(reg: Registered, config: StackConfig = StackConfig()) -> 
     n_ch, out_h, out_w = store.shape
     with timer("normalize"):
         fstats_by: dict[int, Any] = {}
+        signal_by: dict[int, Any] = {}
+        apertures = normalize.star_apertures(store.get(ref))
 
         def stats_one(i: int) -> None:
-            fstats_by[i] = normalize.robust_stats(store.get(i))
+            frame = store.get(i)
+            fstats_by[i] = normalize.robust_stats(frame)
+            signal_by[i] = normalize.signal_ratios(frame, apertures)
 
         _run_parallel(stats_one, used, _compute_threads(be, config))
         fstats = [fstats_by[i] for i in used]
         r = used.index(ref)
-        nscale, noffset = normalize.normalization_factors(fstats, r, config.normalization)
+        nscale, noffset = normalize.normalization_factors(fstats, r, config.normalization,
+                                                          signal=np.stack([signal_by[i] for i in used]))
         weights = normalize.frame_weights(fstats, nscale, config.weighting,
-                                          scores=[records[i].score or 0.0 for i in used])
+                                          scores=[records[i].score or 0.0 for i in used],
+                                          noise=[records[i].noise for i in used],
+                                          fwhm=[records[i].fwhm_px for i in used])
     with timer("combine"):
         image, count, coverage, rejected = _combine_store(store, used, nscale, noffset, weights, config, be,
                                                           reg.budget)
