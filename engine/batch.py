@@ -1341,10 +1341,10 @@ def _clean_report(rep: dict[str, Any], out_dir: Path) -> tuple[dict[str, Any], d
 def _session_task(task: dict[str, Any]) -> dict[str, Any]:
     """Stack one session and write its outputs; never raises (the outcome says what happened)."""
     from skystack.engine import masters
+    from skystack.engine.finish import preview_image
     from skystack.engine.output import write_fits, write_json, write_preview, write_tiff
     from skystack.engine.report import build_report, fits_header
     from skystack.engine.stack import stack_session
-    from skystack.engine.stretch import StretchConfig, autostretch
 
     c0 = masters.STATS.combined
     t0 = time.perf_counter()
@@ -1362,8 +1362,7 @@ def _session_task(task: dict[str, Any]) -> dict[str, Any]:
         header["SSFPRINT"] = task["fingerprint"]  # 64 hex digits: no room for a comment
         write_tiff(paths["tiff"], img, inputs=inputs, description=f"skystack {__version__}")
         write_fits(paths["fits"], img, header, inputs=inputs)
-        shown = np.where(np.isfinite(img), img, np.nan)
-        write_preview(paths["preview"], autostretch(shown, StretchConfig(linked=True)), inputs=inputs)
+        write_preview(paths["preview"], preview_image(img), inputs=inputs)
         quality = stack_quality(img)
         rep = build_report(result, outputs={k: p.name for k, p in paths.items()})
         rep, run = _clean_report(rep, Path(task["out_root"]))

@@ -102,8 +102,8 @@ def summary_table(result, outputs: dict[str, str]):
 def write_outputs(result, *, tiff: str | None, preview: str | None = None, fits: str | None = None,
                   report: str | None = None, inputs=(), linked: bool = True) -> dict[str, str]:
     """Write the TIFF, preview, FITS and report that were asked for; return their paths."""
+    from skystack.engine.finish import preview_image
     from skystack.engine.output import write_fits, write_json, write_preview, write_tiff
-    from skystack.engine.stretch import StretchConfig, autostretch
 
     inputs = list(inputs)
     out: dict[str, str] = {}
@@ -118,9 +118,7 @@ def write_outputs(result, *, tiff: str | None, preview: str | None = None, fits:
                          "COMMENT": "frames whose data covered each pixel, before rejection"}))
         out["fits"] = str(write_fits(fits, img, fits_header(result), inputs=inputs, extensions=ext))
     if preview:
-        shown = np.where(np.isfinite(img), img, np.nan)
-        out["preview"] = str(write_preview(preview, autostretch(shown, StretchConfig(linked=linked)),
-                                           inputs=inputs))
+        out["preview"] = str(write_preview(preview, preview_image(img, linked=linked), inputs=inputs))
     if report:
         out["report"] = str(report)
         write_json(report, build_report(result, outputs=out), inputs=inputs)
