@@ -95,8 +95,9 @@ Methods (``kappa_low``/``kappa_high`` are called kl/kh):
 Every method is a CUDA kernel in ``kernels/combine.cu`` (one thread per pixel)
 with a NumPy twin here (vectorised over pixels, loops over frames or ranks or
 rounds only). Both run the same float32 operations in the same order without
-fused multiply-add -- sums in frame order (``"sigma"`` and the final mean) or
-rank order (the others' statistics) -- so both backends return the same bits.
+fused multiply-add -- sums in frame order (the final mean) or rank order (the
+statistics; the MAD's deviations are taken in ascending order, a merge in the
+kernel, a sort in the twin) -- so both backends return the same bits.
 """
 
 from __future__ import annotations
@@ -537,23 +538,28 @@ def _gesd_clip_mean_numpy(cube: np.ndarray, kappa_low: np.float32, kappa_high: n
     nout = np.zeros_like(nvalid)
     high_at = np.zeros((int(r.max(initial=0)), v.shape[1]), bool)  # step j-1: the high end went
     sz = _zeroed(srt)
+    cols = np.arange(v.shape[1])
     for j in range(1, high_at.shape[0] + 1):
-        idx = np.flatnonzero((j <= r) & (b - a >= 3))
-        if idx.size == 0:
+        # every column is computed (most are active; no gathers), only the active ones move
+        act = (j <= r) & (b - a >= 3)
+        if not act.any():
             break
-        s, ai, bi = sz[:, idx], a[idx], b[idx]
-        cntf = (bi - ai).astype(np.float32)
-        inside = _rank_mask(ai, bi, n).astype(np.float32)
-        mean = _seqsum(s * inside) / cntf
-        sd = _std_masked(s, inside, cntf, (bi - ai - 1).astype(np.float32))
-        cols = np.arange(idx.size)
-        lo_d, hi_d = mean - s[ai, cols], s[bi - 1, cols] - mean
+        cnt = np.maximum(b - a, 2)
+        cntf = cnt.astype(np.float32)
+        inside = _rank_mask(a, b, n).astype(np.float32)
+        mean = _seqsum(sz * inside) / cntf
+        d = sz - mean
+        d *= inside
+        sd = np.sqrt(_seqsum(d * d) / (cnt - 1).astype(np.float32))  # combine_std, ddof 1
+        lo_d = mean - sz[np.minimum(a, n - 1), cols]
+        hi_d = sz[np.maximum(b - 1, 0), cols] - mean
         high = hi_d >= lo_d
-        hit = np.where(high, hi_d, lo_d) > lam[bi - ai] * sd
-        nout[idx[hit]] = j
-        high_at[j - 1, idx] = high
-        b[idx[high]] -= 1
-        a[idx[~high]] += 1
+        with np.errstate(invalid="ignore"):  # inactive columns: inf * 0
+            hit = act & (np.where(high, hi_d, lo_d) > lam[np.minimum(cnt, n)] * sd)
+        nout[hit] = j
+        high_at[j - 1] = act & high
+        b -= act & high
+        a += act & ~high
     a, b = np.zeros_like(nvalid), nvalid.copy()
     for j in range(1, high_at.shape[0] + 1):  # replay the first nout steps
         step = j <= nout

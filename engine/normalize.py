@@ -73,7 +73,7 @@ def _flatten_background(chan: np.ndarray, block: int = 32) -> np.ndarray:
     return (core - med[:, None, :, None]).reshape(hb * block, wb * block)
 
 
-def highpass_noise(image: np.ndarray, *, step: int = 1, sample: int = 250_000) -> float:
+def highpass_noise(image: np.ndarray, *, step: int = 1, sample: int = 100_000) -> float:
     """Per-pixel noise (sigma) of a frame from its finest scale, independent of its level and gradients.
 
     Each of the ``step x step`` sub-grids (the colours of a Bayer mosaic for
