@@ -172,7 +172,7 @@ class StarApertures:
     ``boxes`` are ``(y0, y1, x0, x1)`` cut-outs, ``inside`` the aperture (a
     star or a group of close stars, grown by a few pixels) and ``ring`` the
     box's pixels away from every star (its local background); ``ref_flux``
-    ``(C, S)`` is the reference's flux in each.
+    ``(S,)`` is the reference's flux in each, on the channel sum.
     """
 
     boxes: list[tuple[int, int, int, int]]
@@ -200,7 +200,7 @@ def star_apertures(ref: np.ndarray, *, max_stars: int = 300, grow: int = 8, pad:
     flat = _flatten_background(np.nan_to_num(planes.sum(axis=0)))
     sig = robust_stats(flat).scale[0]
     h, w = flat.shape
-    empty = StarApertures(boxes=[], inside=[], ring=[], ref_flux=np.zeros((planes.shape[0], 0)))
+    empty = StarApertures(boxes=[], inside=[], ring=[], ref_flux=np.zeros(0))
     if not sig > 0:
         return empty
     grown = ndimage.binary_dilation(flat > 5 * sig, iterations=grow)
@@ -232,13 +232,12 @@ def star_apertures(ref: np.ndarray, *, max_stars: int = 300, grow: int = 8, pad:
 
 
 def _aperture_fluxes(planes: np.ndarray, ap: StarApertures) -> np.ndarray:
-    """``(C, S)`` flux in each aperture above its background's median (NaN where a pixel is missing)."""
-    out = np.full((planes.shape[0], len(ap.boxes)), np.nan)
+    """``(S,)`` flux of the channel sum in each aperture above its background's median (NaN if a pixel is missing)."""
+    out = np.full(len(ap.boxes), np.nan)
     for j, ((y0, y1, x0, x1), ins, ring) in enumerate(zip(ap.boxes, ap.inside, ap.ring)):
-        for c, plane in enumerate(planes):
-            box = plane[y0:y1, x0:x1]
-            if np.isfinite(box).all():
-                out[c, j] = float(np.sum(box[ins] - np.median(box[ring]), dtype=np.float64))
+        box = planes[:, y0:y1, x0:x1].sum(axis=0)
+        if np.isfinite(box).all():
+            out[j] = float(np.sum(box[ins] - np.median(box[ring]), dtype=np.float64))
     return out
 
 
@@ -259,8 +258,8 @@ def signal_ratios(image: np.ndarray, ap: StarApertures) -> np.ndarray:
     out = np.full(planes.shape[0], np.nan)
     if not len(ap.boxes) or not np.isfinite(planes).any():
         return out
-    flux = _aperture_fluxes(planes, ap).sum(axis=0)
-    ref = ap.ref_flux.sum(axis=0)
+    flux = _aperture_fluxes(planes, ap)
+    ref = ap.ref_flux
     good = np.isfinite(flux) & (ref > 0)
     for plane in planes:
         top = np.nanmax(plane)
