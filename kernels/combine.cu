@@ -20,9 +20,11 @@
 //   median_combine        median of the valid values (weights ignored, nothing rejected)
 //
 // sigma_clip_mean: kept = all valid values; repeat at most max_iter times:
-//     centre = median(kept), sigma = combine_mad_sigma (1.4826 b_m MAD, robust: an
-//     outlier cannot inflate it), stop if sigma is 0,
-//     drop v < centre - kappa_low*sigma and v > centre + kappa_high*sigma;
+//     centre = median(kept); sigma = combine_mad_sigma (1.4826 b_m MAD, robust: an
+//     outlier cannot inflate it) in the first round, the std of the kept values
+//     (ddof 0, rank order) after it; stop if sigma is 0;
+//     kept = the valid values (all of them, so a value the noisy MAD dropped may
+//     come back) within [centre - kappa_low*sigma, centre + kappa_high*sigma];
 //     stop when nothing changes, or keep the previous set and stop when fewer
 //     than 2 values would remain.
 // The kept set is always the valid values inside a value interval, so the
@@ -276,11 +278,11 @@ extern "C" __global__ void sigma_clip_mean(
         int a = 0, b = n;
         for (int it = 0; it < max_iter && b - a >= 3; ++it) {
             const float centre = combine_median(s, a, b);
-            const float sigma = combine_mad_sigma(s, a, b, centre);
+            const float sigma = it == 0 ? combine_mad_sigma(s, a, b, centre) : combine_std(s, a, b, 0);
             if (!(sigma > 0.0f)) break;
             const float lo = centre - kappa_low * sigma;
             const float hi = centre + kappa_high * sigma;
-            int a2 = a, b2 = b;
+            int a2 = 0, b2 = n;  // from every valid value: a value rejected early may come back
             while (a2 < b2 && s[a2] < lo) ++a2;
             while (b2 > a2 && s[b2 - 1] > hi) --b2;
             if (b2 - a2 < COMBINE_ROBUST_MIN_KEPT || (a2 == a && b2 == b)) break;
