@@ -409,20 +409,22 @@ def _stack_options(p: argparse.ArgumentParser, *, batch: bool = False) -> None:
         g.add_argument("--fits", help="FITS output (default OUT.fits)")
         g.add_argument("--report", help="JSON report (default OUT.json)")
         g.add_argument("--html", help="HTML report with plots (default OUT.html)")
-    g.add_argument("--rejection", default="sigma",
-                   choices=("sigma", "winsorized", "linear", "percentile", "minmax", "median", "mean"),
-                   help="how outliers (satellites, planes, hot pixels) are rejected before averaging: sigma "
-                        "clipping, winsorized sigma, linear fit, percentile, min/max, or a plain median or mean "
+    g.add_argument("--rejection", default="auto",
+                   choices=("auto", "sigma", "winsorized", "linear", "gesd", "percentile", "minmax", "median",
+                            "mean"),
+                   help="how outliers (satellites, planes, hot pixels) are rejected before averaging; auto "
+                        "picks by the number of frames: median up to 4, winsorized from 5, gesd from 10 "
                         "(default: %(default)s)")
     g.add_argument("--kappa", nargs=2, type=float, default=None, metavar=("LOW", "HIGH"),
                    help="rejection thresholds (default per method: sigma/winsorized 3 3, linear 4 4, "
-                        "percentile 0.2 0.1, minmax 1 1)")
+                        "gesd 0.3 0.01 (outlier fraction, significance), percentile 0.2 0.1, minmax 1 1)")
     g.add_argument("--normalization", default="additive+scale",
                    choices=("none", "additive", "multiplicative", "additive+scale"),
                    help="how frames are brought to the reference's sky level and contrast before combining "
                         "(default: %(default)s)")
-    g.add_argument("--weighting", default="none", choices=("none", "noise", "stars"),
-                   help="weight frames by their noise or star quality (default: %(default)s)")
+    g.add_argument("--weighting", default="noise", choices=("none", "noise", "psf", "stars"),
+                   help="frame weights: noise (inverse noise variance, measured before normalisation), psf "
+                        "(star peak over noise), stars (quality score) or none (default: %(default)s)")
     g.add_argument("--memory-limit", help="RAM/VRAM budget for buffers, e.g. 4GB (default: half the free memory)")
     g.add_argument("--store-dtype", default="float32", choices=("float32", "float16"),
                    help="type of the on-disk frame cache when frames spill (default: %(default)s)")

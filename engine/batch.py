@@ -995,7 +995,7 @@ def _apply_toml(cfg: StackConfig, path: Path) -> StackConfig:
             raise SkystackError(f"{path}: put every setting in the [stack] table (found {', '.join(extra) or 'stack'})")
         data = data["stack"]
     fields = {f.name: f for f in dataclasses.fields(StackConfig)}
-    choices = {"rejection": combine.METHODS, "normalization": normalize.NORMALIZATIONS,
+    choices = {"rejection": combine.REJECTIONS, "normalization": normalize.NORMALIZATIONS,
                "weighting": normalize.WEIGHTINGS, "debayer": debayer.METHODS, "interpolation": warp.METHODS,
                "transform_model": ("auto", *register.MODELS), "store_dtype": ("float32", "float16"),
                "backend": ("auto", "cpu", "gpu")}
@@ -1340,11 +1340,11 @@ def _clean_report(rep: dict[str, Any], out_dir: Path) -> tuple[dict[str, Any], d
 def _session_task(task: dict[str, Any]) -> dict[str, Any]:
     """Stack one session and write its outputs; never raises (the outcome says what happened)."""
     from skystack.engine import masters
+    from skystack.engine.finish import preview_image
     from skystack.engine.htmlreport import preview_uri, render_report
     from skystack.engine.output import output_set, write_fits, write_json, write_preview, write_text, write_tiff
     from skystack.engine.report import build_report, fits_header, rejection_map
     from skystack.engine.stack import stack_session
-    from skystack.engine.stretch import StretchConfig, autostretch
 
     c0 = masters.STATS.combined
     t0 = time.perf_counter()
@@ -1360,7 +1360,7 @@ def _session_task(task: dict[str, Any]) -> dict[str, Any]:
         header.pop("DATE", None)  # file creation time: would differ between runs
         header["OBJECT"] = (str(task["object"])[:60], "target")
         header["SSFPRINT"] = task["fingerprint"]  # 64 hex digits: no room for a comment
-        shown = autostretch(np.where(np.isfinite(img), img, np.nan), StretchConfig(linked=True))
+        shown = preview_image(img)
         quality = stack_quality(img)
         rep = build_report(result, outputs={k: p.name for k, p in paths.items()})
         rep, run = _clean_report(rep, Path(task["out_root"]))

@@ -9,23 +9,37 @@ count, and per frame how many of its valid values were rejected over the tile.
 
 Rules shared by every rejecting method:
 
-* a rejection round that would leave fewer than 3 kept values is not applied
-  and rejection stops there (so a pixel with 1 to 3 valid values, or a
+* a rejection round that would leave fewer than 3 kept values (2 for
+  ``"sigma"`` and ``"winsorized"``, :data:`ROBUST_MIN_KEPT`) is not applied
+  and rejection stops there (so a pixel with too few valid values, or a
   round asking for too much, keeps what it had);
 * ``max_iter = 0`` turns rejection off (the plain weighted mean);
 * the median of ``m`` sorted values ``s`` is ``(s[(m-1)//2] + s[m//2]) / 2``;
 * "std" is the standard deviation around the mean, divided by ``n`` (ddof = 0)
-  unless said otherwise.
+  unless said otherwise;
+* "MAD-sigma" of ``m`` kept values is ``1.4826 * b_m * median(|v - c|)`` around
+  their median ``c``, with Croux and Rousseeuw's small-sample factor ``b_m``
+  (1.196, 1.495, 1.363, 1.206, 1.200, 1.140, 1.129, 1.107 for m = 2..9, then
+  ``m / (m - 0.8)``), so it is unbiased for Gaussian data of any size. Unlike
+  the std it ignores one outlier among three: the std's largest z-score is
+  ``(N-1)/sqrt(N)`` (2.04 for 6 values), so a std-based clip can never reject
+  a lone outlier at kappa 3 in a small stack.
 
 Methods (``kappa_low``/``kappa_high`` are called kl/kh):
 
 ``"sigma"``
-    Kappa-sigma clipping, like Siril's: repeat (at most ``max_iter`` rounds,
-    until nothing changes) ``c = median(kept)``, ``sigma = std(kept)``, drop
-    ``v < c - kl*sigma`` and ``v > c + kh*sigma``.
+    Robust kappa-sigma clipping: repeat (at most ``max_iter`` rounds, until
+    nothing changes) ``c = median(kept)``; ``sigma = MAD-sigma(kept)`` in the
+    first round, then ``std(kept)`` (ddof 0; stop if sigma is 0); ``kept`` =
+    the valid values in ``[c - kl*sigma, c + kh*sigma]`` -- all of them, so a
+    value the MAD's own noise dropped comes back once the efficient std takes
+    over (the MAD-sigma of 8 values scatters by ~30 %: clipping with it every
+    round drops ~4 % of pure noise and costs ~4 % of the stack's noise).
 ``"winsorized"``
-    Winsorized sigma clipping, like Siril's. Per round: ``c = median(kept)``;
-    the robust sigma starts at ``sigma = std1(kept)`` and repeats (at most
+    Winsorized sigma clipping, like Siril's but from a robust start. Per
+    round: ``c = median(kept)``; the robust sigma starts at
+    ``sigma = MAD-sigma(kept)`` (stop if it is 0; Siril starts from the std,
+    which an outlier inflates) and repeats (at most
     :data:`WINSOR_MAX_ITER` times) ``L = max(L, c - 1.5 sigma)``,
     ``U = min(U, c + 1.5 sigma)`` (``L, U`` start at -inf, +inf),
     ``w = clip(kept, L, U)``, ``sigma' = 1.134 * std1(w)``, until
@@ -50,6 +64,19 @@ Methods (``kappa_low``/``kappa_high`` are called kl/kh):
     alone on its side of the line is exactly ``m/2`` sigma (the residuals sum
     to 0), so kappas of 1.5, 2, 2.5 meet 3, 4, 5 values on that edge, where
     rounding decides.
+``"gesd"``
+    Generalized extreme Studentized deviate test (Rosner 1983), as in Siril
+    and PixInsight; one pass (any ``max_iter >= 1``). **kl is the largest
+    fraction of outliers** (default 0.3) **and kh the significance**
+    (default 0.01; Siril's 0.05 rejects ~1.5 % of pure noise at 13 values). With the ``n`` valid values sorted, ``r = int(kl * n)``
+    steps (while at least 3 values are left): ``mean`` and ``std1`` of the
+    kept values; the value farthest from the mean (the highest on a tie) has
+    deviation ``dev``; step ``j`` is significant if
+    ``dev > lambda(m) * std1`` for the ``m`` values tested, with Rosner's
+    critical value ``lambda(m) = (m-1) t / sqrt((m-2+t^2) m)``, ``t`` the
+    ``1 - kh/(2m)`` quantile of Student's t with ``m - 2`` degrees of
+    freedom (:func:`gesd_critical_values`); drop that value. The outliers are
+    the values dropped up to the last significant step.
 ``"percentile"``
     Percentile clipping, like Siril's, one pass (any ``max_iter >= 1``):
     ``c = median(valid)``; unless ``c == 0`` (then nothing is rejected, as in
@@ -72,8 +99,9 @@ Methods (``kappa_low``/``kappa_high`` are called kl/kh):
 Every method is a CUDA kernel in ``kernels/combine.cu`` (one thread per pixel)
 with a NumPy twin here (vectorised over pixels, loops over frames or ranks or
 rounds only). Both run the same float32 operations in the same order without
-fused multiply-add -- sums in frame order (``"sigma"`` and the final mean) or
-rank order (the others' statistics) -- so both backends return the same bits.
+fused multiply-add -- sums in frame order (the final mean) or rank order (the
+statistics; the MAD's deviations are taken in ascending order, a merge in the
+kernel, a sort in the twin) -- so both backends return the same bits.
 """
 
 from __future__ import annotations
@@ -87,14 +115,19 @@ from skystack.engine.backend import array_module, is_device_array, launch, run_c
 from skystack.engine.errors import SkystackError
 
 __all__ = ["ClipResult", "sigma_clip_mean", "combine", "METHODS", "DEFAULT_KAPPAS", "MAX_SUPPORTED_FRAMES",
-           "WINSOR_MAX_ITER", "max_frames_define"]
+           "WINSOR_MAX_ITER", "ROBUST_MIN_KEPT", "max_frames_define", "gesd_critical_values",
+           "auto_rejection", "resolve_rejection", "REJECTIONS"]
 
 #: Compile-time sizes of the kernel's per-thread sort buffer (``-DMAX_FRAMES=``).
 _FRAME_BUCKETS = (64, 256, 1024, 4096)
 #: Most frames one tile may hold (on either backend, so results never depend on it).
 MAX_SUPPORTED_FRAMES = _FRAME_BUCKETS[-1]
 #: Rejection methods of :func:`combine`.
-METHODS = ("sigma", "winsorized", "linear", "percentile", "minmax", "median", "mean")
+METHODS = ("sigma", "winsorized", "linear", "gesd", "percentile", "minmax", "median", "mean")
+#: Values of the ``rejection`` setting: ``"auto"`` (see :func:`auto_rejection`) or a method.
+REJECTIONS = ("auto", *METHODS)
+#: Sigma and winsorized (robust centre and scale) may reject down to this many kept values.
+ROBUST_MIN_KEPT = 2
 #: Suggested ``(kappa_low, kappa_high)`` per method, since the kappas mean different things:
 #: standard deviations (sigma, winsorized, linear), fractions of the median (percentile,
 #: Siril's 0.2 / 0.1) and values per side (minmax). Linear fit uses 5: its sigma is the
@@ -102,16 +135,17 @@ METHODS = ("sigma", "winsorized", "linear", "percentile", "minmax", "median", "m
 #: the line, so kappa 3 rejects ~4.5% of pure noise (noise gain 0.90 sqrt(N) at N = 20)
 #: against ~0.5% at 5 (0.98 sqrt(N)).
 DEFAULT_KAPPAS: dict[str, tuple[float, float]] = {
-    "sigma": (3.0, 3.0), "winsorized": (3.0, 3.0), "linear": (4.0, 4.0), "percentile": (0.2, 0.1),
+    "sigma": (3.0, 3.0), "winsorized": (3.0, 3.0), "linear": (4.0, 4.0), "gesd": (0.3, 0.01),
+    "percentile": (0.2, 0.1),
     "minmax": (1.0, 1.0), "median": (3.0, 3.0), "mean": (3.0, 3.0)}
 #: Most rounds of the winsorized (Huber) sigma loop (``WINSOR_MAX_ITER`` in combine.cu).
 WINSOR_MAX_ITER = 50
 
 #: Method -> kernel in combine.cu ("mean" is "sigma" with max_iter = 0).
 _KERNELS = {"sigma": "sigma_clip_mean", "winsorized": "winsorized_clip_mean",
-            "linear": "linear_fit_clip_mean", "percentile": "percentile_clip_mean",
+            "linear": "linear_fit_clip_mean", "gesd": "gesd_clip_mean", "percentile": "percentile_clip_mean",
             "minmax": "minmax_clip_mean", "median": "median_combine"}
-_USES_KAPPA = ("sigma", "winsorized", "linear", "percentile", "minmax")
+_USES_KAPPA = ("sigma", "winsorized", "linear", "gesd", "percentile", "minmax")
 
 #: Values (frames x pixels) the NumPy twins handle at once (see :func:`_run_twin`).
 _CHUNK_VALUES = 1 << 19
@@ -237,6 +271,24 @@ def _median_sorted(srt: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (srt[a + (cnt - 1) // 2, cols] + srt[a + cnt // 2, cols]) * _HALF
 
 
+_MAD_FACTORS = np.array([1.0, 1.0, 1.196, 1.495, 1.363, 1.206, 1.200, 1.140, 1.129, 1.107], np.float32)
+
+
+def _mad_sigma(srt: np.ndarray, a: np.ndarray, b: np.ndarray, centre: np.ndarray) -> np.ndarray:
+    """MAD-sigma of the sorted ranks ``[a, b)`` of each column around ``centre``, like ``combine_mad_sigma``."""
+    d = np.abs(srt - centre)
+    d[~_rank_mask(a, b, srt.shape[0])] = np.inf
+    d.sort(axis=0)
+    m = b - a
+    cols = np.arange(srt.shape[1])
+    mad = (d[(m - 1) // 2, cols] + d[m // 2, cols]) * _HALF
+    mf = m.astype(np.float32)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        factor = np.where(m < _MAD_FACTORS.size, _MAD_FACTORS[np.minimum(m, _MAD_FACTORS.size - 1)],
+                          mf / (mf - np.float32(0.8))).astype(np.float32)
+    return (np.float32(1.4826) * factor) * mad
+
+
 def _rank_mask(a: np.ndarray, b: np.ndarray, n: int) -> np.ndarray:
     """``(N, P)`` bool: rank ``r`` lies in ``[a, b)``."""
     r = np.arange(n)[:, None]
@@ -330,29 +382,30 @@ def _sigma_clip_mean_numpy(cube: np.ndarray, kappa_low: np.float32, kappa_high: 
     """NumPy twin of the ``sigma_clip_mean`` kernel: vectorised over pixels, same float32 ops."""
     n, h, w = cube.shape
     v, valid = _normalised(cube, scale, offset)
-    vz = _zeroed(v)
     srt = _sort_values(v)  # NaN last
     nvalid = valid.sum(axis=0)
     a = np.zeros(v.shape[1], dtype=np.intp)
     b = nvalid.astype(np.intp)
+    srt_z = _zeroed(srt)
     idx = np.flatnonzero(b >= 3) if max_iter > 0 else np.empty(0, dtype=np.intp)
-    for _ in range(max_iter):
+    for it in range(max_iter):
         if idx.size == 0:
             break
-        vs, ss_ = v[:, idx], srt[:, idx]
-        ai, bi = a[idx], b[idx]
-        cntf = (bi - ai).astype(np.float32)
+        ss_, ai, bi = srt[:, idx], a[idx], b[idx]
         centre = _median_sorted(ss_, ai, bi)
-        cols = np.arange(idx.size)
-        kept = (vs >= ss_[ai, cols]) & (vs <= ss_[bi - 1, cols])  # the kept value interval
-        # ddof 0, frame-order sums, like the kernel
-        sigma = _std_masked(vz[:, idx], kept.astype(np.float32), cntf, cntf)
-        a2, b2 = _clip_range(ss_, ai, bi, nvalid[idx], centre - kappa_low * sigma,
+        if it == 0:
+            sigma = _mad_sigma(ss_, ai, bi, centre)
+        else:
+            cntf = (bi - ai).astype(np.float32)
+            sigma = _std_masked(srt_z[:, idx], _rank_mask(ai, bi, n).astype(np.float32), cntf, cntf)
+        nv = nvalid[idx]
+        a2, b2 = _clip_range(ss_, np.zeros_like(nv), nv, nv, centre - kappa_low * sigma,
                              centre + kappa_high * sigma)
-        go = ((b2 - a2) >= 3) & ((a2 != ai) | (b2 != bi))
+        go = (sigma > 0) & ((b2 - a2) >= ROBUST_MIN_KEPT) & ((a2 != ai) | (b2 != bi))
         a[idx[go]] = a2[go]
         b[idx[go]] = b2[go]
         idx = idx[go]
+        idx = idx[b[idx] - a[idx] >= 3]  # the kernel's loop needs 3 kept values
     return _finish_interval(v, valid, srt, a, b, weights, (h, w))
 
 
@@ -404,9 +457,10 @@ def _winsorized_clip_mean_numpy(cube: np.ndarray, kappa_low: np.float32, kappa_h
         dof = (bi - ai - 1).astype(np.float32)
         inside = _rank_mask(ai, bi, n).astype(np.float32)
         centre = _median_sorted(s, ai, bi)
-        sigma = _winsorized_sigma(sz, inside, cntf, dof, centre, _std_masked(sz, inside, cntf, dof))
+        start = _mad_sigma(s, ai, bi, centre)
+        sigma = _winsorized_sigma(sz, inside, cntf, dof, centre, start)
         a2, b2 = _clip_range(s, ai, bi, nvalid[idx], centre - kappa_low * sigma, centre + kappa_high * sigma)
-        go = ((b2 - a2) >= 3) & ((a2 != ai) | (b2 != bi))
+        go = (start > 0) & ((b2 - a2) >= ROBUST_MIN_KEPT) & ((a2 != ai) | (b2 != bi))
         a[idx[go]] = a2[go]
         b[idx[go]] = b2[go]
         idx = idx[go]
@@ -460,6 +514,78 @@ def _sum_sq_dev_ranks(m: np.ndarray) -> np.ndarray:
     """``sum((x - xm)^2)`` over ranks ``x = 0..m-1``, ``m (m^2 - 1) / 12`` in float32 (like the kernel)."""
     mf = m.astype(np.float32)
     return mf * (mf * mf - np.float32(1.0)) / np.float32(12.0)
+
+
+def gesd_critical_values(n_frames: int, alpha: float) -> np.ndarray:
+    """Rosner's GESD critical values ``lambda[m]`` for ``m = 0..n_frames`` tested values, float32.
+
+    ``lambda[m] = (m-1) t / sqrt((m-2+t^2) m)`` with ``t`` the ``1 - alpha/(2m)``
+    quantile of Student's t with ``m - 2`` degrees of freedom; ``inf`` below 3
+    values (the test needs 3).
+
+    Parameters
+    ----------
+    n_frames : int
+        Largest number of values tested.
+    alpha : float
+        Significance of each step, in (0, 1).
+
+    Returns
+    -------
+    ndarray, (n_frames + 1,) float32
+    """
+    from scipy import stats
+
+    lam = np.full(n_frames + 1, np.inf)
+    m = np.arange(3, n_frames + 1, dtype=np.float64)
+    if m.size:
+        t = stats.t.ppf(1.0 - alpha / (2.0 * m), m - 2.0)
+        lam[3:] = (m - 1.0) * t / np.sqrt((m - 2.0 + t * t) * m)
+    return lam.astype(np.float32)
+
+
+def _gesd_clip_mean_numpy(cube: np.ndarray, kappa_low: np.float32, kappa_high: np.float32,
+                          max_iter: int, scale: np.ndarray, offset: np.ndarray,
+                          weights: np.ndarray) -> ClipResult:
+    """NumPy twin of the ``gesd_clip_mean`` kernel (``kappa_high`` sets the critical values)."""
+    n, h, w = cube.shape
+    v, valid = _normalised(cube, scale, offset)
+    srt, order = _sorted(v)
+    lam = gesd_critical_values(n, float(kappa_high))
+    nvalid = valid.sum(axis=0).astype(np.intp)
+    r = (kappa_low * nvalid.astype(np.float32)).astype(np.intp) if max_iter > 0 else np.zeros_like(nvalid)
+    a, b = np.zeros_like(nvalid), nvalid.copy()
+    nout = np.zeros_like(nvalid)
+    high_at = np.zeros((int(r.max(initial=0)), v.shape[1]), bool)  # step j-1: the high end went
+    sz = _zeroed(srt)
+    cols = np.arange(v.shape[1])
+    for j in range(1, high_at.shape[0] + 1):
+        # every column is computed (most are active; no gathers), only the active ones move
+        act = (j <= r) & (b - a >= 3)
+        if not act.any():
+            break
+        cnt = np.maximum(b - a, 2)
+        cntf = cnt.astype(np.float32)
+        inside = _rank_mask(a, b, n).astype(np.float32)
+        mean = _seqsum(sz * inside) / cntf
+        d = sz - mean
+        d *= inside
+        sd = np.sqrt(_seqsum(d * d) / (cnt - 1).astype(np.float32))  # combine_std, ddof 1
+        lo_d = mean - sz[np.minimum(a, n - 1), cols]
+        hi_d = sz[np.maximum(b - 1, 0), cols] - mean
+        high = hi_d >= lo_d
+        with np.errstate(invalid="ignore"):  # inactive columns: inf * 0
+            hit = act & (np.where(high, hi_d, lo_d) > lam[np.minimum(cnt, n)] * sd)
+        nout[hit] = j
+        high_at[j - 1] = act & high
+        b -= act & high
+        a += act & ~high
+    a, b = np.zeros_like(nvalid), nvalid.copy()
+    for j in range(1, high_at.shape[0] + 1):  # replay the first nout steps
+        step = j <= nout
+        b -= step & high_at[j - 1]
+        a += step & ~high_at[j - 1]
+    return _finish_ranks(v, valid, order, _rank_mask(a, b, n), weights, (h, w))
 
 
 def _percentile_clip_mean_numpy(cube: np.ndarray, kappa_low: np.float32, kappa_high: np.float32,
@@ -516,7 +642,8 @@ def _median_combine_numpy(cube: np.ndarray, kappa_low: np.float32, kappa_high: n
 
 _TWINS: dict[str, Callable[..., ClipResult]] = {
     "sigma": _sigma_clip_mean_numpy, "winsorized": _winsorized_clip_mean_numpy,
-    "linear": _linear_fit_clip_mean_numpy, "percentile": _percentile_clip_mean_numpy,
+    "linear": _linear_fit_clip_mean_numpy, "gesd": _gesd_clip_mean_numpy,
+    "percentile": _percentile_clip_mean_numpy,
     "minmax": _minmax_clip_mean_numpy, "median": _median_combine_numpy,
 }
 
@@ -550,7 +677,7 @@ def _run_twin(twin: Callable[..., ClipResult], cube: np.ndarray, kappa_low: np.f
 # ----------------------------------------------------------------------------- operations
 
 
-def combine(cube: Any, *, method: str = "sigma", kappa_low: float = 3.0, kappa_high: float = 3.0,
+def combine(cube: Any, *, method: str = "sigma", kappa_low: float | None = None, kappa_high: float | None = None,
             max_iter: int = 10, scale: Any | None = None, offset: Any | None = None,
             weights: Any | None = None) -> ClipResult:
     """Per-pixel rejection and weighted mean of an ``(N, H, W)`` tile.
@@ -561,12 +688,13 @@ def combine(cube: Any, *, method: str = "sigma", kappa_low: float = 3.0, kappa_h
         Registered frames, float (converted to float32); NaN/inf = no data.
     method : str
         One of :data:`METHODS`: ``"sigma"``, ``"winsorized"``, ``"linear"``,
-        ``"percentile"``, ``"minmax"``, ``"median"``, ``"mean"`` (defined in the
+        ``"gesd"``, ``"percentile"``, ``"minmax"``, ``"median"``, ``"mean"`` (defined in the
         module docstring).
-    kappa_low, kappa_high : float
-        Rejection thresholds below/above (>= 0): standard deviations for
+    kappa_low, kappa_high : float, optional
+        Rejection thresholds below/above (>= 0; default :data:`DEFAULT_KAPPAS` of the method): standard deviations for
         ``"sigma"``/``"winsorized"``/``"linear"``, fractions of the median for
-        ``"percentile"`` (e.g. 0.2), values dropped per side for ``"minmax"``
+        ``"percentile"`` (e.g. 0.2), for ``"gesd"`` the largest outlier fraction
+        and the significance (0.3, 0.01), values dropped per side for ``"minmax"``
         (``int(kappa)``, at least 1). Ignored by ``"median"`` and ``"mean"``.
     max_iter : int
         Most rejection rounds (0: no rejection; ``"percentile"`` and
@@ -595,6 +723,9 @@ def combine(cube: Any, *, method: str = "sigma", kappa_low: float = 3.0, kappa_h
         raise SkystackError(f"unknown rejection method {method!r}; use one of {', '.join(METHODS)}")
     if method == "mean":
         method, max_iter, kappa_low, kappa_high = "sigma", 0, 3.0, 3.0
+    dk = DEFAULT_KAPPAS[method]
+    kappa_low = dk[0] if kappa_low is None else kappa_low
+    kappa_high = dk[1] if kappa_high is None else kappa_high
     if cube.ndim != 3 or cube.shape[0] < 1:
         raise SkystackError(f"combine needs an (N, H, W) tile with N >= 1, got shape {tuple(cube.shape)}")
     n, h, w = (int(s) for s in cube.shape)
@@ -604,6 +735,8 @@ def combine(cube: Any, *, method: str = "sigma", kappa_low: float = 3.0, kappa_h
         raise SkystackError(f"kappa values must be finite and >= 0, got {kl:g} and {kh:g}")
     if int(max_iter) < 0:
         raise SkystackError(f"max_iter must be >= 0, got {max_iter}")
+    if method == "gesd" and not (kl <= 1 and 0 < kh < 1):
+        raise SkystackError(f"gesd takes an outlier fraction <= 1 and a significance in (0, 1), got {kl:g} {kh:g}")
     xp = array_module(cube)
     cube = xp.ascontiguousarray(cube, dtype=xp.float32)
     scale_a = _per_frame(xp, scale, n, 1.0, "scale")
@@ -615,7 +748,8 @@ def combine(cube: Any, *, method: str = "sigma", kappa_low: float = 3.0, kappa_h
         mean = xp.empty((h, w), dtype=xp.float32)
         count = xp.empty((h, w), dtype=xp.int32)
         rejected = xp.zeros(n, dtype=xp.uint64)
-        run(_KERNELS[method], npix, (cube, np.int64(npix), np.int32(n), scale_a, offset_a, weights_a,
+        extra = (xp.asarray(gesd_critical_values(n, float(np.float32(kh)))),) if method == "gesd" else ()
+        run(_KERNELS[method], npix, (cube, np.int64(npix), np.int32(n), scale_a, offset_a, weights_a, *extra,
                                      np.float32(kl), np.float32(kh), np.int32(max_iter), mean, count, rejected))
         return ClipResult(mean=mean, count=count, rejected=rejected.view(xp.int64))
 
@@ -624,6 +758,43 @@ def combine(cube: Any, *, method: str = "sigma", kappa_low: float = 3.0, kappa_h
             _TWINS[method], cube, np.float32(kl), np.float32(kh), int(max_iter), scale_a, offset_a, weights_a),
             lambda mod: kernel(mod.launch), defines=defines)
     return kernel(lambda name, items, args: launch("combine.cu", name, items, args, defines=defines))
+
+
+#: ``"auto"`` rejection: (fewest frames, method), the last row whose count the stack reaches.
+AUTO_REJECTION: tuple[tuple[int, str], ...] = ((1, "median"), (5, "winsorized"), (10, "gesd"))
+
+
+def auto_rejection(n_frames: int) -> str:
+    """The rejection method ``"auto"`` picks for a stack of ``n_frames`` frames (:data:`AUTO_REJECTION`).
+
+    Measured on Gaussian values with one outlier of 3 to 10 sigma (the mean
+    residual it leaves, in the stack's own noise, and the noise against the
+    plain mean), NumPy twins, 20 000 pixels:
+
+    * up to 4 frames, ``"median"``: the only method that leaves < 1 sigma of a
+      3-10 sigma outlier (0.76-0.86); a clip on 3-4 values cannot tell a
+      4-sigma outlier from noise (winsorized leaves 1.1-2.0 sigma);
+    * 5 to 9 frames, ``"winsorized"`` (robust start): <= 0.83 sigma left,
+      noise 1.07-1.09x the mean's (the median: 0.55 sigma but 1.13-1.21x);
+      GESD leaves more than 1 sigma at 5 frames;
+    * from 10 frames, ``"gesd"`` at its default significance 0.01: <= 0.87
+      sigma left at 10 frames, <= 0.68 from 13, with the mean's noise
+      (1.00-1.01x; winsorized 1.05-1.07x, GESD at Siril's 0.05 1.02-1.05x:
+      on a simulated 13-light night 0.05 cost 2 % of the stack's SNR).
+
+    This follows PixInsight's and DSS's guidance (median or percentile for very
+    few frames, a sigma clip in the middle, a many-frame statistic above).
+    """
+    method = AUTO_REJECTION[0][1]
+    for lowest, name in AUTO_REJECTION:
+        if n_frames >= lowest:
+            method = name
+    return method
+
+
+def resolve_rejection(method: str, n_frames: int) -> str:
+    """``method``, or the one :func:`auto_rejection` picks for ``n_frames`` when it is ``"auto"``."""
+    return auto_rejection(n_frames) if method == "auto" else method
 
 
 def sigma_clip_mean(cube: Any, *, kappa_low: float = 3.0, kappa_high: float = 3.0,

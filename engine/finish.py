@@ -411,6 +411,44 @@ def finish_image(image: np.ndarray, *, count: np.ndarray | None = None, n_frames
                         stretch={"c0": float(c0), "m": float(m)}, warnings=warns, timings=t)
 
 
+def preview_image(image: np.ndarray, *, linked: bool = True) -> np.ndarray:
+    """The stack's default preview, in [0, 1]: a neutral, gradient-free sky under one linked stretch.
+
+    Linked, it is :func:`finish_image` without the crop, the S-curve and the
+    saturation boost: the background model is subtracted and the sky
+    neutralised (the same steps as ``skystack finish``), then one MTF curve
+    stretches every channel, so a light-pollution cast and its gradient do not
+    tint the preview. Where those steps fail (too small or too empty a stack)
+    it warns and falls back to the plain linked autostretch. Unlinked, it is
+    the per-channel autostretch of :mod:`skystack.engine.stretch`.
+
+    Parameters
+    ----------
+    image : ndarray
+        ``(3, H, W)`` or ``(H, W)`` linear stack, NaN = no data.
+    linked : bool
+        One curve for all channels (default) or one per channel.
+
+    Returns
+    -------
+    ndarray
+        Same shape, float32 in [0, 1] (no data -> 0).
+    """
+    from skystack.engine.stretch import StretchConfig, autostretch
+
+    shown = np.where(np.isfinite(image), image, np.nan).astype(np.float32)
+    if linked:
+        cfg = FinishConfig(crop=False, contrast=0.0, saturation=1.0, white_balance=False,
+                           target_background=StretchConfig().target_background)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)
+                return finish_image(shown, config=cfg).image
+        except (SkystackError, ValueError, np.linalg.LinAlgError) as exc:
+            warnings.warn(f"preview: background/colour steps skipped ({exc}); plain autostretch", stacklevel=2)
+    return autostretch(shown, StretchConfig(linked=linked))
+
+
 # ----------------------------------------------------------------------------- files
 
 

@@ -11,10 +11,23 @@ puts every frame on the reference frame's level:
 * ``none``: scale 1, offset 0;
 * ``additive``: offset = loc_ref - loc_i;
 * ``multiplicative``: scale = loc_ref / loc_i;
-* ``additive+scale``: scale = s_ref / s_i, offset = loc_ref - loc_i * scale.
+* ``additive+scale``: scale = the reference's star flux over the frame's
+  (:func:`signal_ratios`: the summed flux of up to 300 apertures on the
+  reference's unsaturated stars, each against its local background), so a
+  cloudy frame is lifted and a noisy one is not shrunk;
+  where fewer than :data:`MIN_SIGNAL_STARS` can be measured in any frame,
+  s_ref / s_i (the old rule, which shrinks a noisy frame's signal);
+  offset = loc_ref - loc_i * scale.
 
-Weights: ``none`` (1), ``noise`` (``1 / (s_i * scale_i)^2``, inverse variance
-after normalisation) or ``stars`` (the frame's quality score).
+Weights (normalised to mean 1): ``none`` (1); ``noise`` (inverse variance
+after normalisation, ``1 / (n_i * scale_i)^2``, with ``n_i`` the frame's
+noise measured *before* normalisation and registration by
+:func:`highpass_noise` on the calibrated mosaic, or s_i where that is unknown); ``psf`` (PSF signal,
+after PixInsight's PSF Signal Weight: a star's peak signal over the noise,
+``(1 / (n_i * scale_i * fwhm_i^2))^2`` -- the flux is equal after
+normalisation and the peak falls as ``1 / fwhm^2``); ``stars`` (the frame's
+quality score). With the old dispersion scale, ``n_i * scale_i`` was the
+reference's noise for every frame, so ``noise`` weights all came out 1.
 """
 
 from __future__ import annotations
@@ -24,7 +37,11 @@ from dataclasses import dataclass
 import numpy as np
 
 NORMALIZATIONS = ("none", "additive", "multiplicative", "additive+scale")
-WEIGHTINGS = ("none", "noise", "stars")
+WEIGHTINGS = ("none", "noise", "psf", "stars")
+#: Fewest apertures :func:`signal_ratios` needs for a frame's signal scale: each aperture's
+#: ratio scatters by 5-10 % (Bayer sampling of undersampled stars, noise), so fewer
+#: apertures than this bias the scale by several percent (measured on simulated sessions).
+MIN_SIGNAL_STARS = 20
 MAD_TO_SIGMA = 1.4826
 
 
@@ -54,6 +71,63 @@ def _flatten_background(chan: np.ndarray, block: int = 32) -> np.ndarray:
             warnings.simplefilter("ignore", RuntimeWarning)
             med = np.nanmedian(core.transpose(0, 2, 1, 3).reshape(hb, wb, -1), axis=2)
     return (core - med[:, None, :, None]).reshape(hb * block, wb * block)
+
+
+def highpass_noise(image: np.ndarray, *, step: int = 1, sample: int = 100_000) -> float:
+    """Per-pixel noise (sigma) of a frame from its finest scale, independent of its level and gradients.
+
+    Each of the ``step x step`` sub-grids (the colours of a Bayer mosaic for
+    ``step = 2``) is measured alone: the residual of each pixel against the
+    mean of its 4 neighbours keeps the noise and the sharpest structure only;
+    its MAD-sigma after two rounds of 3-sigma clipping (stars), divided by
+    ``sqrt(1.25)`` (the residual's sigma for white noise), is that grid's
+    noise. The result is the RMS over the grids.
+    NaNs are ignored.
+
+    Parameters
+    ----------
+    image : ndarray, (H, W)
+        A frame before normalisation (e.g. the calibrated mosaic).
+    step : int
+        1 for a mono or debayered plane, 2 for a Bayer mosaic.
+    sample : int
+        Most residual values used per grid (rows are sub-sampled beyond).
+
+    Returns
+    -------
+    float
+        The noise in the image's units (NaN if it cannot be measured).
+    """
+    x = np.asarray(image, dtype=np.float32)
+    if x.ndim != 2:
+        return float("nan")
+    k = int(step)
+    var = [_grid_noise(x[py::k, px::k], sample) ** 2 for py in range(k) for px in range(k)]
+    return float(np.sqrt(np.mean(var)))
+
+
+def _grid_noise(x: np.ndarray, sample: int) -> float:
+    """:func:`highpass_noise` of one sub-grid (step 1)."""
+    if x.shape[0] < 3 or x.shape[1] < 3:
+        return float("nan")
+    rstep = max(1, (x.shape[0] * x.shape[1]) // sample)
+    ys = np.arange(1, x.shape[0] - 1, rstep)
+    nb = np.float32(0.25) * (x[ys - 1, 1:-1] + x[ys + 1, 1:-1] + x[ys, :-2] + x[ys, 2:])
+    r = x[ys, 1:-1] - nb
+    ok = np.isfinite(r)
+    if ok.sum() < 32:
+        return float("nan")
+    r = r[ok].astype(np.float64)
+    med = float(np.median(r))
+    sig = MAD_TO_SIGMA * float(np.median(np.abs(r - med)))
+    for _ in range(2):
+        keep = np.abs(r - med) <= 3.0 * sig
+        if sig <= 0 or keep.sum() < 16:
+            break
+        r = r[keep]
+        med = float(np.median(r))
+        sig = MAD_TO_SIGMA * float(np.median(np.abs(r - med)))
+    return sig / float(np.sqrt(1.25))
 
 
 def robust_stats(image: np.ndarray, *, sample: int = 200_000) -> FrameStats:
@@ -91,8 +165,124 @@ def robust_stats(image: np.ndarray, *, sample: int = 200_000) -> FrameStats:
     return FrameStats(location=np.asarray(locs, np.float64), scale=np.asarray(scales, np.float64))
 
 
-def normalization_factors(stats: list[FrameStats], ref: int, method: str) -> tuple[np.ndarray, np.ndarray]:
-    """``(scale, offset)`` arrays of shape ``(N, C)`` mapping each frame onto frame ``ref``."""
+@dataclass(frozen=True, kw_only=True)
+class StarApertures:
+    """Apertures around the reference's unsaturated stars, for :func:`signal_ratios`.
+
+    ``boxes`` are ``(y0, y1, x0, x1)`` cut-outs, ``inside`` the aperture (a
+    star or a group of close stars, grown by a few pixels) and ``ring`` the
+    box's pixels away from every star (its local background); ``ref_flux``
+    ``(S,)`` is the reference's flux in each, on the channel sum.
+    """
+
+    boxes: list[tuple[int, int, int, int]]
+    inside: list[np.ndarray]
+    ring: list[np.ndarray]
+    ref_flux: np.ndarray
+
+
+def star_apertures(ref: np.ndarray, *, max_stars: int = 300, grow: int = 8, pad: int = 6) -> StarApertures:
+    """Apertures on the brightest unsaturated stars of the reference ``(C, H, W)`` or ``(H, W)`` frame.
+
+    Stars are the pixels 5 sigma above the block-median background of the
+    channel sum; each connected group, grown by ``grow`` px (so a star blurred
+    by worse seeing in another frame still falls inside: a Moffat beta 3 star
+    keeps ~99 % of its flux within 3 FWHM of its centre), is one aperture,
+    measured against the median of the box's star-free pixels ``pad`` px
+    around it. Groups with a channel peak above 90 % of that channel's
+    maximum (saturation), touching the edge, or with fewer than 20 background
+    pixels are left out; the ``max_stars`` brightest remain.
+    """
+    from scipy import ndimage
+
+    img = np.asarray(ref, dtype=np.float32)
+    planes = img if img.ndim == 3 else img[None]
+    flat = _flatten_background(np.nan_to_num(planes.sum(axis=0)))
+    sig = robust_stats(flat).scale[0]
+    h, w = flat.shape
+    empty = StarApertures(boxes=[], inside=[], ring=[], ref_flux=np.zeros(0))
+    if not sig > 0:
+        return empty
+    grown = ndimage.binary_dilation(flat > 5 * sig, iterations=grow)
+    labels, n = ndimage.label(grown)
+    idx = np.arange(1, n + 1)
+    flux = ndimage.sum_labels(flat, labels, idx)
+    ok = np.ones(n, bool)
+    for plane in planes:
+        ok &= ndimage.maximum(np.nan_to_num(plane[:h, :w]), labels, idx) < 0.9 * np.nanmax(plane)
+    objects = ndimage.find_objects(labels)
+    boxes, inside, ring = [], [], []
+    for k in idx[ok][np.argsort(-flux[ok])]:
+        sy, sx = objects[k - 1]
+        y0, y1, x0, x1 = sy.start - pad, sy.stop + pad, sx.start - pad, sx.stop + pad
+        if y0 < 0 or x0 < 0 or y1 > h or x1 > w:
+            continue
+        bg = ~grown[y0:y1, x0:x1]
+        if bg.sum() < 20:
+            continue
+        boxes.append((y0, y1, x0, x1))
+        inside.append(labels[y0:y1, x0:x1] == k)
+        ring.append(bg)
+        if len(boxes) == max_stars:
+            break
+    if not boxes:
+        return empty
+    ap = StarApertures(boxes=boxes, inside=inside, ring=ring, ref_flux=empty.ref_flux)
+    return StarApertures(boxes=boxes, inside=inside, ring=ring, ref_flux=_aperture_fluxes(planes, ap))
+
+
+def _aperture_fluxes(planes: np.ndarray, ap: StarApertures) -> np.ndarray:
+    """``(S,)`` flux of the channel sum in each aperture above its background's median (NaN if a pixel is missing)."""
+    out = np.full(len(ap.boxes), np.nan)
+    for j, ((y0, y1, x0, x1), ins, ring) in enumerate(zip(ap.boxes, ap.inside, ap.ring)):
+        box = planes[:, y0:y1, x0:x1].sum(axis=0)
+        if np.isfinite(box).all():
+            out[j] = float(np.sum(box[ins] - np.median(box[ring]), dtype=np.float64))
+    return out
+
+
+def signal_ratios(image: np.ndarray, ap: StarApertures) -> np.ndarray:
+    """The frame's star flux over the reference's, measured on the channel sum ``(C,)`` (one value repeated).
+
+    The channel sum, because a Bayer camera's undersampled star moves flux
+    between the interpolated channels with its position on the mosaic (single
+    stars' R and G ratios differ by tens of percent) while its total holds.
+    The apertures whose ratio lies within 3 MAD-sigma (at least 5 %) of the
+    median ratio (a trail or a cosmic ray crossing one is left out) give the
+    ratio of their summed fluxes, which the bright stars dominate. NaN with
+    fewer than :data:`MIN_SIGNAL_STARS` measurable apertures (inside the
+    frame's data, unsaturated there too).
+    """
+    img = np.asarray(image, dtype=np.float32)
+    planes = img if img.ndim == 3 else img[None]
+    out = np.full(planes.shape[0], np.nan)
+    if not len(ap.boxes) or not np.isfinite(planes).any():
+        return out
+    flux = _aperture_fluxes(planes, ap)
+    ref = ap.ref_flux
+    good = np.isfinite(flux) & (ref > 0)
+    for plane in planes:
+        top = np.nanmax(plane)
+        good &= np.array([np.nanmax(plane[y0:y1, x0:x1]) < 0.9 * top for (y0, y1, x0, x1) in ap.boxes])
+    if good.sum() < MIN_SIGNAL_STARS:
+        return out
+    ratio = flux[good] / ref[good]
+    med = float(np.median(ratio))
+    tol = max(3.0 * MAD_TO_SIGMA * float(np.median(np.abs(ratio - med))), 0.05 * abs(med))
+    sel = np.abs(ratio - med) <= tol
+    out[:] = float(flux[good][sel].sum() / ref[good][sel].sum())
+    return out
+
+
+def normalization_factors(stats: list[FrameStats], ref: int, method: str,
+                          signal: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """``(scale, offset)`` arrays of shape ``(N, C)`` mapping each frame onto frame ``ref``.
+
+    ``signal`` ``(N, C)``: each frame's star flux over the reference's
+    (:func:`signal_ratios`); ``additive+scale`` takes its scale from it when
+    it is finite and positive for every frame, else (too few stars) from the
+    dispersion ratio for every frame, so all frames share one rule.
+    """
     if method not in NORMALIZATIONS:
         raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {method!r}")
     loc = np.stack([s.location for s in stats])
@@ -106,6 +296,9 @@ def normalization_factors(stats: list[FrameStats], ref: int, method: str) -> tup
         scale = np.where(np.abs(loc) > 1e-12, loc[ref] / np.where(loc == 0, 1, loc), 1.0)
     elif method == "additive+scale":
         scale = np.where(sc > 0, sc[ref] / np.where(sc > 0, sc, 1), 1.0)
+        sig = None if signal is None else np.asarray(signal, dtype=np.float64)
+        if sig is not None and sig.shape == scale.shape and np.all(np.isfinite(sig) & (sig > 0)):
+            scale = 1.0 / sig
         offset = loc[ref] - loc * scale
     scale = np.nan_to_num(scale, nan=1.0)
     offset = np.nan_to_num(offset, nan=0.0)
@@ -113,15 +306,40 @@ def normalization_factors(stats: list[FrameStats], ref: int, method: str) -> tup
 
 
 def frame_weights(stats: list[FrameStats], scale: np.ndarray, method: str,
-                  scores: list[float] | None = None) -> np.ndarray:
-    """Weights ``(N, C)`` for the combine (normalised to mean 1)."""
+                  scores: list[float] | None = None, noise: list[float | None] | None = None,
+                  fwhm: list[float | None] | None = None) -> np.ndarray:
+    """Weights ``(N, C)`` for the combine (normalised to mean 1).
+
+    Parameters
+    ----------
+    stats : list of FrameStats
+        Each frame's robust statistics (their scale is the noise fallback).
+    scale : ndarray, (N, C)
+        The normalisation scale of each frame and channel.
+    method : str
+        One of :data:`WEIGHTINGS`.
+    scores : list of float, optional
+        Quality scores (``"stars"``).
+    noise : list of float or None, optional
+        Each frame's background noise measured before normalisation (``"noise"``, ``"psf"``).
+    fwhm : list of float or None, optional
+        Each frame's star FWHM (``"psf"``).
+
+    Returns
+    -------
+    ndarray, (N, C) float32
+    """
     if method not in WEIGHTINGS:
         raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {method!r}")
     n, c = scale.shape
     if method == "none":
         w = np.ones((n, c))
-    elif method == "noise":
-        sig = np.stack([s.scale for s in stats]) * scale
+    elif method in ("noise", "psf"):
+        sig = _noise_before_normalisation(stats, noise) * scale
+        if method == "psf":
+            fw = np.array([np.nan if f is None else f for f in (fwhm or [None] * n)], dtype=np.float64)
+            fw = np.where(np.isfinite(fw) & (fw > 0), fw, np.nanmedian(fw) if np.isfinite(fw).any() else 1.0)
+            sig = sig * (fw ** 2)[:, None]
         w = np.where(sig > 0, 1.0 / np.maximum(sig, 1e-30) ** 2, 0.0)
     else:
         sc = np.asarray(scores if scores is not None else np.ones(n), dtype=np.float64)
@@ -129,3 +347,13 @@ def frame_weights(stats: list[FrameStats], scale: np.ndarray, method: str,
     w = np.nan_to_num(w)
     mean = w.mean(axis=0, keepdims=True)
     return (w / np.where(mean > 0, mean, 1.0)).astype(np.float32)
+
+
+def _noise_before_normalisation(stats: list[FrameStats], noise: list[float | None] | None) -> np.ndarray:
+    """``(N, C)`` noise of each frame in its own units: ``noise`` (one per frame) where all are known, else s_i."""
+    sc = np.stack([s.scale for s in stats])
+    nz = np.array([np.nan if v is None else v for v in (noise or [None] * len(stats))], dtype=np.float64)
+    if np.all(np.isfinite(nz) & (nz > 0)):
+        return np.repeat(nz[:, None], sc.shape[1], axis=1)
+    return sc
+

@@ -154,6 +154,10 @@ def summary_table(result, outputs: dict[str, str]):
     t.add_row("reference", Path(result.reference).name if result.reference else "-")
     for line in _registration_lines(getattr(result, "registration", {}) or {}):
         t.add_row(*line)
+    rej = result.settings.get("rejection")
+    if rej is not None:
+        asked = result.settings.get("rejection_requested")
+        t.add_row("rejection", f"{rej} (auto for {result.n_used} frames)" if asked == "auto" else str(rej))
     skipped = [f for f in result.frames if not f.used]
     for f in skipped[:10]:
         t.add_row(f"skipped {Path(f.path).name}", f.reason)
@@ -209,7 +213,7 @@ def write_outputs(result, *, tiff: str | None, preview: str | None = None, fits:
 
     from skystack.engine.htmlreport import preview_uri, render_report
     from skystack.engine.output import output_set, write_fits, write_json, write_preview, write_text, write_tiff
-    from skystack.engine.stretch import StretchConfig, autostretch
+    from skystack.engine.finish import preview_image
 
     inputs = list(inputs)
     run_id = uuid.uuid4().hex[:16]
@@ -217,7 +221,7 @@ def write_outputs(result, *, tiff: str | None, preview: str | None = None, fits:
     img = result.image
     stretched = None
     if preview or html:
-        stretched = autostretch(np.where(np.isfinite(img), img, np.nan), StretchConfig(linked=linked))
+        stretched = preview_image(img, linked=linked)
     with output_set():
         if tiff:
             out["tiff"] = str(write_tiff(tiff, img, inputs=inputs,

@@ -39,12 +39,12 @@ class StackConfig:
     """Settings of one stack (``skystack stack`` options)."""
 
     backend: str | None = None
-    rejection: str = "sigma"
+    rejection: str = "auto"  # "auto": chosen from the frame count (combine.auto_rejection)
     kappa_low: float | None = None  # None: the method's default (combine.DEFAULT_KAPPAS)
     kappa_high: float | None = None
     max_iter: int = 10
     normalization: str = "additive+scale"
-    weighting: str = "none"
+    weighting: str = "noise"  # inverse noise variance after normalisation (normalize.frame_weights)
     debayer: str = "bilinear"
     apply_wb: bool = True
     interpolation: str = "lanczos3"
@@ -78,7 +78,7 @@ def _validate_config(c: StackConfig) -> None:
         raise SkystackError(msg)
 
     for option, value, allowed in (
-            ("--rejection", c.rejection, combine.METHODS), ("--normalization", c.normalization, normalize.NORMALIZATIONS),
+            ("--rejection", c.rejection, combine.REJECTIONS), ("--normalization", c.normalization, normalize.NORMALIZATIONS),
             ("--weighting", c.weighting, normalize.WEIGHTINGS), ("--debayer", c.debayer, debayer.METHODS),
             ("--interpolation", c.interpolation, warp.METHODS), ("--model", c.transform_model, ("auto", *register.MODELS)),
             ("--framing", c.framing, framing.FRAMINGS), ("--store-dtype", c.store_dtype, ("float32", "float16")),
@@ -343,7 +343,7 @@ def register_session(files: SessionFiles, config: StackConfig = StackConfig()) -
         When no light can be used (the message says why for each).
     """
     from skystack.engine import calibrate as cal
-    from skystack.engine import debayer, detect, foreground, framing, register, warp
+    from skystack.engine import debayer, detect, foreground, framing, normalize, register, warp
     from skystack.engine.cosmetic import CosmeticConfig
     from skystack.engine.backend import CPU, array_module, get_backend, to_host
     from skystack.engine.framestore import DeviceFrameStore, FrameStore
@@ -446,8 +446,10 @@ def register_session(files: SessionFiles, config: StackConfig = StackConfig()) -
                 return
             x = cl.data
         with timer("detect"):
-            st = detect.detect_stars(to_host(x), pattern=m.pattern)
+            x_host = to_host(x)
+            st = detect.detect_stars(x_host, pattern=m.pattern)
             q = detect.measure_quality(st)
+            noise = normalize.highpass_noise(x_host, step=2 if m.pattern else 1)
         with timer("debayer"):
             wb = m.wb if (config.apply_wb and m.wb is not None) else None
             rgb = debayer.debayer(x, m.pattern, method=config.debayer, wb=wb) if m.pattern else x[None]
@@ -461,7 +463,7 @@ def register_session(files: SessionFiles, config: StackConfig = StackConfig()) -
         rec.fwhm_px = _f(q.fwhm_px)
         rec.roundness = _f(q.roundness)
         rec.background = _f(q.background)
-        rec.noise = _f(q.noise)
+        rec.noise = _f(noise)  # before normalisation and warping: the noise weights' input
         rec.score = _f(q.score)
 
     try:
@@ -578,16 +580,23 @@ def combine_registered(reg: Registered, config: StackConfig = StackConfig()) -> 
     n_ch, out_h, out_w = store.shape
     with timer("normalize"), _Progress(config.quiet) as prog:
         fstats_by: dict[int, Any] = {}
+        signal_by: dict[int, Any] = {}
+        apertures = normalize.star_apertures(to_host(store.get(ref)))
 
         def stats_one(i: int) -> None:
-            fstats_by[i] = normalize.robust_stats(to_host(store.get(i)))
+            frame = to_host(store.get(i))
+            fstats_by[i] = normalize.robust_stats(frame)
+            signal_by[i] = normalize.signal_ratios(frame, apertures)
 
         _run_parallel(stats_one, used, _compute_threads(be, config), on_done=prog.stepper("normalize", len(used)))
         fstats = [fstats_by[i] for i in used]
         r = used.index(ref)
-        nscale, noffset = normalize.normalization_factors(fstats, r, config.normalization)
+        nscale, noffset = normalize.normalization_factors(fstats, r, config.normalization,
+                                                          signal=np.stack([signal_by[i] for i in used]))
         weights = normalize.frame_weights(fstats, nscale, config.weighting,
-                                          scores=[records[i].score or 0.0 for i in used])
+                                          scores=[records[i].score or 0.0 for i in used],
+                                          noise=[records[i].noise for i in used],
+                                          fwhm=[records[i].fwhm_px for i in used])
     with timer("combine"), _Progress(config.quiet) as prog:
         image, count, coverage, rejected = _combine_store(store, used, nscale, noffset, weights, config, be,
                                                           reg.budget, progress=prog)
@@ -608,8 +617,8 @@ def combine_registered(reg: Registered, config: StackConfig = StackConfig()) -> 
     return StackResult(
         image=image if n_ch == 3 else image[0], count=count, coverage=coverage, frames=records,
         reference=str(reg.lights[ref]), backend=be.name, device=be.device_name, timings=dict(timer.t),
-        masters=reg.masters, settings=_settings(config), registration=reg.registration, landscape=land_mask,
-        peak_rss_bytes=peak_rss_bytes(),
+        masters=reg.masters, settings=_settings(config, len(used)), registration=reg.registration,
+        landscape=land_mask, peak_rss_bytes=peak_rss_bytes(),
         queue_peak=reg.queue_peak, queue_bound=reg.queue_bound,
         exposure_s=float(sum(records[i].exposure_s or 0.0 for i in used)),
         store_on_disk=store.on_disk,
@@ -638,12 +647,11 @@ def _combine_store(store, used: list[int], nscale, noffset, weights, config: Sta
     import threading
 
     from skystack.engine.backend import array_module
-    from skystack.engine.combine import DEFAULT_KAPPAS, combine
+    from skystack.engine.combine import combine
 
-    dk = DEFAULT_KAPPAS.get(config.rejection, (3.0, 3.0))
-    klo = dk[0] if config.kappa_low is None else config.kappa_low
-    khi = dk[1] if config.kappa_high is None else config.kappa_high
     n = len(used)
+    settings = _settings(config, n)
+    method, klo, khi = settings["rejection"], settings["kappa_low"], settings["kappa_high"]
     c, h, w = store.shape
     h0 = first_row
     # A tile row costs the block itself (C planes) plus, per channel in flight, a
@@ -673,7 +681,7 @@ def _combine_store(store, used: list[int], nscale, noffset, weights, config: Sta
 
         def one(ch: int) -> None:
             cube = xp.ascontiguousarray(xp.asarray(block[:, ch]))  # a host block goes up here
-            res = combine(cube, method=config.rejection, kappa_low=klo, kappa_high=khi,
+            res = combine(cube, method=method, kappa_low=klo, kappa_high=khi,
                           max_iter=config.max_iter,
                           scale=xp.asarray(nscale[:, ch]), offset=xp.asarray(noffset[:, ch]),
                           weights=xp.asarray(weights[:, ch]))
@@ -916,11 +924,19 @@ def _master_summary(m) -> dict[str, Any]:
     return {k: v for k, v in d.items() if isinstance(v, (int, float, str, bool, type(None)))}
 
 
-def _settings(cfg: StackConfig) -> dict[str, Any]:
-    from skystack.engine.combine import DEFAULT_KAPPAS
+def _settings(cfg: StackConfig, n_frames: int | None = None) -> dict[str, Any]:
+    """The settings of ``cfg`` as the report gives them, kappas filled in.
+
+    With ``n_frames`` (the frames combined), ``rejection`` is the method used
+    (what ``"auto"`` chose) and ``rejection_requested`` what was asked for.
+    """
+    from skystack.engine.combine import DEFAULT_KAPPAS, resolve_rejection
 
     d = {k: getattr(cfg, k) for k in cfg.__dataclass_fields__}
-    dk = DEFAULT_KAPPAS.get(cfg.rejection, (3.0, 3.0))
+    if n_frames is not None:
+        d["rejection_requested"] = cfg.rejection
+        d["rejection"] = resolve_rejection(cfg.rejection, n_frames)
+    dk = DEFAULT_KAPPAS.get(d["rejection"], (3.0, 3.0))
     d["kappa_low"] = dk[0] if cfg.kappa_low is None else cfg.kappa_low
     d["kappa_high"] = dk[1] if cfg.kappa_high is None else cfg.kappa_high
     return d

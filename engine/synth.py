@@ -162,7 +162,9 @@ class SynthConfig:
     Special lights (``"auto"`` picks indices away from the reference;
     ``None``/``()`` disables): trail_frames (first a satellite, then an
     aircraft), cloudy_frame, shake_frame, shake_px (amplitude of the wind
-    shake, px).
+    shake, px); noisy_frames (indices, default none) are rendered with
+    noise_factor times the natural noise (extra Gaussian noise of variance
+    ``(noise_factor**2 - 1) * (lambda + read_noise**2)`` electrons, same signal).
 
     Fixed-tripod scene (``scene="tripod"``, :mod:`skystack.engine.synth_scene`)
     ---------------------------------------------------------------------------
@@ -271,6 +273,8 @@ class SynthConfig:
     ground_level: float = 0.25
     n_static_lights: int = 6
     static_light_adu: float = 3000.0
+    noisy_frames: tuple[int, ...] = ()
+    noise_factor: float = 2.0
 
     # -- derived -------------------------------------------------------------
 
@@ -349,6 +353,9 @@ class SynthConfig:
             bad(f"amp_glow_corner {self.amp_glow_corner!r}: top-left/top-right/bottom-left/bottom-right")
         if not self.gain_e_per_adu > 0:
             bad("gain_e_per_adu must be > 0")
+        if any(not 0 <= int(i) < self.n_lights for i in self.noisy_frames) or not self.noise_factor >= 1:
+            bad(f"noisy_frames must be light indices and noise_factor >= 1, got {self.noisy_frames} "
+                f"{self.noise_factor}")
         if not 0 < self.star_flux_min_adu_s < self.star_flux_max_adu_s:
             bad("need 0 < star_flux_min_adu_s < star_flux_max_adu_s")
         try:
@@ -409,7 +416,7 @@ class LightTruth:
         Multipliers of the sky background, the light-pollution gradient and
         the star fluxes for this light.
     flags : tuple of str
-        Subset of ``("trail", "cloudy", "shake")``.
+        Subset of ``("trail", "cloudy", "shake", "noisy")``.
     trail : dict or None
         ``kind`` (``satellite``: one line whose brightness varies by +-30 %
         with ``period_px``/``phase``; ``aircraft``: red and green lines 3 px
@@ -865,6 +872,9 @@ class SynthTruth:
         if small.size:
             lam_small = lam_e.ravel()[small].astype(np.float64)
             e.ravel()[small] = _poisson(rng, lam_small) + np.float32(c.read_noise_e) * z.ravel()[small]
+        if kind == "light" and index in tuple(int(i) for i in c.noisy_frames):
+            extra = _rng(c.seed, "special", 3, index).standard_normal(lam_e.shape, dtype=np.float32)
+            e += np.sqrt(np.float32(c.noise_factor ** 2 - 1.0) * (lam_e + read2)) * extra
         adu = bias + e * np.float32(1.0 / c.gain_e_per_adu)
         adu += band[:, None]
         np.rint(adu, out=adu)
@@ -939,6 +949,8 @@ class SynthTruth:
             if i == specials["shake"]:
                 flags.append("shake")
                 shake = self._make_shake(i)
+            if i in tuple(int(k) for k in c.noisy_frames):
+                flags.append("noisy")
             lights.append(LightTruth(
                 index=i,
                 file=f"{_FOLDERS['light']}/{_STEMS['light']}_{i:04d}.{self._ext}",

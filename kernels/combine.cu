@@ -6,24 +6,27 @@
 // is not data. The method picks the kept values; then
 // mean_out = sum(w*v)/sum(w) over kept values (frame order; NaN when none),
 // count_out = kept count, rejected[f] += 1 for each valid value of frame f dropped.
-// A rejection round never leaves fewer than 3 kept values (such a round is not
-// applied and rejection stops) and max_iter = 0 turns rejection off.
+// A rejection round never leaves fewer than 3 kept values (2 for sigma and winsorized;
+// such a round is not applied and rejection stops) and max_iter = 0 turns rejection off.
 // All arithmetic is float32 with no fused multiply-add and every sum runs in a
 // fixed order, so the NumPy twins in skystack.engine.combine give the same bits.
 //
-//   sigma_clip_mean       kappa-sigma clipping (median centre, std sigma), iterated
-//   winsorized_clip_mean  winsorized sigma clipping (Huber sigma, 1.134 correction), iterated
+//   sigma_clip_mean       kappa-sigma clipping (median centre, MAD sigma), iterated
+//   winsorized_clip_mean  winsorized sigma clipping (Huber sigma from a MAD start, 1.134 correction), iterated
 //   linear_fit_clip_mean  line fitted to the sorted values vs rank, mean |residual|, iterated
+//   gesd_clip_mean        generalized extreme Studentized deviate test (critical values from the host)
 //   percentile_clip_mean  one pass: keep median*(1 - kappa_low) .. median*(1 + kappa_high)
 //   minmax_clip_mean      drop the k_low lowest and k_high highest values
 //   median_combine        median of the valid values (weights ignored, nothing rejected)
 //
 // sigma_clip_mean: kept = all valid values; repeat at most max_iter times:
-//     centre = median(kept), mean = sum(kept)/n (sums in frame order),
-//     sigma = sqrt(sum((kept - mean)^2)/n)  (ddof = 0),
-//     drop v < centre - kappa_low*sigma and v > centre + kappa_high*sigma;
+//     centre = median(kept); sigma = combine_mad_sigma (1.4826 b_m MAD, robust: an
+//     outlier cannot inflate it) in the first round, the std of the kept values
+//     (ddof 0, rank order) after it; stop if sigma is 0;
+//     kept = the valid values (all of them, so a value the noisy MAD dropped may
+//     come back) within [centre - kappa_low*sigma, centre + kappa_high*sigma];
 //     stop when nothing changes, or keep the previous set and stop when fewer
-//     than 3 values would remain (a pixel never drops below 3 kept values).
+//     than 2 values would remain.
 // The kept set is always the valid values inside a value interval, so the
 // valid values are sorted once (heapsort, in a per-thread array of MAX_FRAMES)
 // and the kept set is the index range [a, b) of the sorted array.
@@ -65,6 +68,10 @@ __device__ void combine_heap_sort(float* s, int n)
     }
 }
 
+// sigma and winsorized (robust centre and scale) may reject down to this many kept values,
+// so one value out of 3 can go; the other methods stop at 3 (engine/combine.py ROBUST_MIN_KEPT).
+#define COMBINE_ROBUST_MIN_KEPT 2
+
 #ifndef WINSOR_MAX_ITER
 #define WINSOR_MAX_ITER 50  // engine/combine.py WINSOR_MAX_ITER: most rounds of the Huber sigma loop
 #endif
@@ -74,6 +81,47 @@ __device__ float combine_median(const float* s, int a, int b)
 {
     const int cnt = b - a;
     return (s[a + (cnt - 1) / 2] + s[a + cnt / 2]) * 0.5f;
+}
+
+// Small-sample consistency factor of the MAD (Croux & Rousseeuw 1992): b_m for m values.
+__device__ float combine_mad_factor(int m)
+{
+    switch (m) {
+    case 2: return 1.196f;
+    case 3: return 1.495f;
+    case 4: return 1.363f;
+    case 5: return 1.206f;
+    case 6: return 1.200f;
+    case 7: return 1.140f;
+    case 8: return 1.129f;
+    case 9: return 1.107f;
+    default: return (float)m / ((float)m - 0.8f);
+    }
+}
+
+// Robust sigma of the sorted values s[a..b) (b - a >= 2) around their median c:
+// 1.4826 * b_m * median(|s - c|). The deviations below and above c are each sorted
+// already (outwards from c), so a merge walks them in ascending order.
+__device__ float combine_mad_sigma(const float* s, int a, int b, float c)
+{
+    const int m = b - a;
+    int lo = a + (m - 1) / 2, hi = lo + 1;  // s[lo] <= c <= s[hi]
+    const int k1 = (m - 1) / 2, k2 = m / 2;
+    float d1 = 0.0f, d = 0.0f;
+    for (int k = 0; k <= k2; ++k) {
+        const float dl = lo >= a ? fabsf(s[lo] - c) : __int_as_float(0x7f800000);
+        const float dh = hi < b ? fabsf(s[hi] - c) : __int_as_float(0x7f800000);
+        if (dl <= dh) {
+            d = dl;
+            --lo;
+        } else {
+            d = dh;
+            ++hi;
+        }
+        if (k == k1) d1 = d;
+    }
+    const float mad = (d1 + d) * 0.5f;
+    return 1.4826f * combine_mad_factor(m) * mad;
 }
 
 // (value, frame) pairs in ascending order: by value, ties by frame index.
@@ -137,6 +185,14 @@ __device__ int combine_load_sorted(const float* cube, long long npix, long long 
     }
     combine_pair_sort(s, id, n);
     return n;
+}
+
+// Mean of s[a..b) (sum in rank order), as combine_std computes it.
+__device__ float combine_kept_mean(const float* s, int a, int b)
+{
+    float sum = 0.0f;
+    for (int r = a; r < b; ++r) sum += s[r];
+    return sum / (float)(b - a);
 }
 
 // Sample standard deviation of s[a..b) with divisor (b - a - ddof) (sums in rank order).
@@ -221,30 +277,15 @@ extern "C" __global__ void sigma_clip_mean(
         combine_heap_sort(s, n);
         int a = 0, b = n;
         for (int it = 0; it < max_iter && b - a >= 3; ++it) {
-            const int cnt = b - a;
             const float centre = combine_median(s, a, b);
-            const float lo_v = s[a], hi_v = s[b - 1];
-            float sum = 0.0f;
-            for (int f = 0; f < nframes; ++f) {
-                const float v = cube[f * npix + i] * scale[f] + offset[f];
-                if (isfinite(v) && v >= lo_v && v <= hi_v) sum += v;
-            }
-            const float mean = sum / (float)cnt;
-            float ss = 0.0f;
-            for (int f = 0; f < nframes; ++f) {
-                const float v = cube[f * npix + i] * scale[f] + offset[f];
-                if (isfinite(v) && v >= lo_v && v <= hi_v) {
-                    const float d = v - mean;
-                    ss += d * d;
-                }
-            }
-            const float sigma = sqrtf(ss / (float)cnt);
+            const float sigma = it == 0 ? combine_mad_sigma(s, a, b, centre) : combine_std(s, a, b, 0);
+            if (!(sigma > 0.0f)) break;
             const float lo = centre - kappa_low * sigma;
             const float hi = centre + kappa_high * sigma;
-            int a2 = a, b2 = b;
+            int a2 = 0, b2 = n;  // from every valid value: a value rejected early may come back
             while (a2 < b2 && s[a2] < lo) ++a2;
             while (b2 > a2 && s[b2 - 1] > hi) --b2;
-            if (b2 - a2 < 3 || (a2 == a && b2 == b)) break;
+            if (b2 - a2 < COMBINE_ROBUST_MIN_KEPT || (a2 == a && b2 == b)) break;
             a = a2;
             b = b2;
         }
@@ -268,12 +309,12 @@ extern "C" __global__ void sigma_clip_mean(
     }
 }
 
-// Winsorized sigma clipping (Siril): per round, centre = median(kept) and, starting from
-// sigma = std(kept), repeat at most WINSOR_MAX_ITER times: L = max(L, centre - 1.5 sigma),
+// Winsorized sigma clipping (Siril's, from a robust start): per round, centre = median(kept)
+// and, starting from sigma = combine_mad_sigma (stop if 0), repeat at most WINSOR_MAX_ITER times: L = max(L, centre - 1.5 sigma),
 // U = min(U, centre + 1.5 sigma) (L, U start at -inf, +inf), w = kept clamped to [L, U],
 // sigma' = 1.134 * std(w), stop once |sigma' - sigma| <= 0.0005 sigma; then drop the kept
 // values below centre - kappa_low*sigma' or above centre + kappa_high*sigma'.
-// Both stds here divide by (n - 1), as Siril's do.
+// The std here divides by (n - 1), as Siril's does. A round may leave 2 values.
 extern "C" __global__ void winsorized_clip_mean(
     const float* __restrict__ cube, long long npix, int nframes,
     const float* __restrict__ scale, const float* __restrict__ offset,
@@ -294,7 +335,8 @@ extern "C" __global__ void winsorized_clip_mean(
             const float cntf = (float)(b - a);
             const float dof = (float)(b - a - 1);
             const float centre = combine_median(s, a, b);
-            float sigma = combine_std(s, a, b, 1);
+            float sigma = combine_mad_sigma(s, a, b, centre);
+            if (!(sigma > 0.0f)) break;
             float lo_w = -inf, hi_w = inf;
             for (int j = 0; j < WINSOR_MAX_ITER; ++j) {
                 lo_w = fmaxf(lo_w, centre - 1.5f * sigma);
@@ -313,7 +355,7 @@ extern "C" __global__ void winsorized_clip_mean(
             }
             int a2, b2;
             combine_clip_range(s, a, b, centre - kappa_low * sigma, centre + kappa_high * sigma, &a2, &b2);
-            if (b2 - a2 < 3 || (a2 == a && b2 == b)) break;
+            if (b2 - a2 < COMBINE_ROBUST_MIN_KEPT || (a2 == a && b2 == b)) break;
             a = a2;
             b = b2;
         }
@@ -376,6 +418,48 @@ extern "C" __global__ void linear_fit_clip_mean(
             m = k;
         }
         combine_finish(cube, npix, i, nframes, scale, offset, weights, s, id, 0, m,
+                       mean_out, count_out, rejected);
+    }
+}
+
+// Generalized ESD (Rosner 1983), max_iter >= 1: with the n valid values sorted and the kept
+// set a rank range [a, b), repeat r = (int)(kappa_low * n) times (kappa_low: the most outliers,
+// as a fraction of n) while b - a >= 3: mean and std (ddof 1, rank-order sums) of the kept
+// values; the most extreme one (the high end where mean - s[a] <= s[b-1] - mean) has the
+// deviation dev; step j is significant if dev > lambda[b - a] * std; drop that value. The
+// outliers are the values dropped up to the last significant step (none if none is). lambda[m]
+// is the host's critical value for m values (kappa_high, the significance, only sets it).
+extern "C" __global__ void gesd_clip_mean(
+    const float* __restrict__ cube, long long npix, int nframes,
+    const float* __restrict__ scale, const float* __restrict__ offset,
+    const float* __restrict__ weights, const float* __restrict__ lambda,
+    float kappa_low, float kappa_high, int max_iter,
+    float* __restrict__ mean_out, int* __restrict__ count_out,
+    unsigned long long* __restrict__ rejected)
+{
+    float s[MAX_FRAMES];
+    unsigned short id[MAX_FRAMES];
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < npix;
+         i += (long long)blockDim.x * gridDim.x) {
+        if (combine_refuse(nframes, i, mean_out, count_out)) continue;
+        const int n = combine_load_sorted(cube, npix, i, nframes, scale, offset, s, id);
+        const int r = max_iter > 0 ? (int)(kappa_low * (float)n) : 0;
+        int a = 0, b = n, nout = 0;
+        for (int j = 1; j <= r && b - a >= 3; ++j) {
+            const float mean = combine_kept_mean(s, a, b);
+            const float sd = combine_std(s, a, b, 1);
+            const float lo_d = mean - s[a], hi_d = s[b - 1] - mean;
+            const bool high = hi_d >= lo_d;
+            if ((high ? hi_d : lo_d) > lambda[b - a] * sd) nout = j;
+            if (high) --b; else ++a;
+        }
+        a = 0;
+        b = n;
+        for (int j = 1; j <= nout; ++j) {  // replay the first nout steps
+            const float mean = combine_kept_mean(s, a, b);
+            if (s[b - 1] - mean >= mean - s[a]) --b; else ++a;
+        }
+        combine_finish(cube, npix, i, nframes, scale, offset, weights, s, id, a, b,
                        mean_out, count_out, rejected);
     }
 }

@@ -9,21 +9,22 @@ import pytest
 
 from skystack.engine import combine as combine_mod
 from skystack.engine.backend import get_backend, to_host
-from skystack.engine.combine import (DEFAULT_KAPPAS, METHODS, WINSOR_MAX_ITER, _linear_fit_clip_mean_numpy,
-                                     _median_combine_numpy, _minmax_clip_mean_numpy,
+from skystack.engine.combine import (DEFAULT_KAPPAS, METHODS, WINSOR_MAX_ITER, _gesd_clip_mean_numpy,
+                                     _linear_fit_clip_mean_numpy, _median_combine_numpy, _minmax_clip_mean_numpy,
                                      _percentile_clip_mean_numpy, _winsorized_clip_mean_numpy, combine,
-                                     max_frames_define)
+                                     gesd_critical_values, max_frames_define)
 from skystack.engine.errors import SkystackError
 from skystack.kernels import read_source
 from skystack.kernels.emulate import emulated, emulator_available, use_emulator
 
 needs_gxx = pytest.mark.skipif(not emulator_available(), reason="g++ is not on PATH")
 
-NEW_METHODS = ("winsorized", "linear", "percentile", "minmax", "median")
+NEW_METHODS = ("winsorized", "linear", "gesd", "percentile", "minmax", "median")
 #: kappas each method is exercised with (percentile: fractions of the median; minmax: counts)
 # (linear: a residual alone on its side of the line is exactly m/2 sigma for m values, so
 # kappas of 1.5, 2, 2.5 ... sit on a rounding edge for 3, 4, 5 ... values; avoid them in comparisons)
-KAPPAS = {"sigma": (2.5, 3.0), "winsorized": (2.0, 2.5), "linear": (2.1, 2.6), "percentile": (0.04, 0.05),
+KAPPAS = {"sigma": (2.5, 3.0), "winsorized": (2.0, 2.5), "linear": (2.1, 2.6), "gesd": (0.3, 0.05),
+          "percentile": (0.04, 0.05),
           "minmax": (1.0, 2.0), "median": (3.0, 3.0), "mean": (3.0, 3.0)}
 
 
@@ -42,6 +43,15 @@ def _col(values) -> np.ndarray:
 # with NumPy's own median / std / clip / stable argsort (nothing shared with the twins).
 
 
+#: Croux and Rousseeuw's small-sample MAD factors b_m, m = 2..9 (then m / (m - 0.8)).
+_MAD_B = {2: 1.196, 3: 1.495, 4: 1.363, 5: 1.206, 6: 1.200, 7: 1.140, 8: 1.129, 9: 1.107}
+
+
+def _mad_sigma(x):
+    c = np.median(x)
+    return 1.4826 * _MAD_B.get(x.size, x.size / (x.size - 0.8)) * np.median(np.abs(x - c))
+
+
 def _ref_winsorized(v, kl, kh, max_iter):
     keep = np.ones(v.size, bool)
     for _ in range(max_iter):
@@ -49,7 +59,9 @@ def _ref_winsorized(v, kl, kh, max_iter):
             break
         x = v[keep]
         c = np.median(x)
-        sig = x.std(ddof=1)
+        sig = _mad_sigma(x)
+        if not sig > 0:
+            break
         lo, hi = -np.inf, np.inf
         for _ in range(WINSOR_MAX_ITER):
             lo, hi = max(lo, c - 1.5 * sig), min(hi, c + 1.5 * sig)
@@ -59,9 +71,35 @@ def _ref_winsorized(v, kl, kh, max_iter):
             if done:
                 break
         new = keep & (v >= c - kl * sig) & (v <= c + kh * sig)
-        if new.sum() < 3 or (new == keep).all():
+        if new.sum() < 2 or (new == keep).all():
             break
         keep = new
+    return keep
+
+
+def _ref_gesd(v, kl, kh, max_iter):
+    """Rosner's generalized ESD test with scipy's t quantiles, in float64."""
+    from scipy import stats
+
+    keep = np.ones(v.size, bool)
+    if max_iter < 1:
+        return keep
+    order = np.argsort(v, kind="stable")  # ties: lower frame first, as the kernel ranks them
+    kept = list(order)
+    removed, n_out = [], 0
+    for j in range(1, int(np.float32(kl) * np.float32(v.size)) + 1):
+        if len(kept) < 3:
+            break
+        x = v[kept]
+        m = x.size
+        mean, sd = x.mean(), x.std(ddof=1)
+        t = stats.t.ppf(1 - kh / (2 * m), m - 2)
+        lam = (m - 1) * t / np.sqrt((m - 2 + t * t) * m)
+        lo_d, hi_d = mean - x[0], x[-1] - mean
+        if max(lo_d, hi_d) > lam * sd:
+            n_out = j
+        removed.append(kept.pop(-1 if hi_d >= lo_d else 0))
+    keep[removed[:n_out]] = False
     return keep
 
 
@@ -105,7 +143,7 @@ def _ref_minmax(v, kl, kh, max_iter):
     return keep
 
 
-_REF_KEEP = {"winsorized": _ref_winsorized, "linear": _ref_linear, "percentile": _ref_percentile,
+_REF_KEEP = {"winsorized": _ref_winsorized, "linear": _ref_linear, "gesd": _ref_gesd, "percentile": _ref_percentile,
              "minmax": _ref_minmax}
 
 
@@ -263,7 +301,7 @@ def test_normalisation_applies_before_rejection(backend, method):
     d = np.array([0.0, 0.1, -0.1, 0.05, -0.05, 0.02, 9.0], np.float32)  # frame 6 an outlier
     n = d.size
     cube = np.stack([np.full((1, 2), (3.0 + d[f] - 0.5 * f) / 2) for f in range(n)]).astype(np.float32)
-    kl, kh = {"percentile": (0.5, 0.5), "minmax": (1, 1)}.get(method, (2.0, 2.0))
+    kl, kh = {"percentile": (0.5, 0.5), "minmax": (1, 1), "gesd": (0.3, 0.05)}.get(method, (2.0, 2.0))
     mean, count, rej = _on(backend, cube, method, kappa_low=kl, kappa_high=kh,
                            scale=np.full(n, 2, np.float32), offset=np.arange(n, dtype=np.float32) * 0.5)
     assert np.abs(mean - 3.0).max() < 0.05
@@ -293,7 +331,7 @@ def test_agrees_with_float64_reference(backend, rng, method, n, h, w):
 def test_reference_cases_do_reject(rng):
     # the comparison above is only meaningful if the methods reject something there
     cube = _cube(rng, 25, 6, 5)
-    for method in ("winsorized", "linear", "percentile", "minmax"):
+    for method in ("winsorized", "linear", "gesd", "percentile", "minmax"):
         kl, kh = KAPPAS[method]
         assert combine(cube, method=method, kappa_low=kl, kappa_high=kh).rejected.sum() >= 10, method
 
@@ -303,7 +341,7 @@ def test_ties_without_normalisation_match_reference(rng, method):
     # integer-valued frames: many exact ties, ranked in frame order
     cube = rng.integers(0, 6, size=(12, 5, 6)).astype(np.float32)
     cube[rng.random(cube.shape) < 0.05] = 40.0
-    kl, kh = {"percentile": (0.3, 0.3), "minmax": (2, 1)}.get(method, (1.37, 1.37))
+    kl, kh = {"percentile": (0.3, 0.3), "minmax": (2, 1), "gesd": (0.3, 0.05)}.get(method, (1.37, 1.37))
     weights = rng.uniform(0.5, 2.0, 12).astype(np.float32)
     r = combine(cube, method=method, kappa_low=kl, kappa_high=kh, weights=weights)
     rmean, rcount, rrej = _reference(method, cube, kl, kh, 10, weights=weights)
@@ -355,7 +393,7 @@ def test_winsor_cap_matches_the_kernel_define():
 # ----------------------------------------------------------------------------- statistics
 
 
-REJECTING = {"sigma": (3.0, 3.0), "winsorized": (3.0, 3.0), "linear": (3.0, 3.0),
+REJECTING = {"sigma": (3.0, 3.0), "winsorized": (3.0, 3.0), "linear": (3.0, 3.0), "gesd": (0.3, 0.05),
              "percentile": (0.3, 0.3), "minmax": (1.0, 1.0), "median": (3.0, 3.0)}
 
 
@@ -400,7 +438,7 @@ def test_noise_gain_on_gaussian_noise(gaussian_stack, method):
         assert gain >= NOISE_GAIN_FLOOR[method], gain
 
 
-@pytest.mark.parametrize("method, floor", [("linear", 0.93), ("minmax", 0.95)])
+@pytest.mark.parametrize("method, floor", [("linear", 0.93), ("minmax", 0.95), ("gesd", 0.95)])
 def test_default_kappas_keep_the_noise_gain(gaussian_stack, method, floor):
     # minmax drops 2 of 20 values (the mean of the central 18 is nearly efficient);
     # linear fit at its default kappa 4 rejects ~1.4% of pure noise, gain ~0.95 (at kappa 3:
@@ -429,13 +467,16 @@ def _launch(mod, method, n_items, args, **kw):
         mod.launch("minmax_clip_mean", n_items, args, **kw)
     elif method == "median":
         mod.launch("median_combine", n_items, args, **kw)
+    elif method == "gesd":  # the critical values follow the weights
+        lam = gesd_critical_values(int(args[2]), float(args[7]))
+        mod.launch("gesd_clip_mean", n_items, (*args[:6], lam, *args[6:]), **kw)
     else:
         raise ValueError(method)
 
 
 _TWIN = {"winsorized": _winsorized_clip_mean_numpy, "linear": _linear_fit_clip_mean_numpy,
          "percentile": _percentile_clip_mean_numpy, "minmax": _minmax_clip_mean_numpy,
-         "median": _median_combine_numpy}
+         "median": _median_combine_numpy, "gesd": _gesd_clip_mean_numpy}
 
 
 def _kernel_run(mod, method, cube, scale, offset, weights, kl, kh, max_iter, *, block=64, reverse=False):
@@ -507,7 +548,7 @@ def test_emulated_kernel_equals_twin_on_ties(rng, method):
     cube[rng.random(cube.shape) < 0.05] = np.nan
     ones = np.ones(15, np.float32)
     weights = rng.uniform(0.5, 2.0, 15).astype(np.float32)
-    kl, kh = {"percentile": (0.3, 0.3), "minmax": (2, 3)}.get(method, (1.5, 1.5))
+    kl, kh = {"percentile": (0.3, 0.3), "minmax": (2, 3), "gesd": (0.3, 0.05)}.get(method, (1.5, 1.5))
     got = _kernel_run(emulated("combine.cu", max_frames_define(15)), method, cube, ones, ones * 0, weights,
                       kl, kh, 10)
     twin = _TWIN[method](cube, np.float32(kl), np.float32(kh), 10, ones, ones * 0, weights)
@@ -537,7 +578,7 @@ def test_emulated_kernel_refuses_too_many_frames(rng, method):
     cube = _cube(rng, 65, 2, 2)
     ones = np.ones(65, np.float32)
     mean, count, _ = _kernel_run(emulated("combine.cu", ("MAX_FRAMES=64",)), method, cube, ones, ones * 0,
-                                 ones, 3, 3, 10)
+                                 ones, *KAPPAS[method], 10)
     assert (count == -1).all() and np.isnan(mean).all()
 
 

@@ -1,0 +1,116 @@
+"""Frame weights that weigh: a light with twice the noise, against the simulator's truth.
+
+One small session (6 lights, 480x360 px, no calibration frames so that the
+extra noise is not diluted by the masters' own) where light 1 is rendered
+with twice the natural noise (``SynthConfig.noisy_frames``). Its inverse
+variance weight must come out at a quarter of the others', the weighted
+stack's noise must improve on the unweighted one as theory predicts, and the
+normalisation scale must follow the signal (the star flux), not the noise.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from skystack.engine import normalize
+from skystack.engine.report import build_report
+from skystack.engine.session import discover_session
+from skystack.engine.stack import StackConfig, combine_registered, register_session
+from skystack.engine.synth import SynthConfig, load_truth, simulate
+
+NOISY = 1
+
+
+@pytest.fixture(scope="module")
+def session(tmp_path_factory):
+    root = tmp_path_factory.mktemp("noisy")
+    cfg = SynthConfig(seed=11, width=480, height=360, n_lights=6, n_bias=0, n_darks=0, n_flats=0,
+                      n_dark_flats=0, file_format="fits", star_density=8000.0, cloudy_frame=None,
+                      shake_frame=None, trail_frames=None, noisy_frames=(NOISY,))
+    simulate(cfg, root)
+    truth = load_truth(root / "truth.json")
+    reg = register_session(discover_session(root), StackConfig(quiet=True,
+                                                               cache_dir=str(tmp_path_factory.mktemp("c"))))
+    assert reg.used == list(range(6))
+    yield truth, reg
+    reg.close()
+
+
+def _residual(img: np.ndarray) -> np.ndarray:
+    return np.stack([c - ndimage.median_filter(np.nan_to_num(c), size=15) for c in img])
+
+
+def _noise(img: np.ndarray, area: np.ndarray) -> float:
+    """Mean over channels of the 5-sigma clipped RMS of the residual over ``area``."""
+    out = []
+    for v in _residual(img)[:, area]:
+        v = v[np.isfinite(v)].astype(np.float64)
+        for _ in range(3):
+            v = v[np.abs(v - v.mean()) < 5 * v.std()]
+        out.append(v.std())
+    return float(np.mean(out))
+
+
+@pytest.fixture(scope="module")
+def sky(session):
+    """Star-free pixels of the reference grid (from the truth's noise-free stars)."""
+    truth, _reg = session
+    h, w = truth.shape
+    stars = truth.sky(None, stars=True, background=False, gradient=False, trail=False)
+    area = ~ndimage.binary_dilation((stars > 5.0).any(axis=0), iterations=2)
+    area[:16] = area[-16:] = False
+    area[:, :16] = area[:, -16:] = False
+    assert area.sum() > 20000
+    return area
+
+
+def test_noisy_light_weighs_a_quarter(session):
+    _truth, reg = session
+    res = combine_registered(reg, StackConfig())  # default weighting
+    assert res.settings["weighting"] == "noise"
+    w = np.array([f.weight for f in res.frames])
+    others = np.delete(w, NOISY)
+    assert abs(w[NOISY] / others.mean() - 0.25) < 0.05, w
+    # every frame's weight is in the report
+    assert [f["weight"] for f in build_report(res)["frames"]] == pytest.approx(list(w))
+
+
+def test_weighted_noise_improves_as_theory_predicts(session, sky):
+    _truth, reg = session
+    # theory from each registered light's own measured noise (truth's star-free sky): inverse
+    # variance weights give 1 / sum(1/s^2) against sum(s^2) / N^2 for equal weights
+    s = np.array([_noise(reg.frame(i), sky) for i in reg.used])
+    assert s[NOISY] / np.median(np.delete(s, NOISY)) == pytest.approx(2.0, rel=0.03)
+    theory = math.sqrt((1 / np.sum(1 / s**2)) / (np.sum(s**2) / len(s) ** 2))  # ~0.875
+    got = {wt: _noise(combine_registered(reg, StackConfig(rejection="mean", weighting=wt)).image, sky)
+           for wt in ("none", "noise")}
+    ratio = got["noise"] / got["none"]
+    # measured 0.886 against 0.875: within 10 % of the predicted ratio (the acceptance), and
+    # within 0.02 of it (weights within a few percent of the inverse variances)
+    assert abs(ratio / theory - 1) < 0.10 and abs(ratio - theory) < 0.02, (ratio, theory)
+
+
+def test_scale_follows_the_signal_not_the_noise(session):
+    truth, reg = session
+    ap = normalize.star_apertures(reg.frame(reg.ref))
+    assert len(ap.boxes) >= normalize.MIN_SIGNAL_STARS
+    t = np.array([lt.transparency for lt in truth.lights])
+    for i in reg.used:
+        ratio = normalize.signal_ratios(reg.frame(i), ap)
+        # the star flux ratio is the truth's transparency ratio, for the noisy light too
+        # (the dispersion ratio, today's scale, reads ~1.95 for it: its signal would be halved)
+        assert ratio == pytest.approx(t[i] / t[reg.ref], rel=0.03), (i, ratio)
+
+
+def test_highpass_noise_ignores_level_and_gradient(rng):
+    img = rng.normal(0.0, 0.01, size=(300, 400)).astype(np.float32)
+    yy, xx = np.mgrid[0:300, 0:400]
+    ramp = (0.5 + 0.002 * xx + 0.001 * yy).astype(np.float32)
+    for step in (1, 2):
+        assert normalize.highpass_noise(img, step=step) == pytest.approx(0.01, rel=0.03)
+        assert normalize.highpass_noise(img + ramp, step=step) == pytest.approx(0.01, rel=0.03)
+        assert normalize.highpass_noise(3 * img, step=step) == pytest.approx(0.03, rel=0.03)
