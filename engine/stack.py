@@ -581,10 +581,11 @@ def combine_registered(reg: Registered, config: StackConfig = StackConfig()) -> 
     with timer("normalize"), _Progress(config.quiet) as prog:
         fstats_by: dict[int, Any] = {}
         signal_by: dict[int, Any] = {}
-        apertures = normalize.star_apertures(to_host(store.get(ref)))
+        ref_frame = to_host(store.get(ref))  # read once: apertures and its own statistics
+        apertures = normalize.star_apertures(ref_frame)
 
         def stats_one(i: int) -> None:
-            frame = to_host(store.get(i))
+            frame = ref_frame if i == ref else to_host(store.get(i))
             fstats_by[i] = normalize.robust_stats(frame)
             signal_by[i] = normalize.signal_ratios(frame, apertures)
 

@@ -81,7 +81,7 @@ def test_stack_config_validates_at_construction():
         with pytest.raises(SkystackError, match=needle.replace("(", r"\(")):
             StackConfig(**kw)
     assert time.perf_counter() - t0 < 1.0
-    assert StackConfig().rejection == "sigma"
+    assert StackConfig().rejection == "auto"
 
 
 # ----------------------------------------------------------------------------- 2. float FITS with BLKLEVEL

@@ -20,7 +20,7 @@ from skystack.kernels.native import available, native
 pytestmark = pytest.mark.skipif(not available(), reason="g++ is not on PATH")
 
 KAPPAS = {"sigma": (2.5, 3.0), "winsorized": (2.0, 2.5), "linear": (2.1, 2.6), "percentile": (0.04, 0.05),
-          "minmax": (1.0, 2.0), "median": (3.0, 3.0), "mean": (3.0, 3.0)}
+          "minmax": (1.0, 2.0), "median": (3.0, 3.0), "mean": (3.0, 3.0), "gesd": (0.3, 0.05)}
 
 
 def _native_launch(source, kernel, n_items, args, *, defines=(), block=BLOCK):
