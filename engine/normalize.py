@@ -64,12 +64,12 @@ def _flatten_background(chan: np.ndarray, block: int = 32) -> np.ndarray:
     if hb < 2 or wb < 2:
         return chan
     core = chan[: hb * block, : wb * block].reshape(hb, block, wb, block)
-    with np.errstate(all="ignore"):
-        import warnings
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)
-            med = np.nanmedian(core.transpose(0, 2, 1, 3).reshape(hb, wb, -1), axis=2)
+    blocks = core.transpose(0, 2, 1, 3).reshape(hb, wb, -1)
+    # blocks with no data (outside a frame's footprint) get NaN without NumPy's all-NaN warning, which
+    # warnings.catch_warnings could not silence reliably: it is not thread-safe and frames run in threads
+    empty = np.isnan(blocks).all(axis=2)
+    med = np.nanmedian(np.where(empty[..., None], np.float32(0.0), blocks), axis=2)
+    med[empty] = np.nan
     return (core - med[:, None, :, None]).reshape(hb * block, wb * block)
 
 
@@ -262,8 +262,9 @@ def signal_ratios(image: np.ndarray, ap: StarApertures) -> np.ndarray:
     ref = ap.ref_flux
     good = np.isfinite(flux) & (ref > 0)
     for plane in planes:
-        top = np.nanmax(plane)
-        good &= np.array([np.nanmax(plane[y0:y1, x0:x1]) < 0.9 * top for (y0, y1, x0, x1) in ap.boxes])
+        top = np.fmax.reduce(plane, axis=None, initial=-np.inf)  # NaN-ignoring max, no all-NaN warning
+        good &= np.array([np.fmax.reduce(plane[y0:y1, x0:x1], axis=None, initial=-np.inf) < 0.9 * top
+                          for (y0, y1, x0, x1) in ap.boxes])
     if good.sum() < MIN_SIGNAL_STARS:
         return out
     ratio = flux[good] / ref[good]
