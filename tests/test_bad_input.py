@@ -287,7 +287,9 @@ def test_ctrl_c_on_batch_stops_promptly_and_journals_what_completed(tmp_path):
                              start_time=f"2025-03-0{i + 1}T21:00:00", trail_frames=None, cloudy_frame=None,
                              shake_frame=None), arch / f"n{i}")
     out = tmp_path / "out"
-    code = ("import sys; from skystack import cli; "
+    # A terminal's Ctrl-C: SIGINT acts as in an interactive shell even where this test runs in a
+    # background job (whose children inherit SIGINT ignored, and Python then never raises KeyboardInterrupt).
+    code = ("import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); from skystack import cli; "
             "sys.exit(cli.main(['batch', sys.argv[1], '-o', sys.argv[2], '--workers', '1', '-q']))")
     proc = subprocess.Popen([sys.executable, "-c", code, str(arch), str(out)], stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
