@@ -138,6 +138,15 @@ def test_landscape_mask_written_and_close_to_truth(night):
     assert (mask & ~truth_mask).sum() <= 0.05 * (~truth_mask).sum()  # sky given to the still stack
 
 
+def test_saved_mask_passed_back_gives_the_same_stack(night):
+    """``--save-mask`` then ``--foreground MASK.png``: the user's (here unchanged) mask is used as is."""
+    files = discover_session(night["root"] / "session")
+    res = stack.stack_session(files, stack.StackConfig(quiet=True, foreground=str(night["root"] / "out" / "mask.png"),
+                                                       cache_dir=str(night["root"] / "cache")))
+    assert res.registration["foreground"].startswith("mask mask.png")
+    np.testing.assert_array_equal(res.image, night["image"])
+
+
 def test_union_framing_covers_the_whole_night(night):
     files = discover_session(night["root"] / "session")
     res = stack.stack_session(files, stack.StackConfig(quiet=True, framing="union",
