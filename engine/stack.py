@@ -300,7 +300,8 @@ class Registered:
     queue_peak: int
     queue_bound: int
     registration: dict[str, Any] = field(default_factory=dict)
-    landscape: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None  # (image, weight, mask) in the canvas
+    #: (image, weight, mask, kept values) of the landscape stack, in the canvas
+    landscape: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None = None
     framing: str = "reference"
     metas: list[Any] = field(default_factory=list)  # FrameMeta per light (None: unreadable)
     notes: list[str] = field(default_factory=list)  # calibration remarks and skipped calibration frames
@@ -546,7 +547,7 @@ def register_session(files: SessionFiles, config: StackConfig = StackConfig()) -
         landscape = None
         if land is not None:
             landscape = (canvas.place(land[0]), canvas.place(land[1][None])[0],
-                         canvas.place(fg.mask[None].astype(np.float32))[0] > 0.5)
+                         canvas.place(fg.mask[None].astype(np.float32))[0] > 0.5, canvas.place(land[2][None])[0])
     if target is not store:
         store.close()
         store = target
@@ -603,7 +604,7 @@ def combine_registered(reg: Registered, config: StackConfig = StackConfig()) -> 
                                                           reg.budget, progress=prog)
     land_mask = None
     if reg.landscape is not None:
-        image, coverage = _blend_landscape(image, coverage, reg.landscape, len(used))
+        image, count, coverage = _blend_landscape(image, count, coverage, reg.landscape, len(used))
         land_mask = reg.landscape[2]
     if reg.framing == "intersection":
         image, count, coverage, land_mask = _crop_full_coverage(image, count, coverage, len(used), land_mask)
@@ -732,14 +733,15 @@ def _foreground(config: StackConfig, store, used: list[int], ref: int, transform
 
 
 def _landscape_stack(fg, paths: list[Path], cset, ccfg, config: StackConfig, be, budget: int | None,
-                     scale: int) -> tuple[np.ndarray, np.ndarray]:
+                     scale: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The still landscape: unregistered lights stacked on the CFA mosaic, then debayered once.
 
     Only the rows from just above the horizon down are kept. Stacking the
     mosaic before interpolating (a still scene needs no resampling) and
     debayering the high-SNR result with RCD keeps roof lines and lights as
     sharp as the sensor recorded them. ``scale`` is 2 for super-pixel stores.
-    Returns the ``(C, H, W)`` image (NaN above the band) and the blend weight.
+    Returns the ``(C, H, W)`` image (NaN above the band), the blend weight and the
+    values kept per pixel (NaN above the band).
     """
     from skystack.engine import calibrate as cal
     from skystack.engine import debayer
@@ -775,7 +777,7 @@ def _landscape_stack(fg, paths: list[Path], cset, ccfg, config: StackConfig, be,
         _run_parallel(one, producer, _compute_threads(be, config))
         k = list(range(len(paths)))
         ones, zeros = np.ones((len(k), 1), np.float32), np.zeros((len(k), 1), np.float32)
-        cfa, _, _, _ = _combine_store(band, k, ones, zeros, ones, config, be, budget)
+        cfa, kept, _, _ = _combine_store(band, k, ones, zeros, ones, config, be, budget)
     finally:
         band.close()
     m = metas[0]
@@ -784,12 +786,20 @@ def _landscape_stack(fg, paths: list[Path], cset, ccfg, config: StackConfig, be,
     rgb = debayer.debayer(cfa[0], m.pattern, method=method, wb=wb) if m.pattern else cfa
     full = np.full((rgb.shape[0], *fg.mask.shape), np.nan, dtype=np.float32)
     full[:, y0 // scale:] = be.to_host(rgb)
-    return full, weight
+    if scale == 2:  # a super-pixel keeps what all four of its mosaic pixels kept
+        kept = kept.reshape(kept.shape[0] // 2, 2, kept.shape[1] // 2, 2).min(axis=(1, 3))
+    counts = np.full(fg.mask.shape, np.nan, dtype=np.float32)
+    counts[y0 // scale:] = kept
+    return full, weight, counts
 
 
-def _blend_landscape(image: np.ndarray, coverage: np.ndarray, landscape, n: int):
-    """Landscape over the sky along the feathered seam; the sky's holes below the horizon filled."""
-    land, w, _ = landscape
+def _blend_landscape(image: np.ndarray, count: np.ndarray, coverage: np.ndarray, landscape, n: int):
+    """Landscape over the sky along the feathered seam; the sky's holes below the horizon filled.
+
+    Where the landscape dominates, the count and coverage maps are the landscape stack's (its kept
+    values out of the ``n`` lights), so the rejection map shows what its rejection removed.
+    """
+    land, w, _, land_kept = landscape
     w = np.nan_to_num(w, nan=0.0)
     sky_ok = np.isfinite(image)
     land_ok = np.isfinite(land)
@@ -802,8 +812,10 @@ def _blend_landscape(image: np.ndarray, coverage: np.ndarray, landscape, n: int)
     w = np.where(sky_ok, w[None], 1.0) * land_ok
     out = np.where(land_ok, w * np.nan_to_num(land) + (1.0 - w) * np.nan_to_num(image), image)
     out = np.where(sky_ok | land_ok, out, np.nan).astype(np.float32)
-    cov = np.where(w[0] > 0.5, n, coverage).astype(coverage.dtype)
-    return out, cov
+    mine = (w[0] > 0.5) & np.isfinite(land_kept)
+    cov = np.where(mine, n, coverage).astype(coverage.dtype)
+    kept = np.where(mine, np.nan_to_num(land_kept), count).astype(count.dtype)
+    return out, kept, cov
 
 
 def _crop_full_coverage(image: np.ndarray, count: np.ndarray, coverage: np.ndarray, n: int,

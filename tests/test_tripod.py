@@ -145,6 +145,10 @@ def test_saved_mask_passed_back_gives_the_same_stack(night):
                                                        cache_dir=str(night["root"] / "cache")))
     assert res.registration["foreground"].startswith("mask mask.png")
     np.testing.assert_array_equal(res.image, night["image"])
+    # the landscape's counts are its own stack's: all 40 lights cover it, and rejection keeps most values
+    land = res.landscape
+    assert land is not None and (res.coverage[land] == 40).all()
+    assert np.median(res.count[land]) >= 36, np.median(res.count[land])
 
 
 def test_union_framing_covers_the_whole_night(night):
