@@ -172,10 +172,10 @@ def register_frames(stars: dict[int, Any], scores: dict[int, float], shape: tupl
     heldout: dict[str, float] = {}
     lens = None
     if model in ("auto", "homography+radial"):
-        pairs = _pairs(lists, trans, ref, _validation_frames(trans, ref, shape), hcfg)
+        pairs = _pairs(lists, trans, ref, _validation_frames(trans, ref, shape))
         lens = fit_lens(pairs, shape) if pairs else None
         if lens is not None:
-            pairs = _pairs(lists, trans, ref, [p[3] for p in pairs], hcfg, lens=lens)
+            pairs = _pairs(lists, trans, ref, [p[3] for p in pairs], lens=lens)
         if model == "auto":
             heldout = {m: heldout_rms(m, pairs, shape) for m in MODELS} if pairs else {}
             model = choose_model(heldout) if heldout else "similarity"
@@ -323,7 +323,7 @@ def _undistort(lens: RadialLens | None, xy: np.ndarray) -> np.ndarray:
 
 
 def _pairs(lists: dict[int, _Stars], trans: dict[int, np.ndarray], ref: int, frames: list[int],
-           cfg: MatchConfig, lens: RadialLens | None = None) -> list[tuple[np.ndarray, np.ndarray, np.ndarray, int]]:
+           lens: RadialLens | None = None) -> list[tuple[np.ndarray, np.ndarray, np.ndarray, int]]:
     """Matched star pairs ``(src_xy, dst_xy, weight, frame)`` (recorded pixels) of ``frames``."""
     r = lists[ref]
     rd = _undistort(lens, r.xy)

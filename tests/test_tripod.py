@@ -255,3 +255,21 @@ def test_reference_comes_from_the_majority_on_real_seestar_frames(realdata, tmp_
             t = np.asarray(reg.records[i].transform)
             ang = abs(math.degrees(math.atan2(t[1, 0] - t[0, 1], t[0, 0] + t[1, 1])))
             assert 68.5 < ang < 70.5, ang
+
+
+def test_bad_foreground_and_framing_are_one_line_errors(tmp_path):
+    """A missing mask, a mask of the wrong size and an unknown framing are refused with the file and the fix."""
+    from PIL import Image
+
+    from skystack.engine.errors import SkystackError
+    from skystack.engine.foreground import load_mask
+
+    with pytest.raises(SkystackError, match="nope.png: no such mask file"):
+        stack.StackConfig(foreground=str(tmp_path / "nope.png"))
+    with pytest.raises(SkystackError, match="--framing 'mosaic'"):
+        stack.StackConfig(framing="mosaic")
+    p = tmp_path / "m.png"
+    Image.fromarray(np.zeros((10, 20), np.uint8)).save(p)
+    with pytest.raises(SkystackError, match=r"m.png: mask is 20x10 but the lights are 64x48"):
+        load_mask(p, (48, 64))
+    assert load_mask(p, (10, 20)).mask.sum() == 0
