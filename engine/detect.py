@@ -6,15 +6,23 @@ holds one full Bayer tile, so the colour checkerboard disappears and the image
 is four times smaller), the channel mean of a colour image, or a mono image
 itself. The background mesh is subtracted first.
 
-Each detection is then measured by a **PSF fit on the full-resolution data**
-(vectorised Levenberg-Marquardt over all stars at once): an elliptical Moffat
-with free ``beta`` (a Gaussian is its limit), sampled at pixel centres. On a
-CFA mosaic every Bayer site gets its own amplitude and sky level, so a star's
-colour cannot pull its centroid towards the red or blue pixels (the 2x2 binned
-image alone would bias a coloured star by up to half a pixel) and the fit
-uses the full resolution. This gives, per star,
+Each detection is then measured on the **full-resolution data** by a windowed
+centroid (SExtractor's XWIN: the fixed point of a Gaussian-weighted first moment,
+vectorised over all stars, with the window matched to the median star) and
+window-corrected second moments. On a CFA mosaic every Bayer site gets its own
+sky level and is divided by its share of the star's light, so a star's colour
+cannot pull its centroid towards the red or blue pixels (the 2x2 binned image
+alone would bias a coloured star by up to half a pixel); the diagonal site pairs
+are weighted alike, so their pixel-phase errors cancel. A **PSF model**
+(elliptical Moffat with free ``beta``, a Gaussian its limit; Levenberg-Marquardt
+with a free amplitude and sky per site) is fitted only to a sample of bright,
+isolated, unflagged stars (:attr:`DetectConfig.psf_sample`): it sets the
+FWHM scale of all stars (moments read Moffat wings as a wider core) and the
+centroids of those stars. This gives, per star,
 
-* a centroid (with its 1-sigma error from the fit),
+* a centroid (with its 1-sigma error: the sky noise propagated through the
+  windowed centroid, scaled up by the misfit of a Gaussian model where shot
+  noise or a neighbour dominates; the fit's error for the sampled stars),
 * the FWHM along the two axes, reported as their geometric mean, and the
   ellipticity ``1 - b/a`` (FWHM ratio of the minor and major axes).
 
@@ -63,7 +71,7 @@ GAUSS_FWHM = 2.0 * math.sqrt(2.0 * math.log(2.0))
 FLAG_SATURATED = 1  #: peak at or above the saturation level
 FLAG_ELONGATED = 2  #: ellipticity above DetectConfig.max_ellipticity (trail, blend)
 FLAG_EDGE = 4  #: measurement window cut by the image border
-FLAG_FIT_FAILED = 8  #: the PSF fit did not converge (sep's isophotal values kept)
+FLAG_FIT_FAILED = 8  #: the measurement did not converge (sep's isophotal values kept)
 
 _SEP_PIXSTACK = 3_000_000
 #: Range of the Moffat wing parameter u = 1/beta (beta from 50, almost Gaussian, to 1.25).
@@ -109,13 +117,16 @@ class DetectConfig:
         such stars get :data:`FLAG_SATURATED` and are left out of the FWHM
         statistics. ``None``: no check.
     max_measured : int
-        Cap on how many detections (brightest first) are fitted. Fitting stops
-        once ``max_stars`` pass the filters; fainter detections are counted in
-        :attr:`StarList.n_total` when sep's size of them is star-like.
+        Cap on how many detections (brightest first) are measured. Measuring
+        stops once ``max_stars`` pass the filters; fainter detections are
+        counted in :attr:`StarList.n_total` when sep's size of them is star-like.
     psf : str
-        ``"moffat"`` (free beta; FWHM right for Moffat and Gaussian stars) or
-        ``"gaussian"`` (slightly faster; overestimates the FWHM of stars
-        with Moffat wings by ~10 %).
+        PSF model of the sample fit: ``"moffat"`` (free beta; FWHM right for
+        Moffat and Gaussian stars) or ``"gaussian"`` (overestimates the FWHM of
+        stars with Moffat wings by ~10 %).
+    psf_sample : int
+        How many bright, isolated, unflagged stars get the PSF model fit
+        (about 0.8 ms each); 0 keeps the moment FWHM (exact for Gaussian stars).
     """
 
     threshold_sigma: float = 3.0
@@ -152,12 +163,13 @@ class StarList:
     flux : ndarray of float64
         Background-subtracted flux in luminance-image units (sep isophotal flux).
     fwhm : ndarray of float64
-        FWHM of the best-fit Gaussian, full-resolution px (geometric mean of
-        the major and minor axes).
+        FWHM from the window-corrected second moments, scaled to the PSF
+        model's FWHM, full-resolution px (geometric mean of the major and
+        minor axes).
     ellipticity : ndarray of float64
-        ``1 - b/a`` of the best-fit Gaussian (0 = round).
+        ``1 - b/a`` from the second moments (0 = round).
     pos_err : ndarray of float64
-        1-sigma centroid uncertainty per axis from the fit, full-resolution px.
+        1-sigma centroid uncertainty per axis, full-resolution px.
     flag : ndarray of int32
         Bit mask of ``FLAG_*`` values.
     n_total : int
