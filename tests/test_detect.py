@@ -167,6 +167,24 @@ def test_gaussian_psf_option(rng):
         DetectConfig(psf="airy")
 
 
+
+def test_moments_alone_and_the_psf_sample(rng):
+    """Windowed moments give a Gaussian star's FWHM; the PSF fit on a sample fixes Moffat wings."""
+    xy, flux = _field(rng, n=30, min_sep=20)
+    gauss = render(xy, flux, 4.0, rng=rng)
+    st = detect_stars(gauss, config=DetectConfig(psf_sample=0))
+    m, _i, err = _pair(st, xy)
+    assert m.sum() >= 29 and float(np.sqrt(np.mean(np.sum(err ** 2, axis=1)))) < 0.05
+    expected = 2 * math.sqrt(2 * math.log(2)) * math.sqrt((4.0 / 2.3548) ** 2 + 1 / 12)
+    assert np.median(st.fwhm) == pytest.approx(expected, rel=0.03)
+    moffat = render(xy, flux, 4.0, beta=2.5, rng=rng)
+    moments = np.median(detect_stars(moffat, config=DetectConfig(psf_sample=0)).fwhm)
+    sampled = detect_stars(moffat, config=DetectConfig(psf_sample=10))
+    assert moments > 1.05 * 4.0  # the wings widen the moments
+    assert np.median(sampled.fwhm) == pytest.approx(4.0, rel=0.06)
+    with pytest.raises(ValueError):
+        DetectConfig(psf_sample=-1)
+
 def test_cfa_coloured_stars_have_no_colour_bias(rng):
     """CFA detection reports full-resolution positions; star colour must not shift them."""
     xy, flux = _field(rng, n=40)
