@@ -49,7 +49,8 @@ from scipy.spatial import cKDTree
 
 from skystack.engine.errors import RegistrationError
 from skystack.engine.lens import RadialLens
-from skystack.engine.match import MatchConfig, estimate_transform, match_stars, refine_from, transform_points
+from skystack.engine.match import (ERR_FLOOR_PX, MatchConfig, estimate_transform, match_stars, refine_from,
+                                   transform_points)
 
 #: Transform models, simplest first ("auto" picks one by held-out residuals).
 MODELS = ("similarity", "affine", "homography", "homography+radial")
@@ -112,10 +113,10 @@ class SessionRegistration:
 
 @dataclass(frozen=True)
 class _Stars:
-    """Positions and 1-sigma errors of one frame's stars (brightest first)."""
+    """Positions and 1-sigma errors of one frame's stars (brightest first); a star list the matcher takes."""
 
     xy: np.ndarray
-    err: np.ndarray
+    pos_err: np.ndarray
 
 
 def _as_stars(st: Any) -> _Stars:
@@ -158,7 +159,7 @@ def register_frames(stars: dict[int, Any], scores: dict[int, float], shape: tupl
     trans, fails = _match_all(lists, provisional, hcfg)
     static = _flag_static(lists, trans, provisional)
     if any(m.any() for m in static.values()):
-        lists = {i: _Stars(s.xy[~static[i]], s.err[~static[i]]) for i, s in lists.items()}
+        lists = {i: _Stars(s.xy[~static[i]], s.pos_err[~static[i]]) for i, s in lists.items()}
         trans, fails = _match_all(lists, provisional, hcfg)
     ref, reason = provisional, "--reference" if fixed_reference else "best-scoring frame"
     if not fixed_reference:
@@ -210,7 +211,7 @@ def _match_all(lists: dict[int, _Stars], ref: int, cfg: MatchConfig) -> tuple[di
         if i == ref:
             continue
         try:
-            trans[i] = match_stars(s.xy, r.xy, config=cfg, src_err=s.err, dst_err=r.err).transform
+            trans[i] = match_stars(s, r, config=cfg).transform
         except RegistrationError as exc:
             fails[i] = str(exc)
     return trans, fails
@@ -286,7 +287,7 @@ def _chain(lists: dict[int, _Stars], trans: dict[int, np.ndarray], fails: dict[i
             s = lists[f]
             for g in sorted(trans, key=lambda j: (abs(j - f), j))[:3]:
                 try:
-                    t_fg = match_stars(s.xy, lists[g].xy, config=cfg, src_err=s.err, dst_err=lists[g].err).transform
+                    t_fg = match_stars(s, lists[g], config=cfg).transform
                 except RegistrationError:
                     continue
                 guess = _norm(trans[g] @ t_fg)
@@ -330,21 +331,13 @@ def _pairs(lists: dict[int, _Stars], trans: dict[int, np.ndarray], ref: int, fra
     out = []
     for i in frames:
         s = lists[i]
-        best = _refine_ideal(trans[i], _StarsView(_undistort(lens, s.xy), s.err), _StarsView(rd, r.err))
+        best = _refine_ideal(trans[i], _Stars(_undistort(lens, s.xy), s.pos_err), _Stars(rd, r.pos_err))
         if best is None:
             continue
         res = best[2]
-        w = 1.0 / (s.err[res.src_idx] ** 2 + r.err[res.dst_idx] ** 2 + 0.02 ** 2)
+        w = 1.0 / (s.pos_err[res.src_idx] ** 2 + r.pos_err[res.dst_idx] ** 2 + ERR_FLOOR_PX ** 2)
         out.append((s.xy[res.src_idx], r.xy[res.dst_idx], w, i))
     return out
-
-
-@dataclass(frozen=True)
-class _StarsView:
-    """``xy`` + ``pos_err`` view that :func:`refine_from` accepts as a star list."""
-
-    xy: np.ndarray
-    pos_err: np.ndarray
 
 
 def _fit_h(src: np.ndarray, dst: np.ndarray, w: np.ndarray, lens: RadialLens | None) -> np.ndarray:
@@ -447,9 +440,9 @@ def _final_plain(reg: SessionRegistration, lists: dict[int, _Stars], trans: dict
         s = lists[i]
         try:
             if i in chained:
-                res = refine_from(trans[i], _StarsView(s.xy, s.err), _StarsView(r.xy, r.err), config=cfg)
+                res = refine_from(trans[i], s, r, config=cfg)
             else:
-                res = match_stars(s.xy, r.xy, config=cfg, src_err=s.err, dst_err=r.err)
+                res = match_stars(s, r, config=cfg)
         except RegistrationError as exc:
             reg.failures[i] = f"registration failed: {exc}"
             continue
@@ -466,7 +459,7 @@ def _final_with_lens(reg: SessionRegistration, lists: dict[int, _Stars], trans: 
     registered neighbour in time, composed, and refined against the
     reference from that guess.
     """
-    ideal = {i: _StarsView(lens.undistort(s.xy), s.err) for i, s in lists.items()}
+    ideal = {i: _Stars(lens.undistort(s.xy), s.pos_err) for i, s in lists.items()}
     ref = reg.ref
     reg.transforms[ref], reg.residuals[ref] = np.eye(3), 0.0
     tick()
@@ -498,7 +491,7 @@ def _final_with_lens(reg: SessionRegistration, lists: dict[int, _Stars], trans: 
 MAX_RMS_PX = 0.8
 
 
-def _refine_ideal(guess: np.ndarray | None, src: _StarsView, dst: _StarsView):
+def _refine_ideal(guess: np.ndarray | None, src: _Stars, dst: _Stars):
     """``(transform, rms, MatchResult)`` of a homography in ideal pixels, or None.
 
     From a guess: refined with a 6 px association radius, then 3 px. Without
@@ -507,8 +500,7 @@ def _refine_ideal(guess: np.ndarray | None, src: _StarsView, dst: _StarsView):
     """
     try:
         if guess is None:
-            res = match_stars(src.xy, dst.xy, config=MatchConfig(model="homography"), src_err=src.pos_err,
-                              dst_err=dst.pos_err)
+            res = match_stars(src, dst, config=MatchConfig(model="homography"))
         else:
             res = refine_from(guess, src, dst, config=MatchConfig(model="homography", ransac_threshold_px=6.0))
             res = refine_from(res.transform, src, dst, config=MatchConfig(model="homography"))

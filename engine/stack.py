@@ -838,14 +838,14 @@ def _trailing(transforms: dict[int, np.ndarray], lens, lights: list[Path], metas
     from skystack.engine.plan import inputs_from_frame, rule_npf
 
     rates = []
+    p = border_points(shape, 16)
+    ideal = lens.undistort(p) if lens is not None else p
     for a, b in zip(used, used[1:]):
         ma, mb = metas[a], metas[b]
         ta, tb = _timestamp(ma), _timestamp(mb)
         if ta is None or tb is None or not tb > ta:
             continue
-        p = border_points(shape, 16)
-        q = lens.undistort(p) if lens is not None else p
-        q = transform_points(np.linalg.inv(transforms[b]) @ transforms[a], q)
+        q = transform_points(np.linalg.inv(transforms[b]) @ transforms[a], ideal)
         q = lens.distort(q) if lens is not None else q
         rates.append(float(np.nanmax(np.hypot(*(q - p).T))) / (tb - ta))
     exp = next((m.exposure_s for m in (metas[i] for i in used) if m is not None and m.exposure_s), None)
