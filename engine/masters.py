@@ -23,7 +23,11 @@ does not know about, e.g. FITS files without a black level). Then, per pixel:
   median 1 in every colour: dividing a light by it removes vignetting and dust
   without shifting the colour balance, and the two green sites, divided by the
   same number, keep their real response difference corrected. The medians
-  before normalisation are kept in ``FLATMEDR/G/B``.
+  before normalisation are kept in ``FLATMEDR/G/B``. Then the flats' own
+  pixel noise is shrunk by its Wiener factor (``MasterConfig.flat_shrink``,
+  :mod:`skystack.engine.flatnoise`; ``FLATNOIS``/``FLATPRNU``/``FLATRESN``):
+  a few flats otherwise print their shot noise into every light at the same
+  pixels.
 
 Combining uses :func:`skystack.engine.combine.sigma_clip_mean` (method
 ``"sigma"``, or ``"mean"`` = no rejection) or ``nanmedian`` (method
@@ -72,6 +76,7 @@ from skystack.engine.errors import (
     OutputError,
     SkystackError,
 )
+from skystack.engine.flatnoise import FlatNoiseStats, shrink_flat_noise
 from skystack.engine.frame import FrameMeta
 from skystack.engine.output import atomic_path, fits_text
 
@@ -98,7 +103,7 @@ __all__ = [
 #: Master kinds.
 KINDS = ("bias", "dark", "flat", "dark-flat")
 #: Bump when the way masters are computed changes (invalidates the cache).
-CACHE_VERSION = "1"
+CACHE_VERSION = "2"
 
 _IMAGETYP = {"bias": "Master Bias", "dark": "Master Dark", "flat": "Master Flat",
              "dark-flat": "Master Dark Flat"}
@@ -142,6 +147,11 @@ class MasterConfig:
         Most clipping rounds.
     band_bytes : int
         Working memory of one combine band (does not change the result).
+    flat_shrink : bool
+        Flats: shrink the master's pixel-scale noise by its Wiener factor,
+        measured from the flat frames (:mod:`skystack.engine.flatnoise`).
+        It keeps the sensor's real pixel response and the flat's large
+        scales; deep or many flats are left as they are.
     """
 
     method: str = "sigma"
@@ -149,6 +159,7 @@ class MasterConfig:
     kappa_high: float = 3.0
     max_iter: int = 5
     band_bytes: int = 256 * 2**20
+    flat_shrink: bool = True
 
     def __post_init__(self) -> None:
         if self.method not in _METHODS:
@@ -157,7 +168,8 @@ class MasterConfig:
     def key_dict(self) -> dict[str, Any]:
         """Settings that change the result (the cache key's part)."""
         return {"method": self.method, "kappa_low": float(self.kappa_low),
-                "kappa_high": float(self.kappa_high), "max_iter": int(self.max_iter)}
+                "kappa_high": float(self.kappa_high), "max_iter": int(self.max_iter),
+                "flat_shrink": bool(self.flat_shrink)}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -188,6 +200,9 @@ class MasterMeta:
         Flat: what was subtracted before normalising (``"dark-flat"``, ``"bias"``, ``"none"``).
     flat_medians : tuple of float or None
         Flat: median per colour (R, G, B; or one value for mono) before normalising.
+    flat_noise : tuple of float or None
+        Flat: pixel noise, PRNU and the expected noise after shrinking
+        (relative, RMS over the planes), when the noise was shrunk.
     sources : tuple of str
         Absolute paths of the input frames.
     key : str
@@ -218,6 +233,7 @@ class MasterMeta:
     bias_subtracted: bool = False
     flat_offset: str = "none"
     flat_medians: tuple[float, ...] | None = None
+    flat_noise: tuple[float, float, float] | None = None
     sources: tuple[str, ...] = ()
     key: str = ""
     path: str | None = None
@@ -640,6 +656,8 @@ def _combine_files(kind: str, files: Sequence[Path], *, config: MasterConfig, bi
         bands = _bands(h, row_px * n * 4 * 3, band_budget)  # float32 cube + clipping temporaries
         out = np.empty(shape, dtype=np.float32)
         xp = backend.xp
+        fstats = FlatNoiseStats(shape=shape, cfa=ref.pattern is not None and len(shape) == 2, n=n) \
+            if kind == "flat" and config.flat_shrink else None
         for r0, r1 in bands:
             sl = (Ellipsis, slice(r0, r1), slice(None))
             stack = xp.empty((n,) + out[sl].shape, dtype=xp.float32)
@@ -652,13 +670,19 @@ def _combine_files(kind: str, files: Sequence[Path], *, config: MasterConfig, bi
             if off is not None:
                 stack -= backend.asarray(np.ascontiguousarray(off[sl]))[None]
             out[sl] = _combine_band(stack, config, scale=scale)
+            if fstats is not None:
+                fstats.add_band(stack, scale=scale)
             del stack
     finally:
         cube.close()
     STATS.combined += 1
-    medians = None
+    medians = shrink = None
     if kind == "flat":
         out, medians = normalize_flat(out, ref.pattern)
+        if fstats is not None:
+            out, shrink = shrink_flat_noise(out, fstats)
+            if shrink is not None:
+                out, _ = normalize_flat(out, ref.pattern)  # shrinking moves the medians by ~1e-4
     meta = MasterMeta(
         kind=kind, count=n, shape=shape, pattern=ref.pattern, camera=ref.camera,
         exposure_s=_median([m.exposure_s for m in metas]), iso=_median([m.iso for m in metas]),
@@ -668,7 +692,8 @@ def _combine_files(kind: str, files: Sequence[Path], *, config: MasterConfig, bi
         white_level=float(ref.white_level), bias_subtracted=(kind == "dark" and bias is not None),
         flat_offset=("none" if kind != "flat" else
                      ("dark-flat" if dark_flat is not None else ("bias" if bias is not None else "none"))),
-        flat_medians=medians, sources=tuple(m.path for m in metas), key=key, path=None,
+        flat_medians=medians, flat_noise=None if shrink is None else shrink.rms(),
+        sources=tuple(m.path for m in metas), key=key, path=None,
         created=_dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S"), skipped=tuple(skipped),
     )
     return Master(data=out, meta=meta, from_cache=False)
@@ -773,6 +798,11 @@ def write_master(master: Master, path: str | os.PathLike) -> Master:
         hdr["FLATNORM"] = ("per-colour median", "flat divided by each CFA colour's median")
         for lbl, v in zip("RGB" if len(m.flat_medians) == 3 else "L", m.flat_medians):
             hdr[f"FLATMED{lbl}"] = (float(v), f"flat median of {lbl} before normalising")
+    if m.flat_noise is not None:
+        for k, v, what in zip(("FLATNOIS", "FLATPRNU", "FLATRESN"), m.flat_noise,
+                              ("flat pixel noise, relative", "flat PRNU, relative",
+                               "flat pixel noise after shrinking")):
+            hdr[k] = (float(v), what)
     hdr["SSKEY"] = m.key  # 64 hex digits: no room for a comment
     hdr["SSVER"] = (__version__, "skystack version")
     hdr["SSCACHEV"] = (CACHE_VERSION, "skystack master format version")
@@ -850,6 +880,7 @@ def read_master(path: str | os.PathLike) -> Master:
         black_level=tuple(float(h.get(f"BLACK{i}", 0.0)) for i in range(4)),  # type: ignore[arg-type]
         white_level=float(h.get("WHITELVL", 65535.0)), bias_subtracted=bool(h.get("BIASSUB", False)),
         flat_offset=str(h.get("FLATOFFS", "none")), flat_medians=meds,
+        flat_noise=tuple(float(h[k]) for k in ("FLATNOIS", "FLATPRNU", "FLATRESN")) if "FLATNOIS" in h else None,
         sources=tuple(str(v).removeprefix("source: ") for v in h.get("HISTORY", []) if str(v).startswith("source: ")),
         key=str(h.get("SSKEY", "")) or _file_key(p), path=str(p), created=str(h.get("DATE", "")),
         skipped=tuple(str(v).removeprefix("skipped: ") for v in h.get("HISTORY", [])

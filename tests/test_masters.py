@@ -47,7 +47,8 @@ def built(session, tmp_path_factory):
     b = build_master("bias", _files(session, "bias"), cache_dir=cache)
     df = build_master("dark-flat", _files(session, "dark_flat"), cache_dir=cache)
     d = build_master("dark", _files(session, "dark"), bias=b, cache_dir=cache)
-    f = build_master("flat", _files(session, "flat"), bias=b, dark_flat=df, cache_dir=cache)
+    f = build_master("flat", _files(session, "flat"), bias=b, dark_flat=df, cache_dir=cache,
+                     config=MasterConfig(flat_shrink=False))  # the combine alone
     return {"bias": b, "dark-flat": df, "dark": d, "flat": f, "cache": cache}
 
 
@@ -123,6 +124,61 @@ def test_master_flat_equals_truth_per_colour(session, built):
     np.testing.assert_allclose(np.array(meds) / meds[1], exp / exp[1], rtol=0.01)
 
 
+def _flat_truth(session):
+    """Noise-free flat (median 1 per colour) and each pixel's relative noise in a master of the session's flats."""
+    cfg = session.config
+    ff = session.flat_field()
+    col = session.channel_index()
+    level = np.asarray(cfg.flat_level_adu * np.asarray(cfg.flat_color))[col]
+    dark_flat = session.dark_signal(cfg.flat_exposure_s, cfg.temperature_c)
+    signal = ff * level
+    var_flat = (signal + dark_flat) / cfg.gain_e_per_adu + _read_var_adu(cfg)
+    var_df = dark_flat / cfg.gain_e_per_adu + _read_var_adu(cfg)
+    truth = ff.copy()
+    for c in range(3):
+        truth[col == c] /= np.median(ff[col == c])
+    return truth, np.sqrt(var_flat / cfg.n_flats + var_df / cfg.n_dark_flats) / signal
+
+
+def test_flat_shrink_removes_the_flats_noise_and_keeps_the_prnu(session, built):
+    """Default master flat: pixel error against the truth at the Wiener bound, large scales unbiased.
+
+    The truth's PRNU (``prnu``) and each pixel's noise (shot and read noise of
+    the flats, as in the test above) predict the error of the minimum-mean-
+    square estimate, ``sqrt(p^2 v / (p^2 + v))`` per pixel. The shrunk flat must
+    reach it within 12 %, beat the plain combine by that margin, and leave every
+    large scale (vignetting, dust) as right as the plain combine has it: 16x16
+    block means no farther from the truth's.
+    """
+    cfg = session.config
+    shrunk = build_master("flat", _files(session, "flat"), bias=built["bias"], dark_flat=built["dark-flat"],
+                          use_cache=False)
+    truth, rel_sigma = _flat_truth(session)
+    good = session.defect_map() == 0
+    err_plain = (built["flat"].data / truth - 1.0)[good]
+    err = (shrunk.data / truth - 1.0)[good]
+    v, p2 = rel_sigma[good] ** 2, cfg.prnu ** 2
+    bound = np.sqrt(np.mean(p2 * v / (p2 + v)))
+    rms, rms_plain = np.sqrt(np.mean(err ** 2)), np.sqrt(np.mean(err_plain ** 2))
+    assert rms_plain == pytest.approx(np.sqrt(np.mean(v)), rel=0.06)
+    assert rms == pytest.approx(bound, rel=0.12)
+    assert rms < 0.85 * rms_plain
+    h, w = truth.shape
+
+    def blocks(a):
+        return a[: h // 16 * 16, : w // 16 * 16].reshape(h // 16, 16, w // 16, 16).mean(axis=(1, 3))
+
+    b_shrunk, b_plain = blocks(shrunk.data / truth), blocks(built["flat"].data / truth)
+    assert np.std(b_shrunk) <= 1.02 * np.std(b_plain)
+    assert np.abs(b_shrunk - 1).max() <= 1.05 * np.abs(b_plain - 1).max()
+    noise, prnu, resid = shrunk.meta.flat_noise
+    assert noise == pytest.approx(np.sqrt(np.mean(v)), rel=0.10)
+    assert prnu == pytest.approx(cfg.prnu, rel=0.15)
+    assert resid == pytest.approx(bound, rel=0.15)
+    back = read_master(write_master(shrunk, built["cache"] / "shrunk.fits").meta.path)
+    assert back.meta.flat_noise == pytest.approx(shrunk.meta.flat_noise)
+
+
 def test_fits_provenance_headers(session, built):
     d = built["dark"]
     assert d.meta.path and Path(d.meta.path).parent == built["cache"]
@@ -170,7 +226,8 @@ def test_second_run_reuses_cache(session, built):
     b = build_master("bias", _files(session, "bias"), cache_dir=built["cache"])
     df = build_master("dark-flat", _files(session, "dark_flat"), cache_dir=built["cache"])
     d = build_master("dark", _files(session, "dark"), bias=b, cache_dir=built["cache"])
-    f = build_master("flat", list(reversed(_files(session, "flat"))), bias=b, dark_flat=df, cache_dir=built["cache"])
+    f = build_master("flat", list(reversed(_files(session, "flat"))), bias=b, dark_flat=df, cache_dir=built["cache"],
+                     config=MasterConfig(flat_shrink=False))
     # nothing re-combined, not a single frame read; identical data
     assert (STATS.combined, STATS.frames_read) == before[:2]
     assert STATS.cache_hits == before[2] + 4
@@ -352,3 +409,10 @@ def test_gpu_master_matches_cpu(session):
     cpu = build_master("bias", _files(session, "bias"), use_cache=False, backend=get_backend("cpu"))
     gpu = build_master("bias", _files(session, "bias"), use_cache=False, backend=get_backend("gpu"))
     np.testing.assert_allclose(gpu.data, cpu.data, rtol=1e-6, atol=1e-9)
+    # a flat: the shrinkage's noise statistics are gathered on the device
+    flats = _files(session, "flat")[:4]
+    cpu_f = build_master("flat", flats, bias=cpu, use_cache=False, backend=get_backend("cpu"))
+    gpu_f = build_master("flat", flats, bias=cpu, use_cache=False, backend=get_backend("gpu"))
+    assert cpu_f.meta.flat_noise is not None
+    np.testing.assert_allclose(gpu_f.meta.flat_noise, cpu_f.meta.flat_noise, rtol=1e-5)
+    np.testing.assert_allclose(gpu_f.data, cpu_f.data, rtol=1e-5, atol=1e-7)
