@@ -54,7 +54,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from skystack.engine.backend import array_module, is_device_array, launch
+from skystack.engine.backend import array_module, is_device_array, launch, run_cpu
 from skystack.engine.errors import SkystackError
 from skystack.engine.frame import BAYER_PATTERNS
 
@@ -179,11 +179,16 @@ def _apply_wb(cfa, code: int, wb) -> object:
 
 def _bilinear(cfa, code: int):
     if not is_device_array(cfa):
-        return _bilinear_numpy(cfa, code)
-    xp = array_module(cfa)
+        c = np.ascontiguousarray(cfa, dtype=np.float32)
+        return run_cpu(_SRC, "debayer_bilinear_kernel", c.size, lambda: _bilinear_numpy(c, code),
+                       lambda mod: _bilinear_launch(mod.launch, np, c, code))
+    return _bilinear_launch(lambda k, n, a: launch(_SRC, k, n, a), array_module(cfa), cfa, code)
+
+
+def _bilinear_launch(run, xp, cfa, code: int):
     h, w = cfa.shape
     out = xp.empty((3, h, w), dtype=xp.float32)
-    launch(_SRC, "debayer_bilinear_kernel", h * w, (out, cfa, np.int32(h), np.int32(w), np.int32(code)))
+    run("debayer_bilinear_kernel", h * w, (out, cfa, np.int32(h), np.int32(w), np.int32(code)))
     return out
 
 
@@ -199,21 +204,27 @@ def _superpixel(cfa, code: int):
 
 
 def _rcd(cfa, code: int):
-    if not is_device_array(cfa):
-        return _rcd_numpy(cfa, code)
-    xp = array_module(cfa)
+    if not is_device_array(cfa):  # the NumPy twin, or the same kernels built for the host
+        c = np.ascontiguousarray(cfa, dtype=np.float32)
+        return run_cpu(_SRC, "rcd", c.size, lambda: _rcd_numpy(c, code),
+                       lambda mod: _rcd_launch(mod.launch, np, c, code))
+    return _rcd_launch(lambda k, n, a: launch(_SRC, k, n, a), array_module(cfa), cfa, code)
+
+
+def _rcd_launch(run, xp, cfa, code: int):
+    """The RCD kernel sequence; ``run(kernel, n_items, args)`` launches one kernel."""
     h, w = cfa.shape
     n = h * w
     H, W, P = np.int32(h), np.int32(w), np.int32(code)
     hv, hh, hp, hq = (xp.empty((h, w), dtype=xp.float32) for _ in range(4))
-    launch(_SRC, "rcd_hpf_kernel", n, (hv, hh, hp, hq, cfa, H, W))
+    run("rcd_hpf_kernel", n, (hv, hh, hp, hq, cfa, H, W))
     vhdir, pqdir, lpf = (xp.empty((h, w), dtype=xp.float32) for _ in range(3))
-    launch(_SRC, "rcd_dir_kernel", n, (vhdir, pqdir, lpf, hv, hh, hp, hq, cfa, H, W))
+    run("rcd_dir_kernel", n, (vhdir, pqdir, lpf, hv, hh, hp, hq, cfa, H, W))
     del hv, hh, hp, hq
     out = xp.empty((3, h, w), dtype=xp.float32)
-    launch(_SRC, "rcd_green_kernel", n, (out, cfa, vhdir, lpf, H, W, P))
-    launch(_SRC, "rcd_rb_kernel", n, (out, cfa, pqdir, H, W, P))
-    launch(_SRC, "rcd_rbg_kernel", n, (out, cfa, vhdir, H, W, P))
+    run("rcd_green_kernel", n, (out, cfa, vhdir, lpf, H, W, P))
+    run("rcd_rb_kernel", n, (out, cfa, pqdir, H, W, P))
+    run("rcd_rbg_kernel", n, (out, cfa, vhdir, H, W, P))
     return out
 
 
