@@ -178,7 +178,10 @@ def _measurable_stars(truth, masks, model, ap_noise: float, r: float = 9.0, snr:
     """Unsaturated stars off the trails whose stack flux is measurable to 1/snr.
 
     Neighbours need not be avoided: the model holds them too, and both images
-    are measured with the same aperture and annulus.
+    are measured with the same aperture and annulus. Saturated ones must: the
+    model's clipped core is not the stack's, so a star with one inside its
+    annulus (star 954 of this night: a 2.8e6 ADU neighbour 10 px away) is
+    measured in the neighbour's wings.
     """
     h, w = truth.shape
     xy = truth.stars.xy
@@ -194,6 +197,9 @@ def _measurable_stars(truth, masks, model, ap_noise: float, r: float = 9.0, snr:
             continue
         xi, yi = int(round(x)), int(round(y))
         if peaks[yi - 2:yi + 3, xi - 2:xi + 3].max() > headroom or near_trail[yi, xi]:
+            continue
+        ro = int(r) + 10  # the annulus' outer radius, plus a pixel
+        if peaks[max(0, yi - ro):yi + ro + 1, max(0, xi - ro):xi + ro + 1].max() > headroom:
             continue
         if _photometry(model, x, y, r) > snr * ap_noise:
             picked.append(k)
