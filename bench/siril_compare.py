@@ -60,6 +60,7 @@ import numpy as np
 
 from skystack.engine.bench import (
     PRESETS,
+    _session_files,
     _warm_page_cache,
     _write_json,
     ensure_session,
@@ -126,15 +127,21 @@ def siril_script(work: Path, files, *, fits: bool) -> str:
     def sequence(kind_dir: Path, name: str) -> None:
         lines.extend([f"cd {q(kind_dir)}", f"{get} {name} -out={q(proc)}", f"cd {q(proc)}"])
 
-    sequence(work / "bias", "bias")
-    lines.append("stack bias rej s 3 3 -nonorm")
-    sequence(work / "flats", "flat")
-    lines.append("preprocess flat -bias=bias_stacked")
-    lines.append("stack pp_flat rej s 3 3 -norm=mul")
-    sequence(work / "darks", "dark")
-    lines.append("stack dark rej s 3 3 -nonorm")
+    calib = []
+    if files.bias:
+        sequence(work / "bias", "bias")
+        lines.append("stack bias rej s 3 3 -nonorm")
+    if files.flats:
+        sequence(work / "flats", "flat")
+        lines.append("preprocess flat -bias=bias_stacked" if files.bias else "preprocess flat")
+        lines.append("stack pp_flat rej s 3 3 -norm=mul")
+        calib.append("-flat=pp_flat_stacked")
+    if files.darks:
+        sequence(work / "darks", "dark")
+        lines.append("stack dark rej s 3 3 -nonorm")
+        calib.insert(0, "-dark=dark_stacked")
     sequence(work / "lights", "light")
-    lines.append("preprocess light -dark=dark_stacked -flat=pp_flat_stacked -cfa -equalize_cfa -debayer")
+    lines.append(" ".join(["preprocess light", *calib, "-cfa -equalize_cfa -debayer"]))
     lines.append("register pp_light")
     lines.append(f"stack r_pp_light rej s 3 3 -norm=addscale -out={q(work / 'result')}")
     lines.append("close")
@@ -323,6 +330,101 @@ def _score(image: np.ndarray, truth, mask, ref: dict[str, np.ndarray], reg: dict
     return {"quality": q.to_dict(), "registration": reg, "regions": regions}
 
 
+def _score_synthetic(images: dict[str, np.ndarray], truth, sk_entry, siril, peer, sk, work_root: Path) -> None:
+    """Score every image against the truth, and again blurred to the broadest tool's FWHM."""
+    mask = star_free_mask(truth, 0)
+    land = truth.horizon_mask()
+    if land.any():  # a tripod night: noise and stars are measured in the sky only
+        from scipy.ndimage import distance_transform_edt
+
+        mask &= distance_transform_edt(~land) > 12
+    ref = {"stars": truth.sky(0, background=False, gradient=False, trail=False),
+           "background": truth.sky(0, stars=False, trail=False)}
+    if "skystack" in images:
+        transforms = {int(k): v for k, v in sk.get("transforms", {}).items()}
+        sk_entry["score"] = _score(images["skystack"], truth, mask, ref,
+                                   registration_error(transforms, truth, 0) if not land.any() else None)
+    if "siril" in images:
+        reg = measured_registration_error(_siril_registered(work_root / "siril", truth), truth, 0) \
+            if not land.any() else None
+        siril["score"] = _score(images["siril"], truth, mask, ref, reg)
+    if peer is not None and peer.get("ok"):
+        tr = {int(k): v for k, v in peer.get("transforms", {}).items()}
+        images["peer"] = np.load(peer["image"])
+        peer["score"] = _score(images["peer"], truth, mask, ref, registration_error(tr, truth, 0))
+    scored = {k: t for k, t in (("skystack", sk_entry), ("siril", siril), ("peer", peer))
+              if t is not None and t.get("score") and k in images}
+
+    def measure(img):
+        q = measure_quality(img, truth, 0, mask=mask, star_image=ref["stars"], background=ref["background"])
+        return q.noise_mean_adu, q.noise_binned_mean_adu, q.fwhm_px, q.colour_noise_mean_adu
+
+    _matched_resolution(images, scored, measure)
+
+
+def _score_real(images: dict[str, np.ndarray], sk_entry, siril, adu: float) -> None:
+    """Real frames: both stacks against each other (:mod:`real_metrics`), in ADU of one light.
+
+    skystack's image is in normalised units (``adu`` per unit: white - black
+    level of the lights); Siril's is brought to them by star photometry.
+    """
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from real_metrics import score_pair
+
+    if len(images) < 2:
+        return
+    sc = score_pair(images)
+    for name, tool in (("skystack", sk_entry), ("siril", siril)):
+        v = sc[name]
+        tool["score"] = {"quality": {
+            "noise_adu": [x * adu for x in v["noise"]], "noise_mean_adu": v["noise_mean"] * adu,
+            "noise_binned_mean_adu": v["noise_binned_mean"] * adu, "fwhm_px": v["fwhm_px"], "n_stars": v["n_stars"],
+            "colour_noise_adu": [x * adu for x in v["colour_noise"]],
+            "colour_noise_mean_adu": float(np.mean(v["colour_noise"])) * adu if v["colour_noise"] else None,
+            "scale": v["scale"]}, "registration": None, "regions": None}
+
+    def measure(img):
+        v = score_pair({"skystack": images["skystack"], "x": img})["x"]
+        return (v["noise_mean"] * adu, v["noise_binned_mean"] * adu, v["fwhm_px"],
+                float(np.mean(v["colour_noise"])) * adu if v["colour_noise"] else None)
+
+    _matched_resolution(images, {"skystack": sk_entry, "siril": siril}, measure)
+
+
+def _matched_resolution(images: dict[str, np.ndarray], tools: dict[str, dict[str, Any]], measure) -> None:
+    """Noise of each image blurred (Gaussian) to the broadest image's FWHM: noise at equal resolution.
+
+    Per-pixel noise falls as an image is smoothed, and so do its stars' sharpness;
+    comparing noise at the same FWHM shows which stack holds more information
+    (the sharper one can always be blurred into the softer one, not the reverse).
+    """
+    from scipy.ndimage import gaussian_filter
+
+    fw = {k: t["score"]["quality"].get("fwhm_px") for k, t in tools.items() if t.get("score")}
+    fw = {k: v for k, v in fw.items() if v is not None and math.isfinite(v)}
+    if len(fw) < 2:
+        return
+    target = max(fw.values())
+    for name, f in fw.items():
+        img = images[name]
+        sigma, got = 0.0, (None, None, f, None)
+        lo, hi = 0.0, math.sqrt(max(target ** 2 - f ** 2, 0.0) / (8.0 * math.log(2.0))) * 2.0
+        for _ in range(10):  # bisect the Gaussian blur that brings the measured FWHM to the target
+            if abs(got[2] - target) <= 0.005 or target - f <= 0.005:
+                break
+            sigma = 0.5 * (lo + hi)
+            blurred = np.stack([gaussian_filter(np.nan_to_num(c), sigma) for c in img]) if img.ndim == 3 \
+                else gaussian_filter(np.nan_to_num(img), sigma)
+            blurred[~np.isfinite(img)] = np.nan
+            got = measure(blurred)
+            lo, hi = (sigma, hi) if got[2] < target else (lo, sigma)
+        if got[0] is None:
+            q = tools[name]["score"]["quality"]
+            got = (q.get("noise_mean_adu"), q.get("noise_binned_mean_adu"), f, q.get("colour_noise_mean_adu"))
+        tools[name]["score"]["matched"] = {"fwhm_target": target, "blur_sigma_px": sigma, "noise": got[0],
+                                           "noise_binned": got[1], "fwhm_px": got[2], "colour_noise": got[3]}
+
+
 def _fmt(v: Any, fmt: str = "{:.2f}") -> str:
     if v is None or (isinstance(v, float) and not math.isfinite(v)):
         return "-"
@@ -346,6 +448,9 @@ def comparison_rows(results: dict[str, Any]) -> tuple[list[str], list[list[str]]
     def q(t, k):
         return (t.get("score") or {}).get("quality", {}).get(k)
 
+    def mt(t, k):
+        return ((t.get("score") or {}).get("matched") or {}).get(k)
+
     def rg(t, k):
         return ((t.get("score") or {}).get("regions") or {}).get(k)
 
@@ -363,7 +468,14 @@ def comparison_rows(results: dict[str, Any]) -> tuple[list[str], list[list[str]]
         row("background noise R/G/B (ADU)",
             lambda t: "/".join(_fmt(v, "{:.3f}") for v in (q(t, "noise_adu") or []))),
         row("noise at 4x4 binning (ADU, mean RGB)", lambda t: _fmt(q(t, "noise_binned_mean_adu"), "{:.3f}")),
-        row("median star FWHM (px)", lambda t: _fmt(q(t, "fwhm_px"))),
+        row("colour noise R-G / B-G (ADU)",
+            lambda t: "/".join(_fmt(v, "{:.3f}") for v in (q(t, "colour_noise_adu") or [])) or "-"),
+        row("median star FWHM (px)", lambda t: _fmt(q(t, "fwhm_px"), "{:.3f}")),
+        row("at equal FWHM: noise 1x1 / 4x4 / colour (ADU)",
+            lambda t: f"{_fmt(mt(t, 'noise'), '{:.3f}')} / {_fmt(mt(t, 'noise_binned'), '{:.3f}')} / "
+                      f"{_fmt(mt(t, 'colour_noise'), '{:.3f}')} (FWHM {_fmt(mt(t, 'fwhm_px'), '{:.3f}')})"),
+        row("faint-star completeness / 50 % limit (ADU)",
+            lambda t: f"{_fmt(q(t, 'completeness'), '{:.3f}')} / {_fmt(q(t, 'limit_flux_adu'), '{:.0f}')}"),
         row("FWHM centre / corner ninths (px)", lambda t: f"{_fmt(rg(t, 'fwhm_centre'))} / {_fmt(rg(t, 'fwhm_corner'))}"),
         row("elongation centre / corner", lambda t: f"{_fmt(rg(t, 'elong_centre'))} / {_fmt(rg(t, 'elong_corner'))}"),
         row("stars detected", lambda t: str(q(t, "n_stars") or "-")),
@@ -375,7 +487,7 @@ def comparison_rows(results: dict[str, Any]) -> tuple[list[str], list[list[str]]
         row("background residual vs truth (ADU)", lambda t: _fmt(q(t, "bg_residual_adu"), "{:.3f}")),
         row("large-scale background error (ADU)", lambda t: _fmt(q(t, "bg_large_scale_adu"), "{:.3f}")),
     ]
-    return cols, rows
+    return cols, [r for r in rows if any(c.strip("-/ ") for c in r[1:])]
 
 
 def markdown(results: dict[str, Any]) -> str:
@@ -383,8 +495,12 @@ def markdown(results: dict[str, Any]) -> str:
     s = results["session"]
     lines = [f"Command: `{results['command']}` ({results['created']})", "",
              f"Session: {s['lights']} lights of {s['width']}x{s['height']} Bayer FITS, {s['bias']} bias, "
-             f"{s['darks']} darks, {s['flats']} flats (synthetic, with truth). Noise and residuals are in "
-             f"ADU of one light exposure (lower is better).", "",
+             f"{s['darks']} darks, {s['flats']} flats " + (
+                 "(synthetic, with truth). Noise and residuals are in ADU of one light exposure "
+                 "(lower is better)." if s.get("truth", True) else
+                 f"(real frames: {s['path']}). No truth: noise is measured in the same star-free boxes of "
+                 "both stacks, in skystack's units (Siril's image brought to them by star photometry per "
+                 "channel; lower is better)."), "",
              "| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     return "\n".join(lines) + "\n"
@@ -392,7 +508,6 @@ def markdown(results: dict[str, Any]) -> str:
 
 def compare(args: argparse.Namespace) -> dict[str, Any]:
     from skystack.engine.io import read_meta
-    from skystack.engine.session import discover_session
     from skystack.engine.synth import load_truth
 
     say = (lambda s: None) if args.quiet else (lambda s: print(s, file=sys.stderr, flush=True))
@@ -409,9 +524,9 @@ def compare(args: argparse.Namespace) -> dict[str, Any]:
         else:
             scfg = session_synth_config(n, mp, file_format="fits", seed=args.seed)
         session = ensure_session(scfg, args.cache_dir, quiet=args.quiet)
-    files = discover_session(session)
-    truth = load_truth(session)
-    if truth.reference_index != 0:
+    files = _session_files(session)
+    truth = load_truth(session) if (session / "truth.json").is_file() else None  # None: real frames
+    if truth is not None and truth.reference_index != 0:
         say("note: the session's truth reference is not light 0; metrics use light 0's grid anyway")
     meta = read_meta(files.lights[0])
     h, w = meta.shape[-2:]
@@ -425,9 +540,11 @@ def compare(args: argparse.Namespace) -> dict[str, Any]:
     img_path = work_root / "skystack.npy"
     sk = run_child({"mode": "stack", "session": str(session), "backend": args.backend or "cpu",
                     "workers": args.workers, "reference": str(files.lights[0]), "save_image": str(img_path),
-                    "options": {"debayer": args.debayer}},
+                    "options": {k: v for k, v in (("debayer", args.debayer),
+                                                  ("interpolation", args.interpolation)) if v}},
                    log_dir=work_root, timeout_s=args.timeout)
-    sk_entry: dict[str, Any] = {"label": f"skystack ({sk.get('backend', args.backend or 'cpu')}, {args.debayer})",
+    opts = ", ".join(v for v in (args.debayer, args.interpolation) if v) or "defaults"
+    sk_entry: dict[str, Any] = {"label": f"skystack ({sk.get('backend', args.backend or 'cpu')}, {opts})",
                                 "ok": sk.get("ok")}
     if sk.get("ok"):
         sk_entry.update(wall_s=sk["process"]["wall_s"], internal_s=sk["timings"].get("total"),
@@ -453,7 +570,7 @@ def compare(args: argparse.Namespace) -> dict[str, Any]:
 
     # --- Python peer
     peer = None
-    if _peer_available() and not args.no_peer:
+    if _peer_available() and not args.no_peer and truth is not None:
         say("ccdproc + astroalign ...")
         peer = run_peer(session, work_root / "peer", timeout_s=args.timeout)
         peer["label"] = "ccdproc+astroalign"
@@ -463,28 +580,17 @@ def compare(args: argparse.Namespace) -> dict[str, Any]:
 
     # --- scoring, all in the grid of light 0
     say("scoring ...")
-    mask = star_free_mask(truth, 0)
-    land = truth.horizon_mask()
-    if land.any():  # a tripod night: noise and stars are measured in the sky only
-        from scipy.ndimage import distance_transform_edt
-
-        mask &= distance_transform_edt(~land) > 12
-    ref = {"stars": truth.sky(0, background=False, gradient=False, trail=False),
-           "background": truth.sky(0, stars=False, trail=False)}
+    images = {}
     if sk_entry.get("ok"):
-        transforms = {int(k): v for k, v in sk.get("transforms", {}).items()}
-        sk_entry["score"] = _score(np.load(img_path), truth, mask, ref,
-                                   registration_error(transforms, truth, 0) if not land.any() else None)
+        images["skystack"] = np.load(img_path)
     if siril.get("ok"):
         from astropy.io import fits
 
-        img = np.asarray(fits.getdata(work_root / "siril" / "result.fit"), dtype=np.float32)
-        reg = measured_registration_error(_siril_registered(work_root / "siril", truth), truth, 0) \
-            if not land.any() else None
-        siril["score"] = _score(img, truth, mask, ref, reg)
-    if peer is not None and peer.get("ok"):
-        tr = {int(k): v for k, v in peer.get("transforms", {}).items()}
-        peer["score"] = _score(np.load(peer["image"]), truth, mask, ref, registration_error(tr, truth, 0))
+        images["siril"] = np.asarray(fits.getdata(work_root / "siril" / "result.fit"), dtype=np.float32)
+    if truth is None:
+        _score_real(images, sk_entry, siril, float(meta.white_level) - float(np.mean(meta.black_level)))
+    else:
+        _score_synthetic(images, truth, sk_entry, siril, peer, sk, work_root)
     if not (peer is not None or args.no_peer):
         tools.append({"label": "ccdproc+astroalign", "ok": False, "skipped": True,
                       "error": "not installed (pip install ccdproc astroalign to include it)"})
@@ -497,7 +603,8 @@ def compare(args: argparse.Namespace) -> dict[str, Any]:
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "machine": info,
         "session": {"path": str(session), "lights": len(files.lights), "width": int(w), "height": int(h),
-                    "bias": len(files.bias), "darks": len(files.darks), "flats": len(files.flats)},
+                    "bias": len(files.bias), "darks": len(files.darks), "flats": len(files.flats),
+                    "truth": truth is not None},
         "tools": tools,
         "workdir": str(work_root),
     }
@@ -538,8 +645,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--backend", choices=("cpu", "gpu"), help="skystack backend (default cpu)")
     p.add_argument("--workers", type=int, help="skystack decoder threads")
-    p.add_argument("--debayer", default="rcd", choices=("bilinear", "rcd", "superpixel"),
-                   help="skystack debayer (default rcd: Siril 1.0's default demosaicing)")
+    p.add_argument("--debayer", choices=("bilinear", "rcd", "superpixel"),
+                   help="skystack debayer (default: skystack's default, rcd)")
+    p.add_argument("--interpolation", choices=("lanczos3", "bilinear"),
+                   help="skystack resampling (default: skystack's default, lanczos3; Siril 1.0's "
+                        "register resamples bilinearly)")
     p.add_argument("--cache-dir", help="where synthetic sessions are kept")
     p.add_argument("--workdir", help="Siril/peer working folder (default: a new temporary folder)")
     p.add_argument("--keep", action="store_true", help="keep Siril's intermediate files and the images")

@@ -246,9 +246,18 @@ def ensure_session(synth_config, cache_root: str | os.PathLike | None = None, *,
 
 
 def _session_files(session: str | os.PathLike):
-    from skystack.engine.session import discover_session
+    """The session's frames: kind folders, or else a folder holding only lights (real sample sets)."""
+    from skystack.engine.errors import InputNotFound
+    from skystack.engine.session import SessionFiles, discover_session
 
-    return discover_session(session)
+    try:
+        return discover_session(session)
+    except InputNotFound:
+        lights = tuple(sorted(p for p in Path(session).iterdir()
+                              if p.suffix.lower() in (".fit", ".fits", ".fts", ".dng", ".cr2", ".nef", ".arw")))
+        if not lights:
+            raise
+        return SessionFiles(lights=lights, root=Path(session))
 
 
 def _all_frames(files) -> list[Path]:
@@ -1068,6 +1077,16 @@ class QualityMetrics:
         Star-free boxes used.
     n_phot_stars : int
         Stars used for the photometric scale.
+    colour_noise_adu : tuple of float
+        Chroma noise: the same robust sigma of ``R/scale_R - G/scale_G`` and
+        ``B/scale_B - G/scale_G`` (empty for mono images).
+    completeness : float
+        Fraction of the truth stars in a faint band (G flux between the 15th
+        and 35th percentiles of the stars every light covers) that a
+        PSF-matched filter finds at 5 sigma within 1.5 px
+        (:func:`matched_filter_peaks`, :func:`_completeness`).
+    limit_flux_adu : float
+        G flux (ADU of one light) at which half the truth stars are found.
     """
 
     noise_adu: tuple[float, ...]
@@ -1079,6 +1098,15 @@ class QualityMetrics:
     bg_large_scale_adu: float
     n_boxes: int
     n_phot_stars: int
+    colour_noise_adu: tuple[float, ...] = ()
+    completeness: float = float("nan")
+    limit_flux_adu: float = float("nan")
+
+    @property
+    def colour_noise_mean_adu(self) -> float:
+        """Mean of the R-G and B-G chroma noise."""
+        v = [x for x in self.colour_noise_adu if math.isfinite(x)]
+        return float(np.mean(v)) if v else float("nan")
 
     @property
     def noise_mean_adu(self) -> float:
@@ -1096,6 +1124,7 @@ class QualityMetrics:
         d = asdict(self)
         d["noise_mean_adu"] = self.noise_mean_adu
         d["noise_binned_mean_adu"] = self.noise_binned_mean_adu
+        d["colour_noise_mean_adu"] = self.colour_noise_mean_adu
         return d
 
 
@@ -1261,6 +1290,88 @@ def _box_stats(image: np.ndarray, mask: np.ndarray, boxes: np.ndarray, box: int,
     return sig, sigb
 
 
+def _colour_noise(img: np.ndarray, scale: np.ndarray, mask: np.ndarray, boxes: np.ndarray, box: int
+                  ) -> tuple[float, ...]:
+    """Robust sigma (median over star-free boxes, plane removed) of R - G and B - G in ADU."""
+    if img.ndim != 3 or img.shape[0] != 3 or not len(boxes) or not np.isfinite(scale).all():
+        return ()
+    g = img[1] / scale[1]
+    diffs = (img[0] / scale[0] - g, img[2] / scale[2] - g)
+    sig, _ = _box_stats(np.stack(diffs), mask, boxes, box)
+    return tuple(float(np.nanmedian(sig[:, k])) for k in range(2))
+
+
+def matched_filter_peaks(image: np.ndarray, scale: np.ndarray, mask: np.ndarray, fwhm_px: float, *,
+                         nsigma: float = 5.0) -> np.ndarray:
+    """``(N, 2)`` x, y of the peaks of a PSF-matched filter above ``nsigma`` of its own noise.
+
+    The photometrically scaled luminance, less a coarse median background, is
+    convolved with a Gaussian of the image's own FWHM (the optimal detector of
+    point sources in white noise); peaks (5x5 maxima) count above ``nsigma``
+    robust sigmas of the filtered star-free pixels. Because the threshold is
+    the *filtered* noise, smoothing an image beforehand neither helps nor
+    hurts: this compares depth at the source scale, whatever the resampling.
+    """
+    from scipy import ndimage
+
+    img = image if image.ndim == 3 else image[None]
+    lum = np.nan_to_num(np.mean([img[c] / scale[c] for c in range(img.shape[0])], axis=0))
+    h, w = lum.shape
+    bg = ndimage.median_filter(lum[::4, ::4], size=16, mode="nearest")
+    lum = lum - np.kron(bg, np.ones((4, 4), dtype=lum.dtype))[:h, :w]
+    f = ndimage.gaussian_filter(lum, max(float(fwhm_px), 1.0) / 2.3548)
+    r = f[mask]
+    sig = 1.4826 * float(np.median(np.abs(r - np.median(r))))
+    peak = (f == ndimage.maximum_filter(f, 5)) & (f > nsigma * sig)
+    yy, xx = np.nonzero(peak)
+    return np.column_stack([xx, yy]).astype(np.float64)
+
+
+def _completeness(detected_xy: np.ndarray, truth, ref_index: int, shape: tuple[int, int], *,
+                  margin: float = 12.0, radius: float = 1.5) -> tuple[float, float]:
+    """Faint-star completeness and the 50 % limiting flux of a detection list.
+
+    Truth stars every light covers (``margin`` px inside, off the landscape)
+    count as found with a detection within ``radius`` px. Completeness is the
+    fraction found among those whose G flux lies between the 15th and 35th
+    percentiles of them (a band fixed by the truth alone, where detection
+    fades on the simulator's sessions); the limiting flux is the G flux (ADU
+    of one light) where the fraction found, in bins of 5 % of the stars,
+    first reaches one half (interpolated in log flux).
+    """
+    from scipy.spatial import cKDTree
+
+    h, w = shape
+    xy, flux = _truth_star_xy(truth, ref_index)
+    ok = np.isfinite(xy).all(axis=1)
+    ok &= (xy[:, 0] >= margin) & (xy[:, 0] < w - margin) & (xy[:, 1] >= margin) & (xy[:, 1] < h - margin)
+    if ok.any():
+        ok[ok] &= _common_footprint(truth, ref_index, xy[ok], margin)
+    land = truth.horizon_mask()
+    if land.any() and ok.any():
+        ii = np.rint(xy[ok]).astype(int)
+        ok[np.flatnonzero(ok)[land[ii[:, 1], ii[:, 0]]]] = False
+    if ok.sum() < 100:
+        return float("nan"), float("nan")
+    f = flux[ok, 1]
+    found = np.zeros(len(f), dtype=bool)
+    if len(detected_xy):
+        d, _ = cKDTree(detected_xy).query(xy[ok], k=1)
+        found = d <= radius
+    lo, hi = np.quantile(f, [0.15, 0.35])
+    band = (f >= lo) & (f <= hi)
+    edges = np.quantile(f, np.linspace(0.0, 1.0, 21))
+    centre = np.sqrt(edges[:-1] * edges[1:])
+    frac = np.array([found[(f >= a) & (f <= b)].mean() for a, b in zip(edges[:-1], edges[1:])])
+    limit = float("nan")
+    k = np.flatnonzero(frac >= 0.5)
+    if len(k) and k[0] > 0:
+        j = k[0]
+        t = (0.5 - frac[j - 1]) / max(frac[j] - frac[j - 1], 1e-9)
+        limit = float(np.exp(np.log(centre[j - 1]) + t * (np.log(centre[j]) - np.log(centre[j - 1]))))
+    return float(found[band].mean()), limit
+
+
 def _boxes(truth, ref_index: int, mask: np.ndarray, box: int, *, min_free: float = 0.6,
            max_boxes: int = 1500, seed: int = 0) -> np.ndarray:
     h, w = mask.shape
@@ -1337,17 +1448,22 @@ def measure_quality(image: np.ndarray, truth, ref_index: int, *, box: int = 24,
             box_meds.append(np.asarray(meds) - off)
         bg_res = float(np.sqrt(np.mean(np.concatenate(resid_all) ** 2)))
         bg_ls = float(np.sqrt(np.mean(np.concatenate(box_meds) ** 2)))
-    fwhm, n_stars = float("nan"), 0
+    fwhm, n_stars, complete, limit = float("nan"), 0, float("nan"), float("nan")
     if detect:
         from skystack.engine.detect import detect_stars, measure_quality as _mq
 
         st = detect_stars(np.nan_to_num(img, nan=0.0))
         q = _mq(st)
         fwhm, n_stars = float(q.fwhm_px), int(q.n_stars)
+        if np.isfinite(scale).all() and math.isfinite(fwhm):
+            peaks = matched_filter_peaks(img, np.asarray(scale), mask, fwhm)
+            complete, limit = _completeness(peaks, truth, ref_index, img.shape[-2:])
     return QualityMetrics(noise_adu=noise, noise_binned_adu=noise_b, scale=tuple(float(s) for s in scale),
                           fwhm_px=fwhm,
                           n_stars=n_stars, bg_residual_adu=bg_res, bg_large_scale_adu=bg_ls,
-                          n_boxes=int(len(boxes)), n_phot_stars=n_phot)
+                          n_boxes=int(len(boxes)), n_phot_stars=n_phot,
+                          colour_noise_adu=_colour_noise(img, np.asarray(scale), mask, boxes, box),
+                          completeness=complete, limit_flux_adu=limit)
 
 
 def registration_error(transforms: dict[int, Any], truth, ref_index: int) -> dict[str, Any]:

@@ -149,6 +149,40 @@ def test_binned_noise_sees_through_smoothing(truth):
         assert 0.6 * sigma / a < nb < 0.95 * sigma / a
 
 
+def test_colour_noise_is_the_spread_of_channel_differences(truth):
+    """Independent noise sigma per channel: R - G and B - G spread sqrt(2) sigma; shared noise: none."""
+    rng = np.random.default_rng(5)
+    a, sigma = 2.5e-5, 3e-4
+    sky = a * truth.sky(0)
+    q = bench.measure_quality((sky + rng.normal(0.0, sigma, sky.shape)).astype(np.float32), truth, 0, detect=False)
+    for c in q.colour_noise_adu:
+        assert c == pytest.approx(np.sqrt(2.0) * sigma / a, rel=0.08)
+    grey = (sky + rng.normal(0.0, sigma, sky.shape[1:])[None]).astype(np.float32)  # the same noise in R, G, B
+    q = bench.measure_quality(grey, truth, 0, detect=False)
+    assert max(q.colour_noise_adu) < 0.1 * sigma / a
+
+
+def test_completeness_falls_with_noise_and_ignores_smoothing(truth):
+    """The matched filter finds the faint band's stars in a clean image, fewer in a noisy one,
+    and as many after smoothing the noisy one (its threshold is the filtered noise)."""
+    from scipy.ndimage import gaussian_filter
+
+    rng = np.random.default_rng(3)
+    a = 2.5e-5
+    sky = a * truth.sky(0)
+    clean = (sky + rng.normal(0.0, 2e-6, sky.shape)).astype(np.float32)
+    noisy = (sky + rng.normal(0.0, 1e-3, sky.shape)).astype(np.float32)
+    noisier = (sky + rng.normal(0.0, 2e-3, sky.shape)).astype(np.float32)
+    smooth = np.stack([gaussian_filter(c, 0.6) for c in noisy]).astype(np.float32)
+    qc, qn, q2, qs = (bench.measure_quality(im, truth, 0) for im in (clean, noisy, noisier, smooth))
+    assert qc.completeness > 0.75  # measured 0.82 (the rest are blended with brighter neighbours)
+    assert qn.completeness < 0.3
+    # the 50 % limit scales with the noise (measured 870 and ~1800 ADU)
+    assert 1.6 < q2.limit_flux_adu / qn.limit_flux_adu < 2.4
+    # smoothing (FWHM 3.3 -> 3.7 px) moves the limit by a few percent only (measured 845 against 870)
+    assert qs.limit_flux_adu == pytest.approx(qn.limit_flux_adu, rel=0.08)
+
+
 def test_star_free_mask_excludes_every_star_centre(truth):
     mask = bench.star_free_mask(truth, 0)
     h, w = truth.shape
