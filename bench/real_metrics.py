@@ -7,8 +7,9 @@ each other:
 * **star mask**: every star either image's detection finds, masked to a
   radius growing with its flux, plus NaN borders; the same mask for both;
 * **photometric scale** per channel: the median ratio of aperture fluxes
-  (plane fitted to an annulus) of bright isolated stars found in both,
-  against the first image (so noise is compared in the same units);
+  (radius 4 FWHM of the softer image, so both hold their stars' whole light;
+  annulus median) of bright isolated stars found in both, against the first
+  image (so noise is compared in the same units);
 * **noise** at 1x1 and 4x4 binning, and **colour noise** (``R - G`` and
   ``B - G`` after the scales), as robust sigmas in the same star-free boxes
   as :func:`skystack.engine.bench.measure_quality` uses;
@@ -69,8 +70,8 @@ def relative_scale(image: np.ndarray, reference: np.ndarray, *, max_stars: int =
     img = image if image.ndim == 3 else image[None]
     ref = reference if reference.ndim == 3 else reference[None]
     h, w = ref.shape[-2:]
-    fw = float(np.median(st.fwhm)) if len(st.fwhm) else 3.0
-    r_ap, r_in, r_out = 3.0 * fw, 3.0 * fw + 3.0, 3.0 * fw + 8.0
+    fw = max(float(np.median(s.fwhm)) if len(s.fwhm) else 3.0 for s in (st, other))
+    r_ap, r_in, r_out = 4.0 * fw, 4.0 * fw + 3.0, 4.0 * fw + 9.0  # the softer image's stars, whole
     xy = np.column_stack([st.x, st.y])
     d, _ = cKDTree(np.column_stack([other.x, other.y])).query(xy) if len(other.x) else (np.full(len(xy), np.inf), 0)
     tree = cKDTree(xy)
