@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -96,3 +97,58 @@ def test_combine_tile_fits_the_host_budget_too(backend, monkeypatch):
     assert blocks and max(blocks) == 5, blocks
     np.testing.assert_array_equal(image, whole)
     assert stack_mod  # the module under test
+
+
+def _baseline_rss(log) -> int:
+    """Peak RSS of a process that imported skystack and every dependency a stack loads, and did nothing."""
+    from skystack.engine.bench import run_measured
+
+    code = ("import importlib, pkgutil, skystack.cli, skystack.engine\n"
+            "for m in pkgutil.iter_modules(skystack.engine.__path__):\n"
+            "    importlib.import_module('skystack.engine.' + m.name)\n"
+            "import matplotlib\nmatplotlib.use('Agg')\nimport matplotlib.pyplot\n")
+    m = run_measured([sys.executable, "-c", code], log_path=log)
+    assert m.returncode == 0, Path(log).read_text()
+    return m.peak_rss_bytes
+
+
+@pytest.mark.slow
+def test_memory_limit_bounds_the_whole_process(tmp_path):
+    """``--memory-limit 300MB`` on 2 GiB of registered frames: the whole process's peak stays within it.
+
+    The stack runs in a child process (the CLI, outputs included) whose own peak RSS
+    ``wait4`` reports; the bound is 300 MB above the peak RSS of a process that only
+    imported skystack and its dependencies, measured here the same way. Eight distinct
+    lights are repeated (links) to 90: the cost of the test is the 2 GiB, not the synthesis.
+    """
+    import math
+    import os
+
+    from skystack.engine.bench import run_measured
+
+    w, h, distinct = 1732, 1154, 8
+    n = math.ceil(2 * (1 << 30) / (3 * h * w * 4))  # registered float32 RGB frames: >= 2 GiB
+    cfg = SynthConfig(seed=14, width=w, height=h, n_lights=distinct, n_bias=0, n_darks=0, n_flats=0,
+                      n_dark_flats=0, file_format="fits", star_density=500.0, trail_frames=None,
+                      cloudy_frame=None, shake_frame=None)
+    simulate(cfg, tmp_path / "src")
+    src = sorted((tmp_path / "src" / "lights").iterdir())
+    lights = tmp_path / "s" / "lights"
+    lights.mkdir(parents=True)
+    for k in range(n):
+        os.symlink(src[k % distinct], lights / f"light_{k:04d}{src[0].suffix}")
+    limit = 300 * MB
+    base = _baseline_rss(tmp_path / "base.log")
+    out = tmp_path / "lim.tif"
+    cmd = [sys.executable, "-m", "skystack", "stack", str(tmp_path / "s"), "-o", str(out), "--quiet",
+           "--backend", "cpu", "--memory-limit", "300MB", "--rejection", "sigma",
+           "--cache-dir", str(tmp_path / "cache")]
+    m = run_measured(cmd, log_path=tmp_path / "stack.log", timeout_s=600)
+    assert m.returncode == 0, (tmp_path / "stack.log").read_text()[-2000:]
+    report = json.loads(out.with_suffix(".json").read_text())
+    assert report["frames_used"] == n
+    assert n * 3 * h * w * 4 >= 2 * (1 << 30)
+    assert report["memory"]["store_on_disk"] is True
+    assert m.peak_rss_bytes < base + limit, (m.peak_rss_bytes / MB, base / MB)
+    img = tifffile.imread(out)
+    assert np.isfinite(img).mean() > 0.95
