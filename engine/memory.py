@@ -78,7 +78,7 @@ class MemoryPlan:
 
 
 def plan_memory(limit: int | None, *, available: int, frame_px: int, store_bytes: int, out_px: int,
-                channels: int, threads: int, queue_size: int) -> MemoryPlan:
+                channels: int, threads: int, queue_size: int, gpu: bool = False) -> MemoryPlan:
     """Share ``limit`` (or, without one, the defaults) between the stages of a stack.
 
     Parameters
@@ -99,6 +99,10 @@ def plan_memory(limit: int | None, *, available: int, frame_px: int, store_bytes
         Threads asked for (frames processed at once).
     queue_size : int
         Decoded frames asked to wait in the queue.
+    gpu : bool
+        The stack runs on a GPU: without a limit its tiles stay as large as
+        the host allows (a GPU wants large launches; the device budget bounds
+        them too).
 
     Returns
     -------
@@ -108,7 +112,7 @@ def plan_memory(limit: int | None, *, available: int, frame_px: int, store_bytes
     if limit is None:
         store_ram = min(ceiling // 2, DEFAULT_STORE_RAM)
         return MemoryPlan(limit=None, store_ram=store_ram, threads=threads, queue_size=queue_size,
-                          tile_bytes=max(MIN_TILE_BYTES, min(ceiling // 4, DEFAULT_TILE_BYTES)))
+                          tile_bytes=ceiling if gpu else max(MIN_TILE_BYTES, min(ceiling // 4, DEFAULT_TILE_BYTES)))
     budget = min(int(limit), ceiling)
     store_ram = budget // 2
     free = budget - (store_bytes if store_bytes <= store_ram else 0)

@@ -392,7 +392,7 @@ def register_session(files: SessionFiles, config: StackConfig = StackConfig()) -
     n_ch = 3 if pattern else 1
     plan = plan_memory(config.memory_limit, available=CPU.free_memory(), frame_px=h_full * w_full,
                        store_bytes=len(lights) * n_ch * out_h * out_w * 4, out_px=out_h * out_w, channels=n_ch,
-                       threads=_compute_threads(be, config), queue_size=config.queue_size)
+                       threads=_compute_threads(be, config), queue_size=config.queue_size, gpu=be.is_gpu)
     if plan.limit is not None:  # frames in flight (decoders and workers) within the limit
         config = replace(config, workers=plan.threads, queue_size=plan.queue_size)
 
@@ -401,7 +401,7 @@ def register_session(files: SessionFiles, config: StackConfig = StackConfig()) -
         cset = cal.build_calibration_set(
             bias=list(files.bias), darks=list(files.darks), flats=list(files.flats),
             dark_flats=list(files.dark_flats), cosmetic=CosmeticConfig() if config.cosmetic else None,
-            master_config=MasterConfig(band_bytes=plan.tile_bytes),
+            master_config=MasterConfig(band_bytes=min(plan.tile_bytes, MasterConfig().band_bytes)),
             cache_dir=config.cache_dir, backend=be, light=ref_meta)
         notes: dict[str, None] = dict.fromkeys(f"skipped {s}" for s in cset.skipped)
         notes.update(dict.fromkeys(cal.check_compatible(ref_meta, cset)))

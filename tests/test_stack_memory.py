@@ -99,6 +99,12 @@ def test_combine_tile_fits_the_host_budget_too(backend, monkeypatch):
     assert stack_mod  # the module under test
 
 
+#: The third-party modules skystack imports (lazily, in the functions that use them).
+_DEPENDENCY_MODULES = ("numpy", "scipy.interpolate", "scipy.ndimage", "scipy.optimize", "scipy.sparse",
+                       "scipy.spatial", "astropy.io.fits", "sep", "rawpy", "tifffile", "PIL.Image", "psutil",
+                       "matplotlib.pyplot", "rich.console", "rich.progress", "rich.table", "rich.text")
+
+
 def _baseline_rss(log) -> int:
     """Peak RSS of a process that imported skystack and every dependency a stack loads, and did nothing."""
     from skystack.engine.bench import run_measured
@@ -106,7 +112,9 @@ def _baseline_rss(log) -> int:
     code = ("import importlib, pkgutil, skystack.cli, skystack.engine\n"
             "for m in pkgutil.iter_modules(skystack.engine.__path__):\n"
             "    importlib.import_module('skystack.engine.' + m.name)\n"
-            "import matplotlib\nmatplotlib.use('Agg')\nimport matplotlib.pyplot\n")
+            "import matplotlib\nmatplotlib.use('Agg')\n"
+            f"for m in {_DEPENDENCY_MODULES!r}:\n"
+            "    importlib.import_module(m)\n")
     m = run_measured([sys.executable, "-c", code], log_path=log)
     assert m.returncode == 0, Path(log).read_text()
     return m.peak_rss_bytes
