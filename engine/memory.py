@@ -16,8 +16,8 @@ sizes, into:
 Without a limit the plan keeps the speed settings asked for, and holds the
 default peak near that of a streaming stacker: the store stays in RAM only up
 to :data:`DEFAULT_STORE_RAM` (more spills to disk, where the page cache keeps
-it without counting as the process's memory) and tiles and bands are at most
-:data:`DEFAULT_TILE_BYTES`.
+it without counting as the process's memory) and, on the CPU, tiles and bands
+are at most :data:`DEFAULT_TILE_BYTES`.
 """
 
 from __future__ import annotations

@@ -160,3 +160,67 @@ def test_memory_limit_bounds_the_whole_process(tmp_path):
     assert m.peak_rss_bytes < base + limit, (m.peak_rss_bytes / MB, base / MB)
     img = tifffile.imread(out)
     assert np.isfinite(img).mean() > 0.95
+
+
+def test_memory_plan_fits_the_limit_and_keeps_defaults():
+    """Under a limit the frames in flight, the output and a RAM store add up to at most the limit;
+    without one the speed settings stay and the store spills above DEFAULT_STORE_RAM."""
+    from skystack.engine import memory as mem
+
+    free = 64 << 30
+    for px, n, limit in ((2_000_000, 90, 300 * MB), (500_000, 10, 300 * MB), (24_000_000, 40, 4 << 30),
+                         (2_000_000, 4, 300 * MB)):
+        store = n * 3 * px * 4
+        p = mem.plan_memory(limit, available=free, frame_px=px, store_bytes=store, out_px=px, channels=3,
+                            threads=4, queue_size=4)
+        in_ram = store <= p.store_ram
+        used = p.threads * px * (mem.FRAME_WORK_BPP + 2 * mem.DECODED_BPP) + px * 3 * mem.OUTPUT_BPP
+        assert used + (store if in_ram else 0) <= limit, (px, n, p)
+        assert p.queue_size <= p.threads and p.tile_bytes <= mem.DEFAULT_TILE_BYTES
+    small = mem.plan_memory(300 * MB, available=free, frame_px=500_000, store_bytes=0, out_px=500_000,
+                            channels=3, threads=2, queue_size=4)
+    big = mem.plan_memory(300 * MB, available=free, frame_px=2_000_000, store_bytes=0, out_px=2_000_000,
+                          channels=3, threads=2, queue_size=4)
+    assert (small.threads, big.threads) == (2, 1)
+    d = mem.plan_memory(None, available=free, frame_px=2_000_000, store_bytes=1 << 30, out_px=2_000_000,
+                        channels=3, threads=2, queue_size=4)
+    assert (d.limit, d.threads, d.queue_size, d.store_ram, d.tile_bytes) == (
+        None, 2, 4, mem.DEFAULT_STORE_RAM, mem.DEFAULT_TILE_BYTES)
+    assert mem.plan_memory(None, available=free, frame_px=1, store_bytes=0, out_px=1, channels=3, threads=1,
+                           queue_size=1, gpu=True).tile_bytes == free // 2
+
+
+def test_default_stack_spills_a_store_above_the_default_share(tmp_path, monkeypatch):
+    """No --memory-limit: a store larger than DEFAULT_STORE_RAM goes to disk, tiles stay within
+    DEFAULT_TILE_BYTES, and the image is the one from a store in RAM (to float32 rounding)."""
+    from skystack.engine import memory as mem
+    from skystack.engine.framestore import FrameStore
+
+    n, h, w = 5, 360, 480
+    cfg = SynthConfig(seed=21, width=w, height=h, n_lights=n, n_bias=0, n_darks=0, n_flats=0, n_dark_flats=0,
+                      file_format="fits", star_density=4000.0, trail_frames=None, cloudy_frame=None,
+                      shake_frame=None)
+    simulate(cfg, tmp_path / "s")
+    files = discover_session(tmp_path / "s")
+    scfg = StackConfig(quiet=True, backend="cpu", cache_dir=str(tmp_path / "c"))
+    ram = stack_session(files, scfg)
+    assert ram.store_on_disk is False
+    tiles = []
+    real_tile = FrameStore.tile
+
+    def tile(self, indices, y0, y1, *a, **k):
+        block = real_tile(self, indices, y0, y1, *a, **k)
+        tiles.append(block.nbytes)
+        return block
+
+    monkeypatch.setattr(mem, "DEFAULT_STORE_RAM", n * 3 * h * w * 4 - 1)
+    monkeypatch.setattr(mem, "DEFAULT_TILE_BYTES", n * 40 * w * 4 * 6)  # 40 rows and their working copies
+    monkeypatch.setattr(mem, "MIN_TILE_BYTES", 1)
+    monkeypatch.setattr(FrameStore, "tile", tile)
+    disk = stack_session(files, scfg)
+    assert disk.store_on_disk is True
+    assert tiles and max(tiles) <= mem.DEFAULT_TILE_BYTES // 2, tiles
+    both = np.isfinite(ram.image) & np.isfinite(disk.image)
+    assert np.array_equal(np.isfinite(ram.image), np.isfinite(disk.image))
+    scale = np.nanmax(np.abs(ram.image))
+    assert np.max(np.abs(ram.image[both] - disk.image[both])) <= 4 * np.finfo(np.float32).eps * scale
