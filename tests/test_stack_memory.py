@@ -39,9 +39,10 @@ def test_stack_three_times_the_memory_limit(tmp_path):
     assert peak < limit + 500 * MB, (peak / MB, limit / MB)
     assert peak < registered_bytes, (peak / MB, registered_bytes / MB)
 
-    # Same frames, no limit, in this process: the same image to float32 rounding.
+    # Same frames, a limit that holds the store in RAM, in this process: the same image to float32 rounding.
     ref = stack_session(discover_session(tmp_path / "s"),
-                        StackConfig(quiet=True, backend="cpu", cache_dir=str(tmp_path / "cache")))
+                        StackConfig(quiet=True, backend="cpu", cache_dir=str(tmp_path / "cache"),
+                                    memory_limit=4 * registered_bytes))
     assert ref.store_on_disk is False
     got = np.moveaxis(tifffile.imread(out), -1, 0)
     both = np.isfinite(got) & np.isfinite(ref.image)
