@@ -225,3 +225,48 @@ def test_default_stack_spills_a_store_above_the_default_share(tmp_path, monkeypa
     assert np.array_equal(np.isfinite(ram.image), np.isfinite(disk.image))
     scale = np.nanmax(np.abs(ram.image))
     assert np.max(np.abs(ram.image[both] - disk.image[both])) <= 4 * np.finfo(np.float32).eps * scale
+
+
+def _traced_peak(fn, *args):
+    """(result, peak bytes NumPy allocated while ``fn`` ran, above what was live before)."""
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        base = tracemalloc.get_traced_memory()[0]
+        tracemalloc.reset_peak()
+        out = fn(*args)
+        return out, tracemalloc.get_traced_memory()[1] - base
+    finally:
+        tracemalloc.stop()
+
+
+def test_preview_stretch_and_landscape_blend_need_no_image_sized_temporaries():
+    """After the stack (store closed) the outputs' steps are the peak: the preview's stretch and the
+    landscape blend take the result and bounded temporaries, same values."""
+    from skystack.engine.finish import stretch_shared
+    from skystack.engine.stack import _blend_landscape
+    from skystack.engine.stretch import mtf
+
+    rng = np.random.default_rng(5)
+    c, h, w = 3, 1000, 1200
+    img = rng.normal(0.1, 0.05, (c, h, w)).astype(np.float32)
+    img[:, :5] = np.nan
+    out, peak = _traced_peak(stretch_shared, img, 0.02, 0.2)
+    assert peak < img.nbytes + 16 * MB, peak / img.nbytes  # the result and one band's temporaries
+    ref = np.clip(mtf(np.nan_to_num(np.clip((img.astype(np.float64) - 0.02) / 0.98, 0.0, 1.0)), 0.2), 0.0, 1.0)
+    np.testing.assert_allclose(out, ref, rtol=1e-6, atol=1e-7)
+
+    land = rng.normal(0.08, 0.05, (c, h, w)).astype(np.float32)
+    land[:, : h // 2] = np.nan
+    weight = np.clip((np.arange(h, dtype=np.float32) - h / 2) / 50.0, 0.0, 1.0)[:, None].repeat(w, 1)
+    kept = np.where(np.arange(h)[:, None] >= h // 2, 9.0, np.nan).repeat(w, 1).astype(np.float32)
+    count, cov = np.full((h, w), 10, np.int32), np.full((h, w), 10, np.int16)
+    sky = img.copy()
+    seam = (weight > 0) & (weight < 1) & np.isfinite(img).all(axis=0) & np.isfinite(land).all(axis=0)
+    expect = np.where(np.isfinite(land), weight * np.nan_to_num(
+        land + np.array([np.median(img[k][seam] - land[k][seam]) for k in range(c)], np.float32)[:, None, None])
+        + (1 - weight) * np.nan_to_num(img), img)
+    (blend, _, _), peak = _traced_peak(_blend_landscape, sky, count, cov, (land, weight, None, kept), 10)
+    assert peak < 4 * img.nbytes, peak / img.nbytes  # 3.2 images: (H, W) temporaries; before 6.8
+    np.testing.assert_allclose(blend, expect, rtol=1e-6, atol=1e-7)
