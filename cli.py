@@ -427,7 +427,9 @@ def _stack_options(p: argparse.ArgumentParser, *, batch: bool = False) -> None:
     g.add_argument("--weighting", default="noise", choices=("none", "noise", "psf", "stars"),
                    help="frame weights: noise (inverse noise variance, measured before normalisation), psf "
                         "(star peak over noise), stars (quality score) or none (default: %(default)s)")
-    g.add_argument("--memory-limit", help="RAM/VRAM budget for buffers, e.g. 4GB (default: half the free memory)")
+    g.add_argument("--memory-limit", help="memory the whole run may take above the interpreter's own, e.g. 4GB: "
+                   "the frame store spills to disk beyond half of it, fewer frames are processed at once and "
+                   "tiles shrink to fit; without it the store spills above 256 MiB (default: half the free memory)")
     g.add_argument("--store-dtype", default="float32", choices=("float32", "float16"),
                    help="type of the on-disk frame cache when frames spill (default: %(default)s)")
     g.add_argument("--reference", help="reference light (default: best score)")

@@ -272,12 +272,25 @@ def _shared_stretch(img: np.ndarray, config: FinishConfig) -> tuple[float, float
 
 
 def stretch_shared(img: np.ndarray, c0: float, m: float) -> np.ndarray:
-    """Apply ``MTF_m((x - c0) / (1 - c0))`` to every channel, NaN -> 0."""
+    """Apply ``MTF_m((x - c0) / (1 - c0))`` to every channel, NaN -> 0.
+
+    Runs over bands of rows, so its float64 temporaries take a few MB, not
+    several copies of the image (the same values: the operation is per pixel).
+    """
     from skystack.engine.stretch import mtf
 
-    x = np.clip((img - np.float32(c0)) / np.float32(max(1.0 - c0, 1e-12)), 0.0, 1.0)
-    x = np.nan_to_num(x, nan=0.0)
-    return np.clip(mtf(x, m), 0.0, 1.0).astype(np.float32)
+    out = np.empty(img.shape, dtype=np.float32)
+    rows = max(1, _STRETCH_BAND_PX // max(1, int(np.prod(img.shape)) // max(1, img.shape[-2])))
+    for r0 in range(0, img.shape[-2], rows):
+        band = img[..., r0:r0 + rows, :]
+        x = np.clip((band - np.float32(c0)) / np.float32(max(1.0 - c0, 1e-12)), 0.0, 1.0)
+        x = np.nan_to_num(x, nan=0.0)
+        out[..., r0:r0 + rows, :] = np.clip(mtf(x, m), 0.0, 1.0)
+    return out
+
+
+#: Pixels (all channels) per band of :func:`stretch_shared`.
+_STRETCH_BAND_PX = 1 << 18
 
 
 # ----------------------------------------------------------------------------- pipeline

@@ -97,10 +97,27 @@ class FrameStore:
         if written != len(buf):
             raise _spill_error(self._dir, OSError(errno.ENOSPC, "short write"))
 
+    def _read_into(self, dst: np.ndarray, offset: int) -> None:
+        """Fill the C-contiguous ``dst`` (of the store's dtype) from the spill file at ``offset``, no copy."""
+        view = memoryview(dst).cast("B")
+        done = 0
+        while done < len(view):
+            try:
+                got = os.preadv(self._fd, [view[done:]], offset + done)
+            except OSError as exc:
+                raise _spill_error(self._dir, exc) from exc
+            if got <= 0:
+                raise _spill_error(self._dir, OSError(errno.EIO, "short read"))
+            done += got
+
     def get(self, i: int) -> np.ndarray:
         """Frame ``i`` as float32 ``(C, H, W)``."""
         if self._fd is None:
             return self._data[i]
+        if self.dtype == np.float32:  # straight into the result: one frame, not two
+            out = np.empty(self.shape, dtype=np.float32)
+            self._read_into(out, i * self._frame)
+            return out
         raw = os.pread(self._fd, self._frame, i * self._frame)
         return np.frombuffer(raw, dtype=self.dtype).reshape(self.shape).astype(np.float32)
 
@@ -115,8 +132,12 @@ class FrameStore:
             return np.asarray(self._data[idx, :, y0:y1, x0:x1], dtype=np.float32)
         out = np.empty((len(idx), c, y1 - y0, x1 - x0), dtype=np.float32)
         nbytes = (y1 - y0) * self._row
+        direct = self.dtype == np.float32 and x0 == 0 and x1 == w  # whole rows: read into the block
         for k, i in enumerate(idx):
             for ch in range(c):
+                if direct:
+                    self._read_into(out[k, ch], i * self._frame + ch * self._plane + y0 * self._row)
+                    continue
                 raw = os.pread(self._fd, nbytes, i * self._frame + ch * self._plane + y0 * self._row)
                 rows = np.frombuffer(raw, dtype=self.dtype).reshape(y1 - y0, w)
                 out[k, ch] = rows[:, x0:x1]

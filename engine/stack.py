@@ -297,6 +297,7 @@ class Registered:
     t_start: float
     budget: int | None
     masters: dict[str, Any]
+    plan: Any = None  # memory.MemoryPlan: threads and tile sizes within --memory-limit
     queue_peak: int
     queue_bound: int
     registration: dict[str, Any] = field(default_factory=dict)
@@ -349,7 +350,8 @@ def register_session(files: SessionFiles, config: StackConfig = StackConfig()) -
     from skystack.engine.backend import CPU, array_module, get_backend, to_host
     from skystack.engine.framestore import DeviceFrameStore, FrameStore
     from skystack.engine.io import read_meta
-    from skystack.engine.masters import same_camera
+    from skystack.engine.masters import MasterConfig, same_camera
+    from skystack.engine.memory import plan_memory
     from skystack.engine.producer import FrameProducer
     from skystack.engine.rawconv import cfa_to_float
 
@@ -385,12 +387,21 @@ def register_session(files: SessionFiles, config: StackConfig = StackConfig()) -
         raise SkystackError(f"{lights[0]}: colour (already debayered) lights are not supported yet; "
                             "pass the camera's RAW or Bayer FITS files")
     h_full, w_full = shape
+    superpixel = config.debayer == "superpixel"
+    out_h, out_w = (h_full // 2, w_full // 2) if superpixel else (h_full, w_full)
+    n_ch = 3 if pattern else 1
+    plan = plan_memory(config.memory_limit, available=CPU.free_memory(), frame_px=h_full * w_full,
+                       store_bytes=len(lights) * n_ch * out_h * out_w * 4, out_px=out_h * out_w, channels=n_ch,
+                       threads=_compute_threads(be, config), queue_size=config.queue_size, gpu=be.is_gpu)
+    if plan.limit is not None:  # frames in flight (decoders and workers) within the limit
+        config = replace(config, workers=plan.threads, queue_size=plan.queue_size)
 
     with timer("masters"):
         ref_meta = next(m for m, r in zip(metas, records) if m is not None and not r.reason)
         cset = cal.build_calibration_set(
             bias=list(files.bias), darks=list(files.darks), flats=list(files.flats),
             dark_flats=list(files.dark_flats), cosmetic=CosmeticConfig() if config.cosmetic else None,
+            master_config=MasterConfig(band_bytes=min(plan.tile_bytes, MasterConfig().band_bytes)),
             cache_dir=config.cache_dir, backend=be, light=ref_meta)
         notes: dict[str, None] = dict.fromkeys(f"skipped {s}" for s in cset.skipped)
         notes.update(dict.fromkeys(cal.check_compatible(ref_meta, cset)))
@@ -398,18 +409,15 @@ def register_session(files: SessionFiles, config: StackConfig = StackConfig()) -
     ccfg = cal.CalibrationConfig(dark_optimize=config.dark_optimize, cosmetic=config.cosmetic)
 
     # --- pass 1: decode -> calibrate -> cosmetic -> detect -> debayer -> store
-    superpixel = config.debayer == "superpixel"
-    out_h, out_w = (h_full // 2, w_full // 2) if superpixel else (h_full, w_full)
-    n_ch = 3 if pattern else 1
-    # Half of the budget (min(--memory-limit, half the free memory)) may hold the
-    # frame store; beyond that it spills to disk.
+    # The device store takes half of the device budget; the host store plan.store_ram,
+    # beyond which it spills to disk.
     budget = be.memory_budget(config.memory_limit)
     if be.is_gpu and DeviceFrameStore.fits(len(lights), (n_ch, out_h, out_w), budget):
         # frames stay on the device from debayering to the combine (the VRAM frame store)
         store = DeviceFrameStore(len(lights), (n_ch, out_h, out_w), xp=xp)
         budget -= store.nbytes
     else:
-        store_budget = CPU.memory_budget(config.memory_limit) // 2  # the store is host memory
+        store_budget = plan.store_ram  # the store is host memory
         store = FrameStore(len(lights), (n_ch, out_h, out_w), ram_budget=store_budget,
                            dtype=config.store_dtype, spill_dir=config.spill_dir)
     todo = [i for i, r in enumerate(records) if not r.reason]
@@ -517,11 +525,11 @@ def register_session(files: SessionFiles, config: StackConfig = StackConfig()) -
         land = None
         if fg.found:
             land = _landscape_stack(fg, [lights[i] for i in used], cset, ccfg, config, be, budget,
-                                    2 if superpixel else 1)
+                                    2 if superpixel else 1, plan=plan)
     canvas = framing.make_canvas(config.framing, {i: t_store[i] for i in used}, (out_h, out_w), lens_store)
     target = store
     if canvas.shape != (out_h, out_w):
-        target = FrameStore(len(lights), (n_ch, *canvas.shape), ram_budget=store_budget,
+        target = FrameStore(len(lights), (n_ch, *canvas.shape), ram_budget=plan.store_ram,
                             dtype=config.store_dtype, spill_dir=config.spill_dir)
     excl = foreground.sky_exclusion(fg.mask, _fg_margins((out_h, out_w))[0]) if fg.found else None
 
@@ -559,7 +567,8 @@ def register_session(files: SessionFiles, config: StackConfig = StackConfig()) -
         regdesc["trailing"] = trailing
 
     return Registered(store=store, used=used, ref=ref, records=records, lights=lights, backend=be,
-                      timer=timer, t_start=t_start, budget=budget, registration=regdesc, landscape=landscape,
+                      timer=timer, t_start=t_start, budget=budget, plan=plan, registration=regdesc,
+                      landscape=landscape,
                       framing=canvas.framing,
                       masters={k: _master_summary(v) for k, v in cset.masters.items()},
                       queue_peak=producer.gauge.peak, queue_bound=producer.bound, metas=metas,
@@ -578,6 +587,10 @@ def combine_registered(reg: Registered, config: StackConfig = StackConfig()) -> 
 
     timer, store, used, ref, be = reg.timer, reg.store, reg.used, reg.ref, reg.backend
     records = [replace(r) for r in reg.records]
+    # frames normalised at once within the memory plan (the combine's tiles are sized for its threads)
+    run = config
+    if reg.plan is not None and reg.plan.limit is not None:
+        run = replace(config, workers=min(reg.plan.threads, _compute_threads(be, config)))
     n_ch, out_h, out_w = store.shape
     with timer("normalize"), _Progress(config.quiet) as prog:
         fstats_by: dict[int, Any] = {}
@@ -590,7 +603,7 @@ def combine_registered(reg: Registered, config: StackConfig = StackConfig()) -> 
             fstats_by[i] = normalize.robust_stats(frame)
             signal_by[i] = normalize.signal_ratios(frame, apertures)
 
-        _run_parallel(stats_one, used, _compute_threads(be, config), on_done=prog.stepper("normalize", len(used)))
+        _run_parallel(stats_one, used, _compute_threads(be, run), on_done=prog.stepper("normalize", len(used)))
         fstats = [fstats_by[i] for i in used]
         r = used.index(ref)
         nscale, noffset = normalize.normalization_factors(fstats, r, config.normalization,
@@ -601,7 +614,7 @@ def combine_registered(reg: Registered, config: StackConfig = StackConfig()) -> 
                                           fwhm=[records[i].fwhm_px for i in used])
     with timer("combine"), _Progress(config.quiet) as prog:
         image, count, coverage, rejected = _combine_store(store, used, nscale, noffset, weights, config, be,
-                                                          reg.budget, progress=prog)
+                                                          reg.budget, progress=prog, plan=reg.plan)
     land_mask = None
     if reg.landscape is not None:
         image, count, coverage = _blend_landscape(image, count, coverage, reg.landscape, len(used))
@@ -640,8 +653,12 @@ def _log_notes(notes: dict[str, None]) -> list[str]:
 
 
 def _combine_store(store, used: list[int], nscale, noffset, weights, config: StackConfig, be, budget,
-                   progress: _Progress | None = None, first_row: int = 0):
+                   progress: _Progress | None = None, first_row: int = 0, plan=None):
     """Combine the store tile by tile (rows ``first_row`` and below).
+
+    A tile and its working copies take at most the device ``budget`` and the
+    host's: ``plan.tile_bytes`` (:class:`~skystack.engine.memory.MemoryPlan`), or
+    without a plan the host's budget for ``config.memory_limit``.
 
     Returns image (C,H,W), count (H,W) of kept values, coverage (H,W) of frames
     with data there, and the rejected values per frame.
@@ -665,7 +682,7 @@ def _combine_store(store, used: list[int], nscale, noffset, weights, config: Sta
     # both the device's budget and the host's, whichever is smaller.
     from skystack.engine.backend import CPU
 
-    host_budget = CPU.memory_budget(config.memory_limit)
+    host_budget = plan.tile_bytes if plan is not None else CPU.memory_budget(config.memory_limit)
     rows = int(max(1, min(h, min(budget, host_budget) // max(per_row, 1))))
     image = np.full((c, h - h0, w), np.nan, dtype=np.float32)
     count = np.zeros((h - h0, w), dtype=np.int32)
@@ -733,7 +750,7 @@ def _foreground(config: StackConfig, store, used: list[int], ref: int, transform
 
 
 def _landscape_stack(fg, paths: list[Path], cset, ccfg, config: StackConfig, be, budget: int | None,
-                     scale: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                     scale: int, *, plan) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The still landscape: unregistered lights stacked on the CFA mosaic, then debayered once.
 
     Only the rows from just above the horizon down are kept. Stacking the
@@ -755,7 +772,7 @@ def _landscape_stack(fg, paths: list[Path], cset, ccfg, config: StackConfig, be,
     rows = np.flatnonzero(weight.max(axis=1) > 0)
     y0 = (max(0, int(rows[0]) - 4) * scale) // 2 * 2  # full-resolution, even: the CFA pattern is kept
     h_full, w_full = fg.mask.shape[0] * scale, fg.mask.shape[1] * scale
-    band = FrameStore(len(paths), (1, h_full - y0, w_full), ram_budget=(budget or 1 << 30) // 2)
+    band = FrameStore(len(paths), (1, h_full - y0, w_full), ram_budget=plan.store_ram)
     metas: list[Any] = [None] * len(paths)
     producer = FrameProducer(paths, workers=config.workers, queue_size=config.queue_size, manual_release=True)
     xp = be.xp
@@ -777,7 +794,7 @@ def _landscape_stack(fg, paths: list[Path], cset, ccfg, config: StackConfig, be,
         _run_parallel(one, producer, _compute_threads(be, config))
         k = list(range(len(paths)))
         ones, zeros = np.ones((len(k), 1), np.float32), np.zeros((len(k), 1), np.float32)
-        cfa, kept, _, _ = _combine_store(band, k, ones, zeros, ones, config, be, budget)
+        cfa, kept, _, _ = _combine_store(band, k, ones, zeros, ones, config, be, budget, plan=plan)
     finally:
         band.close()
     m = metas[0]
@@ -796,6 +813,8 @@ def _landscape_stack(fg, paths: list[Path], cset, ccfg, config: StackConfig, be,
 def _blend_landscape(image: np.ndarray, count: np.ndarray, coverage: np.ndarray, landscape, n: int):
     """Landscape over the sky along the feathered seam; the sky's holes below the horizon filled.
 
+    ``image`` is blended in place (and returned).
+
     Where the landscape dominates, the count and coverage maps are the landscape stack's (its kept
     values out of the ``n`` lights), so the rejection map shows what its rejection removed.
     """
@@ -806,13 +825,17 @@ def _blend_landscape(image: np.ndarray, count: np.ndarray, coverage: np.ndarray,
     # the sky stack is normalised to the reference frame, the unregistered landscape is not: match their
     # sky background on the seam (where both have sky) so no step or halo shows along the horizon
     seam = (w > 0.0) & (w < 1.0) & sky_ok.all(axis=0) & land_ok.all(axis=0)
+    shift = np.zeros(land.shape[0], dtype=np.float32)
     if seam.sum() >= 50:
-        land = land + np.array([np.median(image[c][seam] - land[c][seam]) for c in range(land.shape[0])],
-                               dtype=np.float32)[:, None, None]
-    w = np.where(sky_ok, w[None], 1.0) * land_ok
-    out = np.where(land_ok, w * np.nan_to_num(land) + (1.0 - w) * np.nan_to_num(image), image)
-    out = np.where(sky_ok | land_ok, out, np.nan).astype(np.float32)
-    mine = (w[0] > 0.5) & np.isfinite(land_kept)
+        shift = np.array([np.median(image[c][seam] - land[c][seam]) for c in range(land.shape[0])], dtype=np.float32)
+    out = image  # blended in place, a channel at a time: the temporaries are (H, W), not (C, H, W)
+    for c in range(image.shape[0]):
+        wc = np.where(sky_ok[c], w, 1.0) * land_ok[c]
+        blend = wc * np.nan_to_num(land[c] + shift[c])
+        blend += (1.0 - wc) * np.nan_to_num(image[c])
+        np.copyto(out[c], blend, where=land_ok[c])  # elsewhere the sky, NaN where neither has data
+        w0 = wc if c == 0 else w0
+    mine = (w0 > 0.5) & np.isfinite(land_kept)
     cov = np.where(mine, n, coverage).astype(coverage.dtype)
     kept = np.where(mine, np.nan_to_num(land_kept), count).astype(count.dtype)
     return out, kept, cov

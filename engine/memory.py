@@ -1,0 +1,124 @@
+"""One memory plan per stack: how ``--memory-limit`` is shared between the stages.
+
+The limit bounds the whole process above the interpreter's own baseline (the
+modules imported), not only the frame store. It is split once, from the frame
+sizes, into:
+
+* the frame store: in RAM when it takes at most half of the limit, else spilled
+  to disk (:class:`~skystack.engine.framestore.FrameStore`);
+* the frames in flight: each frame being calibrated, debayered or warped needs
+  about :data:`FRAME_WORK_BPP` bytes per mosaic pixel, each decoded frame
+  waiting in the queue :data:`DECODED_BPP`; the threads and the queue shrink
+  until they fit beside the store;
+* the combine's tiles and the masters' bands (``tile_bytes``), beside the
+  output image and its count and coverage maps (:data:`OUTPUT_BPP`).
+
+Without a limit the plan keeps the speed settings asked for, and holds the
+default peak near that of a streaming stacker: the store stays in RAM only up
+to :data:`DEFAULT_STORE_RAM` (more spills to disk, where the page cache keeps
+it without counting as the process's memory) and, on the CPU, tiles and bands
+are at most :data:`DEFAULT_TILE_BYTES`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+MiB = 1 << 20
+
+#: Peak working memory of one frame in flight, bytes per pixel of its mosaic:
+#: tracemalloc peaks on a 2 MP frame were 55 (calibrate -> RCD debayer, the
+#: float mosaic, its calibrated copy and the RGB result included), 47 (warp:
+#: input, output and Lanczos temporaries) and 51 (normalisation statistics);
+#: the rest is the allocator's slack.
+FRAME_WORK_BPP = 64
+#: A decoded frame waiting in the queue (uint16 mosaic and the reader's copy).
+DECODED_BPP = 4
+#: The combine's output, bytes per output pixel per channel: the float32 image,
+#: plus the count (int32) and coverage (int16) maps and the reference frame the
+#: normalisation keeps (float32), shared over the channels.
+OUTPUT_BPP = 12
+#: Without ``--memory-limit``: the most RAM the frame store may take before it spills.
+DEFAULT_STORE_RAM = 256 * MiB
+#: The largest combine tile or master band (bigger ones are no faster).
+DEFAULT_TILE_BYTES = 64 * MiB
+#: The smallest tile budget a plan gives (a tile is at least one row anyway).
+MIN_TILE_BYTES = 4 * MiB
+
+
+@dataclass(frozen=True, kw_only=True)
+class MemoryPlan:
+    """How one stack spends its memory.
+
+    Attributes
+    ----------
+    limit : int or None
+        ``--memory-limit`` in bytes (None: no limit given).
+    store_ram : int
+        Bytes the frame store may hold in RAM; a larger store spills to disk.
+    threads : int
+        Frames processed at once (calibration, warp, normalisation).
+    queue_size : int
+        Decoded frames that may wait for a thread.
+    tile_bytes : int
+        Working memory of one combine tile or master band, temporaries included.
+    """
+
+    limit: int | None
+    store_ram: int
+    threads: int
+    queue_size: int
+    tile_bytes: int
+
+    def __post_init__(self) -> None:
+        from skystack.engine.errors import SkystackError
+
+        if self.threads < 1 or self.queue_size < 1 or self.tile_bytes < 1 or self.store_ram < 0:
+            raise SkystackError(f"invalid memory plan {self}")
+
+
+def plan_memory(limit: int | None, *, available: int, frame_px: int, store_bytes: int, out_px: int,
+                channels: int, threads: int, queue_size: int, gpu: bool = False) -> MemoryPlan:
+    """Share ``limit`` (or, without one, the defaults) between the stages of a stack.
+
+    Parameters
+    ----------
+    limit : int or None
+        ``--memory-limit`` in bytes.
+    available : int
+        Bytes of RAM available now; half of it is the ceiling of any plan.
+    frame_px : int
+        Pixels of one decoded mosaic.
+    store_bytes : int
+        Bytes of the registered frames in float32 (the frame store).
+    out_px : int
+        Pixels of the output image (per channel).
+    channels : int
+        Colour channels of the output.
+    threads : int
+        Threads asked for (frames processed at once).
+    queue_size : int
+        Decoded frames asked to wait in the queue.
+    gpu : bool
+        The stack runs on a GPU: without a limit its tiles stay as large as
+        the host allows (a GPU wants large launches; the device budget bounds
+        them too).
+
+    Returns
+    -------
+    MemoryPlan
+    """
+    ceiling = max(1, available // 2)
+    if limit is None:
+        store_ram = min(ceiling // 2, DEFAULT_STORE_RAM)
+        return MemoryPlan(limit=None, store_ram=store_ram, threads=threads, queue_size=queue_size,
+                          tile_bytes=ceiling if gpu else max(MIN_TILE_BYTES, min(ceiling // 4, DEFAULT_TILE_BYTES)))
+    budget = min(int(limit), ceiling)
+    store_ram = budget // 2
+    free = budget - (store_bytes if store_bytes <= store_ram else 0)
+    free -= out_px * OUTPUT_BPP * channels
+    per_frame = frame_px * (FRAME_WORK_BPP + 2 * DECODED_BPP)
+    fit = max(1, min(threads, free // max(1, per_frame)))
+    tile = min(DEFAULT_TILE_BYTES, max(MIN_TILE_BYTES, free // 2))
+    return MemoryPlan(limit=int(limit), store_ram=store_ram, threads=int(fit),
+                      queue_size=max(1, min(queue_size, int(fit))), tile_bytes=int(tile))
