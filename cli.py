@@ -292,10 +292,13 @@ def _cmd_master(args: argparse.Namespace) -> int:
     backend = get_backend(args.backend, quiet=args.quiet)  # a missing GPU fails before any work
     files = resolve_inputs(args.files, what=f"{args.kind} frames")
     klo, khi = args.kappa
-    cfg = MasterConfig(method=args.method, kappa_low=klo, kappa_high=khi)
-    master_command(args.kind, files, args.output, config=cfg, cache_dir=args.cache_dir, backend=backend)
+    cfg = MasterConfig(method=args.method, kappa_low=klo, kappa_high=khi, flat_shrink=not args.no_shrink)
+    m = master_command(args.kind, files, args.output, config=cfg, cache_dir=args.cache_dir, backend=backend)
     if not args.quiet:
         _console().print(f"combined {len(files)} {args.kind} frames")
+        if m.meta.flat_noise is not None:
+            noise, prnu, resid = (100.0 * v for v in m.meta.flat_noise)
+            _console().print(f"flat pixel noise {noise:.2f} % -> {resid:.2f} % (pixel response {prnu:.2f} %)")
     print(f"master {args.kind}: {args.output}")
     return 0
 
@@ -558,6 +561,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, help="master FITS to write")
     p.add_argument("--method", choices=("sigma", "median", "mean"), default="sigma")
     p.add_argument("--kappa", nargs=2, type=float, default=(3.0, 3.0), metavar=("LOW", "HIGH"))
+    p.add_argument("--no-shrink", action="store_true",
+                   help="flat: keep the plain combine (by default the flats' own pixel noise is shrunk by its "
+                        "Wiener factor, measured from the flats; the sensor's pixel response stays)")
     p.add_argument("--cache-dir", help="master cache folder (default ~/.cache/skystack)")
     p.set_defaults(func=_cmd_master)
 

@@ -72,6 +72,30 @@ def test_master_bias_matches_truth(small_session, tmp_path):
     assert np.sqrt(np.mean((data - want) ** 2)) < 1.5 * noise
 
 
+def test_master_flat_shrinks_its_noise_unless_asked_not_to(tmp_path, capsys):
+    """The CLI flat is closer to the truth's flat by default; ``--no-shrink`` writes the plain combine."""
+    from astropy.io import fits
+
+    root = tmp_path / "s"
+    simulate(SynthConfig(seed=6, width=320, height=240, n_lights=1, n_bias=0, n_darks=0, n_flats=6,
+                         n_dark_flats=0, trail_frames=None, cloudy_frame=None, shake_frame=None), root)
+    truth = load_truth(root / "truth.json")
+    files = sorted(str(p) for p in (root / "flats").iterdir())
+    ff = truth.flat_field().astype(np.float64)
+    col = truth.channel_index()
+    err = {}
+    for flag in ([], ["--no-shrink"]):
+        out = tmp_path / f"flat{len(flag)}.fits"
+        assert cli.main(["master", "flat", *files, "-o", str(out), "--cache-dir", str(tmp_path / "c"), *flag]) == 0
+        with fits.open(out) as h:
+            data, hdr = h[0].data.astype(np.float64), h[0].header
+        assert ("FLATNOIS" in hdr) == (not flag)
+        r = data / ff
+        err[bool(flag)] = np.sqrt(np.mean([np.var(r[col == c] / np.median(r[col == c])) for c in range(3)]))
+    assert err[False] < 0.9 * err[True], err
+    assert "flat pixel noise" in capsys.readouterr().err
+
+
 def test_stack_writes_all_outputs_and_never_touches_inputs(small_session, tmp_path):
     before = {p: p.stat().st_mtime_ns for p in small_session.rglob("*") if p.is_file()}
     out = tmp_path / "o" / "m.tif"
