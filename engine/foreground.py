@@ -57,6 +57,9 @@ SMALL_PIXELS = 65_000
 MIN_MOTION_PX = 12.0
 #: Smallest landscape, as a fraction of the frame.
 MIN_FRACTION = 0.005
+#: Largest star density below a horizon, relative to the sky's, that still counts as ground
+#: (tripod nights: ~0; amplifier glow left by a session without darks: ~1).
+MAX_STARS_BELOW = 0.25
 #: Steps of the still image smaller than this (noise units) are not edges.
 EDGE_FLOOR = 3.0
 #: A horizon lies on an edge of the still image: median strength above the floor along it.
@@ -203,10 +206,36 @@ def detect_foreground(small: dict[int, np.ndarray], transforms: dict[int, np.nda
     horizon = _to_full(bnd, b, shape)
     mask = np.arange(shape[0])[:, None] >= horizon[None, :]
     frac = float(mask.mean())
+    seen = _star_density_ratio(star_xy, mask)
+    if seen > MAX_STARS_BELOW:
+        return none(f"auto: no landscape (the still region below rows {horizon.min():.0f}-{min(horizon.max(), shape[0]):.0f} "
+                    f"shows {100 * seen:.0f} % of the sky's star density: stars, not ground)")
     return Foreground(mask=mask, horizon=horizon, source="auto",
                       message=f"auto: landscape below a horizon at rows {horizon.min():.0f}-"
                               f"{min(horizon.max(), shape[0]):.0f} ({100 * frac:.0f} % of the frame), "
                               "stacked unregistered")
+
+
+def _star_density_ratio(star_xy: np.ndarray | None, mask: np.ndarray, margin: int = 12) -> float:
+    """Density of sky stars inside ``mask`` over their density outside (0 when it cannot be told).
+
+    Uncorrected amplifier glow or a band of hot pixels is still in the sensor
+    frame like a landscape, but stars keep passing through it; ground hides them.
+    Stars within ``margin`` px of the frame's edge (where detection avoids) do not count.
+    """
+    if star_xy is None or len(star_xy) < 50:
+        return 0.0
+    h, w = mask.shape
+    xy = np.asarray(star_xy, dtype=np.float64).reshape(-1, 2)
+    inner = (xy[:, 0] >= margin) & (xy[:, 0] < w - margin) & (xy[:, 1] >= margin) & (xy[:, 1] < h - margin)
+    ij = np.rint(xy[inner]).astype(int)
+    below = mask[ij[:, 1], ij[:, 0]]
+    area = np.zeros_like(mask)
+    area[margin:h - margin, margin:w - margin] = True
+    a_land, a_sky = float((mask & area).sum()), float((~mask & area).sum())
+    if a_land < 1 or a_sky < 1 or not (~below).any():
+        return 0.0
+    return float(below.sum() / a_land) / float((~below).sum() / a_sky)
 
 
 def _grid(hs: int, ws: int, b: int) -> np.ndarray:

@@ -15,7 +15,7 @@ import pytest
 from scipy import ndimage
 
 from skystack.engine.session import discover_session
-from skystack.engine.stack import StackConfig, combine_registered, register_session
+from skystack.engine.stack import StackConfig, combine_registered, register_session, stack_session
 from skystack.engine.synth import SynthConfig, load_truth, simulate
 
 REJECTING = ("sigma", "winsorized", "linear", "percentile", "minmax", "median")
@@ -264,3 +264,22 @@ def test_gpu_stack_matches_cpu(night, stacks, tmp_path):
     assert both.mean() > 0.95
     scale = np.nanmax(np.abs(cpu))
     assert np.max(np.abs(gpu[both] - cpu[both])) < 1e-4 * scale
+
+
+def test_telescope_session_has_no_landscape(tmp_path):
+    """A rotating telescope field without darks has still structure at the sensor's bottom, but
+    stars keep crossing it: the default ``--foreground auto`` must not stack it as ground.
+
+    Before: "landscape below a horizon at rows 966-1200 (4 % of the frame), stacked
+    unregistered"; the star density there is 78 % of the sky's.
+    """
+    from skystack.engine.foreground import MAX_STARS_BELOW
+
+    cfg = SynthConfig(seed=5, n_lights=6, n_bias=0, n_darks=0, n_flats=0, n_dark_flats=0, file_format="fits")
+    simulate(cfg, tmp_path / "s")
+    res = stack_session(discover_session(tmp_path / "s"), StackConfig(quiet=True, cache_dir=str(tmp_path / "c")))
+    assert res.landscape is None
+    msg = res.registration["foreground"]
+    assert msg.startswith("auto: no landscape") and "stars, not ground" in msg
+    seen = float(msg.split("shows ")[1].split(" %")[0]) / 100.0
+    assert seen > 3 * MAX_STARS_BELOW
