@@ -11,7 +11,9 @@ does not average down with the number of lights.
 
 :func:`shrink_flat_noise` keeps the flat's large scales (vignetting, dust
 donuts) untouched and replaces each pixel's relative deviation from its
-local mean ``h = F / S - 1`` by its minimum-mean-square-error estimate
+neighbourhood ``h = F / S - 1`` (``S``: a least-squares plane through the
+:data:`WINDOW`-square neighbourhood, :func:`local_plane`) by its
+minimum-mean-square-error estimate
 ``k h`` with ``k = s_p^2 / (s_p^2 + v)`` (a Wiener factor), where
 
 * ``v`` is the master's noise variance at that pixel, measured from the
@@ -39,7 +41,7 @@ from typing import Any
 
 import numpy as np
 
-#: Side (in pixels of one colour plane) of the local mean ``S``.
+#: Side (in pixels of one colour plane) of the neighbourhood of the local plane ``S``.
 WINDOW = 5
 #: Deviations (in sigma of ``h``) below which the Wiener factor applies in
 #: full, and above which the flat is kept as it is.
