@@ -32,13 +32,15 @@ def _stars(image: np.ndarray):
     return detect_stars(np.nan_to_num(image, nan=0.0), config=DetectConfig(max_stars=10 ** 6, max_measured=10 ** 6))
 
 
-def star_mask(images: list[np.ndarray], *, box: int = 24) -> np.ndarray:
-    """``(H, W)`` bool, True where no star of any image lies (and every image has data)."""
+def star_mask(images: list[np.ndarray], stars: list, *, box: int = 24) -> np.ndarray:
+    """``(H, W)`` bool, True where no star of any image lies (and every image has data).
+
+    ``stars``: each image's detections (:func:`_stars`).
+    """
     h, w = images[0].shape[-2:]
     free = np.ones((h, w), dtype=bool)
-    for img in images:
+    for img, st in zip(images, stars):
         free &= np.isfinite(img).all(axis=0) if img.ndim == 3 else np.isfinite(img)
-        st = _stars(img)
         ref = float(np.median(st.flux)) if len(st.flux) else 1.0
         for x, y, f, fw in zip(st.x, st.y, st.flux, st.fwhm):
             r = 2.5 * max(float(fw), 2.0) * (1.0 + 0.5 * math.log10(max(float(f) / max(ref, 1e-12), 1.0)))
@@ -61,12 +63,16 @@ def boxes_of(mask: np.ndarray, box: int = 24, min_free: float = 0.6) -> np.ndarr
     return np.asarray(out, dtype=np.intp).reshape(-1, 2)
 
 
-def relative_scale(image: np.ndarray, reference: np.ndarray, *, max_stars: int = 200) -> np.ndarray:
-    """Per channel: median aperture-flux ratio ``image / reference`` over bright isolated common stars."""
+def relative_scale(image: np.ndarray, reference: np.ndarray, *, stars=None, ref_stars=None,
+                   max_stars: int = 200) -> np.ndarray:
+    """Per channel: median aperture-flux ratio ``image / reference`` over bright isolated common stars.
+
+    ``stars`` and ``ref_stars``: the two images' detections when already made (:func:`_stars`).
+    """
     from scipy.spatial import cKDTree
 
-    st = _stars(reference)
-    other = _stars(image)
+    st = _stars(reference) if ref_stars is None else ref_stars
+    other = _stars(image) if stars is None else stars
     img = image if image.ndim == 3 else image[None]
     ref = reference if reference.ndim == 3 else reference[None]
     h, w = ref.shape[-2:]
@@ -106,23 +112,41 @@ def relative_scale(image: np.ndarray, reference: np.ndarray, *, max_stars: int =
     return np.array([np.median(r) if len(r) >= 5 else np.nan for r in ratios])
 
 
-def score_pair(images: dict[str, np.ndarray], *, box: int = 24) -> dict[str, dict[str, Any]]:
-    """Noise (1x1, 4x4), colour noise and FWHM of each image, in the first image's photometric units."""
-    from skystack.engine.detect import measure_quality
+class Scorer:
+    """Scores images against a reference image, in fixed star-free boxes (see the module docstring).
 
-    names = list(images)
-    first = images[names[0]]
-    mask = star_mask(list(images.values()), box=box)
-    boxes = boxes_of(mask, box)
-    out: dict[str, dict[str, Any]] = {}
-    for name, img in images.items():
-        scale = np.ones(img.shape[0] if img.ndim == 3 else 1) if name == names[0] else relative_scale(img, first)
-        sig, sigb = _box_stats(img, mask, boxes, box)
+    Parameters
+    ----------
+    images : dict
+        Name -> ``(C, H, W)`` stack on the same grid; the first is the reference
+        (its units are the others' units), and every image's stars are masked.
+    box : int
+        Side of the star-free boxes.
+    """
+
+    def __init__(self, images: dict[str, np.ndarray], *, box: int = 24) -> None:
+        self.stars = {name: _stars(img) for name, img in images.items()}
+        self.reference = next(iter(images))
+        self.ref_image = images[self.reference]
+        self.box = box
+        self.mask = star_mask(list(images.values()), list(self.stars.values()), box=box)
+        self.boxes = boxes_of(self.mask, box)
+
+    def score(self, img: np.ndarray, *, name: str | None = None) -> dict[str, Any]:
+        """Noise (1x1, 4x4), colour noise and FWHM of ``img`` in the reference's photometric units."""
+        from skystack.engine.detect import measure_quality
+
+        st = self.stars[name] if name in self.stars else _stars(img)
+        if name == self.reference:
+            scale = np.ones(img.shape[0] if img.ndim == 3 else 1)
+        else:
+            scale = relative_scale(img, self.ref_image, stars=st, ref_stars=self.stars[self.reference])
+        sig, sigb = _box_stats(img, self.mask, self.boxes, self.box)
         noise = [float(np.nanmedian(sig[:, c]) / scale[c]) for c in range(sig.shape[1])]
         noise_b = [float(np.nanmedian(sigb[:, c]) / scale[c]) for c in range(sigb.shape[1])]
-        q = measure_quality(_stars(img))
-        out[name] = {"noise": noise, "noise_mean": float(np.mean(noise)), "noise_binned": noise_b,
-                     "noise_binned_mean": float(np.mean(noise_b)), "scale": [float(s) for s in scale],
-                     "colour_noise": list(_colour_noise(img, scale, mask, boxes, box)),
-                     "fwhm_px": float(q.fwhm_px), "n_stars": int(q.n_stars), "n_boxes": int(len(boxes))}
-    return out
+        q = measure_quality(st)
+        return {"noise": noise, "noise_mean": float(np.mean(noise)), "noise_binned": noise_b,
+                "noise_binned_mean": float(np.mean(noise_b)), "scale": [float(s) for s in scale],
+                "colour_noise": list(_colour_noise(img, scale, self.mask, self.boxes, self.box)),
+                "fwhm_px": float(q.fwhm_px), "n_stars": int(q.n_stars), "n_boxes": int(len(self.boxes))}
+

@@ -369,13 +369,13 @@ def _score_real(images: dict[str, np.ndarray], sk_entry, siril, adu: float) -> N
     level of the lights); Siril's is brought to them by star photometry.
     """
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from real_metrics import score_pair
+    from real_metrics import Scorer
 
     if len(images) < 2:
         return
-    sc = score_pair(images)
+    scorer = Scorer(images)
     for name, tool in (("skystack", sk_entry), ("siril", siril)):
-        v = sc[name]
+        v = scorer.score(images[name], name=name)
         tool["score"] = {"quality": {
             "noise_adu": [x * adu for x in v["noise"]], "noise_mean_adu": v["noise_mean"] * adu,
             "noise_binned_mean_adu": v["noise_binned_mean"] * adu, "fwhm_px": v["fwhm_px"], "n_stars": v["n_stars"],
@@ -383,8 +383,8 @@ def _score_real(images: dict[str, np.ndarray], sk_entry, siril, adu: float) -> N
             "colour_noise_mean_adu": float(np.mean(v["colour_noise"])) * adu if v["colour_noise"] else None,
             "scale": v["scale"]}, "registration": None, "regions": None}
 
-    def measure(img):
-        v = score_pair({"skystack": images["skystack"], "x": img})["x"]
+    def measure(img):  # a blurred stack, in the same boxes and units as the two above
+        v = scorer.score(img)
         return (v["noise_mean"] * adu, v["noise_binned_mean"] * adu, v["fwhm_px"],
                 float(np.mean(v["colour_noise"])) * adu if v["colour_noise"] else None)
 
