@@ -248,16 +248,12 @@ def ensure_session(synth_config, cache_root: str | os.PathLike | None = None, *,
 def _session_files(session: str | os.PathLike):
     """The session's frames: kind folders, or else a folder holding only lights (real sample sets)."""
     from skystack.engine.errors import InputNotFound
-    from skystack.engine.session import SessionFiles, discover_session
+    from skystack.engine.session import SessionFiles, discover_session, resolve_inputs
 
     try:
         return discover_session(session)
     except InputNotFound:
-        lights = tuple(sorted(p for p in Path(session).iterdir()
-                              if p.suffix.lower() in (".fit", ".fits", ".fts", ".dng", ".cr2", ".nef", ".arw")))
-        if not lights:
-            raise
-        return SessionFiles(lights=lights, root=Path(session))
+        return SessionFiles(lights=tuple(resolve_inputs([session])), root=Path(session))
 
 
 def _all_frames(files) -> list[Path]:
