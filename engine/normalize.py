@@ -285,6 +285,24 @@ def signal_ratios(image: np.ndarray, ap: StarApertures) -> np.ndarray:
     return out
 
 
+def frame_measures(image: np.ndarray, ap: StarApertures) -> tuple[FrameStats, np.ndarray]:
+    """What normalisation needs of one registered frame: :func:`robust_stats` and :func:`signal_ratios`.
+
+    Parameters
+    ----------
+    image : ndarray
+        The frame ``(C, H, W)`` or ``(H, W)`` in the reference grid.
+    ap : StarApertures
+        The reference's apertures (:func:`star_apertures`).
+
+    Returns
+    -------
+    (FrameStats, ndarray)
+        Its statistics and its ``(C,)`` star-flux ratio to the reference.
+    """
+    return robust_stats(image), signal_ratios(image, ap)
+
+
 def normalization_factors(stats: list[FrameStats], ref: int, method: str,
                           signal: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """``(scale, offset)`` arrays of shape ``(N, C)`` mapping each frame onto frame ``ref``.

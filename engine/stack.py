@@ -306,6 +306,8 @@ class Registered:
     framing: str = "reference"
     metas: list[Any] = field(default_factory=list)  # FrameMeta per light (None: unreadable)
     notes: list[str] = field(default_factory=list)  # calibration remarks and skipped calibration frames
+    #: frame index -> (FrameStats, star-flux ratio), measured as the frames were warped (host stores)
+    frame_stats: dict[int, tuple[Any, np.ndarray]] = field(default_factory=dict)
 
     def frame(self, i: int) -> np.ndarray:
         """Registered frame ``i`` (index into the lights), ``(C, H, W)`` float32."""
@@ -533,25 +535,49 @@ def register_session(files: SessionFiles, config: StackConfig = StackConfig()) -
                             dtype=config.store_dtype, spill_dir=config.spill_dir)
     excl = foreground.sky_exclusion(fg.mask, _fg_margins((out_h, out_w))[0]) if fg.found else None
 
-    def warp_one(i: int) -> None:
+    # normalisation statistics are taken from each warped frame on its way into the
+    # store (not by reading the store again) when the frames are on the host in float32
+    gather = not target.on_device and np.dtype(config.store_dtype) == np.float32
+    frame_stats: dict[int, tuple[Any, np.ndarray]] = {}
+
+    def warp_one(i: int):
+        """Warp (or place) frame ``i`` into ``target``; the host frame stored, or None if left as it was."""
         records[i].transform = transforms[i].tolist()
         if i == ref and target is store and excl is None:
-            return  # the reference is its own grid
+            return None  # the reference is its own grid
         img = store.get(i)
         if excl is not None:  # a copy on the store's backend, the landscape blanked
             bxp = array_module(img)
             img = bxp.array(img, dtype=bxp.float32)
             img[:, bxp.asarray(excl)] = bxp.nan
         if i == ref:  # copied, never resampled
-            placed = canvas.place(to_host(img))
-            target.put(i, xp.asarray(placed) if target.on_device else placed)
-            return
-        out = warp.warp(xp.asarray(img), canvas.offset @ t_store[i], canvas.shape, method=config.interpolation,
-                        lens=lens_store, lens_offset=(canvas.ox, canvas.oy))
-        target.put(i, out if target.on_device else to_host(out))
+            out = canvas.place(to_host(img))
+        else:
+            out = warp.warp(xp.asarray(img), canvas.offset @ t_store[i], canvas.shape,
+                            method=config.interpolation, lens=lens_store, lens_offset=(canvas.ox, canvas.oy))
+        if target.on_device:
+            target.put(i, xp.asarray(out))
+            return None
+        out = to_host(out)
+        target.put(i, out)
+        return out
 
     with timer("warp"), _Progress(config.quiet) as prog:
-        _run_parallel(warp_one, used, _compute_threads(be, config), on_done=prog.stepper("warp", len(used)))
+        step = prog.stepper("warp", len(used))
+        ref_frame = warp_one(ref)
+        if gather:  # the reference first: its stars are every frame's photometric apertures
+            ref_frame = to_host(target.get(ref)) if ref_frame is None else ref_frame
+            apertures = normalize.star_apertures(ref_frame)
+            frame_stats[ref] = normalize.frame_measures(ref_frame, apertures)
+        del ref_frame
+        step()
+
+        def warp_measure(i: int) -> None:
+            out = warp_one(i)
+            if gather:
+                frame_stats[i] = normalize.frame_measures(out, apertures)
+
+        _run_parallel(warp_measure, [i for i in used if i != ref], _compute_threads(be, config), on_done=step)
         landscape = None
         if land is not None:
             landscape = (canvas.place(land[0]), canvas.place(land[1][None])[0],
@@ -572,7 +598,7 @@ def register_session(files: SessionFiles, config: StackConfig = StackConfig()) -
                       framing=canvas.framing,
                       masters={k: _master_summary(v) for k, v in cset.masters.items()},
                       queue_peak=producer.gauge.peak, queue_bound=producer.bound, metas=metas,
-                      notes=_log_notes(notes))
+                      notes=_log_notes(notes), frame_stats=frame_stats)
 
 
 def combine_registered(reg: Registered, config: StackConfig = StackConfig()) -> StackResult:
@@ -593,18 +619,17 @@ def combine_registered(reg: Registered, config: StackConfig = StackConfig()) -> 
         run = replace(config, workers=min(reg.plan.threads, _compute_threads(be, config)))
     n_ch, out_h, out_w = store.shape
     with timer("normalize"), _Progress(config.quiet) as prog:
-        fstats_by: dict[int, Any] = {}
-        signal_by: dict[int, Any] = {}
-        ref_frame = to_host(store.get(ref))  # read once: apertures and its own statistics
-        apertures = normalize.star_apertures(ref_frame)
+        measured = dict(reg.frame_stats)
+        if any(i not in measured for i in used):  # a device or float16 store: read the frames back
+            ref_frame = to_host(store.get(ref))  # read once: apertures and its own statistics
+            apertures = normalize.star_apertures(ref_frame)
 
-        def stats_one(i: int) -> None:
-            frame = ref_frame if i == ref else to_host(store.get(i))
-            fstats_by[i] = normalize.robust_stats(frame)
-            signal_by[i] = normalize.signal_ratios(frame, apertures)
+            def stats_one(i: int) -> None:
+                measured[i] = normalize.frame_measures(ref_frame if i == ref else to_host(store.get(i)), apertures)
 
-        _run_parallel(stats_one, used, _compute_threads(be, run), on_done=prog.stepper("normalize", len(used)))
-        fstats = [fstats_by[i] for i in used]
+            _run_parallel(stats_one, used, _compute_threads(be, run), on_done=prog.stepper("normalize", len(used)))
+        fstats = [measured[i][0] for i in used]
+        signal_by = {i: measured[i][1] for i in used}
         r = used.index(ref)
         nscale, noffset = normalize.normalization_factors(fstats, r, config.normalization,
                                                           signal=np.stack([signal_by[i] for i in used]))
