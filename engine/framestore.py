@@ -89,13 +89,16 @@ class FrameStore:
         if self._fd is None:
             self._data[i] = img
             return
-        buf = np.ascontiguousarray(img, dtype=self.dtype).tobytes()
-        try:
-            written = os.pwrite(self._fd, buf, i * self._frame)
-        except OSError as exc:
-            raise _spill_error(self._dir, exc) from exc
-        if written != len(buf):
-            raise _spill_error(self._dir, OSError(errno.ENOSPC, "short write"))
+        buf = memoryview(np.ascontiguousarray(img, dtype=self.dtype)).cast("B")  # no copy when already so
+        done = 0
+        while done < len(buf):
+            try:
+                written = os.pwrite(self._fd, buf[done:], i * self._frame + done)
+            except OSError as exc:
+                raise _spill_error(self._dir, exc) from exc
+            if written <= 0:
+                raise _spill_error(self._dir, OSError(errno.ENOSPC, "short write"))
+            done += written
 
     def _read_into(self, dst: np.ndarray, offset: int) -> None:
         """Fill the C-contiguous ``dst`` (of the store's dtype) from the spill file at ``offset``, no copy."""

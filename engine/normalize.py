@@ -36,6 +36,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from skystack.engine.background import nanmedian_last
+
 NORMALIZATIONS = ("none", "additive", "multiplicative", "additive+scale")
 WEIGHTINGS = ("none", "noise", "psf", "stars")
 #: Fewest apertures :func:`signal_ratios` needs for a frame's signal scale: each aperture's
@@ -69,11 +71,8 @@ def _flatten_background(chan: np.ndarray, block: int = 32) -> np.ndarray:
         return chan
     core = chan[: hb * block, : wb * block].reshape(hb, block, wb, block)
     blocks = core.transpose(0, 2, 1, 3).reshape(hb, wb, -1)
-    # blocks with no data (outside a frame's footprint) get NaN without NumPy's all-NaN warning, which
-    # warnings.catch_warnings could not silence reliably: it is not thread-safe and frames run in threads
-    empty = np.isnan(blocks).all(axis=2)
-    med = np.nanmedian(np.where(empty[..., None], np.float32(0.0), blocks), axis=2)
-    med[empty] = np.nan
+    # blocks with no data (outside a frame's footprint) get NaN, without a warning
+    med = nanmedian_last(blocks)
     return (core - med[:, None, :, None]).reshape(hb * block, wb * block)
 
 
