@@ -507,10 +507,20 @@ def build_calibration_set(*, bias: Any = None, darks: Any = None, flats: Any = N
 
     bias, dark_flats, darks, flats = (frames(k, v) for k, v in (("bias", bias), ("dark-flat", dark_flats),
                                                                ("dark", darks), ("flat", flats)))
-    mb = load_or_build_master("bias", bias, **kw) if given(bias) else None
-    mdf = load_or_build_master("dark-flat", dark_flats, **kw) if given(dark_flats) else None
-    md = load_or_build_master("dark", darks, bias=mb, **kw) if given(darks) else None
-    mf = load_or_build_master("flat", flats, bias=mb, dark_flat=mdf, **kw) if given(flats) else None
+    from concurrent.futures import ThreadPoolExecutor
+
+    def build(kind: str, v: Any, **deps: Any) -> Any:
+        if not given(v):
+            return None
+        return load_or_build_master(kind, v, **{k: f.result() for k, f in deps.items()}, **kw)
+
+    # in dependency order; with 2 workers the bias and the dark-flat, then the dark and the flat, run side by side
+    with ThreadPoolExecutor(max_workers=master_config.workers, thread_name_prefix="skystack-master") as pool:
+        fb = pool.submit(build, "bias", bias)
+        fdf = pool.submit(build, "dark-flat", dark_flats)
+        fd = pool.submit(build, "dark", darks, bias=fb)
+        ff = pool.submit(build, "flat", flats, bias=fb, dark_flat=fdf)
+        mb, mdf, md, mf = fb.result(), fdf.result(), fd.result(), ff.result()
     for m in (mb, mdf, md, mf):
         if m is not None:
             skipped.extend(f"{m.kind} {s}" for s in m.meta.skipped)

@@ -152,6 +152,10 @@ class MasterConfig:
         measured from the flat frames (:mod:`skystack.engine.flatnoise`).
         It keeps the sensor's real pixel response and the flat's large
         scales; deep or many flats are left as they are.
+    workers : int
+        Masters built at once where they do not depend on each other (the
+        bias beside the dark-flat, then the dark beside the flat); 1 builds
+        them in turn (within a memory limit). Does not change the result.
     """
 
     method: str = "sigma"
@@ -160,10 +164,13 @@ class MasterConfig:
     max_iter: int = 5
     band_bytes: int = 256 * 2**20
     flat_shrink: bool = True
+    workers: int = 2
 
     def __post_init__(self) -> None:
         if self.method not in _METHODS:
             raise SkystackError(f"unknown master combine method {self.method!r}; choose one of {', '.join(_METHODS)}")
+        if self.workers < 1:
+            raise SkystackError(f"master workers must be at least 1, got {self.workers}")
 
     def key_dict(self) -> dict[str, Any]:
         """Settings that change the result (the cache key's part)."""

@@ -403,7 +403,8 @@ def register_session(files: SessionFiles, config: StackConfig = StackConfig()) -
         cset = cal.build_calibration_set(
             bias=list(files.bias), darks=list(files.darks), flats=list(files.flats),
             dark_flats=list(files.dark_flats), cosmetic=CosmeticConfig() if config.cosmetic else None,
-            master_config=MasterConfig(band_bytes=min(plan.tile_bytes, MasterConfig().band_bytes)),
+            master_config=MasterConfig(band_bytes=min(plan.tile_bytes, MasterConfig().band_bytes),
+                                       workers=1 if plan.limit is not None else MasterConfig().workers),
             cache_dir=config.cache_dir, backend=be, light=ref_meta)
         notes: dict[str, None] = dict.fromkeys(f"skipped {s}" for s in cset.skipped)
         notes.update(dict.fromkeys(cal.check_compatible(ref_meta, cset)))

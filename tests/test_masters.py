@@ -10,7 +10,7 @@ import pytest
 from astropy.io import fits
 
 from skystack.engine import masters as ms
-from skystack.engine.errors import CalibrationError, FrameMismatchError, InputNotFound, OutputError
+from skystack.engine.errors import CalibrationError, FrameMismatchError, InputNotFound, OutputError, SkystackError
 from skystack.engine.io import read_meta
 from skystack.engine.masters import (
     STATS,
@@ -276,6 +276,21 @@ def test_band_size_and_spill_do_not_change_result(session, built, monkeypatch):
     monkeypatch.setattr(ms, "_host_budget", lambda: 1000)  # force the memory-mapped cube
     spilled = build_master("dark", files, bias=built["bias"], use_cache=False)
     np.testing.assert_array_equal(spilled.data, built["dark"].data)
+
+
+def test_masters_built_side_by_side_equal_those_built_in_turn(session, tmp_path):
+    """build_calibration_set with 2 workers (the default) gives the bits of a one-at-a-time build."""
+    from skystack.engine.calibrate import build_calibration_set
+
+    kw = dict(bias=_files(session, "bias"), darks=_files(session, "dark"), flats=_files(session, "flat"),
+              dark_flats=_files(session, "dark_flat"), use_cache=False)
+    two = build_calibration_set(master_config=MasterConfig(), **kw)
+    one = build_calibration_set(master_config=MasterConfig(workers=1), **kw)
+    assert MasterConfig().workers == 2
+    for kind in ("bias", "dark", "flat", "dark-flat"):
+        np.testing.assert_array_equal(two.masters[kind].data, one.masters[kind].data)
+    with pytest.raises(SkystackError, match="workers"):
+        MasterConfig(workers=0)
 
 
 # ----------------------------------------------------------------------------- hand-made frames
