@@ -501,12 +501,14 @@ def nanmedian_last(a: np.ndarray) -> np.ndarray:
     Returns
     -------
     ndarray
-        ``a.shape[:-1]``, the dtype of ``a``.
+        ``a.shape[:-1]``, the dtype of ``a``, where ``a`` is (NumPy or CuPy).
     """
-    s = np.sort(a, axis=-1)
-    cnt = np.count_nonzero(~np.isnan(a), axis=-1)
-    lo = np.take_along_axis(s, np.maximum((cnt - 1) // 2, 0)[..., None], -1)[..., 0]
-    hi = np.take_along_axis(s, np.minimum(cnt // 2, a.shape[-1] - 1)[..., None], -1)[..., 0]
+    from skystack.engine.backend import array_module
+
+    xp = array_module(a)
+    s = xp.sort(a, axis=-1)
+    cnt = xp.count_nonzero(~xp.isnan(a), axis=-1)
+    lo = xp.take_along_axis(s, xp.maximum((cnt - 1) // 2, 0)[..., None], -1)[..., 0]
+    hi = xp.take_along_axis(s, xp.minimum(cnt // 2, a.shape[-1] - 1)[..., None], -1)[..., 0]
     med = (lo + hi) * a.dtype.type(0.5)
-    med[cnt == 0] = np.nan
-    return med
+    return xp.where(cnt == 0, a.dtype.type(np.nan), med)

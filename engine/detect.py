@@ -60,7 +60,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -250,10 +250,10 @@ class FrameQuality:
 # --------------------------------------------------------------------------- luminance
 
 
-def _bin2(img: np.ndarray) -> np.ndarray:
+def _bin2(img: Any) -> Any:
     h, w = img.shape[-2] // 2 * 2, img.shape[-1] // 2 * 2
     a = img[..., :h, :w]
-    out = a[..., 0::2, 0::2].astype(np.float32)
+    out = a[..., 0::2, 0::2].astype("float32")
     out += a[..., 0::2, 1::2]
     out += a[..., 1::2, 0::2]
     out += a[..., 1::2, 1::2]
@@ -281,15 +281,17 @@ def luminance(data: np.ndarray, pattern: str | None = None, *, bin2: bool = Fals
         Binned outputs have pixel ``(u, v)`` centred on full-resolution
         ``(2u + 0.5, 2v + 0.5)``.
     """
-    data = np.asarray(data)
+    from skystack.engine.backend import array_module
+
+    data = array_module(data).asarray(data)  # computed where the data is (NumPy or CuPy)
     if data.ndim == 3:
-        lum = data.astype(np.float32).mean(axis=0, dtype=np.float32)
+        lum = data.astype("float32").mean(axis=0, dtype="float32")
         return _bin2(lum) if bin2 else lum
     if data.ndim != 2:
         raise ValueError(f"expected a (H, W) or (3, H, W) image, got shape {data.shape}")
     if pattern is not None or bin2:
         return _bin2(data)
-    return data.astype(np.float32, copy=True)
+    return data.astype("float32", copy=True)
 
 
 # --------------------------------------------------------------------------- detection
@@ -322,10 +324,26 @@ def _stamps(img: np.ndarray, x: np.ndarray, y: np.ndarray, half: int, sites: int
     xx = ox[:, None, None] + r[None, None, :]
     yy = oy[:, None, None] + r[None, :, None]
     inside = (xx >= 0) & (xx < w) & (yy >= 0) & (yy < h)
-    st = img[np.clip(yy, 0, h - 1), np.clip(xx, 0, w - 1)].astype(np.float64)
+    st = _gather_stamps(img, ox, oy, k).astype(np.float64)
     valid = inside & np.isfinite(st)
     st = np.where(valid, st, 0.0)
     return st, valid, ox, oy
+
+
+def _gather_stamps(img: Any, ox: np.ndarray, oy: np.ndarray, k: int) -> np.ndarray:
+    """``img``'s ``(N, k, k)`` pixels from origins ``(ox, oy)`` (clamped to the image), on the host.
+
+    On a device the indices are made there from the origins, and only the
+    stamps come down (not the frame).
+    """
+    from skystack.engine.backend import array_module, to_host
+
+    xp = array_module(img)
+    h, w = img.shape
+    r = xp.arange(k, dtype=xp.int64)
+    xx = xp.clip(xp.asarray(ox)[:, None, None] + r[None, None, :], 0, w - 1)
+    yy = xp.clip(xp.asarray(oy)[:, None, None] + r[None, :, None], 0, h - 1)
+    return to_host(img[yy, xx])
 
 
 def _solve_linear(g: np.ndarray, data: np.ndarray, valid: np.ndarray, blocks: list[slice]):
@@ -666,8 +684,10 @@ def detect_stars(image: np.ndarray, *, pattern: str | None = None,
     cfg = config or DetectConfig()
     import sep
 
-    image = np.asarray(image)
-    shape = (int(image.shape[-2]), int(image.shape[-1]))
+    from skystack.engine.backend import array_module, to_host
+
+    image = array_module(image).asarray(image)  # a device frame stays there: the detection image
+    shape = (int(image.shape[-2]), int(image.shape[-1]))  # and the stars' stamps come down
     binning = 2 if (pattern is not None and image.ndim == 2) or cfg.bin2 else 1
     if min(shape) < 4 * binning:
         return _empty(shape, binning)
@@ -677,7 +697,7 @@ def detect_stars(image: np.ndarray, *, pattern: str | None = None,
         lum = _bin2(lum_full) if cfg.bin2 else lum_full.copy()
     else:
         lum = luminance(image, pattern, bin2=cfg.bin2)
-    lum = np.ascontiguousarray(lum, dtype=np.float32)
+    lum = np.ascontiguousarray(to_host(lum), dtype=np.float32)
     bad = ~np.isfinite(lum)
     if bad.all():
         return _empty(shape, binning)

@@ -133,6 +133,18 @@ def small_bin(shape: tuple[int, int]) -> int:
     return max(2, int(math.ceil(math.sqrt(h * w / SMALL_PIXELS))))
 
 
+def _map_threads(fn, items: list) -> list:
+    """``[fn(x) for x in items]`` over the cores (SciPy's filters release the GIL)."""
+    import os
+    from concurrent.futures import ThreadPoolExecutor
+
+    workers = min(len(items), os.cpu_count() or 1)
+    if workers <= 1:
+        return [fn(x) for x in items]
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="skystack-fg") as pool:
+        return list(pool.map(fn, items))
+
+
 def _highpass(img: np.ndarray) -> np.ndarray:
     from scipy.ndimage import median_filter
 
@@ -191,7 +203,7 @@ def detect_foreground(small: dict[int, np.ndarray], transforms: dict[int, np.nda
     keys = [k for k in small if k in transforms]
     if len(keys) < 3:
         return none("none: too few frames to tell the landscape from the sky")
-    hp = {k: _highpass(small[k]) for k in keys}
+    hp = dict(zip(keys, _map_threads(_highpass, [small[k] for k in keys])))
     hs, ws = next(iter(hp.values())).shape
     ev = _evidence(hp, {k: transforms[k] for k in keys}, (hs, ws), b, lens)
     absent = _absence(star_xy, (hs, ws), b) if star_xy is not None and len(star_xy) else np.zeros((hs, ws))

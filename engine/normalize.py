@@ -32,7 +32,9 @@ reference's noise for every frame, so ``noise`` weights all came out 1.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -49,6 +51,7 @@ MAD_TO_SIGMA = 1.4826
 #: pixel into a small blob: on the Seestar M 94 frames, without darks, hot pixels made 300
 #: RCD apertures of which most were defects, and a 0.75 star-flux ratio for every frame).
 MIN_STAR_AREA = 5
+_TABLES_LOCK = threading.Lock()
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -101,7 +104,10 @@ def highpass_noise(image: np.ndarray, *, step: int = 1, sample: int = 100_000) -
     float
         The noise in the image's units (NaN if it cannot be measured).
     """
-    x = np.asarray(image, dtype=np.float32)
+    from skystack.engine.backend import array_module
+
+    xp = array_module(image)
+    x = xp.asarray(image, dtype=xp.float32)
     if x.ndim != 2:
         return float("nan")
     k = int(step)
@@ -109,63 +115,63 @@ def highpass_noise(image: np.ndarray, *, step: int = 1, sample: int = 100_000) -
     return float(np.sqrt(np.mean(var)))
 
 
-def _grid_noise(x: np.ndarray, sample: int) -> float:
-    """:func:`highpass_noise` of one sub-grid (step 1)."""
-    if x.shape[0] < 3 or x.shape[1] < 3:
+def _grid_noise(x: Any, sample: int) -> float:
+    """:func:`highpass_noise` of one sub-grid (step 1), where ``x`` is (only the number leaves a device)."""
+    from skystack.engine.backend import array_module
+
+    xp = array_module(x)
+    h, w = x.shape
+    if h < 3 or w < 3:
         return float("nan")
-    rstep = max(1, (x.shape[0] * x.shape[1]) // sample)
-    ys = np.arange(1, x.shape[0] - 1, rstep)
-    nb = np.float32(0.25) * (x[ys - 1, 1:-1] + x[ys + 1, 1:-1] + x[ys, :-2] + x[ys, 2:])
-    r = x[ys, 1:-1] - nb
-    ok = np.isfinite(r)
-    if ok.sum() < 32:
+    rstep = max(1, (h * w) // sample)
+    c = x[1:h - 1:rstep]  # rows 1, 1 + rstep, ... and their neighbours above and below
+    n = c.shape[0]
+    nb = xp.float32(0.25) * (x[0:h - 2:rstep][:n, 1:-1] + x[2:h:rstep][:n, 1:-1] + c[:, :-2] + c[:, 2:])
+    r = c[:, 1:-1] - nb
+    r = r[xp.isfinite(r)]
+    if r.size < 32:
         return float("nan")
-    r = r[ok].astype(np.float64)
-    med = float(np.median(r))
-    sig = MAD_TO_SIGMA * float(np.median(np.abs(r - med)))
-    for _ in range(2):
-        keep = np.abs(r - med) <= 3.0 * sig
-        if sig <= 0 or keep.sum() < 16:
-            break
-        r = r[keep]
-        med = float(np.median(r))
-        sig = MAD_TO_SIGMA * float(np.median(np.abs(r - med)))
-    return sig / float(np.sqrt(1.25))
+    return _clipped_mad_sigma(xp, r.astype(xp.float64)) / float(np.sqrt(1.25))
 
 
-def robust_stats(image: np.ndarray, *, sample: int = 200_000) -> FrameStats:
+def robust_stats(image: Any, *, sample: int = 200_000) -> FrameStats:
     """Median, and the clipped MAD-sigma of the background-flattened frame, per channel.
 
-    ``image`` is ``(C,H,W)`` or ``(H,W)``; NaNs are ignored.
+    ``image`` is ``(C,H,W)`` or ``(H,W)`` (NumPy or CuPy: computed where it
+    is, only the numbers leave the device); NaNs are ignored.
     """
-    img = np.asarray(image, dtype=np.float32)
+    from skystack.engine.backend import array_module
+
+    xp = array_module(image)
+    img = xp.asarray(image, dtype=xp.float32)
     planes = img if img.ndim == 3 else img[None]
     locs, scales = [], []
     for plane in planes:
         step = max(1, plane.size // sample)
         flat = plane.ravel()[::step]
-        flat = flat[np.isfinite(flat)]
-        locs.append(float(np.median(flat)) if flat.size else np.nan)
+        flat = flat[xp.isfinite(flat)]
+        locs.append(float(xp.median(flat)) if flat.size else np.nan)
         # Sub-sample rows for the scale so that large frames stay cheap.
-        rstep = max(1, plane.size // sample)
-        v = _flatten_background(plane[::rstep]).ravel()
-        v = v[np.isfinite(v)]
-        if v.size == 0:
-            scales.append(np.nan)
-            continue
-        med = float(np.median(v))
-        sig = MAD_TO_SIGMA * float(np.median(np.abs(v - med)))
-        for _ in range(2):
-            if sig <= 0:
-                break
-            keep = np.abs(v - med) <= 3.0 * sig
-            if keep.sum() < 16:
-                break
-            v = v[keep]
-            med = float(np.median(v))
-            sig = MAD_TO_SIGMA * float(np.median(np.abs(v - med)))
-        scales.append(sig)
+        v = _flatten_background(plane[::step]).ravel()
+        v = v[xp.isfinite(v)]
+        scales.append(_clipped_mad_sigma(xp, v) if v.size else np.nan)
     return FrameStats(location=np.asarray(locs, np.float64), scale=np.asarray(scales, np.float64))
+
+
+def _clipped_mad_sigma(xp: Any, v: Any) -> float:
+    """MAD-sigma of ``v`` after two rounds of 3-sigma clipping about the median."""
+    med = float(xp.median(v))
+    sig = MAD_TO_SIGMA * float(xp.median(xp.abs(v - med)))
+    for _ in range(2):
+        if sig <= 0:
+            break
+        keep = xp.abs(v - med) <= 3.0 * sig
+        if int(keep.sum()) < 16:
+            break
+        v = v[keep]
+        med = float(xp.median(v))
+        sig = MAD_TO_SIGMA * float(xp.median(xp.abs(v - med)))
+    return sig
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -182,6 +188,35 @@ class StarApertures:
     inside: list[np.ndarray]
     ring: list[np.ndarray]
     ref_flux: np.ndarray
+    #: frame width the gather tables index (0: no apertures)
+    width: int = 0
+    #: device copies of the gather tables, by array module (filled on first use)
+    _on: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def tables(self, xp: Any) -> tuple[Any, Any, Any, Any]:
+        """``(index, valid, inside, ring)``, each ``(S, K)``: every box's pixels as flat indices
+        into one ``(H, W)`` plane (row-major, padded to the largest box), on ``xp``'s device.
+
+        Built there from the boxes' corners and one byte per box pixel (its
+        kind), so a device receives ~1 byte per aperture pixel once per session.
+        """
+        key = xp.__name__
+        with _TABLES_LOCK:  # frames are measured in threads: build (and upload) once
+            if key not in self._on:
+                self._on[key] = self._build_tables(xp)
+        return self._on[key]
+
+    def _build_tables(self, xp: Any) -> tuple[Any, Any, Any, Any]:
+        geo = np.array([(y0, x0, x1 - x0, (y1 - y0) * (x1 - x0)) for y0, y1, x0, x1 in self.boxes], np.int64)
+        kind = np.concatenate([np.where(r, 3, np.where(a, 2, 1)).ravel().astype(np.uint8)
+                               for a, r in zip(self.inside, self.ring)])
+        y0, x0, bw, size = (xp.asarray(geo[:, c])[:, None] for c in range(4))
+        start = xp.asarray(np.concatenate([[0], np.cumsum(geo[:-1, 3])]))[:, None]
+        k = xp.arange(int(geo[:, 3].max()))[None]
+        valid = k < size
+        code = xp.where(valid, xp.asarray(kind)[xp.where(valid, start + k, 0)], 0)
+        index = xp.where(valid, (y0 + k // bw) * self.width + x0 + k % bw, 0)
+        return index, valid, code == 2, code == 3
 
 
 def star_apertures(ref: np.ndarray, *, max_stars: int = 300, grow: int = 8, pad: int = 6) -> StarApertures:
@@ -198,9 +233,19 @@ def star_apertures(ref: np.ndarray, *, max_stars: int = 300, grow: int = 8, pad:
     """
     from scipy import ndimage
 
-    img = np.asarray(ref, dtype=np.float32)
+    from skystack.engine.backend import array_module, to_host
+
+    xp = array_module(ref)
+    img = xp.asarray(ref, dtype=xp.float32)
     planes = img if img.ndim == 3 else img[None]
-    flat = _flatten_background(np.nan_to_num(planes.sum(axis=0)))
+    # where the frame is: the channel sum, and the pixels near a channel's maximum (saturation);
+    # only these (4 bytes and 1 bit a pixel) leave a device, once per session
+    total = xp.nan_to_num(planes.sum(axis=0))
+    hot = xp.zeros(total.shape, dtype=bool)
+    for plane in planes:
+        hot |= xp.nan_to_num(plane) >= xp.float32(0.9) * xp.where(xp.isnan(plane), xp.float32(-np.inf), plane).max()
+    hot = np.unpackbits(to_host(xp.packbits(hot)), count=hot.size).reshape(hot.shape).astype(bool)
+    flat = _flatten_background(to_host(total))
     sig = robust_stats(flat).scale[0]
     h, w = flat.shape
     empty = StarApertures(boxes=[], inside=[], ring=[], ref_flux=np.zeros(0))
@@ -216,9 +261,7 @@ def star_apertures(ref: np.ndarray, *, max_stars: int = 300, grow: int = 8, pad:
     labels, n = ndimage.label(grown)
     idx = np.arange(1, n + 1)
     flux = ndimage.sum_labels(flat, labels, idx)
-    ok = np.ones(n, bool)
-    for plane in planes:
-        ok &= ndimage.maximum(np.nan_to_num(plane[:h, :w]), labels, idx) < 0.9 * np.nanmax(plane)
+    ok = ndimage.sum_labels(hot[:h, :w], labels, idx) == 0  # no pixel at 90 % of a channel's maximum
     objects = ndimage.find_objects(labels)
     boxes, inside, ring = [], [], []
     for k in idx[ok][np.argsort(-flux[ok])]:
@@ -236,18 +279,25 @@ def star_apertures(ref: np.ndarray, *, max_stars: int = 300, grow: int = 8, pad:
             break
     if not boxes:
         return empty
-    ap = StarApertures(boxes=boxes, inside=inside, ring=ring, ref_flux=empty.ref_flux)
-    return StarApertures(boxes=boxes, inside=inside, ring=ring, ref_flux=_aperture_fluxes(planes, ap))
+    ap = StarApertures(boxes=boxes, inside=inside, ring=ring, ref_flux=empty.ref_flux, width=planes.shape[-1])
+    return StarApertures(boxes=boxes, inside=inside, ring=ring, ref_flux=_aperture_fluxes(planes, ap), width=ap.width,
+                         _on=ap._on)
 
 
-def _aperture_fluxes(planes: np.ndarray, ap: StarApertures) -> np.ndarray:
-    """``(S,)`` flux of the channel sum in each aperture above its background's median (NaN if a pixel is missing)."""
-    out = np.full(len(ap.boxes), np.nan)
-    for j, ((y0, y1, x0, x1), ins, ring) in enumerate(zip(ap.boxes, ap.inside, ap.ring)):
-        box = planes[:, y0:y1, x0:x1].sum(axis=0)
-        if np.isfinite(box).all():
-            out[j] = float(np.sum(box[ins] - np.median(box[ring]), dtype=np.float64))
-    return out
+def _aperture_fluxes(planes: Any, ap: StarApertures) -> np.ndarray:
+    """``(S,)`` flux of the channel sum in each aperture above its background's median (NaN if a pixel is missing).
+
+    All boxes at once, where ``planes`` are (NumPy or CuPy): only the ``S`` fluxes leave the device.
+    """
+    from skystack.engine.backend import array_module, to_host
+
+    xp = array_module(planes)
+    idx, valid, ins, ring = ap.tables(xp)
+    box = planes.sum(axis=0).reshape(-1)[idx]  # (S, K) channel sums
+    whole = xp.all(xp.isfinite(box) | ~valid, axis=1)
+    bg = nanmedian_last(xp.where(ring, box, xp.float32(np.nan)))
+    dev = xp.where(ins, box - bg[:, None], xp.float32(0.0)).astype(xp.float64)
+    return np.where(to_host(whole), to_host(dev.sum(axis=1)), np.nan)
 
 
 def signal_ratios(image: np.ndarray, ap: StarApertures) -> np.ndarray:
@@ -262,18 +312,23 @@ def signal_ratios(image: np.ndarray, ap: StarApertures) -> np.ndarray:
     fewer than :data:`MIN_SIGNAL_STARS` measurable apertures (inside the
     frame's data, unsaturated there too).
     """
-    img = np.asarray(image, dtype=np.float32)
+    from skystack.engine.backend import array_module, to_host
+
+    xp = array_module(image)
+    img = xp.asarray(image, dtype=xp.float32)
     planes = img if img.ndim == 3 else img[None]
     out = np.full(planes.shape[0], np.nan)
-    if not len(ap.boxes) or not np.isfinite(planes).any():
+    if not len(ap.boxes) or not bool(xp.isfinite(planes).any()):
         return out
     flux = _aperture_fluxes(planes, ap)
     ref = ap.ref_flux
     good = np.isfinite(flux) & (ref > 0)
-    for plane in planes:
-        top = np.fmax.reduce(plane, axis=None, initial=-np.inf)  # NaN-ignoring max, no all-NaN warning
-        good &= np.array([np.fmax.reduce(plane[y0:y1, x0:x1], axis=None, initial=-np.inf) < 0.9 * top
-                          for (y0, y1, x0, x1) in ap.boxes])
+    idx, valid, _, _ = ap.tables(xp)
+    low = xp.float32(-np.inf)
+    for plane in planes:  # NaN-ignoring maxima, no all-NaN warning
+        top = xp.where(xp.isnan(plane), low, plane).max()
+        peak = xp.where(valid, plane.reshape(-1)[idx], low)
+        good &= to_host(xp.where(xp.isnan(peak), low, peak).max(axis=1) < xp.float32(0.9) * top)
     if good.sum() < MIN_SIGNAL_STARS:
         return out
     ratio = flux[good] / ref[good]

@@ -457,11 +457,10 @@ def register_session(files: SessionFiles, config: StackConfig = StackConfig()) -
             if rec.reason:
                 return
             x = cl.data
-        with timer("detect"):
-            x_host = to_host(x)
-            st = detect.detect_stars(x_host, pattern=m.pattern)
+        with timer("detect"):  # where the frame is: a device sends down its binned image and star stamps
+            st = detect.detect_stars(x, pattern=m.pattern)
             q = detect.measure_quality(st)
-            noise = normalize.highpass_noise(x_host, step=2 if m.pattern else 1)
+            noise = normalize.highpass_noise(x, step=2 if m.pattern else 1)
         with timer("debayer"):
             wb = m.wb if (config.apply_wb and m.wb is not None) else None
             rgb = debayer.debayer(x, m.pattern, method=config.debayer, wb=wb) if m.pattern else x[None]
@@ -536,13 +535,13 @@ def register_session(files: SessionFiles, config: StackConfig = StackConfig()) -
                             dtype=config.store_dtype, spill_dir=config.spill_dir)
     excl = foreground.sky_exclusion(fg.mask, _fg_margins((out_h, out_w))[0]) if fg.found else None
 
-    # normalisation statistics are taken from each warped frame on its way into the
-    # store (not by reading the store again) when the frames are on the host in float32
-    gather = not target.on_device and np.dtype(config.store_dtype) == np.float32
+    # normalisation statistics are taken from each warped frame on its way into the store (not
+    # by reading the store again), where the frame is: on the device only numbers come down
+    gather = np.dtype(config.store_dtype) == np.float32
     frame_stats: dict[int, tuple[Any, np.ndarray]] = {}
 
     def warp_one(i: int):
-        """Warp (or place) frame ``i`` into ``target``; the host frame stored, or None if left as it was."""
+        """Warp (or place) frame ``i`` into ``target``; the frame stored, or None if left as it was."""
         records[i].transform = transforms[i].tolist()
         if i == ref and target is store and excl is None:
             return None  # the reference is its own grid
@@ -556,10 +555,7 @@ def register_session(files: SessionFiles, config: StackConfig = StackConfig()) -
         else:
             out = warp.warp(xp.asarray(img), canvas.offset @ t_store[i], canvas.shape,
                             method=config.interpolation, lens=lens_store, lens_offset=(canvas.ox, canvas.oy))
-        if target.on_device:
-            target.put(i, xp.asarray(out))
-            return None
-        out = to_host(out)
+        out = xp.asarray(out) if target.on_device else to_host(out)
         target.put(i, out)
         return out
 
@@ -567,7 +563,7 @@ def register_session(files: SessionFiles, config: StackConfig = StackConfig()) -
         step = prog.stepper("warp", len(used))
         ref_frame = warp_one(ref)
         if gather:  # the reference first: its stars are every frame's photometric apertures
-            ref_frame = to_host(target.get(ref)) if ref_frame is None else ref_frame
+            ref_frame = target.get(ref) if ref_frame is None else ref_frame
             apertures = normalize.star_apertures(ref_frame)
             frame_stats[ref] = normalize.frame_measures(ref_frame, apertures)
         del ref_frame
@@ -767,7 +763,7 @@ def _foreground(config: StackConfig, store, used: list[int], ref: int, transform
     else:
         b = fgm.small_bin(shape)
         pick = sorted(set(_spread(used, fgm.N_FRAMES - 1)) | {ref})
-        small = {i: to_host(fgm.block_mean(store.get(i), b)) for i in pick}
+        small = dict(zip(pick, fgm._map_threads(lambda i: to_host(fgm.block_mean(store.get(i), b)), pick)))
         fg = fgm.detect_foreground(small, {i: transforms[i] for i in pick}, shape, b, lens=lens, motion_px=motion,
                                    star_xy=star_xy)
     if config.save_mask:
