@@ -20,7 +20,7 @@ checked against the 1.0.6 binary's usage strings):
   (skystack: sigma-clipped masters, flat from bias-subtracted flats);
 * lights: ``preprocess light -dark=dark_stacked -flat=pp_flat_stacked -cfa -equalize_cfa -debayer``
   (skystack: bias + exposure-scaled dark, per-CFA-colour normalised flat; Siril 1.0 demosaics
-  with RCD by default, so skystack runs with ``debayer="rcd"`` unless ``--debayer`` says otherwise);
+  with RCD by default; skystack runs with its own defaults unless ``--debayer`` says otherwise);
 * ``register pp_light`` (global star alignment onto the first light; skystack
   is given the same reference with ``StackConfig(reference=light 0)``);
 * ``stack r_pp_light rej s 3 3 -norm=addscale`` (kappa-sigma 3/3, additive +
@@ -646,7 +646,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", choices=("cpu", "gpu"), help="skystack backend (default cpu)")
     p.add_argument("--workers", type=int, help="skystack decoder threads")
     p.add_argument("--debayer", choices=("bilinear", "rcd", "superpixel"),
-                   help="skystack debayer (default: skystack's default, rcd)")
+                   help="skystack debayer (default: skystack's default, bilinear)")
     p.add_argument("--interpolation", choices=("lanczos3", "bilinear"),
                    help="skystack resampling (default: skystack's default, lanczos3; Siril 1.0's "
                         "register resamples bilinearly)")
