@@ -560,7 +560,7 @@ def register_session(files: SessionFiles, config: StackConfig = StackConfig()) -
         return out
 
     with timer("warp"), _Progress(config.quiet) as prog:
-        step = prog.stepper("warp", len(used))
+        step = prog.stepper("warp + normalize" if gather else "warp", len(used))
         ref_frame = warp_one(ref)
         if gather:  # the reference first: its stars are every frame's photometric apertures
             ref_frame = target.get(ref) if ref_frame is None else ref_frame
