@@ -232,11 +232,11 @@ def run_cpu(source: str, kernel: str, n_items: int, twin: Any, native: Any, *,
     under the default ``SKYSTACK_NATIVE=auto``, where it ran faster than the
     twin: the first launch of each kernel (and defines) with at least
     :data:`NATIVE_MIN_ITEMS` items runs both, keeps the twin's result (the
-    reference) and remembers the faster for the rest of the process. That
-    benchmark compares one core with one core (the twin is single-threaded
-    NumPy; the native launch gets one OpenMP thread, after a warm-up launch),
-    one benchmark at a time: callers in several threads would otherwise time
-    each other. A native launch gets the cores divided by the native launches
+    reference) and remembers the faster for the rest of the process. The
+    native launch is timed after a warm-up launch, on the cores its thread
+    will have (all of them, or their share under :func:`cpu_workers`, against
+    a twin that is single-threaded NumPy), one benchmark at a time: callers in
+    several threads would otherwise time each other. A native launch gets the cores divided by the native launches
     in flight (:func:`_native_call`), so concurrent callers do not
     oversubscribe the cores (:func:`cpu_workers` declares a pool). Without a compiler, or when the build fails, the
     twins run and a log line says so once.
@@ -324,11 +324,17 @@ def _native_call(native: Any, module: Any) -> Any:
 
 
 def _benchmark(key: tuple, twin: Any, native: Any, module: Any) -> Any:
-    """Time ``native`` (one OpenMP thread, after a warm-up) against ``twin``; remember the faster; twin's result."""
+    """Time ``native`` (after a warm-up, on this thread's share of the cores) against ``twin``.
+
+    Remembers the faster for ``key``; returns the twin's result.
+    """
     import logging
     import time
 
-    module.set_threads(1)
+    from skystack.kernels.native import threads
+
+    share = max(1, threads() // getattr(_workers, "k", 1))
+    module.set_threads(share)
     native(module)  # warm-up: the first launch pays for page faults and the OpenMP start-up
     t0 = time.perf_counter()
     native(module)
@@ -336,6 +342,6 @@ def _benchmark(key: tuple, twin: Any, native: Any, module: Any) -> Any:
     result = twin()
     t2 = time.perf_counter()
     _native_choice[key] = "native" if t1 - t0 < t2 - t1 else "twin"
-    logging.getLogger(__name__).debug("%s: native %.4f s, twin %.4f s (one core each) -> %s", key[1], t1 - t0,
-                                      t2 - t1, _native_choice[key])
+    logging.getLogger(__name__).debug("%s: native %.4f s on %d core(s), twin %.4f s -> %s", key[1], t1 - t0,
+                                      share, t2 - t1, _native_choice[key])
     return result

@@ -273,9 +273,10 @@ def fake_native(monkeypatch):
     return be, mod
 
 
-def test_concurrent_first_calls_benchmark_once_one_core_against_one(fake_native):
-    """Two threads reaching a kernel's first launch together: one benchmark (a warm-up, then one core
-    against the one-core twin), not two that time each other; the other thread then runs the choice."""
+def test_concurrent_first_calls_benchmark_once_on_their_share(fake_native):
+    """Two pool threads reaching a kernel's first launch together: one benchmark (a warm-up, then the
+    native launch on the thread's share of the cores), not two that time each other; the other thread
+    then runs the choice."""
     import time
 
     be, mod = fake_native
@@ -295,7 +296,8 @@ def test_concurrent_first_calls_benchmark_once_one_core_against_one(fake_native)
 
     def caller():
         start.wait()
-        out.append(be.run_cpu("combine.cu", "gesd_clip_mean", 1 << 20, twin, native_op))
+        with be.cpu_workers(2):
+            out.append(be.run_cpu("combine.cu", "gesd_clip_mean", 1 << 20, twin, native_op))
 
     threads = [threading.Thread(target=caller) for _ in range(2)]
     for t in threads:
@@ -304,7 +306,10 @@ def test_concurrent_first_calls_benchmark_once_one_core_against_one(fake_native)
         t.join()
     assert be._native_choice[("combine.cu", "gesd_clip_mean", ())] == "native"
     assert sorted(out) == ["native", "twin"] and len(twins) == 1
-    assert mod.launches == [1, 1, 4]  # benchmark: warm-up and timed launch on one core; then all 4 cores
+    assert mod.launches == [2, 2, 2]  # warm-up and timed launch on the pool thread's 4 // 2 cores; then 2
+    be._native_choice.clear()
+    be.run_cpu("combine.cu", "gesd_clip_mean", 1 << 20, twin, native_op)  # a lone caller: every core
+    assert mod.launches[3:] == [4, 4]
 
 
 def test_native_launches_share_the_cores(fake_native):
