@@ -28,7 +28,7 @@
 //     stop when nothing changes, or keep the previous set and stop when fewer
 //     than 2 values would remain.
 // The kept set is always the valid values inside a value interval, so the
-// valid values are sorted once (heapsort, in a per-thread array of MAX_FRAMES)
+// valid values are sorted once (rank counting up to COMBINE_SMALL frames, else heapsort; a per-thread array of MAX_FRAMES)
 // and the kept set is the index range [a, b) of the sorted array.
 //
 // The other kernels sort (value, frame) pairs -- ties in frame order, like a stable
@@ -169,34 +169,54 @@ __device__ float combine_value(const float* cube, long long npix, long long i, i
     return cube[f * npix + i] * scale[f] + offset[f];
 }
 
-// Up to this many frames the values are sorted by insertion as they load (fewer compares and
-// branch misses than a heapsort for small n; O(n^2) beyond), else by combine_pair_sort.
-#define COMBINE_INSERTION_MAX 48
+// Up to this many frames the values are sorted by counting ranks: O(n^2) compares, but without
+// data-dependent branches (a heapsort or an insertion sort mispredicts about once a value).
+#define COMBINE_SMALL 48
 
-// Loads the valid normalised values of pixel i with their frame numbers and sorts them;
-// returns how many there are. Insertion keeps equal values in frame order (they load in
-// frame order and only a greater value moves up), so both sorts give the same pairs.
+// Rank sort of the t[0..n) (values loaded in frame order, tf their frames) into s and id:
+// value t[k] goes to the number of values below it plus the equal ones of earlier frames,
+// so equal values keep frame order (the pairs combine_pair_sort gives).
+__device__ void combine_rank_sort(const float* t, const unsigned short* tf, int n, float* s,
+                                  unsigned short* id)
+{
+    for (int k = 0; k < n; ++k) {
+        const float x = t[k];
+        int r = 0;
+        for (int j = 0; j < k; ++j) r += t[j] <= x ? 1 : 0;
+        for (int j = k + 1; j < n; ++j) r += t[j] < x ? 1 : 0;
+        s[r] = x;
+        id[r] = tf[k];
+    }
+}
+
+// Loads the valid normalised values of pixel i with their frame numbers and sorts them
+// (ascending, equal values in frame order); returns how many there are.
 __device__ int combine_load_sorted(const float* cube, long long npix, long long i, int nframes,
                                    const float* scale, const float* offset, float* s, unsigned short* id)
 {
-    const bool insert = nframes <= COMBINE_INSERTION_MAX;
+    if (nframes <= COMBINE_SMALL) {
+        float t[COMBINE_SMALL];
+        unsigned short tf[COMBINE_SMALL];
+        int n = 0;
+        for (int f = 0; f < nframes; ++f) {
+            const float v = combine_value(cube, npix, i, f, scale, offset);
+            t[n] = v;
+            tf[n] = (unsigned short)f;
+            n += isfinite(v) ? 1 : 0;
+        }
+        combine_rank_sort(t, tf, n, s, id);
+        return n;
+    }
     int n = 0;
     for (int f = 0; f < nframes; ++f) {
         const float v = combine_value(cube, npix, i, f, scale, offset);
         if (isfinite(v)) {
-            int q = n;
-            if (insert) {
-                for (; q > 0 && s[q - 1] > v; --q) {
-                    s[q] = s[q - 1];
-                    id[q] = id[q - 1];
-                }
-            }
-            s[q] = v;
-            id[q] = (unsigned short)f;
+            s[n] = v;
+            id[n] = (unsigned short)f;
             ++n;
         }
     }
-    if (!insert) combine_pair_sort(s, id, n);
+    combine_pair_sort(s, id, n);
     return n;
 }
 
@@ -275,15 +295,24 @@ extern "C" __global__ void sigma_clip_mean(
             continue;
         }
         int n = 0;
-        for (int f = 0; f < nframes; ++f) {
-            const float v = cube[f * npix + i] * scale[f] + offset[f];
-            if (!isfinite(v)) continue;
-            int q = n++;
-            if (nframes <= COMBINE_INSERTION_MAX)
-                for (; q > 0 && s[q - 1] > v; --q) s[q] = s[q - 1];
-            s[q] = v;
+        if (nframes <= COMBINE_SMALL) {  // the frames are not needed here, only the sorted values
+            unsigned short id[COMBINE_SMALL];
+            float t[COMBINE_SMALL];
+            unsigned short tf[COMBINE_SMALL];
+            for (int f = 0; f < nframes; ++f) {
+                const float v = cube[f * npix + i] * scale[f] + offset[f];
+                t[n] = v;
+                tf[n] = (unsigned short)f;
+                n += isfinite(v) ? 1 : 0;
+            }
+            combine_rank_sort(t, tf, n, s, id);
+        } else {
+            for (int f = 0; f < nframes; ++f) {
+                const float v = cube[f * npix + i] * scale[f] + offset[f];
+                if (isfinite(v)) s[n++] = v;
+            }
+            combine_heap_sort(s, n);
         }
-        if (nframes > COMBINE_INSERTION_MAX) combine_heap_sort(s, n);
         int a = 0, b = n;
         for (int it = 0; it < max_iter && b - a >= 3; ++it) {
             const float centre = combine_median(s, a, b);
