@@ -28,8 +28,9 @@
 //     stop when nothing changes, or keep the previous set and stop when fewer
 //     than 2 values would remain.
 // The kept set is always the valid values inside a value interval, so the
-// valid values are sorted once (rank counting up to COMBINE_SMALL frames, else heapsort; a per-thread array of MAX_FRAMES)
-// and the kept set is the index range [a, b) of the sorted array.
+// valid values are sorted once (counting ranks up to COMBINE_SMALL frames, else a
+// heapsort; in a per-thread array of MAX_FRAMES) and the kept set is the index range
+// [a, b) of the sorted array.
 //
 // The other kernels sort (value, frame) pairs -- ties in frame order, like a stable
 // sort -- so a rank maps to one frame even where values repeat (minmax, linear fit);
