@@ -76,7 +76,13 @@ Methods (``kappa_low``/``kappa_high`` are called kl/kh):
     critical value ``lambda(m) = (m-1) t / sqrt((m-2+t^2) m)``, ``t`` the
     ``1 - kh/(2m)`` quantile of Student's t with ``m - 2`` degrees of
     freedom (:func:`gesd_critical_values`); drop that value. The outliers are
-    the values dropped up to the last significant step.
+    the values dropped up to the last significant step. The statistics come
+    from running sums (one step costs O(1)): with ``d = s - k``, ``k`` the
+    sorted middle value ``s[(n-1)//2]``, ``S1 = sum(d)`` and ``S2 = sum(d*d)``
+    in rank order, ``mean = k + S1/m`` and ``std1 = sqrt(max(0, (S2 - S1 *
+    (S1/m)) / (m-1)))``; a dropped ``d`` is subtracted from ``S1`` and ``d*d``
+    from ``S2``, except where ``d*d > S2/2`` (a large outlier, whose difference
+    would lose bits): there both sums are recomputed over the values left.
 ``"percentile"``
     Percentile clipping, like Siril's, one pass (any ``max_iter >= 1``):
     ``c = median(valid)``; unless ``c == 0`` (then nothing is rejected, as in
