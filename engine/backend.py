@@ -281,9 +281,9 @@ def run_cpu(source: str, kernel: str, n_items: int, twin: Any, native: Any, *,
     if n_items < NATIVE_MIN_ITEMS:
         return twin()
     with _bench_lock:
-        if key in _native_choice:  # another thread benchmarked it meanwhile
-            return run_cpu(source, kernel, n_items, twin, native, defines=defines)
-        return _benchmark(key, twin, native, module)
+        if key not in _native_choice:
+            return _benchmark(key, twin, native, module)
+    return run_cpu(source, kernel, n_items, twin, native, defines=defines)  # another thread benchmarked it
 
 
 _workers = threading.local()
