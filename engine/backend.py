@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import os
 import threading
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
@@ -207,6 +208,8 @@ def launch(source: str, kernel: str, n_items: int, args: Sequence[Any], *,
 NATIVE_MIN_ITEMS = 1 << 14
 _native_choice: dict[tuple, str] = {}
 _native_lock = threading.Lock()
+_bench_lock = threading.Lock()  # one native-vs-twin benchmark at a time
+_native_active = 0  # native launches in flight (they share the cores)
 
 
 def native_mode() -> str:
@@ -229,8 +232,14 @@ def run_cpu(source: str, kernel: str, n_items: int, twin: Any, native: Any, *,
     under the default ``SKYSTACK_NATIVE=auto``, where it ran faster than the
     twin: the first launch of each kernel (and defines) with at least
     :data:`NATIVE_MIN_ITEMS` items runs both, keeps the twin's result (the
-    reference) and remembers the faster for the rest of the process. Without a
-    compiler, or when the build fails, the twins run and a log line says so once.
+    reference) and remembers the faster for the rest of the process. The
+    native launch is timed after a warm-up launch, on the cores its thread
+    will have (all of them, or their share under :func:`cpu_workers`, against
+    a twin that is single-threaded NumPy), one benchmark at a time: callers in
+    several threads would otherwise time each other. A native launch gets the cores divided by the native launches
+    in flight (:func:`_native_call`), so concurrent callers do not
+    oversubscribe the cores (:func:`cpu_workers` declares a pool). Without a compiler, or when the build fails, the
+    twins run and a log line says so once.
 
     Parameters
     ----------
@@ -248,9 +257,6 @@ def run_cpu(source: str, kernel: str, n_items: int, twin: Any, native: Any, *,
     object
         What ``twin()`` or ``native(module)`` returned.
     """
-    import logging
-    import time
-
     mode = native_mode()
     key = (source, kernel, tuple(defines))
     choice = "twin" if mode == "off" else _native_choice.get(key)
@@ -264,21 +270,78 @@ def run_cpu(source: str, kernel: str, n_items: int, twin: Any, native: Any, *,
     try:
         module = nat.native(source, tuple(defines))
     except Exception as exc:  # a compiler that cannot build it: keep the twin, say so once
+        import logging
+
         logging.getLogger(__name__).info("native %s (%s) unavailable, using the NumPy twin: %s",
                                          kernel, source, error_line(exc))
         _native_choice[key] = "twin"
         return twin()
     if choice == "native" or mode == "on":
-        return native(module)
+        return _native_call(native, module)
     if n_items < NATIVE_MIN_ITEMS:
         return twin()
+    with _bench_lock:
+        if key not in _native_choice:
+            return _benchmark(key, twin, native, module)
+    return run_cpu(source, kernel, n_items, twin, native, defines=defines)  # another thread benchmarked it
+
+
+_workers = threading.local()
+
+
+@contextmanager
+def cpu_workers(k: int) -> Iterator[None]:
+    """Within this block, native launches from this thread use the cores divided by ``k``.
+
+    A caller that runs ``k`` threads side by side, each launching native
+    kernels, enters this in each of them, so the ``k`` OpenMP teams together
+    take the cores once (teams over all cores each would oversubscribe them,
+    and libgomp's waiting threads spin on the cores the others need).
+    """
+    before = getattr(_workers, "k", 1)
+    _workers.k = max(1, int(k))
+    try:
+        yield
+    finally:
+        _workers.k = before
+
+
+def _native_call(native: Any, module: Any) -> Any:
+    """``native(module)`` on the cores divided by the native launches in flight, or by this
+    thread's :func:`cpu_workers`, whichever is more (at least one core)."""
+    global _native_active
+    from skystack.kernels.native import threads
+
+    with _native_lock:
+        _native_active += 1
+        share = max(1, threads() // max(_native_active, getattr(_workers, "k", 1)))
+    try:
+        module.set_threads(share)
+        return native(module)
+    finally:
+        with _native_lock:
+            _native_active -= 1
+
+
+def _benchmark(key: tuple, twin: Any, native: Any, module: Any) -> Any:
+    """Time ``native`` (after a warm-up, on this thread's share of the cores) against ``twin``.
+
+    Remembers the faster for ``key``; returns the twin's result.
+    """
+    import logging
+    import time
+
+    from skystack.kernels.native import threads
+
+    share = max(1, threads() // getattr(_workers, "k", 1))
+    module.set_threads(share)
+    native(module)  # warm-up: the first launch pays for page faults and the OpenMP start-up
     t0 = time.perf_counter()
     native(module)
     t1 = time.perf_counter()
     result = twin()
     t2 = time.perf_counter()
-    with _native_lock:
-        _native_choice.setdefault(key, "native" if t1 - t0 < t2 - t1 else "twin")
-    logging.getLogger(__name__).debug("%s: native %.4f s, twin %.4f s -> %s", kernel, t1 - t0, t2 - t1,
-                                      _native_choice[key])
+    _native_choice[key] = "native" if t1 - t0 < t2 - t1 else "twin"
+    logging.getLogger(__name__).debug("%s: native %.4f s on %d core(s), twin %.4f s -> %s", key[1], t1 - t0,
+                                      share, t2 - t1, _native_choice[key])
     return result

@@ -687,7 +687,7 @@ def _combine_store(store, used: list[int], nscale, noffset, weights, config: Sta
     """
     import threading
 
-    from skystack.engine.backend import array_module
+    from skystack.engine.backend import array_module, cpu_workers
     from skystack.engine.combine import combine
 
     n = len(used)
@@ -712,7 +712,9 @@ def _combine_store(store, used: list[int], nscale, noffset, weights, config: Sta
     rejected = np.zeros(n, dtype=np.int64)
     lock = threading.Lock()
     xp = be.xp
-    threads = min(c, _compute_threads(be, config), max(1, _COMBINE_WORKSPACE - c - 1))
+    # Threads split each tile by rows (each does every channel of its rows): all cores busy
+    # whatever the channel count, one core per native launch (backend.run_cpu shares them).
+    threads = _compute_threads(be, config)
     step = progress.stepper("combine", -(-(h - h0) // rows)) if progress is not None else (lambda: None)
     for y0 in range(h0, h, rows):
         y1 = min(h, y0 + rows)
@@ -720,20 +722,26 @@ def _combine_store(store, used: list[int], nscale, noffset, weights, config: Sta
         bxp = array_module(block)  # the device for the VRAM store, else the host
         coverage[y0 - h0:y1 - h0] = be.to_host(bxp.isfinite(block[:, 0]).sum(axis=0, dtype=bxp.int16))
 
-        def one(ch: int) -> None:
-            cube = xp.ascontiguousarray(xp.asarray(block[:, ch]))  # a host block goes up here
-            res = combine(cube, method=method, kappa_low=klo, kappa_high=khi,
-                          max_iter=config.max_iter,
-                          scale=xp.asarray(nscale[:, ch]), offset=xp.asarray(noffset[:, ch]),
-                          weights=xp.asarray(weights[:, ch]))
-            image[ch, y0 - h0:y1 - h0] = be.to_host(res.mean)
-            rej = be.to_host(res.rejected).astype(np.int64)
-            with lock:
-                if ch == 0:
-                    count[y0 - h0:y1 - h0] = be.to_host(res.count)
-                rejected[:] += rej
+        cuts = np.linspace(0, y1 - y0, min(threads, y1 - y0) + 1).astype(int)
+        bands = list(zip(cuts[:-1], cuts[1:]))
 
-        _run_parallel(one, range(c), threads)
+        def one(band: tuple[int, int]) -> None:
+            r0, r1 = band  # rows of the block
+            for ch in range(c):
+                cube = xp.ascontiguousarray(xp.asarray(block[:, ch, r0:r1]))  # a host block goes up here
+                with cpu_workers(len(bands)):
+                    res = combine(cube, method=method, kappa_low=klo, kappa_high=khi,
+                                  max_iter=config.max_iter,
+                                  scale=xp.asarray(nscale[:, ch]), offset=xp.asarray(noffset[:, ch]),
+                                  weights=xp.asarray(weights[:, ch]))
+                image[ch, y0 - h0 + r0:y0 - h0 + r1] = be.to_host(res.mean)
+                rej = be.to_host(res.rejected).astype(np.int64)
+                with lock:
+                    if ch == 0:
+                        count[y0 - h0 + r0:y0 - h0 + r1] = be.to_host(res.count)
+                    rejected[:] += rej
+
+        _run_parallel(one, bands, threads)
         step()
         del block
     return image, count, coverage, rejected

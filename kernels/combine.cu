@@ -28,8 +28,9 @@
 //     stop when nothing changes, or keep the previous set and stop when fewer
 //     than 2 values would remain.
 // The kept set is always the valid values inside a value interval, so the
-// valid values are sorted once (heapsort, in a per-thread array of MAX_FRAMES)
-// and the kept set is the index range [a, b) of the sorted array.
+// valid values are sorted once (counting ranks up to COMBINE_SMALL frames, else a
+// heapsort; in a per-thread array of MAX_FRAMES) and the kept set is the index range
+// [a, b) of the sorted array.
 //
 // The other kernels sort (value, frame) pairs -- ties in frame order, like a stable
 // sort -- so a rank maps to one frame even where values repeat (minmax, linear fit);
@@ -169,11 +170,44 @@ __device__ float combine_value(const float* cube, long long npix, long long i, i
     return cube[f * npix + i] * scale[f] + offset[f];
 }
 
-// Loads the valid normalised values of pixel i with their frame numbers and sorts them;
-// returns how many there are.
+// Up to this many frames the values are sorted by counting ranks: O(n^2) compares, but without
+// data-dependent branches (a heapsort or an insertion sort mispredicts about once a value).
+#define COMBINE_SMALL 48
+
+// Rank sort of the t[0..n) (values loaded in frame order, tf their frames) into s and id:
+// value t[k] goes to the number of values below it plus the equal ones of earlier frames,
+// so equal values keep frame order (the pairs combine_pair_sort gives).
+__device__ void combine_rank_sort(const float* t, const unsigned short* tf, int n, float* s,
+                                  unsigned short* id)
+{
+    for (int k = 0; k < n; ++k) {
+        const float x = t[k];
+        int r = 0;
+        for (int j = 0; j < k; ++j) r += t[j] <= x ? 1 : 0;
+        for (int j = k + 1; j < n; ++j) r += t[j] < x ? 1 : 0;
+        s[r] = x;
+        id[r] = tf[k];
+    }
+}
+
+// Loads the valid normalised values of pixel i with their frame numbers and sorts them
+// (ascending, equal values in frame order); returns how many there are.
 __device__ int combine_load_sorted(const float* cube, long long npix, long long i, int nframes,
                                    const float* scale, const float* offset, float* s, unsigned short* id)
 {
+    if (nframes <= COMBINE_SMALL) {
+        float t[COMBINE_SMALL];
+        unsigned short tf[COMBINE_SMALL];
+        int n = 0;
+        for (int f = 0; f < nframes; ++f) {
+            const float v = combine_value(cube, npix, i, f, scale, offset);
+            t[n] = v;
+            tf[n] = (unsigned short)f;
+            n += isfinite(v) ? 1 : 0;
+        }
+        combine_rank_sort(t, tf, n, s, id);
+        return n;
+    }
     int n = 0;
     for (int f = 0; f < nframes; ++f) {
         const float v = combine_value(cube, npix, i, f, scale, offset);
@@ -185,14 +219,6 @@ __device__ int combine_load_sorted(const float* cube, long long npix, long long 
     }
     combine_pair_sort(s, id, n);
     return n;
-}
-
-// Mean of s[a..b) (sum in rank order), as combine_std computes it.
-__device__ float combine_kept_mean(const float* s, int a, int b)
-{
-    float sum = 0.0f;
-    for (int r = a; r < b; ++r) sum += s[r];
-    return sum / (float)(b - a);
 }
 
 // Sample standard deviation of s[a..b) with divisor (b - a - ddof) (sums in rank order).
@@ -270,11 +296,24 @@ extern "C" __global__ void sigma_clip_mean(
             continue;
         }
         int n = 0;
-        for (int f = 0; f < nframes; ++f) {
-            const float v = cube[f * npix + i] * scale[f] + offset[f];
-            if (isfinite(v)) s[n++] = v;
+        if (nframes <= COMBINE_SMALL) {  // the frames are not needed here, only the sorted values
+            unsigned short id[COMBINE_SMALL];
+            float t[COMBINE_SMALL];
+            unsigned short tf[COMBINE_SMALL];
+            for (int f = 0; f < nframes; ++f) {
+                const float v = cube[f * npix + i] * scale[f] + offset[f];
+                t[n] = v;
+                tf[n] = (unsigned short)f;
+                n += isfinite(v) ? 1 : 0;
+            }
+            combine_rank_sort(t, tf, n, s, id);
+        } else {
+            for (int f = 0; f < nframes; ++f) {
+                const float v = cube[f * npix + i] * scale[f] + offset[f];
+                if (isfinite(v)) s[n++] = v;
+            }
+            combine_heap_sort(s, n);
         }
-        combine_heap_sort(s, n);
         int a = 0, b = n;
         for (int it = 0; it < max_iter && b - a >= 3; ++it) {
             const float centre = combine_median(s, a, b);
@@ -422,13 +461,29 @@ extern "C" __global__ void linear_fit_clip_mean(
     }
 }
 
+// Sums over the shifted sorted values d[a..b) in rank order: *s1 = sum(d), *s2 = sum(d*d).
+__device__ void combine_shifted_sums(const float* d, int a, int b, float* s1, float* s2)
+{
+    float t1 = 0.0f, t2 = 0.0f;
+    for (int r = a; r < b; ++r) {
+        t1 += d[r];
+        t2 += d[r] * d[r];
+    }
+    *s1 = t1;
+    *s2 = t2;
+}
+
 // Generalized ESD (Rosner 1983), max_iter >= 1: with the n valid values sorted and the kept
 // set a rank range [a, b), repeat r = (int)(kappa_low * n) times (kappa_low: the most outliers,
-// as a fraction of n) while b - a >= 3: mean and std (ddof 1, rank-order sums) of the kept
-// values; the most extreme one (the high end where mean - s[a] <= s[b-1] - mean) has the
-// deviation dev; step j is significant if dev > lambda[b - a] * std; drop that value. The
-// outliers are the values dropped up to the last significant step (none if none is). lambda[m]
-// is the host's critical value for m values (kappa_high, the significance, only sets it).
+// as a fraction of n) while b - a >= 3: mean and std (ddof 1) of the kept values; the most
+// extreme one (the high end where mean - s[a] <= s[b-1] - mean) has the deviation dev; step j
+// is significant if dev > lambda[b - a] * std; drop that value. The outliers are the values
+// dropped up to the last significant step (none if none is). lambda[m] is the host's critical
+// value for m values (kappa_high, the significance, only sets it).
+// The statistics run on d = s - k, k = s[(n-1)/2] (the sorted middle value), from running sums
+// S1 = sum(d), S2 = sum(d^2) (rank order): mean = k + S1/m, std = sqrt(max(0, (S2 - S1*(S1/m))
+// / (m-1))), so a step costs O(1). Dropping d subtracts d and d^2; where d^2 > S2/2 (a large
+// outlier: the difference would lose bits) the sums are recomputed over the new range instead.
 extern "C" __global__ void gesd_clip_mean(
     const float* __restrict__ cube, long long npix, int nframes,
     const float* __restrict__ scale, const float* __restrict__ offset,
@@ -444,22 +499,35 @@ extern "C" __global__ void gesd_clip_mean(
         if (combine_refuse(nframes, i, mean_out, count_out)) continue;
         const int n = combine_load_sorted(cube, npix, i, nframes, scale, offset, s, id);
         const int r = max_iter > 0 ? (int)(kappa_low * (float)n) : 0;
-        int a = 0, b = n, nout = 0;
-        for (int j = 1; j <= r && b - a >= 3; ++j) {
-            const float mean = combine_kept_mean(s, a, b);
-            const float sd = combine_std(s, a, b, 1);
-            const float lo_d = mean - s[a], hi_d = s[b - 1] - mean;
-            const bool high = hi_d >= lo_d;
-            if ((high ? hi_d : lo_d) > lambda[b - a] * sd) nout = j;
-            if (high) --b; else ++a;
+        int a = 0, b = n, a_out = 0, b_out = n;
+        if (r > 0 && n >= 3) {
+            const float k = s[(n - 1) / 2];
+            for (int q = 0; q < n; ++q) s[q] -= k;  // s now holds d (combine_finish needs only id)
+            float s1, s2;
+            combine_shifted_sums(s, 0, n, &s1, &s2);
+            for (int j = 1; j <= r && b - a >= 3; ++j) {
+                const float mf = (float)(b - a);
+                const float md = s1 / mf;
+                const float sd = sqrtf(fmaxf((s2 - s1 * md) / (mf - 1.0f), 0.0f));
+                const float lo_d = md - s[a], hi_d = s[b - 1] - md;
+                const bool high = hi_d >= lo_d;
+                const bool hit = (high ? hi_d : lo_d) > lambda[b - a] * sd;
+                const float x = high ? s[b - 1] : s[a];
+                if (high) --b; else ++a;
+                if (hit) {
+                    a_out = a;
+                    b_out = b;
+                }
+                const float x2 = x * x;
+                if (x2 > s2 * 0.5f) {
+                    combine_shifted_sums(s, a, b, &s1, &s2);
+                } else {
+                    s1 -= x;
+                    s2 -= x2;
+                }
+            }
         }
-        a = 0;
-        b = n;
-        for (int j = 1; j <= nout; ++j) {  // replay the first nout steps
-            const float mean = combine_kept_mean(s, a, b);
-            if (s[b - 1] - mean >= mean - s[a]) --b; else ++a;
-        }
-        combine_finish(cube, npix, i, nframes, scale, offset, weights, s, id, a, b,
+        combine_finish(cube, npix, i, nframes, scale, offset, weights, s, id, a_out, b_out,
                        mean_out, count_out, rejected);
     }
 }

@@ -61,9 +61,10 @@ CXX_FLAGS: tuple[str, ...] = ("-O2", "-std=c++17", "-ffp-contract=off", "-fPIC",
 #: g++ flags of the native CPU backend (:mod:`skystack.kernels.native`): the same IEEE
 #: float rules (no contraction, no fast-math), -O3, blocks over the cores, real atomics.
 NATIVE_CXX_FLAGS: tuple[str, ...] = ("-O3", "-std=c++17", "-ffp-contract=off", "-fPIC", "-shared",
-                                     "-fno-strict-aliasing", "-fopenmp", "-DSKYSTACK_NATIVE=1")
+                                     "-fno-strict-aliasing", "-fno-semantic-interposition", "-fopenmp",
+                                     "-DSKYSTACK_NATIVE=1")
 SHIM = KERNEL_DIR / "cuda_shim.h"
-_LAUNCHER_VERSION = "4"  # bump when the generated wrapper changes
+_LAUNCHER_VERSION = "5"  # bump when the generated wrapper changes
 _build_lock = threading.Lock()
 
 
@@ -134,6 +135,14 @@ extern "C" void skystack_emu_{name}(unsigned gx, unsigned gy, unsigned gz,
 """
 
 
+#: Native builds export the OpenMP team size of the calling thread's next launches
+#: (``omp_set_num_threads`` sets a per-thread value when called outside a parallel region).
+_NATIVE_THREADS = """
+#include <omp.h>
+extern "C" void skystack_native_set_threads(int n) { omp_set_num_threads(n > 0 ? n : 1); }
+"""
+
+
 def _dims(v: int | Sequence[int]) -> tuple[int, int, int]:
     t = (int(v),) if np.isscalar(v) else tuple(int(x) for x in v)
     if not 1 <= len(t) <= 3 or any(x < 1 for x in t):
@@ -194,6 +203,12 @@ class EmulatedModule:
         """
         self.call(kernel, (grid_for(n_items, block),), (block,), args, reverse=reverse)
 
+    def set_threads(self, n: int) -> None:
+        """Cores this thread's next launches use (native builds only; the emulator runs one thread)."""
+        fn = getattr(self._lib, "skystack_native_set_threads", None)
+        if fn is not None:
+            fn(int(n))
+
     def call(self, kernel: str, grid: int | Sequence[int], block: int | Sequence[int],
              args: Sequence[Any], *, reverse: bool = False) -> None:
         """Run ``kernel`` with an explicit launch geometry (``grid``, ``block``: 1-3 dims)."""
@@ -214,7 +229,8 @@ def _build(text: str, label: str, defines: tuple[str, ...],
     shim = SHIM.read_text()
     unit = (f'#include "{SHIM.name}"\n#line 1 "{label}"\n{text}\n'
             "#line 1 \"<skystack-emulation-launchers>\"\n"
-            + "".join(_launcher(k, ps, parallel=native) for k, ps in signatures.items()))
+            + "".join(_launcher(k, ps, parallel=native) for k, ps in signatures.items())
+            + (_NATIVE_THREADS if native else ""))
     flags = list(NATIVE_CXX_FLAGS if native else CXX_FLAGS) + [f"-D{d}" for d in defines]
     try:
         version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout

@@ -6,6 +6,8 @@ its kernels natively on NumPy arrays and must give the NumPy twin's bits.
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import pytest
 
@@ -134,6 +136,9 @@ def choice(monkeypatch):
                 calls.append(kernel)
                 return mod.launch(kernel, *a, **k)
 
+            def set_threads(self, n):
+                mod.set_threads(n)
+
         return Counting()
 
     monkeypatch.setattr(nat, "native", spy)
@@ -171,10 +176,10 @@ def test_auto_times_both_once_and_keeps_the_faster(monkeypatch, choice, rng):
     first = warp_mod.warp(src, t, (200, 150))
     np.testing.assert_array_equal(first, _twin_warp(src, t))  # the benchmark call returns the twin's
     key = ("warp.cu", "warp_lanczos3", ())
-    assert len(calls) == 1 and be._native_choice[key] in ("native", "twin")
+    assert len(calls) == 2 and be._native_choice[key] in ("native", "twin")  # a warm-up, then the timed launch
     for _ in range(3):
         warp_mod.warp(src, t, (200, 150))
-    assert len(calls) == (4 if be._native_choice[key] == "native" else 1)
+    assert len(calls) == (5 if be._native_choice[key] == "native" else 2)
 
 
 def test_no_compiler_uses_the_twins_and_says_so_once(monkeypatch, choice, rng, caplog):
@@ -216,3 +221,172 @@ def test_bad_native_mode_is_one_clear_error(monkeypatch, rng):
     monkeypatch.setenv("SKYSTACK_NATIVE", "fast")
     with pytest.raises(SkystackError, match="SKYSTACK_NATIVE='fast': use auto, on or off"):
         combine(_cube(rng, 5, 4, 4))
+
+
+# ----------------------------------------------------------------------------- sharing the cores
+
+
+def test_set_threads_is_per_calling_thread():
+    """``set_threads`` sizes the OpenMP team of the calling thread's launches only (libgomp's per-thread ICV)."""
+    import ctypes
+
+    mod = native("combine.cu", max_frames_define(5))
+    get = ctypes.CDLL(str(mod.path)).omp_get_max_threads
+    default = get()
+    seen = {}
+
+    def worker(k):
+        mod.set_threads(k)
+        seen[k] = get()
+
+    for k in (3, 5):
+        t = threading.Thread(target=worker, args=(k,))
+        t.start()
+        t.join()
+    assert seen == {3: 3, 5: 5}
+    assert get() == default  # the main thread's teams keep their size
+
+
+class _FakeModule:
+    """A native module that records each launch with the team size its thread asked for."""
+
+    def __init__(self):
+        self.size = threading.local()
+        self.launches = []
+
+    def set_threads(self, n):
+        self.size.n = n
+
+    def launch(self):
+        self.launches.append(getattr(self.size, "n", None))
+
+
+@pytest.fixture
+def fake_native(monkeypatch):
+    from skystack.engine import backend as be
+    from skystack.kernels import native as nat
+
+    mod = _FakeModule()
+    monkeypatch.setattr(be, "_native_choice", {})
+    monkeypatch.setattr(nat, "native", lambda source, defines=(): mod)
+    monkeypatch.setattr(nat, "available", lambda: True)
+    monkeypatch.setattr(nat, "threads", lambda: 4)
+    monkeypatch.delenv("SKYSTACK_NATIVE", raising=False)
+    return be, mod
+
+
+def test_concurrent_first_calls_benchmark_once_on_their_share(fake_native):
+    """Two pool threads reaching a kernel's first launch together: one benchmark (a warm-up, then the
+    native launch on the thread's share of the cores), not two that time each other; the other thread
+    then runs the choice."""
+    import time
+
+    be, mod = fake_native
+    twins = []
+    start = threading.Barrier(2)
+
+    def twin():
+        twins.append(1)
+        time.sleep(0.05)  # the slower one: native wins
+        return "twin"
+
+    def native_op(m):
+        m.launch()
+        return "native"
+
+    out = []
+
+    def caller():
+        start.wait()
+        with be.cpu_workers(2):
+            out.append(be.run_cpu("combine.cu", "gesd_clip_mean", 1 << 20, twin, native_op))
+
+    threads = [threading.Thread(target=caller) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert be._native_choice[("combine.cu", "gesd_clip_mean", ())] == "native"
+    assert sorted(out) == ["native", "twin"] and len(twins) == 1
+    assert mod.launches == [2, 2, 2]  # warm-up and timed launch on the pool thread's 4 // 2 cores; then 2
+    be._native_choice.clear()
+    be.run_cpu("combine.cu", "gesd_clip_mean", 1 << 20, twin, native_op)  # a lone caller: every core
+    assert mod.launches[3:] == [4, 4]
+
+
+def test_native_launches_share_the_cores(fake_native):
+    """A pool of k workers (``cpu_workers``) or k launches in flight: each team takes cores // k."""
+    be, mod = fake_native
+    be._native_choice[("combine.cu", "k", ())] = "native"
+
+    def run():
+        be.run_cpu("combine.cu", "k", 1 << 20, lambda: None, lambda m: m.launch())
+
+    run()
+    with be.cpu_workers(2):
+        run()
+        with be.cpu_workers(8):
+            run()
+        run()
+    run()
+    assert mod.launches == [4, 2, 1, 2, 4]
+    inside, release = threading.Barrier(2), threading.Event()
+
+    def slow(m):
+        m.launch()
+        inside.wait()  # both launches in flight
+        release.wait(5)
+
+    t = threading.Thread(target=lambda: be.run_cpu("combine.cu", "k", 1 << 20, None, slow))
+    t.start()
+    be.run_cpu("combine.cu", "k", 1 << 20, None, lambda m: (m.launch(), inside.wait(), release.set()))
+    t.join()
+    assert sorted(mod.launches[5:]) == [2, 4]  # the second one in flight took half
+
+
+def test_combine_store_splits_tiles_by_rows_one_core_per_worker(monkeypatch, rng):
+    """The CPU combine gives each worker thread a band of rows (every channel of it), one core each
+    for its native launches, and the image, count and rejections of one combine per channel."""
+    from skystack.engine import backend as be
+    from skystack.engine.backend import CPU
+    from skystack.engine.framestore import FrameStore
+    from skystack.engine.stack import StackConfig, _combine_store
+    from skystack.kernels import native as nat
+
+    n, c, h, w = 12, 3, 90, 400
+    store = FrameStore(n, (c, h, w))
+    frames = [_cube(rng, c, h, w) for _ in range(n)]
+    for i, f in enumerate(frames):
+        store.put(i, f)
+    scale = rng.uniform(0.9, 1.1, (n, c)).astype(np.float32)
+    offset = rng.normal(0, 0.01, (n, c)).astype(np.float32)
+    weights = rng.uniform(0.5, 2, (n, c)).astype(np.float32)
+    sizes = []
+    real = nat.native("combine.cu", max_frames_define(n))
+
+    class Spy:
+        def set_threads(self, k):
+            sizes.append(k)
+            real.set_threads(k)
+
+        def launch(self, *a, **k):
+            real.launch(*a, **k)
+
+    monkeypatch.setattr(be, "_native_choice", {})
+    monkeypatch.setattr(nat, "native", lambda source, defines=(): Spy())
+    monkeypatch.setattr(nat, "threads", lambda: 2)
+    monkeypatch.setenv("SKYSTACK_NATIVE", "on")
+    cfg = StackConfig(quiet=True, workers=2)  # auto: gesd for 12 frames
+    image, count, _cov, rejected = _combine_store(store, list(range(n)), scale, offset, weights, cfg, CPU,
+                                                  budget=n * w * 4 * 6 * 30)  # tiles of 30 rows
+    assert sizes and set(sizes) == {1}  # two bands per tile, one core each
+    cube = np.stack(frames)
+    monkeypatch.setenv("SKYSTACK_NATIVE", "off")
+    rej = np.zeros(n, np.int64)
+    for ch in range(c):
+        r = combine(cube[:, ch], method="gesd", scale=scale[:, ch], offset=offset[:, ch], weights=weights[:, ch])
+        np.testing.assert_array_equal(image[ch], r.mean)
+        rej += r.rejected
+        if ch == 0:
+            np.testing.assert_array_equal(count, r.count)
+    np.testing.assert_array_equal(rejected, rej)

@@ -11,8 +11,8 @@ from skystack.engine import combine as combine_mod
 from skystack.engine.backend import get_backend, to_host
 from skystack.engine.combine import (DEFAULT_KAPPAS, METHODS, WINSOR_MAX_ITER, _gesd_clip_mean_numpy,
                                      _linear_fit_clip_mean_numpy, _median_combine_numpy, _minmax_clip_mean_numpy,
-                                     _percentile_clip_mean_numpy, _winsorized_clip_mean_numpy, combine,
-                                     gesd_critical_values, max_frames_define)
+                                     _percentile_clip_mean_numpy, _sigma_clip_mean_numpy, _winsorized_clip_mean_numpy,
+                                     combine, gesd_critical_values, max_frames_define)
 from skystack.engine.errors import SkystackError
 from skystack.kernels import read_source
 from skystack.kernels.emulate import emulated, emulator_available, use_emulator
@@ -616,3 +616,55 @@ def test_gpu_kernel_equals_twin(rng, method, n, h, w):
     np.testing.assert_array_equal(to_host(r.count), twin.count)
     np.testing.assert_array_equal(to_host(r.rejected), twin.rejected)
     np.testing.assert_allclose(to_host(r.mean), twin.mean, rtol=1e-5, equal_nan=True)
+
+
+@needs_gxx
+@pytest.mark.parametrize("method", ["minmax", "linear", "gesd", "sigma"])
+@pytest.mark.parametrize("n", [30, 48, 49])
+def test_emulated_kernel_ranks_signed_zeros_and_ties_in_frame_order(rng, method, n):
+    """Up to 48 frames the kernels rank by counting (above: a heapsort); +0 and -0 tie, and equal
+    values keep frame order on both paths, as the twin's stable key sort: the frames that lose
+    a tied value (per-frame rejections) and the results are the twin's."""
+    cube = rng.choice(np.array([-0.0, 0.0, 1.0, -1.0, 2.0], np.float32), size=(n, 7, 9))
+    cube[rng.random(cube.shape) < 0.05] = np.nan
+    cube[:, 0, :3] = np.float32(7.0)  # all equal
+    ones = np.ones(n, np.float32)
+    weights = rng.uniform(0.5, 2.0, n).astype(np.float32)
+    kl, kh = {"minmax": (2, 3), "gesd": (0.3, 0.05)}.get(method, (1.5, 1.5))
+    mod = emulated("combine.cu", max_frames_define(n))
+    if method == "sigma":
+        mean = np.empty((7, 9), np.float32)
+        count = np.empty((7, 9), np.int32)
+        rej = np.zeros(n, np.uint64)
+        mod.launch("sigma_clip_mean", 63, (cube, np.int64(63), np.int32(n), ones, ones * 0, weights,
+                                           np.float32(kl), np.float32(kh), np.int32(10), mean, count, rej))
+        got = (mean, count, rej.astype(np.int64))
+        twin = _sigma_clip_mean_numpy(cube, np.float32(kl), np.float32(kh), 10, ones, ones * 0, weights)
+    else:
+        got = _kernel_run(mod, method, cube, ones, ones * 0, weights, kl, kh, 10)
+        twin = _TWIN[method](cube, np.float32(kl), np.float32(kh), 10, ones, ones * 0, weights)
+    for a, b in zip(got, (twin.mean, twin.count, twin.rejected)):
+        np.testing.assert_array_equal(a, b)
+    if method in ("minmax", "linear"):
+        assert twin.rejected.sum() > 0
+
+
+def test_gesd_critical_values_are_student_t_without_importing_scipy_stats():
+    """Student's t quantiles from scipy.special (scipy.stats costs ~0.9 s to import, in the combine's time)."""
+    import io
+    import subprocess
+    import sys
+
+    from scipy import stats
+
+    code = ("import sys, numpy as np\n"
+            "from skystack.engine.combine import gesd_critical_values\n"
+            "lam = gesd_critical_values(300, 0.01)\n"
+            "assert 'scipy.stats' not in sys.modules\n"
+            "np.save(sys.stdout.buffer, lam)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, check=True).stdout
+    lam = np.load(io.BytesIO(out))
+    m = np.arange(3, 301, dtype=np.float64)
+    t = stats.t.ppf(1.0 - 0.01 / (2.0 * m), m - 2.0)
+    np.testing.assert_array_equal(lam[3:], ((m - 1.0) * t / np.sqrt((m - 2.0 + t * t) * m)).astype(np.float32))
+    assert np.isinf(lam[:3]).all()
