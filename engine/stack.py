@@ -950,10 +950,16 @@ def _run_parallel(fn, items, threads: int, *, on_done=None) -> None:
         return
     from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 
+    from skystack.engine.backend import cpu_workers
+
+    def one(it) -> None:
+        with cpu_workers(threads):  # the workers' native kernels share the cores, not each all of them
+            fn(it)
+
     with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="skystack-work") as pool:
         pending: set = set()
         for it in items:
-            pending.add(pool.submit(fn, it))
+            pending.add(pool.submit(one, it))
             if len(pending) >= threads:
                 done, pending = wait(pending, return_when=FIRST_COMPLETED)
                 for f in done:
