@@ -168,11 +168,11 @@ def _kth_deviation(s: np.ndarray, med: np.ndarray, lo: np.ndarray, c: np.ndarray
     inf = np.float32(np.inf)
 
     def left(i):  # i-th smallest deviation below the median (+-inf off the ends)
-        v = med - np.take_along_axis(s, np.clip(c - 1 - i, 0, width - 1)[:, None], axis=1)[:, 0]
+        v = med - _at(s, np.clip(c - 1 - i, 0, width - 1))
         return np.where(i < 0, -inf, np.where(i >= n_left, inf, v))
 
     def right(j):
-        v = np.take_along_axis(s, np.clip(c + j, 0, width - 1)[:, None], axis=1)[:, 0] - med
+        v = _at(s, np.clip(c + j, 0, width - 1)) - med
         return np.where(j < 0, -inf, np.where(j >= n_right, inf, v))
 
     # smallest i (values taken from the left run among the k + 1 smallest) with left(i) >= right(k - i)
@@ -185,15 +185,31 @@ def _kth_deviation(s: np.ndarray, med: np.ndarray, lo: np.ndarray, c: np.ndarray
     return np.maximum(left(a - 1), right(k - a)).astype(np.float32)
 
 
+def _first_true(pred, a: np.ndarray, b: np.ndarray, width: int) -> np.ndarray:
+    """Per row, the first index in ``[a, b)`` where ``pred(index)`` holds (``b`` if none).
+
+    ``pred`` must be False then True along ``[a, b)`` (a binary search, all rows at once).
+    """
+    for _ in range(int(width).bit_length() + 1):
+        mid = (a + b) // 2
+        ok = (a >= b) | pred(np.minimum(mid, width - 1))
+        a, b = np.where(ok, a, mid + 1), np.where(ok, mid, b)
+    return a
+
+
 def _mad_sigma(s: np.ndarray, med: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
     """``MAD_TO_SIGMA * median(|s - med|)`` over ``s[r, lo:hi]`` (the median in float32, as ``np.median``)."""
     n = hi - lo
-    inside = (np.arange(s.shape[1])[None, :] >= lo[:, None]) & (np.arange(s.shape[1])[None, :] < hi[:, None])
-    c = lo + ((s < med[:, None]) & inside).sum(axis=1)
+    c = _first_true(lambda i: _at(s, i) >= med, lo, hi, s.shape[1])
     a = _kth_deviation(s, med, lo, c, hi, np.maximum(n - 1, 0) // 2)
     b = _kth_deviation(s, med, lo, c, hi, n // 2)
     mad = np.where(n % 2 == 1, a, (a + b) / np.float32(2)).astype(np.float32)
     return MAD_TO_SIGMA * mad.astype(np.float64)
+
+
+def _at(s: np.ndarray, i: np.ndarray) -> np.ndarray:
+    """``s[r, i[r]]`` for every row ``r``."""
+    return np.take_along_axis(s, i[:, None], axis=1)[:, 0]
 
 
 def sigma_clipped_rows(rows: np.ndarray, *, kappa: float = 2.5, iters: int = 5,
@@ -238,24 +254,25 @@ def _clip_sorted(rows: np.ndarray, kappa: float, iters: int) -> tuple[np.ndarray
     """:func:`sigma_clipped_rows` of one chunk of rows."""
     s = np.where(np.isfinite(rows), rows, np.float32(np.nan))
     s.sort(axis=1)  # NaN last
+    width = s.shape[1]
     lo = np.zeros(s.shape[0], dtype=np.int64)
     hi = np.isfinite(s).sum(axis=1).astype(np.int64)
     has = hi > 0
     med = _median_of_range(s, lo, hi)
     sig = _mad_sigma(s, med, lo, hi)
     active = has.copy()
-    cols = np.arange(s.shape[1])[None, :]
     for _ in range(iters):
         active &= sig > 0
         if not active.any():
             break
+        # the kept values |v - med| <= thr are a run of the sorted row around the median
         thr = (kappa * sig).astype(np.float32)
-        keep = (np.abs(s - med[:, None]) <= thr[:, None]) & (cols >= lo[:, None]) & (cols < hi[:, None])
-        cnt = keep.sum(axis=1)
-        new_lo = np.argmax(keep, axis=1)
-        active &= (cnt != hi - lo) & (cnt > 0)
+        c = _first_true(lambda i: _at(s, i) >= med, lo, hi, width)
+        new_lo = _first_true(lambda i: np.abs(_at(s, i) - med) <= thr, lo, c, width)
+        new_hi = _first_true(lambda i: np.abs(_at(s, i) - med) > thr, c, hi, width)
+        active &= ((new_lo != lo) | (new_hi != hi)) & (new_hi > new_lo)
         lo = np.where(active, new_lo, lo)
-        hi = np.where(active, new_lo + cnt, hi)
+        hi = np.where(active, new_hi, hi)
         med = np.where(active, _median_of_range(s, lo, hi - lo), med)
         sig = np.where(active, _mad_sigma(s, med, lo, hi), sig)
     return (np.where(has, med.astype(np.float64), np.nan), np.where(has, sig, np.nan), hi - lo)
