@@ -102,7 +102,7 @@ def _viridis_lut() -> np.ndarray:
 
 
 def _ticks(lo: float, hi: float, n: int = 5) -> tuple[np.ndarray, int]:
-    """About ``n`` round tick values (steps of 1, 2, 2.5 or 5 times a power of ten) in ``[lo, hi]``, and their decimals."""
+    """About ``n`` round ticks (steps of 1, 2, 2.5 or 5 times a power of ten) in ``[lo, hi]``; their decimals."""
     mag = 10.0 ** math.floor(math.log10((hi - lo) / max(n - 1, 1)))
 
     def count(step: float) -> int:
