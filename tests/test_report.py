@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import numpy as np
@@ -292,3 +293,58 @@ def test_time_plots_svg_places_every_value():
     t, dec = _ticks(2.13, 4.09, n=4)
     np.testing.assert_allclose(t, [2.5, 3.0, 3.5, 4.0])
     assert dec == 1
+
+
+def _small_result(seed: int = 3):
+    """A StackResult of a 200x150 sky with stars and a coverage map (no stacking needed)."""
+    from skystack.engine.stack import FrameRecord, StackResult
+
+    rng = np.random.default_rng(seed)
+    img = (0.05 + 0.002 * rng.standard_normal((3, 150, 200))).astype(np.float32)
+    yy, xx = np.mgrid[:150, :200]
+    for x, y in rng.uniform(10, 140, (40, 2)):
+        img += (0.3 * np.exp(-((xx - x) ** 2 + (yy - y) ** 2) / 4.0)).astype(np.float32)
+    cov = np.full((150, 200), 4, np.int16)
+    cov[:, :6] = 3
+    frames = [FrameRecord(path=f"l{i}.fits", used=True, stars=30 + i, fwhm_px=2.0 + 0.1 * i, weight=1.0)
+              for i in range(4)]
+    return StackResult(image=img, count=cov.astype(np.int32), coverage=cov, frames=frames, reference="l0.fits",
+                       backend="cpu", device="test", settings={"rejection": "median"})
+
+
+def test_outputs_written_in_threads_stay_one_set(tmp_path, monkeypatch):
+    """The TIFF, FITS, PNG, JSON and HTML are written concurrently, yet as one set: a writer that
+    fails in its thread (the FITS) or a failure on the main thread (the preview) while the others
+    run leaves the previous set untouched and no temporary file; a good run replaces all five."""
+    import tifffile
+
+    from skystack.engine import finish, output
+    from skystack.engine.errors import OutputError
+    from skystack.engine.report import write_outputs
+
+    paths = {k: str(tmp_path / f"s.{ext}") for k, ext in (("tiff", "tif"), ("preview", "png"), ("fits", "fits"),
+                                                           ("report", "json"), ("html", "html"))}
+    first = write_outputs(_small_result(1), **paths)
+    assert list(first) == ["tiff", "fits", "preview", "report", "html"]
+    run = json.loads((tmp_path / "s.json").read_text())["run_id"]
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+
+    def fits_fails(*_a, **_k):
+        time.sleep(0.2)  # the TIFF is staged by then
+        raise OutputError("disk full while writing the FITS")
+
+    def preview_fails(*_a, **_k):
+        raise ValueError("no preview")
+
+    for target, name, fn in ((output, "write_fits", fits_fails), (finish, "preview_image", preview_fails)):
+        with monkeypatch.context() as m:
+            m.setattr(target, name, fn)
+            with pytest.raises((OutputError, ValueError)):
+                write_outputs(_small_result(2), **paths)
+        assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # no .part, nothing replaced
+    write_outputs(_small_result(2), **paths)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(before)
+    new = json.loads((tmp_path / "s.json").read_text())["run_id"]
+    assert new != run and new in (tmp_path / "s.html").read_text()
+    assert new in tifffile.TiffFile(tmp_path / "s.tif").pages[0].description
+    np.testing.assert_array_equal(np.moveaxis(tifffile.imread(tmp_path / "s.tif"), -1, 0), _small_result(2).image)
