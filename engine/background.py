@@ -288,22 +288,54 @@ def _box_edges(h: int, w: int, grid: int) -> tuple[np.ndarray, np.ndarray]:
     return ys, xs
 
 
-def box_rows(image: np.ndarray, ys: np.ndarray, xs: np.ndarray, keep: np.ndarray | None = None, *,
-             fill: Any = np.nan) -> np.ndarray:
+def _box_rows(image: np.ndarray, ys: np.ndarray, xs: np.ndarray, keep: np.ndarray | None) -> np.ndarray:
     """The pixels of every box of a grid as one row each: ``(ny * nx, max box height * max box width)``.
 
-    Boxes are row-major (``ys``/``xs`` from :func:`_box_edges`); a box
-    smaller than the largest is padded with ``fill``, as are the pixels where
-    ``keep`` (boxes' rows, as returned here for a bool image) is False.
+    Boxes are row-major (edges ``ys``/``xs`` in pixels); a box smaller than
+    the largest is padded with NaN, as are the pixels where ``keep``
+    (``(H, W)`` bool) is False.
     """
     bh, bw = int(np.diff(ys).max()), int(np.diff(xs).max())
     ry = ys[:-1, None] + np.arange(bh)[None, :]  # (ny, bh)
     rx = xs[:-1, None] + np.arange(bw)[None, :]  # (nx, bw)
-    inside = (ry < ys[1:, None])[:, None, :, None] & (rx < xs[1:, None])[None, :, None, :]
+    iy = np.minimum(ry, image.shape[0] - 1)[:, None, :, None]
+    ix = np.minimum(rx, image.shape[1] - 1)[None, :, None, :]
+    ok = (ry < ys[1:, None])[:, None, :, None] & (rx < xs[1:, None])[None, :, None, :]
+    if keep is not None:
+        ok = ok & keep[iy, ix]
+    rows = np.where(ok, image[iy, ix].astype(np.float32, copy=False), np.float32(np.nan))
+    return rows.reshape(ry.shape[0] * rx.shape[0], bh * bw)
+
+
+def box_stats(image: np.ndarray, ys: np.ndarray, xs: np.ndarray, *, keep: np.ndarray | None = None,
+              kappa: float = 2.5, iters: int = 5, chunk: int = 1 << 22) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`sigma_clipped_stats` of the pixels of every box of a grid, all boxes at once.
+
+    Parameters
+    ----------
+    image : ndarray
+        ``(H, W)`` values (NaN and inf are no data).
+    ys, xs : ndarray
+        Box edges in pixels (:func:`_box_edges`).
+    keep : ndarray of bool, optional
+        ``(H, W)`` pixels to use (default: all).
+    kappa, iters : float, int
+        As :func:`sigma_clipped_stats`.
+    chunk : int
+        Most pixels gathered at once: rows of boxes go in bands of about this
+        many, so the temporaries stay a fraction of a large image.
+
+    Returns
+    -------
+    (median, sigma, n_kept)
+        ``(ny * nx,)`` each, boxes row-major.
+    """
     img = np.asarray(image)
-    boxes = img[np.minimum(ry, img.shape[0] - 1)[:, None, :, None], np.minimum(rx, img.shape[1] - 1)[None, :, None, :]]
-    rows = np.where(inside, boxes, np.asarray(fill, dtype=img.dtype)).reshape(ry.shape[0] * rx.shape[0], bh * bw)
-    return rows if keep is None else np.where(keep, rows, np.asarray(fill, dtype=img.dtype))
+    bh, bw = int(np.diff(ys).max()), int(np.diff(xs).max())
+    step = max(1, chunk // (bh * bw * (xs.size - 1)))
+    parts = [sigma_clipped_rows(_box_rows(img, ys[j:j + step + 1], xs, keep), kappa=kappa, iters=iters, chunk=chunk)
+             for j in range(0, ys.size - 1, step)]
+    return tuple(np.concatenate(p) for p in zip(*parts))
 
 
 def _bilinear_upsample(values: np.ndarray, yc: np.ndarray, xc: np.ndarray, h: int, w: int) -> np.ndarray:
@@ -363,7 +395,7 @@ def coarse_background(lum: np.ndarray, *, grid: int = 24, kappa: float = 2.5) ->
     h, w = lum.shape
     ys, xs = _box_edges(h, w, grid)
     ny, nx = ys.size - 1, xs.size - 1
-    m, s, n = sigma_clipped_rows(box_rows(lum, ys, xs), kappa=kappa)
+    m, s, n = box_stats(lum, ys, xs, kappa=kappa)
     med = np.where(n >= 16, m, np.nan).reshape(ny, nx)
     sig = np.where(n >= 16, s, np.nan).reshape(ny, nx)
     noise = float(np.nanmedian(sig)) if np.isfinite(sig).any() else float("nan")
@@ -484,14 +516,13 @@ def fit_background(image: np.ndarray, config: BackgroundConfig = BackgroundConfi
         mask = np.asarray(mask, bool) | ~np.isfinite(chans).all(axis=0)
     ys, xs = _box_edges(h, w, config.grid)
     ny, nx = ys.size - 1, xs.size - 1
-    sky = box_rows(~mask, ys, xs, fill=False)
+    sky = ~mask
+    n_sky = np.add.reduceat(np.add.reduceat(sky.astype(np.int64), ys[:-1], axis=0), xs[:-1], axis=1).ravel()
     npx = np.outer(np.diff(ys), np.diff(xs)).ravel()
-    usable = sky.sum(axis=1) >= np.maximum(16, config.min_valid * npx)
-    vals = np.full((ny * nx, c), np.nan)
-    for ch in range(c):
-        vals[usable, ch] = sigma_clipped_rows(box_rows(chans[ch], ys, xs, sky)[usable], kappa=config.kappa)[0]
-    sigs = np.full(ny * nx, np.nan)
-    sigs[usable] = sigma_clipped_rows(box_rows(luminance(chans), ys, xs, sky)[usable], kappa=config.kappa)[1]
+    unusable = n_sky < np.maximum(16, config.min_valid * npx)
+    vals = np.stack([box_stats(chans[ch], ys, xs, keep=sky, kappa=config.kappa)[0] for ch in range(c)], axis=1)
+    sigs = box_stats(luminance(chans), ys, xs, keep=sky, kappa=config.kappa)[1]
+    vals[unusable], sigs[unusable] = np.nan, np.nan
     if not math.isfinite(noise):
         noise = float(np.nanmedian(sigs)) if np.isfinite(sigs).any() else 0.0
     yc = (ys[:-1] + ys[1:] - 1) / 2.0
