@@ -64,7 +64,7 @@ def _png_uri(data: bytes) -> str:
 
 
 def preview_uri(stretched: np.ndarray, *, max_side: int = 1200) -> str:
-    """The stretched preview as an inline PNG, at most ``max_side`` pixels on its longer side."""
+    """The stretched preview (or its ``to_8bit`` copy) as an inline PNG, at most ``max_side`` px on its longer side."""
     from PIL import Image
 
     from skystack.engine.stretch import to_8bit

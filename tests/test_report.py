@@ -313,9 +313,9 @@ def _small_result(seed: int = 3):
 
 
 def test_outputs_written_in_threads_stay_one_set(tmp_path, monkeypatch):
-    """The TIFF, FITS, PNG, JSON and HTML are written concurrently, yet as one set: a writer that
-    fails in its thread (the FITS) or a failure on the main thread (the preview) while the others
-    run leaves the previous set untouched and no temporary file; a good run replaces all five."""
+    """The PNG is encoded in a thread while the HTML and JSON are made, yet the files stay one set:
+    the PNG failing in its thread, the FITS, the preview or the HTML failing on the main thread leaves the
+    previous set untouched and no temporary file; a good run replaces all five."""
     import tifffile
 
     from skystack.engine import finish, output
@@ -329,14 +329,23 @@ def test_outputs_written_in_threads_stay_one_set(tmp_path, monkeypatch):
     run = json.loads((tmp_path / "s.json").read_text())["run_id"]
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
 
+    def png_fails(*_a, **_k):
+        time.sleep(0.2)  # the JSON and HTML are staged by then
+        raise OutputError("disk full while writing the PNG")
+
     def fits_fails(*_a, **_k):
-        time.sleep(0.2)  # the TIFF is staged by then
         raise OutputError("disk full while writing the FITS")
 
     def preview_fails(*_a, **_k):
         raise ValueError("no preview")
 
-    for target, name, fn in ((output, "write_fits", fits_fails), (finish, "preview_image", preview_fails)):
+    def html_fails(*_a, **_k):
+        time.sleep(0.5)  # the PNG is written (to its temporary file) by then
+        raise OutputError("disk full while writing the HTML")
+
+    cases = ((output, "write_preview", png_fails), (output, "write_fits", fits_fails),
+             (finish, "preview_image", preview_fails), (output, "write_text", html_fails))
+    for target, name, fn in cases:
         with monkeypatch.context() as m:
             m.setattr(target, name, fn)
             with pytest.raises((OutputError, ValueError)):
