@@ -143,8 +143,9 @@ def _panel(x: np.ndarray, y: np.ndarray, used: np.ndarray, label: str, xr: tuple
         out.append(_svg_text(left - 4, py(t) + 4, f"{t:.{dec}f}", anchor="end"))
     for t in _ticks(*xr, n=8)[0]:
         out.append(f'<line x1="{px(t):.1f}" x2="{px(t):.1f}" y1="{top}" y2="{top + height}" stroke="#ddd"/>')
-    out.append(_svg_text(left - 48, top + height / 2, label,
-                         extra=f' transform="rotate(-90 {left - 48} {top + height / 2:.1f})"'))
+    lx = max(10.0, left - 14 - 6.5 * max(len(f"{t:.{dec}f}") for t in yt))  # clear of the tick labels
+    out.append(_svg_text(lx, top + height / 2, label,
+                         extra=f' transform="rotate(-90 {lx:.1f} {top + height / 2:.1f})"'))
     run: list[int] = []
     for i in [*np.flatnonzero(used), None]:  # the used frames joined in order; a missing value breaks the curve
         if i is not None and np.isfinite(y[i]):
