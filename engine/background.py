@@ -142,26 +142,140 @@ def sigma_clipped_stats(values: np.ndarray, *, kappa: float = 2.5, iters: int = 
     """Median and robust sigma of ``values`` after iterative ``kappa``-sigma clipping.
 
     NaNs are ignored. Returns ``(median, sigma, n_kept)``; ``(nan, nan, 0)``
-    for no data.
+    for no data. One row of :func:`sigma_clipped_rows`.
     """
-    v = np.asarray(values, dtype=np.float32).ravel()
-    v = v[np.isfinite(v)]
-    if v.size == 0:
-        return float("nan"), float("nan"), 0
-    med = float(np.median(v))
-    sig = MAD_TO_SIGMA * float(np.median(np.abs(v - med)))
+    med, sig, n = sigma_clipped_rows(np.asarray(values, dtype=np.float32).reshape(1, -1), kappa=kappa, iters=iters)
+    return float(med[0]), float(sig[0]), int(n[0])
+
+
+def _median_of_range(s: np.ndarray, lo: np.ndarray, n: np.ndarray) -> np.ndarray:
+    """Median of ``s[r, lo[r]:lo[r] + n[r]]`` per row of a row-sorted array (float32, as ``np.median``)."""
+    idx = np.stack([lo + np.maximum(n - 1, 0) // 2, lo + n // 2], axis=1)
+    a, b = np.take_along_axis(s, np.minimum(idx, s.shape[1] - 1), axis=1).T
+    return np.where(n % 2 == 1, a, (a + b) / np.float32(2)).astype(np.float32)
+
+
+def _kth_deviation(s: np.ndarray, med: np.ndarray, lo: np.ndarray, c: np.ndarray, hi: np.ndarray,
+                   k: np.ndarray) -> np.ndarray:
+    """The ``k``-th smallest ``|s - med|`` (float32) over ``s[r, lo:hi]`` of a row-sorted array.
+
+    Below the split ``c`` (first value >= med) the deviations ``med - s`` grow
+    leftwards, above it ``s - med`` rightwards: two sorted runs, whose merged
+    ``k``-th value a binary search on the count taken from the left run finds.
+    """
+    width = s.shape[1]
+    n_left, n_right = c - lo, hi - c
+    inf = np.float32(np.inf)
+
+    def left(i):  # i-th smallest deviation below the median (+-inf off the ends)
+        v = med - _at(s, np.clip(c - 1 - i, 0, width - 1))
+        return np.where(i < 0, -inf, np.where(i >= n_left, inf, v))
+
+    def right(j):
+        v = _at(s, np.clip(c + j, 0, width - 1)) - med
+        return np.where(j < 0, -inf, np.where(j >= n_right, inf, v))
+
+    # smallest i (values taken from the left run among the k + 1 smallest) with left(i) >= right(k - i)
+    a = np.maximum(0, k + 1 - n_right)
+    b = np.minimum(k + 1, n_left)
+    for _ in range(int(width).bit_length() + 1):
+        mid = (a + b) // 2
+        ok = left(mid) >= right(k - mid)
+        a, b = np.where(ok, a, mid + 1), np.where(ok, mid, b)
+    return np.maximum(left(a - 1), right(k - a)).astype(np.float32)
+
+
+def _first_true(pred, a: np.ndarray, b: np.ndarray, width: int) -> np.ndarray:
+    """Per row, the first index in ``[a, b)`` where ``pred(index)`` holds (``b`` if none).
+
+    ``pred`` must be False then True along ``[a, b)`` (a binary search, all rows at once).
+    """
+    for _ in range(int(width).bit_length() + 1):
+        mid = (a + b) // 2
+        ok = (a >= b) | pred(np.minimum(mid, width - 1))
+        a, b = np.where(ok, a, mid + 1), np.where(ok, mid, b)
+    return a
+
+
+def _mad_sigma(s: np.ndarray, med: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    """``MAD_TO_SIGMA * median(|s - med|)`` over ``s[r, lo:hi]`` (the median in float32, as ``np.median``)."""
+    n = hi - lo
+    c = _first_true(lambda i: _at(s, i) >= med, lo, hi, s.shape[1])
+    a = _kth_deviation(s, med, lo, c, hi, np.maximum(n - 1, 0) // 2)
+    b = _kth_deviation(s, med, lo, c, hi, n // 2)
+    mad = np.where(n % 2 == 1, a, (a + b) / np.float32(2)).astype(np.float32)
+    return MAD_TO_SIGMA * mad.astype(np.float64)
+
+
+def _at(s: np.ndarray, i: np.ndarray) -> np.ndarray:
+    """``s[r, i[r]]`` for every row ``r``."""
+    return np.take_along_axis(s, i[:, None], axis=1)[:, 0]
+
+
+def sigma_clipped_rows(rows: np.ndarray, *, kappa: float = 2.5, iters: int = 5,
+                       chunk: int = 1 << 22) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`sigma_clipped_stats` of every row of a 2-D array at once.
+
+    Each row is sorted once (NaN and inf are no data); the values a clip keeps
+    are then a contiguous run of the sorted row, so every iteration only moves
+    the run's ends and finds the median and the MAD by index (no re-sorting).
+    The clipping rule and float32 arithmetic are those of the one-array loop:
+    median, ``sigma = 1.4826 * MAD``, keep ``|v - median| <= kappa * sigma``,
+    at most ``iters`` times, stopping when nothing is clipped or sigma is 0.
+
+    Parameters
+    ----------
+    rows : ndarray
+        ``(R, L)`` values (any float dtype; taken as float32).
+    kappa : float
+        Clipping threshold in robust sigmas.
+    iters : int
+        Most clipping iterations.
+    chunk : int
+        Most values sorted at once (bounds the temporaries).
+
+    Returns
+    -------
+    (median, sigma, n_kept)
+        ``(R,)`` float64 each (``n_kept`` int64); ``nan, nan, 0`` for a row without data.
+    """
+    rows = np.asarray(rows, dtype=np.float32)
+    r, width = rows.shape
+    med = np.full(r, np.nan)
+    sig = np.full(r, np.nan)
+    n = np.zeros(r, dtype=np.int64)
+    step = max(1, chunk // max(width, 1))
+    for i in range(0, r if width else 0, step):
+        med[i:i + step], sig[i:i + step], n[i:i + step] = _clip_sorted(rows[i:i + step], kappa, iters)
+    return med, sig, n
+
+
+def _clip_sorted(rows: np.ndarray, kappa: float, iters: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`sigma_clipped_rows` of one chunk of rows."""
+    s = np.where(np.isfinite(rows), rows, np.float32(np.nan))
+    s.sort(axis=1)  # NaN last
+    width = s.shape[1]
+    lo = np.zeros(s.shape[0], dtype=np.int64)
+    hi = np.isfinite(s).sum(axis=1).astype(np.int64)
+    has = hi > 0
+    med = _median_of_range(s, lo, hi)
+    sig = _mad_sigma(s, med, lo, hi)
+    active = has.copy()
     for _ in range(iters):
-        if not sig > 0:
+        active &= sig > 0
+        if not active.any():
             break
-        keep = np.abs(v - med) <= kappa * sig
-        if keep.all():
-            break
-        v = v[keep]
-        if v.size == 0:
-            return med, sig, 0
-        med = float(np.median(v))
-        sig = MAD_TO_SIGMA * float(np.median(np.abs(v - med)))
-    return med, sig, int(v.size)
+        # the kept values |v - med| <= thr are a run of the sorted row around the median
+        thr = (kappa * sig).astype(np.float32)
+        c = _first_true(lambda i: _at(s, i) >= med, lo, hi, width)
+        new_lo = _first_true(lambda i: np.abs(_at(s, i) - med) <= thr, lo, c, width)
+        new_hi = _first_true(lambda i: np.abs(_at(s, i) - med) > thr, c, hi, width)
+        active &= ((new_lo != lo) | (new_hi != hi)) & (new_hi > new_lo)
+        lo = np.where(active, new_lo, lo)
+        hi = np.where(active, new_hi, hi)
+        med = np.where(active, _median_of_range(s, lo, hi - lo), med)
+        sig = np.where(active, _mad_sigma(s, med, lo, hi), sig)
+    return (np.where(has, med.astype(np.float64), np.nan), np.where(has, sig, np.nan), hi - lo)
 
 
 def _box_edges(h: int, w: int, grid: int) -> tuple[np.ndarray, np.ndarray]:
@@ -172,6 +286,56 @@ def _box_edges(h: int, w: int, grid: int) -> tuple[np.ndarray, np.ndarray]:
     ys = np.round(np.linspace(0, h, ny + 1)).astype(np.int64)
     xs = np.round(np.linspace(0, w, nx + 1)).astype(np.int64)
     return ys, xs
+
+
+def _box_rows(image: np.ndarray, ys: np.ndarray, xs: np.ndarray, keep: np.ndarray | None) -> np.ndarray:
+    """The pixels of every box of a grid as one row each: ``(ny * nx, max box height * max box width)``.
+
+    Boxes are row-major (edges ``ys``/``xs`` in pixels); a box smaller than
+    the largest is padded with NaN, as are the pixels where ``keep``
+    (``(H, W)`` bool) is False.
+    """
+    bh, bw = int(np.diff(ys).max()), int(np.diff(xs).max())
+    ry = ys[:-1, None] + np.arange(bh)[None, :]  # (ny, bh)
+    rx = xs[:-1, None] + np.arange(bw)[None, :]  # (nx, bw)
+    iy = np.minimum(ry, image.shape[0] - 1)[:, None, :, None]
+    ix = np.minimum(rx, image.shape[1] - 1)[None, :, None, :]
+    ok = (ry < ys[1:, None])[:, None, :, None] & (rx < xs[1:, None])[None, :, None, :]
+    if keep is not None:
+        ok = ok & keep[iy, ix]
+    rows = np.where(ok, image[iy, ix].astype(np.float32, copy=False), np.float32(np.nan))
+    return rows.reshape(ry.shape[0] * rx.shape[0], bh * bw)
+
+
+def box_stats(image: np.ndarray, ys: np.ndarray, xs: np.ndarray, *, keep: np.ndarray | None = None,
+              kappa: float = 2.5, iters: int = 5, chunk: int = 1 << 22) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`sigma_clipped_stats` of the pixels of every box of a grid, all boxes at once.
+
+    Parameters
+    ----------
+    image : ndarray
+        ``(H, W)`` values (NaN and inf are no data).
+    ys, xs : ndarray
+        Box edges in pixels (:func:`_box_edges`).
+    keep : ndarray of bool, optional
+        ``(H, W)`` pixels to use (default: all).
+    kappa, iters : float, int
+        As :func:`sigma_clipped_stats`.
+    chunk : int
+        Most pixels gathered at once: rows of boxes go in bands of about this
+        many, so the temporaries stay a fraction of a large image.
+
+    Returns
+    -------
+    (median, sigma, n_kept)
+        ``(ny * nx,)`` each, boxes row-major.
+    """
+    img = np.asarray(image)
+    bh, bw = int(np.diff(ys).max()), int(np.diff(xs).max())
+    step = max(1, chunk // (bh * bw * (xs.size - 1)))
+    parts = [sigma_clipped_rows(_box_rows(img, ys[j:j + step + 1], xs, keep), kappa=kappa, iters=iters, chunk=chunk)
+             for j in range(0, ys.size - 1, step)]
+    return tuple(np.concatenate(p) for p in zip(*parts))
 
 
 def _bilinear_upsample(values: np.ndarray, yc: np.ndarray, xc: np.ndarray, h: int, w: int) -> np.ndarray:
@@ -231,13 +395,9 @@ def coarse_background(lum: np.ndarray, *, grid: int = 24, kappa: float = 2.5) ->
     h, w = lum.shape
     ys, xs = _box_edges(h, w, grid)
     ny, nx = ys.size - 1, xs.size - 1
-    med = np.full((ny, nx), np.nan)
-    sig = np.full((ny, nx), np.nan)
-    for j in range(ny):
-        for i in range(nx):
-            m, s, n = sigma_clipped_stats(lum[ys[j]:ys[j + 1], xs[i]:xs[i + 1]], kappa=kappa)
-            if n >= 16:
-                med[j, i], sig[j, i] = m, s
+    m, s, n = box_stats(lum, ys, xs, kappa=kappa)
+    med = np.where(n >= 16, m, np.nan).reshape(ny, nx)
+    sig = np.where(n >= 16, s, np.nan).reshape(ny, nx)
     noise = float(np.nanmedian(sig)) if np.isfinite(sig).any() else float("nan")
     yc = (ys[:-1] + ys[1:] - 1) / 2.0
     xc = (xs[:-1] + xs[1:] - 1) / 2.0
@@ -295,12 +455,12 @@ def _design(u: np.ndarray, v: np.ndarray, degree: int) -> np.ndarray:
 def _eval_poly(coef: np.ndarray, degree: int, h: int, w: int) -> np.ndarray:
     u = _norm_coords(np.arange(w), w)
     v = _norm_coords(np.arange(h), h)
-    out = np.zeros((h, w), dtype=np.float64)
-    upow = [u ** k for k in range(degree + 1)]
-    vpow = [v ** k for k in range(degree + 1)]
+    # separable: sum_j v^j * (sum_i c_ij u^i), one (h, degree + 1) @ (degree + 1, w) product
+    rows = np.zeros((degree + 1, w), dtype=np.float64)
     for c, (i, j) in zip(coef, _poly_terms(degree)):
-        out += c * (vpow[j][:, None] * upow[i][None, :])
-    return out.astype(np.float32)
+        rows[j] += c * u ** i
+    vpow = np.stack([v ** j for j in range(degree + 1)], axis=1)
+    return (vpow @ rows).astype(np.float32)
 
 
 def _neighbour_outliers(grid: np.ndarray, reject: float, floor: float) -> np.ndarray:
@@ -356,19 +516,13 @@ def fit_background(image: np.ndarray, config: BackgroundConfig = BackgroundConfi
         mask = np.asarray(mask, bool) | ~np.isfinite(chans).all(axis=0)
     ys, xs = _box_edges(h, w, config.grid)
     ny, nx = ys.size - 1, xs.size - 1
-    vals = np.full((ny, nx, c), np.nan)
-    sigs = np.full((ny, nx), np.nan)
-    lum = luminance(chans)
-    for j in range(ny):
-        for i in range(nx):
-            sl = (slice(ys[j], ys[j + 1]), slice(xs[i], xs[i + 1]))
-            good = ~mask[sl]
-            npx = good.size
-            if good.sum() < max(16, config.min_valid * npx):
-                continue
-            for ch in range(c):
-                vals[j, i, ch], _, _ = sigma_clipped_stats(chans[ch][sl][good], kappa=config.kappa)
-            _, sigs[j, i], _ = sigma_clipped_stats(lum[sl][good], kappa=config.kappa)
+    sky = ~mask
+    n_sky = np.add.reduceat(np.add.reduceat(sky.astype(np.int64), ys[:-1], axis=0), xs[:-1], axis=1).ravel()
+    npx = np.outer(np.diff(ys), np.diff(xs)).ravel()
+    unusable = n_sky < np.maximum(16, config.min_valid * npx)
+    vals = np.stack([box_stats(chans[ch], ys, xs, keep=sky, kappa=config.kappa)[0] for ch in range(c)], axis=1)
+    sigs = box_stats(luminance(chans), ys, xs, keep=sky, kappa=config.kappa)[1]
+    vals[unusable], sigs[unusable] = np.nan, np.nan
     if not math.isfinite(noise):
         noise = float(np.nanmedian(sigs)) if np.isfinite(sigs).any() else 0.0
     yc = (ys[:-1] + ys[1:] - 1) / 2.0

@@ -39,12 +39,14 @@ from __future__ import annotations
 import itertools
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from scipy.spatial import cKDTree
 
 from skystack.engine.errors import NotEnoughStars, RegistrationError
+
+if TYPE_CHECKING:
+    from scipy.spatial import cKDTree
 
 MODELS = ("similarity", "affine", "homography")
 _MIN_POINTS = {"similarity": 2, "affine": 3, "homography": 4}
@@ -308,6 +310,7 @@ def _triangles(xy: np.ndarray, k: int, min_side: float) -> tuple[np.ndarray, np.
     if n < 3:
         return np.zeros((0, 3), dtype=np.int64), np.zeros((0, 2))
     kk = min(k + 1, n)
+    from scipy.spatial import cKDTree  # lazy: importing scipy.spatial takes ~0.3 s
     _, nn = cKDTree(xy).query(xy, k=kk)
     combos = np.array(list(itertools.combinations(range(kk), 3)))
     tri = nn[:, combos].reshape(-1, 3)
@@ -330,6 +333,7 @@ def _hypotheses(src: np.ndarray, dst: np.ndarray, cfg: MatchConfig, n: int) -> t
     vd, inv_d = _triangles(dst[:n], cfg.n_neighbors, cfg.min_side_px)
     if len(vs) == 0 or len(vd) == 0:
         return np.zeros((0, 2), dtype=np.complex128), 0
+    from scipy.spatial import cKDTree  # lazy: importing scipy.spatial takes ~0.3 s
     tree = cKDTree(inv_d)
     dist, j = tree.query(inv_s, k=min(8, len(inv_d)), distance_upper_bound=cfg.invariant_tol)
     dist = dist.reshape(len(inv_s), -1)
@@ -380,6 +384,7 @@ def _associate(tsrc: np.ndarray, dst_tree: cKDTree, radius: float) -> tuple[np.n
 
 def _refine(t0: np.ndarray, src: np.ndarray, dst: np.ndarray, es: np.ndarray | None, ed: np.ndarray | None,
             cfg: MatchConfig, model: str):
+    from scipy.spatial import cKDTree  # lazy: importing scipy.spatial takes ~0.3 s
     tree = cKDTree(dst)
     t = t0
     prev: tuple[bytes, bytes] | None = None
@@ -471,6 +476,7 @@ def match_stars(src: Any, dst: Any, *, config: MatchConfig | None = None,
         raise NotEnoughStars(f"too few stars to register: {len(s_xy)} in the frame, {len(d_xy)} in the "
                              f"reference (need {need}); clouds, lens cap or focus?")
 
+    from scipy.spatial import cKDTree  # lazy: importing scipy.spatial takes ~0.3 s
     tree = cKDTree(d_xy)
     n_total = max(len(s_xy), len(d_xy))
     tries = []

@@ -411,7 +411,10 @@ def write_fits(path: str | os.PathLike, image: np.ndarray, header: dict[str, Any
 
 def write_preview(path: str | os.PathLike, stretched: np.ndarray, *, inputs: Iterable = (),
                   quality: int = 92, text: dict[str, str] | None = None) -> Path:
-    """Write an 8-bit PNG or JPEG of an already stretched [0,1] image (``text``: PNG text chunks)."""
+    """Write an 8-bit PNG or JPEG of an already stretched [0,1] image (or its ``to_8bit`` copy).
+
+    ``text``: PNG text chunks.
+    """
     from PIL import Image, PngImagePlugin
 
     from skystack.engine.stretch import to_8bit

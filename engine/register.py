@@ -45,7 +45,6 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import numpy as np
-from scipy.spatial import cKDTree
 
 from skystack.engine.errors import RegistrationError
 from skystack.engine.lens import RadialLens
@@ -229,6 +228,7 @@ def _flag_static(lists: dict[int, _Stars], trans: dict[int, np.ndarray], ref: in
     """Per frame, a bool mask of sources that stay put on the sensor while the sky moves."""
     reg = sorted(trans)
     sample = _spread(reg, 9)
+    from scipy.spatial import cKDTree  # lazy: importing scipy.spatial takes ~0.3 s
     trees = {j: cKDTree(lists[j].xy) for j in sample if len(lists[j].xy)}
     out = {i: np.zeros(len(s.xy), dtype=bool) for i, s in lists.items()}
     for i in reg:

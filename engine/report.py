@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextvars
 import datetime as _dt
 import os
 import platform
@@ -208,47 +209,60 @@ def write_outputs(result, *, tiff: str | None, preview: str | None = None, fits:
     are written to temporary files first and renamed together, so a kill never
     leaves files of two runs side by side. Each also carries the same run id
     (TIFF description, FITS ``RUNID``, PNG text, ``run_id`` in the JSON and HTML).
+    The preview is made 8-bit once; its PNG is encoded in a thread (zlib runs
+    without the GIL) while the HTML report (its reduced copy of the preview,
+    the plots and maps) and the JSON are made; everything else runs in turn,
+    so no two copies of the image are alive at once.
     """
     import uuid
+    from concurrent.futures import ThreadPoolExecutor
 
     from skystack.engine.htmlreport import preview_uri, render_report
     from skystack.engine.output import output_set, write_fits, write_json, write_preview, write_text, write_tiff
     from skystack.engine.finish import preview_image
+    from skystack.engine.stretch import to_8bit
 
     inputs = list(inputs)
     run_id = uuid.uuid4().hex[:16]
     out: dict[str, str] = {}
     img = result.image
-    stretched = None
-    if preview or html:
-        stretched = preview_image(img, linked=linked)
-    with output_set():
-        if tiff:
-            out["tiff"] = str(write_tiff(tiff, img, inputs=inputs,
-                                         description=f"skystack {__version__} run {run_id}"))
-        if fits:
-            ext = []
-            if getattr(result, "coverage", None) is not None:
-                ext.append(("COVERAGE", result.coverage.astype(np.int16),
-                            {"NFRAMES": (result.n_used, "frames combined"),
-                             "COMMENT": "frames whose data covered each pixel, before rejection"}))
-            if getattr(result, "landscape", None) is not None:
-                ext.append(("LANDSCAPE", result.landscape.astype(np.uint8),
-                            {"COMMENT": "1 = still landscape, stacked unregistered (--foreground)"}))
-            header = {**fits_header(result), "RUNID": (run_id, "skystack run that wrote this output set")}
-            out["fits"] = str(write_fits(fits, img, header, inputs=inputs, extensions=ext))
-        if preview:
-            out["preview"] = str(write_preview(preview, stretched, inputs=inputs,
-                                               text={"Software": f"skystack {__version__}", "skystack-run": run_id}))
-        if report:
-            out["report"] = str(report)
-        if html:
-            out["html"] = str(html)
-        rep = build_report(result, outputs=out)
-        rep["run_id"] = run_id
-        if report:
-            write_json(report, rep, inputs=inputs)
-        if html:
-            write_text(html, render_report(rep, preview=preview_uri(stretched), coverage=result.coverage,
-                                           rejections=rejection_map(result)), inputs=inputs)
+    with output_set(), ThreadPoolExecutor(max_workers=1, thread_name_prefix="skystack-png") as pool:
+        try:
+            if tiff:
+                out["tiff"] = str(write_tiff(tiff, img, inputs=inputs,
+                                             description=f"skystack {__version__} run {run_id}"))
+            if fits:
+                ext = []
+                if getattr(result, "coverage", None) is not None:
+                    ext.append(("COVERAGE", result.coverage.astype(np.int16),
+                                {"NFRAMES": (result.n_used, "frames combined"),
+                                 "COMMENT": "frames whose data covered each pixel, before rejection"}))
+                if getattr(result, "landscape", None) is not None:
+                    ext.append(("LANDSCAPE", result.landscape.astype(np.uint8),
+                                {"COMMENT": "1 = still landscape, stacked unregistered (--foreground)"}))
+                header = {**fits_header(result), "RUNID": (run_id, "skystack run that wrote this output set")}
+                out["fits"] = str(write_fits(fits, img, header, inputs=inputs, extensions=ext))
+            shown = to_8bit(preview_image(img, linked=linked)) if preview or html else None
+            png = None
+            if preview:  # the job runs in this output set (a copy of the context)
+                png = pool.submit(contextvars.copy_context().run, write_preview, preview, shown, inputs=inputs,
+                                  text={"Software": f"skystack {__version__}", "skystack-run": run_id})
+                out["preview"] = str(Path(preview))
+            if report:
+                out["report"] = str(report)
+            if html:
+                out["html"] = str(html)
+            rep = build_report(result, outputs=out)
+            rep["run_id"] = run_id
+            if report:
+                write_json(report, rep, inputs=inputs)
+            if html:
+                write_text(html, render_report(rep, preview=preview_uri(shown), coverage=result.coverage,
+                                               rejections=rejection_map(result)), inputs=inputs)
+            if png is not None:
+                png.result()
+        except BaseException:
+            pool.shutdown(wait=True, cancel_futures=True)  # no job left writing when the set is rolled back
+            raise
     return out
+

@@ -72,8 +72,13 @@ def autostretch(image: np.ndarray, config: StretchConfig = StretchConfig()) -> n
 
 
 def to_8bit(stretched: np.ndarray) -> np.ndarray:
-    """(3,H,W) or (H,W) in [0,1] -> (H,W,3) or (H,W) uint8 for PNG/JPEG."""
-    a = np.clip(np.nan_to_num(stretched) * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    """(3,H,W) or (H,W) in [0,1] -> (H,W,3) or (H,W) uint8 for PNG/JPEG (uint8 input: returned as it is)."""
+    if stretched.dtype == np.uint8:
+        return stretched
+    a = np.nan_to_num(stretched)  # one working copy, the arithmetic in place
+    a *= 255.0
+    a += 0.5
+    a = np.clip(a, 0, 255, out=a).astype(np.uint8)
     return np.moveaxis(a, 0, -1) if a.ndim == 3 else a
 
 

@@ -215,3 +215,28 @@ def test_stack_prints_output_paths_on_stdout(small_session, tmp_path, capsys):
     assert all(Path(p).is_file() for p in lines.values())
     assert str(out) not in cap.err
     assert not any(p.exists() for p in stale)
+
+
+def test_parser_and_option_checks_import_no_heavy_module():
+    """``skystack --help`` and the option checks (StackConfig's validation) stay cheap at start-up:
+    they import neither scipy.spatial (registration's k-d tree, ~0.3 s), matplotlib nor astropy,
+    and the checks still reject a bad value with the option's name."""
+    import subprocess
+    import sys
+
+    code = ("import sys, skystack.cli as c\n"
+            "c.build_parser()\n"
+            "from skystack.engine.errors import SkystackError\n"
+            "from skystack.engine.stack import StackConfig\n"
+            "for bad in ({'rejection': 'bogus'}, {'framing': 'all'}, {'transform_model': 'x'}, {'debayer': 'vng'}):\n"
+            "    try:\n"
+            "        StackConfig(**bad)\n"
+            "        sys.exit('accepted ' + repr(bad))\n"
+            "    except SkystackError as e:\n"
+            "        print(e)\n"
+            "print(' '.join(m for m in ('scipy.spatial', 'matplotlib', 'astropy') if m in sys.modules))\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert [ln.split()[0] for ln in lines[:4]] == ["--rejection", "--framing", "--model", "--debayer"]
+    assert lines[4].strip() == ""  # none of the heavy modules

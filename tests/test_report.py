@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import numpy as np
@@ -179,16 +180,17 @@ def _near(shot: np.ndarray, rgb, tol=24) -> np.ndarray:
 def test_html_report_renders_its_plots_in_headless_chromium(stacked, tmp_path):
     """The screenshot shows the plots: the time series' line colour and the maps' viridis colours.
 
-    The same page with its images removed is the control: it shows none of them.
+    The same page with its images and inline SVG plots removed is the control: it shows none of them.
     """
     import re
 
     out, _ = stacked
     shot = _screenshot(out.with_suffix(".html"), tmp_path / "shot.png")
     bare = tmp_path / "bare.html"
-    bare.write_text(re.sub(r'src="data:[^"]*"', 'src=""', out.with_suffix(".html").read_text()))
+    bare.write_text(re.sub(r"<svg.*?</svg>", "", re.sub(r'src="data:[^"]*"', 'src=""',
+                                                      out.with_suffix(".html").read_text()), flags=re.S))
     control = _screenshot(bare, tmp_path / "bare.png")
-    line = _near(shot, (0x1F, 0x77, 0xB4))  # matplotlib C0: the FWHM, stars... curves
+    line = _near(shot, (0x1F, 0x77, 0xB4))  # the used frames' FWHM, stars... curves (matplotlib's C0)
     yellow = _near(shot, (0xFD, 0xE7, 0x25))  # viridis maximum: fully covered pixels
     purple = _near(shot, (0x44, 0x01, 0x54), tol=16)  # viridis minimum: colour bars
     assert line.sum() > 1000 and yellow.sum() > 20000 and purple.sum() > 200, (line.sum(), yellow.sum(),
@@ -254,3 +256,104 @@ def test_rejection_map_shows_a_satellite_trail(tmp_path):
     near, far = covered & (dist < 1.5), covered & (dist > 8)
     assert near.sum() > 300
     assert (rej[near] >= 1).mean() > 0.9 and rej[far].mean() < 0.1, ((rej[near] >= 1).mean(), rej[far].mean())
+
+
+def test_time_plots_svg_places_every_value():
+    """The hand-drawn SVG plots: one panel per quantity, each frame's marker at its value (a linear
+    axis: marker heights are an affine map of the values), skipped frames hollow red, a missing value
+    breaks the used frames' curve, ticks are round numbers inside the axis."""
+    import re
+
+    from skystack.engine.htmlreport import TIME_PLOTS, _ticks, time_plots_svg
+
+    fwhm = [2.5, 3.1, None, 2.2, 4.0, 2.8]
+    frames = [{"path": f"f{i}.fits", "used": i != 4, "fwhm_px": v, "stars": 100 + 7 * i, "background": 0.01,
+               "weight": 1.0, "residual_px": 0.1 * i, "timestamp": f"2025-03-27T01:2{i}:00"}
+              for i, v in enumerate(fwhm)]
+    svg = time_plots_svg(frames)
+    assert svg.count('<rect x="80"') == len(TIME_PLOTS) and "minutes since the first light" in svg
+    circles = re.findall(r'<circle cx="([\d.]+)" cy="([\d.]+)" r="3" ([^/]*)/>', svg)
+    panels = svg.split('<rect x="80"')[1:]
+    first = re.findall(r'<circle cx="([\d.]+)" cy="([\d.]+)" r="3" ([^/]*)/>', panels[0])
+    assert len(first) == 5  # the missing FWHM has no marker
+    cx = np.array([float(c[0]) for c in first])
+    cy = np.array([float(c[1]) for c in first])
+    vals = np.array([v for v in fwhm if v is not None])
+    np.testing.assert_allclose(np.diff(cx) / np.diff([0, 1, 3, 4, 5]), (cx[1] - cx[0]), rtol=0.02)  # minutes
+    slope, icpt = np.polyfit(vals, cy, 1)
+    assert slope < 0 and np.abs(cy - (slope * vals + icpt)).max() < 0.1  # higher value, higher on the page
+    assert ["#d62728" in c[2] and 'fill="none"' in c[2] for c in first] == [False, False, False, True, False]
+    # the used frames' curve: 0-1, then (after the missing value) 3-5 without the skipped frame 4
+    lines = re.findall(r'<polyline points="([^"]*)"', panels[0])
+    assert [len(p.split()) for p in lines] == [2, 2]
+    assert len(circles) == 5 + 4 * len(frames) + 2  # plus the legend's used and skipped marks
+    ticks, dec = _ticks(0.0, 1.0, n=5)
+    np.testing.assert_allclose(ticks, [0, 0.25, 0.5, 0.75, 1.0])
+    assert dec == 2
+    t, dec = _ticks(2.13, 4.09, n=4)
+    np.testing.assert_allclose(t, [2.5, 3.0, 3.5, 4.0])
+    assert dec == 1
+
+
+def _small_result(seed: int = 3):
+    """A StackResult of a 200x150 sky with stars and a coverage map (no stacking needed)."""
+    from skystack.engine.stack import FrameRecord, StackResult
+
+    rng = np.random.default_rng(seed)
+    img = (0.05 + 0.002 * rng.standard_normal((3, 150, 200))).astype(np.float32)
+    yy, xx = np.mgrid[:150, :200]
+    for x, y in rng.uniform(10, 140, (40, 2)):
+        img += (0.3 * np.exp(-((xx - x) ** 2 + (yy - y) ** 2) / 4.0)).astype(np.float32)
+    cov = np.full((150, 200), 4, np.int16)
+    cov[:, :6] = 3
+    frames = [FrameRecord(path=f"l{i}.fits", used=True, stars=30 + i, fwhm_px=2.0 + 0.1 * i, weight=1.0)
+              for i in range(4)]
+    return StackResult(image=img, count=cov.astype(np.int32), coverage=cov, frames=frames, reference="l0.fits",
+                       backend="cpu", device="test", settings={"rejection": "median"})
+
+
+def test_outputs_written_in_threads_stay_one_set(tmp_path, monkeypatch):
+    """The PNG is encoded in a thread while the HTML and JSON are made, yet the files stay one set:
+    the PNG failing in its thread, the FITS, the preview or the HTML failing on the main thread leaves the
+    previous set untouched and no temporary file; a good run replaces all five."""
+    import tifffile
+
+    from skystack.engine import finish, output
+    from skystack.engine.errors import OutputError
+    from skystack.engine.report import write_outputs
+
+    paths = {k: str(tmp_path / f"s.{ext}") for k, ext in (("tiff", "tif"), ("preview", "png"), ("fits", "fits"),
+                                                           ("report", "json"), ("html", "html"))}
+    first = write_outputs(_small_result(1), **paths)
+    assert list(first) == ["tiff", "fits", "preview", "report", "html"]
+    run = json.loads((tmp_path / "s.json").read_text())["run_id"]
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+
+    def png_fails(*_a, **_k):
+        time.sleep(0.2)  # the JSON and HTML are staged by then
+        raise OutputError("disk full while writing the PNG")
+
+    def fits_fails(*_a, **_k):
+        raise OutputError("disk full while writing the FITS")
+
+    def preview_fails(*_a, **_k):
+        raise ValueError("no preview")
+
+    def html_fails(*_a, **_k):
+        time.sleep(0.5)  # the PNG is written (to its temporary file) by then
+        raise OutputError("disk full while writing the HTML")
+
+    cases = ((output, "write_preview", png_fails), (output, "write_fits", fits_fails),
+             (finish, "preview_image", preview_fails), (output, "write_text", html_fails))
+    for target, name, fn in cases:
+        with monkeypatch.context() as m:
+            m.setattr(target, name, fn)
+            with pytest.raises((OutputError, ValueError)):
+                write_outputs(_small_result(2), **paths)
+        assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # no .part, nothing replaced
+    write_outputs(_small_result(2), **paths)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(before)
+    new = json.loads((tmp_path / "s.json").read_text())["run_id"]
+    assert new != run and new in (tmp_path / "s.html").read_text()
+    assert new in tifffile.TiffFile(tmp_path / "s.tif").pages[0].description
+    np.testing.assert_array_equal(np.moveaxis(tifffile.imread(tmp_path / "s.tif"), -1, 0), _small_result(2).image)
