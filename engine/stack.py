@@ -353,7 +353,7 @@ def register_session(files: SessionFiles, config: StackConfig = StackConfig()) -
     from skystack.engine.framestore import DeviceFrameStore, FrameStore
     from skystack.engine.io import read_meta
     from skystack.engine.masters import MasterConfig, same_camera
-    from skystack.engine.memory import plan_memory
+    from skystack.engine.memory import plan_memory, return_freed_memory
     from skystack.engine.producer import FrameProducer
     from skystack.engine.rawconv import cfa_to_float
 
@@ -397,6 +397,7 @@ def register_session(files: SessionFiles, config: StackConfig = StackConfig()) -
                        threads=_compute_threads(be, config), queue_size=config.queue_size, gpu=be.is_gpu)
     if plan.limit is not None:  # frames in flight (decoders and workers) within the limit
         config = replace(config, workers=plan.threads, queue_size=plan.queue_size)
+        return_freed_memory()  # and freed buffers not kept resident by the allocator
 
     with timer("masters"):
         ref_meta = next(m for m, r in zip(metas, records) if m is not None and not r.reason)
