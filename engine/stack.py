@@ -538,7 +538,7 @@ def register_session(files: SessionFiles, config: StackConfig = StackConfig()) -
 
     # normalisation statistics are taken from each warped frame on its way into the store (not
     # by reading the store again), where the frame is: on the device only numbers come down
-    gather = np.dtype(config.store_dtype) == np.float32
+    gather = True
     frame_stats: dict[int, tuple[Any, np.ndarray]] = {}
 
     def warp_one(i: int):
@@ -558,6 +558,8 @@ def register_session(files: SessionFiles, config: StackConfig = StackConfig()) -
                             method=config.interpolation, lens=lens_store, lens_offset=(canvas.ox, canvas.oy))
         out = xp.asarray(out) if target.on_device else to_host(out)
         target.put(i, out)
+        if not target.on_device and target.dtype != np.float32:  # measured as the combine will read it
+            out = out.astype(target.dtype).astype(np.float32)
         return out
 
     with timer("warp"), _Progress(config.quiet) as prog:
@@ -618,7 +620,7 @@ def combine_registered(reg: Registered, config: StackConfig = StackConfig()) -> 
     n_ch, out_h, out_w = store.shape
     with timer("normalize"), _Progress(config.quiet) as prog:
         measured = dict(reg.frame_stats)
-        if any(i not in measured for i in used):  # a device or float16 store: read the frames back
+        if any(i not in measured for i in used):  # not measured on the way in: read the frames back
             ref_frame = to_host(store.get(ref))  # read once: apertures and its own statistics
             apertures = normalize.star_apertures(ref_frame)
 

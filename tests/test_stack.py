@@ -283,3 +283,27 @@ def test_telescope_session_has_no_landscape(tmp_path):
     assert msg.startswith("auto: no landscape") and "stars, not ground" in msg
     seen = float(msg.split("shows ")[1].split(" %")[0]) / 100.0
     assert seen > 3 * MAX_STARS_BELOW
+
+
+def test_statistics_are_measured_on_the_way_into_the_store(night, registered, tmp_path, monkeypatch):
+    """Every used frame's normalisation statistics come with the registered store (no second pass
+    over it); a float16 spill cache has them measured on its rounded frames, so its stack keeps
+    float32's noise (rounding at 1/2048 of a value: far below a light's photon noise)."""
+    from skystack.engine import memory, normalize
+
+    assert set(registered.frame_stats) >= set(registered.used)
+    root, truth = night
+    base = combine_registered(registered, StackConfig(quiet=True))
+    monkeypatch.setattr(memory, "DEFAULT_STORE_RAM", 1 << 20)  # spill
+    cfg = StackConfig(quiet=True, reference=str(truth.file_path("light", truth.reference_index)),
+                      cache_dir=str(tmp_path), store_dtype="float16")
+    reads = []
+    real = normalize.frame_measures
+    with register_session(discover_session(root), cfg) as reg:
+        assert reg.store.on_disk and reg.store.dtype == np.float16
+        monkeypatch.setattr(normalize, "frame_measures", lambda *a: reads.append(1) or real(*a))
+        half = combine_registered(reg, cfg)
+    assert reads == []  # measured as the frames went in
+    diff = (half.image - base.image)[:, 40:-40, 40:-40]
+    sky = np.nanstd(base.image[:, 40:-40, 40:-40] - ndimage.median_filter(base.image[:, 40:-40, 40:-40], size=(1, 9, 9)))
+    assert np.nanstd(diff) < 0.05 * sky, (np.nanstd(diff), sky)
