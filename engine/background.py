@@ -148,11 +148,16 @@ def sigma_clipped_stats(values: np.ndarray, *, kappa: float = 2.5, iters: int = 
     return float(med[0]), float(sig[0]), int(n[0])
 
 
-def _median_of_range(s: np.ndarray, lo: np.ndarray, n: np.ndarray) -> np.ndarray:
-    """Median of ``s[r, lo[r]:lo[r] + n[r]]`` per row of a row-sorted array (float32, as ``np.median``)."""
-    idx = np.stack([lo + np.maximum(n - 1, 0) // 2, lo + n // 2], axis=1)
-    a, b = np.take_along_axis(s, np.minimum(idx, s.shape[1] - 1), axis=1).T
-    return np.where(n % 2 == 1, a, (a + b) / np.float32(2)).astype(np.float32)
+def _median_of_range(s: Any, lo: Any, n: Any) -> Any:
+    """Median of ``s[..., lo:lo + n]`` along the last axis of an array sorted along it (``lo``, ``n``:
+    one per row), in ``s``'s dtype as ``np.median`` computes it, where ``s`` is (NumPy or CuPy)."""
+    from skystack.engine.backend import array_module
+
+    xp = array_module(s)
+    last = s.shape[-1] - 1
+    a = xp.take_along_axis(s, xp.minimum(lo + xp.maximum(n - 1, 0) // 2, last)[..., None], -1)[..., 0]
+    b = xp.take_along_axis(s, xp.minimum(lo + n // 2, last)[..., None], -1)[..., 0]
+    return xp.where(n % 2 == 1, a, (a + b) / s.dtype.type(2))
 
 
 def _kth_deviation(s: np.ndarray, med: np.ndarray, lo: np.ndarray, c: np.ndarray, hi: np.ndarray,
@@ -660,9 +665,6 @@ def nanmedian_last(a: np.ndarray) -> np.ndarray:
     from skystack.engine.backend import array_module
 
     xp = array_module(a)
-    s = xp.sort(a, axis=-1)
     cnt = xp.count_nonzero(~xp.isnan(a), axis=-1)
-    lo = xp.take_along_axis(s, xp.maximum((cnt - 1) // 2, 0)[..., None], -1)[..., 0]
-    hi = xp.take_along_axis(s, xp.minimum(cnt // 2, a.shape[-1] - 1)[..., None], -1)[..., 0]
-    med = (lo + hi) * a.dtype.type(0.5)
+    med = _median_of_range(xp.sort(a, axis=-1), xp.zeros_like(cnt), cnt)
     return xp.where(cnt == 0, a.dtype.type(np.nan), med)
