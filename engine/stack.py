@@ -306,7 +306,7 @@ class Registered:
     framing: str = "reference"
     metas: list[Any] = field(default_factory=list)  # FrameMeta per light (None: unreadable)
     notes: list[str] = field(default_factory=list)  # calibration remarks and skipped calibration frames
-    #: frame index -> (FrameStats, star-flux ratio), measured as the frames were warped (host stores)
+    #: frame index -> (FrameStats, star-flux ratio) of every used frame, measured as it was warped
     frame_stats: dict[int, tuple[Any, np.ndarray]] = field(default_factory=dict)
 
     def frame(self, i: int) -> np.ndarray:
@@ -538,7 +538,6 @@ def register_session(files: SessionFiles, config: StackConfig = StackConfig()) -
 
     # normalisation statistics are taken from each warped frame on its way into the store (not
     # by reading the store again), where the frame is: on the device only numbers come down
-    gather = True
     frame_stats: dict[int, tuple[Any, np.ndarray]] = {}
 
     def warp_one(i: int):
@@ -563,19 +562,17 @@ def register_session(files: SessionFiles, config: StackConfig = StackConfig()) -
         return out
 
     with timer("warp"), _Progress(config.quiet) as prog:
-        step = prog.stepper("warp + normalize" if gather else "warp", len(used))
+        step = prog.stepper("warp + normalize", len(used))
+        # the reference first: its stars are every frame's photometric apertures
         ref_frame = warp_one(ref)
-        if gather:  # the reference first: its stars are every frame's photometric apertures
-            ref_frame = target.get(ref) if ref_frame is None else ref_frame
-            apertures = normalize.star_apertures(ref_frame)
-            frame_stats[ref] = normalize.frame_measures(ref_frame, apertures)
+        ref_frame = target.get(ref) if ref_frame is None else ref_frame
+        apertures = normalize.star_apertures(ref_frame)
+        frame_stats[ref] = normalize.frame_measures(ref_frame, apertures)
         del ref_frame
         step()
 
         def warp_measure(i: int) -> None:
-            out = warp_one(i)
-            if gather:
-                frame_stats[i] = normalize.frame_measures(out, apertures)
+            frame_stats[i] = normalize.frame_measures(warp_one(i), apertures)
 
         _run_parallel(warp_measure, [i for i in used if i != ref], _compute_threads(be, config), on_done=step)
         landscape = None
@@ -609,30 +606,15 @@ def combine_registered(reg: Registered, config: StackConfig = StackConfig()) -> 
     several ways.
     """
     from skystack.engine import normalize
-    from skystack.engine.backend import to_host
 
     timer, store, used, ref, be = reg.timer, reg.store, reg.used, reg.ref, reg.backend
     records = [replace(r) for r in reg.records]
-    # frames normalised at once within the memory plan (the combine's tiles are sized for its threads)
-    run = config
-    if reg.plan is not None and reg.plan.limit is not None:
-        run = replace(config, workers=min(reg.plan.threads, _compute_threads(be, config)))
     n_ch, out_h, out_w = store.shape
-    with timer("normalize"), _Progress(config.quiet) as prog:
-        measured = dict(reg.frame_stats)
-        if any(i not in measured for i in used):  # not measured on the way in: read the frames back
-            ref_frame = to_host(store.get(ref))  # read once: apertures and its own statistics
-            apertures = normalize.star_apertures(ref_frame)
-
-            def stats_one(i: int) -> None:
-                measured[i] = normalize.frame_measures(ref_frame if i == ref else to_host(store.get(i)), apertures)
-
-            _run_parallel(stats_one, used, _compute_threads(be, run), on_done=prog.stepper("normalize", len(used)))
-        fstats = [measured[i][0] for i in used]
-        signal_by = {i: measured[i][1] for i in used}
+    with timer("normalize"):  # the frames' statistics were measured as they went into the store
+        fstats = [reg.frame_stats[i][0] for i in used]
+        signal = np.stack([reg.frame_stats[i][1] for i in used])
         r = used.index(ref)
-        nscale, noffset = normalize.normalization_factors(fstats, r, config.normalization,
-                                                          signal=np.stack([signal_by[i] for i in used]))
+        nscale, noffset = normalize.normalization_factors(fstats, r, config.normalization, signal=signal)
         weights = normalize.frame_weights(fstats, nscale, config.weighting,
                                           scores=[records[i].score or 0.0 for i in used],
                                           noise=[records[i].noise for i in used],
