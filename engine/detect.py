@@ -78,24 +78,6 @@ _SEP_PIXSTACK = 3_000_000
 _pixstack_lock = threading.Lock()
 
 
-def _grow_pixstack(exc: Exception) -> bool:
-    """After sep's "pixel buffer full": raise its (process-wide) buffer tenfold, up to
-    :data:`_SEP_PIXSTACK`; True when it was raised (the extraction is worth repeating).
-
-    sep allocates the whole buffer on every extraction: its default (300 000 pixels)
-    costs ~3 ms on a 0.25 MP image, 3 000 000 costs ~50 ms and 100 MB of page faults,
-    so it grows only for the frames that need it.
-    """
-    import sep
-
-    if "pixel buffer full" not in str(exc):
-        return False
-    with _pixstack_lock:
-        now = sep.get_extract_pixstack()
-        if now >= _SEP_PIXSTACK:
-            return False
-        sep.set_extract_pixstack(min(_SEP_PIXSTACK, now * 10))
-    return True
 #: Range of the Moffat wing parameter u = 1/beta (beta from 50, almost Gaussian, to 1.25).
 _U_MIN, _U_MAX = 0.02, 0.8
 
@@ -317,6 +299,26 @@ def luminance(data: np.ndarray, pattern: str | None = None, *, bin2: bool = Fals
 
 
 # --------------------------------------------------------------------------- detection
+
+
+def _grow_pixstack(exc: Exception) -> bool:
+    """After sep's "pixel buffer full": raise its (process-wide) buffer tenfold, up to
+    :data:`_SEP_PIXSTACK`; True when it was raised (the extraction is worth repeating).
+
+    sep allocates the whole buffer on every extraction: its default (300 000 pixels)
+    costs ~3 ms on a 0.25 MP image, 3 000 000 costs ~50 ms and 100 MB of page faults,
+    so it grows only for the frames that need it.
+    """
+    import sep
+
+    if "pixel buffer full" not in str(exc):
+        return False
+    with _pixstack_lock:
+        now = sep.get_extract_pixstack()
+        if now >= _SEP_PIXSTACK:
+            return False
+        sep.set_extract_pixstack(min(_SEP_PIXSTACK, now * 10))
+    return True
 
 
 def _empty(shape: tuple[int, int], binning: int, background: float = float("nan"),

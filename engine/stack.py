@@ -849,7 +849,8 @@ def _blend_landscape(image: np.ndarray, count: np.ndarray, coverage: np.ndarray,
         blend = wc * np.nan_to_num(land[c] + shift[c])
         blend += (1.0 - wc) * np.nan_to_num(image[c])
         np.copyto(out[c], blend, where=land_ok[c])  # elsewhere the sky, NaN where neither has data
-        w0 = wc if c == 0 else w0
+        if c == 0:
+            w0 = wc  # the first channel's weight decides whose counts a pixel reports
     mine = (w0 > 0.5) & np.isfinite(land_kept)
     cov = np.where(mine, n, coverage).astype(coverage.dtype)
     kept = np.where(mine, np.nan_to_num(land_kept), count).astype(count.dtype)
