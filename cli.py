@@ -441,9 +441,9 @@ def _stack_options(p: argparse.ArgumentParser, *, batch: bool = False) -> None:
     g.add_argument("--max-fwhm", type=float, help="reject frames with a larger median FWHM in pixels (default: none)")
     g.add_argument("--min-stars", type=int, default=15, help="reject frames with fewer stars (default: %(default)s)")
     g.add_argument("--debayer", default=StackConfig.debayer, choices=("bilinear", "rcd", "superpixel"),
-                   help="colour reconstruction: bilinear (keeps every star's flux), RCD (sharper, ~0.7x the "
-                        "colour noise, but sharp stars lose 1-4 %% of their flux) or super-pixel (half size) "
-                        "(default: %(default)s)")
+                   help="colour reconstruction: RCD (sharp, ~0.7x bilinear's colour noise; sharp stars gain "
+                        "0.5-2 %% of flux), bilinear (linear in the flux: for photometry) or super-pixel (half "
+                        "size) (default: %(default)s)")
     g.add_argument("--no-wb", action="store_true", help="do not apply the camera white balance")
     g.add_argument("--interpolation", default="lanczos3", choices=("lanczos3", "bilinear"),
                    help="resampling when frames are aligned (default: %(default)s)")

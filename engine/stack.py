@@ -45,7 +45,7 @@ class StackConfig:
     max_iter: int = 10
     normalization: str = "additive+scale"
     weighting: str = "noise"  # inverse noise variance after normalisation (normalize.frame_weights)
-    debayer: str = "bilinear"
+    debayer: str = "rcd"  # sharpest, least colour noise at equal resolution (bench/RESULTS.md, issue 13)
     apply_wb: bool = True
     interpolation: str = "lanczos3"
     transform_model: str = "auto"

@@ -94,16 +94,33 @@ def test_weighted_noise_improves_as_theory_predicts(session, sky):
     assert abs(ratio / theory - 1) < 0.10 and abs(ratio - theory) < 0.02, (ratio, theory)
 
 
-def test_scale_follows_the_signal_not_the_noise(session):
+@pytest.fixture(scope="module")
+def bilinear_session(session, tmp_path_factory):
+    """The same lights registered with the bilinear debayer (linear in the star flux)."""
     truth, reg = session
+    reg_b = register_session(discover_session(truth.root),
+                             StackConfig(quiet=True, debayer="bilinear",
+                                         cache_dir=str(tmp_path_factory.mktemp("cb"))))
+    yield truth, reg_b
+    reg_b.close()
+
+
+@pytest.mark.parametrize("debayer, tol", [("rcd", 0.04), ("bilinear", 0.03)])
+def test_scale_follows_the_signal_not_the_noise(request, debayer, tol):
+    """The star-flux ratio is the truth's transparency ratio, for the noisy light too (the
+    dispersion ratio, the old scale, reads ~1.95 for it: its signal would be halved).
+
+    RCD (the default debayer) is not linear in a sharp star's flux: its ratio-corrected
+    green gains 0.5-1.9 % on stars of 1.8-4 px FWHM, with the seeing, so the frames'
+    ratios carry up to ~3 % of seeing (measured 3.1 % on light 4 here, bilinear 1.4 %).
+    """
+    truth, reg = request.getfixturevalue("session" if debayer == "rcd" else "bilinear_session")
     ap = normalize.star_apertures(reg.frame(reg.ref))
     assert len(ap.boxes) >= normalize.MIN_SIGNAL_STARS
     t = np.array([lt.transparency for lt in truth.lights])
     for i in reg.used:
         ratio = normalize.signal_ratios(reg.frame(i), ap)
-        # the star flux ratio is the truth's transparency ratio, for the noisy light too
-        # (the dispersion ratio, today's scale, reads ~1.95 for it: its signal would be halved)
-        assert ratio == pytest.approx(t[i] / t[reg.ref], rel=0.03), (i, ratio)
+        assert ratio == pytest.approx(t[i] / t[reg.ref], rel=tol), (i, ratio)
 
 
 def test_highpass_noise_ignores_level_and_gradient(rng):
