@@ -301,6 +301,35 @@ def luminance(data: np.ndarray, pattern: str | None = None, *, bin2: bool = Fals
 # --------------------------------------------------------------------------- detection
 
 
+def _detection_image(lum: Any) -> np.ndarray:
+    """The binned detection image on the host, sent as float16 around its sky: 0.5 byte per light pixel.
+
+    The image minus an offset (the median of a fixed subsample: one of its
+    values, so NumPy and CuPy agree exactly), scaled by a power of two that puts
+    its largest deviation below 32768, is rounded to float16 where ``lum`` is
+    and restored to float32 on the host. The rounding is relative (2^-11 of each
+    deviation from the sky), far below the noise for any 16-bit frame; the
+    stars' measurement reads the full-precision mosaic, not this image. Host
+    frames take the same rounding, so both paths detect the same stars.
+    """
+    from skystack.engine.backend import array_module, to_host
+
+    xp = array_module(lum)
+    flat = lum.ravel()
+    sample = xp.sort(flat[:: max(1, flat.size // 4095)][:4095])  # NaN sorts last on both
+    n_finite = int(to_host(xp.isfinite(sample).sum()))
+    offset = np.float32(to_host(sample[n_finite // 2])) if n_finite else np.float32(0.0)
+    dev = lum - xp.float32(offset)
+    peak = float(to_host(xp.nanmax(xp.abs(dev)))) if n_finite else 0.0
+    scale = np.float32(2.0 ** math.ceil(math.log2(peak / 32768.0))) if math.isfinite(peak) and peak > 0 \
+        else np.float32(1.0)
+    half = (dev * xp.float32(1.0 / scale)).astype(xp.float16)
+    out = to_host(half).astype(np.float32)
+    out *= scale
+    out += offset
+    return out
+
+
 def _grow_pixstack(exc: Exception) -> bool:
     """After sep's "pixel buffer full": raise its (process-wide) buffer tenfold, up to
     :data:`_SEP_PIXSTACK`; True when it was raised (the extraction is worth repeating).
@@ -721,7 +750,7 @@ def detect_stars(image: np.ndarray, *, pattern: str | None = None,
         lum = _bin2(lum_full) if cfg.bin2 else lum_full.copy()
     else:
         lum = luminance(image, pattern, bin2=cfg.bin2)
-    lum = np.ascontiguousarray(to_host(lum), dtype=np.float32)
+    lum = _detection_image(lum) if binning == 2 else np.ascontiguousarray(to_host(lum), dtype=np.float32)
     bad = ~np.isfinite(lum)
     if bad.all():
         return _empty(shape, binning)

@@ -123,6 +123,27 @@ def test_luminance_bins_cfa_tiles_and_averages_colour():
 
 # --------------------------------------------------------------------------- positions and FWHM
 
+def test_detection_image_rounds_each_deviation_from_the_sky_by_2e_11_at_most(rng):
+    """The binned detection image travels as float16 around its sky: every pixel comes back
+    within 2^-11 of its deviation from the sky (float64 reference), NaN stays NaN, and a
+    65535-ADU star on a 1000-ADU sky neither overflows nor costs the sky's noise any precision."""
+    from skystack.engine.detect import _detection_image
+
+    img = rng.normal(1000.0, 3.0, (200, 300)).astype(np.float32)
+    img[50, 60] = 65535.0
+    img[10, :5] = np.nan
+    got = _detection_image(img).astype(np.float64)
+    sky = np.median(img[np.isfinite(img)])
+    dev = np.abs(img.astype(np.float64) - sky)
+    ok = np.isfinite(img)
+    assert np.array_equal(np.isfinite(got), ok)
+    err = np.abs(got[ok] - img[ok])
+    assert np.all(err <= 2.0 ** -11 * dev[ok] + 1e-4), err.max()  # + float32 rounding at 1000
+    assert got[50, 60] == pytest.approx(65535.0, rel=2.0 ** -11)
+    sky_px = ok & (dev < 15.0)
+    assert np.sqrt(np.mean((got[sky_px] - img[sky_px]) ** 2)) < 0.01 * 3.0  # < 1 % of the noise
+
+
 
 @pytest.mark.parametrize("fwhm", [2.5, 4.0, 6.0])
 def test_gaussian_stars_positions_and_fwhm(rng, fwhm):

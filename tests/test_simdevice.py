@@ -228,7 +228,8 @@ def test_detection_on_the_device_equals_the_hosts(sim, night):
     for f in ("x", "y", "flux", "fwhm", "ellipticity", "pos_err", "flag"):
         np.testing.assert_array_equal(getattr(got, f), getattr(host, f), err_msg=f)
     assert got.noise == host.noise and got.n_total == host.n_total
-    assert sim.d2h_bytes < 0.5 * x.nbytes, sim.d2h  # the binned image is a quarter of it
+    # the binned detection image as float16 (an eighth of the mosaic) and the stars' stamps
+    assert sim.d2h_bytes < 0.3 * x.nbytes, sim.d2h
     sim.reset()
     assert normalize.highpass_noise(dev, step=2) == normalize.highpass_noise(x, step=2)
     assert sim.d2h_bytes < 1024, sim.d2h  # numbers only (a few dozen scalars)
