@@ -113,6 +113,16 @@ def block_mean(img, b: int):
         return xp.nanmean(blocks, axis=(1, 3)).astype(xp.float32)
 
 
+def small_frames(get, indices: list[int], b: int) -> dict[int, np.ndarray]:
+    """``{i: block_mean(get(i), b)}`` on the host, the frames read on the cores.
+
+    At most :data:`N_FRAMES` frames of at most :data:`SMALL_PIXELS` each cross
+    from a device per session, whatever the frame count and size."""
+    from skystack.engine.backend import to_host
+
+    return dict(zip(indices, _map_threads(lambda i: to_host(block_mean(get(i), b)), indices)))
+
+
 class _quiet:
     """Silence NumPy's all-NaN RuntimeWarnings inside a block."""
 

@@ -744,7 +744,6 @@ def _foreground(config: StackConfig, store, used: list[int], ref: int, transform
                 motion: float, shape: tuple[int, int], lights: list[Path], star_xy: np.ndarray):
     """The landscape of the session (``--foreground auto|none|MASK``), written to ``--save-mask`` if asked."""
     from skystack.engine import foreground as fgm
-    from skystack.engine.backend import to_host
     from skystack.engine.register import _spread
 
     if config.foreground == "none":
@@ -756,7 +755,7 @@ def _foreground(config: StackConfig, store, used: list[int], ref: int, transform
     else:
         b = fgm.small_bin(shape)
         pick = sorted(set(_spread(used, fgm.N_FRAMES - 1)) | {ref})
-        small = dict(zip(pick, fgm._map_threads(lambda i: to_host(fgm.block_mean(store.get(i), b)), pick)))
+        small = fgm.small_frames(store.get, pick, b)
         fg = fgm.detect_foreground(small, {i: transforms[i] for i in pick}, shape, b, lens=lens, motion_px=motion,
                                    star_xy=star_xy)
     if config.save_mask:

@@ -126,12 +126,15 @@ def test_kernel_compile_error_at_launch_is_one_line(sim, monkeypatch):
     assert "\n" not in str(err.value) and "cuda_fp16.h" in str(err.value)
 
 
-@pytest.fixture(scope="module")
-def night(tmp_path_factory):
-    root = tmp_path_factory.mktemp("simnight")
-    simulate(SynthConfig(seed=7, width=640, height=480, n_lights=6, n_bias=3, n_darks=3, n_flats=3,
+def _simnight(root, n_lights: int):
+    simulate(SynthConfig(seed=7, width=640, height=480, n_lights=n_lights, n_bias=3, n_darks=3, n_flats=3,
                          n_dark_flats=0, exposure_s=20.0, sky_adu_s=(13.0, 15.0, 11.0)), root)
     return root
+
+
+@pytest.fixture(scope="module")
+def night(tmp_path_factory):
+    return _simnight(tmp_path_factory.mktemp("simnight"), 6)
 
 
 @pytest.mark.parametrize("backend, launches", [("gpu", True), ("cpu", False)])
@@ -150,6 +153,10 @@ def test_master_honours_backend(sim, night, tmp_path, backend, launches):
 @pytest.fixture(scope="module")
 def gpu_stack(night, tmp_path_factory):
     """``skystack --backend gpu stack`` in its own process on the simulated device, with its counters."""
+    return _gpu_stack(night, tmp_path_factory)
+
+
+def _gpu_stack(night, tmp_path_factory):
     import json
     import os
     import subprocess
@@ -280,12 +287,27 @@ def test_vram_store_and_host_store_give_the_same_stack(sim, night, tmp_path, mon
     np.testing.assert_array_equal(images[0], images[1])
 
 
-@pytest.mark.xfail(reason="needs the star detection itself on the device (issue 15's device pipeline): "
-                          "today its binned image comes down to sep",
-                   strict=True)
-def test_cli_gpu_stack_bytes_per_light_pixel_target(gpu_stack, night):
-    up, down = _per_light_pixel(gpu_stack[1], night)
-    assert up <= 2.5 and down <= 1.0, (up, down)
+#: Call sites whose bytes are per session: the masters, and the landscape detector's small
+#: frames (foreground.small_frames: at most N_FRAMES frames of SMALL_PIXELS, whatever the session).
+_PER_SESSION = ("masters.py:", "foreground.py:")
+
+
+def _totals(stats) -> tuple[int, int]:
+    return tuple(sum(v for k, v in stats[d].items() if not k.startswith(_PER_SESSION))
+                 for d in ("h2d_sites", "d2h_sites"))
+
+
+@pytest.mark.xfail(reason="the stars' measurement stamps still come down (0.73 B per added light pixel here)", strict=True)
+def test_cli_gpu_stack_bytes_per_light_pixel_target(gpu_stack, night, tmp_path_factory):
+    """Bytes each way per light pixel, per light: the same night with 4 more lights, through the
+    same CLI, costs at most 2.5 B up and 1 B down per pixel of each added light (masters, the
+    reference's apertures and the results are per session: they cancel in the difference)."""
+    more = _gpu_stack(_simnight(tmp_path_factory.mktemp("simnight10"), 10), tmp_path_factory)
+    px = 4 * 640 * 480
+    (up6, down6), (up10, down10) = _totals(gpu_stack[1]), _totals(more[1])
+    up, down = (up10 - up6) / px, (down10 - down6) / px
+    assert up <= 2.5 and down <= 1.0, (up, down, {"per session up": up6 / 640 / 480 - 6 * up,
+                                                  "per session down": down6 / 640 / 480 - 6 * down})
 
 
 def test_bench_reports_gpu_traffic_on_the_simulated_device(sim, tmp_path):
