@@ -152,9 +152,11 @@ def debayer(cfa, pattern: str | None, *, method: str = "bilinear",
     method = str(method).lower()
     if method not in METHODS:
         raise SkystackError(f"unknown debayer method {method!r}; choose one of {', '.join(METHODS)}")
+    h, w = cfa.shape
+    if h * w >= 2**31:  # the kernels index pixels with 32-bit integers
+        raise SkystackError(f"debayer: a {h}x{w} mosaic has 2^31 pixels or more; split it into tiles")
     if wb is not None:
         cfa = _apply_wb(cfa, code, wb)
-    h, w = cfa.shape
     if method == "superpixel":
         return _superpixel(cfa, code)
     if method == "rcd" and min(h, w) >= 5:

@@ -65,8 +65,8 @@ extern "C" __global__ void debayer_wb_kernel(float* out, const float* cfa, long 
                                              float wr, float wg, float wb) {
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
          i += (long long)blockDim.x * gridDim.x) {
-        int y = (int)(i / W);
-        int x = (int)(i - (long long)y * W);
+        int y = (int)i / W;  // 32-bit division: H * W < 2^31 (debayer.debayer checks)
+        int x = (int)i - y * W;
         int c = db_colour(pat, y, x);
         float w = (c == 0) ? wr : ((c == 1) ? wg : wb);
         out[i] = cfa[i] * w;
@@ -78,8 +78,8 @@ extern "C" __global__ void debayer_bilinear_kernel(float* out, const float* cfa,
     long long n = (long long)H * W;
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
          i += (long long)blockDim.x * gridDim.x) {
-        int y = (int)(i / W);
-        int x = (int)(i - (long long)y * W);
+        int y = (int)i / W;  // 32-bit division: H * W < 2^31 (debayer.debayer checks)
+        int x = (int)i - y * W;
         for (int c = 0; c < 3; ++c) out[c * n + i] = db_bilinear_at(cfa, H, W, pat, y, x, c);
     }
 }
@@ -134,8 +134,8 @@ extern "C" __global__ void rcd_hpf_kernel(float* hv, float* hh, float* hp, float
     long long n = (long long)H * W;
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
          i += (long long)blockDim.x * gridDim.x) {
-        int y = (int)(i / W);
-        int x = (int)(i - (long long)y * W);
+        int y = (int)i / W;  // 32-bit division: H * W < 2^31 (debayer.debayer checks)
+        int x = (int)i - y * W;
         hv[i] = rcd_hpf2(cfa, H, W, y, x, 1, 0);
         hh[i] = rcd_hpf2(cfa, H, W, y, x, 0, 1);
         hp[i] = rcd_hpf2(cfa, H, W, y, x, 1, 1);
@@ -150,8 +150,8 @@ extern "C" __global__ void rcd_dir_kernel(float* vhdir, float* pqdir, float* lpf
     long long n = (long long)H * W;
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
          i += (long long)blockDim.x * gridDim.x) {
-        int y = (int)(i / W);
-        int x = (int)(i - (long long)y * W);
+        int y = (int)i / W;  // 32-bit division: H * W < 2^31 (debayer.debayer checks)
+        int x = (int)i - y * W;
         float vs = fmaxf(DB_EPSSQ, (db_at(hv, H, W, y, x, -1, 0) + hv[i]) + db_at(hv, H, W, y, x, 1, 0));
         float hs = fmaxf(DB_EPSSQ, (db_at(hh, H, W, y, x, 0, -1) + hh[i]) + db_at(hh, H, W, y, x, 0, 1));
         vhdir[i] = vs / (vs + hs);
@@ -193,8 +193,8 @@ extern "C" __global__ void rcd_green_kernel(float* out, const float* cfa, const 
     long long n = (long long)H * W;
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
          i += (long long)blockDim.x * gridDim.x) {
-        int y = (int)(i / W);
-        int x = (int)(i - (long long)y * W);
+        int y = (int)i / W;  // 32-bit division: H * W < 2^31 (debayer.debayer checks)
+        int x = (int)i - y * W;
         int col = db_colour(pat, y, x);
         if (col == 1) {
             out[n + i] = cfa[i];
@@ -235,8 +235,8 @@ extern "C" __global__ void rcd_rb_kernel(float* out, const float* cfa, const flo
     const float* G = out + n;
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
          i += (long long)blockDim.x * gridDim.x) {
-        int y = (int)(i / W);
-        int x = (int)(i - (long long)y * W);
+        int y = (int)i / W;  // 32-bit division: H * W < 2^31 (debayer.debayer checks)
+        int x = (int)i - y * W;
         int col = db_colour(pat, y, x);
         if (col == 1) continue;
         int c = 2 - col;
@@ -271,8 +271,8 @@ extern "C" __global__ void rcd_rbg_kernel(float* out, const float* cfa, const fl
     const float* G = out + n;
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
          i += (long long)blockDim.x * gridDim.x) {
-        int y = (int)(i / W);
-        int x = (int)(i - (long long)y * W);
+        int y = (int)i / W;  // 32-bit division: H * W < 2^31 (debayer.debayer checks)
+        int x = (int)i - y * W;
         if (db_colour(pat, y, x) != 1) continue;
         float g0 = G[i];
         float d = rcd_disc(vhdir, H, W, y, x);
