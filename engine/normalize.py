@@ -32,6 +32,7 @@ reference's noise for every frame, so ``noise`` weights all came out 1.
 
 from __future__ import annotations
 
+import math
 import threading
 from dataclasses import dataclass, field
 from typing import Any
@@ -134,11 +135,13 @@ def _grid_noise(x: Any, sample: int) -> float:
     return _clipped_mad_sigma(xp, r.astype(xp.float64)) / float(np.sqrt(1.25))
 
 
-def robust_stats(image: Any, *, sample: int = 200_000) -> FrameStats:
+def robust_stats(image: Any, *, sample: int = 200_000, scale_sample: int | None = None) -> FrameStats:
     """Median, and the clipped MAD-sigma of the background-flattened frame, per channel.
 
     ``image`` is ``(C,H,W)`` or ``(H,W)`` (NumPy or CuPy: computed where it
-    is, only the numbers leave the device); NaNs are ignored.
+    is, only the numbers leave the device); NaNs are ignored. The median reads
+    about ``sample`` pixels, the MAD-sigma as many in whole rows, or about
+    ``scale_sample`` on a grid of every k-th row and column.
     """
     from skystack.engine.backend import array_module
 
@@ -151,8 +154,13 @@ def robust_stats(image: Any, *, sample: int = 200_000) -> FrameStats:
         flat = plane.ravel()[::step]
         flat = flat[xp.isfinite(flat)]
         locs.append(float(xp.median(flat)) if flat.size else np.nan)
-        # Sub-sample rows for the scale so that large frames stay cheap.
-        v = _flatten_background(plane[::step]).ravel()
+        # Sub-sample rows (or rows and columns, for a scale_sample) so that large frames stay cheap.
+        if scale_sample is None:
+            sub = plane[::step]
+        else:
+            k = max(1, math.isqrt(plane.size // scale_sample))
+            sub = plane[::k, ::k]
+        v = _flatten_background(sub).ravel()
         v = v[xp.isfinite(v)]
         scales.append(_clipped_mad_sigma(xp, v) if v.size else np.nan)
     return FrameStats(location=np.asarray(locs, np.float64), scale=np.asarray(scales, np.float64))
@@ -339,6 +347,12 @@ def signal_ratios(image: np.ndarray, ap: StarApertures) -> np.ndarray:
     return out
 
 
+#: Pixels (every k-th of each row and column) each registered frame's dispersion is measured on. It is only the
+#: fallback (the scale when a frame has no star-flux ratio, the weight when a frame has no noise
+#: measure), so ~40k pixels do (+-0.7 %), at a fifth of the cost of the median's 200k.
+FALLBACK_SCALE_SAMPLE = 40_000
+
+
 def frame_measures(image: np.ndarray, ap: StarApertures) -> tuple[FrameStats, np.ndarray]:
     """What normalisation needs of one registered frame: :func:`robust_stats` and :func:`signal_ratios`.
 
@@ -354,7 +368,7 @@ def frame_measures(image: np.ndarray, ap: StarApertures) -> tuple[FrameStats, np
     (FrameStats, ndarray)
         Its statistics and its ``(C,)`` star-flux ratio to the reference.
     """
-    return robust_stats(image), signal_ratios(image, ap)
+    return robust_stats(image, scale_sample=FALLBACK_SCALE_SAMPLE), signal_ratios(image, ap)
 
 
 def normalization_factors(stats: list[FrameStats], ref: int, method: str,
