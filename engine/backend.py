@@ -224,14 +224,14 @@ def native_mode() -> str:
 
 
 def run_cpu(source: str, kernel: str, n_items: int, twin: Any, native: Any, *,
-            defines: Sequence[str] = ()) -> Any:
+            defines: Sequence[str] = (), min_items: int = NATIVE_MIN_ITEMS) -> Any:
     """Run an operation's CPU branch: its NumPy twin, or its kernel compiled natively.
 
     The native build (:mod:`skystack.kernels.native`: the same CUDA source at
     ``-O3``, blocks over the cores) is used where a C++ compiler exists and,
     under the default ``SKYSTACK_NATIVE=auto``, where it ran faster than the
     twin: the first launch of each kernel (and defines) with at least
-    :data:`NATIVE_MIN_ITEMS` items runs both, keeps the twin's result (the
+    ``min_items`` items runs both, keeps the twin's result (the
     reference) and remembers the faster for the rest of the process. The
     native launch is timed after a warm-up launch, on the cores its thread
     will have (all of them, or their share under :func:`cpu_workers`, against
@@ -245,6 +245,10 @@ def run_cpu(source: str, kernel: str, n_items: int, twin: Any, native: Any, *,
     ----------
     source, kernel, n_items, defines :
         As for :func:`launch` (``n_items`` only sizes the benchmark).
+    min_items : int
+        Fewest items of a launch that may be timed (default :data:`NATIVE_MIN_ITEMS`,
+        for kernels with a thread per pixel); a kernel whose item is heavy (a star's
+        whole stamp, in ``detect.cu``) gives less.
     twin : callable
         ``twin()`` computes the result with NumPy.
     native : callable
@@ -278,12 +282,13 @@ def run_cpu(source: str, kernel: str, n_items: int, twin: Any, native: Any, *,
         return twin()
     if choice == "native" or mode == "on":
         return _native_call(native, module)
-    if n_items < NATIVE_MIN_ITEMS:
+    if n_items < min_items:
         return twin()
     with _bench_lock:
         if key not in _native_choice:
             return _benchmark(key, twin, native, module)
-    return run_cpu(source, kernel, n_items, twin, native, defines=defines)  # another thread benchmarked it
+    return run_cpu(source, kernel, n_items, twin, native, defines=defines,  # another thread benchmarked it
+                   min_items=min_items)
 
 
 _workers = threading.local()
