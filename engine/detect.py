@@ -65,6 +65,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from skystack.engine.backend import array_module, is_device_array, launch, run_cpu, to_host
+
 #: 2 * sqrt(2 ln 2): FWHM of a Gaussian of unit sigma.
 GAUSS_FWHM = 2.0 * math.sqrt(2.0 * math.log(2.0))
 
@@ -588,8 +590,6 @@ def _window_measure(img: Any, x: np.ndarray, y: np.ndarray, sigma_w: float, site
 
     Returns ``x, y, cxx, cyy, cxy, pos_err, ok`` (image pixels).
     """
-    from skystack.engine.backend import array_module, is_device_array, launch, run_cpu
-
     x = np.ascontiguousarray(x, dtype=np.float64)
     y = np.ascontiguousarray(y, dtype=np.float64)
     args = (sigma_w, sites, noise_pix, n_iter)
@@ -609,8 +609,6 @@ def _window_measure(img: Any, x: np.ndarray, y: np.ndarray, sigma_w: float, site
 def _window_launch(run, xp, img, x, y, sigma_w: float, sites: int, noise_pix: float, n_iter: int):
     """Launch ``window_measure`` through ``run(kernel, n_items, args)`` on ``img`` (float32, of ``xp``);
     the star positions go up, the ``(7, N)`` outputs come down."""
-    from skystack.engine.backend import to_host
-
     n = int(x.size)
     if n == 0:
         z = np.zeros(0)
