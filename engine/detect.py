@@ -8,8 +8,9 @@ itself. The background mesh is subtracted first.
 
 Each detection is then measured on the **full-resolution data** by a windowed
 centroid (SExtractor's XWIN: the fixed point of a Gaussian-weighted first moment,
-vectorised over all stars, with the window matched to the median star) and
-window-corrected second moments. On a CFA mosaic every Bayer site gets its own
+with the window matched to the median star) and window-corrected second moments:
+the ``window_measure`` kernel of ``kernels/detect.cu`` (a thread per star, on the
+device or compiled for the CPU) or its vectorised NumPy twin. On a CFA mosaic every Bayer site gets its own
 sky level and is divided by its share of the star's light, so a star's colour
 cannot pull its centroid towards the red or blue pixels (the 2x2 binned image
 alone would bias a coloured star by up to half a pixel); the diagonal site pairs
@@ -573,8 +574,12 @@ def _fit_psf(img: np.ndarray, x: np.ndarray, y: np.ndarray, s2: np.ndarray,
 
 #: Kernel source of the star measurement.
 _SRC = "detect.cu"
-#: Fewest stars of a CPU launch that may time the native ``window_measure`` against its twin.
-_NATIVE_MIN_STARS = 64
+#: Fewest stars of a CPU launch that may time the native ``window_measure`` against its twin
+#: (a star is a whole stamp of work: the twin's fixed cost alone is ~10x the kernel's on 24 stars).
+_NATIVE_MIN_STARS = 16
+#: Threads per block of ``window_measure``: a launch has only hundreds of stars, so small
+#: blocks spread them over the multiprocessors of a GPU.
+_STAR_BLOCK = 32
 
 
 def _window_measure(img: Any, x: np.ndarray, y: np.ndarray, sigma_w: float, sites: int,
@@ -595,7 +600,7 @@ def _window_measure(img: Any, x: np.ndarray, y: np.ndarray, sigma_w: float, site
     args = (sigma_w, sites, noise_pix, n_iter)
     if is_device_array(img):
         xp = array_module(img)
-        return _window_launch(lambda kn, n, a: launch(_SRC, kn, n, a), xp,
+        return _window_launch(lambda kn, n, a: launch(_SRC, kn, n, a, block=_STAR_BLOCK), xp,
                               xp.ascontiguousarray(img, dtype=xp.float32), x, y, *args)
     dt = np.asarray(img).dtype
     if x.size == 0 or not (dt == np.float32 or (dt.kind in "uif" and dt.itemsize <= 2)):
@@ -603,7 +608,15 @@ def _window_measure(img: Any, x: np.ndarray, y: np.ndarray, sigma_w: float, site
     f32 = np.ascontiguousarray(img, dtype=np.float32)
     return run_cpu(_SRC, "window_measure", x.size,
                    lambda: _window_measure_numpy(img, x, y, sigma_w, sites, noise_pix, n_iter=n_iter),
-                   lambda mod: _window_launch(mod.launch, np, f32, x, y, *args), min_items=_NATIVE_MIN_STARS)
+                   lambda mod: _window_native(mod, f32, x, y, *args), min_items=_NATIVE_MIN_STARS)
+
+
+def _window_native(mod, img: np.ndarray, x: np.ndarray, y: np.ndarray, *args):
+    """``window_measure`` built for the host, on one core: a launch is a few hundred stars (~5 ms),
+    and an OpenMP team costs more than it saves there (2-core VM: 34 stars 0.6 ms on one core,
+    5.0 ms on two; 299 stars 5.3 against 8.2 ms); frames are detected in parallel already."""
+    mod.set_threads(1)
+    return _window_launch(lambda kn, n, a: mod.launch(kn, n, a, block=_STAR_BLOCK), np, img, x, y, *args)
 
 
 def _window_launch(run, xp, img, x, y, sigma_w: float, sites: int, noise_pix: float, n_iter: int):
