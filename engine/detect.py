@@ -574,9 +574,10 @@ def _fit_psf(img: np.ndarray, x: np.ndarray, y: np.ndarray, s2: np.ndarray,
 
 #: Kernel source of the star measurement.
 _SRC = "detect.cu"
-#: Fewest stars of a CPU launch that may time the native ``window_measure`` against its twin
-#: (a star is a whole stamp of work: the twin's fixed cost alone is ~10x the kernel's on 24 stars).
-_NATIVE_MIN_STARS = 16
+#: Fewest stars of a CPU launch that may time the native ``window_measure`` against its twin: the
+#: first launch decides, whatever its size (the twin's fixed cost alone is ~10x the kernel's on
+#: 24 stars), and returns the chosen one's result, so a process measures every star with one of them.
+_NATIVE_MIN_STARS = 1
 #: Threads per block of ``window_measure``: a launch has only hundreds of stars, so small
 #: blocks spread them over the multiprocessors of a GPU.
 _STAR_BLOCK = 32
@@ -608,7 +609,8 @@ def _window_measure(img: Any, x: np.ndarray, y: np.ndarray, sigma_w: float, site
     f32 = np.ascontiguousarray(img, dtype=np.float32)
     return run_cpu(_SRC, "window_measure", x.size,
                    lambda: _window_measure_numpy(img, x, y, sigma_w, sites, noise_pix, n_iter=n_iter),
-                   lambda mod: _window_native(mod, f32, x, y, *args), min_items=_NATIVE_MIN_STARS)
+                   lambda mod: _window_native(mod, f32, x, y, *args), min_items=_NATIVE_MIN_STARS,
+                   same_bits=False)
 
 
 def _window_native(mod, img: np.ndarray, x: np.ndarray, y: np.ndarray, *args):

@@ -413,9 +413,6 @@ def test_sep_pixel_buffer_grows_only_when_a_frame_needs_it(monkeypatch):
     for y, x in rng.uniform(40, h - 40, (60, 2)):
         img += (3000.0 * np.exp(-((yy - y) ** 2 + (xx - x) ** 2) / 4.5)).astype(np.float32)
     cfg = det.DetectConfig(bkg_box=512)  # a coarse background leaves the nebula above the threshold
-    # both calls measure with the twin (run_cpu could time the native kernel on the first
-    # and use it on the second: the same stars within rounding, not bit for bit)
-    monkeypatch.setenv("SKYSTACK_NATIVE", "off")
     sep.set_extract_pixstack(det._SEP_PIXSTACK)
     ref = det.detect_stars(img, config=cfg)
     sep.set_extract_pixstack(300_000)
