@@ -10,7 +10,8 @@ Each detection is then measured on the **full-resolution data** by a windowed
 centroid (SExtractor's XWIN: the fixed point of a Gaussian-weighted first moment,
 with the window matched to the median star) and window-corrected second moments:
 the ``window_measure`` kernel of ``kernels/detect.cu`` (a thread per star, on the
-device or compiled for the CPU) or its vectorised NumPy twin. On a CFA mosaic every Bayer site gets its own
+device or compiled for the CPU) or its vectorised NumPy twin. On a CFA mosaic
+every Bayer site gets its own
 sky level and is divided by its share of the star's light, so a star's colour
 cannot pull its centroid towards the red or blue pixels (the 2x2 binned image
 alone would bias a coloured star by up to half a pixel); the diagonal site pairs
@@ -660,15 +661,17 @@ def _window_measure_numpy(img: np.ndarray, x: np.ndarray, y: np.ndarray, sigma_w
     per axis propagates ``noise_pix`` (per-pixel sky noise) through the fixed
     point: ``var_x = sum (w dx)^2 s^2 / (S (1 - M_xx / sigma_w^2))^2``.
 
-    The kernel does the same float64 operations per star, but sums each star's
-    pixels in row-major order (NumPy sums pairwise) and forms the window as the
+    The kernel does the same float64 operations per star, but sums a star's
+    pixels in row-major order (per Bayer site in the iteration, the four sums then
+    weighted by the site gains; NumPy sums pairwise) and forms the window as the
     product of its x and y factors (``exp(-dx^2/2s^2) exp(-dy^2/2s^2)``, here one
-    ``exp``); the sky medians are the same values. So the two agree to rounding,
-    not bit for bit. Tolerance, for the stars the twin calls ``ok`` (tested in
-    ``tests/test_detect_kernel.py``): ``ok`` identical; ``x, y`` within 1e-9 px;
-    ``cxx, cyy, cxy`` and ``pos_err`` within 1e-9 relative. (Both stop iterating
-    when a step is under 1e-5 px: a step within rounding of that threshold could
-    stop one of them a step earlier, a change far below 1e-5 px.)
+    ``exp``); the sky medians are the same values. So the two agree to rounding
+    (~1e-14), not bit for bit. Tolerance, for the stars the twin calls ``ok``
+    (tested in ``tests/test_detect_kernel.py``): ``ok`` identical; ``x, y`` within
+    1e-9 px; ``cxx, cyy`` and ``pos_err`` within 1e-9 relative, ``cxy`` within 1e-9
+    of ``sqrt(cxx cyy)``. (Both stop iterating when a step is under 1e-5 px: a
+    step within rounding of that threshold would stop one of them a step earlier,
+    a change beyond the tolerance but far below 1e-5 px; the tests never met one.)
 
     Returns ``x, y, cxx, cyy, cxy, pos_err, ok`` (image pixels).
     """

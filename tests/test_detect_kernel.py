@@ -92,6 +92,17 @@ def test_emulated_kernel_equals_twin_and_finds_the_true_centres(rng, sites, sigm
         assert abs(np.median(size[got[6]]) - SIGMA) < 0.05
 
 
+@pytest.mark.gpu
+def test_device_window_measure_equals_twin(rng):
+    """On a device frame (a GPU, or the simulated device) the kernel's measures are the twin's."""
+    import cupy
+
+    img, _, _, x, y = _scene(rng)
+    got = detect._window_measure(cupy.asarray(img), x, y, 1.5, 4, NOISE)
+    assert all(isinstance(a, np.ndarray) for a in got)  # the measures come down, nothing else
+    assert_within_tolerance(got, detect._window_measure_numpy(img, x, y, 1.5, 4, NOISE))
+
+
 def test_kernel_edge_cases_equal_twin(rng):
     """A star on no data, one outside the frame, one on a flat sky: not ok in both; the rest as the twin."""
     img, _, _, x, y = _scene(rng)
