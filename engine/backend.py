@@ -224,14 +224,14 @@ def native_mode() -> str:
 
 
 def run_cpu(source: str, kernel: str, n_items: int, twin: Any, native: Any, *,
-            defines: Sequence[str] = ()) -> Any:
+            defines: Sequence[str] = (), min_items: int = NATIVE_MIN_ITEMS, same_bits: bool = True) -> Any:
     """Run an operation's CPU branch: its NumPy twin, or its kernel compiled natively.
 
     The native build (:mod:`skystack.kernels.native`: the same CUDA source at
     ``-O3``, blocks over the cores) is used where a C++ compiler exists and,
     under the default ``SKYSTACK_NATIVE=auto``, where it ran faster than the
     twin: the first launch of each kernel (and defines) with at least
-    :data:`NATIVE_MIN_ITEMS` items runs both, keeps the twin's result (the
+    ``min_items`` items runs both, keeps the twin's result (the
     reference) and remembers the faster for the rest of the process. The
     native launch is timed after a warm-up launch, on the cores its thread
     will have (all of them, or their share under :func:`cpu_workers`, against
@@ -245,6 +245,15 @@ def run_cpu(source: str, kernel: str, n_items: int, twin: Any, native: Any, *,
     ----------
     source, kernel, n_items, defines :
         As for :func:`launch` (``n_items`` only sizes the benchmark).
+    min_items : int
+        Fewest items of a launch that may be timed (default :data:`NATIVE_MIN_ITEMS`,
+        for kernels with a thread per pixel); a kernel whose item is heavy (a star's
+        whole stamp, in ``detect.cu``) gives less.
+    same_bits : bool
+        Whether the native kernel gives the twin's bits. When it agrees only within
+        a tolerance (False), the timed launch returns the result of the one chosen,
+        so every launch of the process gives that one's numbers (a stack run twice
+        in one process gives the same bits).
     twin : callable
         ``twin()`` computes the result with NumPy.
     native : callable
@@ -278,12 +287,13 @@ def run_cpu(source: str, kernel: str, n_items: int, twin: Any, native: Any, *,
         return twin()
     if choice == "native" or mode == "on":
         return _native_call(native, module)
-    if n_items < NATIVE_MIN_ITEMS:
+    if n_items < min_items:
         return twin()
     with _bench_lock:
         if key not in _native_choice:
-            return _benchmark(key, twin, native, module)
-    return run_cpu(source, kernel, n_items, twin, native, defines=defines)  # another thread benchmarked it
+            return _benchmark(key, twin, native, module, same_bits)
+    return run_cpu(source, kernel, n_items, twin, native, defines=defines,  # another thread benchmarked it
+                   min_items=min_items, same_bits=same_bits)
 
 
 _workers = threading.local()
@@ -323,10 +333,10 @@ def _native_call(native: Any, module: Any) -> Any:
             _native_active -= 1
 
 
-def _benchmark(key: tuple, twin: Any, native: Any, module: Any) -> Any:
+def _benchmark(key: tuple, twin: Any, native: Any, module: Any, same_bits: bool = True) -> Any:
     """Time ``native`` (after a warm-up, on this thread's share of the cores) against ``twin``.
 
-    Remembers the faster for ``key``; returns the twin's result.
+    Remembers the faster for ``key``; returns the twin's result (the faster's unless ``same_bits``).
     """
     import logging
     import time
@@ -337,11 +347,11 @@ def _benchmark(key: tuple, twin: Any, native: Any, module: Any) -> Any:
     module.set_threads(share)
     native(module)  # warm-up: the first launch pays for page faults and the OpenMP start-up
     t0 = time.perf_counter()
-    native(module)
+    native_result = native(module)
     t1 = time.perf_counter()
     result = twin()
     t2 = time.perf_counter()
     _native_choice[key] = "native" if t1 - t0 < t2 - t1 else "twin"
     logging.getLogger(__name__).debug("%s: native %.4f s on %d core(s), twin %.4f s -> %s", key[1], t1 - t0,
                                       share, t2 - t1, _native_choice[key])
-    return result
+    return native_result if not same_bits and _native_choice[key] == "native" else result
