@@ -35,6 +35,10 @@ __device__ __forceinline__ float db_at(const float* a, int H, int W, int y, int 
     return a[(long long)yy * W + xx];
 }
 
+// db_at inside a kernel's grid-stride loop (item i at (y, x), `in` true when the pixel is at
+// least 4 from every edge): a plain load there, the reflected one near the edges.
+#define DB_AT(a, dy, dx) (in ? (a)[i + (long long)((dy) * W + (dx))] : db_at((a), H, W, y, x, (dy), (dx)))
+
 // Bilinear estimate of channel c at (y, x): the sample itself when the pixel
 // has colour c, else the mean of the finite same-colour pixels among its 8
 // neighbours (row-major order), NaN when there are none.
@@ -121,10 +125,17 @@ extern "C" __global__ void debayer_superpixel_kernel(float* out, const float* cf
 // Squared colour-difference high-pass of the CFA along a direction (sy, sx):
 // ((c[-3] - c[-1] - c[+1] + c[+3]) - 3 (c[-2] + c[+2]) + 6 c[0])^2
 __device__ float rcd_hpf2(const float* cfa, int H, int W, int y, int x, int sy, int sx) {
-    float t = (db_at(cfa, H, W, y, x, -3 * sy, -3 * sx) - db_at(cfa, H, W, y, x, -sy, -sx)
-               - db_at(cfa, H, W, y, x, sy, sx) + db_at(cfa, H, W, y, x, 3 * sy, 3 * sx))
-              - 3.0f * (db_at(cfa, H, W, y, x, -2 * sy, -2 * sx) + db_at(cfa, H, W, y, x, 2 * sy, 2 * sx))
-              + 6.0f * cfa[(long long)y * W + x];
+    float m3, m2, m1, p1, p2, p3;
+    if (y >= 3 && y < H - 3 && x >= 3 && x < W - 3) {  // the whole window inside: no reflection
+        const float* c = cfa + (long long)y * W + x;
+        const int d = sy * W + sx;
+        m3 = c[-3 * d], m2 = c[-2 * d], m1 = c[-d], p1 = c[d], p2 = c[2 * d], p3 = c[3 * d];
+    } else {
+        m3 = db_at(cfa, H, W, y, x, -3 * sy, -3 * sx), m2 = db_at(cfa, H, W, y, x, -2 * sy, -2 * sx);
+        m1 = db_at(cfa, H, W, y, x, -sy, -sx), p1 = db_at(cfa, H, W, y, x, sy, sx);
+        p2 = db_at(cfa, H, W, y, x, 2 * sy, 2 * sx), p3 = db_at(cfa, H, W, y, x, 3 * sy, 3 * sx);
+    }
+    float t = (m3 - m1 - p1 + p3) - 3.0f * (m2 + p2) + 6.0f * cfa[(long long)y * W + x];
     return t * t;
 }
 
@@ -152,16 +163,17 @@ extern "C" __global__ void rcd_dir_kernel(float* vhdir, float* pqdir, float* lpf
          i += (long long)blockDim.x * gridDim.x) {
         int y = (int)i / W;  // 32-bit division: H * W < 2^31 (debayer.debayer checks)
         int x = (int)i - y * W;
-        float vs = fmaxf(DB_EPSSQ, (db_at(hv, H, W, y, x, -1, 0) + hv[i]) + db_at(hv, H, W, y, x, 1, 0));
-        float hs = fmaxf(DB_EPSSQ, (db_at(hh, H, W, y, x, 0, -1) + hh[i]) + db_at(hh, H, W, y, x, 0, 1));
+        const bool in = y >= 4 && y < H - 4 && x >= 4 && x < W - 4;
+        float vs = fmaxf(DB_EPSSQ, (DB_AT(hv, -1, 0) + hv[i]) + DB_AT(hv, 1, 0));
+        float hs = fmaxf(DB_EPSSQ, (DB_AT(hh, 0, -1) + hh[i]) + DB_AT(hh, 0, 1));
         vhdir[i] = vs / (vs + hs);
-        float ps = fmaxf(DB_EPSSQ, (db_at(hp, H, W, y, x, -1, -1) + hp[i]) + db_at(hp, H, W, y, x, 1, 1));
-        float qs = fmaxf(DB_EPSSQ, (db_at(hq, H, W, y, x, -1, 1) + hq[i]) + db_at(hq, H, W, y, x, 1, -1));
+        float ps = fmaxf(DB_EPSSQ, (DB_AT(hp, -1, -1) + hp[i]) + DB_AT(hp, 1, 1));
+        float qs = fmaxf(DB_EPSSQ, (DB_AT(hq, -1, 1) + hq[i]) + DB_AT(hq, 1, -1));
         pqdir[i] = ps / (ps + qs);
-        float card = ((db_at(cfa, H, W, y, x, -1, 0) + db_at(cfa, H, W, y, x, 1, 0)) + db_at(cfa, H, W, y, x, 0, -1))
-                     + db_at(cfa, H, W, y, x, 0, 1);
-        float diag = ((db_at(cfa, H, W, y, x, -1, -1) + db_at(cfa, H, W, y, x, -1, 1))
-                      + db_at(cfa, H, W, y, x, 1, -1)) + db_at(cfa, H, W, y, x, 1, 1);
+        float card = ((DB_AT(cfa, -1, 0) + DB_AT(cfa, 1, 0)) + DB_AT(cfa, 0, -1))
+                     + DB_AT(cfa, 0, 1);
+        float diag = ((DB_AT(cfa, -1, -1) + DB_AT(cfa, -1, 1))
+                      + DB_AT(cfa, 1, -1)) + DB_AT(cfa, 1, 1);
         lpf[i] = (cfa[i] + 0.5f * card) + 0.25f * diag;
     }
 }
@@ -195,6 +207,7 @@ extern "C" __global__ void rcd_green_kernel(float* out, const float* cfa, const 
          i += (long long)blockDim.x * gridDim.x) {
         int y = (int)i / W;  // 32-bit division: H * W < 2^31 (debayer.debayer checks)
         int x = (int)i - y * W;
+        const bool in = y >= 4 && y < H - 4 && x >= 4 && x < W - 4;
         int col = db_colour(pat, y, x);
         if (col == 1) {
             out[n + i] = cfa[i];
@@ -202,23 +215,23 @@ extern "C" __global__ void rcd_green_kernel(float* out, const float* cfa, const 
         }
         out[col * n + i] = cfa[i];
         float c0 = cfa[i];
-        float cn1 = db_at(cfa, H, W, y, x, -1, 0), cs1 = db_at(cfa, H, W, y, x, 1, 0);
-        float cw1 = db_at(cfa, H, W, y, x, 0, -1), ce1 = db_at(cfa, H, W, y, x, 0, 1);
-        float cn2 = db_at(cfa, H, W, y, x, -2, 0), cs2 = db_at(cfa, H, W, y, x, 2, 0);
-        float cw2 = db_at(cfa, H, W, y, x, 0, -2), ce2 = db_at(cfa, H, W, y, x, 0, 2);
-        float cn3 = db_at(cfa, H, W, y, x, -3, 0), cs3 = db_at(cfa, H, W, y, x, 3, 0);
-        float cw3 = db_at(cfa, H, W, y, x, 0, -3), ce3 = db_at(cfa, H, W, y, x, 0, 3);
-        float cn4 = db_at(cfa, H, W, y, x, -4, 0), cs4 = db_at(cfa, H, W, y, x, 4, 0);
-        float cw4 = db_at(cfa, H, W, y, x, 0, -4), ce4 = db_at(cfa, H, W, y, x, 0, 4);
+        float cn1 = DB_AT(cfa, -1, 0), cs1 = DB_AT(cfa, 1, 0);
+        float cw1 = DB_AT(cfa, 0, -1), ce1 = DB_AT(cfa, 0, 1);
+        float cn2 = DB_AT(cfa, -2, 0), cs2 = DB_AT(cfa, 2, 0);
+        float cw2 = DB_AT(cfa, 0, -2), ce2 = DB_AT(cfa, 0, 2);
+        float cn3 = DB_AT(cfa, -3, 0), cs3 = DB_AT(cfa, 3, 0);
+        float cw3 = DB_AT(cfa, 0, -3), ce3 = DB_AT(cfa, 0, 3);
+        float cn4 = DB_AT(cfa, -4, 0), cs4 = DB_AT(cfa, 4, 0);
+        float cw4 = DB_AT(cfa, 0, -4), ce4 = DB_AT(cfa, 0, 4);
         float ng = DB_EPS + fabsf(cn1 - cs1) + fabsf(c0 - cn2) + fabsf(cn1 - cn3) + fabsf(cn2 - cn4);
         float sg = DB_EPS + fabsf(cs1 - cn1) + fabsf(c0 - cs2) + fabsf(cs1 - cs3) + fabsf(cs2 - cs4);
         float wg = DB_EPS + fabsf(cw1 - ce1) + fabsf(c0 - cw2) + fabsf(cw1 - cw3) + fabsf(cw2 - cw4);
         float eg = DB_EPS + fabsf(ce1 - cw1) + fabsf(c0 - ce2) + fabsf(ce1 - ce3) + fabsf(ce2 - ce4);
         float l0 = lpf[i];
-        float ne = cn1 * rcd_ratio(l0, db_at(lpf, H, W, y, x, -2, 0));
-        float se = cs1 * rcd_ratio(l0, db_at(lpf, H, W, y, x, 2, 0));
-        float we = cw1 * rcd_ratio(l0, db_at(lpf, H, W, y, x, 0, -2));
-        float ee = ce1 * rcd_ratio(l0, db_at(lpf, H, W, y, x, 0, 2));
+        float ne = cn1 * rcd_ratio(l0, DB_AT(lpf, -2, 0));
+        float se = cs1 * rcd_ratio(l0, DB_AT(lpf, 2, 0));
+        float we = cw1 * rcd_ratio(l0, DB_AT(lpf, 0, -2));
+        float ee = ce1 * rcd_ratio(l0, DB_AT(lpf, 0, 2));
         float v_est = (sg * ne + ng * se) / (ng + sg);
         float h_est = (eg * we + wg * ee) / (eg + wg);
         float d = rcd_disc(vhdir, H, W, y, x);
@@ -237,24 +250,25 @@ extern "C" __global__ void rcd_rb_kernel(float* out, const float* cfa, const flo
          i += (long long)blockDim.x * gridDim.x) {
         int y = (int)i / W;  // 32-bit division: H * W < 2^31 (debayer.debayer checks)
         int x = (int)i - y * W;
+        const bool in = y >= 4 && y < H - 4 && x >= 4 && x < W - 4;
         int col = db_colour(pat, y, x);
         if (col == 1) continue;
         int c = 2 - col;
         float g0 = G[i];
-        float cnw = db_at(cfa, H, W, y, x, -1, -1), cne = db_at(cfa, H, W, y, x, -1, 1);
-        float csw = db_at(cfa, H, W, y, x, 1, -1), cse = db_at(cfa, H, W, y, x, 1, 1);
-        float nw_g = DB_EPS + fabsf(cnw - cse) + fabsf(cnw - db_at(cfa, H, W, y, x, -3, -3))
-                     + fabsf(g0 - db_at(G, H, W, y, x, -2, -2));
-        float ne_g = DB_EPS + fabsf(cne - csw) + fabsf(cne - db_at(cfa, H, W, y, x, -3, 3))
-                     + fabsf(g0 - db_at(G, H, W, y, x, -2, 2));
-        float sw_g = DB_EPS + fabsf(csw - cne) + fabsf(csw - db_at(cfa, H, W, y, x, 3, -3))
-                     + fabsf(g0 - db_at(G, H, W, y, x, 2, -2));
-        float se_g = DB_EPS + fabsf(cse - cnw) + fabsf(cse - db_at(cfa, H, W, y, x, 3, 3))
-                     + fabsf(g0 - db_at(G, H, W, y, x, 2, 2));
-        float nw_e = cnw - db_at(G, H, W, y, x, -1, -1);
-        float ne_e = cne - db_at(G, H, W, y, x, -1, 1);
-        float sw_e = csw - db_at(G, H, W, y, x, 1, -1);
-        float se_e = cse - db_at(G, H, W, y, x, 1, 1);
+        float cnw = DB_AT(cfa, -1, -1), cne = DB_AT(cfa, -1, 1);
+        float csw = DB_AT(cfa, 1, -1), cse = DB_AT(cfa, 1, 1);
+        float nw_g = DB_EPS + fabsf(cnw - cse) + fabsf(cnw - DB_AT(cfa, -3, -3))
+                     + fabsf(g0 - DB_AT(G, -2, -2));
+        float ne_g = DB_EPS + fabsf(cne - csw) + fabsf(cne - DB_AT(cfa, -3, 3))
+                     + fabsf(g0 - DB_AT(G, -2, 2));
+        float sw_g = DB_EPS + fabsf(csw - cne) + fabsf(csw - DB_AT(cfa, 3, -3))
+                     + fabsf(g0 - DB_AT(G, 2, -2));
+        float se_g = DB_EPS + fabsf(cse - cnw) + fabsf(cse - DB_AT(cfa, 3, 3))
+                     + fabsf(g0 - DB_AT(G, 2, 2));
+        float nw_e = cnw - DB_AT(G, -1, -1);
+        float ne_e = cne - DB_AT(G, -1, 1);
+        float sw_e = csw - DB_AT(G, 1, -1);
+        float se_e = cse - DB_AT(G, 1, 1);
         float p_est = (nw_g * se_e + se_g * nw_e) / (nw_g + se_g);
         float q_est = (ne_g * sw_e + sw_g * ne_e) / (ne_g + sw_g);
         float d = rcd_disc(pqdir, H, W, y, x);
@@ -273,25 +287,26 @@ extern "C" __global__ void rcd_rbg_kernel(float* out, const float* cfa, const fl
          i += (long long)blockDim.x * gridDim.x) {
         int y = (int)i / W;  // 32-bit division: H * W < 2^31 (debayer.debayer checks)
         int x = (int)i - y * W;
+        const bool in = y >= 4 && y < H - 4 && x >= 4 && x < W - 4;
         if (db_colour(pat, y, x) != 1) continue;
         float g0 = G[i];
         float d = rcd_disc(vhdir, H, W, y, x);
         for (int c = 0; c <= 2; c += 2) {
             const float* X = out + c * n;
-            float xn1 = db_at(X, H, W, y, x, -1, 0), xs1 = db_at(X, H, W, y, x, 1, 0);
-            float xw1 = db_at(X, H, W, y, x, 0, -1), xe1 = db_at(X, H, W, y, x, 0, 1);
-            float ng = DB_EPS + fabsf(g0 - db_at(G, H, W, y, x, -2, 0)) + fabsf(xn1 - xs1)
-                       + fabsf(xn1 - db_at(X, H, W, y, x, -3, 0));
-            float sg = DB_EPS + fabsf(g0 - db_at(G, H, W, y, x, 2, 0)) + fabsf(xs1 - xn1)
-                       + fabsf(xs1 - db_at(X, H, W, y, x, 3, 0));
-            float wg = DB_EPS + fabsf(g0 - db_at(G, H, W, y, x, 0, -2)) + fabsf(xw1 - xe1)
-                       + fabsf(xw1 - db_at(X, H, W, y, x, 0, -3));
-            float eg = DB_EPS + fabsf(g0 - db_at(G, H, W, y, x, 0, 2)) + fabsf(xe1 - xw1)
-                       + fabsf(xe1 - db_at(X, H, W, y, x, 0, 3));
-            float ne = xn1 - db_at(G, H, W, y, x, -1, 0);
-            float se = xs1 - db_at(G, H, W, y, x, 1, 0);
-            float we = xw1 - db_at(G, H, W, y, x, 0, -1);
-            float ee = xe1 - db_at(G, H, W, y, x, 0, 1);
+            float xn1 = DB_AT(X, -1, 0), xs1 = DB_AT(X, 1, 0);
+            float xw1 = DB_AT(X, 0, -1), xe1 = DB_AT(X, 0, 1);
+            float ng = DB_EPS + fabsf(g0 - DB_AT(G, -2, 0)) + fabsf(xn1 - xs1)
+                       + fabsf(xn1 - DB_AT(X, -3, 0));
+            float sg = DB_EPS + fabsf(g0 - DB_AT(G, 2, 0)) + fabsf(xs1 - xn1)
+                       + fabsf(xs1 - DB_AT(X, 3, 0));
+            float wg = DB_EPS + fabsf(g0 - DB_AT(G, 0, -2)) + fabsf(xw1 - xe1)
+                       + fabsf(xw1 - DB_AT(X, 0, -3));
+            float eg = DB_EPS + fabsf(g0 - DB_AT(G, 0, 2)) + fabsf(xe1 - xw1)
+                       + fabsf(xe1 - DB_AT(X, 0, 3));
+            float ne = xn1 - DB_AT(G, -1, 0);
+            float se = xs1 - DB_AT(G, 1, 0);
+            float we = xw1 - DB_AT(G, 0, -1);
+            float ee = xe1 - DB_AT(G, 0, 1);
             float v_est = (ng * se + sg * ne) / (ng + sg);
             float h_est = (eg * we + wg * ee) / (eg + wg);
             float v = g0 + (d * (h_est - v_est) + v_est);
