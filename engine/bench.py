@@ -509,19 +509,28 @@ def _gpu_sync_and_pool() -> int | None:
         return None
 
 
+#: Host seconds a device launch (a kernel or one of CuPy's array operations) costs the calling
+#: thread: CuPy's launch overhead, order of magnitude.
+LAUNCH_HOST_S = 10e-6
+
+
 def _device_traffic(res) -> dict[str, Any] | None:
     """Host<->device bytes per light pixel and host seconds per light of a GPU run.
 
     Only the simulated device of the tests (``tests/fakecupy``, which counts every
-    transfer and the seconds it spends emulating kernels) gives them; CuPy on a real
-    device has no such counters, so this is ``None`` there and on the CPU.
+    transfer, and the seconds it spends on the device's work: emulating kernels and
+    running CuPy's array operations with NumPy) gives them; CuPy on a real device has
+    no such counters, so this is ``None`` there and on the CPU. Host seconds are the
+    run's total less that device work, plus :data:`LAUNCH_HOST_S` per launch.
     """
     sim = getattr(sys.modules.get("cupy"), "sim", None)
     if res.backend != "gpu" or sim is None:
         return None
     n = max(1, len(res.frames))
     px = n * int(np.prod(res.image.shape[-2:]))
-    host_s = float(res.timings.get("total", 0.0)) - float(sim.kernel_seconds)
+    ops = sum(sim.launches.values()) + int(getattr(sim, "array_ops", 0))
+    host_s = (float(res.timings.get("total", 0.0)) - float(sim.kernel_seconds)
+              - float(getattr(sim, "array_seconds", 0.0)) + ops * LAUNCH_HOST_S)
     return {"h2d_bytes_per_light_px": sim.h2d_bytes / px, "d2h_bytes_per_light_px": sim.d2h_bytes / px,
             "host_s_per_light": host_s / n, "syncs": int(sim.syncs), "peak_device_bytes": int(sim.peak),
             "note": "simulated device: all traffic of the run (masters and results included)"}

@@ -336,6 +336,19 @@ def test_cli_gpu_stack_bytes_per_light_pixel_target(gpu_stack, night, tmp_path_f
                                                   "per session down": down6 / 640 / 480 - 6 * down})
 
 
+def test_stand_in_times_cupys_array_operations_as_device_work(sim):
+    """CuPy's own operations (ufuncs, reductions, indexing) are device launches: the stand-in counts
+    them and their NumPy seconds apart from the host's, as it does for the emulated kernels."""
+    import cupy
+
+    a = cupy.asarray(np.ones((1000, 1000), dtype=np.float32))
+    sim.reset()
+    total = (a * np.float32(2)).sum()
+    a[:10] = 0
+    assert sim.array_ops == 3 and sim.array_seconds > 0 and sim.kernel_seconds == 0
+    assert float(total) == 2e6
+
+
 def test_bench_reports_gpu_traffic_on_the_simulated_device(sim, tmp_path):
     """``skystack bench --backend gpu`` shows bytes per light pixel each way and host seconds per light."""
     from skystack.engine import bench

@@ -58,6 +58,10 @@ class SimStats:
             self.syncs = 0
             self.launches: collections.Counter = collections.Counter()
             self.kernel_seconds = 0.0
+            # CuPy's own array operations (ufuncs, reductions, copies, indexing), run here by NumPy:
+            # on a device they are launches, asynchronous to the host thread
+            self.array_ops = 0
+            self.array_seconds = 0.0
             self.peak = self.in_use
 
     @property
@@ -104,9 +108,20 @@ class SimStats:
         with self._lock:
             self.in_use -= self._live.pop(key, 0)
 
+    def device_op(self, fn, *args, **kwargs):
+        """``fn(*args, **kwargs)``, one of CuPy's array operations, timed as device work."""
+        t0 = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            with self._lock:
+                self.array_ops += 1
+                self.array_seconds += time.perf_counter() - t0
+
     def summary(self) -> dict[str, Any]:
         return {"h2d_bytes": self.h2d_bytes, "d2h_bytes": self.d2h_bytes, "syncs": self.syncs,
                 "launches": sum(self.launches.values()), "kernel_seconds": self.kernel_seconds,
+                "array_ops": self.array_ops, "array_seconds": self.array_seconds,
                 "peak_bytes": self.peak, "h2d_sites": dict(self.h2d), "d2h_sites": dict(self.d2h)}
 
 
@@ -158,7 +173,7 @@ def _wrap(obj: Any) -> Any:
 def _device_call(fn, *args, **kwargs):
     _refuse_host(args, getattr(fn, "__name__", "call"))
     _refuse_host(list(kwargs.values()), getattr(fn, "__name__", "call"))
-    return _wrap(fn(*_unwrap(args), **_unwrap(kwargs)))
+    return _wrap(sim.device_op(fn, *_unwrap(args), **_unwrap(kwargs)))
 
 
 # ----------------------------------------------------------------------------- arrays
@@ -189,7 +204,7 @@ class ndarray:
         _refuse_host(inputs, ufunc.__name__)
         if "out" in kwargs:
             _refuse_host(kwargs["out"], ufunc.__name__)
-        res = getattr(ufunc, method)(*_unwrap(inputs), **_unwrap(kwargs))
+        res = sim.device_op(getattr(ufunc, method), *_unwrap(inputs), **_unwrap(kwargs))
         out = kwargs.get("out")
         if out is not None and method == "__call__" and len(out) == 1:
             return out[0]  # in place: the same device array
@@ -264,12 +279,12 @@ class ndarray:
                                                                            for k in key)):
             sim.up(sum(k.nbytes for k in (key if isinstance(key, tuple) else (key,))
                        if isinstance(k, _np.ndarray)))
-        return _wrap(self._a[_unwrap(key)])
+        return _wrap(sim.device_op(self._a.__getitem__, _unwrap(key)))
 
     def __setitem__(self, key, value):
         if isinstance(value, _np.ndarray):  # CuPy copies a host value up
             sim.up(value.nbytes)
-        self._a[_unwrap(key)] = _unwrap(value)
+        sim.device_op(self._a.__setitem__, _unwrap(key), _unwrap(value))
 
     def __getattr__(self, name):
         if name == "_a" or name.startswith("__"):  # no __array_interface__ etc.: no implicit host view
@@ -314,7 +329,7 @@ def asarray(a, dtype=None, order=None, *, blocking=False):
 
 def array(a, dtype=None, copy=True, order="K", ndmin=0, *, blocking=False):
     if isinstance(a, ndarray):
-        return _wrap(_np.array(a._a, dtype=dtype, copy=copy, order=order, ndmin=ndmin))
+        return _wrap(sim.device_op(_np.array, a._a, dtype=dtype, copy=copy, order=order, ndmin=ndmin))
     h = _np.array(a, dtype=dtype, order=order, ndmin=ndmin)
     sim.up(h.nbytes)
     return ndarray._of(h)
@@ -332,7 +347,7 @@ def asnumpy(a, stream=None, order="C", out=None, *, blocking=True):
 def ascontiguousarray(a, dtype=None):
     if not isinstance(a, ndarray):
         raise TypeError(f"Argument 'a' has incorrect type (expected cupy.ndarray, got {type(a).__name__})")
-    return _wrap(_np.ascontiguousarray(a._a, dtype=dtype))
+    return _wrap(sim.device_op(_np.ascontiguousarray, a._a, dtype=dtype))
 
 
 def get_array_module(*args):
