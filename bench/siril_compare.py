@@ -62,6 +62,7 @@ from skystack.engine.bench import (
     PRESETS,
     _session_files,
     _warm_page_cache,
+    warm_memory,
     _write_json,
     ensure_session,
     machine_info,
@@ -534,9 +535,12 @@ def compare(args: argparse.Namespace) -> dict[str, Any]:
     work_root.mkdir(parents=True, exist_ok=True)
     _warm_page_cache([*files.lights, *files.bias, *files.darks, *files.flats])
     tools: list[dict[str, Any]] = []
+    # each tool starts on memory the host has backed: twice the registered frames (RGB float32) + 1 GiB
+    warm = 2 * len(files.lights) * h * w * 12 + (1 << 30)
 
     # --- skystack (CPU, fresh process, same reference as Siril: light 0)
     say("skystack (cpu) ...")
+    warm_memory(warm)
     img_path = work_root / "skystack.npy"
     sk = run_child({"mode": "stack", "session": str(session), "backend": args.backend or "cpu",
                     "workers": args.workers, "reference": str(files.lights[0]), "save_image": str(img_path),
@@ -557,6 +561,7 @@ def compare(args: argparse.Namespace) -> dict[str, Any]:
 
     # --- Siril
     say("siril ...")
+    warm_memory(warm)
     siril = None
     try:
         exe = ensure_siril(install=not args.no_install)
