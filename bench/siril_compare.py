@@ -210,7 +210,7 @@ def _peer_main(spec: dict[str, Any]) -> int:
     """ccdproc calibration + astroalign registration + ccdproc sigma-clip combine (child process).
 
     ccdproc has no demosaicing, so the calibrated mosaics are debayered with
-    skystack's bilinear NumPy twin (the same as skystack's CPU path).
+    skystack's bilinear debayer (a plain linear interpolation; skystack's own stacks default to RCD).
     """
     import astroalign
     import astropy.units as u
@@ -640,6 +640,9 @@ def print_results(results: dict[str, Any]) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from skystack.engine import debayer, warp
+    from skystack.engine.stack import StackConfig
+
     p = argparse.ArgumentParser(prog="bench/siril_compare.py", description=__doc__.splitlines()[0])
     p.add_argument("--preset", default="small", choices=tuple(PRESETS))
     p.add_argument("--scene", default="telescope", choices=("telescope", "tripod"),
@@ -650,11 +653,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--backend", choices=("cpu", "gpu"), help="skystack backend (default cpu)")
     p.add_argument("--workers", type=int, help="skystack decoder threads")
-    p.add_argument("--debayer", choices=("bilinear", "rcd", "superpixel"),
-                   help="skystack debayer (default: skystack's default, bilinear)")
-    p.add_argument("--interpolation", choices=("lanczos3", "bilinear"),
-                   help="skystack resampling (default: skystack's default, lanczos3; Siril 1.0's "
-                        "register resamples bilinearly)")
+    p.add_argument("--debayer", choices=debayer.METHODS,
+                   help=f"skystack debayer (default: skystack's default, {StackConfig.debayer})")
+    p.add_argument("--interpolation", choices=warp.METHODS,
+                   help=f"skystack resampling (default: skystack's default, {StackConfig.interpolation}; "
+                        "Siril 1.0's register resamples bilinearly)")
     p.add_argument("--cache-dir", help="where synthetic sessions are kept")
     p.add_argument("--workdir", help="Siril/peer working folder (default: a new temporary folder)")
     p.add_argument("--keep", action="store_true", help="keep Siril's intermediate files and the images")
