@@ -289,8 +289,6 @@ def luminance(data: np.ndarray, pattern: str | None = None, *, bin2: bool = Fals
         Binned outputs have pixel ``(u, v)`` centred on full-resolution
         ``(2u + 0.5, 2v + 0.5)``.
     """
-    from skystack.engine.backend import array_module
-
     data = array_module(data).asarray(data)  # computed where the data is (NumPy or CuPy)
     if data.ndim == 3:
         lum = data.astype("float32").mean(axis=0, dtype="float32")
@@ -360,6 +358,16 @@ def _empty(shape: tuple[int, int], binning: int, background: float = float("nan"
                     noise=noise, binning=binning, shape=shape)
 
 
+def _window_half(sigma_w: float) -> int:
+    """Stamp half-size of the window measurement (5 window sigmas and a pixel), kernel and twin alike."""
+    return int(math.ceil(5.0 * sigma_w)) + 1
+
+
+def _stamp_side(half: int, sites: int) -> int:
+    """Side of a stamp reaching ``half`` px from its star (one more on a CFA, to start on an even pixel)."""
+    return 2 * half + 2 if sites == 4 else 2 * half + 1
+
+
 def _stamps(img: np.ndarray, x: np.ndarray, y: np.ndarray, half: int, sites: int):
     """Cut ``(N, K, K)`` float64 stamps around ``(x, y)`` (image pixels).
 
@@ -369,7 +377,7 @@ def _stamps(img: np.ndarray, x: np.ndarray, y: np.ndarray, half: int, sites: int
     and the stamp origins.
     """
     h, w = img.shape
-    k = 2 * half + 2 if sites == 4 else 2 * half + 1
+    k = _stamp_side(half, sites)
     ox = np.floor(x).astype(np.int64) - half
     oy = np.floor(y).astype(np.int64) - half
     if sites == 4:
@@ -391,8 +399,6 @@ def _gather_stamps(img: Any, ox: np.ndarray, oy: np.ndarray, k: int) -> np.ndarr
     On a device the indices are made there from the origins, and only the
     stamps come down (not the frame).
     """
-    from skystack.engine.backend import array_module, to_host
-
     xp = array_module(img)
     h, w = img.shape
     r = xp.arange(k, dtype=xp.int64)
@@ -656,8 +662,8 @@ def _window_launch(run, xp, img, x, y, sigma_w: float, sites: int, noise_pix: fl
     if n == 0:
         z = np.zeros(0)
         return z, z.copy(), z.copy(), z.copy(), z.copy(), z.copy(), np.zeros(0, dtype=bool)
-    half = int(math.ceil(5.0 * sigma_w)) + 1
-    k = 2 * half + 2 if sites == 4 else 2 * half + 1
+    half = _window_half(sigma_w)
+    k = _stamp_side(half, sites)
     h, w = img.shape
     out = xp.empty((7, n), dtype=xp.float64)
     scratch = xp.empty(n * (2 * k * k + 2 * k), dtype=xp.float64)
@@ -702,7 +708,7 @@ def _window_measure_numpy(img: np.ndarray, x: np.ndarray, y: np.ndarray, sigma_w
 
     Returns ``x, y, cxx, cyy, cxy, pos_err, ok`` (image pixels).
     """
-    half = int(math.ceil(5.0 * sigma_w)) + 1
+    half = _window_half(sigma_w)
     st, valid, ox, oy = _stamps(img, x, y, half, sites)
     k = st.shape[1]
     r = np.arange(k, dtype=np.float64)
@@ -819,8 +825,6 @@ def detect_stars(image: np.ndarray, *, pattern: str | None = None,
     """
     cfg = config or DetectConfig()
     import sep
-
-    from skystack.engine.backend import array_module, to_host
 
     image = array_module(image).asarray(image)  # a device frame stays there: the detection image
     shape = (int(image.shape[-2]), int(image.shape[-1]))  # and the stars' stamps come down

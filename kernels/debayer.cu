@@ -36,7 +36,8 @@ __device__ __forceinline__ float db_at(const float* a, int H, int W, int y, int 
 }
 
 // db_at inside a kernel's grid-stride loop (item i at (y, x), `in` true when the pixel is at
-// least 4 from every edge): a plain load there, the reflected one near the edges.
+// least 4 from every edge, the farthest any RCD step reads): a plain load there, the
+// reflected one near the edges.
 #define DB_AT(a, dy, dx) (in ? (a)[i + (long long)((dy) * W + (dx))] : db_at((a), H, W, y, x, (dy), (dx)))
 
 // Bilinear estimate of channel c at (y, x): the sample itself when the pixel
@@ -124,18 +125,10 @@ extern "C" __global__ void debayer_superpixel_kernel(float* out, const float* cf
 // ------------------------------------------------------------------ RCD
 // Squared colour-difference high-pass of the CFA along a direction (sy, sx):
 // ((c[-3] - c[-1] - c[+1] + c[+3]) - 3 (c[-2] + c[+2]) + 6 c[0])^2
-__device__ float rcd_hpf2(const float* cfa, int H, int W, int y, int x, int sy, int sx) {
-    float m3, m2, m1, p1, p2, p3;
-    if (y >= 3 && y < H - 3 && x >= 3 && x < W - 3) {  // the whole window inside: no reflection
-        const float* c = cfa + (long long)y * W + x;
-        const int d = sy * W + sx;
-        m3 = c[-3 * d], m2 = c[-2 * d], m1 = c[-d], p1 = c[d], p2 = c[2 * d], p3 = c[3 * d];
-    } else {
-        m3 = db_at(cfa, H, W, y, x, -3 * sy, -3 * sx), m2 = db_at(cfa, H, W, y, x, -2 * sy, -2 * sx);
-        m1 = db_at(cfa, H, W, y, x, -sy, -sx), p1 = db_at(cfa, H, W, y, x, sy, sx);
-        p2 = db_at(cfa, H, W, y, x, 2 * sy, 2 * sx), p3 = db_at(cfa, H, W, y, x, 3 * sy, 3 * sx);
-    }
-    float t = (m3 - m1 - p1 + p3) - 3.0f * (m2 + p2) + 6.0f * cfa[(long long)y * W + x];
+__device__ float rcd_hpf2(const float* cfa, int H, int W, int y, int x, long long i, bool in, int sy, int sx) {
+    float t = (DB_AT(cfa, -3 * sy, -3 * sx) - DB_AT(cfa, -sy, -sx) - DB_AT(cfa, sy, sx) + DB_AT(cfa, 3 * sy, 3 * sx))
+              - 3.0f * (DB_AT(cfa, -2 * sy, -2 * sx) + DB_AT(cfa, 2 * sy, 2 * sx))
+              + 6.0f * cfa[i];
     return t * t;
 }
 
@@ -147,10 +140,11 @@ extern "C" __global__ void rcd_hpf_kernel(float* hv, float* hh, float* hp, float
          i += (long long)blockDim.x * gridDim.x) {
         int y = (int)i / W;  // 32-bit division: H * W < 2^31 (debayer.debayer checks)
         int x = (int)i - y * W;
-        hv[i] = rcd_hpf2(cfa, H, W, y, x, 1, 0);
-        hh[i] = rcd_hpf2(cfa, H, W, y, x, 0, 1);
-        hp[i] = rcd_hpf2(cfa, H, W, y, x, 1, 1);
-        hq[i] = rcd_hpf2(cfa, H, W, y, x, 1, -1);
+        const bool in = y >= 4 && y < H - 4 && x >= 4 && x < W - 4;
+        hv[i] = rcd_hpf2(cfa, H, W, y, x, i, in, 1, 0);
+        hh[i] = rcd_hpf2(cfa, H, W, y, x, i, in, 0, 1);
+        hp[i] = rcd_hpf2(cfa, H, W, y, x, i, in, 1, 1);
+        hq[i] = rcd_hpf2(cfa, H, W, y, x, i, in, 1, -1);
     }
 }
 

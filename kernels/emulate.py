@@ -64,7 +64,7 @@ NATIVE_CXX_FLAGS: tuple[str, ...] = ("-O3", "-std=c++17", "-ffp-contract=off", "
                                      "-fno-strict-aliasing", "-fno-semantic-interposition", "-fopenmp",
                                      "-DSKYSTACK_NATIVE=1")
 SHIM = KERNEL_DIR / "cuda_shim.h"
-_LAUNCHER_VERSION = "6"  # bump when the generated wrapper changes
+_LAUNCHER_VERSION = "7"  # bump when the generated wrapper changes
 _build_lock = threading.Lock()
 
 
@@ -111,13 +111,12 @@ def _launcher(name: str, params: Sequence[KernelParam], *, parallel: bool = Fals
     decls = "".join(f", {p.decl} a{i}" for i, p in enumerate(params))
     call = ", ".join(f"a{i}" for i in range(len(params)))
     omp = "#pragma omp parallel for schedule(dynamic, 1)" if parallel else ""
-    omp16 = "#pragma omp parallel for schedule(dynamic, 16)" if parallel else ""
     return f"""
 extern "C" void skystack_emu_{name}(unsigned gx, unsigned gy, unsigned gz,
         unsigned bx, unsigned by, unsigned bz, int reverse{decls}) {{
     const long long nb = (long long)gx * gy * gz, nt = (long long)bx * by * bz;
     if (gy == 1 && gz == 1 && by == 1 && bz == 1) {{  // 1-D launches: no index divisions
-        {omp16}
+        {omp}
         for (long long ib = 0; ib < nb; ++ib) {{
             gridDim = dim3(gx, 1, 1);
             blockDim = dim3(bx, 1, 1);
