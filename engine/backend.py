@@ -232,7 +232,9 @@ def run_cpu(source: str, kernel: str, n_items: int, twin: Any, native: Any, *,
     under the default ``SKYSTACK_NATIVE=auto``, where it ran faster than the
     twin: the first launch of each kernel (and defines) with at least
     ``min_items`` items runs both, keeps the twin's result (the
-    reference) and remembers the faster for the rest of the process. The
+    reference) and remembers the faster for the rest of the process, and
+    beside the native build for later processes on this machine
+    (:func:`_saved_choice`), which then skip the benchmark. The
     native launch is timed after a warm-up launch, on the cores its thread
     will have (all of them, or their share under :func:`cpu_workers`, against
     a twin that is single-threaded NumPy), one benchmark at a time: callers in
@@ -291,9 +293,74 @@ def run_cpu(source: str, kernel: str, n_items: int, twin: Any, native: Any, *,
         return twin()
     with _bench_lock:
         if key not in _native_choice:
-            return _benchmark(key, twin, native, module, same_bits)
+            saved = _saved_choice(module, kernel, n_items)
+            if saved is None:
+                return _benchmark(key, twin, native, module, same_bits, n_items)
+            _native_choice[key] = saved
     return run_cpu(source, kernel, n_items, twin, native, defines=defines,  # another thread benchmarked it
                    min_items=min_items, same_bits=same_bits)
+
+
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``, else what :mod:`platform` knows)."""
+    import platform
+
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _choice_file(module: Any, kernel: str) -> Any:
+    """Where the native-or-twin choice of ``kernel`` in ``module`` is kept: beside its library, per
+    share of the cores; ``None`` for a module that is not a cached build."""
+    from pathlib import Path
+
+    path = getattr(module, "path", None)
+    if not isinstance(path, Path):
+        return None
+    from skystack.kernels.native import threads
+
+    share = max(1, threads() // getattr(_workers, "k", 1))
+    return path.with_name(f"{path.stem}.{kernel}.{share}of{threads()}.choice.json")
+
+
+def _saved_choice(module: Any, kernel: str, n_items: int) -> str | None:
+    """The choice an earlier process made for ``kernel`` on this CPU model, or ``None``.
+
+    Only a choice timed on a launch at least half as large as this one counts (one timed
+    on a few items, as by a test, does not decide for whole frames).
+    """
+    import json
+
+    f = _choice_file(module, kernel)
+    try:
+        rec = json.loads(f.read_text()) if f is not None else None
+    except (OSError, ValueError):
+        return None
+    ok = (isinstance(rec, dict) and rec.get("cpu") == cpu_model() and rec.get("choice") in ("native", "twin")
+          and isinstance(rec.get("n_items"), int) and 2 * rec["n_items"] >= n_items)
+    return rec["choice"] if ok else None
+
+
+def _save_choice(module: Any, kernel: str, choice: str, n_items: int, seconds: tuple[float, float]) -> None:
+    """Keep ``choice`` for later processes (atomically; a cache that cannot be written is no error)."""
+    import logging
+
+    from skystack.engine.output import write_json
+
+    f = _choice_file(module, kernel)
+    if f is None:
+        return
+    try:
+        write_json(f, {"cpu": cpu_model(), "choice": choice, "n_items": int(n_items), "native_s": seconds[0],
+                       "twin_s": seconds[1]})
+    except Exception as exc:  # a read-only cache: the next process benchmarks again
+        logging.getLogger(__name__).debug("cannot keep the native choice of %s: %s", kernel, exc)
 
 
 _workers = threading.local()
@@ -333,7 +400,7 @@ def _native_call(native: Any, module: Any) -> Any:
             _native_active -= 1
 
 
-def _benchmark(key: tuple, twin: Any, native: Any, module: Any, same_bits: bool = True) -> Any:
+def _benchmark(key: tuple, twin: Any, native: Any, module: Any, same_bits: bool = True, n_items: int = 0) -> Any:
     """Time ``native`` (after a warm-up, on this thread's share of the cores) against ``twin``.
 
     Remembers the faster for ``key``; returns the twin's result (the faster's unless ``same_bits``).
@@ -354,4 +421,5 @@ def _benchmark(key: tuple, twin: Any, native: Any, module: Any, same_bits: bool 
     _native_choice[key] = "native" if t1 - t0 < t2 - t1 else "twin"
     logging.getLogger(__name__).debug("%s: native %.4f s on %d core(s), twin %.4f s -> %s", key[1], t1 - t0,
                                       share, t2 - t1, _native_choice[key])
+    _save_choice(module, key[1], _native_choice[key], n_items, (t1 - t0, t2 - t1))
     return native_result if not same_bits and _native_choice[key] == "native" else result

@@ -43,6 +43,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from skystack import __version__
+from skystack.engine.backend import cpu_model
 from skystack.engine.errors import SkystackError
 
 __all__ = [
@@ -299,16 +300,6 @@ def warm_memory(nbytes: int) -> float:
 # ----------------------------------------------------------------------------- machine
 
 
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def _versions() -> dict[str, str | None]:
     from importlib import metadata
 
@@ -359,7 +350,7 @@ def machine_info() -> dict[str, Any]:
     except AttributeError:  # pragma: no cover - not Linux
         usable = os.cpu_count()
     return {
-        "cpu": _cpu_model(),
+        "cpu": cpu_model(),
         "cores_logical": os.cpu_count(),
         "cores_physical": psutil.cpu_count(logical=False),
         "cores_usable": usable,

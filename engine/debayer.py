@@ -209,8 +209,36 @@ def _rcd(cfa, code: int):
     if not is_device_array(cfa):  # the NumPy twin, or the same kernels built for the host
         c = np.ascontiguousarray(cfa, dtype=np.float32)
         return run_cpu(_SRC, "rcd", c.size, lambda: _rcd_numpy(c, code),
-                       lambda mod: _rcd_launch(mod.launch, np, c, code))
+                       lambda mod: _rcd_bands(mod.launch, c, code))
     return _rcd_launch(lambda k, n, a: launch(_SRC, k, n, a), array_module(cfa), cfa, code)
+
+
+#: Rows of mosaic around a band that the host's RCD reads (even, so a band starts on the mosaic's
+#: phase; its steps reach 10 rows: 3 + 1 for the directions, 1 for their refinement, 2 for green,
+#: 3 for red and blue at green sites).
+_RCD_HALO = 12
+
+#: Pixels per band of the host's RCD: its seven work planes stay small (and in cache), not seven
+#: frames of fresh memory per light.
+_RCD_BAND_PX = 1 << 20
+
+
+def _rcd_bands(run, cfa: np.ndarray, code: int, band_rows: int | None = None) -> np.ndarray:
+    """The RCD kernel sequence on the host, band by band (the whole frame's bits).
+
+    Each band of ``band_rows`` rows runs with :data:`_RCD_HALO` rows of mosaic either side,
+    farther than any step reads, so the rows kept do not see the band's own edges.
+    """
+    h, w = cfa.shape
+    rows = band_rows or max(2, (_RCD_BAND_PX // w) & ~1)
+    if rows + 2 * _RCD_HALO >= h:
+        return _rcd_launch(run, np, cfa, code)
+    out = np.empty((3, h, w), dtype=np.float32)
+    for y0 in range(0, h, rows):
+        y1 = min(h, y0 + rows)
+        a, b = max(0, y0 - _RCD_HALO), min(h, y1 + _RCD_HALO)
+        out[:, y0:y1] = _rcd_launch(run, np, cfa[a:b], code)[:, y0 - a:y1 - a]
+    return out
 
 
 def _rcd_launch(run, xp, cfa, code: int):

@@ -26,6 +26,11 @@ def _spill_error(where: Path | str, exc: OSError) -> OutputError:
                        "so more frames stay in RAM, or point TMPDIR at a larger disk")
 
 
+#: Float16 spill values are the frames' divided by this (2^4: float16's largest finite value,
+#: 65504, becomes 1.05e6).
+HALF_SCALE = 16.0
+
+
 class FrameStore:
     """``n`` frames of shape ``(C, H, W)`` in RAM or in a disk-backed memmap.
 
@@ -39,7 +44,10 @@ class FrameStore:
         Bytes the store may take in RAM; above it the store spills to disk.
         ``None`` keeps everything in RAM.
     dtype : {"float32", "float16"}
-        Storage type of the spill cache (RAM storage is always float32).
+        Storage type of the spill cache (RAM storage is always float32). Float16
+        values are kept divided by :data:`HALF_SCALE` (a power of two: no rounding
+        of its own), so the spill holds up to ~1e6 ADU, beyond a flat-fielded
+        saturated star, with float16's 11 significant bits.
     spill_dir : path or None
         Folder for the cache file (default: the system temp folder). The cache
         lives in a ``skystack-store-*`` folder locked by this process; such
@@ -89,7 +97,7 @@ class FrameStore:
         if self._fd is None:
             self._data[i] = img
             return
-        buf = memoryview(np.ascontiguousarray(img, dtype=self.dtype)).cast("B")  # no copy when already so
+        buf = memoryview(self._encode(img)).cast("B")  # no copy when float32 already so
         done = 0
         while done < len(buf):
             try:
@@ -122,7 +130,24 @@ class FrameStore:
             self._read_into(out, i * self._frame)
             return out
         raw = os.pread(self._fd, self._frame, i * self._frame)
-        return np.frombuffer(raw, dtype=self.dtype).reshape(self.shape).astype(np.float32)
+        return self._decode(np.frombuffer(raw, dtype=self.dtype).reshape(self.shape))
+
+    def _encode(self, img: np.ndarray) -> np.ndarray:
+        """``img`` (float32) as the spill file holds it, C-contiguous."""
+        if self.dtype == np.float32:
+            return np.ascontiguousarray(img)
+        out = np.empty(img.shape, dtype=self.dtype)  # one pass: products in float32, cast as written
+        np.multiply(img, np.float32(1.0 / HALF_SCALE), out=out, dtype=np.float32, casting="unsafe")
+        return out
+
+    def _decode(self, stored: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """Float32 values of ``stored`` (the spill's dtype), into ``out`` when given."""
+        if self.dtype != np.float32:
+            return np.multiply(stored, np.float32(HALF_SCALE), out=out, dtype=np.float32)
+        if out is None:
+            return stored
+        out[...] = stored
+        return out
 
     def tile(self, indices, y0: int, y1: int, x0: int = 0, x1: int | None = None) -> np.ndarray:
         """Block ``(len(indices), C, y1-y0, x1-x0)`` as float32."""
@@ -143,7 +168,7 @@ class FrameStore:
                     continue
                 raw = os.pread(self._fd, nbytes, i * self._frame + ch * self._plane + y0 * self._row)
                 rows = np.frombuffer(raw, dtype=self.dtype).reshape(y1 - y0, w)
-                out[k, ch] = rows[:, x0:x1]
+                self._decode(rows[:, x0:x1], out=out[k, ch])
         return out
 
     def close(self) -> None:

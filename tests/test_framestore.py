@@ -25,3 +25,21 @@ def test_tiles_match_what_was_put(rng, budget, dtype, on_disk):
         d = store._dir
     if on_disk:
         assert not d.exists()  # spill file removed on close
+
+
+def test_float16_spill_keeps_saturated_flat_fielded_stars_and_rounds_as_it_says(rng):
+    """The float16 spill holds values far past float16's 65504 (a saturated star over a flat's dark
+    corner: ~1e5 ADU) and the negatives of a dark-subtracted sky, each within half a unit of its
+    11th significant bit."""
+    frame = rng.normal(800.0, 30.0, (3, 20, 30)).astype(np.float32)
+    frame[:, 5, 5:9] = [9.3e4, 2.1e5, 6.5e5, 1.0e6]
+    frame[1, 10, :4] = [-12.5, -0.004, 0.0, 3e-6]
+    frame[2, 0, 0] = np.nan
+    with FrameStore(2, (3, 20, 30), ram_budget=1000, dtype="float16") as store:
+        store.put(1, frame)
+        back = store.get(1)
+        np.testing.assert_array_equal(store.tile([1], 0, 20)[0], back)
+    ok = np.isfinite(frame)
+    assert np.array_equal(np.isfinite(back), ok)
+    rel = np.abs(back[ok] - frame[ok]) / np.maximum(np.abs(frame[ok]), 2.0 ** -14 * 16)
+    assert rel.max() <= 2.0 ** -11 * 1.0001, rel.max()

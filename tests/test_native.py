@@ -115,6 +115,22 @@ def test_warp_native_equals_twin(monkeypatch, rng, method):
     np.testing.assert_array_equal(got, twin)
 
 
+@pytest.mark.parametrize("pattern", ["RGGB", "GRBG", "GBRG", "BGGR"])
+@pytest.mark.parametrize("rows", [2, 6, 40])
+def test_rcd_on_the_host_band_by_band_gives_the_whole_frames_bits(rng, pattern, rows):
+    """The host's RCD runs in bands of rows with a halo of mosaic either side: the same bits as one
+    launch over the whole frame (and the twin's values), down to bands of two rows, holes included."""
+    cfa = rng.gamma(2.0, 300.0, size=(151, 83)).astype(np.float32)
+    cfa[rng.random(cfa.shape) < 0.003] = np.nan
+    cfa[rng.integers(0, 151, 40), rng.integers(0, 83, 40)] += 20000.0  # sharp peaks: large differences
+    code = debayer_mod.pattern_code(pattern)
+    mod = native(debayer_mod._SRC)
+    whole = debayer_mod._rcd_launch(mod.launch, np, cfa, code)
+    banded = debayer_mod._rcd_bands(mod.launch, cfa, code, band_rows=rows)
+    np.testing.assert_array_equal(banded, whole)
+    np.testing.assert_allclose(banded, debayer_mod._rcd_numpy(cfa, code), rtol=1e-5, atol=1e-3, equal_nan=True)
+
+
 # ----------------------------------------------------------------------------- the CPU branch's choice
 
 
@@ -312,6 +328,47 @@ def test_concurrent_first_calls_benchmark_once_on_their_share(fake_native):
     be._native_choice.clear()
     be.run_cpu("combine.cu", "gesd_clip_mean", 1 << 20, twin, native_op)  # a lone caller: every core
     assert mod.launches[3:] == [4, 4]
+
+
+def test_a_later_process_reuses_the_benchmarks_choice(fake_native, tmp_path, monkeypatch):
+    """The choice is kept beside the native build (per kernel, share of the cores and CPU model): a
+    later process (a fresh ``_native_choice``) runs the kept choice without timing the twin again; a
+    damaged or foreign record, or one timed on a launch under half the size of this one, is timed afresh."""
+    import json
+    import time
+
+    be, mod = fake_native
+    mod.path = tmp_path / "combine-0123abcd.so"
+    twins = []
+
+    def twin():
+        twins.append(1)
+        time.sleep(0.05)  # the slower one: native wins
+        return "twin"
+
+    def run(n=1 << 20):
+        return be.run_cpu("combine.cu", "gesd_clip_mean", n, twin, lambda m: (m.launch(), "native")[1])
+
+    assert run() == "twin" and len(twins) == 1 and len(mod.launches) == 2  # timed: a warm-up, the timed launch
+    kept = tmp_path / "combine-0123abcd.gesd_clip_mean.4of4.choice.json"
+    rec = json.loads(kept.read_text())
+    assert rec["choice"] == "native" and rec["cpu"] == be.cpu_model() and rec["twin_s"] >= 0.05
+    be._native_choice.clear()  # a new process
+    assert run() == "native" and len(twins) == 1 and len(mod.launches) == 3  # no benchmark: one launch
+    for bad in ("{not json", json.dumps({**rec, "cpu": "another CPU"})):
+        kept.write_text(bad)
+        be._native_choice.clear()
+        before = len(mod.launches)
+        assert run() == "twin" and len(mod.launches) == before + 2  # timed again
+    assert len(twins) == 3 and json.loads(kept.read_text())["cpu"] == be.cpu_model()
+    be._native_choice.clear()
+    assert run(1 << 21) == "native" and len(twins) == 3  # twice the timed size: still this record
+    be._native_choice.clear()
+    assert run(1 << 22) == "twin" and len(twins) == 4 and json.loads(kept.read_text())["n_items"] == 1 << 22
+    with be.cpu_workers(2):  # another share of the cores: its own record
+        be._native_choice.clear()
+        run()
+    assert (tmp_path / "combine-0123abcd.gesd_clip_mean.2of4.choice.json").is_file()
 
 
 def test_native_launches_share_the_cores(fake_native):

@@ -289,8 +289,8 @@ def test_telescope_session_has_no_landscape(tmp_path):
 
 def test_statistics_are_measured_on_the_way_into_the_store(night, registered, tmp_path, monkeypatch):
     """Every used frame's normalisation statistics come with the registered store (no second pass
-    over it); a float16 spill cache has them measured on its rounded frames, so its stack keeps
-    float32's noise (rounding at 1/2048 of a value: far below a light's photon noise)."""
+    over it), before a float16 spill cache rounds them, so its stack keeps float32's noise (rounding
+    at 1/2048 of a value: far below a light's photon noise)."""
     from skystack.engine import memory, normalize
 
     assert set(registered.frame_stats) >= set(registered.used)
