@@ -45,7 +45,7 @@ from typing import Any
 
 import numpy as np
 
-from skystack.engine.backend import Backend, array_module, is_device_array, launch, to_host
+from skystack.engine.backend import Backend, array_module, is_device_array, launch, run_cpu, to_host
 from skystack.engine.cosmetic import CosmeticConfig, DefectMap, _correct_defects_numpy, find_defects_from_dark
 from skystack.engine.debayer import pattern_code
 from skystack.engine.errors import CalibrationError
@@ -413,23 +413,31 @@ def calibrate(light: Any, *, bias: Any | None = None, dark: Any | None = None, d
                                    "build it from frames of this camera mode")
         mask = xp.ascontiguousarray(xp.asarray(defects).astype(xp.uint8, copy=False))
     code = -1 if pattern is None else pattern_code(pattern)
-    if not is_device_array(light):
-        out = _calibrate_numpy(light, b, d, k, f)
-        if mask is None:
-            return out
-        planes = out.reshape((-1,) + shape[-2:])
-        return _correct_defects_numpy(planes, mask, code).reshape(shape)
     out = xp.empty_like(light)
     n = int(light.size)
     flags = (np.int32(b is not None), np.int32(d is not None), np.int32(f is not None))
     b_, d_, f_ = (light if a is None else a for a in (b, d, f))
     if mask is None:
-        launch("calibrate.cu", "calibrate_kernel", n, (out, light, b_, d_, f_, np.int64(n), *flags, k))
+        kernel, args = "calibrate_kernel", (out, light, b_, d_, f_, np.int64(n), *flags, k)
     else:
         h, w = shape[-2:]
-        launch("calibrate.cu", "calibrate_cosmetic_kernel", n,
-               (out, light, b_, d_, f_, mask, np.int64(n), np.int32(h), np.int32(w), np.int32(code), *flags, k))
+        kernel, args = "calibrate_cosmetic_kernel", (out, light, b_, d_, f_, mask, np.int64(n), np.int32(h),
+                                                     np.int32(w), np.int32(code), *flags, k)
+    if not is_device_array(light):  # the twin, or the same fused kernel built for the host (the same bits)
+        return run_cpu("calibrate.cu", kernel, n, lambda: _calibrate_twin(light, b, d, k, f, mask, code),
+                       lambda mod: (mod.launch(kernel, n, args), out)[1])
+    launch("calibrate.cu", kernel, n, args)
     return out
+
+
+def _calibrate_twin(light: np.ndarray, bias: np.ndarray | None, dark: np.ndarray | None, k: np.float32,
+                    flat: np.ndarray | None, mask: np.ndarray | None, code: int) -> np.ndarray:
+    """Twin of ``calibrate_kernel`` (``mask`` None) or ``calibrate_cosmetic_kernel``."""
+    out = _calibrate_numpy(light, bias, dark, k, flat)
+    if mask is None:
+        return out
+    planes = out.reshape((-1,) + light.shape[-2:])
+    return _correct_defects_numpy(planes, mask, code).reshape(light.shape)
 
 
 def _calibrate_numpy(light: np.ndarray, bias: np.ndarray | None, dark: np.ndarray | None, k: np.float32,

@@ -17,7 +17,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from skystack.engine.backend import is_device_array, launch
+from skystack.engine.backend import is_device_array, launch, run_cpu
 from skystack.engine.errors import SkystackError
 from skystack.engine.frame import BAYER_PATTERNS
 
@@ -97,8 +97,6 @@ def cfa_to_float(raw: Any, *, pattern: str | None, black_level: Sequence[float],
         raise SkystackError(
             f"out must be a C-contiguous float32 array of shape {tuple(raw.shape)} on the same backend as raw"
         )
-    if not dev:
-        return _cfa_to_float_numpy(raw, black, rng, out)
     if raw.dtype == np.uint16:
         kernel = "cfa_to_float_u16"
     else:
@@ -108,9 +106,12 @@ def cfa_to_float(raw: Any, *, pattern: str | None, black_level: Sequence[float],
     raw = xp.ascontiguousarray(raw)
     h, w = raw.shape[-2:]
     n = int(raw.size)
-    launch("rawconv.cu", kernel, n,
-           (raw, out, np.int64(n), np.int32(w), np.int32(h),
-            *(np.float32(b) for b in black), *(np.float32(r) for r in rng)))
+    args = (raw, out, np.int64(n), np.int32(w), np.int32(h), *(np.float32(b) for b in black),
+            *(np.float32(r) for r in rng))
+    if not dev:  # the twin, or the same kernel built for the host (the same bits)
+        return run_cpu("rawconv.cu", kernel, n, lambda: _cfa_to_float_numpy(raw, black, rng, out),
+                       lambda mod: (mod.launch(kernel, n, args), out)[1])
+    launch("rawconv.cu", kernel, n, args)
     return out
 
 

@@ -80,3 +80,32 @@ extern "C" __global__ void cosmetic_kernel(float* out, const float* in, const un
         out[i] = cos_median(v, m);
     }
 }
+
+// Mean of the finite same-colour neighbours (the candidates above, inside the
+// frame) of every pixel of an (H, W) image, NaN where there is none: the level a
+// defect is measured against. NumPy twin: cosmetic.py (_neighbour_mean_numpy).
+// The sum runs in candidate order in float32; the mean is the double quotient
+// rounded to float (the twin divides its float32 sum by an int32 count, which
+// NumPy does in float64). n_items = H * W.
+extern "C" __global__ void neighbour_mean_kernel(float* out, const float* img, int H, int W, int pat) {
+    long long n = (long long)H * W;
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
+         i += (long long)blockDim.x * gridDim.x) {
+        int y = (int)(i / W);
+        int x = (int)(i - (long long)y * W);
+        int kind = (pat < 0) ? 0 : ((cos_colour(pat, y, x) == 1) ? 1 : 2);
+        float acc = 0.0f;
+        int cnt = 0;
+        for (int k = 0; k < 8; ++k) {
+            int dy, dx;
+            cos_offset(kind, k, &dy, &dx);
+            int yy = y + dy, xx = x + dx;
+            if (yy < 0 || yy >= H || xx < 0 || xx >= W) continue;
+            float v = img[(long long)yy * W + xx];
+            if (!cos_finite(v)) continue;
+            acc += v;
+            ++cnt;
+        }
+        out[i] = (cnt > 0) ? (float)((double)acc / (double)cnt) : nanf("");
+    }
+}

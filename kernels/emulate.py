@@ -37,6 +37,7 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -64,7 +65,7 @@ NATIVE_CXX_FLAGS: tuple[str, ...] = ("-O3", "-std=c++17", "-ffp-contract=off", "
                                      "-fno-strict-aliasing", "-fno-semantic-interposition", "-fopenmp",
                                      "-DSKYSTACK_NATIVE=1")
 SHIM = KERNEL_DIR / "cuda_shim.h"
-_LAUNCHER_VERSION = "7"  # bump when the generated wrapper changes
+_LAUNCHER_VERSION = "8"  # bump when the generated wrapper changes
 _build_lock = threading.Lock()
 
 
@@ -105,18 +106,19 @@ _SCALAR_CTYPES: dict[str, Any] = {
 def _launcher(name: str, params: Sequence[KernelParam], *, parallel: bool = False) -> str:
     """C++ source of ``skystack_emu_<name>``: run every (block, thread) of a launch.
 
-    ``parallel`` spreads the blocks over the cores with OpenMP (the native CPU
-    backend); the index globals are thread-local, so each core sets its own.
+    ``parallel`` builds the native CPU backend's launcher instead: the kernel's
+    grid-stride loop, rewritten by :func:`_chunked_loops`, runs over contiguous
+    chunks of items, the chunks spread over the cores with OpenMP.
     """
     decls = "".join(f", {p.decl} a{i}" for i, p in enumerate(params))
     call = ", ".join(f"a{i}" for i in range(len(params)))
-    omp = "#pragma omp parallel for schedule(dynamic, 1)" if parallel else ""
+    if parallel:
+        return _chunk_launcher(name, decls, call)
     return f"""
 extern "C" void skystack_emu_{name}(unsigned gx, unsigned gy, unsigned gz,
         unsigned bx, unsigned by, unsigned bz, int reverse{decls}) {{
     const long long nb = (long long)gx * gy * gz, nt = (long long)bx * by * bz;
     if (gy == 1 && gz == 1 && by == 1 && bz == 1) {{  // 1-D launches: no index divisions
-        {omp}
         for (long long ib = 0; ib < nb; ++ib) {{
             gridDim = dim3(gx, 1, 1);
             blockDim = dim3(bx, 1, 1);
@@ -130,7 +132,6 @@ extern "C" void skystack_emu_{name}(unsigned gx, unsigned gy, unsigned gz,
         }}
         return;
     }}
-    {omp}
     for (long long ib = 0; ib < nb; ++ib) {{
         gridDim = dim3(gx, gy, gz);
         blockDim = dim3(bx, by, bz);
@@ -150,11 +151,66 @@ extern "C" void skystack_emu_{name}(unsigned gx, unsigned gy, unsigned gz,
 """
 
 
+def _chunk_launcher(name: str, decls: str, call: str) -> str:
+    """The native launcher: the launch's threads as a range of items, cut into contiguous chunks
+    (about 16 per core, at most 4096 items), each a single call of the rewritten kernel; the last
+    chunk runs to the kernel's own bound, so no item is lost whatever the launch geometry."""
+    return f"""
+extern "C" void skystack_emu_{name}(unsigned gx, unsigned gy, unsigned gz,
+        unsigned bx, unsigned by, unsigned bz, int reverse{decls}) {{
+    const long long range = (long long)gx * gy * gz * bx * by * bz;
+    long long size = range / ((long long)omp_get_max_threads() * 16);
+    size = size < 1 ? 1 : (size > 4096 ? 4096 : size);
+    const long long nc = (range + size - 1) / size;
+    #pragma omp parallel for schedule(dynamic, 1)
+    for (long long c = 0; c < nc; ++c) {{
+        const long long k = reverse ? nc - 1 - c : c;
+        skystack_item_begin = k * size;
+        skystack_item_end = (k == nc - 1) ? LLONG_MAX : (k + 1) * size;
+        {name}({call});
+    }}
+}}
+"""
+
+
+#: The kernels' grid-stride loop header (every kernel of ``kernels/`` has it; see
+#: docs/architecture.md), and what native builds make of it: a plain loop over the
+#: chunk of items the launcher gives the calling core.
+_GRID_STRIDE = re.compile(
+    r"for\s*\(\s*long long (\w+)\s*=\s*blockIdx\.x\s*\*\s*\(long long\)blockDim\.x\s*\+\s*threadIdx\.x\s*;"
+    r"\s*\1\s*<\s*(\w+)\s*;\s*\1\s*\+=\s*\(long long\)blockDim\.x\s*\*\s*gridDim\.x\s*\)")
+
+
+def _chunked_loops(text: str) -> str:
+    """``text`` with every kernel's grid-stride loop over the launcher's chunk (native builds).
+
+    Raises
+    ------
+    KernelCompileError
+        When a kernel has no such loop (the native launcher could not run it).
+    """
+    out, count = _GRID_STRIDE.subn(
+        lambda m: (f"for (long long {m[1]} = skystack_item_begin, {m[1]}_end = "
+                   f"(skystack_item_end < (long long)({m[2]}) ? skystack_item_end : (long long)({m[2]})); "
+                   f"{m[1]} < {m[1]}_end; ++{m[1]})"), text)
+    kernels = len(re.findall(r"__global__", text))
+    if count < kernels:
+        raise KernelCompileError(f"{kernels - count} kernel(s) without the grid-stride loop header "
+                                 "(see docs/architecture.md); the native build needs it")
+    return out
+
+
 #: Native builds export the OpenMP team size of the calling thread's next launches
 #: (``omp_set_num_threads`` sets a per-thread value when called outside a parallel region).
 _NATIVE_THREADS = """
-#include <omp.h>
 extern "C" void skystack_native_set_threads(int n) { omp_set_num_threads(n > 0 ? n : 1); }
+"""
+
+#: Before a native build's kernels: the chunk of items each call runs (set by the launcher).
+_NATIVE_PRELUDE = """#include <omp.h>
+#include <climits>
+static thread_local long long skystack_item_begin = 0;
+static thread_local long long skystack_item_end = 0;
 """
 
 
@@ -242,7 +298,8 @@ def _build(text: str, label: str, defines: tuple[str, ...],
     if cxx is None:
         raise KernelCompileError("the CPU kernel emulator needs g++ on PATH (apt-get install g++)")
     shim = SHIM.read_text()
-    unit = (f'#include "{SHIM.name}"\n#line 1 "{label}"\n{text}\n'
+    unit = (f'#include "{SHIM.name}"\n' + (_NATIVE_PRELUDE if native else "")
+            + f'#line 1 "{label}"\n{_chunked_loops(text) if native else text}\n'
             "#line 1 \"<skystack-emulation-launchers>\"\n"
             + "".join(_launcher(k, ps, parallel=native) for k, ps in signatures.items())
             + (_NATIVE_THREADS if native else ""))

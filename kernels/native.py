@@ -1,10 +1,11 @@
-"""Native CPU backend: skystack's CUDA kernels compiled for the host, blocks over the cores.
+"""Native CPU backend: skystack's CUDA kernels compiled for the host, chunks of items over the cores.
 
-:func:`native` builds a ``kernels/*.cu`` source exactly like the emulator
+:func:`native` builds a ``kernels/*.cu`` source like the emulator
 (:mod:`skystack.kernels.emulate`: the same shim ``cuda_shim.h``, the same
-IEEE float rules, ``-ffp-contract=off``) but with ``-O3``, OpenMP spreading the
-launch's blocks over the cores (threads of one block run in turn on one core)
-and real atomics. The result has the emulator's interface
+IEEE float rules, ``-ffp-contract=off``) but with ``-O3``, real atomics, and
+each kernel's grid-stride loop rewritten into a plain loop over a contiguous
+chunk of items: the launcher calls the kernel once per chunk and OpenMP spreads
+the chunks over the cores. The result has the emulator's interface
 (``.launch(kernel, n_items, args)`` on NumPy arrays, written in place), so a
 kernel that obeys the kernel rules gives the NumPy twin's bits here too
 (float ``atomicAdd`` aside, whose order varies between runs as on a GPU).

@@ -116,6 +116,26 @@ def test_emulated_kernel_equals_twin(rng, code, planes, h, w, frac):
 
 
 @needs_gxx
+@pytest.mark.parametrize("code", [-1] + [pattern_code(p) for p in BAYER_PATTERNS])
+@pytest.mark.parametrize("h, w", [(1, 1), (1, 9), (9, 1), (2, 2), (17, 23), (40, 33)])
+def test_neighbour_mean_kernel_equals_twin(rng, code, h, w):
+    """The defect detection's neighbour mean: emulated and native kernels give the twin's bits
+    (holes, infinities, frame edges), and so does the operation whichever the host picks."""
+    from skystack.kernels.native import native
+
+    data, _ = _random_case(rng, 1, h, w, 0.0)
+    img = data[0]
+    twin = cos._neighbour_mean_numpy(img, code)
+    for mod in (emulated("cosmetic.cu"), native("cosmetic.cu")):
+        out = np.full((h, w), -7, np.float32)
+        mod.launch("neighbour_mean_kernel", h * w, (out, img, np.int32(h), np.int32(w), np.int32(code)),
+                   reverse=bool(w % 2))
+        np.testing.assert_array_equal(out, twin)
+    np.testing.assert_array_equal(cos._neighbour_mean(img, code), twin)
+    assert np.isfinite(twin).sum() > 0.5 * img.size or min(h, w) < 3
+
+
+@needs_gxx
 def test_operation_gpu_branch_in_emulator(monkeypatch, rng):
     data, mask = _random_case(rng, 1, 30, 27, 0.05)
     twin, n1 = correct_defects(data[0], mask, pattern="GRBG")

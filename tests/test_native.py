@@ -92,6 +92,30 @@ def test_rawconv_native_equals_twin(monkeypatch, rng, kind):
     np.testing.assert_array_equal(rawconv_mod.cfa_to_float(raw, **kw), twin)
 
 
+@pytest.mark.parametrize("with_defects", [False, True])
+@pytest.mark.parametrize("mode", ["on", "auto"])
+def test_calibrate_native_equals_twin(monkeypatch, rng, with_defects, mode):
+    """The host's calibration (fused with the defect fix when there is a map), natively built or
+    chosen by timing: the twin's bits, flats at zero and NaN included."""
+    from skystack.engine import backend as be
+    from skystack.engine import calibrate as cal_mod
+
+    h, w = 130, 140  # past NATIVE_MIN_ITEMS: auto times the kernel
+    light = rng.normal(0.3, 0.05, (h, w)).astype(np.float32)
+    bias = rng.normal(0.01, 0.001, (h, w)).astype(np.float32)
+    dark = rng.normal(0.02, 0.01, (h, w)).astype(np.float32)
+    flat = rng.uniform(0.6, 1.2, (h, w)).astype(np.float32)
+    flat[3, 4], flat[10, 11], light[7, 8] = 0.0, np.nan, np.nan
+    defects = (rng.random((h, w)) < 0.02).astype(np.uint8) if with_defects else None
+    kw = dict(bias=bias, dark=dark, dark_scale=0.8, flat=flat, defects=defects, pattern="RGGB")
+    monkeypatch.setattr(be, "_native_choice", {})
+    monkeypatch.setenv("SKYSTACK_NATIVE", "off")
+    twin = cal_mod.calibrate(light, **kw)
+    monkeypatch.setenv("SKYSTACK_NATIVE", mode)
+    for _ in range(2):  # (auto: the timed launch, then the choice)
+        np.testing.assert_array_equal(cal_mod.calibrate(light, **kw), twin)
+
+
 @pytest.mark.parametrize("method", ["bilinear", "rcd", "superpixel"])
 def test_debayer_native_equals_twin(monkeypatch, rng, method):
     cfa = rng.uniform(0.0, 1.0, size=(45, 62)).astype(np.float32)
@@ -447,3 +471,27 @@ def test_combine_store_splits_tiles_by_rows_one_core_per_worker(monkeypatch, rng
         if ch == 0:
             np.testing.assert_array_equal(count, r.count)
     np.testing.assert_array_equal(rejected, rej)
+
+
+def test_native_chunks_cover_every_item_whatever_the_launch(tmp_path):
+    """The native build runs each kernel's grid-stride loop over contiguous chunks: every item once,
+    for launches smaller than the kernel's own bound (the last chunk runs to it), larger ones, one
+    item, and in reverse; a kernel without the canonical loop header is refused, named."""
+    from skystack.engine.errors import KernelCompileError
+
+    src = tmp_path / "count.cu"
+    src.write_text('extern "C" __global__ void count_kernel(int* hits, long long n) {\n'
+                   "    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;\n"
+                   "         i += (long long)blockDim.x * gridDim.x) {\n"
+                   "        atomicAdd(&hits[i], 1);\n    }\n}\n")
+    mod = native(src)
+    for n, items, reverse in ((1000, 1000, False), (1000, 10, True), (1000, 5000, False), (1, 1, True),
+                              (100_003, 100_003, True)):
+        hits = np.zeros(n, np.int32)
+        mod.launch("count_kernel", items, (hits, np.int64(n)), reverse=reverse)
+        assert hits.min() == hits.max() == 1, (n, items)
+    bad = tmp_path / "bad.cu"
+    bad.write_text('extern "C" __global__ void bad_kernel(float* x, long long n) {\n'
+                   "    long long i = threadIdx.x;\n    if (i < n) x[i] = 1.0f;\n}\n")
+    with pytest.raises(KernelCompileError, match="grid-stride loop header"):
+        native(bad)
