@@ -120,7 +120,7 @@ def cfa_colour_map(pattern: str, shape: tuple[int, int]) -> np.ndarray:
 
 
 def debayer(cfa, pattern: str | None, *, method: str = "bilinear",
-            wb: tuple[float, float, float] | None = None):
+            wb: tuple[float, float, float] | None = None, out=None):
     """Demosaic a CFA mosaic.
 
     Parameters
@@ -135,6 +135,9 @@ def debayer(cfa, pattern: str | None, *, method: str = "bilinear",
         high-quality method.
     wb : tuple of 3 float or None
         White-balance multipliers (R, G, B) applied to the mosaic first.
+    out : ndarray, optional
+        float32 array of the result's shape on the mosaic's backend to write into
+        (a caller's reused buffer: the host's RCD writes straight into it).
 
     Returns
     -------
@@ -158,10 +161,15 @@ def debayer(cfa, pattern: str | None, *, method: str = "bilinear",
     if wb is not None:
         cfa = _apply_wb(cfa, code, wb)
     if method == "superpixel":
-        return _superpixel(cfa, code)
-    if method == "rcd" and min(h, w) >= 5:
-        return _rcd(cfa, code)
-    return _bilinear(cfa, code)
+        res = _superpixel(cfa, code)
+    elif method == "rcd" and min(h, w) >= 5:
+        res = _rcd(cfa, code, out)
+    else:
+        res = _bilinear(cfa, code)
+    if out is None or res is out:
+        return res
+    out[...] = res
+    return out
 
 
 # ----------------------------------------------------------------------------- dispatch
@@ -205,11 +213,11 @@ def _superpixel(cfa, code: int):
     return out
 
 
-def _rcd(cfa, code: int):
+def _rcd(cfa, code: int, out=None):
     if not is_device_array(cfa):  # the NumPy twin, or the same kernels built for the host
         c = np.ascontiguousarray(cfa, dtype=np.float32)
         return run_cpu(_SRC, "rcd", c.size, lambda: _rcd_numpy(c, code),
-                       lambda mod: _rcd_bands(mod.launch, c, code))
+                       lambda mod: _rcd_bands(mod.launch, c, code, out=out))
     return _rcd_launch(lambda k, n, a: launch(_SRC, k, n, a), array_module(cfa), cfa, code)
 
 
@@ -223,8 +231,8 @@ _RCD_HALO = 12
 _RCD_BAND_PX = 1 << 20
 
 
-def _rcd_bands(run, cfa: np.ndarray, code: int, band_rows: int | None = None) -> np.ndarray:
-    """The RCD kernel sequence on the host, band by band (the whole frame's bits).
+def _rcd_bands(run, cfa: np.ndarray, code: int, band_rows: int | None = None, out=None) -> np.ndarray:
+    """The RCD kernel sequence on the host, band by band (the whole frame's bits), into ``out`` if given.
 
     Each band of ``band_rows`` rows runs with :data:`_RCD_HALO` rows of mosaic either side,
     farther than any step reads, so the rows kept do not see the band's own edges.
@@ -233,7 +241,7 @@ def _rcd_bands(run, cfa: np.ndarray, code: int, band_rows: int | None = None) ->
     rows = band_rows or max(2, (_RCD_BAND_PX // w) & ~1)
     if rows + 2 * _RCD_HALO >= h:
         return _rcd_launch(run, np, cfa, code)
-    out = np.empty((3, h, w), dtype=np.float32)
+    out = np.empty((3, h, w), dtype=np.float32) if out is None else out
     for y0 in range(0, h, rows):
         y1 = min(h, y0 + rows)
         a, b = max(0, y0 - _RCD_HALO), min(h, y1 + _RCD_HALO)

@@ -121,16 +121,18 @@ class FrameStore:
                 raise _spill_error(self._dir, OSError(errno.EIO, "short read"))
             done += got
 
-    def get(self, i: int) -> np.ndarray:
-        """Frame ``i`` as float32 ``(C, H, W)``."""
+    def get(self, i: int, out: np.ndarray | None = None) -> np.ndarray:
+        """Frame ``i`` as float32 ``(C, H, W)``: a view of the RAM store, or read from the spill
+        (into ``out``, a caller's reused float32 buffer of that shape, when given)."""
         if self._fd is None:
             return self._data[i]
+        out = np.empty(self.shape, dtype=np.float32) if out is None else out
         if self.dtype == np.float32:  # straight into the result: one frame, not two
-            out = np.empty(self.shape, dtype=np.float32)
             self._read_into(out, i * self._frame)
             return out
-        raw = os.pread(self._fd, self._frame, i * self._frame)
-        return self._decode(np.frombuffer(raw, dtype=self.dtype).reshape(self.shape))
+        stored = np.empty(self.shape, dtype=self.dtype)
+        self._read_into(stored, i * self._frame)
+        return self._decode(stored, out=out)
 
     def _encode(self, img: np.ndarray) -> np.ndarray:
         """``img`` (float32) as the spill file holds it, C-contiguous."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import resource
+import threading
 import time
 from collections import Counter
 from contextlib import contextmanager
@@ -152,6 +153,20 @@ class StackResult:
     @property
     def n_used(self) -> int:
         return sum(1 for f in self.frames if f.used)
+
+
+class _Scratch(threading.local):
+    """Per-thread float32 buffers for the frame-sized results of pass 1 and the warp, reused frame
+    after frame: a new frame-sized array each time costs its page faults (and, on a virtual machine
+    whose host reclaims freed memory, several milliseconds per megabyte)."""
+
+    def get(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
+        """This thread's buffer ``name`` of ``shape`` (its contents are the last user's)."""
+        bufs = self.__dict__.setdefault("bufs", {})
+        buf = bufs.get(name)
+        if buf is None or buf.shape != tuple(shape):
+            buf = bufs[name] = np.empty(shape, dtype=np.float32)
+        return buf
 
 
 class _Timer:
@@ -425,6 +440,7 @@ def register_session(files: SessionFiles, config: StackConfig = StackConfig()) -
         store = FrameStore(len(lights), (n_ch, out_h, out_w), ram_budget=store_budget,
                            dtype=config.store_dtype, spill_dir=config.spill_dir)
     todo = [i for i, r in enumerate(records) if not r.reason]
+    scratch = _Scratch()  # each thread's frame buffers, reused frame after frame (host backends)
     stars: dict[int, Any] = {}
     quality: dict[int, Any] = {}
     prog = _Progress(config.quiet)
@@ -464,7 +480,8 @@ def register_session(files: SessionFiles, config: StackConfig = StackConfig()) -
             noise = normalize.highpass_noise(x, step=2 if m.pattern else 1)
         with timer("debayer"):
             wb = m.wb if (config.apply_wb and m.wb is not None) else None
-            rgb = debayer.debayer(x, m.pattern, method=config.debayer, wb=wb) if m.pattern else x[None]
+            buf = None if be.is_gpu or not m.pattern or superpixel else scratch.get("rgb", store.shape)
+            rgb = debayer.debayer(x, m.pattern, method=config.debayer, wb=wb, out=buf) if m.pattern else x[None]
             host = rgb if store.on_device else to_host(rgb)
         with timer("store"):
             store.put(i, host)
@@ -545,7 +562,7 @@ def register_session(files: SessionFiles, config: StackConfig = StackConfig()) -
         records[i].transform = transforms[i].tolist()
         if i == ref and target is store and excl is None:
             return None  # the reference is its own grid
-        img = store.get(i)
+        img = store.get(i, out=None if store.on_device else scratch.get("in", store.shape))
         if excl is not None:  # a copy on the store's backend, the landscape blanked
             bxp = array_module(img)
             img = bxp.array(img, dtype=bxp.float32)
@@ -553,7 +570,8 @@ def register_session(files: SessionFiles, config: StackConfig = StackConfig()) -
         if i == ref:  # copied, never resampled
             out = canvas.place(to_host(img))
         else:
-            out = warp.warp(xp.asarray(img), canvas.offset @ t_store[i], canvas.shape,
+            buf = None if be.is_gpu else scratch.get("out", (n_ch, *canvas.shape))
+            out = warp.warp(xp.asarray(img), canvas.offset @ t_store[i], canvas.shape, out=buf,
                             method=config.interpolation, lens=lens_store, lens_offset=(canvas.ox, canvas.oy))
         out = xp.asarray(out) if target.on_device else to_host(out)
         target.put(i, out)  # measured before a float16 spill rounds it: the order statistics stay unquantised
@@ -577,6 +595,7 @@ def register_session(files: SessionFiles, config: StackConfig = StackConfig()) -
         if land is not None:
             landscape = (canvas.place(land[0]), canvas.place(land[1][None])[0],
                          canvas.place(fg.mask[None].astype(np.float32))[0] > 0.5, canvas.place(land[2][None])[0])
+    scratch = None  # the buffers go with it
     if target is not store:
         store.close()
         store = target

@@ -155,6 +155,17 @@ def test_rcd_on_the_host_band_by_band_gives_the_whole_frames_bits(rng, pattern, 
     np.testing.assert_allclose(banded, debayer_mod._rcd_numpy(cfa, code), rtol=1e-5, atol=1e-3, equal_nan=True)
 
 
+@pytest.mark.parametrize("method", ["rcd", "bilinear"])
+def test_debayer_into_a_callers_buffer(rng, method):
+    """``debayer(out=...)`` (the stack's reused per-thread buffer) gives the same bits, in ``out``."""
+    cfa = rng.gamma(2.0, 300.0, size=(140, 96)).astype(np.float32)
+    want = debayer_mod.debayer(cfa, "BGGR", method=method)
+    buf = np.full((3, 140, 96), -1.0, np.float32)
+    got = debayer_mod.debayer(cfa, "BGGR", method=method, out=buf)
+    assert got is buf
+    np.testing.assert_array_equal(got, want)
+
+
 # ----------------------------------------------------------------------------- the CPU branch's choice
 
 
