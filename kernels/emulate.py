@@ -70,7 +70,22 @@ _build_lock = threading.Lock()
 
 
 def _cxx() -> str | None:
-    return os.environ.get("CXX_EMU") or shutil.which("g++")
+    return os.environ.get("CXX_EMU") or _which("g++", os.environ.get("PATH"))
+
+
+@lru_cache(maxsize=8)
+def _which(name: str, path: str | None) -> str | None:
+    """``shutil.which`` once per PATH (every CPU kernel launch asks whether a compiler exists)."""
+    return shutil.which(name, path=path)
+
+
+@lru_cache(maxsize=8)
+def _cxx_version(cxx: str) -> str:
+    """``cxx --version`` (part of a build's cache key), run once per compiler and process."""
+    try:
+        return subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout
+    except OSError:
+        return cxx
 
 
 def emulator_available() -> bool:
@@ -304,10 +319,7 @@ def _build(text: str, label: str, defines: tuple[str, ...],
             + "".join(_launcher(k, ps, parallel=native) for k, ps in signatures.items())
             + (_NATIVE_THREADS if native else ""))
     flags = list(NATIVE_CXX_FLAGS if native else CXX_FLAGS) + [f"-D{d}" for d in defines]
-    try:
-        version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout
-    except OSError:
-        version = cxx
+    version = _cxx_version(cxx)
     key = hashlib.sha256("\0".join(
         [_LAUNCHER_VERSION, unit, shim, cxx, version, *flags]).encode()).hexdigest()[:24]
     stem = Path(label).stem
