@@ -406,56 +406,53 @@ def _common(p: argparse.ArgumentParser, *, top: bool = False) -> None:
 
 
 def _stack_options(p: argparse.ArgumentParser, *, batch: bool = False) -> None:
-    from skystack.engine.stack import StackConfig
+    from skystack.engine.stack import StackConfig, option_choices
 
+    c, choices = StackConfig(), option_choices()  # defaults and choices live there, not here
     g = p.add_argument_group("stacking")
     if not batch:  # a batch names each session's files itself
         g.add_argument("--preview", help="stretched 8-bit PNG/JPEG (default OUT.png)")
         g.add_argument("--fits", help="FITS output (default OUT.fits)")
         g.add_argument("--report", help="JSON report (default OUT.json)")
         g.add_argument("--html", help="HTML report with plots (default OUT.html)")
-    g.add_argument("--rejection", default="auto",
-                   choices=("auto", "sigma", "winsorized", "linear", "gesd", "percentile", "minmax", "median",
-                            "mean"),
+    g.add_argument("--rejection", default=c.rejection, choices=choices["rejection"],
                    help="how outliers (satellites, planes, hot pixels) are rejected before averaging; auto "
                         "picks by the number of frames: median up to 4, winsorized from 5, gesd from 10 "
                         "(default: %(default)s)")
     g.add_argument("--kappa", nargs=2, type=float, default=None, metavar=("LOW", "HIGH"),
                    help="rejection thresholds (default per method: sigma/winsorized 3 3, linear 4 4, "
                         "gesd 0.3 0.01 (outlier fraction, significance), percentile 0.2 0.1, minmax 1 1)")
-    g.add_argument("--normalization", default="additive+scale",
-                   choices=("none", "additive", "multiplicative", "additive+scale"),
+    g.add_argument("--normalization", default=c.normalization, choices=choices["normalization"],
                    help="how frames are brought to the reference's sky level and contrast before combining "
                         "(default: %(default)s)")
-    g.add_argument("--weighting", default="noise", choices=("none", "noise", "psf", "stars"),
+    g.add_argument("--weighting", default=c.weighting, choices=choices["weighting"],
                    help="frame weights: noise (inverse noise variance, measured before normalisation), psf "
                         "(star peak over noise), stars (quality score) or none (default: %(default)s)")
     g.add_argument("--memory-limit", help="memory the whole run may take above the interpreter's own, e.g. 4GB: "
                    "the frame store spills to disk beyond half of it, fewer frames are processed at once and "
                    "tiles shrink to fit; without it the store spills above 256 MiB (default: half the free memory)")
-    g.add_argument("--store-dtype", default=StackConfig().store_dtype, choices=("float32", "float16"),
+    g.add_argument("--store-dtype", default=c.store_dtype, choices=choices["store_dtype"],
                    help="type of the on-disk frame cache when frames spill: float16 halves its disk and page "
                         "cache and rounds at 1/2048 of a value, far below a light's noise (default: %(default)s)")
     g.add_argument("--reference", help="reference light (default: best score)")
     g.add_argument("--keep-best", type=float, metavar="PERCENT",
                    help="keep the best PERCENT (0-100] of frames by star quality (default: all usable frames)")
     g.add_argument("--max-fwhm", type=float, help="reject frames with a larger median FWHM in pixels (default: none)")
-    g.add_argument("--min-stars", type=int, default=15, help="reject frames with fewer stars (default: %(default)s)")
-    g.add_argument("--debayer", default=StackConfig.debayer, choices=("bilinear", "rcd", "superpixel"),
+    g.add_argument("--min-stars", type=int, default=c.min_stars, help="reject frames with fewer stars (default: %(default)s)")
+    g.add_argument("--debayer", default=c.debayer, choices=choices["debayer"],
                    help="colour reconstruction: RCD (sharp, ~0.7x bilinear's colour noise; sharp stars gain "
                         "0.5-2 %% of flux), bilinear (linear in the flux: for photometry) or super-pixel (half "
                         "size) (default: %(default)s)")
     g.add_argument("--no-wb", action="store_true", help="do not apply the camera white balance")
-    g.add_argument("--interpolation", default="lanczos3", choices=("lanczos3", "bilinear"),
+    g.add_argument("--interpolation", default=c.interpolation, choices=choices["interpolation"],
                    help="resampling when frames are aligned (default: %(default)s)")
-    g.add_argument("--model", default="auto", choices=("auto", "similarity", "affine", "homography",
-                                                    "homography+radial"),
+    g.add_argument("--model", default=c.transform_model, choices=choices["transform_model"],
                    help="alignment transform; auto picks the simplest that fits held-out stars, "
                         "homography+radial follows a wide, distorted lens (default: %(default)s)")
-    g.add_argument("--framing", default="reference", choices=("reference", "intersection", "union"),
+    g.add_argument("--framing", default=c.framing, choices=choices["framing"],
                    help="output field: the reference frame's, only what every frame covers, "
                         "or all the sky any frame saw (default: %(default)s)")
-    g.add_argument("--foreground", default="auto", metavar="auto|none|MASK.png",
+    g.add_argument("--foreground", default=c.foreground, metavar="auto|none|MASK.png",
                    help="landscape under a moving sky: auto-detect it, none, or a mask (white = landscape); "
                         "it is stacked unregistered and blended along the horizon (default: %(default)s)")
     if not batch:

@@ -31,8 +31,8 @@ from typing import Any
 import numpy as np
 
 from skystack.engine.errors import SkystackError
+from skystack.engine.robust import MAD_TO_SIGMA, mad_sigma
 
-MAD_TO_SIGMA = 1.4826
 MODELS = ("poly", "rbf")
 MODES = ("subtract", "divide")
 
@@ -481,7 +481,7 @@ def _neighbour_outliers(grid: np.ndarray, reject: float, floor: float) -> np.nda
     ok = np.isfinite(d)
     if ok.sum() < 4:
         return np.zeros(grid.shape, bool)
-    s = MAD_TO_SIGMA * float(np.median(np.abs(d[ok] - np.median(d[ok]))))
+    s = mad_sigma(d[ok])
     s = max(s, floor)
     return ok & (np.abs(d) > reject * s)
 
@@ -559,7 +559,7 @@ def fit_background(image: np.ndarray, config: BackgroundConfig = BackgroundConfi
         coef, *_ = np.linalg.lstsq(a[used], lum_box[used], rcond=None)
         r = lum_box - a @ coef
         ru = r[used]
-        s = max(MAD_TO_SIGMA * float(np.median(np.abs(ru - np.median(ru)))), floor)
+        s = max(mad_sigma(ru), floor)
         new = valid & (np.abs(r) <= config.reject * s)
         if it == 0:
             new &= ~_neighbour_outliers(np.where(valid, r, np.nan).reshape(ny, nx), config.reject, floor).ravel()

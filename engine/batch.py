@@ -120,7 +120,7 @@ import numpy as np
 from skystack import __version__
 from skystack.engine.errors import InputNotFound, OutputError, SkystackError
 from skystack.engine.session import KIND_FOLDERS, SessionFiles
-from skystack.engine.stack import StackConfig
+from skystack.engine.stack import StackConfig, option_choices
 
 __all__ = [
     "CalibrationMatchConfig",
@@ -985,7 +985,6 @@ def _load_toml(path: Path) -> dict[str, Any]:
 
 
 def _apply_toml(cfg: StackConfig, path: Path) -> StackConfig:
-    from skystack.engine import combine, debayer, normalize, register, warp
     from skystack.engine.stack import parse_size
 
     data = _load_toml(path)
@@ -995,10 +994,7 @@ def _apply_toml(cfg: StackConfig, path: Path) -> StackConfig:
             raise SkystackError(f"{path}: put every setting in the [stack] table (found {', '.join(extra) or 'stack'})")
         data = data["stack"]
     fields = {f.name: f for f in dataclasses.fields(StackConfig)}
-    choices = {"rejection": combine.REJECTIONS, "normalization": normalize.NORMALIZATIONS,
-               "weighting": normalize.WEIGHTINGS, "debayer": debayer.METHODS, "interpolation": warp.METHODS,
-               "transform_model": ("auto", *register.MODELS), "store_dtype": ("float32", "float16"),
-               "backend": ("auto", "cpu", "gpu")}
+    choices = option_choices()
     changes: dict[str, Any] = {}
     for raw_key, value in data.items():
         key = str(raw_key).replace("-", "_")

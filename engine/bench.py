@@ -45,6 +45,8 @@ import numpy as np
 from skystack import __version__
 from skystack.engine.backend import cpu_model
 from skystack.engine.errors import SkystackError
+from skystack.engine.output import atomic_path
+from skystack.engine.robust import MAD_TO_SIGMA, mad_sigma
 
 __all__ = [
     "PRESETS",
@@ -592,10 +594,8 @@ def _child_stack(spec: dict[str, Any]) -> dict[str, Any]:
     }
     if spec.get("save_image"):
         dst = Path(spec["save_image"])
-        tmp = dst.with_name("." + dst.name + ".part")
-        with open(tmp, "wb") as fh:
+        with atomic_path(dst) as tmp, open(tmp, "wb") as fh:
             np.save(fh, np.asarray(res.image, dtype=np.float32))
-        os.replace(tmp, dst)
         out["image"] = str(dst)
     if prof is not None:
         out["profile"] = _profile_summary(prof, spec.get("profile_path"))
@@ -1271,7 +1271,7 @@ def _photometric_scale(image: np.ndarray, truth, ref_index: int, star_image: np.
 
 
 def _robust_sigma(r: np.ndarray) -> float:
-    return float(1.4826 * np.median(np.abs(r - np.median(r))))
+    return mad_sigma(r)
 
 
 def _box_stats(image: np.ndarray, mask: np.ndarray, boxes: np.ndarray, box: int, *, binning: int = 4
@@ -1340,7 +1340,7 @@ def matched_filter_peaks(image: np.ndarray, scale: np.ndarray, mask: np.ndarray,
     lum = lum - np.kron(bg, np.ones((4, 4), dtype=lum.dtype))[:h, :w]
     f = ndimage.gaussian_filter(lum, max(float(fwhm_px), 1.0) / 2.3548)
     r = f[mask]
-    sig = 1.4826 * float(np.median(np.abs(r - np.median(r))))
+    sig = mad_sigma(r)
     peak = (f == ndimage.maximum_filter(f, 5)) & (f > nsigma * sig)
     yy, xx = np.nonzero(peak)
     return np.column_stack([xx, yy]).astype(np.float64)
@@ -1544,7 +1544,7 @@ def measured_registration_error(images: Iterable[tuple[int, np.ndarray]], truth,
         t = estimate_transform(src, dst, "similarity")
         # one pass of outlier removal (blends, hot pixels)
         res = np.hypot(*(src @ t[:2, :2].T + t[:2, 2] - dst).T)
-        good = res <= max(3.0 * 1.4826 * np.median(res), 0.2)
+        good = res <= max(3.0 * MAD_TO_SIGMA * np.median(res), 0.2)
         if good.sum() >= 6:
             t = estimate_transform(src[good], dst[good], "similarity")
         errs[int(i)] = grid_rms(t, np.eye(3), truth.shape)

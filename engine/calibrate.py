@@ -51,6 +51,7 @@ from skystack.engine.debayer import pattern_code
 from skystack.engine.errors import CalibrationError
 from skystack.engine.frame import FrameMeta
 from skystack.engine.masters import Master, MasterConfig, describe, load_or_build_master, same_camera
+from skystack.engine.robust import median_sigma
 
 __all__ = [
     "CalibrationConfig",
@@ -347,8 +348,7 @@ def optimize_dark_scale(light: Any, dark: Any, *, bias: Any | None = None,
     for _ in range(int(iterations)):
         r = hL - k * hD
         sample = r[::max(1, int(r.size) // 500_000)]
-        med = float(xp.median(sample))
-        sigma = 1.4826 * float(xp.median(xp.abs(sample - med)))
+        med, sigma = median_sigma(sample, xp=xp)
         if not sigma > 0:
             break
         sel = xp.abs(r - med) < clip * sigma

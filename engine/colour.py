@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from skystack.engine.background import object_mask, sigma_clipped_stats
+from skystack.engine.robust import MAD_TO_SIGMA
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -171,7 +172,7 @@ def aperture_photometry(image: np.ndarray, x: np.ndarray, y: np.ndarray, *, radi
             s = np.nanmedian(a, axis=1)
             mad = np.nanmedian(np.abs(a - s[:, None]), axis=1)
         sky[:, ch] = s
-        ssig[:, ch] = 1.4826 * mad
+        ssig[:, ch] = MAD_TO_SIGMA * mad
         inap = np.where(ap, st - s[:, None, None], 0.0)
         flux[:, ch] = np.nansum(inap, axis=(1, 2))
         pk = np.nanmax(np.where(ap, st, -np.inf).reshape(n, -1), axis=1) if n else np.zeros(0)

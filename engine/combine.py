@@ -119,6 +119,7 @@ import numpy as np
 
 from skystack.engine.backend import array_module, is_device_array, launch, run_cpu
 from skystack.engine.errors import SkystackError
+from skystack.engine.robust import MAD_TO_SIGMA
 
 __all__ = ["ClipResult", "sigma_clip_mean", "combine", "METHODS", "DEFAULT_KAPPAS", "MAX_SUPPORTED_FRAMES",
            "WINSOR_MAX_ITER", "ROBUST_MIN_KEPT", "max_frames_define", "gesd_critical_values",
@@ -292,7 +293,7 @@ def _mad_sigma(srt: np.ndarray, a: np.ndarray, b: np.ndarray, centre: np.ndarray
     with np.errstate(divide="ignore", invalid="ignore"):
         factor = np.where(m < _MAD_FACTORS.size, _MAD_FACTORS[np.minimum(m, _MAD_FACTORS.size - 1)],
                           mf / (mf - np.float32(0.8))).astype(np.float32)
-    return (np.float32(1.4826) * factor) * mad
+    return (np.float32(MAD_TO_SIGMA) * factor) * mad
 
 
 def _rank_mask(a: np.ndarray, b: np.ndarray, n: int) -> np.ndarray:

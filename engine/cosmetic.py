@@ -58,6 +58,7 @@ import numpy as np
 from skystack.engine.backend import array_module, is_device_array, launch, run_cpu, to_host
 from skystack.engine.debayer import cfa_colours, pattern_code
 from skystack.engine.errors import SkystackError
+from skystack.engine.robust import median_sigma
 
 __all__ = [
     "CosmeticConfig",
@@ -67,8 +68,6 @@ __all__ = [
     "correct_defects",
     "neighbour_offsets",
 ]
-
-_MAD_TO_SIGMA = 1.4826
 
 # Offsets (dy, dx) of the 8 candidate neighbours, by kind: 0 mono, 1 CFA green,
 # 2 CFA red/blue. Same tables and order as kernels/cosmetic.cu.
@@ -191,9 +190,7 @@ def _robust(values: np.ndarray) -> tuple[float, float]:
     v = values[np.isfinite(values)].astype(np.float64, copy=False)
     if v.size == 0:
         return math.nan, math.nan
-    med = float(np.median(v))
-    mad = float(np.median(np.abs(v - med)))
-    return med, _MAD_TO_SIGMA * mad
+    return median_sigma(v)
 
 
 def _cap(hot: np.ndarray, cold: np.ndarray, score: np.ndarray, max_fraction: float

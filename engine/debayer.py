@@ -692,7 +692,7 @@ def _rcd_numpy_body(cfa: np.ndarray, code: int) -> np.ndarray:
             _fallback(g, G, cfa, code, k, y0, 1)
             G.band(k, y0, y1)[...] = g
     G.fill()
-    del LP, DV, DH
+    LP = DV = DH = None  # freed (not del: the band closures read LP)
 
     # Step 4.2: red at blue sites and blue at red sites (rcd_rb_kernel); diagonal
     # gradient terms |f(y, x) - f(y + 2, x +- 2)| of the CFA and of green.

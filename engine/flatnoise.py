@@ -41,6 +41,8 @@ from typing import Any
 
 import numpy as np
 
+from skystack.engine.robust import mad_sigma
+
 #: Side (in pixels of one colour plane) of the neighbourhood of the local plane ``S``.
 WINDOW = 5
 #: Deviations (in sigma of ``h``) below which the Wiener factor applies in
@@ -251,7 +253,7 @@ def shrink_flat_noise(flat: np.ndarray, stats: FlatNoiseStats) -> tuple[np.ndarr
         s = np.where(s > 0, s, fill)
         h = np.where(good, fill / s - 1.0, 0.0)
         hv = h[good]
-        var_h = (1.4826 * np.median(np.abs(hv - np.median(hv)))) ** 2 / (1.0 - 1.0 / WINDOW ** 2)
+        var_h = mad_sigma(hv) ** 2 / (1.0 - 1.0 / WINDOW ** 2)
         v = v0 / np.clip(fill, 0.05, None)  # Poisson: relative variance scales as 1 / level
         sp2 = max(0.0, var_h - float(np.mean(v[good])))
         k = sp2 / (sp2 + v)

@@ -48,6 +48,8 @@ import numpy as np
 from skystack.engine.errors import SkystackError
 from skystack.engine.lens import RadialLens
 from skystack.engine.match import transform_points
+from skystack.engine.robust import mad_sigma
+from skystack.engine.workers import map_threads
 
 #: Small frames used by the detector (spread over the session).
 N_FRAMES = 12
@@ -120,7 +122,7 @@ def small_frames(get, indices: list[int], b: int) -> dict[int, np.ndarray]:
     from a device per session, whatever the frame count and size."""
     from skystack.engine.backend import to_host
 
-    return dict(zip(indices, _map_threads(lambda i: to_host(block_mean(get(i), b)), indices)))
+    return dict(zip(indices, map_threads(lambda i: to_host(block_mean(get(i), b)), indices)))
 
 
 class _quiet:
@@ -143,18 +145,6 @@ def small_bin(shape: tuple[int, int]) -> int:
     return max(2, int(math.ceil(math.sqrt(h * w / SMALL_PIXELS))))
 
 
-def _map_threads(fn, items: list) -> list:
-    """``[fn(x) for x in items]`` over the cores (SciPy's filters release the GIL)."""
-    import os
-    from concurrent.futures import ThreadPoolExecutor
-
-    workers = min(len(items), os.cpu_count() or 1)
-    if workers <= 1:
-        return [fn(x) for x in items]
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="skystack-fg") as pool:
-        return list(pool.map(fn, items))
-
-
 def _highpass(img: np.ndarray) -> np.ndarray:
     from scipy.ndimage import median_filter
 
@@ -166,8 +156,7 @@ def _noise(img: np.ndarray) -> float:
     v = img[np.isfinite(img)]
     if v.size < 10:
         return 1.0
-    mad = float(np.median(np.abs(v - np.median(v))))
-    return max(1.4826 * mad, 1e-12)
+    return max(mad_sigma(v), 1e-12)
 
 
 def _sample(small: np.ndarray, xy: np.ndarray) -> np.ndarray:
@@ -213,7 +202,7 @@ def detect_foreground(small: dict[int, np.ndarray], transforms: dict[int, np.nda
     keys = [k for k in small if k in transforms]
     if len(keys) < 3:
         return none("none: too few frames to tell the landscape from the sky")
-    hp = dict(zip(keys, _map_threads(_highpass, [small[k] for k in keys])))
+    hp = dict(zip(keys, map_threads(_highpass, [small[k] for k in keys])))
     hs, ws = next(iter(hp.values())).shape
     ev = _evidence(hp, {k: transforms[k] for k in keys}, (hs, ws), b, lens)
     absent = _absence(star_xy, (hs, ws), b) if star_xy is not None and len(star_xy) else np.zeros((hs, ws))

@@ -40,6 +40,7 @@ from typing import Any
 import numpy as np
 
 from skystack.engine.background import nanmedian_last
+from skystack.engine.robust import MAD_TO_SIGMA, mad_sigma
 
 NORMALIZATIONS = ("none", "additive", "multiplicative", "additive+scale")
 WEIGHTINGS = ("none", "noise", "psf", "stars")
@@ -47,7 +48,6 @@ WEIGHTINGS = ("none", "noise", "psf", "stars")
 #: ratio scatters by 5-10 % (Bayer sampling of undersampled stars, noise), so fewer
 #: apertures than this bias the scale by several percent (measured on simulated sessions).
 MIN_SIGNAL_STARS = 20
-MAD_TO_SIGMA = 1.4826
 #: Fewest pixels above 5 sigma that make a star for :func:`star_apertures` (RCD turns a hot
 #: pixel into a small blob: on the Seestar M 94 frames, without darks, hot pixels made 300
 #: RCD apertures of which most were defects, and a 0.75 star-flux ratio for every frame).
@@ -169,7 +169,7 @@ def robust_stats(image: Any, *, sample: int = 200_000, scale_sample: int | None 
 def _clipped_mad_sigma(xp: Any, v: Any) -> float:
     """MAD-sigma of ``v`` after two rounds of 3-sigma clipping about the median."""
     med = float(xp.median(v))
-    sig = MAD_TO_SIGMA * float(xp.median(xp.abs(v - med)))
+    sig = mad_sigma(v, med=med, xp=xp)
     for _ in range(2):
         if sig <= 0:
             break
@@ -178,7 +178,7 @@ def _clipped_mad_sigma(xp: Any, v: Any) -> float:
             break
         v = v[keep]
         med = float(xp.median(v))
-        sig = MAD_TO_SIGMA * float(xp.median(xp.abs(v - med)))
+        sig = mad_sigma(v, med=med, xp=xp)
     return sig
 
 

@@ -20,6 +20,8 @@ from typing import Any
 
 import numpy as np
 
+from skystack.engine.robust import mad_sigma
+
 _FWHM = 2.0 * math.sqrt(2.0 * math.log(2.0))
 
 
@@ -121,7 +123,7 @@ def sky_noise(lum: np.ndarray, sky: np.ndarray) -> float:
 
     fill = np.where(np.isfinite(lum), lum, np.nanmedian(lum))
     r = (lum - median_filter(fill, size=9, mode="nearest"))[sky & np.isfinite(lum)]
-    return float(1.4826 * np.median(np.abs(r - np.median(r))))
+    return mad_sigma(r)
 
 
 def star_free_sky(truth, ref_index: int, shape: tuple[int, int], landscape: np.ndarray | None = None,

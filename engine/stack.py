@@ -24,6 +24,7 @@ import numpy as np
 
 from skystack.engine.errors import SkystackError
 from skystack.engine.session import SessionFiles
+from skystack.engine.workers import run_parallel
 
 #: Landscape seam (in detector blocks): the landscape stack is used fully up to
 #: ``margin`` above the horizon (and frames' pixels that close to their own
@@ -33,6 +34,10 @@ _FG_MARGIN_BLOCKS, _FG_FEATHER_BLOCKS = 1.5, 2.0
 #: Bytes per stored pixel per frame per channel of working space the combine
 #: step needs, as a multiple of the tile itself (NumPy twin's temporaries).
 _COMBINE_WORKSPACE = 6
+
+
+#: Types of the spilled frame store (:class:`skystack.engine.framestore.FrameStore`).
+STORE_DTYPES = ("float32", "float16")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -71,21 +76,39 @@ class StackConfig:
         _validate_config(self)
 
 
+def option_choices() -> dict[str, tuple[str, ...]]:
+    """The values each enumerated :class:`StackConfig` field takes, from its family's registry.
+
+    One table for the checks at construction, the CLI's ``choices`` and batch's
+    ``skystack.toml`` settings (``backend`` may also be None: the environment's).
+    """
+    from skystack.engine import combine, debayer, framing, normalize, register, warp
+
+    return {"rejection": combine.REJECTIONS, "normalization": normalize.NORMALIZATIONS,
+            "weighting": normalize.WEIGHTINGS, "debayer": debayer.METHODS, "interpolation": warp.METHODS,
+            "transform_model": ("auto", *register.MODELS), "framing": framing.FRAMINGS,
+            "store_dtype": STORE_DTYPES, "backend": ("auto", "cpu", "gpu")}
+
+
+#: The command-line flag of a :class:`StackConfig` field, where it is not ``--`` + its name.
+FLAGS = {"transform_model": "--model"}
+
+
+def flag(name: str) -> str:
+    """The command-line flag of :class:`StackConfig` field ``name``."""
+    return FLAGS.get(name, "--" + name.replace("_", "-"))
+
+
 def _validate_config(c: StackConfig) -> None:
     """Raise :class:`SkystackError` naming the option and the values it takes (before any work)."""
-    from skystack.engine import combine, debayer, framing, normalize, register, warp
 
     def bad(msg: str) -> None:
         raise SkystackError(msg)
 
-    for option, value, allowed in (
-            ("--rejection", c.rejection, combine.REJECTIONS), ("--normalization", c.normalization, normalize.NORMALIZATIONS),
-            ("--weighting", c.weighting, normalize.WEIGHTINGS), ("--debayer", c.debayer, debayer.METHODS),
-            ("--interpolation", c.interpolation, warp.METHODS), ("--model", c.transform_model, ("auto", *register.MODELS)),
-            ("--framing", c.framing, framing.FRAMINGS), ("--store-dtype", c.store_dtype, ("float32", "float16")),
-            ("--backend", c.backend, (None, "auto", "cpu", "gpu"))):
-        if value not in allowed:
-            bad(f"{option} {value!r}: use one of {', '.join(a for a in allowed if a)}")
+    for name, allowed in option_choices().items():
+        value = getattr(c, name)
+        if value not in allowed and not (name == "backend" and value is None):
+            bad(f"{flag(name)} {value!r}: use one of {', '.join(allowed)}")
     if c.foreground not in ("auto", "none") and not Path(c.foreground).is_file():
         bad(f"--foreground {c.foreground}: no such mask file; pass auto, none or a PNG (white = landscape)")
     if c.keep_best is not None and not 0.0 < c.keep_best <= 100.0:
@@ -496,7 +519,7 @@ def register_session(files: SessionFiles, config: StackConfig = StackConfig()) -
         rec.score = _f(q.score)
 
     try:
-        _run_parallel(process, producer, _compute_threads(be, config), on_done=lambda: prog.advance(task))
+        run_parallel(process, producer, _compute_threads(be, config), on_done=lambda: prog.advance(task))
     finally:
         prog.close()
 
@@ -590,7 +613,7 @@ def register_session(files: SessionFiles, config: StackConfig = StackConfig()) -
         def warp_measure(i: int) -> None:
             frame_stats[i] = normalize.frame_measures(warp_one(i), apertures)
 
-        _run_parallel(warp_measure, [i for i in used if i != ref], _compute_threads(be, config), on_done=step)
+        run_parallel(warp_measure, [i for i in used if i != ref], _compute_threads(be, config), on_done=step)
         landscape = None
         if land is not None:
             landscape = (canvas.place(land[0]), canvas.place(land[1][None])[0],
@@ -743,9 +766,9 @@ def _combine_store(store, used: list[int], nscale, noffset, weights, config: Sta
                         count[y0 - h0 + r0:y0 - h0 + r1] = be.to_host(res.count)
                     rejected[:] += rej
 
-        _run_parallel(one, bands, threads)
+        run_parallel(one, bands, threads)
         step()
-        del block
+        block = None  # the tile is freed before the next is read (not del: the closure reads it)
     return image, count, coverage, rejected
 
 
@@ -822,7 +845,7 @@ def _landscape_stack(fg, paths: list[Path], cset, ccfg, config: StackConfig, be,
             producer.release(item)
 
     try:
-        _run_parallel(one, producer, _compute_threads(be, config))
+        run_parallel(one, producer, _compute_threads(be, config))
         k = list(range(len(paths)))
         ones, zeros = np.ones((len(k), 1), np.float32), np.zeros((len(k), 1), np.float32)
         cfa, kept, _, _ = _combine_store(band, k, ones, zeros, ones, config, be, budget, plan=plan)
@@ -936,42 +959,6 @@ def _compute_threads(be, config: StackConfig) -> int:
     if be.is_gpu:
         return 1
     return max(1, min(config.workers or (os.cpu_count() or 1), os.cpu_count() or 1))
-
-
-def _run_parallel(fn, items, threads: int, *, on_done=None) -> None:
-    """Apply ``fn`` to every item with at most ``threads`` in flight; re-raise the first error.
-
-    ``items`` may be a lazy iterator (the producer): it is pulled only as
-    workers free up, so back-pressure reaches the decoders.
-    """
-    if threads <= 1:
-        for it in items:
-            fn(it)
-            if on_done:
-                on_done()
-        return
-    from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
-
-    from skystack.engine.backend import cpu_workers
-
-    def one(it) -> None:
-        with cpu_workers(threads):  # the workers' native kernels share the cores, not each all of them
-            fn(it)
-
-    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="skystack-work") as pool:
-        pending: set = set()
-        for it in items:
-            pending.add(pool.submit(one, it))
-            if len(pending) >= threads:
-                done, pending = wait(pending, return_when=FIRST_COMPLETED)
-                for f in done:
-                    f.result()
-                    if on_done:
-                        on_done()
-        for f in pending:
-            f.result()
-            if on_done:
-                on_done()
 
 
 def _reference_index(reference: str | None, lights: list[Path], cand: list[int], quality, detect) -> int:

@@ -19,8 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-
-MAD_TO_SIGMA = 1.4826
+from skystack.engine.robust import median_sigma
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -44,8 +43,7 @@ def stretch_params(channel: np.ndarray, config: StretchConfig = StretchConfig())
     v = _sample(channel, config.sample)
     if v.size == 0:
         return 0.0, 0.5
-    med = float(np.median(v))
-    sigma = MAD_TO_SIGMA * float(np.median(np.abs(v - med)))
+    med, sigma = median_sigma(v)
     c0 = min(max(med - config.shadows_sigma * sigma, float(v.min())), med)
     hi = 1.0
     x = (med - c0) / (hi - c0) if hi > c0 else 0.0

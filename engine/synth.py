@@ -59,7 +59,6 @@ import json
 import math
 import os
 import sys
-import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -1621,15 +1620,10 @@ def load_truth(path: str | os.PathLike) -> SynthTruth:
 
 
 def _atomic_bytes(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    from skystack.engine.output import atomic_path
+
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
 
 
 def _npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
@@ -1670,15 +1664,10 @@ def _write_fits(path: Path, data: np.ndarray, truth: SynthTruth, kind: str, rec:
     hd["BLKLEVEL"] = (float(np.mean(c.black_level)), "[ADU] mean black level")
     hd["DATAMAX"] = (int(c.white_level), "[ADU] white level")
     hd["OBJECT"] = ("synthetic", "skystack synth")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    from skystack.engine.output import atomic_path
+
+    with atomic_path(path) as tmp:
         hdu.writeto(tmp, overwrite=True, output_verify="exception")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def _write_frame(truth: SynthTruth, kind: str, index: int, root: Path) -> np.ndarray:
