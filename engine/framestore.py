@@ -241,9 +241,13 @@ class DeviceFrameStore:
         """Store frame ``i`` (``(C,H,W)`` or ``(H,W)`` for C = 1)."""
         self._data[i] = self._xp.asarray(image, dtype=self._xp.float32).reshape(self.shape)
 
-    def get(self, i: int):
-        """Frame ``i``, a ``(C, H, W)`` device array (a view: copy it before changing it)."""
-        return self._data[i]
+    def get(self, i: int, out=None):
+        """Frame ``i``, a ``(C, H, W)`` device array: a view (copy it before changing it), or copied
+        into ``out`` (a device array of that shape) when given, as :meth:`FrameStore.get`."""
+        if out is None:
+            return self._data[i]
+        out[...] = self._data[i]
+        return out
 
     def tile(self, indices, y0: int, y1: int, x0: int = 0, x1: int | None = None):
         """Block ``(len(indices), C, y1-y0, x1-x0)``, a device array."""
