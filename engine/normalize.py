@@ -80,7 +80,13 @@ def _flatten_background(chan: np.ndarray, block: int = 32) -> np.ndarray:
     return (core - med[:, None, :, None]).reshape(hb * block, wb * block)
 
 
-def highpass_noise(image: np.ndarray, *, step: int = 1, sample: int = 100_000) -> float:
+#: Residuals per sub-grid :func:`highpass_noise` measures: the estimate scatters by 0.37 % (0.17 % with
+#: 100k; 20 simulated 1200x800 mosaics), 0.7 % in a noise weight, which costs the weighted stack
+#: nothing measurable, at 10 ms a 1 MP light instead of 33 ms.
+NOISE_SAMPLE = 40_000
+
+
+def highpass_noise(image: np.ndarray, *, step: int = 1, sample: int = NOISE_SAMPLE) -> float:
     """Per-pixel noise (sigma) of a frame from its finest scale, independent of its level and gradients.
 
     Each of the ``step x step`` sub-grids (the colours of a Bayer mosaic for
