@@ -204,6 +204,10 @@ def launch(source: str, kernel: str, n_items: int, args: Sequence[Any], *,
 
 # ----------------------------------------------------------------------------- native CPU kernels
 
+#: How much faster the winner of a native-or-twin timing must be for the choice to be kept for later
+#: processes (a near tie, or a timing disturbed by other load, is timed again in the next process).
+KEEP_MARGIN = 1.25
+
 #: Smallest launch (work items) whose timing may choose between a native kernel and its twin.
 NATIVE_MIN_ITEMS = 1 << 14
 _native_choice: dict[tuple, str] = {}
@@ -233,8 +237,8 @@ def run_cpu(source: str, kernel: str, n_items: int, twin: Any, native: Any, *,
     twin: the first launch of each kernel (and defines) with at least
     ``min_items`` items runs both, keeps the twin's result (the
     reference) and remembers the faster for the rest of the process, and
-    beside the native build for later processes on this machine
-    (:func:`_saved_choice`), which then skip the benchmark. The
+    beside the native build for later processes on this machine when it won by
+    :data:`KEEP_MARGIN` (:func:`_saved_choice`), which then skip the benchmark. The
     native launch is timed after a warm-up launch, on the cores its thread
     will have (all of them, or their share under :func:`cpu_workers`, against
     a twin that is single-threaded NumPy), one benchmark at a time: callers in
@@ -421,5 +425,6 @@ def _benchmark(key: tuple, twin: Any, native: Any, module: Any, same_bits: bool 
     _native_choice[key] = "native" if t1 - t0 < t2 - t1 else "twin"
     logging.getLogger(__name__).debug("%s: native %.4f s on %d core(s), twin %.4f s -> %s", key[1], t1 - t0,
                                       share, t2 - t1, _native_choice[key])
-    _save_choice(module, key[1], _native_choice[key], n_items, (t1 - t0, t2 - t1))
+    if max(t1 - t0, t2 - t1) >= KEEP_MARGIN * min(t1 - t0, t2 - t1):  # a clear winner: later processes need not time it
+        _save_choice(module, key[1], _native_choice[key], n_items, (t1 - t0, t2 - t1))
     return native_result if not same_bits and _native_choice[key] == "native" else result

@@ -404,6 +404,11 @@ def test_a_later_process_reuses_the_benchmarks_choice(fake_native, tmp_path, mon
         be._native_choice.clear()
         run()
     assert (tmp_path / "combine-0123abcd.gesd_clip_mean.2of4.choice.json").is_file()
+    kept.unlink()  # a near tie is not kept: the next process times it again
+    be._native_choice.clear()
+    tie = lambda out: (time.sleep(0.03), out)[1]  # noqa: E731 (both take the same time)
+    assert be.run_cpu("combine.cu", "gesd_clip_mean", 1 << 20, lambda: tie("twin"), lambda m: tie("native"))
+    assert not kept.exists()
 
 
 def test_native_launches_share_the_cores(fake_native):
