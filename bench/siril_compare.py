@@ -67,7 +67,7 @@ from skystack.engine.bench import (
     ensure_session,
     machine_info,
     machine_key,
-    measure_quality,
+    truth_quality,
     measured_registration_error,
     registration_error,
     run_child,
@@ -325,7 +325,7 @@ def _score(image: np.ndarray, truth, mask, ref: dict[str, np.ndarray], reg: dict
            ) -> dict[str, Any]:
     from skystack.engine import skymetrics
 
-    q = measure_quality(image, truth, 0, mask=mask, star_image=ref["stars"], background=ref["background"])
+    q = truth_quality(image, truth, 0, mask=mask, star_image=ref["stars"], background=ref["background"])
     pts = skymetrics.isolated_stars(truth, 0, truth.shape, flux_range=(1500.0, 2.0e4), avoid=truth.horizon_mask())
     regions = skymetrics.star_regions(skymetrics.luminance(image), pts)
     return {"quality": q.to_dict(), "registration": reg, "regions": regions}
@@ -357,7 +357,7 @@ def _score_synthetic(images: dict[str, np.ndarray], truth, sk_entry, siril, peer
               if t is not None and t.get("score") and k in images}
 
     def measure(img):
-        q = measure_quality(img, truth, 0, mask=mask, star_image=ref["stars"], background=ref["background"])
+        q = truth_quality(img, truth, 0, mask=mask, star_image=ref["stars"], background=ref["background"])
         return q.noise_mean_adu, q.noise_binned_mean_adu, q.fwhm_px, q.colour_noise_mean_adu
 
     _matched_resolution(images, scored, measure)

@@ -386,10 +386,10 @@ def _fill_nan_grid(g: np.ndarray) -> np.ndarray:
     return g
 
 
-def luminance(image: np.ndarray) -> np.ndarray:
-    """Channel mean of a ``(C, H, W)`` image (NaN where any channel is NaN), float32."""
-    img = np.asarray(image, dtype=np.float32)
-    return img.mean(axis=0, dtype=np.float32) if img.ndim == 3 else img.astype(np.float32, copy=False)
+def luminance(image: np.ndarray, dtype: Any = np.float32) -> np.ndarray:
+    """Channel mean of a ``(C, H, W)`` image (NaN where any channel is NaN) in ``dtype``; a mono image as is."""
+    img = np.asarray(image, dtype=dtype)
+    return img.mean(axis=0, dtype=dtype) if img.ndim == 3 else img.astype(dtype, copy=False)
 
 
 def coarse_background(lum: np.ndarray, *, grid: int = 24, kappa: float = 2.5) -> tuple[np.ndarray, float]:

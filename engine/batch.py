@@ -1690,7 +1690,7 @@ def run_batch(plan: BatchPlan, *, workers: int | None = None, scheduler: str | N
         runnable = []
         for s in todo:
             if s.error is not None:
-                _finish(out, s, {"status": "failed", "error": s.error, "time_s": 0.0}, last, result, say)
+                _record_result(out, s, {"status": "failed", "error": s.error, "time_s": 0.0}, last, result, say)
             else:
                 runnable.append(s)
         backend_name = plan.stack_config.backend
@@ -1758,7 +1758,7 @@ def _printer(console: Any, quiet: bool) -> Callable[[str], None]:
     return say
 
 
-def _finish(out: Path, s: SessionPlan, res: dict[str, Any], last: dict[str, dict[str, Any]],
+def _record_result(out: Path, s: SessionPlan, res: dict[str, Any], last: dict[str, dict[str, Any]],
             result: BatchResult, say: Callable[[str], None]) -> None:
     entry = {"session": s.name, "fingerprint": s.fingerprint, **res,
              "finished": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
@@ -1801,7 +1801,7 @@ def _run_sessions(ex: Any, plan: BatchPlan, runnable: list[SessionPlan], last: d
     by_name = {s.name: s for s in runnable}
     for s in runnable:
         if s.name in blocked:
-            _finish(plan.out_dir, s, {"status": "failed", "error": blocked[s.name], "time_s": 0.0},
+            _record_result(plan.out_dir, s, {"status": "failed", "error": blocked[s.name], "time_s": 0.0},
                     last, result, say)
             continue
         cfg = dataclasses.replace(s.config, quiet=True)
@@ -1820,7 +1820,7 @@ def _run_sessions(ex: Any, plan: BatchPlan, runnable: list[SessionPlan], last: d
 
     def on_session(key: str, res: dict[str, Any]) -> None:
         result.masters_combined += int(res.get("masters_combined", 0))
-        _finish(plan.out_dir, by_name[key], res, last, result, say)
+        _record_result(plan.out_dir, by_name[key], res, last, result, say)
 
     ex.map(_session_task, tasks, on_session)
 
@@ -1878,7 +1878,7 @@ def plan_lines(plan: BatchPlan) -> list[str]:
     return lines
 
 
-def summary_table(rows: Sequence[dict[str, Any]]):
+def batch_table(rows: Sequence[dict[str, Any]]):
     """A rich Table of the archive summary."""
     from rich.table import Table
 
@@ -1941,6 +1941,6 @@ def batch_command(archive: str | os.PathLike, out_dir: str | os.PathLike, *, wor
     res = run_batch(plan, workers=workers, scheduler=scheduler, quiet=quiet)
     if not quiet:  # the table on stderr, the paths on stdout
         Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() else 160).print(
-            summary_table(res.rows))
+            batch_table(res.rows))
     print(f"summary: {res.summary_csv}\nindex: {plan.out_dir / INDEX_NAME}")
     return 0 if res.ok else 1

@@ -61,7 +61,7 @@ __all__ = [
     "machine_key",
     "main",
     "markdown_tables",
-    "measure_quality",
+    "truth_quality",
     "measured_registration_error",
     "registration_error",
     "run_benchmark",
@@ -1411,7 +1411,7 @@ def _boxes(truth, ref_index: int, mask: np.ndarray, box: int, *, min_free: float
     return cand
 
 
-def measure_quality(image: np.ndarray, truth, ref_index: int, *, box: int = 24,
+def truth_quality(image: np.ndarray, truth, ref_index: int, *, box: int = 24,
                     mask: np.ndarray | None = None, star_image: np.ndarray | None = None,
                     background: np.ndarray | None = None, detect: bool = True) -> QualityMetrics:
     """Quality of a stacked image in the grid of light ``ref_index`` (see :class:`QualityMetrics`).

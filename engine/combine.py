@@ -339,7 +339,7 @@ def _clip_range(s: np.ndarray, a: np.ndarray, b: np.ndarray, nvalid: np.ndarray,
     return a2, b2
 
 
-def _finish(v: np.ndarray, valid: np.ndarray, kept: np.ndarray, weights: np.ndarray,
+def _kept_mean(v: np.ndarray, valid: np.ndarray, kept: np.ndarray, weights: np.ndarray,
             shape: tuple[int, int]) -> ClipResult:
     """Weighted mean (frame order), count and per-frame rejections of the ``kept`` ``(N, P)`` mask."""
     n, p = v.shape
@@ -357,27 +357,27 @@ def _finish(v: np.ndarray, valid: np.ndarray, kept: np.ndarray, weights: np.ndar
     return ClipResult(mean=mean.reshape(shape), count=count.reshape(shape), rejected=rejected)
 
 
-def _finish_interval(v: np.ndarray, valid: np.ndarray, srt: np.ndarray, a: np.ndarray, b: np.ndarray,
+def _kept_mean_interval(v: np.ndarray, valid: np.ndarray, srt: np.ndarray, a: np.ndarray, b: np.ndarray,
                      weights: np.ndarray, shape: tuple[int, int]) -> ClipResult:
-    """:func:`_finish` for kept sorted ranks ``[a, b)`` that hold every value in ``[srt[a], srt[b-1]]``."""
+    """:func:`_kept_mean` for kept sorted ranks ``[a, b)`` that hold every value in ``[srt[a], srt[b-1]]``."""
     n, p = v.shape
     cols = np.arange(p)
     has = b > a
     lo_v = np.where(has, srt[np.minimum(a, n - 1), cols], np.float32(np.inf))
     hi_v = np.where(has, srt[np.maximum(b - 1, 0), cols], np.float32(-np.inf))
-    return _finish(v, valid, (v >= lo_v) & (v <= hi_v), weights, shape)
+    return _kept_mean(v, valid, (v >= lo_v) & (v <= hi_v), weights, shape)
 
 
-def _finish_ranks(v: np.ndarray, valid: np.ndarray, order: np.ndarray, kept_ranks: np.ndarray,
+def _kept_mean_ranks(v: np.ndarray, valid: np.ndarray, order: np.ndarray, kept_ranks: np.ndarray,
                   weights: np.ndarray, shape: tuple[int, int]) -> ClipResult:
-    """:func:`_finish` for a kept mask over sorted ranks (mapped to frames through ``order``)."""
+    """:func:`_kept_mean` for a kept mask over sorted ranks (mapped to frames through ``order``)."""
     n, p = order.shape
     itype = np.int32 if n * p < 2**31 else np.int64  # flat indices (faster than put_along_axis)
     flat = order.astype(itype) * itype(p)
     flat += np.arange(p, dtype=itype)
     kept = np.empty_like(kept_ranks)
     kept.ravel()[flat.ravel()] = kept_ranks.ravel()
-    return _finish(v, valid, kept, weights, shape)
+    return _kept_mean(v, valid, kept, weights, shape)
 
 
 # ----------------------------------------------------------------------------- NumPy twins
@@ -413,7 +413,7 @@ def _sigma_clip_mean_numpy(cube: np.ndarray, kappa_low: np.float32, kappa_high: 
         b[idx[go]] = b2[go]
         idx = idx[go]
         idx = idx[b[idx] - a[idx] >= 3]  # the kernel's loop needs 3 kept values
-    return _finish_interval(v, valid, srt, a, b, weights, (h, w))
+    return _kept_mean_interval(v, valid, srt, a, b, weights, (h, w))
 
 
 def _winsorized_sigma(sz: np.ndarray, inside: np.ndarray, cntf: np.ndarray, dof: np.ndarray,
@@ -471,7 +471,7 @@ def _winsorized_clip_mean_numpy(cube: np.ndarray, kappa_low: np.float32, kappa_h
         a[idx[go]] = a2[go]
         b[idx[go]] = b2[go]
         idx = idx[go]
-    return _finish_interval(v, valid, srt, a, b, weights, (h, w))
+    return _kept_mean_interval(v, valid, srt, a, b, weights, (h, w))
 
 
 def _linear_fit_clip_mean_numpy(cube: np.ndarray, kappa_low: np.float32, kappa_high: np.float32,
@@ -514,7 +514,7 @@ def _linear_fit_clip_mean_numpy(cube: np.ndarray, kappa_low: np.float32, kappa_h
         go = (m2 >= 3) & (m2 != m)
         kept[:, idx[go]] = new[:, go]
         idx, sz, k, m = idx[go], sz[:, go], new[:, go], m2[go]
-    return _finish_ranks(v, valid, order, kept, weights, (h, w))
+    return _kept_mean_ranks(v, valid, order, kept, weights, (h, w))
 
 
 def _sum_sq_dev_ranks(m: np.ndarray) -> np.ndarray:
@@ -599,7 +599,7 @@ def _gesd_clip_mean_numpy(cube: np.ndarray, kappa_low: np.float32, kappa_high: n
             sub = idx[big]
             dz = d[:, sub] * _rank_mask(a[sub], b[sub], n)
             s1[sub], s2[sub] = _seqsum(dz), _seqsum(dz * dz)
-    return _finish_ranks(v, valid, order, _rank_mask(a_out, b_out, n), weights, (h, w))
+    return _kept_mean_ranks(v, valid, order, _rank_mask(a_out, b_out, n), weights, (h, w))
 
 
 def _percentile_clip_mean_numpy(cube: np.ndarray, kappa_low: np.float32, kappa_high: np.float32,
@@ -621,7 +621,7 @@ def _percentile_clip_mean_numpy(cube: np.ndarray, kappa_low: np.float32, kappa_h
         go = (centre != 0) & ((b2 - a2) >= 3)
         a[idx[go]] = a2[go]
         b[idx[go]] = b2[go]
-    return _finish_interval(v, valid, srt, a, b, weights, (h, w))
+    return _kept_mean_interval(v, valid, srt, a, b, weights, (h, w))
 
 
 def _minmax_clip_mean_numpy(cube: np.ndarray, kappa_low: np.float32, kappa_high: np.float32,
@@ -636,7 +636,7 @@ def _minmax_clip_mean_numpy(cube: np.ndarray, kappa_low: np.float32, kappa_high:
     go = (nvalid - k_low - k_high >= 3) & (max_iter > 0)
     a = np.where(go, k_low, 0)
     b = np.where(go, nvalid - k_high, nvalid)
-    return _finish_ranks(v, valid, order, _rank_mask(a, b, n), weights, (h, w))
+    return _kept_mean_ranks(v, valid, order, _rank_mask(a, b, n), weights, (h, w))
 
 
 def _median_combine_numpy(cube: np.ndarray, kappa_low: np.float32, kappa_high: np.float32,

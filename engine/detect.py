@@ -269,7 +269,7 @@ def _bin2(img: Any) -> Any:
     return out
 
 
-def luminance(data: np.ndarray, pattern: str | None = None, *, bin2: bool = False) -> np.ndarray:
+def detection_plane(data: np.ndarray, pattern: str | None = None, *, bin2: bool = False) -> np.ndarray:
     """Return the float32 luminance image stars are detected on.
 
     Parameters
@@ -833,10 +833,10 @@ def detect_stars(image: np.ndarray, *, pattern: str | None = None,
         return _empty(shape, binning)
     lum_full = None
     if image.ndim == 3:
-        lum_full = luminance(image)
+        lum_full = detection_plane(image)
         lum = _bin2(lum_full) if cfg.bin2 else lum_full.copy()
     else:
-        lum = luminance(image, pattern, bin2=cfg.bin2)
+        lum = detection_plane(image, pattern, bin2=cfg.bin2)
     lum = _detection_image(lum) if binning == 2 else np.ascontiguousarray(to_host(lum), dtype=np.float32)
     bad = ~np.isfinite(lum)
     if bad.all():
@@ -906,7 +906,7 @@ def detect_stars(image: np.ndarray, *, pattern: str | None = None,
         mx[sl], my[sl], cxx[sl], cyy[sl], cxy[sl], perr[sl], ok[sl] = _window_measure(
             fit_img, sx[sl], sy[sl], sigma_w, sites, noise * f)
         done = sl.stop
-        keep[:done], fwhm, ellip, x_full, y_full, cxx_f, cyy_f, cxy_f, perr_f = _finish(
+        keep[:done], fwhm, ellip, x_full, y_full, cxx_f, cyy_f, cxy_f, perr_f = _star_list(
             objs[:done], ok[:done], mx[:done], my[:done], cxx[:done], cyy[:done], cxy[:done],
             perr[:done], sx[:done], sy[:done], f, shape, cfg)
         if keep[:done].sum() >= cfg.max_stars:
@@ -1005,7 +1005,7 @@ def _psf_sample(img, sx, sy, s2, x, y, pos_err, fwhm, clean, half, sites, cfg) -
     return float(np.median(ratio)) if ratio.size >= 3 else 1.0
 
 
-def _finish(objs, ok, mx, my, cxx, cyy, cxy, perr, sx, sy, f, shape, cfg):
+def _star_list(objs, ok, mx, my, cxx, cyy, cxy, perr, sx, sy, f, shape, cfg):
     """Turn fit results (with sep fallbacks) into FWHM, ellipticity and the keep mask."""
     cxx = np.where(ok, cxx, objs["x2"] * f * f)
     cyy = np.where(ok, cyy, objs["y2"] * f * f)

@@ -74,7 +74,7 @@ __all__ = [
     "SynthTruth",
     "LightTruth",
     "CalibTruth",
-    "StarList",
+    "TrueStars",
     "simulate",
     "build_truth",
     "load_truth",
@@ -493,7 +493,7 @@ class CalibTruth:
 
 
 @dataclass(frozen=True, kw_only=True, eq=False)
-class StarList:
+class TrueStars:
     """Stars in reference pixel coordinates.
 
     Attributes
@@ -691,7 +691,7 @@ class SynthTruth:
     reference_index : int
     lights : list of LightTruth
     bias, darks, flats, dark_flats : list of CalibTruth
-    stars : StarList
+    stars : TrueStars
         Every star any light can see (reference pixel coordinates).
     pole_xy : (float, float)
         Celestial pole in reference pixels.
@@ -1141,7 +1141,7 @@ class SynthTruth:
             return 0.0, rmax, 0.0, 2 * math.pi, True
         return rmin, rmax, lo, hi, False
 
-    def _make_stars(self) -> StarList:
+    def _make_stars(self) -> TrueStars:
         c = self.config
         rng = _rng(c.seed, "stars")
         if self.scene is not None:
@@ -1159,7 +1159,7 @@ class SynthTruth:
         xy = np.column_stack([self.pole_xy[0] + rad * np.cos(th), self.pole_xy[1] + rad * np.sin(th)])
         return self._star_fluxes(rng, xy)
 
-    def _star_fluxes(self, rng: np.random.Generator, xy: np.ndarray) -> StarList:
+    def _star_fluxes(self, rng: np.random.Generator, xy: np.ndarray) -> TrueStars:
         c = self.config
         n = len(xy)
         # truncated power law N(>F) ~ F^-g between F_min and F_max (G channel, per light exposure)
@@ -1171,7 +1171,7 @@ class SynthTruth:
         bv = np.clip(rng.normal(0.65, 0.35, n), -0.3, 2.0)
         fr = fg * 10.0 ** (0.25 * (bv - 0.65))
         fb = fg * 10.0 ** (-0.35 * (bv - 0.65))
-        return StarList(xy=xy, flux=np.column_stack([fr, fg, fb]), color_index=bv)
+        return TrueStars(xy=xy, flux=np.column_stack([fr, fg, fb]), color_index=bv)
 
     # ------------------------------------------------------------------ fixed patterns
 

@@ -120,7 +120,7 @@ def test_quality_metrics_recover_known_scale_and_noise(truth):
     a, b, sigma = 2.5e-5, 0.01, 3e-4
     sky = truth.sky(0)
     img = (a * sky + b + rng.normal(0.0, sigma, sky.shape)).astype(np.float32)
-    q = bench.measure_quality(img, truth, 0)
+    q = bench.truth_quality(img, truth, 0)
     assert q.n_boxes >= 30 and q.n_phot_stars >= 10
     for s in q.scale:
         assert s == pytest.approx(a, rel=0.03)
@@ -143,7 +143,7 @@ def test_binned_noise_sees_through_smoothing(truth):
     noise = rng.normal(0.0, sigma, (3, *truth.shape))
     smooth = np.stack([gaussian_filter(n, 1.0) for n in noise])
     img = (a * truth.sky(0) + smooth).astype(np.float32)
-    q = bench.measure_quality(img, truth, 0, detect=False)
+    q = bench.truth_quality(img, truth, 0, detect=False)
     for n, nb in zip(q.noise_adu, q.noise_binned_adu):
         assert n == pytest.approx(0.282 * sigma / a, rel=0.12)  # 1 / (2 sqrt(pi) s) for a Gaussian of s = 1
         assert 0.6 * sigma / a < nb < 0.95 * sigma / a
@@ -154,11 +154,11 @@ def test_colour_noise_is_the_spread_of_channel_differences(truth):
     rng = np.random.default_rng(5)
     a, sigma = 2.5e-5, 3e-4
     sky = a * truth.sky(0)
-    q = bench.measure_quality((sky + rng.normal(0.0, sigma, sky.shape)).astype(np.float32), truth, 0, detect=False)
+    q = bench.truth_quality((sky + rng.normal(0.0, sigma, sky.shape)).astype(np.float32), truth, 0, detect=False)
     for c in q.colour_noise_adu:
         assert c == pytest.approx(np.sqrt(2.0) * sigma / a, rel=0.08)
     grey = (sky + rng.normal(0.0, sigma, sky.shape[1:])[None]).astype(np.float32)  # the same noise in R, G, B
-    q = bench.measure_quality(grey, truth, 0, detect=False)
+    q = bench.truth_quality(grey, truth, 0, detect=False)
     assert max(q.colour_noise_adu) < 0.1 * sigma / a
 
 
@@ -174,7 +174,7 @@ def test_completeness_falls_with_noise_and_ignores_smoothing(truth):
     noisy = (sky + rng.normal(0.0, 1e-3, sky.shape)).astype(np.float32)
     noisier = (sky + rng.normal(0.0, 2e-3, sky.shape)).astype(np.float32)
     smooth = np.stack([gaussian_filter(c, 0.6) for c in noisy]).astype(np.float32)
-    qc, qn, q2, qs = (bench.measure_quality(im, truth, 0) for im in (clean, noisy, noisier, smooth))
+    qc, qn, q2, qs = (bench.truth_quality(im, truth, 0) for im in (clean, noisy, noisier, smooth))
     assert qc.completeness > 0.75  # measured 0.82 (the rest are blended with brighter neighbours)
     assert qn.completeness < 0.3
     # the 50 % limit scales with the noise (measured 870 and ~1800 ADU)

@@ -16,7 +16,7 @@ from skystack.engine.detect import (
     StarList,
     choose_reference,
     detect_stars,
-    luminance,
+    detection_plane,
     measure_quality,
     select_frames,
 )
@@ -104,18 +104,18 @@ def _pair(stars: StarList, xy: np.ndarray, tol: float = 1.0):
     return m, i[m], stars.xy[m] - xy[i[m]]
 
 
-# --------------------------------------------------------------------------- luminance
+# --------------------------------------------------------------------------- detection_plane
 
 
 def test_luminance_bins_cfa_tiles_and_averages_colour():
     a = np.arange(4 * 6, dtype=np.uint16).reshape(4, 6)
-    lum = luminance(a, "GRBG")
+    lum = detection_plane(a, "GRBG")
     assert lum.dtype == np.float32 and lum.shape == (2, 3)
     assert lum[0, 0] == pytest.approx((0 + 1 + 6 + 7) / 4)
     assert lum[1, 2] == pytest.approx((16 + 17 + 22 + 23) / 4)
     rgb = np.stack([a, 2 * a, 3 * a]).astype(np.float32)
-    np.testing.assert_allclose(luminance(rgb), 2 * a)
-    mono = luminance(a)
+    np.testing.assert_allclose(detection_plane(rgb), 2 * a)
+    mono = detection_plane(a)
     np.testing.assert_array_equal(mono, a.astype(np.float32))
     mono[0, 0] = -1  # a copy, never a view on the input
     assert a[0, 0] == 0
