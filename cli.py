@@ -116,8 +116,8 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 
 def _cmd_synth(args: argparse.Namespace) -> int:
-    from skystack.engine.synth import SynthConfig, simulate
-    from skystack.engine.synth_scene import tripod_config
+    from skystack.tools.synth import SynthConfig, simulate
+    from skystack.tools.synth_scene import tripod_config
 
     given = {"seed": args.seed, "n_lights": args.lights, "n_bias": args.bias, "n_darks": args.darks,
              "n_flats": args.flats, "n_dark_flats": args.dark_flats, "pattern": args.pattern,
@@ -265,7 +265,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     import tempfile
 
     from skystack.engine.session import discover_session
-    from skystack.engine.synth import SynthConfig, simulate
+    from skystack.tools.synth import SynthConfig, simulate
 
     from skystack.engine.backend import get_backend
 
@@ -365,7 +365,7 @@ def _print_finish(res, written: dict, *, quiet: bool) -> None:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from skystack.engine.bench import bench_command
+    from skystack.tools.bench import bench_command
 
     return bench_command(args)
 
@@ -567,7 +567,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="benchmark the CPU and GPU paths")
     _common(p)
-    from skystack.engine.bench import add_bench_arguments
+    from skystack.tools.bench import add_bench_arguments
 
     add_bench_arguments(p)
     p.set_defaults(func=_cmd_bench)

@@ -26,7 +26,7 @@ def run(name: str, cfg: dict, cache: Path) -> dict:
     from skystack.engine.detect import choose_reference, detect_stars, measure_quality, select_frames
     from skystack.engine.io import read_frame
     from skystack.engine.match import grid_rms, match_stars
-    from skystack.engine.synth import SynthConfig, load_truth, simulate
+    from skystack.tools.synth import SynthConfig, load_truth, simulate
 
     out = cache / name
     if not (out / "truth.json").exists() and not any(out.glob("**/truth.json")):

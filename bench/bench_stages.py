@@ -23,7 +23,7 @@ N_LIGHTS = 6
 
 @pytest.fixture(scope="module")
 def session(frame_size):
-    from skystack.engine.bench import ensure_session, session_synth_config
+    from skystack.tools.bench import ensure_session, session_synth_config
     from skystack.engine.session import discover_session
 
     h, w = frame_size
@@ -154,7 +154,7 @@ def test_debayer_stage(benchmark, backend, sync, calibrated, lights):
 
 def test_match_stage(benchmark, stars, session):
     from skystack.engine.match import grid_rms, match_stars
-    from skystack.engine.synth import load_truth
+    from skystack.tools.synth import load_truth
 
     root, _files = session
     truth = load_truth(root)
@@ -165,7 +165,7 @@ def test_match_stage(benchmark, stars, session):
 
 def test_warp_stage(benchmark, backend, sync, calibrated, lights, session):
     from skystack.engine.debayer import debayer
-    from skystack.engine.synth import load_truth
+    from skystack.tools.synth import load_truth
     from skystack.engine.warp import warp
 
     root, _files = session

@@ -12,7 +12,7 @@ each other:
   image (so noise is compared in the same units);
 * **noise** at 1x1 and 4x4 binning, and **colour noise** (``R - G`` and
   ``B - G`` after the scales), as robust sigmas in the same star-free boxes
-  as :func:`skystack.engine.bench.truth_quality` uses;
+  as :func:`skystack.tools.bench.truth_quality` uses;
 * **FWHM**: median of the detected stars'.
 """
 
@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from skystack.engine.bench import _box_stats, _colour_noise
+from skystack.tools.bench import _box_stats, _colour_noise
 
 
 def _stars(image: np.ndarray):

@@ -58,7 +58,7 @@ from typing import Any
 
 import numpy as np
 
-from skystack.engine.bench import (
+from skystack.tools.bench import (
     PRESETS,
     _session_files,
     _warm_page_cache,
@@ -323,7 +323,7 @@ def run_peer(session: Path, work: Path, *, timeout_s: float) -> dict[str, Any]:
 
 def _score(image: np.ndarray, truth, mask, ref: dict[str, np.ndarray], reg: dict[str, Any] | None
            ) -> dict[str, Any]:
-    from skystack.engine import skymetrics
+    from skystack.tools import skymetrics
 
     q = truth_quality(image, truth, 0, mask=mask, star_image=ref["stars"], background=ref["background"])
     pts = skymetrics.isolated_stars(truth, 0, truth.shape, flux_range=(1500.0, 2.0e4), avoid=truth.horizon_mask())
@@ -509,7 +509,7 @@ def markdown(results: dict[str, Any]) -> str:
 
 def compare(args: argparse.Namespace) -> dict[str, Any]:
     from skystack.engine.io import read_meta
-    from skystack.engine.synth import load_truth
+    from skystack.tools.synth import load_truth
 
     say = (lambda s: None) if args.quiet else (lambda s: print(s, file=sys.stderr, flush=True))
     if args.session:
@@ -519,7 +519,7 @@ def compare(args: argparse.Namespace) -> dict[str, Any]:
         n = args.frames or n
         mp = args.megapixels or mp
         if args.scene == "tripod":
-            from skystack.engine.synth_scene import tripod_config
+            from skystack.tools.synth_scene import tripod_config
 
             scfg = tripod_config(file_format="fits", seed=args.seed, n_lights=args.frames or 40)
         else:

@@ -27,7 +27,7 @@ from skystack.engine.background import (
     sigma_clipped_stats,
 )
 from skystack.engine.errors import SkystackError
-from skystack.engine.synth import SynthConfig, build_truth
+from skystack.tools.synth import SynthConfig, build_truth
 
 UNIT = 1.0 / 14335.0  # ADU -> normalised units of a 14-bit stack (white - black)
 

@@ -18,7 +18,7 @@ from astropy.io import fits
 
 from skystack import cli
 from skystack.engine.errors import SkystackError
-from skystack.engine.synth import SynthConfig, simulate
+from skystack.tools.synth import SynthConfig, simulate
 
 
 @pytest.fixture(scope="module")

@@ -84,7 +84,7 @@ LIGHT = LightSummary(count=10, readable=10, camera="Cam A", shape=(16, 16), patt
 
 def _synth(root: Path, *, seed, model, start, n_lights=5, n_cal=0, temp=15.0, pattern="RGGB",
            drift=(0.04, -0.03)) -> None:
-    from skystack.engine.synth import SynthConfig, simulate
+    from skystack.tools.synth import SynthConfig, simulate
 
     cfg = SynthConfig(seed=seed, width=256, height=192, n_lights=n_lights, n_bias=n_cal, n_darks=n_cal,
                       n_flats=n_cal, n_dark_flats=0, file_format="fits", model=model, start_time=start,

@@ -1,4 +1,4 @@
-"""The benchmark machinery (engine/bench.py): sessions, isolated measurements, tables, JSON, metrics."""
+"""The benchmark machinery (tools/bench.py): sessions, isolated measurements, tables, JSON, metrics."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from skystack.engine import bench
+from skystack.tools import bench
 
 
 def test_sensor_size_is_even_3_to_2_and_the_requested_megapixels():
@@ -109,7 +109,7 @@ def test_update_results_md_keeps_one_section_per_machine(tmp_path):
 
 @pytest.fixture(scope="module")
 def truth():
-    from skystack.engine.synth import build_truth
+    from skystack.tools.synth import build_truth
 
     return build_truth(bench.session_synth_config(5, 0.3))
 

@@ -28,7 +28,7 @@ from skystack.engine.frame import BAYER_PATTERNS, FrameMeta
 from skystack.engine.io import read_frame
 from skystack.engine.masters import STATS, Master, MasterMeta
 from skystack.engine.rawconv import cfa_to_float
-from skystack.engine.synth import SynthConfig, load_truth, simulate
+from skystack.tools.synth import SynthConfig, load_truth, simulate
 from skystack.kernels.emulate import emulated, emulator_available, use_emulator
 
 needs_gxx = pytest.mark.skipif(not emulator_available(), reason="g++ is not on PATH")

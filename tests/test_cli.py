@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from skystack import cli
-from skystack.engine.synth import SynthConfig, load_truth, simulate
+from skystack.tools.synth import SynthConfig, load_truth, simulate
 
 
 @pytest.fixture(scope="module")
@@ -115,7 +115,7 @@ def test_bad_lights_are_skipped_with_a_reason_and_the_stack_goes_on(small_sessio
     """A truncated RAW and a frame from another camera are skipped and named; the rest stacks."""
     import shutil
 
-    from skystack.engine.dng import write_dng
+    from skystack.tools.dng import write_dng
     from skystack.engine.io import read_frame
 
     s = tmp_path / "s"

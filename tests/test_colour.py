@@ -22,7 +22,7 @@ from skystack.engine.colour import (
     measure_background,
 )
 from skystack.engine.finish import FinishConfig, finish_image
-from skystack.engine.synth import SynthConfig, build_truth
+from skystack.tools.synth import SynthConfig, build_truth
 
 UNIT = 1.0 / 14335.0
 

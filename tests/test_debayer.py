@@ -10,7 +10,7 @@ from skystack.engine.backend import to_host
 from skystack.engine.debayer import SUPERPIXEL_TO_FULL, cfa_colour_map, debayer, pattern_code
 from skystack.engine.errors import SkystackError
 from skystack.engine.frame import BAYER_PATTERNS
-from skystack.engine.synth import SynthConfig, build_truth
+from skystack.tools.synth import SynthConfig, build_truth
 from skystack.kernels.emulate import emulated, emulator_available, use_emulator
 
 needs_gxx = pytest.mark.skipif(not emulator_available(), reason="g++ is not on PATH")

@@ -157,7 +157,7 @@ def test_window_measure_dispatch_one_implementation_per_process(rng, monkeypatch
 
 def test_detect_stars_with_the_kernel_equals_the_twins_stars(monkeypatch):
     """A whole simulated frame: the kernel's star list is the twin's within the tolerance."""
-    from skystack.engine.synth import SynthConfig, build_truth
+    from skystack.tools.synth import SynthConfig, build_truth
 
     truth = build_truth(SynthConfig(seed=3, width=640, height=480, n_lights=1))
     cfa, pattern = truth.render_frame("light", 0).astype(np.float32), truth.config.pattern

@@ -9,7 +9,7 @@ import pytest
 import rawpy
 import tifffile
 
-from skystack.engine.dng import write_dng
+from skystack.tools.dng import write_dng
 from skystack.engine.errors import OutputError, SkystackError
 from skystack.engine.frame import BAYER_PATTERNS
 

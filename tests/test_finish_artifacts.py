@@ -71,7 +71,7 @@ def _photometry(img, xy, r, r_in, r_out):
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
-    from skystack.engine.synth import SynthConfig, load_truth, simulate
+    from skystack.tools.synth import SynthConfig, load_truth, simulate
 
     root = tmp_path_factory.mktemp("demo")
     cfg = SynthConfig(seed=1, width=800, height=600, n_lights=12, n_bias=4, n_darks=4, n_flats=4,

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from skystack.engine.dng import write_dng
+from skystack.tools.dng import write_dng
 from skystack.engine.errors import FrameReadError, InputNotFound, SkystackError
 from skystack.engine.frame import BAYER_PATTERNS
 from skystack.engine.io import FRAME_EXTENSIONS, is_frame_file, read_frame, read_meta
@@ -56,7 +56,7 @@ def test_dng_round_trip(tmp_path, rng, pattern):
 
 
 def _dng_with_active_area(path, full, pattern, area, black=(64, 64, 64, 64), white=4095):
-    """Minimal DNG with an ActiveArea (engine/dng.py writes none)."""
+    """Minimal DNG with an ActiveArea (tools/dng.py writes none)."""
     import tifffile
 
     codes = bytes("RGB".index(c) for c in pattern)

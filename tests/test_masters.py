@@ -23,7 +23,7 @@ from skystack.engine.masters import (
     read_master,
     write_master,
 )
-from skystack.engine.synth import SynthConfig, load_truth, simulate
+from skystack.tools.synth import SynthConfig, load_truth, simulate
 
 SESSION = SynthConfig(seed=3, width=512, height=384, n_lights=1, n_bias=8, n_darks=8, n_flats=8, n_dark_flats=8,
                       file_format="dng", vignetting=0.3, trail_frames=None, cloudy_frame=None, shake_frame=None)

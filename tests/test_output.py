@@ -101,7 +101,7 @@ def test_outputs_honour_the_umask(tmp_path, umask):
                  write_json(tmp_path / "a.json", {})]
         with output_set():
             paths.append(write_preview(tmp_path / "a.png", np.zeros((4, 4), np.float32)))
-        from skystack.engine.dng import write_dng
+        from skystack.tools.dng import write_dng
 
         write_dng(tmp_path / "a.dng", np.zeros((4, 4), np.uint16), pattern="RGGB", black_level=(0, 0, 0, 0),
                   white_level=4095)

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from skystack.engine import bench
+from skystack.tools import bench
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 from real_metrics import Scorer  # noqa: E402
@@ -16,7 +16,7 @@ from real_metrics import Scorer  # noqa: E402
 
 @pytest.fixture(scope="module")
 def sky():
-    from skystack.engine.synth import build_truth
+    from skystack.tools.synth import build_truth
 
     return build_truth(bench.session_synth_config(5, 0.3)).sky(0)
 

@@ -2,7 +2,7 @@
 
 64 lights of 30 s every 60 s (64 minutes, the sky turns 15.8 degrees about a
 pole outside the frame), 640 x 480 RGGB, written as FITS by
-:func:`skystack.engine.synth.simulate` with its special frames (satellite and
+:func:`skystack.tools.synth.simulate` with its special frames (satellite and
 aircraft trails, a cloudy frame, a wind-shaken frame). Each light is
 calibrated with the simulator's noise-free bias, dark and flat (what good
 masters converge to), its stars are detected on the CFA mosaic, the frames
@@ -27,7 +27,7 @@ CFG = dict(seed=3, width=640, height=480, n_lights=64, n_bias=0, n_darks=0, n_fl
 @pytest.fixture(scope="module")
 def session(tmp_path_factory):
     from skystack.engine.io import read_frame
-    from skystack.engine.synth import SynthConfig, load_truth, simulate
+    from skystack.tools.synth import SynthConfig, load_truth, simulate
 
     path = simulate(SynthConfig(**CFG), tmp_path_factory.mktemp("tripod_hour"))
     truth = load_truth(path)  # everything below is checked against truth.json

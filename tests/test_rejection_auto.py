@@ -17,7 +17,7 @@ from scipy import ndimage
 from skystack.engine.report import build_report, summary_table
 from skystack.engine.session import discover_session
 from skystack.engine.stack import StackConfig, combine_registered, register_session
-from skystack.engine.synth import SynthConfig, load_truth, simulate
+from skystack.tools.synth import SynthConfig, load_truth, simulate
 
 
 def _session(root, n: int):

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from skystack import cli
-from skystack.engine.synth import SynthConfig, simulate
+from skystack.tools.synth import SynthConfig, simulate
 
 N_LIGHTS = 6
 
@@ -238,7 +238,7 @@ def test_rejection_map_shows_a_satellite_trail(tmp_path):
     from skystack.engine.report import rejection_map
     from skystack.engine.session import discover_session
     from skystack.engine.stack import StackConfig, stack_session
-    from skystack.engine.synth import load_truth
+    from skystack.tools.synth import load_truth
 
     truth = load_truth(simulate(SynthConfig(seed=5, width=480, height=360, n_lights=6, n_bias=0, n_darks=0,
                                             n_flats=0, n_dark_flats=0, file_format="fits", trail_frames=(2,),

@@ -16,7 +16,7 @@ import pytest
 
 from skystack import cli
 from skystack.engine import backend as be
-from skystack.engine.synth import SynthConfig, simulate
+from skystack.tools.synth import SynthConfig, simulate
 
 pytestmark = pytest.mark.gpu
 
@@ -173,7 +173,7 @@ def _gpu_stack(night, tmp_path_factory):
 
 
 def _per_light_pixel(stats, night):
-    from skystack.engine.synth import load_truth
+    from skystack.tools.synth import load_truth
 
     cfg = load_truth(night / "truth.json").config
     px = cfg.n_lights * cfg.width * cfg.height
@@ -351,7 +351,7 @@ def test_stand_in_times_cupys_array_operations_as_device_work(sim):
 
 def test_bench_reports_gpu_traffic_on_the_simulated_device(sim, tmp_path):
     """``skystack bench --backend gpu`` shows bytes per light pixel each way and host seconds per light."""
-    from skystack.engine import bench
+    from skystack.tools import bench
 
     cfg = bench.BenchConfig(frames=4, megapixels=0.3, backend="gpu", cache_root=str(tmp_path / "cache"),
                             output=str(tmp_path / "b.json"), quiet=True, timeout_s=600)

@@ -16,7 +16,7 @@ from scipy import ndimage
 
 from skystack.engine.session import discover_session
 from skystack.engine.stack import StackConfig, combine_registered, register_session, stack_session
-from skystack.engine.synth import SynthConfig, load_truth, simulate
+from skystack.tools.synth import SynthConfig, load_truth, simulate
 
 REJECTING = ("sigma", "winsorized", "linear", "percentile", "minmax", "median")
 

@@ -15,7 +15,7 @@ from scipy import ndimage
 
 from skystack.engine.session import discover_session
 from skystack.engine.stack import StackConfig, stack_session
-from skystack.engine.synth import SynthConfig, simulate
+from skystack.tools.synth import SynthConfig, simulate
 
 MB = 1 << 20
 
@@ -111,7 +111,7 @@ _DEPENDENCY_MODULES = ("numpy", "scipy.interpolate", "scipy.ndimage", "scipy.opt
 
 def _baseline_rss(log) -> int:
     """Peak RSS of a process that imported skystack and every dependency a stack loads, and did nothing."""
-    from skystack.engine.bench import run_measured
+    from skystack.tools.bench import run_measured
 
     code = ("import importlib, pkgutil, skystack.cli, skystack.engine\n"
             "for m in pkgutil.iter_modules(skystack.engine.__path__):\n"
@@ -136,7 +136,7 @@ def test_memory_limit_bounds_the_whole_process(tmp_path):
     import math
     import os
 
-    from skystack.engine.bench import run_measured
+    from skystack.tools.bench import run_measured
 
     w, h, distinct = 1732, 1154, 8
     n = math.ceil(2 * (1 << 30) / (3 * h * w * 4))  # registered float32 RGB frames: >= 2 GiB

@@ -19,7 +19,7 @@ from astropy.io import fits
 from scipy import ndimage
 
 from skystack.engine.errors import OutputError, SkystackError
-from skystack.engine.synth import (
+from skystack.tools.synth import (
     SynthConfig,
     build_truth,
     load_truth,

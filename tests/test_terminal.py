@@ -8,7 +8,7 @@ import re
 import pytest
 
 from skystack import cli
-from skystack.engine.synth import SynthConfig, simulate
+from skystack.tools.synth import SynthConfig, simulate
 
 
 @pytest.fixture(scope="module")

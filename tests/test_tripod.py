@@ -1,7 +1,7 @@
 """The seed's night, by default: a phone on a tripod for an hour, wide barrel lens, a landscape.
 
 Acceptance of the fixed-tripod work, measured against the simulator's truth
-(:mod:`skystack.engine.synth_scene`): 40 lights of 10 s over 60 minutes, a
+(:mod:`skystack.tools.synth_scene`): 40 lights of 10 s over 60 minutes, a
 ~66 degree field with k1 = -0.045, the sky turning ~15 degrees and drifting
 a fifth of the frame, a hill, a tree line, a house and 6 fixed lights.
 ``skystack stack SESSION -o out.tif`` with no flags must register every
@@ -19,10 +19,11 @@ import pytest
 import tifffile
 
 from skystack import cli
-from skystack.engine import register, skymetrics, stack
+from skystack.engine import register, stack
+from skystack.tools import skymetrics
 from skystack.engine.session import discover_session
-from skystack.engine.synth import load_truth, simulate
-from skystack.engine.synth_scene import tripod_config
+from skystack.tools.synth import load_truth, simulate
+from skystack.tools.synth_scene import tripod_config
 
 pytestmark = pytest.mark.slow
 #: Finished pictures of the simulated night, kept for a look (not committed).
@@ -204,7 +205,7 @@ def test_lens_field_and_duration_variants(tmp_path, fov, k1, k2, minutes, landsc
 def test_telescope_session_unchanged(tmp_path):
     """A tracked, narrow field: auto picks similarity, finds no landscape, and the stack is exactly what
     the explicit pre-tripod settings (similarity, no foreground) give."""
-    from skystack.engine.synth import SynthConfig
+    from skystack.tools.synth import SynthConfig
 
     simulate(SynthConfig(seed=4, width=640, height=480, n_lights=16, interval_s=60.0, n_bias=4, n_darks=4,
                          n_flats=4, n_dark_flats=4), tmp_path / "s")

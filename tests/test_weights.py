@@ -20,7 +20,7 @@ from skystack.engine import normalize
 from skystack.engine.report import build_report
 from skystack.engine.session import discover_session
 from skystack.engine.stack import StackConfig, combine_registered, register_session
-from skystack.engine.synth import SynthConfig, load_truth, simulate
+from skystack.tools.synth import SynthConfig, load_truth, simulate
 
 NOISY = 1
 

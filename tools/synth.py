@@ -165,7 +165,7 @@ class SynthConfig:
     noise_factor times the natural noise (extra Gaussian noise of variance
     ``(noise_factor**2 - 1) * (lambda + read_noise**2)`` electrons, same signal).
 
-    Fixed-tripod scene (``scene="tripod"``, :mod:`skystack.engine.synth_scene`)
+    Fixed-tripod scene (``scene="tripod"``, :mod:`skystack.tools.synth_scene`)
     ---------------------------------------------------------------------------
     Stars on the celestial sphere turning at the sidereal rate for
     latitude_deg, seen by a camera aimed at pointing_az_deg / pointing_alt_deg
@@ -259,7 +259,7 @@ class SynthConfig:
     cloudy_frame: Any = "auto"
     shake_frame: Any = "auto"
     shake_px: float = 4.0
-    # fixed-tripod scene (engine/synth_scene.py; synth_scene.tripod_config() is a phone night)
+    # fixed-tripod scene (tools/synth_scene.py; synth_scene.tripod_config() is a phone night)
     scene: str = "telescope"
     latitude_deg: float = 45.0
     pointing_az_deg: float = 180.0
@@ -910,7 +910,7 @@ class SynthTruth:
         self._t_mid = t_mid
         self.scene = None
         if c.scene == "tripod":
-            from skystack.engine.synth_scene import TripodScene
+            from skystack.tools.synth_scene import TripodScene
 
             self.scene = TripodScene(c, t_mid, r)
             phi = np.array([math.radians(self.scene.rotation_deg(i)) for i in range(n)])
@@ -1671,7 +1671,7 @@ def _write_fits(path: Path, data: np.ndarray, truth: SynthTruth, kind: str, rec:
 
 
 def _write_frame(truth: SynthTruth, kind: str, index: int, root: Path) -> np.ndarray:
-    from skystack.engine.dng import write_dng
+    from skystack.tools.dng import write_dng
 
     c = truth.config
     rec = truth.frames(kind)[index]

@@ -1,6 +1,6 @@
 """The fixed-tripod scene of the simulator: a turning sky seen through a wide lens over a landscape.
 
-Used by :class:`skystack.engine.synth.SynthTruth` when ``SynthConfig.scene ==
+Used by :class:`skystack.tools.synth.SynthTruth` when ``SynthConfig.scene ==
 "tripod"`` (see :func:`tripod_config` for a phone on a tripod).
 
 Sky. Stars are directions on the celestial sphere. At time ``t`` the sky has
@@ -247,10 +247,10 @@ def tripod_config(**overrides: Any):
 
     Defaults: 40 lights of 10 s over 60 minutes, aimed south at 35 degrees,
     latitude 45 N, 960x720 px, k1 = -0.045 (barrel), 8 bias, darks, flats and
-    dark flats. Any :class:`~skystack.engine.synth.SynthConfig` field can be
+    dark flats. Any :class:`~skystack.tools.synth.SynthConfig` field can be
     overridden.
     """
-    from skystack.engine.synth import SynthConfig
+    from skystack.tools.synth import SynthConfig
 
     n = int(overrides.get("n_lights", 40))
     minutes = float(overrides.pop("duration_min", 60.0))

@@ -18,7 +18,7 @@ registration error against the truth transforms, and background residual
 against the noise-free truth sky.
 
 Run a child measurement by hand with
-``python -m skystack.engine.bench --one '{"mode": "decode", ...}'``.
+``python -m skystack.tools.bench --one '{"mode": "decode", ...}'``.
 """
 
 from __future__ import annotations
@@ -179,7 +179,7 @@ def _n_calib(n_lights: int) -> int:
 
 def session_synth_config(frames: int, megapixels: float, *, file_format: str = "dng", seed: int = 0,
                          n_calib: int | None = None, dark_flats: bool = False):
-    """The :class:`~skystack.engine.synth.SynthConfig` of a benchmark session.
+    """The :class:`~skystack.tools.synth.SynthConfig` of a benchmark session.
 
     ``frames`` lights of ``megapixels`` each, with ``n_calib`` (default
     ``clip(frames // 4, 4, 15)``) bias, darks and flats (and dark flats when
@@ -187,7 +187,7 @@ def session_synth_config(frames: int, megapixels: float, *, file_format: str = "
     frame); no cloudy or shaken light, so every pipeline can use every frame;
     the simulator's satellite/aircraft trails stay (rejection has work to do).
     """
-    from skystack.engine.synth import SynthConfig
+    from skystack.tools.synth import SynthConfig
 
     w, h = sensor_size(megapixels)
     k = _n_calib(frames) if n_calib is None else int(n_calib)
@@ -219,7 +219,7 @@ def ensure_session(synth_config, cache_root: str | os.PathLike | None = None, *,
     ``truth.json`` (written last by the simulator) exists. A half-written
     session (interrupted run) is rebuilt.
     """
-    from skystack.engine.synth import simulate
+    from skystack.tools.synth import simulate
 
     root = Path(cache_root) if cache_root is not None else default_cache_root()
     c = synth_config
@@ -462,7 +462,7 @@ def run_child(spec: dict[str, Any], *, log_dir: str | os.PathLike, timeout_s: fl
     os.close(fd)
     env = dict(os.environ)
     env.setdefault("PYTHONHASHSEED", "0")
-    cmd = [sys.executable, "-m", "skystack.engine.bench", "--one", json.dumps(spec)]
+    cmd = [sys.executable, "-m", "skystack.tools.bench", "--one", json.dumps(spec)]
     m = run_measured(cmd, log_path=log_path, env=env, timeout_s=timeout_s)
     text = Path(log_path).read_text(errors="replace")
     result: dict[str, Any] | None = None
@@ -1046,7 +1046,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python bench/run.py`` / ``python -m skystack.engine.bench``; ``--one SPEC`` runs a child."""
+    """``python bench/run.py`` / ``python -m skystack.tools.bench``; ``--one SPEC`` runs a child."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["--one"]:
         return _child_main(json.loads(argv[1]))
@@ -1421,7 +1421,7 @@ def truth_quality(image: np.ndarray, truth, ref_index: int, *, box: int = 24,
     image : ndarray (3, H, W) or (H, W)
         Stacked image (any linear units; NaN = no data).
     truth : SynthTruth
-        The session's truth (:func:`skystack.engine.synth.load_truth`).
+        The session's truth (:func:`skystack.tools.synth.load_truth`).
     ref_index : int
         Light whose pixel grid ``image`` is in.
     box : int

@@ -1,7 +1,7 @@
 """Measurements of a stacked image against the simulator's truth (tests and benchmarks).
 
 Independent of the pipeline's own code: float64 NumPy/SciPy only. Positions
-come from :class:`~skystack.engine.synth.SynthTruth` in the reference light's
+come from :class:`~skystack.tools.synth.SynthTruth` in the reference light's
 sensor pixels, which is the stack's grid for ``--framing reference``.
 
 * :func:`fit_star`: elliptical Gaussian least-squares fit of one source
