@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 
 from skystack.engine import batch
+from skystack.engine.batch import executors, journal, records
 from skystack.engine.batch import (
     CalibrationGroup,
     CalibrationMatchConfig,
@@ -75,11 +76,11 @@ def _group(kind, folder, *, source="library", camera="Cam A", shape=(16, 16), pa
     return CalibrationGroup(kind=kind, files=tuple(Path(f"/lib/{folder}/{i}.fits") for i in range(n)),
                             source=source, folder=folder, camera=camera, shape=shape, pattern=pattern, iso=iso,
                             gain=None, exposure_s=exp, temperature_c=temp, master=master,
-                            time=batch._parse_time(date), filter=filt)
+                            time=records._parse_time(date), filter=filt)
 
 
 LIGHT = LightSummary(count=10, readable=10, camera="Cam A", shape=(16, 16), pattern="RGGB", iso=1600.0,
-                     exposure_s=20.0, temperature_c=15.0, time=batch._parse_time("2025-03-25T22:00:00"))
+                     exposure_s=20.0, temperature_c=15.0, time=records._parse_time("2025-03-25T22:00:00"))
 
 
 def _synth(root: Path, *, seed, model, start, n_lights=5, n_cal=0, temp=15.0, pattern="RGGB",
@@ -275,7 +276,7 @@ def test_match_nearest_date_flats_and_their_dark_flats():
     chosen, _ = match_calibration(light, [march, april, other_filter, df_short, df_long])
     assert chosen["flats"] is april
     assert chosen["dark_flats"] is df_long  # the flats' exposure, not the nearest date
-    chosen, _ = match_calibration(dataclasses.replace(light, time=batch._parse_time("2025-03-05T00:00:00")),
+    chosen, _ = match_calibration(dataclasses.replace(light, time=records._parse_time("2025-03-05T00:00:00")),
                                   [march, april, df_short, df_long])
     assert chosen["flats"] is march and chosen["dark_flats"] is df_short
 
@@ -531,7 +532,7 @@ def test_rerun_only_changed_sessions(tmp_path, archive):
     done = [e["session"] for e in read_journal(out) if e.get("status") == "done"]
     assert done.count("camA/M42_n1") == 3 and done.count("camA/M42_n2") == 2
     # one batch at a time per output folder
-    with batch._locked(out):
+    with journal._locked(out):
         with pytest.raises(OutputError, match="another 'skystack batch'"):
             run()
 
@@ -544,7 +545,7 @@ def _crash_on(x):
 
 def test_pool_worker_death_fails_only_its_task():
     seen: dict[str, dict] = {}
-    pool = batch._Pool(2)
+    pool = executors._Pool(2)
     try:
         pool.map(_crash_on, [("a", 1), ("b", "crash"), ("c", 3), ("d", 4)], lambda k, r: seen.setdefault(k, r))
     finally:
