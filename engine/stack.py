@@ -318,6 +318,31 @@ def stack_session(files: SessionFiles, config: StackConfig = StackConfig()) -> S
         return combine_registered(reg, config)
 
 
+def stack(folder: str | os.PathLike, config: StackConfig | None = None, **options: Any) -> StackResult:
+    """Stack the session in ``folder``: the library's one-call entry point.
+
+    Parameters
+    ----------
+    folder : path
+        A session folder (lights and calibration frames in DSS/Siril-style
+        subfolders, see :func:`skystack.engine.session.discover_session`).
+    config : StackConfig, optional
+        Settings; the defaults when omitted.
+    **options
+        :class:`StackConfig` fields to set instead of ``config`` (``rejection="gesd"``).
+
+    Returns
+    -------
+    StackResult
+        As :func:`stack_session`; :func:`skystack.engine.report.write_outputs` writes it.
+    """
+    from skystack.engine.session import discover_session
+
+    if config is not None and options:
+        raise SkystackError("stack(): pass either a StackConfig or its fields as keywords, not both")
+    return stack_session(discover_session(folder), config if config is not None else StackConfig(**options))
+
+
 @dataclass(kw_only=True)
 class Registered:
     """Calibrated frames warped into the reference grid, in a frame store.
