@@ -406,6 +406,7 @@ def _common(p: argparse.ArgumentParser, *, top: bool = False) -> None:
 
 
 def _stack_options(p: argparse.ArgumentParser, *, batch: bool = False) -> None:
+    from skystack.engine.combine import kappa_help
     from skystack.engine.stack import StackConfig, option_choices
 
     c, choices = StackConfig(), option_choices()  # defaults and choices live there, not here
@@ -420,8 +421,7 @@ def _stack_options(p: argparse.ArgumentParser, *, batch: bool = False) -> None:
                         "picks by the number of frames: median up to 4, winsorized from 5, gesd from 10 "
                         "(default: %(default)s)")
     g.add_argument("--kappa", nargs=2, type=float, default=None, metavar=("LOW", "HIGH"),
-                   help="rejection thresholds (default per method: sigma/winsorized 3 3, linear 4 4, "
-                        "gesd 0.3 0.01 (outlier fraction, significance), percentile 0.2 0.1, minmax 1 1)")
+                   help=f"rejection thresholds (default per method: {kappa_help()})")
     g.add_argument("--normalization", default=c.normalization, choices=choices["normalization"],
                    help="how frames are brought to the reference's sky level and contrast before combining "
                         "(default: %(default)s)")

@@ -123,36 +123,17 @@ from skystack.engine.robust import MAD_TO_SIGMA
 
 __all__ = ["ClipResult", "sigma_clip_mean", "combine", "METHODS", "DEFAULT_KAPPAS", "MAX_SUPPORTED_FRAMES",
            "WINSOR_MAX_ITER", "ROBUST_MIN_KEPT", "max_frames_define", "gesd_critical_values",
-           "auto_rejection", "resolve_rejection", "REJECTIONS"]
+           "auto_rejection", "resolve_rejection", "REJECTIONS", "REGISTRY", "RejectionMethod"]
 
 #: Compile-time sizes of the kernel's per-thread sort buffer (``-DMAX_FRAMES=``).
 _FRAME_BUCKETS = (64, 256, 1024, 4096)
 #: Most frames one tile may hold (on either backend, so results never depend on it).
 MAX_SUPPORTED_FRAMES = _FRAME_BUCKETS[-1]
-#: Rejection methods of :func:`combine`.
-METHODS = ("sigma", "winsorized", "linear", "gesd", "percentile", "minmax", "median", "mean")
-#: Values of the ``rejection`` setting: ``"auto"`` (see :func:`auto_rejection`) or a method.
-REJECTIONS = ("auto", *METHODS)
 #: Sigma and winsorized (robust centre and scale) may reject down to this many kept values.
 ROBUST_MIN_KEPT = 2
-#: Suggested ``(kappa_low, kappa_high)`` per method, since the kappas mean different things:
-#: standard deviations (sigma, winsorized, linear), fractions of the median (percentile,
-#: Siril's 0.2 / 0.1) and values per side (minmax). Linear fit uses 5: its sigma is the
-#: mean absolute residual (~0.8 sigma) and the tails of sorted Gaussian values bend away from
-#: the line, so kappa 3 rejects ~4.5% of pure noise (noise gain 0.90 sqrt(N) at N = 20)
-#: against ~0.5% at 5 (0.98 sqrt(N)).
-DEFAULT_KAPPAS: dict[str, tuple[float, float]] = {
-    "sigma": (3.0, 3.0), "winsorized": (3.0, 3.0), "linear": (4.0, 4.0), "gesd": (0.3, 0.01),
-    "percentile": (0.2, 0.1),
-    "minmax": (1.0, 1.0), "median": (3.0, 3.0), "mean": (3.0, 3.0)}
 #: Most rounds of the winsorized (Huber) sigma loop (``WINSOR_MAX_ITER`` in combine.cu).
 WINSOR_MAX_ITER = 50
 
-#: Method -> kernel in combine.cu ("mean" is "sigma" with max_iter = 0).
-_KERNELS = {"sigma": "sigma_clip_mean", "winsorized": "winsorized_clip_mean",
-            "linear": "linear_fit_clip_mean", "gesd": "gesd_clip_mean", "percentile": "percentile_clip_mean",
-            "minmax": "minmax_clip_mean", "median": "median_combine"}
-_USES_KAPPA = ("sigma", "winsorized", "linear", "gesd", "percentile", "minmax")
 
 #: Values (frames x pixels) the NumPy twins handle at once (see :func:`_run_twin`).
 _CHUNK_VALUES = 1 << 19
@@ -654,12 +635,55 @@ def _median_combine_numpy(cube: np.ndarray, kappa_low: np.float32, kappa_high: n
                       rejected=np.zeros(n, dtype=np.int64))
 
 
-_TWINS: dict[str, Callable[..., ClipResult]] = {
-    "sigma": _sigma_clip_mean_numpy, "winsorized": _winsorized_clip_mean_numpy,
-    "linear": _linear_fit_clip_mean_numpy, "gesd": _gesd_clip_mean_numpy,
-    "percentile": _percentile_clip_mean_numpy,
-    "minmax": _minmax_clip_mean_numpy, "median": _median_combine_numpy,
-}
+@dataclass(frozen=True)
+class RejectionMethod:
+    """One rejection method of :func:`combine`: its kappas, its kernel and its NumPy twin.
+
+    Adding a method means one entry in :data:`REGISTRY` (and its kernel and twin);
+    the settings' choices, the CLI and the default kappas follow from it.
+    """
+
+    name: str
+    #: default ``(kappa_low, kappa_high)``
+    kappas: tuple[float, float]
+    #: what the kappas are, for ``--help`` ("" when the method takes none)
+    meaning: str
+    #: entry point in ``kernels/combine.cu``
+    kernel: str
+    #: the kernel's NumPy twin (the reference every backend is tested against)
+    twin: Callable[..., ClipResult]
+
+
+#: Rejection methods, in the order the CLI lists them. The kappas mean different things:
+#: standard deviations (sigma, winsorized, linear), an outlier fraction and a significance (GESD),
+#: fractions of the median (percentile, Siril's 0.2 / 0.1) and values per side (minmax). Linear
+#: fit's sigma is the mean absolute residual (~0.8 sigma) and the tails of sorted Gaussian values
+#: bend away from the line, so kappa 3 rejects ~4.5 % of pure noise (noise gain 0.90 sqrt(N) at
+#: N = 20), hence its larger default. "mean" is sigma's kernel with no clipping round.
+REGISTRY: dict[str, RejectionMethod] = {m.name: m for m in (
+    RejectionMethod("sigma", (3.0, 3.0), "standard deviations", "sigma_clip_mean", _sigma_clip_mean_numpy),
+    RejectionMethod("winsorized", (3.0, 3.0), "standard deviations", "winsorized_clip_mean",
+                    _winsorized_clip_mean_numpy),
+    RejectionMethod("linear", (4.0, 4.0), "standard deviations", "linear_fit_clip_mean", _linear_fit_clip_mean_numpy),
+    RejectionMethod("gesd", (0.3, 0.01), "outlier fraction, significance", "gesd_clip_mean", _gesd_clip_mean_numpy),
+    RejectionMethod("percentile", (0.2, 0.1), "fractions of the median", "percentile_clip_mean",
+                    _percentile_clip_mean_numpy),
+    RejectionMethod("minmax", (1.0, 1.0), "values per side", "minmax_clip_mean", _minmax_clip_mean_numpy),
+    RejectionMethod("median", (3.0, 3.0), "", "median_combine", _median_combine_numpy),
+    RejectionMethod("mean", (3.0, 3.0), "", "sigma_clip_mean", _sigma_clip_mean_numpy),
+)}
+#: Rejection methods of :func:`combine`.
+METHODS = tuple(REGISTRY)
+#: Values of the ``rejection`` setting: ``"auto"`` (see :func:`auto_rejection`) or a method.
+REJECTIONS = ("auto", *METHODS)
+#: Default ``(kappa_low, kappa_high)`` per method.
+DEFAULT_KAPPAS: dict[str, tuple[float, float]] = {m.name: m.kappas for m in REGISTRY.values()}
+
+
+def kappa_help() -> str:
+    """The methods' default kappas and what they are, for ``--kappa``'s help."""
+    return ", ".join(f"{m.name} {m.kappas[0]:g} {m.kappas[1]:g} ({m.meaning})"
+                     for m in REGISTRY.values() if m.meaning)
 
 
 def _run_twin(twin: Callable[..., ClipResult], cube: np.ndarray, kappa_low: np.float32,
@@ -744,7 +768,7 @@ def combine(cube: Any, *, method: str = "sigma", kappa_low: float | None = None,
         raise SkystackError(f"combine needs an (N, H, W) tile with N >= 1, got shape {tuple(cube.shape)}")
     n, h, w = (int(s) for s in cube.shape)
     defines = max_frames_define(n)
-    kl, kh = (float(kappa_low), float(kappa_high)) if method in _USES_KAPPA else (0.0, 0.0)
+    kl, kh = (float(kappa_low), float(kappa_high)) if REGISTRY[method].meaning else (0.0, 0.0)
     if not (np.isfinite(kl) and np.isfinite(kh) and kl >= 0 and kh >= 0):
         raise SkystackError(f"kappa values must be finite and >= 0, got {kl:g} and {kh:g}")
     if int(max_iter) < 0:
@@ -757,19 +781,20 @@ def combine(cube: Any, *, method: str = "sigma", kappa_low: float | None = None,
     offset_a = _per_frame(xp, offset, n, 0.0, "offset")
     weights_a = _per_frame(xp, weights, n, 1.0, "weights", nonneg=True)
     npix = h * w
+    entry = REGISTRY[method]
 
     def kernel(run) -> ClipResult:  # run(kernel, n_items, args): the GPU's launch or the native module's
         mean = xp.empty((h, w), dtype=xp.float32)
         count = xp.empty((h, w), dtype=xp.int32)
         rejected = xp.zeros(n, dtype=xp.uint64)
         extra = (xp.asarray(gesd_critical_values(n, float(np.float32(kh)))),) if method == "gesd" else ()
-        run(_KERNELS[method], npix, (cube, np.int64(npix), np.int32(n), scale_a, offset_a, weights_a, *extra,
+        run(entry.kernel, npix, (cube, np.int64(npix), np.int32(n), scale_a, offset_a, weights_a, *extra,
                                      np.float32(kl), np.float32(kh), np.int32(max_iter), mean, count, rejected))
         return ClipResult(mean=mean, count=count, rejected=rejected.view(xp.int64))
 
     if not is_device_array(cube):
-        return run_cpu("combine.cu", _KERNELS[method], npix, lambda: _run_twin(
-            _TWINS[method], cube, np.float32(kl), np.float32(kh), int(max_iter), scale_a, offset_a, weights_a),
+        return run_cpu("combine.cu", entry.kernel, npix, lambda: _run_twin(
+            entry.twin, cube, np.float32(kl), np.float32(kh), int(max_iter), scale_a, offset_a, weights_a),
             lambda mod: kernel(mod.launch), defines=defines)
     return kernel(lambda name, items, args: launch("combine.cu", name, items, args, defines=defines))
 
