@@ -109,20 +109,13 @@ def test_warp(benchmark, backend, sync, frame_size, bench_rng, method):
     assert out.shape == (3, *frame_size)
 
 
-@pytest.mark.parametrize("method", ["sigma", "winsorized", "linear", "percentile", "minmax", "median"])
+@pytest.mark.parametrize("method", ["sigma", "winsorized", "linear", "gesd", "percentile", "minmax", "median"])
 def test_combine(benchmark, backend, sync, frame_size, bench_rng, method):
     from skystack.engine.combine import combine
-    from skystack.engine.errors import NotBuiltYet
 
     n, rows, w = 16, 256, frame_size[1]
     cube_h = _float(bench_rng, (n, rows, w), 0.09, 0.11)
     cube_h[3, ::17, ::13] = 0.9  # outliers to reject
     cube = backend.xp.asarray(cube_h)
-    kappa = {"percentile": 0.2, "minmax": 1.0}.get(method, 3.0)
-    try:
-        combine(cube[:, :2, :8], method=method, kappa_low=kappa, kappa_high=kappa)
-    except NotBuiltYet as exc:
-        pytest.skip(str(exc))
-    res = benchmark.pedantic(lambda: sync(combine(cube, method=method, kappa_low=kappa, kappa_high=kappa)),
-                             rounds=3, warmup_rounds=1)
+    res = benchmark.pedantic(lambda: sync(combine(cube, method=method)), rounds=3, warmup_rounds=1)
     assert res.mean.shape == (rows, w)

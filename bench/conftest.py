@@ -13,28 +13,10 @@ import os
 import numpy as np
 import pytest
 
+from skystack.tools.pytest_gpu import backend, pytest_collection_modifyitems
 
-def _gpu_available() -> bool:
-    from skystack.engine.backend import _gpu_cached
-
-    return _gpu_cached()[0] is not None
-
-
-def pytest_collection_modifyitems(config, items):
-    if _gpu_available():
-        return
-    skip = pytest.mark.skip(reason="no CUDA device / CuPy")
-    for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip)
-
-
-@pytest.fixture(params=["cpu", pytest.param("gpu", marks=pytest.mark.gpu)])
-def backend(request):
-    """CPU always; GPU when a device exists."""
-    from skystack.engine.backend import get_backend
-
-    return get_backend(request.param, quiet=True)
+#: Shared with the other conftest (pytest finds a hook or fixture a conftest imports).
+__all__ = ["backend", "pytest_collection_modifyitems"]
 
 
 @pytest.fixture(scope="session")

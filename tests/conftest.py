@@ -8,6 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from skystack.tools.pytest_gpu import backend, pytest_collection_modifyitems
+
+#: Shared with the other conftest (pytest finds a hook or fixture a conftest imports).
+__all__ = ["backend", "pytest_collection_modifyitems"]
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("SKYSTACK_SHARED", REPO.parent / "shared"))
 REALDATA = SHARED / "realdata"
@@ -44,29 +49,6 @@ def use_sim_device() -> None:
 def pytest_configure(config):
     if sim_device_requested(config):
         use_sim_device()
-
-
-def _gpu_available() -> bool:
-    from skystack.engine.backend import _gpu_cached
-
-    return _gpu_cached()[0] is not None
-
-
-def pytest_collection_modifyitems(config, items):
-    if _gpu_available():
-        return
-    skip = pytest.mark.skip(reason="no CUDA device / CuPy")
-    for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip)
-
-
-@pytest.fixture(params=["cpu", pytest.param("gpu", marks=pytest.mark.gpu)])
-def backend(request):
-    """Each test using this runs on the CPU always, and on the GPU when one exists."""
-    from skystack.engine.backend import get_backend
-
-    return get_backend(request.param, quiet=True)
 
 
 @pytest.fixture
