@@ -304,27 +304,32 @@ def _cmd_master(args: argparse.Namespace) -> int:
 
 
 def _finish_options(p: argparse.ArgumentParser, *, for_stack: bool = False) -> None:
+    from skystack.engine.background import MODELS
+    from skystack.engine.finish import BACKGROUND_MODES, FinishConfig
+
+    c = FinishConfig()  # the defaults live there, not here
     g = p.add_argument_group("finishing" + (" (with --picture)" if for_stack else ""))
     if for_stack:
         g.add_argument("--picture", metavar="PATH",
                        help="also write a finished picture: .jpg/.png (8-bit) or .tif (16-bit)")
     g.add_argument("--no-crop", action="store_true", help="keep the edges that not every frame covered")
-    g.add_argument("--crop-fraction", type=float, default=0.9,
-                   help="keep pixels covered by at least this fraction of the frames (default 0.9)")
-    g.add_argument("--background", default="subtract", choices=("subtract", "divide", "none"),
+    g.add_argument("--crop-fraction", type=float, default=c.crop_fraction,
+                   help="keep pixels covered by at least this fraction of the frames (default %(default)s)")
+    g.add_argument("--background", default=c.background, choices=BACKGROUND_MODES,
                    help="gradient removal: subtract (light pollution), divide (vignetting), none")
-    g.add_argument("--bg-model", default="poly", choices=("poly", "rbf"), help="background model")
-    g.add_argument("--bg-degree", type=int, default=3, choices=(1, 2, 3, 4), help="polynomial degree")
-    g.add_argument("--bg-grid", type=int, default=24, help="background sample boxes along the longer side")
-    g.add_argument("--bg-tolerance", type=float, default=2.5,
+    g.add_argument("--bg-model", default=c.bg_model, choices=MODELS, help="background model")
+    g.add_argument("--bg-degree", type=int, default=c.bg_degree, choices=(1, 2, 3, 4), help="polynomial degree")
+    g.add_argument("--bg-grid", type=int, default=c.bg_grid, help="background sample boxes along the longer side")
+    g.add_argument("--bg-reject", "--bg-tolerance", dest="bg_reject", type=float, default=c.bg_reject,
                    help="reject sample boxes this many sigmas off (galaxies, nebulae)")
-    g.add_argument("--bg-smoothing", type=float, default=0.05, help="RBF smoothing (0 = interpolate)")
+    g.add_argument("--bg-smoothing", type=float, default=c.bg_smoothing, help="RBF smoothing (0 = interpolate)")
     g.add_argument("--no-neutralize", action="store_true", help="keep the sky background's colour")
     g.add_argument("--no-star-wb", action="store_true", help="no white balance with the stars as reference")
-    g.add_argument("--target-background", type=float, default=0.2, help="sky level after the stretch (0..1)")
-    g.add_argument("--black-point", type=float, default=0.0, help="black point on the stretched image (0..1)")
-    g.add_argument("--contrast", type=float, default=0.2, help="S-curve strength 0..1 (0 = none)")
-    g.add_argument("--saturation", type=float, default=1.4, help="colour saturation (1 = unchanged)")
+    g.add_argument("--target-background", type=float, default=c.target_background,
+                   help="sky level after the stretch (0..1)")
+    g.add_argument("--black-point", type=float, default=c.black_point, help="black point on the stretched image (0..1)")
+    g.add_argument("--contrast", type=float, default=c.contrast, help="S-curve strength 0..1 (0 = none)")
+    g.add_argument("--saturation", type=float, default=c.saturation, help="colour saturation (1 = unchanged)")
     g.add_argument("--linear-out", metavar="PATH",
                    help="also write the cropped, background-extracted, colour-calibrated linear 32-bit TIFF")
     g.add_argument("--tiff16", metavar="PATH", help="also write a 16-bit TIFF of the picture")
@@ -336,7 +341,7 @@ def _finish_config(args: argparse.Namespace):
 
     return FinishConfig(
         crop=not args.no_crop, crop_fraction=args.crop_fraction, background=args.background,
-        bg_model=args.bg_model, bg_degree=args.bg_degree, bg_grid=args.bg_grid, bg_reject=args.bg_tolerance,
+        bg_model=args.bg_model, bg_degree=args.bg_degree, bg_grid=args.bg_grid, bg_reject=args.bg_reject,
         bg_smoothing=args.bg_smoothing, neutralize=not args.no_neutralize, white_balance=not args.no_star_wb,
         target_background=args.target_background, black_point=args.black_point, contrast=args.contrast,
         saturation=args.saturation,
@@ -446,7 +451,8 @@ def _stack_options(p: argparse.ArgumentParser, *, batch: bool = False) -> None:
     g.add_argument("--no-wb", action="store_true", help="do not apply the camera white balance")
     g.add_argument("--interpolation", default=c.interpolation, choices=choices["interpolation"],
                    help="resampling when frames are aligned (default: %(default)s)")
-    g.add_argument("--model", default=c.transform_model, choices=choices["transform_model"],
+    g.add_argument("--transform-model", "--model", dest="model", default=c.transform_model,
+                   choices=choices["transform_model"],
                    help="alignment transform; auto picks the simplest that fits held-out stars, "
                         "homography+radial follows a wide, distorted lens (default: %(default)s)")
     g.add_argument("--framing", default=c.framing, choices=choices["framing"],

@@ -90,13 +90,9 @@ def option_choices() -> dict[str, tuple[str, ...]]:
             "store_dtype": STORE_DTYPES, "backend": ("auto", "cpu", "gpu")}
 
 
-#: The command-line flag of a :class:`StackConfig` field, where it is not ``--`` + its name.
-FLAGS = {"transform_model": "--model"}
-
-
 def flag(name: str) -> str:
-    """The command-line flag of :class:`StackConfig` field ``name``."""
-    return FLAGS.get(name, "--" + name.replace("_", "-"))
+    """The command-line flag of :class:`StackConfig` field ``name`` (``--`` + the name, dashed)."""
+    return "--" + name.replace("_", "-")
 
 
 def _validate_config(c: StackConfig) -> None:

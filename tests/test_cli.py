@@ -238,5 +238,5 @@ def test_parser_and_option_checks_import_no_heavy_module():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
-    assert [ln.split()[0] for ln in lines[:4]] == ["--rejection", "--framing", "--model", "--debayer"]
+    assert [ln.split()[0] for ln in lines[:4]] == ["--rejection", "--framing", "--transform-model", "--debayer"]
     assert lines[4].strip() == ""  # none of the heavy modules

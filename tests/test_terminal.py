@@ -60,7 +60,7 @@ def test_help_shows_what_the_core_options_do_and_their_defaults(capsys):
             entries[m.group(1)] = " ".join(block.split())
     for option, default in (("--rejection", "auto"), ("--normalization", "additive+scale"),
                             ("--weighting", "noise"), ("--debayer", "rcd"), ("--interpolation", "lanczos3"),
-                            ("--model", "auto"), ("--framing", "reference"), ("--foreground", "auto"), ("--min-stars", "15"), ("--store-dtype", "float16"),
+                            ("--transform-model", "auto"), ("--framing", "reference"), ("--foreground", "auto"), ("--min-stars", "15"), ("--store-dtype", "float16"),
                             ("--keep-best", "all usable frames"), ("--memory-limit", "half the free memory")):
         assert f"(default: {default})" in entries[option], (option, entries.get(option))
 
