@@ -323,11 +323,12 @@ def run_peer(session: Path, work: Path, *, timeout_s: float) -> dict[str, Any]:
 
 def _score(image: np.ndarray, truth, mask, ref: dict[str, np.ndarray], reg: dict[str, Any] | None
            ) -> dict[str, Any]:
+    from skystack.engine.background import luminance
     from skystack.tools import skymetrics
 
     q = truth_quality(image, truth, 0, mask=mask, star_image=ref["stars"], background=ref["background"])
     pts = skymetrics.isolated_stars(truth, 0, truth.shape, flux_range=(1500.0, 2.0e4), avoid=truth.horizon_mask())
-    regions = skymetrics.star_regions(skymetrics.luminance(image), pts)
+    regions = skymetrics.star_regions(luminance(image, np.float64), pts)
     return {"quality": q.to_dict(), "registration": reg, "regions": regions}
 
 

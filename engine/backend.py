@@ -329,8 +329,7 @@ def _choice_file(module: Any, kernel: str) -> Any:
         return None
     from skystack.kernels.native import threads
 
-    share = max(1, threads() // getattr(_workers, "k", 1))
-    return path.with_name(f"{path.stem}.{kernel}.{share}of{threads()}.choice.json")
+    return path.with_name(f"{path.stem}.{kernel}.{_pool_share()}of{threads()}.choice.json")
 
 
 def _saved_choice(module: Any, kernel: str, n_items: int) -> str | None:
@@ -387,6 +386,13 @@ def cpu_workers(k: int) -> Iterator[None]:
         _workers.k = before
 
 
+def _pool_share() -> int:
+    """This thread's cores for native launches: all of them, or its share under :func:`cpu_workers`."""
+    from skystack.kernels.native import threads
+
+    return max(1, threads() // getattr(_workers, "k", 1))
+
+
 def _native_call(native: Any, module: Any) -> Any:
     """``native(module)`` on the cores divided by the native launches in flight, or by this
     thread's :func:`cpu_workers`, whichever is more (at least one core)."""
@@ -412,9 +418,7 @@ def _benchmark(key: tuple, twin: Any, native: Any, module: Any, same_bits: bool 
     import logging
     import time
 
-    from skystack.kernels.native import threads
-
-    share = max(1, threads() // getattr(_workers, "k", 1))
+    share = _pool_share()
     module.set_threads(share)
     native(module)  # warm-up: the first launch pays for page faults and the OpenMP start-up
     t0 = time.perf_counter()

@@ -424,8 +424,11 @@ def calibrate(light: Any, *, bias: Any | None = None, dark: Any | None = None, d
         kernel, args = "calibrate_cosmetic_kernel", (out, light, b_, d_, f_, mask, np.int64(n), np.int32(h),
                                                      np.int32(w), np.int32(code), *flags, k)
     if not is_device_array(light):  # the twin, or the same fused kernel built for the host (the same bits)
-        return run_cpu("calibrate.cu", kernel, n, lambda: _calibrate_twin(light, b, d, k, f, mask, code),
-                       lambda mod: (mod.launch(kernel, n, args), out)[1])
+        def native(mod) -> np.ndarray:
+            mod.launch(kernel, n, args)
+            return out
+
+        return run_cpu("calibrate.cu", kernel, n, lambda: _calibrate_twin(light, b, d, k, f, mask, code), native)
     launch("calibrate.cu", kernel, n, args)
     return out
 

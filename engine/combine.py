@@ -321,7 +321,7 @@ def _clip_range(s: np.ndarray, a: np.ndarray, b: np.ndarray, nvalid: np.ndarray,
 
 
 def _kept_mean(v: np.ndarray, valid: np.ndarray, kept: np.ndarray, weights: np.ndarray,
-            shape: tuple[int, int]) -> ClipResult:
+               shape: tuple[int, int]) -> ClipResult:
     """Weighted mean (frame order), count and per-frame rejections of the ``kept`` ``(N, P)`` mask."""
     n, p = v.shape
     vz = _zeroed(v)
@@ -339,7 +339,7 @@ def _kept_mean(v: np.ndarray, valid: np.ndarray, kept: np.ndarray, weights: np.n
 
 
 def _kept_mean_interval(v: np.ndarray, valid: np.ndarray, srt: np.ndarray, a: np.ndarray, b: np.ndarray,
-                     weights: np.ndarray, shape: tuple[int, int]) -> ClipResult:
+                        weights: np.ndarray, shape: tuple[int, int]) -> ClipResult:
     """:func:`_kept_mean` for kept sorted ranks ``[a, b)`` that hold every value in ``[srt[a], srt[b-1]]``."""
     n, p = v.shape
     cols = np.arange(p)
@@ -350,7 +350,7 @@ def _kept_mean_interval(v: np.ndarray, valid: np.ndarray, srt: np.ndarray, a: np
 
 
 def _kept_mean_ranks(v: np.ndarray, valid: np.ndarray, order: np.ndarray, kept_ranks: np.ndarray,
-                  weights: np.ndarray, shape: tuple[int, int]) -> ClipResult:
+                     weights: np.ndarray, shape: tuple[int, int]) -> ClipResult:
     """:func:`_kept_mean` for a kept mask over sorted ranks (mapped to frames through ``order``)."""
     n, p = order.shape
     itype = np.int32 if n * p < 2**31 else np.int64  # flat indices (faster than put_along_axis)

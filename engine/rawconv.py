@@ -109,8 +109,11 @@ def cfa_to_float(raw: Any, *, pattern: str | None, black_level: Sequence[float],
     args = (raw, out, np.int64(n), np.int32(w), np.int32(h), *(np.float32(b) for b in black),
             *(np.float32(r) for r in rng))
     if not dev:  # the twin, or the same kernel built for the host (the same bits)
-        return run_cpu("rawconv.cu", kernel, n, lambda: _cfa_to_float_numpy(raw, black, rng, out),
-                       lambda mod: (mod.launch(kernel, n, args), out)[1])
+        def native(mod) -> np.ndarray:
+            mod.launch(kernel, n, args)
+            return out
+
+        return run_cpu("rawconv.cu", kernel, n, lambda: _cfa_to_float_numpy(raw, black, rng, out), native)
     launch("rawconv.cu", kernel, n, args)
     return out
 

@@ -639,7 +639,6 @@ def register_session(files: SessionFiles, config: StackConfig = StackConfig()) -
         if land is not None:
             landscape = (canvas.place(land[0]), canvas.place(land[1][None])[0],
                          canvas.place(fg.mask[None].astype(np.float32))[0] > 0.5, canvas.place(land[2][None])[0])
-    scratch = None  # the buffers go with it
     if target is not store:
         store.close()
         store = target

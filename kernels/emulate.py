@@ -196,8 +196,9 @@ _GRID_STRIDE = re.compile(
     r"\s*\1\s*<\s*(\w+)\s*;\s*\1\s*\+=\s*\(long long\)blockDim\.x\s*\*\s*gridDim\.x\s*\)")
 
 
-def _chunked_loops(text: str) -> str:
-    """``text`` with every kernel's grid-stride loop over the launcher's chunk (native builds).
+def _chunked_loops(text: str, n_kernels: int) -> str:
+    """``text`` (with ``n_kernels`` kernels) with every kernel's grid-stride loop over the launcher's
+    chunk (native builds).
 
     Raises
     ------
@@ -208,9 +209,8 @@ def _chunked_loops(text: str) -> str:
         lambda m: (f"for (long long {m[1]} = skystack_item_begin, {m[1]}_end = "
                    f"(skystack_item_end < (long long)({m[2]}) ? skystack_item_end : (long long)({m[2]})); "
                    f"{m[1]} < {m[1]}_end; ++{m[1]})"), text)
-    kernels = len(re.findall(r"__global__", text))
-    if count < kernels:
-        raise KernelCompileError(f"{kernels - count} kernel(s) without the grid-stride loop header "
+    if count < n_kernels:
+        raise KernelCompileError(f"{n_kernels - count} kernel(s) without the grid-stride loop header "
                                  "(see docs/architecture.md); the native build needs it")
     return out
 
@@ -314,7 +314,7 @@ def _build(text: str, label: str, defines: tuple[str, ...],
         raise KernelCompileError("the CPU kernel emulator needs g++ on PATH (apt-get install g++)")
     shim = SHIM.read_text()
     unit = (f'#include "{SHIM.name}"\n' + (_NATIVE_PRELUDE if native else "")
-            + f'#line 1 "{label}"\n{_chunked_loops(text) if native else text}\n'
+            + f'#line 1 "{label}"\n{_chunked_loops(text, len(signatures)) if native else text}\n'
             "#line 1 \"<skystack-emulation-launchers>\"\n"
             + "".join(_launcher(k, ps, parallel=native) for k, ps in signatures.items())
             + (_NATIVE_THREADS if native else ""))

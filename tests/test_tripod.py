@@ -20,6 +20,7 @@ import tifffile
 
 from skystack import cli
 from skystack.engine import register, stack
+from skystack.engine.background import luminance
 from skystack.tools import skymetrics
 from skystack.engine.session import discover_session
 from skystack.tools.synth import load_truth, simulate
@@ -78,7 +79,7 @@ def test_every_light_registers_with_the_lens_model(night):
 
 def test_stars_round_to_the_corners(night):
     truth, ref, img = night["truth"], night["ref"], night["image"]
-    lum = skymetrics.luminance(img)
+    lum = luminance(img, np.float64)
     pts = skymetrics.isolated_stars(truth, ref, lum.shape, flux_range=(1500.0, 2.0e4),
                                     avoid=truth.horizon_mask())
     reg = skymetrics.star_regions(lum, pts)
@@ -94,14 +95,14 @@ def test_noise_matches_truth_registered_stack(night, monkeypatch):
     exact = stack.stack_session(files, stack.StackConfig(quiet=True, cache_dir=str(night["root"] / "cache")))
     assert exact.reference == night["report"]["reference"]
     sky = skymetrics.star_free_sky(truth, ref, truth.shape, truth.horizon_mask())
-    ours = skymetrics.sky_noise(skymetrics.luminance(night["image"]), sky)
-    best = skymetrics.sky_noise(skymetrics.luminance(exact.image), sky)
+    ours = skymetrics.sky_noise(luminance(night["image"], np.float64), sky)
+    best = skymetrics.sky_noise(luminance(exact.image, np.float64), sky)
     assert ours / best <= 1.05, (ours, best)
 
 
 def test_landscape_stays_sharp(night):
     truth, img = night["truth"], night["image"]
-    lum = skymetrics.luminance(img)
+    lum = luminance(img, np.float64)
     lights = truth.static_lights()["xy"]
     fits = [skymetrics.fit_star(lum, x, y, r=5) for x, y in lights]
     assert all(f is not None for f in fits)

@@ -1270,10 +1270,6 @@ def _photometric_scale(image: np.ndarray, truth, ref_index: int, star_image: np.
     return scale, len(keep)
 
 
-def _robust_sigma(r: np.ndarray) -> float:
-    return mad_sigma(r)
-
-
 def _box_stats(image: np.ndarray, mask: np.ndarray, boxes: np.ndarray, box: int, *, binning: int = 4
                ) -> tuple[np.ndarray, np.ndarray]:
     """Per box and channel: robust sigma of the pixels and of ``binning``-square block means.
@@ -1301,11 +1297,11 @@ def _box_stats(image: np.ndarray, mask: np.ndarray, boxes: np.ndarray, box: int,
             if not np.isfinite(v).all():
                 continue
             coef, *_ = np.linalg.lstsq(a, v, rcond=None)
-            sig[k, ch] = _robust_sigma(v - a @ coef)
+            sig[k, ch] = mad_sigma(v - a @ coef)
             if mb.sum() >= 6:
                 vb = tile[:nb * b, :nb * b].reshape(nb, b, nb, b).mean(axis=(1, 3))[mb]
                 cb, *_ = np.linalg.lstsq(ab, vb, rcond=None)
-                sigb[k, ch] = b * _robust_sigma(vb - ab @ cb)
+                sigb[k, ch] = b * mad_sigma(vb - ab @ cb)
     return sig, sigb
 
 

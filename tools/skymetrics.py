@@ -20,15 +20,9 @@ from typing import Any
 
 import numpy as np
 
-from skystack.engine.background import luminance as _luminance
 from skystack.engine.robust import mad_sigma
 
 _FWHM = 2.0 * math.sqrt(2.0 * math.log(2.0))
-
-
-def luminance(image: np.ndarray) -> np.ndarray:
-    """Mean of the channels in float64 (:func:`skystack.engine.background.luminance`); a mono image as is."""
-    return _luminance(image, np.float64)
 
 
 def fit_star(lum: np.ndarray, x: float, y: float, r: int = 6) -> dict[str, float] | None:
