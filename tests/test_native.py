@@ -96,9 +96,27 @@ def test_rawconv_native_equals_twin(monkeypatch, rng, kind):
 @pytest.mark.parametrize("mode", ["on", "auto"])
 def test_calibrate_native_equals_twin(monkeypatch, rng, with_defects, mode):
     """The host's calibration (fused with the defect fix when there is a map), natively built or
-    chosen by timing: the twin's bits, flats at zero and NaN included."""
+    chosen by timing: the native kernel runs (twice: forced twice, or a warm-up and the timed launch)
+    and gives the twin's bits, flats at zero and NaN included."""
     from skystack.engine import backend as be
     from skystack.engine import calibrate as cal_mod
+    from skystack.kernels import native as nat
+
+    launched = []
+    real = nat.native
+
+    class Spy:  # the real native module, its launches counted (no cache path: no kept choice either)
+        def __init__(self, source, defines=()):
+            self.mod = real(source, defines)
+
+        def launch(self, kernel, *a, **k):
+            launched.append(kernel)
+            return self.mod.launch(kernel, *a, **k)
+
+        def set_threads(self, n):
+            self.mod.set_threads(n)
+
+    monkeypatch.setattr(nat, "native", Spy)
 
     h, w = 130, 140  # past NATIVE_MIN_ITEMS: auto times the kernel
     light = rng.normal(0.3, 0.05, (h, w)).astype(np.float32)
@@ -114,6 +132,8 @@ def test_calibrate_native_equals_twin(monkeypatch, rng, with_defects, mode):
     monkeypatch.setenv("SKYSTACK_NATIVE", mode)
     for _ in range(2):  # (auto: the timed launch, then the choice)
         np.testing.assert_array_equal(cal_mod.calibrate(light, **kw), twin)
+    kernel = "calibrate_cosmetic_kernel" if with_defects else "calibrate_kernel"
+    assert launched[:2] == [kernel, kernel], launched
 
 
 @pytest.mark.parametrize("method", ["bilinear", "rcd", "superpixel"])
