@@ -433,9 +433,76 @@ def _solve_linear(g: np.ndarray, data: np.ndarray, valid: np.ndarray, blocks: li
     return model, amp
 
 
-def _fit_psf(img: np.ndarray, x: np.ndarray, y: np.ndarray, s2: np.ndarray,
+#: Kernel source of the star measurement.
+_SRC = "detect.cu"
+#: Kernel source of the PSF fit.
+_PSF_SRC = "psf.cu"
+#: Fewest stars of a CPU launch that may time the native ``window_measure`` against its twin: the
+#: first launch decides, whatever its size (the twin's fixed cost alone is ~10x the kernel's on
+#: 24 stars), and returns the chosen one's result, so a process measures every star with one of them.
+_NATIVE_MIN_STARS = 1
+#: Threads per block of ``window_measure``: a launch has only hundreds of stars, so small
+#: blocks spread them over the multiprocessors of a GPU.
+_STAR_BLOCK = 32
+
+
+def _fit_psf(img: Any, x: np.ndarray, y: np.ndarray, s2: np.ndarray,
              half: int, sites: int, *, moffat: bool = True, n_iter: int = 25):
-    """Fit an elliptical Moffat (or Gaussian) PSF to every star (Levenberg-Marquardt, vectorised).
+    """Fit the PSF model to every star: the ``psf_fit`` kernel or its twin :func:`_fit_psf_numpy`.
+
+    On a device frame the kernel runs there (``kernels/psf.cu``, a thread per
+    star reading the frame at its stamp) and only the seven per-star outputs come
+    down. On the host, :func:`skystack.engine.backend.run_cpu` runs the kernel
+    built natively or the twin, whichever is faster; a frame whose dtype float32
+    cannot hold exactly always takes the twin. The two agree within the
+    tolerance documented in ``docs/architecture.md``.
+
+    Returns ``x, y, cxx, cyy, cxy, pos_err, ok`` as :func:`_fit_psf_numpy`.
+    """
+    x = np.ascontiguousarray(x, dtype=np.float64)
+    y = np.ascontiguousarray(y, dtype=np.float64)
+    s2 = np.ascontiguousarray(s2, dtype=np.float64)
+    args = (half, sites, moffat, n_iter)
+    if is_device_array(img):
+        xp = array_module(img)
+        return _psf_launch(lambda kn, n, a: launch(_PSF_SRC, kn, n, a, block=_STAR_BLOCK), xp,
+                           xp.ascontiguousarray(img, dtype=xp.float32), x, y, s2, *args)
+    dt = np.asarray(img).dtype
+    if x.size == 0 or not (dt == np.float32 or (dt.kind in "uif" and dt.itemsize <= 2)):
+        return _fit_psf_numpy(img, x, y, s2, half, sites, moffat=moffat, n_iter=n_iter)
+    f32 = np.ascontiguousarray(img, dtype=np.float32)
+
+    def native(mod):
+        mod.set_threads(1)  # a launch is tens of stars; frames are detected in parallel already
+        return _psf_launch(lambda kn, n, a: mod.launch(kn, n, a, block=_STAR_BLOCK), np, f32, x, y, s2, *args)
+
+    return run_cpu(_PSF_SRC, "psf_fit", x.size,
+                   lambda: _fit_psf_numpy(img, x, y, s2, half, sites, moffat=moffat, n_iter=n_iter),
+                   native, min_items=_NATIVE_MIN_STARS, same_bits=False)
+
+
+def _psf_launch(run, xp, img, x, y, s2, half: int, sites: int, moffat: bool, n_iter: int):
+    """Launch ``psf_fit`` through ``run(kernel, n_items, args)`` on ``img`` (float32, of ``xp``);
+    the star positions and sizes go up, the ``(7, N)`` outputs come down."""
+    n = int(x.size)
+    if n == 0:
+        z = np.zeros(0)
+        return z, z.copy(), z.copy(), z.copy(), z.copy(), z.copy(), np.zeros(0, dtype=bool)
+    k = _stamp_side(half, sites)
+    h, w = img.shape
+    out = xp.empty((7, n), dtype=xp.float64)
+    scratch = xp.empty(n * 6 * k * k, dtype=xp.float64)
+    run("psf_fit", n, (out, scratch, img, np.int32(h), np.int32(w), np.int32(sites), xp.asarray(x),
+                       xp.asarray(y), xp.asarray(s2), np.int64(n), np.int32(half), np.int32(k),
+                       np.int32(bool(moffat)), np.int32(n_iter), np.float64(_U_MIN), np.float64(_U_MAX)))
+    o = to_host(out)
+    return o[0], o[1], o[2], o[3], o[4], o[5], o[6] > 0.5
+
+
+def _fit_psf_numpy(img: np.ndarray, x: np.ndarray, y: np.ndarray, s2: np.ndarray,
+                   half: int, sites: int, *, moffat: bool = True, n_iter: int = 25):
+    """Fit an elliptical Moffat (or Gaussian) PSF to every star (Levenberg-Marquardt, vectorised):
+    the NumPy twin of the ``psf_fit`` kernel (``kernels/psf.cu``), and its reference.
 
     The model of a stamp pixel of Bayer site ``s`` is ``a_s * G(p) + b_s`` with
     ``G = (1 + c(u) q)^(-1/u)``, ``c(u) = (2^u - 1) / (2 ln 2)`` (a Moffat of
@@ -604,17 +671,6 @@ def _fit_psf(img: np.ndarray, x: np.ndarray, y: np.ndarray, s2: np.ndarray,
     amp_sum = np.array([amp[:, b].mean(1) for b in blocks]).sum(0)
     ok = admissible(th) & (amp_sum > 0) & np.isfinite(pos_err)
     return th[:, 0] + ox, th[:, 1] + oy, cxx, cyy, cxy, pos_err, ok
-
-
-#: Kernel source of the star measurement.
-_SRC = "detect.cu"
-#: Fewest stars of a CPU launch that may time the native ``window_measure`` against its twin: the
-#: first launch decides, whatever its size (the twin's fixed cost alone is ~10x the kernel's on
-#: 24 stars), and returns the chosen one's result, so a process measures every star with one of them.
-_NATIVE_MIN_STARS = 1
-#: Threads per block of ``window_measure``: a launch has only hundreds of stars, so small
-#: blocks spread them over the multiprocessors of a GPU.
-_STAR_BLOCK = 32
 
 
 def _window_measure(img: Any, x: np.ndarray, y: np.ndarray, sigma_w: float, sites: int,

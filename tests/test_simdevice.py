@@ -201,13 +201,15 @@ def test_cli_gpu_stack_bytes_per_light_pixel_today(gpu_stack, night):
 
     Per light pixel (masters excluded, the calibration set's upload included, the
     results -- image, count, coverage -- excluded from the download), measured on this
-    session of 6 lights (5 used): up 4.23 B = raw frame 2 + calibration set 2.17 +
-    aperture tables 0.06; down 1.58 B = the 2x2-binned detection image as float16 0.5 +
+    session of 6 lights (5 used): up 4.22 B = raw frame 2 + calibration set 2.17 +
+    aperture tables 0.06; down 1.50 B = the 2x2-binned detection image as float16 0.5 +
     the stars' measures 0.012 (window_measure runs on the device: seven float64 per
-    star) + the PSF sample's stamps 0.075 (at most 30 stars) + the reference's channel
+    star) + the PSF sample's fits (psf_fit runs there too: seven float64 for each of at
+    most 30 stars) + the reference's channel
     sum and saturation bits for the apertures 0.69 (once per session) + the master
     flat's noise estimate 0.30 (flatnoise.py). The noise estimate and the normalisation
-    statistics are measured on the device: only numbers come down. (Before the float16
+    statistics are measured on the device: only numbers come down. (Before the psf_fit
+    kernel: down 1.58 B, with the PSF sample's stamps 0.075; before the float16
     detection image: down 2.08 B; before the window_measure kernel: 2.51 B, the stamps
     of every measured star 0.52; before that: 14.0 B, with the calibrated frame brought
     down for detection and the registered frames for the statistics; before the device
@@ -215,13 +217,13 @@ def test_cli_gpu_stack_bytes_per_light_pixel_today(gpu_stack, night):
     """
     up, down = _per_light_pixel(gpu_stack[1], night)
     assert 3.5 < up < 5.0, up
-    assert 1.3 < down < 1.8, down
+    assert 1.3 < down < 1.6, down
 
 
 def test_detection_on_the_device_equals_the_hosts(sim, night, monkeypatch):
     """detect_stars and highpass_noise of a device mosaic: the host's results, bit for bit (the
-    host measuring with the native ``window_measure``, the device's kernel), with only the binned
-    detection image, the stars' measures and the PSF sample's stamps brought down."""
+    host measuring with the native ``window_measure`` and ``psf_fit``, the device with their kernels),
+    with only the binned detection image, the stars' measures and the PSF sample's fits brought down."""
     import cupy
 
     from skystack.engine import detect, normalize
@@ -232,6 +234,7 @@ def test_detection_on_the_device_equals_the_hosts(sim, night, monkeypatch):
     m = fr.meta
     x = cfa_to_float(fr.data, pattern=m.pattern, black_level=m.black_level, white_level=m.white_level)
     monkeypatch.setitem(be._native_choice, ("detect.cu", "window_measure", ()), "native")
+    monkeypatch.setitem(be._native_choice, ("psf.cu", "psf_fit", ()), "native")
     host = detect.detect_stars(x, pattern=m.pattern)
     dev = cupy.asarray(x)
     sim.reset()
@@ -240,17 +243,17 @@ def test_detection_on_the_device_equals_the_hosts(sim, night, monkeypatch):
     for f in ("x", "y", "flux", "fwhm", "ellipticity", "pos_err", "flag"):
         np.testing.assert_array_equal(getattr(got, f), getattr(host, f), err_msg=f)
     assert got.noise == host.noise and got.n_total == host.n_total
-    # no stamps of the measured stars: the binned detection image as float16 (an eighth of the
-    # mosaic), their seven float64 measures (window_measure's outputs), and the stamps only of
-    # the PSF model's sample (at most psf_sample stars, 50x50 each)
-    lum, win, stamps = (_site_of(f, text) for f, text in ((detect._detection_image, "to_host(half)"),
-                                                         (detect._window_launch, "to_host(out)"),
-                                                         (detect._gather_stamps, "to_host(img[yy, xx])")))
-    assert set(sim.d2h) - {lum, win, stamps} <= {_site_of(detect._detection_image, s) for s in
-                                                 ("to_host(xp.isfinite", "to_host(sample[", "to_host(xp.nanmax")}
+    # no stamps: the binned detection image as float16 (an eighth of the mosaic), the measured
+    # stars' seven float64 measures (window_measure's outputs) and the PSF sample's seven float64
+    # fits (psf_fit's, at most psf_sample stars)
+    lum, win, psf = (_site_of(f, text) for f, text in ((detect._detection_image, "to_host(half)"),
+                                                      (detect._window_launch, "to_host(out)"),
+                                                      (detect._psf_launch, "to_host(out)")))
+    assert set(sim.d2h) - {lum, win, psf} <= {_site_of(detect._detection_image, s) for s in
+                                              ("to_host(xp.isfinite", "to_host(sample[", "to_host(xp.nanmax")}
     assert sim.d2h[lum] == x.nbytes // 8
     assert sim.d2h[win] % 56 == 0 and len(got.x) <= sim.d2h[win] // 56 <= 24 + detect.DetectConfig().max_measured
-    assert sim.d2h[stamps] <= detect.DetectConfig().psf_sample * 50 * 50 * 4, sim.d2h
+    assert sim.d2h[psf] % 56 == 0 and 3 <= sim.d2h[psf] // 56 <= detect.DetectConfig().psf_sample, sim.d2h
     sim.reset()
     assert normalize.highpass_noise(dev, step=2) == normalize.highpass_noise(x, step=2)
     assert sim.d2h_bytes < 1024, sim.d2h  # numbers only (a few dozen scalars)
@@ -325,14 +328,15 @@ def test_cli_gpu_stack_bytes_per_light_pixel_target(gpu_stack, night, tmp_path_f
     same CLI, costs at most 2.5 B up and 1 B down per pixel of each added light (masters, the
     reference's apertures and the results are per session: they cancel in the difference).
 
-    Measured: up 2.00 (the raw uint16 mosaic), down 0.65 (the float16 detection image 0.50,
-    the PSF sample's stamps 0.13, the stars' measures 0.02). Before: down 1.73 (the float32
-    detection image 1.0, every measured star's stamps 0.73); the float16 image alone: 1.23."""
+    Measured: up 2.00 (the raw uint16 mosaic), down 0.53 (the float16 detection image 0.50,
+    the stars' measures and the PSF sample's fits 0.03). Before the psf_fit kernel: down 0.65
+    (the PSF sample's stamps 0.13); before the float16 image and the window_measure kernel:
+    down 1.73 (the float32 detection image 1.0, every measured star's stamps 0.73)."""
     more = _gpu_stack(_simnight(tmp_path_factory.mktemp("simnight10"), 10), tmp_path_factory)
     px = 4 * 640 * 480
     (up6, down6), (up10, down10) = _totals(gpu_stack[1]), _totals(more[1])
     up, down = (up10 - up6) / px, (down10 - down6) / px
-    assert up <= 2.5 and down <= 1.0, (up, down, {"per session up": up6 / 640 / 480 - 6 * up,
+    assert up <= 2.5 and down <= 0.6, (up, down, {"per session up": up6 / 640 / 480 - 6 * up,
                                                   "per session down": down6 / 640 / 480 - 6 * down})
 
 
