@@ -410,6 +410,30 @@ def _native_call(native: Any, module: Any) -> Any:
             _native_active -= 1
 
 
+#: Most of the machine's cores that other processes may keep busy during a native-or-twin benchmark
+#: for its choice to be kept for later processes (:func:`_busy_elsewhere`).
+BUSY_ELSEWHERE_MAX = 0.2
+
+
+def _cpu_busy() -> tuple[float, float]:
+    """Seconds of CPU time the whole machine (all cores) and this process have used so far."""
+    import time
+
+    import psutil
+
+    t = psutil.cpu_times()
+    idle = t.idle + getattr(t, "iowait", 0.0) + getattr(t, "guest", 0.0) + getattr(t, "guest_nice", 0.0)
+    return sum(t) - idle, time.process_time()  # guest time is counted in user time too
+
+
+def _busy_elsewhere(start: tuple[float, float], wall_s: float) -> float:
+    """Share of the machine's cores that other processes kept busy since ``start`` (:func:`_cpu_busy`),
+    over ``wall_s`` seconds; less than 0.03 core-seconds counts as none (clock-tick resolution)."""
+    machine, own = (b - a for a, b in zip(start, _cpu_busy()))
+    other = max(machine - own, 0.0)
+    return other / max(wall_s * (os.cpu_count() or 1), 1e-9) if other > 0.03 else 0.0
+
+
 def _benchmark(key: tuple, twin: Any, native: Any, module: Any, same_bits: bool = True, n_items: int = 0) -> Any:
     """Time ``native`` (after a warm-up, on this thread's share of the cores) against ``twin``.
 
@@ -421,14 +445,19 @@ def _benchmark(key: tuple, twin: Any, native: Any, module: Any, same_bits: bool 
     share = _pool_share()
     module.set_threads(share)
     native(module)  # warm-up: the first launch pays for page faults and the OpenMP start-up
+    start = _cpu_busy()
     t0 = time.perf_counter()
     native_result = native(module)
     t1 = time.perf_counter()
     result = twin()
     t2 = time.perf_counter()
     _native_choice[key] = "native" if t1 - t0 < t2 - t1 else "twin"
-    logging.getLogger(__name__).debug("%s: native %.4f s on %d core(s), twin %.4f s -> %s", key[1], t1 - t0,
-                                      share, t2 - t1, _native_choice[key])
-    if max(t1 - t0, t2 - t1) >= KEEP_MARGIN * min(t1 - t0, t2 - t1):  # a clear winner: later processes need not time it
+    elsewhere = _busy_elsewhere(start, t2 - t0)
+    logging.getLogger(__name__).debug("%s: native %.4f s on %d core(s), twin %.4f s -> %s (%.0f %% of the cores "
+                                      "busy elsewhere)", key[1], t1 - t0, share, t2 - t1, _native_choice[key],
+                                      100 * elsewhere)
+    # kept for later processes only when the winner is clear and the machine was quiet: other load
+    # slows an OpenMP team far more than a single-threaded twin, so a busy machine's winner is not this one's
+    if max(t1 - t0, t2 - t1) >= KEEP_MARGIN * min(t1 - t0, t2 - t1) and elsewhere <= BUSY_ELSEWHERE_MAX:
         _save_choice(module, key[1], _native_choice[key], n_items, (t1 - t0, t2 - t1))
     return native_result if not same_bits and _native_choice[key] == "native" else result

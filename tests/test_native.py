@@ -394,6 +394,7 @@ def test_a_later_process_reuses_the_benchmarks_choice(fake_native, tmp_path, mon
 
     be, mod = fake_native
     mod.path = tmp_path / "combine-0123abcd.so"
+    monkeypatch.setattr(be, "_busy_elsewhere", lambda *a: 0.0)  # a quiet machine (see the test below)
     twins = []
 
     def twin():
@@ -429,6 +430,49 @@ def test_a_later_process_reuses_the_benchmarks_choice(fake_native, tmp_path, mon
     tie = lambda out: (time.sleep(0.03), out)[1]  # noqa: E731 (both take the same time)
     assert be.run_cpu("combine.cu", "gesd_clip_mean", 1 << 20, lambda: tie("twin"), lambda m: tie("native"))
     assert not kept.exists()
+
+
+def test_a_benchmark_on_a_busy_machine_is_not_kept(fake_native, tmp_path, monkeypatch):
+    """Other processes busy during the benchmark: its winner serves this process only, and the next
+    process times it again. The probe sees another process's CPU time and not this one's."""
+    import subprocess
+    import sys
+    import time
+
+    be, mod = fake_native
+    mod.path = tmp_path / "combine-0123abcd.so"
+    kept = tmp_path / "combine-0123abcd.gesd_clip_mean.4of4.choice.json"
+
+    def run():
+        be._native_choice.clear()
+        return be.run_cpu("combine.cu", "gesd_clip_mean", 1 << 20, lambda: (time.sleep(0.05), "twin")[1],
+                          lambda m: (m.launch(), "native")[1])
+
+    monkeypatch.setattr(be, "_busy_elsewhere", lambda *a: 0.5)
+    assert run() == "twin" and be._native_choice[("combine.cu", "gesd_clip_mean", ())] == "native"
+    assert not kept.exists()
+    monkeypatch.setattr(be, "_busy_elsewhere", lambda *a: 0.1)
+    run()
+    assert kept.is_file()
+    monkeypatch.undo()
+    start = be._cpu_busy()
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, "-c", "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.4: pass"],
+                   check=True)  # another process busy for 0.4 s
+    assert be._busy_elsewhere(start, time.perf_counter() - t0) >= 0.15
+    start = be._cpu_busy()
+    t0 = time.perf_counter()
+    t = time.process_time()
+    while time.process_time() - t < 0.3:  # this process busy: not elsewhere
+        pass
+    assert be._busy_elsewhere(start, time.perf_counter() - t0) < 0.15 or _machine_busy()
+
+
+def _machine_busy() -> bool:
+    """Whether other processes keep this machine's cores busy now (then the probe rightly sees them)."""
+    import psutil
+
+    return psutil.cpu_percent(interval=0.3) > 30
 
 
 def test_native_launches_share_the_cores(fake_native):
