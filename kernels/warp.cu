@@ -147,6 +147,32 @@ extern "C" __global__ void warp_lanczos3(
         const bool inside = iu >= 2 && iu + 3 < src_w && iv >= 2 && iv + 3 < src_h;
         float hw_all = 0.0f;
         for (int k = 0; k < 6; ++k) hw_all += wx[k];
+        if (inside && channels == 3) {  // colour: the three channels' sums side by side (same order each)
+            const long long ctr = (long long)cv * src_w + cu;
+            const float* r0 = src + (long long)(iv - 2) * src_w + (iu - 2);
+            const float* r1 = r0 + plane;
+            const float* r2 = r1 + plane;
+            float a0 = 0.0f, a1 = 0.0f, a2 = 0.0f, wsum = 0.0f;
+            for (int j = 0; j < 6; ++j, r0 += src_w, r1 += src_w, r2 += src_w) {
+                float h0 = 0.0f, h1 = 0.0f, h2 = 0.0f;
+                for (int k = 0; k < 6; ++k) {
+                    h0 += wx[k] * r0[k];
+                    h1 += wx[k] * r1[k];
+                    h2 += wx[k] * r2[k];
+                }
+                a0 += wy[j] * h0;
+                a1 += wy[j] * h1;
+                a2 += wy[j] * h2;
+                wsum += wy[j] * hw_all;
+            }
+            if (!isnan(a0) && !isnan(a1) && !isnan(a2) && !isnan(src[ctr]) && !isnan(src[plane + ctr])
+                && !isnan(src[2 * plane + ctr])) {
+                dst[i] = a0 / wsum;
+                dst[n + i] = a1 / wsum;
+                dst[2 * n + i] = a2 / wsum;
+                continue;
+            }
+        }
         for (int c = 0; c < channels; ++c) {
             const float* s = src + c * plane;
             if (isnan(s[(long long)cv * src_w + cu])) {
