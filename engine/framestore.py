@@ -206,17 +206,14 @@ class FrameStore:
                 return np.asarray(self._data[:, :, y0:y1, x0:x1], dtype=np.float32)
             return np.asarray(self._data[idx, :, y0:y1, x0:x1], dtype=np.float32)
         out = np.empty((len(idx), c, y1 - y0, x1 - x0), dtype=np.float32)
-        nbytes = (y1 - y0) * self._row
         direct = self.dtype == np.float32 and x0 == 0 and x1 == w  # whole rows: read into the block
+        rows = out if direct else np.empty((len(idx), c, y1 - y0, w), dtype=self.dtype)
         for k, i in enumerate(idx):
             for ch in range(c):
-                if direct:
-                    self._read_into(out[k, ch], i * self._frame + ch * self._plane + y0 * self._row)
-                    continue
-                raw = os.pread(self._fd, nbytes, i * self._frame + ch * self._plane + y0 * self._row)
-                rows = np.frombuffer(raw, dtype=self.dtype).reshape(y1 - y0, w)
-                self._decode(rows[:, x0:x1], out=out[k, ch])
-        return out
+                self._read_into(rows[k, ch], i * self._frame + ch * self._plane + y0 * self._row)
+        if direct:
+            return out
+        return self._decode(rows if x0 == 0 and x1 == w else rows[..., x0:x1], out=out)  # one pass for the block
 
     def close(self) -> None:
         """Drop the data and delete any spill file."""

@@ -39,14 +39,27 @@ def list_sources() -> list[str]:
     return sorted(p.name for p in KERNEL_DIR.glob("*.cu"))
 
 
-def _source_path(name: str | Path) -> Path:
-    p = Path(name)
-    return p if p.is_absolute() else KERNEL_DIR / p
-
-
 def read_source(name: str | Path) -> str:
-    """Text of the CUDA source ``name`` (e.g. ``"rawconv.cu"``, or an absolute path)."""
-    return _source_path(name).read_text()
+    """Text of the CUDA source ``name``: a file name in ``kernels/`` (e.g. ``"rawconv.cu"``), read once
+    per process (the package's sources do not change while it runs, and the host launches small
+    blocks many times a second), or a path to another ``.cu`` file, read on every call.
+
+    Raises
+    ------
+    FileNotFoundError
+        When there is no such source.
+    """
+    p = Path(name)
+    if not p.is_absolute() and (KERNEL_DIR / p).is_file():
+        return _package_source(str(p))
+    if not p.is_file():
+        raise FileNotFoundError(f"no CUDA source {name} (give a name in {KERNEL_DIR} or a path)")
+    return p.read_text()
+
+
+@lru_cache(maxsize=None)
+def _package_source(name: str) -> str:
+    return (KERNEL_DIR / name).read_text()
 
 
 @lru_cache(maxsize=None)

@@ -51,7 +51,7 @@ import numpy as np
 
 from skystack.engine.backend import BLOCK, grid_for
 from skystack.engine.errors import KernelCompileError
-from skystack.kernels import KERNEL_DIR, KernelParam, check_args, parse_kernels
+from skystack.kernels import KERNEL_DIR, KernelParam, check_args, parse_kernels, read_source
 
 __all__ = ["EmulatedModule", "emulated", "emulated_launch", "use_emulator", "emulator_available",
            "cache_dir", "CXX_FLAGS"]
@@ -385,12 +385,7 @@ def emulated(source: str | os.PathLike, defines: Sequence[str] = ()) -> Emulated
     KernelCompileError
         When g++ is missing or rejects the source (message holds its log).
     """
-    p = Path(source)
-    full = p if p.is_absolute() or not (KERNEL_DIR / p).exists() else KERNEL_DIR / p
-    if not full.is_file():
-        raise FileNotFoundError(f"no CUDA source {source} (give a name in {KERNEL_DIR} or a path)")
-    text = full.read_text()
-    return _emulated(str(source), text, tuple(str(d) for d in defines))
+    return _emulated(str(source), read_source(source), tuple(str(d) for d in defines))
 
 
 def emulated_launch(source: str, kernel: str, n_items: int, args: Sequence[Any], *,

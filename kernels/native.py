@@ -20,10 +20,9 @@ from __future__ import annotations
 
 import logging
 import os
-from pathlib import Path
 from typing import Sequence
 
-from skystack.kernels import KERNEL_DIR
+from skystack.kernels import read_source
 from skystack.kernels.emulate import EmulatedModule, _emulated, emulator_available
 
 __all__ = ["native", "available", "threads"]
@@ -73,8 +72,4 @@ def native(source: str | os.PathLike, defines: Sequence[str] = ()) -> EmulatedMo
     KernelCompileError
         When g++ is missing or rejects the source.
     """
-    p = Path(source)
-    full = p if p.is_absolute() or not (KERNEL_DIR / p).exists() else KERNEL_DIR / p
-    if not full.is_file():
-        raise FileNotFoundError(f"no CUDA source {source} (give a name in {KERNEL_DIR} or a path)")
-    return _emulated(str(source), full.read_text(), tuple(str(d) for d in defines), True)
+    return _emulated(str(source), read_source(source), tuple(str(d) for d in defines), True)
