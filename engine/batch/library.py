@@ -245,7 +245,8 @@ def summarize_lights(lights: Sequence[Path], *, sample: int = _LIGHT_SAMPLE) -> 
 
 
 def _hard_mismatch(g: CalibrationGroup, camera: str | None, shape: tuple[int, ...], pattern: str | None) -> str | None:
-    from skystack.engine.masters import describe, same_camera
+    from skystack.engine.masterfile import describe
+    from skystack.engine.masters import same_camera
 
     if tuple(g.shape) != tuple(shape) or g.pattern != pattern or not same_camera(g.camera, camera):
         return f"is {describe(g.shape, g.pattern, g.camera)}, lights are {describe(shape, pattern, camera)}"
