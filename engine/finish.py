@@ -46,6 +46,8 @@ from typing import Any, Iterable
 
 import numpy as np
 
+from skystack.engine.background import BackgroundConfig
+from skystack.engine.colour import ColourConfig
 from skystack.engine.errors import FrameReadError, InputNotFound, SkystackError
 
 BACKGROUND_MODES = ("none", "subtract", "divide")
@@ -96,13 +98,13 @@ class FinishConfig:
     crop: bool = True
     crop_fraction: float = 0.9
     background: str = "subtract"
-    bg_model: str = "poly"
-    bg_degree: int = 3
-    bg_grid: int = 24
-    bg_reject: float = 2.5
-    bg_smoothing: float = 0.05
-    neutralize: bool = True
-    white_balance: bool = True
+    bg_model: str = BackgroundConfig.model
+    bg_degree: int = BackgroundConfig.degree
+    bg_grid: int = BackgroundConfig.grid
+    bg_reject: float = BackgroundConfig.reject
+    bg_smoothing: float = BackgroundConfig.rbf_smoothing
+    neutralize: bool = ColourConfig.neutralize
+    white_balance: bool = ColourConfig.white_balance
     target_background: float = 0.2
     shadows_sigma: float = 2.8
     black_point: float = 0.0
@@ -132,16 +134,12 @@ class FinishConfig:
 
     def background_config(self):
         """The :class:`~skystack.engine.background.BackgroundConfig` these settings describe."""
-        from skystack.engine.background import BackgroundConfig
-
         mode = "divide" if self.background == "divide" else "subtract"
         return BackgroundConfig(model=self.bg_model, degree=self.bg_degree, mode=mode, grid=self.bg_grid,
                                 reject=self.bg_reject, rbf_smoothing=self.bg_smoothing)
 
     def colour_config(self):
         """The :class:`~skystack.engine.colour.ColourConfig` these settings describe."""
-        from skystack.engine.colour import ColourConfig
-
         return ColourConfig(neutralize=self.neutralize, white_balance=self.white_balance)
 
 
