@@ -49,23 +49,10 @@ def _fits(path: Path, imagetyp: str | None, *, camera="Cam A", shape=(16, 16), p
     from astropy.io import fits
 
     h = fits.Header()
-    if imagetyp:
-        h["IMAGETYP"] = imagetyp
-    if camera:
-        h["INSTRUME"] = camera
-    if pattern:
-        h["BAYERPAT"] = pattern
-    h["EXPTIME"] = exp
-    if iso is not None:
-        h["ISOSPEED"] = iso
-    if temp is not None:
-        h["CCD-TEMP"] = temp
-    if date:
-        h["DATE-OBS"] = date
-    if filt:
-        h["FILTER"] = filt
-    if obj:
-        h["OBJECT"] = obj
+    for key, value in (("IMAGETYP", imagetyp), ("INSTRUME", camera), ("BAYERPAT", pattern), ("EXPTIME", exp),
+                       ("ISOSPEED", iso), ("CCD-TEMP", temp), ("DATE-OBS", date), ("FILTER", filt), ("OBJECT", obj)):
+        if value is not None and value != "":  # a header left out (numbers may be 0)
+            h[key] = value
     path.parent.mkdir(parents=True, exist_ok=True)
     fits.PrimaryHDU(np.zeros(shape, dtype=np.uint16), header=h).writeto(path)
     return path
