@@ -12,7 +12,7 @@ from typing import Any, Callable, Sequence
 
 from skystack.engine.errors import InputNotFound, SkystackError
 from skystack.engine.session import KIND_FOLDERS, SessionFiles
-from skystack.engine.batch.records import CalibrationGroup, CalibrationMatchConfig, LightSummary, _CAL_KINDS, _IMAGETYP_KIND, _LIGHT_SAMPLE, _MASTER_KIND, _OWN_SAMPLE, _filter_of, _is_fits, _is_frame, _majority, _median, _median_time, _parse_time, _rel, _same_number, _sample
+from skystack.engine.batch.records import CalibrationGroup, CalibrationMatchConfig, HeaderSummary, LightSummary, _CAL_KINDS, _IMAGETYP_KIND, _LIGHT_SAMPLE, _MASTER_KIND, _OWN_SAMPLE, _filter_of, _is_fits, _is_frame, _majority, _median, _median_time, _parse_time, _rel, _same_number, _sample
 
 # ----------------------------------------------------------------------------- calibration library
 
@@ -244,21 +244,31 @@ def summarize_lights(lights: Sequence[Path], *, sample: int = _LIGHT_SAMPLE) -> 
     )
 
 
-def _hard_mismatch(g: CalibrationGroup, camera: str | None, shape: tuple[int, ...], pattern: str | None) -> str | None:
+def _hard_mismatch(g: CalibrationGroup, light: HeaderSummary) -> str | None:
     from skystack.engine.masterfile import describe
     from skystack.engine.masters import same_camera
 
-    if tuple(g.shape) != tuple(shape) or g.pattern != pattern or not same_camera(g.camera, camera):
-        return f"is {describe(g.shape, g.pattern, g.camera)}, lights are {describe(shape, pattern, camera)}"
+    if tuple(g.shape) != tuple(light.shape) or g.pattern != light.pattern or not same_camera(g.camera, light.camera):
+        return (f"is {describe(g.shape, g.pattern, g.camera)}, "
+                f"lights are {describe(light.shape, light.pattern, light.camera)}")
     return None
 
 
-def _iso_mismatch(g: CalibrationGroup, iso: float | None, gain: float | None) -> str | None:
-    if not _same_number(g.iso, iso):
-        return f"ISO {g.iso:g} (need {iso:g})"
-    if not _same_number(g.gain, gain):
-        return f"gain {g.gain:g} (need {gain:g})"
+def _iso_mismatch(g: CalibrationGroup, ref: HeaderSummary) -> str | None:
+    if not _same_number(g.iso, ref.iso):
+        return f"ISO {g.iso:g} (need {ref.iso:g})"
+    if not _same_number(g.gain, ref.gain):
+        return f"gain {g.gain:g} (need {ref.gain:g})"
     return None
+
+
+def _settings_mismatch(g: CalibrationGroup, light: LightSummary, ref: HeaderSummary) -> str | None:
+    """Why ``g`` does not fit: a camera mode other than the lights'; for a library group also an
+    ISO or gain other than ``ref``'s (the lights', or the flats' for a dark-flat)."""
+    why = _hard_mismatch(g, light)
+    if why is not None or g.source == "session":
+        return why
+    return _iso_mismatch(g, ref)
 
 
 def _exposure_close(a: float | None, b: float | None, tol: float) -> bool:
@@ -302,7 +312,8 @@ def match_calibration(light: LightSummary, candidates: Sequence[CalibrationGroup
     if light.readable == 0:
         return chosen, ["no readable light header: calibration cannot be matched"]
 
-    chosen["bias"] = _pick("bias", candidates, lambda g: _bias_check(g, light), light.time, None, notes)
+    chosen["bias"] = _pick("bias", candidates, lambda g: (_settings_mismatch(g, light, light), 0), light.time, None,
+                           notes)
     have_bias = chosen["bias"] is not None
     chosen["darks"] = _pick("darks", candidates, lambda g: _dark_check(g, light, config, have_bias), light.time,
                             light.temperature_c, notes)
@@ -354,22 +365,11 @@ def _pick(kind: str, candidates: Sequence[CalibrationGroup], check: Callable[[Ca
     return ranked[0][1]
 
 
-def _bias_check(g: CalibrationGroup, light: LightSummary) -> _Verdict:
-    """A bias: same camera mode; a library bias also the lights' ISO/gain."""
-    why = _hard_mismatch(g, light.camera, light.shape, light.pattern)
-    if why is None and g.source != "session":
-        why = _iso_mismatch(g, light.iso, light.gain)
-    return why, 0
-
-
 def _dark_check(g: CalibrationGroup, light: LightSummary, config: CalibrationMatchConfig,
                 have_bias: bool) -> _Verdict:
     """A dark: same camera mode; a library dark also ISO/gain, temperature and exposure (or scalable)."""
-    why = _hard_mismatch(g, light.camera, light.shape, light.pattern)
+    why = _settings_mismatch(g, light, light)
     if why is not None or g.source == "session":
-        return why, 0
-    why = _iso_mismatch(g, light.iso, light.gain)
-    if why is not None:
         return why, 0
     tol_t = float(config.temperature_tolerance_c)
     dt = _temp_distance(g.temperature_c, light.temperature_c)
@@ -386,7 +386,7 @@ def _dark_check(g: CalibrationGroup, light: LightSummary, config: CalibrationMat
 
 def _flat_check(g: CalibrationGroup, light: LightSummary) -> _Verdict:
     """A flat: same camera mode; a library flat also the lights' filter, when both say one."""
-    why = _hard_mismatch(g, light.camera, light.shape, light.pattern)
+    why = _hard_mismatch(g, light)
     if why is None and g.filter and light.filter and g.filter != light.filter and g.source != "session":
         why = f"filter {g.filter} (lights {light.filter})"
     return why, 0
@@ -395,10 +395,7 @@ def _flat_check(g: CalibrationGroup, light: LightSummary) -> _Verdict:
 def _dark_flat_check(g: CalibrationGroup, light: LightSummary, flat: CalibrationGroup,
                      config: CalibrationMatchConfig) -> _Verdict:
     """A dark-flat: the lights' camera mode; a library one also the chosen flats' ISO/gain and exposure."""
-    why = _hard_mismatch(g, light.camera, light.shape, light.pattern)
-    if why is not None or g.source == "session":
-        return why, 0
-    why = _iso_mismatch(g, flat.iso, flat.gain)
-    if why is None and not _exposure_close(g.exposure_s, flat.exposure_s, config.exposure_tolerance):
+    why = _settings_mismatch(g, light, flat)
+    if why is None and g.source != "session" and not _exposure_close(g.exposure_s, flat.exposure_s, config.exposure_tolerance):
         why = f"exposure {g.exposure_s:g} s, flats {flat.exposure_s:g} s"
     return why, 0
