@@ -43,3 +43,13 @@ def reference_combine(cube: np.ndarray, keep_of: Callable[[np.ndarray, np.ndarra
                 mean[y, x] = np.sum(weights[keep] * v[keep]) / weights[keep].sum()
             rejected += valid & ~keep
     return mean, count, rejected
+
+
+def clip_round(v: np.ndarray, within: np.ndarray, keep: np.ndarray, centre: float, sigma: float,
+               kappa_low: float, kappa_high: float) -> np.ndarray | None:
+    """One clipping round: the values of ``within`` inside ``[centre - kappa_low sigma, centre +
+    kappa_high sigma]``, or None (stop) when fewer than 2 remain or ``keep`` would not change."""
+    new = within & (v >= centre - kappa_low * sigma) & (v <= centre + kappa_high * sigma)
+    if new.sum() < 2 or (new == keep).all():
+        return None
+    return new

@@ -12,7 +12,7 @@ from skystack.engine.combine import (MAX_SUPPORTED_FRAMES, ClipResult, _sigma_cl
 from skystack.engine.errors import SkystackError
 from skystack.kernels.emulate import emulated, emulator_available, use_emulator
 
-from refcombine import reference_combine
+from refcombine import clip_round, reference_combine
 
 needs_gxx = pytest.mark.skipif(not emulator_available(), reason="g++ is not on PATH")
 
@@ -37,8 +37,8 @@ def _reference(cube, kappa_low, kappa_high, max_iter, scale=None, offset=None, w
                 sigma = np.std(kv)
             if not sigma > 0:
                 break
-            new = valid & (v >= centre - kappa_low * sigma) & (v <= centre + kappa_high * sigma)
-            if new.sum() < 2 or (new == keep).all():
+            new = clip_round(v, valid, keep, centre, sigma, kappa_low, kappa_high)
+            if new is None:
                 break
             keep = new
         return keep

@@ -17,7 +17,7 @@ from skystack.engine.errors import SkystackError
 from skystack.kernels import read_source
 from skystack.kernels.emulate import emulated, emulator_available, use_emulator
 
-from refcombine import reference_combine
+from refcombine import clip_round, reference_combine
 
 needs_gxx = pytest.mark.skipif(not emulator_available(), reason="g++ is not on PATH")
 
@@ -72,8 +72,8 @@ def _ref_winsorized(v, kl, kh, max_iter):
             sig = new_sig
             if done:
                 break
-        new = keep & (v >= c - kl * sig) & (v <= c + kh * sig)
-        if new.sum() < 2 or (new == keep).all():
+        new = clip_round(v, keep, keep, c, sig, kl, kh)
+        if new is None:
             break
         keep = new
     return keep
