@@ -474,23 +474,22 @@ def _stack_options(p: argparse.ArgumentParser, *, batch: bool = False) -> None:
         g.add_argument("--cache-dir", help="master cache folder")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """Return the ``skystack`` argument parser."""
-    parser = argparse.ArgumentParser(
-        prog="skystack",
-        description="Calibrate, register and stack astrophotography frames on the CPU or an NVIDIA GPU.")
-    parser.add_argument("--version", action="version", version=f"skystack {__version__}")
-    _common(parser, top=True)
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-
-    p = sub.add_parser("info", help="print frame metadata")
+def _subcommand(sub, name: str, help: str, func) -> argparse.ArgumentParser:
+    """Add the ``name`` subcommand, with the common options, run by ``func``."""
+    p = sub.add_parser(name, help=help)
     _common(p)
+    p.set_defaults(func=func)
+    return p
+
+
+def _add_info(sub) -> None:
+    p = _subcommand(sub, "info", "print frame metadata", _cmd_info)
     p.add_argument("files", nargs="+", help="frame files, folders, globs or a session folder")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    p.set_defaults(func=_cmd_info)
 
-    p = sub.add_parser("synth", help="write a synthetic night session with truth.json")
-    _common(p)
+
+def _add_synth(sub) -> None:
+    p = _subcommand(sub, "synth", "write a synthetic night session with truth.json", _cmd_synth)
     p.add_argument("outdir")
     p.add_argument("--scene", default="telescope", choices=("telescope", "tripod"),
                    help="telescope: a small field turning about an off-frame pole (default); tripod: a phone "
@@ -498,10 +497,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--size", default=None, help="WIDTHxHEIGHT (default 1600x1200; tripod 960x720)")
     p.add_argument("--lights", type=int, default=None, help="light frames (default 12; tripod 40)")
-    p.add_argument("--bias", type=int, default=None)
-    p.add_argument("--darks", type=int, default=None)
-    p.add_argument("--flats", type=int, default=None)
-    p.add_argument("--dark-flats", type=int, default=None)
+    for flag in ("--bias", "--darks", "--flats", "--dark-flats"):
+        p.add_argument(flag, type=int, default=None)
     p.add_argument("--pattern", default=None, choices=("RGGB", "BGGR", "GRBG", "GBRG"))
     p.add_argument("--format", default=None, choices=("dng", "fits"))
     p.add_argument("--exposure", type=float, default=None, help="light exposure in s (default 20; tripod 10)")
@@ -511,10 +508,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--k1", type=float, default=None, help="tripod: radial distortion k1 (-0.045, barrel)")
     p.add_argument("--k2", type=float, default=None, help="tripod: radial distortion k2 (0)")
     p.add_argument("--no-landscape", action="store_true", help="tripod: sky only")
-    p.set_defaults(func=_cmd_synth)
 
-    p = sub.add_parser("plan", help="exposure calculator (500 and NPF rules)")
-    _common(p)
+
+def _add_plan(sub) -> None:
+    p = _subcommand(sub, "plan", "exposure calculator (500 and NPF rules)", _cmd_plan)
     p.add_argument("--focal-length", type=float, help="focal length in mm")
     p.add_argument("--crop-factor", type=float, help="sensor crop factor (1 = full frame)")
     p.add_argument("--aperture", type=float, help="f-number, e.g. 1.8")
@@ -522,44 +519,42 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--declination", type=float, help="target declination in degrees")
     p.add_argument("--from", dest="from_file", help="read settings from a frame's EXIF/FITS header")
     p.add_argument("--json", action="store_true")
-    p.set_defaults(func=_cmd_plan)
 
-    p = sub.add_parser("stack", help="calibrate, register and stack a session")
-    _common(p)
+
+def _add_stack(sub) -> None:
+    p = _subcommand(sub, "stack", "calibrate, register and stack a session", _cmd_stack)
     p.add_argument("lights", nargs="+", help="light files, folders or globs, or one session folder")
-    p.add_argument("--darks", nargs="+", metavar="PATH")
-    p.add_argument("--flats", nargs="+", metavar="PATH")
-    p.add_argument("--bias", nargs="+", metavar="PATH")
-    p.add_argument("--dark-flats", nargs="+", metavar="PATH")
+    for flag in ("--darks", "--flats", "--bias", "--dark-flats"):
+        p.add_argument(flag, nargs="+", metavar="PATH")
     p.add_argument("-o", "--output", default="stack.tif",
                    help="32-bit float TIFF, .tif (default stack.tif); OUT.png, OUT.fits, OUT.json and "
                         "OUT.html are written beside it")
     _stack_options(p)
     _finish_options(p, for_stack=True)
-    p.set_defaults(func=_cmd_stack)
 
-    p = sub.add_parser("demo", help="synthesize a small night and stack it")
-    _common(p)
+
+def _add_demo(sub) -> None:
+    p = _subcommand(sub, "demo", "synthesize a small night and stack it", _cmd_demo)
     p.add_argument("--outdir", help="where to write (default: a new temporary folder)")
     p.add_argument("--size", default="1200x800", help="WIDTHxHEIGHT of the synthetic sensor")
     p.add_argument("--lights", type=int, default=16)
     p.add_argument("--seed", type=int, default=1)
     _stack_options(p)
     _finish_options(p, for_stack=True)
-    p.set_defaults(func=_cmd_demo)
 
-    p = sub.add_parser("finish", help="crop, remove the gradient, calibrate colour and stretch a stack")
-    _common(p)
+
+def _add_finish(sub) -> None:
+    p = _subcommand(sub, "finish", "crop, remove the gradient, calibrate colour and stretch a stack", _cmd_finish)
     p.add_argument("stack", help="stack TIFF or FITS written by 'skystack stack'")
     p.add_argument("-o", "--output", help="picture: .jpg/.png (8-bit) or .tif (16-bit) (default STACK_finished.jpg)")
     p.add_argument("--coverage", metavar="FITS",
                    help="FITS with the stack's COVERAGE extension (default: the stack's own FITS beside it)")
     p.add_argument("--report", metavar="JSON", help="also write a JSON summary of what was done")
     _finish_options(p)
-    p.set_defaults(func=_cmd_finish)
 
-    p = sub.add_parser("master", help="build a master bias/dark/flat/dark-flat")
-    _common(p)
+
+def _add_master(sub) -> None:
+    p = _subcommand(sub, "master", "build a master bias/dark/flat/dark-flat", _cmd_master)
     p.add_argument("kind", choices=("bias", "dark", "flat", "dark-flat"))
     p.add_argument("files", nargs="+")
     p.add_argument("-o", "--output", required=True, help="master FITS to write")
@@ -569,17 +564,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="flat: keep the plain combine (by default the flats' own pixel noise is shrunk by its "
                         "Wiener factor, measured from the flats; the sensor's pixel response stays)")
     p.add_argument("--cache-dir", help="master cache folder (default ~/.cache/skystack)")
-    p.set_defaults(func=_cmd_master)
 
-    p = sub.add_parser("bench", help="benchmark the CPU and GPU paths")
-    _common(p)
+
+def _add_bench(sub) -> None:
     from skystack.tools.bench import add_bench_arguments
 
-    add_bench_arguments(p)
-    p.set_defaults(func=_cmd_bench)
+    add_bench_arguments(_subcommand(sub, "bench", "benchmark the CPU and GPU paths", _cmd_bench))
 
-    p = sub.add_parser("batch", help="reprocess a whole archive (resumable, parallel)")
-    _common(p)
+
+def _add_batch(sub) -> None:
+    p = _subcommand(sub, "batch", "reprocess a whole archive (resumable, parallel)", _cmd_batch)
     p.add_argument("archive", help="folder holding the sessions")
     p.add_argument("-o", "--output", required=True,
                    help="output folder: one sub-folder per session, journal.jsonl, summary.csv, masters/")
@@ -598,7 +592,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-dark-scaling", action="store_true",
                    help="never scale a dark of another exposure (with a bias it is scaled by default)")
     _stack_options(p, batch=True)
-    p.set_defaults(func=_cmd_batch)
+
+
+#: The subcommands, in the order ``skystack --help`` lists them.
+_SUBCOMMANDS = (_add_info, _add_synth, _add_plan, _add_stack, _add_demo, _add_finish, _add_master, _add_bench,
+                _add_batch)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Return the ``skystack`` argument parser."""
+    parser = argparse.ArgumentParser(
+        prog="skystack",
+        description="Calibrate, register and stack astrophotography frames on the CPU or an NVIDIA GPU.")
+    parser.add_argument("--version", action="version", version=f"skystack {__version__}")
+    _common(parser, top=True)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for add in _SUBCOMMANDS:
+        add(sub)
     return parser
 
 

@@ -486,6 +486,28 @@ def _neighbour_outliers(grid: np.ndarray, reject: float, floor: float) -> np.nda
     return ok & (np.abs(d) > reject * s)
 
 
+def _sky_boxes(a: np.ndarray, lum_box: np.ndarray, valid: np.ndarray, grid_shape: tuple[int, int], *,
+               reject: float, floor: float, need: int) -> np.ndarray:
+    """The boxes the model is fitted to: ``valid`` ones within ``reject`` robust sigmas (at least
+    ``floor``) of an iterated least-squares fit of design ``a`` to the luminance ``lum_box``, the
+    first round also without the outliers among their neighbours; at least ``need`` are kept."""
+    used = valid.copy()
+    for it in range(20):
+        coef, *_ = np.linalg.lstsq(a[used], lum_box[used], rcond=None)
+        r = lum_box - a @ coef
+        ru = r[used]
+        s = max(mad_sigma(ru), floor)
+        new = valid & (np.abs(r) <= reject * s)
+        if it == 0:
+            new &= ~_neighbour_outliers(np.where(valid, r, np.nan).reshape(grid_shape), reject, floor).ravel()
+        if new.sum() < need or np.array_equal(new, used):
+            if new.sum() >= need:
+                used = new
+            break
+        used = new
+    return used
+
+
 def fit_background(image: np.ndarray, config: BackgroundConfig = BackgroundConfig(), *,
                    mask: np.ndarray | None = None) -> BackgroundModel:
     """Fit a smooth background model to a linear image.
@@ -554,20 +576,7 @@ def fit_background(image: np.ndarray, config: BackgroundConfig = BackgroundConfi
         raise SkystackError(f"background: only {int(valid.sum())} sky boxes left of {valid.size} "
                             f"(need {need}); lower --bg-degree or --bg-grid, or skip it with --background none")
     a = _design(u, v, rej_degree)
-    used = valid.copy()
-    for it in range(20):
-        coef, *_ = np.linalg.lstsq(a[used], lum_box[used], rcond=None)
-        r = lum_box - a @ coef
-        ru = r[used]
-        s = max(mad_sigma(ru), floor)
-        new = valid & (np.abs(r) <= config.reject * s)
-        if it == 0:
-            new &= ~_neighbour_outliers(np.where(valid, r, np.nan).reshape(ny, nx), config.reject, floor).ravel()
-        if new.sum() < need or np.array_equal(new, used):
-            if new.sum() >= need:
-                used = new
-            break
-        used = new
+    used = _sky_boxes(a, lum_box, valid, (ny, nx), reject=config.reject, floor=floor, need=need)
 
     model = np.empty((c, h, w), dtype=np.float32)
     if config.model == "poly":

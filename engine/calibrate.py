@@ -50,7 +50,8 @@ from skystack.engine.cosmetic import CosmeticConfig, DefectMap, _correct_defects
 from skystack.engine.debayer import pattern_code
 from skystack.engine.errors import CalibrationError
 from skystack.engine.frame import FrameMeta
-from skystack.engine.masters import Master, MasterConfig, describe, load_or_build_master, same_camera
+from skystack.engine.masterfile import Master, describe
+from skystack.engine.masters import MasterConfig, load_or_build_master, same_camera
 from skystack.engine.robust import median_sigma
 
 __all__ = [
@@ -556,7 +557,7 @@ def screen_frames(kind: str, paths: Any, light: FrameMeta) -> tuple[list[Any], l
 
     from skystack.engine.errors import SkystackError
     from skystack.engine.io import read_meta
-    from skystack.engine.masters import is_master_file
+    from skystack.engine.masterfile import is_master_file
 
     lshape, ldesc = tuple(light.shape), describe(light.shape, light.pattern, light.camera)
     good, odd, odd_desc = [], [], []

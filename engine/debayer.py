@@ -52,6 +52,8 @@ twins start no thread.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 from skystack.engine.backend import array_module, is_device_array, launch, run_cpu
@@ -574,6 +576,39 @@ def _rcd_numpy(cfa: np.ndarray, code: int) -> np.ndarray:
         return _rcd_numpy_body(np.ascontiguousarray(cfa, dtype=np.float32), code)
 
 
+def _blend(a: np.ndarray, wa: np.ndarray, b: np.ndarray, wb: np.ndarray) -> np.ndarray:
+    """``(a * wa + b * wb) / (wa + wb)``, in place: RCD's blend of two directional estimates,
+    each weighted by the other direction's gradient (``a``, ``b`` and ``wa`` are overwritten)."""
+    a *= wa
+    b *= wb
+    a += b
+    wa += wb
+    return np.divide(a, wa, out=a)
+
+
+def _mix_directions(disc: np.ndarray, first: tuple[np.ndarray, ...], second: tuple[np.ndarray, ...]
+                    ) -> np.ndarray:
+    """``f + disc * (s - f)``, in place in ``disc``, where ``f`` and ``s`` are the :func:`_blend`
+    of the ``(a, wa, b, wb)`` in ``first`` and in ``second`` (one per direction pair, e.g. vertical
+    and horizontal) and ``disc`` the local discrimination between them."""
+    f = _blend(*first)
+    s = _blend(*second)
+    s -= f
+    disc *= s
+    disc += f
+    return disc
+
+
+def _grad_sum(eps: np.float32, k: int, y0: int, y1: int, *terms: tuple[Any, int, int]) -> np.ndarray:
+    """``eps`` plus the gradient fields ``d`` read at ``(dy, dx)`` for each ``(d, dy, dx)`` of ``terms``,
+    summed in order, on rows ``y0:y1`` of phase ``k`` (the kernels' sums, term for term)."""
+    (d, dy, dx), *rest = terms
+    g = eps + d.at(k, dy, dx, y0, y1)
+    for d, dy, dx in rest:
+        g += d.at(k, dy, dx, y0, y1)
+    return g
+
+
 def _rcd_numpy_body(cfa: np.ndarray, code: int) -> np.ndarray:
     f32 = np.float32
     eps, epssq = _EPS, _EPSSQ
@@ -675,20 +710,7 @@ def _rcd_numpy_body(cfa: np.ndarray, code: int) -> np.ndarray:
             se = c(1, 0) * _rcd_ratio(l0, l02, lp(2, 0))
             we = c(0, -1) * _rcd_ratio(l0, l02, lp(0, -2))
             ee = c(0, 1) * _rcd_ratio(l0, l02, lp(0, 2))
-            ne *= sg
-            se *= ng
-            ne += se
-            ng += sg
-            v_est = np.divide(ne, ng, out=ne)
-            we *= eg
-            ee *= wg
-            we += ee
-            eg += wg
-            h_est = np.divide(we, eg, out=we)
-            h_est -= v_est
-            g = _disc(VH, k, y0, y1)
-            g *= h_est
-            g += v_est
+            g = _mix_directions(_disc(VH, k, y0, y1), (ne, sg, se, ng), (we, eg, ee, wg))
             _fallback(g, G, cfa, code, k, y0, 1)
             G.band(k, y0, y1)[...] = g
     G.fill()
@@ -708,34 +730,15 @@ def _rcd_numpy_body(cfa: np.ndarray, code: int) -> np.ndarray:
 
             def gs(dy, dx):
                 return G.at(k, dy, dx, y0, y1)
-
-            def grad(d1, o1, d2, o2, d3, o3):
-                g = eps + d1.at(k, *o1, y0, y1)
-                g += d2.at(k, *o2, y0, y1)
-                g += d3.at(k, *o3, y0, y1)
-                return g
-            nw_g = grad(DP, (-1, -1), DP, (-3, -3), DGP, (-2, -2))
-            ne_g = grad(DQ, (-1, 1), DQ, (-3, 3), DGQ, (-2, 2))
-            sw_g = grad(DQ, (-1, 1), DQ, (1, -1), DGQ, (0, 0))
-            se_g = grad(DP, (-1, -1), DP, (1, 1), DGP, (0, 0))
+            nw_g = _grad_sum(eps, k, y0, y1, (DP, -1, -1), (DP, -3, -3), (DGP, -2, -2))
+            ne_g = _grad_sum(eps, k, y0, y1, (DQ, -1, 1), (DQ, -3, 3), (DGQ, -2, 2))
+            sw_g = _grad_sum(eps, k, y0, y1, (DQ, -1, 1), (DQ, 1, -1), (DGQ, 0, 0))
+            se_g = _grad_sum(eps, k, y0, y1, (DP, -1, -1), (DP, 1, 1), (DGP, 0, 0))
             nw_e = c(-1, -1) - gs(-1, -1)
             ne_e = c(-1, 1) - gs(-1, 1)
             sw_e = c(1, -1) - gs(1, -1)
             se_e = c(1, 1) - gs(1, 1)
-            se_e *= nw_g
-            nw_e *= se_g
-            se_e += nw_e
-            nw_g += se_g
-            p_est = np.divide(se_e, nw_g, out=se_e)
-            sw_e *= ne_g
-            ne_e *= sw_g
-            sw_e += ne_e
-            ne_g += sw_g
-            q_est = np.divide(sw_e, ne_g, out=sw_e)
-            q_est -= p_est
-            v = _disc(PQ, k, y0, y1)
-            v *= q_est
-            v += p_est
+            v = _mix_directions(_disc(PQ, k, y0, y1), (se_e, nw_g, nw_e, se_g), (sw_e, ne_g, ne_e, sw_g))
             v += gs(0, 0)  # g0 + (...): addition commutes exactly
             _fallback(v, G, cfa, code, k, y0, oth)
             X[oth].band(k, y0, y1)[...] = v
@@ -757,34 +760,15 @@ def _rcd_numpy_body(cfa: np.ndarray, code: int) -> np.ndarray:
 
                 def xs(dy, dx):
                     return X[ch].at(k, dy, dx, y0, y1)
-
-                def grad(dg, og, dx_, o1, o2):
-                    g = eps + dg.at(k, *og, y0, y1)
-                    g += dx_.at(k, *o1, y0, y1)
-                    g += dx_.at(k, *o2, y0, y1)
-                    return g
-                ng = grad(DGV, (-2, 0), DXV, (-1, 0), (-3, 0))
-                sg = grad(DGV, (0, 0), DXV, (-1, 0), (1, 0))
-                wg = grad(DGH, (0, -2), DXH, (0, -1), (0, -3))
-                eg = grad(DGH, (0, 0), DXH, (0, -1), (0, 1))
+                ng = _grad_sum(eps, k, y0, y1, (DGV, -2, 0), (DXV, -1, 0), (DXV, -3, 0))
+                sg = _grad_sum(eps, k, y0, y1, (DGV, 0, 0), (DXV, -1, 0), (DXV, 1, 0))
+                wg = _grad_sum(eps, k, y0, y1, (DGH, 0, -2), (DXH, 0, -1), (DXH, 0, -3))
+                eg = _grad_sum(eps, k, y0, y1, (DGH, 0, 0), (DXH, 0, -1), (DXH, 0, 1))
                 ne = xs(-1, 0) - gs(-1, 0)
                 se = xs(1, 0) - gs(1, 0)
                 we = xs(0, -1) - gs(0, -1)
                 ee = xs(0, 1) - gs(0, 1)
-                se *= ng
-                ne *= sg
-                se += ne
-                ng += sg
-                v_est = np.divide(se, ng, out=se)
-                we *= eg
-                ee *= wg
-                we += ee
-                eg += wg
-                h_est = np.divide(we, eg, out=we)
-                h_est -= v_est
-                v = _disc(VH, k, y0, y1)
-                v *= h_est
-                v += v_est
+                v = _mix_directions(_disc(VH, k, y0, y1), (se, ng, ne, sg), (we, eg, ee, wg))
                 v += gs(0, 0)
                 _fallback(v, G, cfa, code, k, y0, ch)
                 out[ch, py::2, px::2][y0:y1] = v.reshape(-1, S)[:, _Field.P:_Field.P + wp]

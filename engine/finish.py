@@ -46,6 +46,8 @@ from typing import Any, Iterable
 
 import numpy as np
 
+from skystack.engine.background import BackgroundConfig
+from skystack.engine.colour import ColourConfig
 from skystack.engine.errors import FrameReadError, InputNotFound, SkystackError
 
 BACKGROUND_MODES = ("none", "subtract", "divide")
@@ -96,13 +98,13 @@ class FinishConfig:
     crop: bool = True
     crop_fraction: float = 0.9
     background: str = "subtract"
-    bg_model: str = "poly"
-    bg_degree: int = 3
-    bg_grid: int = 24
-    bg_reject: float = 2.5
-    bg_smoothing: float = 0.05
-    neutralize: bool = True
-    white_balance: bool = True
+    bg_model: str = BackgroundConfig.model
+    bg_degree: int = BackgroundConfig.degree
+    bg_grid: int = BackgroundConfig.grid
+    bg_reject: float = BackgroundConfig.reject
+    bg_smoothing: float = BackgroundConfig.rbf_smoothing
+    neutralize: bool = ColourConfig.neutralize
+    white_balance: bool = ColourConfig.white_balance
     target_background: float = 0.2
     shadows_sigma: float = 2.8
     black_point: float = 0.0
@@ -132,16 +134,12 @@ class FinishConfig:
 
     def background_config(self):
         """The :class:`~skystack.engine.background.BackgroundConfig` these settings describe."""
-        from skystack.engine.background import BackgroundConfig
-
         mode = "divide" if self.background == "divide" else "subtract"
         return BackgroundConfig(model=self.bg_model, degree=self.bg_degree, mode=mode, grid=self.bg_grid,
                                 reject=self.bg_reject, rbf_smoothing=self.bg_smoothing)
 
     def colour_config(self):
         """The :class:`~skystack.engine.colour.ColourConfig` these settings describe."""
-        from skystack.engine.colour import ColourConfig
-
         return ColourConfig(neutralize=self.neutralize, white_balance=self.white_balance)
 
 
@@ -358,43 +356,17 @@ def finish_image(image: np.ndarray, *, count: np.ndarray | None = None, n_frames
     if land is not None and land.shape != (h, w):
         raise SkystackError(f"finish: landscape mask {land.shape} does not match the image {(h, w)}")
     if config.crop:
-        if land is not None:
-            box, source = (_crop.finite_box(img), "data") if not np.isfinite(img).all() else (None, "")
-        elif count is not None:
-            cnt = np.asarray(count)
-            if cnt.shape != (h, w):
-                raise SkystackError(f"finish: coverage map {cnt.shape} does not match the image {(h, w)}")
-            box, source = _crop.coverage_box(cnt, n_frames=n_frames, fraction=config.crop_fraction), "coverage"
-        elif not np.isfinite(img).all():
-            box, source = _crop.finite_box(img), "data"
-            warns.append("no coverage map: cropped to the area with data only (pass the stack's FITS "
-                         "with its COVERAGE extension for a coverage crop)")
-        else:
-            warns.append("no coverage map: edges not cropped (pass the stack's FITS with its COVERAGE "
-                         "extension, or --no-crop to silence this)")
+        box, source = _crop_box(img, land, count, n_frames, config, warns)
         if box is not None:
-            if box[1] - box[0] < 16 or box[3] - box[2] < 16:
-                raise SkystackError(f"finish: the autocrop leaves only {box[1] - box[0]}x{box[3] - box[2]} px; "
-                                    "lower --crop-fraction or pass --no-crop")
             img = np.ascontiguousarray(_crop.apply_box(img, box))
             land = None if land is None else _crop.apply_box(land, box)
     t["crop"] = time.perf_counter() - t0
 
     # 2. background
     t1 = time.perf_counter()
-    bg = None
-    mask = None
+    bg = mask = None
     if config.background != "none":
-        from skystack.engine.background import apply_background, fit_background, object_mask
-
-        bcfg = config.background_config()
-        mask, _ = object_mask(img, sigma=bcfg.star_sigma, grow=bcfg.mask_grow, grid=bcfg.grid, kappa=bcfg.kappa)
-        if land is not None:
-            mask = mask | _grow(land, 12)
-        bg = fit_background(img, bcfg, mask=mask)
-        if land is not None:  # below the horizon the model stays at its value on the horizon
-            bg = dataclasses.replace(bg, model=_hold_below(bg.model, land))
-        img = apply_background(img, bg, bcfg.mode)
+        img, bg, mask = _remove_background(img, land, config)
     t["background"] = time.perf_counter() - t1
 
     # 3. colour
@@ -410,18 +382,75 @@ def finish_image(image: np.ndarray, *, count: np.ndarray | None = None, n_frames
 
     # 4-7. stretch, black point, S-curve, saturation
     t1 = time.perf_counter()
-    c0, m = _shared_stretch(img, config)
-    out = stretch_shared(img, c0, m)
-    out = black_point(out, config.black_point)
-    out = s_curve(out, config.contrast)
-    if out.shape[0] == 3:
-        out = boost_saturation(out, config.saturation, chroma_blur=config.chroma_blur, snr_full=config.snr_full)
+    out, c0, m = _tone(img, config)
     t["stretch"] = time.perf_counter() - t1
     t["total"] = time.perf_counter() - t0
     if mono:
         out, img = out[0], img[0]
     return FinishResult(image=out, linear=img, crop=box, crop_source=source, background=bg, colour=col,
                         stretch={"c0": float(c0), "m": float(m)}, warnings=warns, timings=t)
+
+
+def _crop_box(img: np.ndarray, land: np.ndarray | None, count: np.ndarray | None, n_frames: int | None,
+              config: FinishConfig, warns: list[str]) -> tuple[tuple[int, int, int, int] | None, str]:
+    """The autocrop's box of ``img`` and what it came from (``"coverage"``, ``"data"`` or ``""``).
+
+    A tripod stack (``land``) is cut to its data only; else the coverage map
+    decides, else the area with data. Why no coverage crop was made is
+    appended to ``warns``.
+    """
+    from skystack.engine import crop as _crop
+
+    h, w = img.shape[1:]
+    box, source = None, ""
+    if land is not None:
+        box, source = (_crop.finite_box(img), "data") if not np.isfinite(img).all() else (None, "")
+    elif count is not None:
+        cnt = np.asarray(count)
+        if cnt.shape != (h, w):
+            raise SkystackError(f"finish: coverage map {cnt.shape} does not match the image {(h, w)}")
+        box, source = _crop.coverage_box(cnt, n_frames=n_frames, fraction=config.crop_fraction), "coverage"
+    elif not np.isfinite(img).all():
+        box, source = _crop.finite_box(img), "data"
+        warns.append("no coverage map: cropped to the area with data only (pass the stack's FITS "
+                     "with its COVERAGE extension for a coverage crop)")
+    else:
+        warns.append("no coverage map: edges not cropped (pass the stack's FITS with its COVERAGE "
+                     "extension, or --no-crop to silence this)")
+    if box is not None and (box[1] - box[0] < 16 or box[3] - box[2] < 16):
+        raise SkystackError(f"finish: the autocrop leaves only {box[1] - box[0]}x{box[3] - box[2]} px; "
+                            "lower --crop-fraction or pass --no-crop")
+    return box, source
+
+
+def _remove_background(img: np.ndarray, land: np.ndarray | None, config: FinishConfig):
+    """Fit the sky background of ``img`` and take it off: ``(image, BackgroundModel, object mask)``.
+
+    Stars and objects (and a tripod stack's landscape, grown by 12 px) are
+    masked from the fit; below the horizon the model keeps its value on it.
+    """
+    from skystack.engine.background import apply_background, fit_background, object_mask
+
+    bcfg = config.background_config()
+    mask, _ = object_mask(img, sigma=bcfg.star_sigma, grow=bcfg.mask_grow, grid=bcfg.grid, kappa=bcfg.kappa)
+    if land is not None:
+        mask = mask | _grow(land, 12)
+    bg = fit_background(img, bcfg, mask=mask)
+    if land is not None:  # below the horizon the model stays at its value on the horizon
+        bg = dataclasses.replace(bg, model=_hold_below(bg.model, land))
+    return apply_background(img, bg, bcfg.mode), bg, mask
+
+
+def _tone(img: np.ndarray, config: FinishConfig) -> tuple[np.ndarray, float, float]:
+    """Steps 4-7 on the linear ``(C, H, W)`` image: the shared stretch, black point, S-curve and
+    (colour) saturation; returns the picture in [0, 1] and the stretch's ``c0`` and ``m``."""
+    c0, m = _shared_stretch(img, config)
+    out = stretch_shared(img, c0, m)
+    out = black_point(out, config.black_point)
+    out = s_curve(out, config.contrast)
+    if out.shape[0] == 3:
+        out = boost_saturation(out, config.saturation, chroma_blur=config.chroma_blur, snr_full=config.snr_full)
+    return out, c0, m
 
 
 def preview_image(image: np.ndarray, *, linked: bool = True) -> np.ndarray:

@@ -251,10 +251,8 @@ class DeviceFrameStore:
 
     Parameters
     ----------
-    n : int
-        Number of frames.
-    shape : tuple of int
-        ``(C, H, W)`` of each frame.
+    n, shape :
+        As :class:`FrameStore`.
     xp : module
         ``cupy`` (the backend's array module).
     """

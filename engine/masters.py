@@ -1,4 +1,4 @@
-"""Master calibration frames: build, store as FITS with provenance, cache.
+"""Master calibration frames: build and cache (their FITS form: :mod:`skystack.engine.masterfile`).
 
 Units and what each master holds
 --------------------------------
@@ -45,7 +45,8 @@ A master is stored in ``cache_dir`` (default ``$SKYSTACK_CACHE/masters``, else
 ``master-<kind>-<key>.fits``. The key is the SHA-256 of the kind, each input's
 absolute path, size and modification time (ns), the :class:`MasterConfig`
 combine settings, the keys of the masters it depends on (bias for a dark; bias
-or dark-flat for a flat) and :data:`CACHE_VERSION`. A later build with the
+or dark-flat for a flat) and
+:data:`~skystack.engine.masterfile.CACHE_VERSION`. A later build with the
 same inputs reads the cached FITS back (``Master.from_cache``; nothing is read
 or combined, see :data:`STATS`); touching, replacing or editing an input (new
 mtime or size), changing a setting or a dependency gives a new key and a
@@ -63,11 +64,10 @@ import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from skystack import __version__
 from skystack.engine.backend import Backend, get_backend, to_host
 from skystack.engine.errors import (
     CalibrationError,
@@ -78,35 +78,30 @@ from skystack.engine.errors import (
 )
 from skystack.engine.flatnoise import FlatNoiseStats, shrink_flat_noise
 from skystack.engine.frame import FrameMeta
-from skystack.engine.output import atomic_path, fits_text
+from skystack.engine.masterfile import (
+    CACHE_VERSION,
+    KINDS,
+    Master,
+    MasterMeta,
+    describe,
+    file_identity,
+    is_master_file,
+    read_master,
+    write_master,
+)
 
 __all__ = [
-    "KINDS",
-    "CACHE_VERSION",
     "STATS",
     "MasterConfig",
-    "MasterMeta",
-    "Master",
     "MasterStats",
     "build_master",
-    "write_master",
-    "read_master",
-    "is_master_file",
     "load_or_build_master",
     "master_command",
     "default_cache_dir",
     "normalize_flat",
     "same_camera",
-    "describe",
 ]
 
-#: Master kinds.
-KINDS = ("bias", "dark", "flat", "dark-flat")
-#: Bump when the way masters are computed changes (invalidates the cache).
-CACHE_VERSION = "2"
-
-_IMAGETYP = {"bias": "Master Bias", "dark": "Master Dark", "flat": "Master Flat",
-             "dark-flat": "Master Dark Flat"}
 _METHODS = ("sigma", "median", "mean")
 
 
@@ -179,110 +174,6 @@ class MasterConfig:
                 "flat_shrink": bool(self.flat_shrink)}
 
 
-@dataclass(frozen=True, kw_only=True)
-class MasterMeta:
-    """Provenance of a master.
-
-    Attributes
-    ----------
-    kind : str
-        One of :data:`KINDS`.
-    count : int
-        Frames combined.
-    shape : tuple of int
-        Shape of the data.
-    pattern : str or None
-        Bayer pattern of the frames.
-    camera : str or None
-        Camera of the frames.
-    exposure_s, iso, gain, temperature_c : float or None
-        Median exposure, ISO and gain, mean temperature of the frames.
-    method, kappa_low, kappa_high, max_iter :
-        Combine settings.
-    black_level, white_level :
-        Levels of the first frame (provenance; the data is already normalised).
-    bias_subtracted : bool
-        Dark: the master bias was subtracted (thermal signal only).
-    flat_offset : str
-        Flat: what was subtracted before normalising (``"dark-flat"``, ``"bias"``, ``"none"``).
-    flat_medians : tuple of float or None
-        Flat: median per colour (R, G, B; or one value for mono) before normalising.
-    flat_noise : tuple of float or None
-        Flat: pixel noise, PRNU and the expected noise after shrinking
-        (relative, RMS over the planes), when the noise was shrunk.
-    sources : tuple of str
-        Absolute paths of the input frames.
-    key : str
-        Cache key (identity of inputs + settings).
-    path : str or None
-        FITS file the master was read from or last written to.
-    created : str
-        ISO-8601 UTC time of the combine.
-    skipped : tuple of str
-        ``"name: reason"`` for each input frame left out (unreadable, empty).
-    """
-
-    kind: str
-    count: int
-    shape: tuple[int, ...]
-    pattern: str | None = None
-    camera: str | None = None
-    exposure_s: float | None = None
-    iso: float | None = None
-    gain: float | None = None
-    temperature_c: float | None = None
-    method: str = "sigma"
-    kappa_low: float = 3.0
-    kappa_high: float = 3.0
-    max_iter: int = 5
-    black_level: tuple[float, float, float, float] = (0.0, 0.0, 0.0, 0.0)
-    white_level: float = 65535.0
-    bias_subtracted: bool = False
-    flat_offset: str = "none"
-    flat_medians: tuple[float, ...] | None = None
-    flat_noise: tuple[float, float, float] | None = None
-    sources: tuple[str, ...] = ()
-    key: str = ""
-    path: str | None = None
-    created: str = ""
-    skipped: tuple[str, ...] = ()
-
-    def describe(self) -> str:
-        """``"1920x1080 GRBG (ZWO Seestar S50)"``-style summary for messages."""
-        return describe(self.shape, self.pattern, self.camera)
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-serialisable provenance (for the report)."""
-        d = dataclasses.asdict(self)
-        d["shape"] = list(self.shape)
-        d["sources"] = [Path(s).name for s in self.sources]
-        return d
-
-
-@dataclass(frozen=True, kw_only=True)
-class Master:
-    """A master calibration frame.
-
-    Attributes
-    ----------
-    data : ndarray
-        float32 in normalised units, the frames' shape (host array, or device
-        array after :meth:`skystack.engine.calibrate.CalibrationSet.to_backend`).
-    meta : MasterMeta
-        Provenance.
-    from_cache : bool
-        True when read back from the cache instead of combined.
-    """
-
-    data: Any
-    meta: MasterMeta
-    from_cache: bool = False
-
-    @property
-    def kind(self) -> str:
-        return self.meta.kind
-
-
 # ----------------------------------------------------------------------------- cache key
 
 
@@ -296,16 +187,11 @@ def default_cache_dir() -> Path:
     return base / "skystack" / "masters"
 
 
-def _file_identity(path: Path) -> list[Any]:
-    st = path.stat()
-    return [str(path), int(st.st_size), int(st.st_mtime_ns)]
-
-
 def _cache_key(kind: str, paths: Sequence[Path], config: MasterConfig, deps: dict[str, str]) -> str:
     doc = {
         "cache_version": CACHE_VERSION,
         "kind": kind,
-        "inputs": [_file_identity(p) for p in paths],
+        "inputs": [file_identity(p) for p in paths],
         "config": config.key_dict(),
         "deps": deps,
     }
@@ -353,13 +239,6 @@ def same_camera(a: str | None, b: str | None) -> bool:
     if not a or not b:
         return True
     return " ".join(a.lower().split()) == " ".join(b.lower().split())
-
-
-def describe(shape: Sequence[int], pattern: str | None, camera: str | None) -> str:
-    """``"1920x1080 GRBG (ZWO Seestar S50)"``: width x height, pattern, camera (for messages)."""
-    shape = tuple(shape)
-    dims = "x".join(str(s) for s in shape[::-1]) if len(shape) == 2 else "x".join(map(str, shape))
-    return f"{dims} {pattern or 'mono/colour'}" + (f" ({camera})" if camera else "")
 
 
 def _check_frames(kind: str, metas: Sequence[FrameMeta]) -> None:
@@ -530,6 +409,16 @@ def _colour_sets(pattern: str | None, shape: tuple[int, ...]) -> list[tuple[str,
     return [(lbl, cm == c) for c, lbl in enumerate("RGB")]
 
 
+def _positive_median(values: np.ndarray, complaint: Callable[[float], str]) -> float:
+    """Median of the finite ``values``; a :class:`CalibrationError` saying ``complaint(median)``
+    when there are none or it is not positive (an empty or under-exposed flat)."""
+    finite = values[np.isfinite(values)]
+    med = float(np.median(finite)) if finite.size else math.nan
+    if not (math.isfinite(med) and med > 0):
+        raise CalibrationError(complaint.format(med=med))
+    return med
+
+
 def normalize_flat(flat: np.ndarray, pattern: str | None) -> tuple[np.ndarray, tuple[float, ...]]:
     """Divide a flat by the median of each CFA colour (see the module docstring).
 
@@ -546,14 +435,9 @@ def normalize_flat(flat: np.ndarray, pattern: str | None) -> tuple[np.ndarray, t
     out = np.array(flat, dtype=np.float32, copy=True)
     meds = []
     for label, idx in _colour_sets(pattern, out.shape):
-        vals = out[idx]
-        vals = vals[np.isfinite(vals)]
-        med = float(np.median(vals)) if vals.size else math.nan
-        if not (math.isfinite(med) and med > 0):
-            raise CalibrationError(
-                f"master flat: the median of the {label} pixels is {med:g} after removing the offset; "
-                "the flats are empty or under-exposed (or the dark-flats/bias are brighter than them)"
-            )
+        med = _positive_median(out[idx], lambda med: (
+            f"master flat: the median of the {label} pixels is {med:g} after removing the offset; "
+            "the flats are empty or under-exposed (or the dark-flats/bias are brighter than them)"))
         out[idx] = out[idx] / np.float32(med)
         meds.append(med)
     return out, tuple(meds)
@@ -728,176 +612,11 @@ def _flat_scales(raw: np.ndarray, metas: Sequence[FrameMeta], off: np.ndarray | 
         f = _to_float(raw[i], m)
         if off is not None:
             f = f - off
-        sample = f[..., ::3, ::3]
-        sample = sample[np.isfinite(sample)]
-        med = float(np.median(sample)) if sample.size else math.nan
-        if not (math.isfinite(med) and med > 0):
-            raise CalibrationError(
-                f"flat {m.path} has median {med:g} after removing the offset; "
-                "it is empty or under-exposed (or the bias/dark-flat is brighter): remove it or reshoot"
-            )
-        meds.append(med)
+        meds.append(_positive_median(f[..., ::3, ::3], lambda med: (
+            f"flat {m.path} has median {med:g} after removing the offset; "
+            "it is empty or under-exposed (or the bias/dark-flat is brighter): remove it or reshoot")))
     meds_a = np.asarray(meds, dtype=np.float64)
     return (meds_a[0] / meds_a).astype(np.float32)
-
-
-# ----------------------------------------------------------------------------- FITS
-
-
-def write_master(master: Master, path: str | os.PathLike) -> Master:
-    """Write ``master`` as a float32 FITS with provenance headers, atomically.
-
-    Headers: ``IMAGETYP`` (``Master Dark``...), ``SSKIND``, ``NCOMBINE``,
-    ``EXPTIME``, ``ISOSPEED``, ``GAIN``, ``CCD-TEMP``, ``METHOD``, ``CLIPLOW``,
-    ``CLIPHIGH``, ``CLIPITER``, ``BAYERPAT`` (with ``ROWORDER = 'TOP-DOWN'``),
-    ``INSTRUME``, ``BLACK0``..``BLACK3``, ``WHITELVL``, ``BUNIT``, ``BIASSUB``
-    (dark), ``FLATOFFS``/``FLATNORM``/``FLATMEDx`` (flat), ``SSKEY``, ``SSVER``,
-    ``DATE``, and one ``HISTORY`` line per source file.
-
-    Returns
-    -------
-    Master
-        The same master with ``meta.path`` set to ``path``.
-
-    Raises
-    ------
-    OutputError
-        When ``path`` is one of the master's source frames or cannot be written.
-    """
-    from astropy.io import fits
-
-    dest = Path(os.fspath(path)).expanduser()
-    m = master.meta
-    for s in m.sources:
-        try:
-            if dest.exists() and os.path.samefile(dest, s):
-                raise OutputError(f"refusing to write master {m.kind} to {dest}: it is one of its input frames; "
-                                  "choose another -o path")
-        except FileNotFoundError:
-            continue
-    data = np.ascontiguousarray(to_host(master.data), dtype=np.float32)
-    hdr = fits.Header()
-    hdr["IMAGETYP"] = (_IMAGETYP[m.kind], "skystack master frame")
-    hdr["SSKIND"] = (m.kind, "skystack master kind")
-    hdr["NCOMBINE"] = (int(m.count), "number of frames combined")
-    for key, v, comment in (("EXPTIME", m.exposure_s, "[s] median exposure of the frames"),
-                            ("ISOSPEED", m.iso, "median ISO of the frames"),
-                            ("GAIN", m.gain, "median gain of the frames"),
-                            ("CCD-TEMP", m.temperature_c, "[C] mean sensor temperature")):
-        if v is not None:  # unknown values are left out, not invented
-            hdr[key] = (float(v), comment)
-    hdr["METHOD"] = (m.method, "combine: sigma (clipped mean), median or mean")
-    hdr["CLIPLOW"] = (float(m.kappa_low), "kappa below the median")
-    hdr["CLIPHIGH"] = (float(m.kappa_high), "kappa above the median")
-    hdr["CLIPITER"] = (int(m.max_iter), "most clipping rounds")
-    if m.pattern is not None:
-        hdr["BAYERPAT"] = (m.pattern, "CFA pattern of the data as stored")
-    hdr["ROWORDER"] = ("TOP-DOWN", "row 0 is the top row")
-    if m.camera is not None:
-        hdr["INSTRUME"] = (m.camera, "camera of the frames")
-    for i, b in enumerate(m.black_level):
-        hdr[f"BLACK{i}"] = (float(b), f"black level (ADU), 2x2 position {i}")
-    hdr["WHITELVL"] = (float(m.white_level), "white level (ADU)")
-    hdr["BUNIT"] = ("", "dimensionless: (adu - black) / (white - black)")
-    hdr["BIASSUB"] = (bool(m.bias_subtracted), "dark: master bias subtracted (thermal only)")
-    hdr["FLATOFFS"] = (m.flat_offset, "flat: offset removed before normalising")
-    if m.flat_medians is not None:
-        hdr["FLATNORM"] = ("per-colour median", "flat divided by each CFA colour's median")
-        for lbl, v in zip("RGB" if len(m.flat_medians) == 3 else "L", m.flat_medians):
-            hdr[f"FLATMED{lbl}"] = (float(v), f"flat median of {lbl} before normalising")
-    if m.flat_noise is not None:
-        for k, v, what in zip(("FLATNOIS", "FLATPRNU", "FLATRESN"), m.flat_noise,
-                              ("flat pixel noise, relative", "flat PRNU, relative",
-                               "flat pixel noise after shrinking")):
-            hdr[k] = (float(v), what)
-    hdr["SSKEY"] = m.key  # 64 hex digits: no room for a comment
-    hdr["SSVER"] = (__version__, "skystack version")
-    hdr["SSCACHEV"] = (CACHE_VERSION, "skystack master format version")
-    hdr["DATE"] = (m.created, "UTC time of the combine")
-    for s in m.sources:
-        hdr.add_history(f"source: {Path(s).name}")
-    for s in m.skipped:
-        hdr.add_history(fits_text(f"skipped: {s}")[:72])
-    with atomic_path(dest) as tmp:
-        fits.PrimaryHDU(data=data, header=hdr).writeto(tmp, overwrite=True, output_verify="silentfix")
-    return dataclasses.replace(master, meta=dataclasses.replace(m, path=str(dest)))
-
-
-def _opt(h: Any, key: str) -> Any:
-    v = h.get(key)
-    if v is None or (isinstance(v, str) and v == ""):
-        return None
-    return v
-
-
-def is_master_file(path: str | os.PathLike) -> bool:
-    """True when ``path`` is a FITS file written by :func:`write_master` (has ``SSKIND``)."""
-    p = Path(os.fspath(path))
-    if p.suffix.lower() not in (".fits", ".fit", ".fts") or not p.is_file():
-        return False
-    from astropy.io import fits
-
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return "SSKIND" in fits.getheader(p, 0)
-    except Exception:
-        return False
-
-
-def read_master(path: str | os.PathLike) -> Master:
-    """Read a master written by :func:`write_master`.
-
-    Raises
-    ------
-    InputNotFound
-        ``path`` does not exist.
-    CalibrationError
-        The file is not a skystack master (no ``SSKIND`` header) or is damaged.
-    """
-    from astropy.io import fits
-
-    p = Path(os.fspath(path)).expanduser()
-    if not p.is_file():
-        raise InputNotFound(f"master {p} does not exist; check the path")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            with fits.open(p, memmap=False) as hdul:
-                h = hdul[0].header
-                data = None if hdul[0].data is None else np.array(hdul[0].data, dtype=np.float32)
-    except (OSError, ValueError) as exc:
-        raise CalibrationError(f"master {p} cannot be read ({exc}); rebuild it with 'skystack master'") from exc
-    kind = h.get("SSKIND")
-    if kind not in KINDS or data is None:
-        raise CalibrationError(
-            f"{p} is not a skystack master (no SSKIND header); pass it as a calibration frame instead, "
-            "or build a master with 'skystack master'"
-        )
-    meds = None
-    if "FLATNORM" in h:
-        meds = tuple(float(h[k]) for k in ("FLATMEDR", "FLATMEDG", "FLATMEDB", "FLATMEDL") if k in h)
-    meta = MasterMeta(
-        kind=kind, count=int(h.get("NCOMBINE", 0)), shape=tuple(int(s) for s in data.shape),
-        pattern=_opt(h, "BAYERPAT"), camera=_opt(h, "INSTRUME"),
-        exposure_s=_opt(h, "EXPTIME"), iso=_opt(h, "ISOSPEED"), gain=_opt(h, "GAIN"),
-        temperature_c=_opt(h, "CCD-TEMP"), method=str(h.get("METHOD", "sigma")),
-        kappa_low=float(h.get("CLIPLOW", 3.0)), kappa_high=float(h.get("CLIPHIGH", 3.0)),
-        max_iter=int(h.get("CLIPITER", 0)),
-        black_level=tuple(float(h.get(f"BLACK{i}", 0.0)) for i in range(4)),  # type: ignore[arg-type]
-        white_level=float(h.get("WHITELVL", 65535.0)), bias_subtracted=bool(h.get("BIASSUB", False)),
-        flat_offset=str(h.get("FLATOFFS", "none")), flat_medians=meds,
-        flat_noise=tuple(float(h[k]) for k in ("FLATNOIS", "FLATPRNU", "FLATRESN")) if "FLATNOIS" in h else None,
-        sources=tuple(str(v).removeprefix("source: ") for v in h.get("HISTORY", []) if str(v).startswith("source: ")),
-        key=str(h.get("SSKEY", "")) or _file_key(p), path=str(p), created=str(h.get("DATE", "")),
-        skipped=tuple(str(v).removeprefix("skipped: ") for v in h.get("HISTORY", [])
-                      if str(v).startswith("skipped: ")),
-    )
-    return Master(data=data, meta=meta, from_cache=False)
-
-
-def _file_key(p: Path) -> str:
-    return hashlib.sha256(json.dumps(_file_identity(p.resolve())).encode()).hexdigest()
 
 
 def load_or_build_master(kind: str, inputs: str | os.PathLike | Sequence[str | os.PathLike], *,
@@ -907,7 +626,7 @@ def load_or_build_master(kind: str, inputs: str | os.PathLike | Sequence[str | o
     """A master from a skystack master FITS, or built from calibration frames.
 
     ``inputs`` is one path or a list; a single file written by
-    :func:`write_master` is read back (its kind must be ``kind``), anything else
+    :func:`~skystack.engine.masterfile.write_master` is read back (its kind must be ``kind``), anything else
     is combined with :func:`build_master`.
     """
     items = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
@@ -929,18 +648,14 @@ def master_command(kind: str, files: Sequence[str | os.PathLike], output: str | 
 
     Parameters
     ----------
-    kind : {"bias", "dark", "flat", "dark-flat"}
-        Master kind.
     files : sequence of path
         Calibration frames.
     output : path
         FITS file to write (atomically; never one of ``files``).
-    config : MasterConfig
-        Combine settings.
     bias, dark_flat : path or Master, optional
         Master bias (for a thermal dark, or a flat without dark-flat) and master
         dark-flat (for a flat): a skystack master FITS or frame files' master.
-    cache_dir, use_cache, backend :
+    kind, config, cache_dir, use_cache, backend :
         As :func:`build_master`.
 
     Returns

@@ -430,6 +430,52 @@ def _as_xy_err(stars: Any) -> tuple[np.ndarray, np.ndarray | None]:
     return xy, None
 
 
+def _best_hypothesis(s_xy: np.ndarray, d_xy: np.ndarray, cfg: MatchConfig
+                     ) -> tuple[tuple[int, np.ndarray, int] | None, int]:
+    """The similarity hypothesis that puts the most frame stars onto reference stars.
+
+    The ``cfg.n_brightest`` brightest stars are tried first, then twice as many
+    until the best count is significant and a third of the stars that can
+    overlap. Returns ``(count, hypothesis, inliers needed)`` or None when no
+    hypothesis was formed, and how many hypotheses were scored.
+    """
+    from scipy.spatial import cKDTree  # lazy: importing scipy.spatial takes ~0.3 s
+    tree = cKDTree(d_xy)
+    n_total = max(len(s_xy), len(d_xy))
+    tries = []
+    n = min(cfg.n_brightest, n_total)
+    while True:
+        tries.append(n)
+        if n >= n_total:
+            break
+        n = min(2 * n, n_total)
+    # chance that a random point lands within the threshold of some reference star
+    span = np.maximum(d_xy.max(0) - d_xy.min(0), 1.0)
+    p_chance = 1.0 - math.exp(-len(d_xy) * math.pi * cfg.ransac_threshold_px ** 2 / float(span[0] * span[1]))
+    n_hyp_total = 0
+    best: tuple[int, np.ndarray, int] | None = None  # (count, hypothesis, inliers needed)
+    for n in tries:
+        hyp, n_hyp = _hypotheses(s_xy, d_xy, cfg, n)
+        n_hyp_total += n_hyp
+        if len(hyp) == 0:
+            continue
+        m = max(n, min(len(s_xy), 100))
+        zsrc = s_xy[:m, 0] + 1j * s_xy[:m, 1]
+        counts = _score(hyp, zsrc, tree, cfg.ransac_threshold_px)
+        k = int(np.argmax(counts))
+        # a match must stand well above what random coincidences give: a hypothesis
+        # gets its own 3 stars for free, plus Poisson(mu) chance hits; 5 sigma + 3
+        # covers trying thousands of hypotheses
+        mu = m * p_chance
+        need = max(cfg.min_inliers, math.ceil(3.0 + mu + 5.0 * math.sqrt(mu) + 3.0))
+        if best is None or counts[k] - need > best[0] - best[2]:
+            best = (int(counts[k]), hyp[k], need)
+        # good enough: significant and a third of the stars that can overlap
+        if best[0] >= best[2] and best[0] >= min(0.3 * len(zsrc), 12):
+            break
+    return best, n_hyp_total
+
+
 def match_stars(src: Any, dst: Any, *, config: MatchConfig | None = None,
                 src_err: np.ndarray | None = None, dst_err: np.ndarray | None = None) -> MatchResult:
     """Find the transform mapping a frame's stars (``src``) onto the reference's (``dst``).
@@ -476,40 +522,7 @@ def match_stars(src: Any, dst: Any, *, config: MatchConfig | None = None,
         raise NotEnoughStars(f"too few stars to register: {len(s_xy)} in the frame, {len(d_xy)} in the "
                              f"reference (need {need}); clouds, lens cap or focus?")
 
-    from scipy.spatial import cKDTree  # lazy: importing scipy.spatial takes ~0.3 s
-    tree = cKDTree(d_xy)
-    n_total = max(len(s_xy), len(d_xy))
-    tries = []
-    n = min(cfg.n_brightest, n_total)
-    while True:
-        tries.append(n)
-        if n >= n_total:
-            break
-        n = min(2 * n, n_total)
-    # chance that a random point lands within the threshold of some reference star
-    span = np.maximum(d_xy.max(0) - d_xy.min(0), 1.0)
-    p_chance = 1.0 - math.exp(-len(d_xy) * math.pi * cfg.ransac_threshold_px ** 2 / float(span[0] * span[1]))
-    n_hyp_total = 0
-    best: tuple[int, np.ndarray, int] | None = None  # (count, hypothesis, inliers needed)
-    for n in tries:
-        hyp, n_hyp = _hypotheses(s_xy, d_xy, cfg, n)
-        n_hyp_total += n_hyp
-        if len(hyp) == 0:
-            continue
-        m = max(n, min(len(s_xy), 100))
-        zsrc = s_xy[:m, 0] + 1j * s_xy[:m, 1]
-        counts = _score(hyp, zsrc, tree, cfg.ransac_threshold_px)
-        k = int(np.argmax(counts))
-        # a match must stand well above what random coincidences give: a hypothesis
-        # gets its own 3 stars for free, plus Poisson(mu) chance hits; 5 sigma + 3
-        # covers trying thousands of hypotheses
-        mu = m * p_chance
-        need = max(cfg.min_inliers, math.ceil(3.0 + mu + 5.0 * math.sqrt(mu) + 3.0))
-        if best is None or counts[k] - need > best[0] - best[2]:
-            best = (int(counts[k]), hyp[k], need)
-        # good enough: significant and a third of the stars that can overlap
-        if best[0] >= best[2] and best[0] >= min(0.3 * len(zsrc), 12):
-            break
+    best, n_hyp_total = _best_hypothesis(s_xy, d_xy, cfg)
     if best is None or best[0] < best[2]:
         got, need = (0, cfg.min_inliers) if best is None else (best[0], best[2])
         raise RegistrationError(

@@ -29,6 +29,8 @@ from skystack.engine.background import (
 from skystack.engine.errors import SkystackError
 from skystack.tools.synth import SynthConfig, build_truth
 
+from aperture import aperture_sums
+
 UNIT = 1.0 / 14335.0  # ADU -> normalised units of a 14-bit stack (white - black)
 
 
@@ -92,18 +94,8 @@ def test_degree_1_cannot_follow_the_curved_ramp(field):
     assert _large_scale_residual(out, field["stars"], field["sky"]).max() > 0.02
 
 
-def _photometry(img: np.ndarray, xy: np.ndarray, *, r: float = 9.0, r_in: float = 14.0,
-                r_out: float = 22.0, annulus: bool = True) -> np.ndarray:
-    """float64 aperture sums (N, 3), sky from the annulus median when ``annulus``."""
-    out = []
-    for x, y in xy:
-        x0, y0 = int(x) - 25, int(y) - 25
-        sub = img[:, y0:y0 + 51, x0:x0 + 51].astype(np.float64)
-        yy, xx = np.mgrid[y0:y0 + 51, x0:x0 + 51]
-        d2 = (xx - x) ** 2 + (yy - y) ** 2
-        ap, an = d2 <= r * r, (d2 >= r_in ** 2) & (d2 < r_out ** 2)
-        out.append([(c[ap] - (np.median(c[an]) if annulus else 0.0)).sum() for c in sub])
-    return np.array(out)
+#: The apertures of these tests: radius 9 px, sky annulus 14-22 px.
+_APERTURE = {"r": 9.0, "r_in": 14.0, "r_out": 22.0, "half": 25}
 
 
 def _bright_isolated(truth, h: int, w: int, fmin: float) -> np.ndarray:
@@ -122,13 +114,14 @@ def test_star_fluxes_unchanged(field):
     assert len(sel) >= 5
     xy = field["truth"].stars.xy[sel]
     # local-sky photometry before vs after: measured max 0.16 %
-    before, after = _photometry(img, xy), _photometry(out, xy)
+    before, after = aperture_sums(img, xy, **_APERTURE), aperture_sums(out, xy, **_APERTURE)
     assert np.abs(after / before - 1).max() < 0.01
     # absolute: the flat sky the output keeps (the pedestal) removed, the aperture
     # holds the truth star light to within the model's error under the star
     # (measured max 0.24 %)
-    absolute = _photometry(out - model.pedestal[:, None, None].astype(np.float32), xy, annulus=False) / UNIT
-    truth_flux = _photometry(stars, xy, annulus=False)
+    absolute = aperture_sums(out - model.pedestal[:, None, None].astype(np.float32), xy, **_APERTURE,
+                             annulus=False) / UNIT
+    truth_flux = aperture_sums(stars, xy, **_APERTURE, annulus=False)
     assert np.abs(absolute / truth_flux - 1).max() < 0.01
 
 
@@ -152,7 +145,7 @@ def test_divide_removes_vignetting(field):
     # a corner star gets its flux back (relative to the centre level)
     sel = _bright_isolated(truth, h, w, fmin=5e4)
     xy = truth.stars.xy[sel]
-    ratio = _photometry(out, xy) / UNIT / _photometry(stars, xy, annulus=False)
+    ratio = aperture_sums(out, xy, **_APERTURE) / UNIT / aperture_sums(stars, xy, **_APERTURE, annulus=False)
     flat_level = model.pedestal[1] / UNIT / np.median(sky[1])
     assert np.allclose(ratio[:, 1] / flat_level, 1.0, atol=0.02)
 

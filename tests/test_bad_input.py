@@ -20,15 +20,13 @@ from skystack import cli
 from skystack.engine.errors import SkystackError
 from skystack.tools.synth import SynthConfig, simulate
 
+from sessions import write_small_session
+
 
 @pytest.fixture(scope="module")
 def session(tmp_path_factory):
     """6 FITS lights (uint16, BLKLEVEL in the header) with 3 bias, 3 darks and 3 flats."""
-    root = tmp_path_factory.mktemp("bad") / "s"
-    simulate(SynthConfig(seed=5, width=480, height=360, n_lights=6, n_bias=3, n_darks=3, n_flats=3,
-                         n_dark_flats=0, file_format="fits", trail_frames=None, cloudy_frame=None,
-                         shake_frame=None), root)
-    return root
+    return write_small_session(tmp_path_factory.mktemp("bad") / "s", bias=3, darks=3, flats=3, file_format="fits")
 
 
 def _copy(session: Path, tmp_path: Path, *kinds: str) -> Path:

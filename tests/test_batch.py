@@ -49,23 +49,10 @@ def _fits(path: Path, imagetyp: str | None, *, camera="Cam A", shape=(16, 16), p
     from astropy.io import fits
 
     h = fits.Header()
-    if imagetyp:
-        h["IMAGETYP"] = imagetyp
-    if camera:
-        h["INSTRUME"] = camera
-    if pattern:
-        h["BAYERPAT"] = pattern
-    h["EXPTIME"] = exp
-    if iso is not None:
-        h["ISOSPEED"] = iso
-    if temp is not None:
-        h["CCD-TEMP"] = temp
-    if date:
-        h["DATE-OBS"] = date
-    if filt:
-        h["FILTER"] = filt
-    if obj:
-        h["OBJECT"] = obj
+    for key, value in (("IMAGETYP", imagetyp), ("INSTRUME", camera), ("BAYERPAT", pattern), ("EXPTIME", exp),
+                       ("ISOSPEED", iso), ("CCD-TEMP", temp), ("DATE-OBS", date), ("FILTER", filt), ("OBJECT", obj)):
+        if value is not None and value != "":  # a header left out (numbers may be 0)
+            h[key] = value
     path.parent.mkdir(parents=True, exist_ok=True)
     fits.PrimaryHDU(np.zeros(shape, dtype=np.uint16), header=h).writeto(path)
     return path
@@ -214,7 +201,8 @@ def test_scan_calibration_groups(tmp_path):
 
 
 def test_scan_calibration_reads_master_headers(tmp_path):
-    from skystack.engine.masters import build_master, write_master
+    from skystack.engine.masterfile import write_master
+    from skystack.engine.masters import build_master
 
     frames = [_fits(tmp_path / "raw" / f"d{i}.fits", "DARK", temp=-10.0, exp=120.0) for i in range(3)]
     m = build_master("dark", frames, use_cache=False)
@@ -357,7 +345,7 @@ def test_dry_run_prints_plan_and_writes_nothing(archive, tmp_path, capsys):
 
 def test_archive_on_localcluster(archive, cluster_run):
     """4 sessions of 2 cameras + shared library on a 2-process LocalCluster; corrupt frame isolated."""
-    from skystack.engine.masters import read_master
+    from skystack.engine.masterfile import read_master
     from skystack.engine.session import SessionFiles
     from skystack.engine.stack import stack_session
 
@@ -488,7 +476,7 @@ def test_sigkill_then_rerun_is_byte_identical_and_resumes(archive, cluster_run, 
         r.pop("time_s")
     assert a == b
     # the master cache holds the same data (its FITS DATE card is the build time, a cache detail)
-    from skystack.engine.masters import read_master
+    from skystack.engine.masterfile import read_master
 
     for p in sorted((ref_out / "masters").glob("*.fits")):
         np.testing.assert_array_equal(read_master(p).data, read_master(out / "masters" / p.name).data)

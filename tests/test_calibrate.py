@@ -26,7 +26,8 @@ from skystack.engine.debayer import pattern_code
 from skystack.engine.errors import CalibrationError
 from skystack.engine.frame import BAYER_PATTERNS, FrameMeta
 from skystack.engine.io import read_frame
-from skystack.engine.masters import STATS, Master, MasterMeta
+from skystack.engine.masterfile import Master, MasterMeta
+from skystack.engine.masters import STATS
 from skystack.engine.rawconv import cfa_to_float
 from skystack.tools.synth import SynthConfig, load_truth, simulate
 from skystack.kernels.emulate import emulated, emulator_available, use_emulator

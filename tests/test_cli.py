@@ -11,13 +11,12 @@ import pytest
 from skystack import cli
 from skystack.tools.synth import SynthConfig, load_truth, simulate
 
+from sessions import write_small_session
+
 
 @pytest.fixture(scope="module")
 def small_session(tmp_path_factory):
-    root = tmp_path_factory.mktemp("cli") / "s"
-    simulate(SynthConfig(seed=5, width=480, height=360, n_lights=6, n_bias=4, n_darks=0, n_flats=0,
-                         n_dark_flats=0, trail_frames=None, cloudy_frame=None, shake_frame=None), root)
-    return root
+    return write_small_session(tmp_path_factory.mktemp("cli") / "s", bias=4)
 
 
 @pytest.mark.parametrize("argv,needle", [

@@ -12,6 +12,8 @@ from skystack.engine.combine import (MAX_SUPPORTED_FRAMES, ClipResult, _sigma_cl
 from skystack.engine.errors import SkystackError
 from skystack.kernels.emulate import emulated, emulator_available, use_emulator
 
+from refcombine import clip_round, reference_combine
+
 needs_gxx = pytest.mark.skipif(not emulator_available(), reason="g++ is not on PATH")
 
 
@@ -21,38 +23,27 @@ _MAD_B = {2: 1.196, 3: 1.495, 4: 1.363, 5: 1.206, 6: 1.200, 7: 1.140, 8: 1.129, 
 
 def _reference(cube, kappa_low, kappa_high, max_iter, scale=None, offset=None, weights=None):
     """float64, pixel by pixel, straight from the definition (independent of the twin)."""
-    n, h, w = cube.shape
-    scale = np.ones(n) if scale is None else np.asarray(scale, np.float64)
-    offset = np.zeros(n) if offset is None else np.asarray(offset, np.float64)
-    weights = np.ones(n) if weights is None else np.asarray(weights, np.float64)
-    mean = np.full((h, w), np.nan)
-    count = np.zeros((h, w), np.int64)
-    rejected = np.zeros(n, np.int64)
-    for y in range(h):
-        for x in range(w):
-            v = cube[:, y, x].astype(np.float64) * scale + offset
-            keep = np.isfinite(v)
-            valid = keep.copy()
-            for it in range(max_iter):
-                if keep.sum() < 3:
-                    break
-                kv = v[keep]
-                centre = np.median(kv)
-                if it == 0:
-                    sigma = 1.4826 * _MAD_B.get(kv.size, kv.size / (kv.size - 0.8)) * np.median(np.abs(kv - centre))
-                else:
-                    sigma = np.std(kv)
-                if not sigma > 0:
-                    break
-                new = valid & (v >= centre - kappa_low * sigma) & (v <= centre + kappa_high * sigma)
-                if new.sum() < 2 or (new == keep).all():
-                    break
-                keep = new
-            count[y, x] = keep.sum()
-            if keep.any() and weights[keep].sum() > 0:
-                mean[y, x] = np.sum(weights[keep] * v[keep]) / weights[keep].sum()
-            rejected += valid & ~keep
-    return mean, count, rejected
+
+    def keep_of(v, valid):
+        keep = valid.copy()
+        for it in range(max_iter):
+            if keep.sum() < 3:
+                break
+            kv = v[keep]
+            centre = np.median(kv)
+            if it == 0:
+                sigma = 1.4826 * _MAD_B.get(kv.size, kv.size / (kv.size - 0.8)) * np.median(np.abs(kv - centre))
+            else:
+                sigma = np.std(kv)
+            if not sigma > 0:
+                break
+            new = clip_round(v, valid, keep, centre, sigma, kappa_low, kappa_high)
+            if new is None:
+                break
+            keep = new
+        return keep
+
+    return reference_combine(cube, keep_of, scale=scale, offset=offset, weights=weights)
 
 
 def _cube(rng, n, h, w, *, nan=0.05, inf=0.01, outliers=0.03):

@@ -407,7 +407,7 @@ def test_cr3_and_raf_camera_name_from_container(tmp_path):
 
     import tifffile
 
-    from skystack.engine.io import _probe_raw
+    from skystack.engine.rawfile import _probe_raw
 
     buf = io.BytesIO()
     tifffile.imwrite(buf, np.zeros((2, 2), np.uint8), extratags=[(271, 2, 0, "Canon", True),

@@ -12,16 +12,14 @@ from astropy.io import fits
 from skystack.engine import masters as ms
 from skystack.engine.errors import CalibrationError, FrameMismatchError, InputNotFound, OutputError, SkystackError
 from skystack.engine.io import read_meta
+from skystack.engine.masterfile import is_master_file, read_master, write_master
 from skystack.engine.masters import (
     STATS,
     MasterConfig,
     build_master,
-    is_master_file,
     load_or_build_master,
     master_command,
     normalize_flat,
-    read_master,
-    write_master,
 )
 from skystack.tools.synth import SynthConfig, load_truth, simulate
 

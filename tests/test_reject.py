@@ -17,6 +17,8 @@ from skystack.engine.errors import SkystackError
 from skystack.kernels import read_source
 from skystack.kernels.emulate import emulated, emulator_available, use_emulator
 
+from refcombine import clip_round, reference_combine
+
 needs_gxx = pytest.mark.skipif(not emulator_available(), reason="g++ is not on PATH")
 
 NEW_METHODS = ("winsorized", "linear", "gesd", "percentile", "minmax", "median")
@@ -70,8 +72,8 @@ def _ref_winsorized(v, kl, kh, max_iter):
             sig = new_sig
             if done:
                 break
-        new = keep & (v >= c - kl * sig) & (v <= c + kh * sig)
-        if new.sum() < 2 or (new == keep).all():
+        new = clip_round(v, keep, keep, c, sig, kl, kh)
+        if new is None:
             break
         keep = new
     return keep
@@ -148,29 +150,12 @@ _REF_KEEP = {"winsorized": _ref_winsorized, "linear": _ref_linear, "gesd": _ref_
 
 
 def _reference(method, cube, kl, kh, max_iter, scale=None, offset=None, weights=None):
-    n, h, w = cube.shape
-    scale = np.ones(n) if scale is None else np.asarray(scale, np.float64)
-    offset = np.zeros(n) if offset is None else np.asarray(offset, np.float64)
-    weights = np.ones(n) if weights is None else np.asarray(weights, np.float64)
-    mean = np.full((h, w), np.nan)
-    count = np.zeros((h, w), np.int64)
-    rejected = np.zeros(n, np.int64)
-    for y in range(h):
-        for x in range(w):
-            v = cube[:, y, x].astype(np.float64) * scale + offset
-            valid = np.isfinite(v)
-            if method == "median":
-                count[y, x] = valid.sum()
-                if valid.any():
-                    mean[y, x] = np.median(v[valid])
-                continue
-            keep = np.zeros(n, bool)
-            keep[valid] = _REF_KEEP[method](v[valid], kl, kh, max_iter)
-            count[y, x] = keep.sum()
-            if keep.any() and weights[keep].sum() > 0:
-                mean[y, x] = np.sum(weights[keep] * v[keep]) / weights[keep].sum()
-            rejected += valid & ~keep
-    return mean, count, rejected
+    def keep_of(v, valid):
+        keep = np.zeros(v.size, bool)
+        keep[valid] = _REF_KEEP[method](v[valid], kl, kh, max_iter)
+        return keep
+
+    return reference_combine(cube, keep_of, scale=scale, offset=offset, weights=weights, median=method == "median")
 
 
 def _cube(rng, n, h, w, *, nan=0.05, inf=0.01, outliers=0.04, ties=0.05):

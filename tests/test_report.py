@@ -17,6 +17,8 @@ import pytest
 from skystack import cli
 from skystack.tools.synth import SynthConfig, simulate
 
+from sessions import write_small_session
+
 N_LIGHTS = 6
 
 
@@ -26,9 +28,7 @@ def stacked(tmp_path_factory):
     from astropy.io import fits
 
     root = tmp_path_factory.mktemp("report")
-    simulate(SynthConfig(seed=5, width=480, height=360, n_lights=N_LIGHTS, n_bias=3, n_darks=0, n_flats=0,
-                         n_dark_flats=0, file_format="fits", trail_frames=None, cloudy_frame=None,
-                         shake_frame=None), root / "s")
+    write_small_session(root / "s", n_lights=N_LIGHTS, bias=3, file_format="fits")
     lights = sorted((root / "s" / "lights").iterdir())
     for i, f in enumerate(lights):
         with fits.open(f, mode="update") as h:

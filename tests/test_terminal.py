@@ -8,16 +8,13 @@ import re
 import pytest
 
 from skystack import cli
-from skystack.tools.synth import SynthConfig, simulate
+
+from sessions import write_small_session
 
 
 @pytest.fixture(scope="module")
 def small(tmp_path_factory):
-    root = tmp_path_factory.mktemp("term") / "s"
-    simulate(SynthConfig(seed=5, width=480, height=360, n_lights=6, n_bias=0, n_darks=0, n_flats=0,
-                         n_dark_flats=0, file_format="fits", trail_frames=None, cloudy_frame=None,
-                         shake_frame=None), root)
-    return root
+    return write_small_session(tmp_path_factory.mktemp("term") / "s", file_format="fits")
 
 
 def test_progress_covers_every_stage_in_a_terminal(small, tmp_path, capsys, monkeypatch):

@@ -278,6 +278,24 @@ def _kernel_args(src, dst, m, lens=None):
                *[np.float32(v) for v in m], *(lens or (np.float32(0.0),) * 7))
 
 
+def _emulated_warp(mod, kernel, src, m, out_hw, lens=None):
+    """The emulated ``kernel``'s ``(C, *out_hw)`` output, every pixel of it written."""
+    dst = np.full((src.shape[0],) + tuple(out_hw), -7.0, np.float32)
+    n, args = _kernel_args(src, dst, m, lens)
+    mod.launch(kernel, n, args)
+    assert not np.any(dst == -7.0)
+    return dst
+
+
+def _twin_warp(monkeypatch, src, m, method, out_hw, chunk, tile_w, lens=None):
+    """The twin's ``(C, *out_hw)`` output in bands of ``chunk`` pixels and tiles ``tile_w`` wide
+    (pixels it does not write keep -7)."""
+    monkeypatch.setattr(warp_mod, "_TILE_W", tile_w)
+    twin = np.full((src.shape[0],) + tuple(out_hw), -7.0, np.float32)
+    _warp_numpy(src, m, twin, method, chunk_pixels=chunk, lens=lens)
+    return twin
+
+
 def _random_case(rng, c, hs, ws, ho, wo):
     src = rng.normal(size=(c, hs, ws)).astype(np.float32)
     if hs * ws > 4:
@@ -307,18 +325,10 @@ def test_emulated_kernels_match_twin(rng, monkeypatch, kernel, method):
         if i % 2:  # a frame without NaN takes the twin's other branch
             src = np.where(np.isnan(src), np.float32(0.25), src)
         m = inverse_coeffs(t)
-        dst = np.full((c, ho, wo), -7.0, np.float32)
-        n, args = _kernel_args(src, dst, m)
-        if kernel == "warp_lanczos3":
-            mod.launch("warp_lanczos3", n, args)
-        else:
-            mod.launch("warp_bilinear", n, args)
-        assert not np.any(dst == -7.0)
+        dst = _emulated_warp(mod, kernel, src, m, (ho, wo))
         fin = np.isfinite(dst)
         for chunk, tile_w in ((1 << 15, 256), (7, 256), (40, 8)):  # one band; rows; tiles (if rotated)
-            monkeypatch.setattr(warp_mod, "_TILE_W", tile_w)
-            twin = np.full((c, ho, wo), -7.0, np.float32)
-            _warp_numpy(src, m, twin, method, chunk_pixels=chunk)
+            twin = _twin_warp(monkeypatch, src, m, method, (ho, wo), chunk, tile_w)
             assert not np.any(twin == -7.0)
             np.testing.assert_array_equal(np.isnan(dst), np.isnan(twin))
             np.testing.assert_array_equal(np.isfinite(twin), fin)  # inf / NaN in the same places
@@ -363,15 +373,10 @@ def test_emulated_lens_kernels_match_twin(rng, monkeypatch, kernel, method):
         src, t = _random_case(rng, c, hs, ws, ho, wo)
         lp = RadialLens.for_shape((hs, ws), k1=k1, k2=k2).kernel_params(off)
         m = inverse_coeffs(t)
-        dst = np.full((c, ho, wo), -7.0, np.float32)
-        n, args = _kernel_args(src, dst, m, lp)
-        mod.launch(kernel, n, args)
-        assert not np.any(dst == -7.0)
+        dst = _emulated_warp(mod, kernel, src, m, (ho, wo), lp)
         fin = np.isfinite(dst)
         for chunk, tile_w in ((1 << 15, 256), (40, 8)):
-            monkeypatch.setattr(warp_mod, "_TILE_W", tile_w)
-            twin = np.full((c, ho, wo), -7.0, np.float32)
-            _warp_numpy(src, m, twin, method, chunk_pixels=chunk, lens=lp)
+            twin = _twin_warp(monkeypatch, src, m, method, (ho, wo), chunk, tile_w, lp)
             np.testing.assert_array_equal(np.isfinite(twin), fin)
             np.testing.assert_array_equal(dst[fin], twin[fin])
 

@@ -12,7 +12,7 @@ from typing import Any, Callable, Sequence
 
 from skystack.engine.errors import InputNotFound, SkystackError
 from skystack.engine.session import KIND_FOLDERS, SessionFiles
-from skystack.engine.batch.records import CalibrationGroup, CalibrationMatchConfig, LightSummary, _CAL_KINDS, _IMAGETYP_KIND, _LIGHT_SAMPLE, _MASTER_KIND, _OWN_SAMPLE, _filter_of, _is_fits, _is_frame, _majority, _median, _median_time, _parse_time, _rel, _same_number, _sample
+from skystack.engine.batch.records import CalibrationGroup, CalibrationMatchConfig, HeaderSummary, LightSummary, _CAL_KINDS, _IMAGETYP_KIND, _LIGHT_SAMPLE, _MASTER_KIND, _OWN_SAMPLE, _filter_of, _is_fits, _is_frame, _majority, _median, _median_time, _parse_time, _rel, _same_number, _sample
 
 # ----------------------------------------------------------------------------- calibration library
 
@@ -244,20 +244,31 @@ def summarize_lights(lights: Sequence[Path], *, sample: int = _LIGHT_SAMPLE) -> 
     )
 
 
-def _hard_mismatch(g: CalibrationGroup, camera: str | None, shape: tuple[int, ...], pattern: str | None) -> str | None:
-    from skystack.engine.masters import describe, same_camera
+def _hard_mismatch(g: CalibrationGroup, light: HeaderSummary) -> str | None:
+    from skystack.engine.masterfile import describe
+    from skystack.engine.masters import same_camera
 
-    if tuple(g.shape) != tuple(shape) or g.pattern != pattern or not same_camera(g.camera, camera):
-        return f"is {describe(g.shape, g.pattern, g.camera)}, lights are {describe(shape, pattern, camera)}"
+    if tuple(g.shape) != tuple(light.shape) or g.pattern != light.pattern or not same_camera(g.camera, light.camera):
+        return (f"is {describe(g.shape, g.pattern, g.camera)}, "
+                f"lights are {describe(light.shape, light.pattern, light.camera)}")
     return None
 
 
-def _iso_mismatch(g: CalibrationGroup, iso: float | None, gain: float | None) -> str | None:
-    if not _same_number(g.iso, iso):
-        return f"ISO {g.iso:g} (need {iso:g})"
-    if not _same_number(g.gain, gain):
-        return f"gain {g.gain:g} (need {gain:g})"
+def _iso_mismatch(g: CalibrationGroup, ref: HeaderSummary) -> str | None:
+    if not _same_number(g.iso, ref.iso):
+        return f"ISO {g.iso:g} (need {ref.iso:g})"
+    if not _same_number(g.gain, ref.gain):
+        return f"gain {g.gain:g} (need {ref.gain:g})"
     return None
+
+
+def _settings_mismatch(g: CalibrationGroup, light: LightSummary, ref: HeaderSummary) -> str | None:
+    """Why ``g`` does not fit: a camera mode other than the lights'; for a library group also an
+    ISO or gain other than ``ref``'s (the lights', or the flats' for a dark-flat)."""
+    why = _hard_mismatch(g, light)
+    if why is not None or g.source == "session":
+        return why
+    return _iso_mismatch(g, ref)
 
 
 def _exposure_close(a: float | None, b: float | None, tol: float) -> bool:
@@ -300,84 +311,91 @@ def match_calibration(light: LightSummary, candidates: Sequence[CalibrationGroup
     chosen: dict[str, CalibrationGroup | None] = {k: None for k in _CAL_KINDS}
     if light.readable == 0:
         return chosen, ["no readable light header: calibration cannot be matched"]
-    tol_t = float(config.temperature_tolerance_c)
 
-    def pick(kind: str, check: Callable[[CalibrationGroup], tuple[str | None, int]],
-             ref_time: _dt.datetime | None, ref_temp: float | None) -> CalibrationGroup | None:
-        ranked, rejected = [], []
-        for g in candidates:
-            if g.kind != kind:
-                continue
-            why, klass = check(g)
-            if why is not None:
-                rejected.append(f"{g.source} {g.folder}: {why}")
-                continue
-            src = 0 if g.source == "session" else 1
-            ranked.append(((src, klass, _date_distance(g.time, ref_time), _temp_distance(g.temperature_c, ref_temp),
-                            -len(g.files), g.folder, str(g.files[0])), g))
-        own_rejected = [r for r in rejected if r.startswith("session ")]
-        for r in own_rejected:
-            notes.append(f"own {kind} not used: {r.removeprefix('session ')}")
-        if not ranked:
-            lib = [r for r in rejected if not r.startswith("session ")]
-            if lib:
-                more = f" (+{len(lib) - 3} more)" if len(lib) > 3 else ""
-                notes.append(f"no {kind} match: " + "; ".join(lib[:3]) + more)
-            return None
-        ranked.sort(key=lambda t: t[0])
-        return ranked[0][1]
-
-    ident = (light.camera, light.shape, light.pattern)
-
-    def bias_check(g: CalibrationGroup) -> tuple[str | None, int]:
-        why = _hard_mismatch(g, *ident)
-        if why is None and g.source != "session":
-            why = _iso_mismatch(g, light.iso, light.gain)
-        return why, 0
-
-    chosen["bias"] = pick("bias", bias_check, light.time, None)
-
-    def dark_check(g: CalibrationGroup) -> tuple[str | None, int]:
-        why = _hard_mismatch(g, *ident)
-        if why is not None or g.source == "session":
-            return why, 0
-        why = _iso_mismatch(g, light.iso, light.gain)
-        if why is not None:
-            return why, 0
-        dt = _temp_distance(g.temperature_c, light.temperature_c)
-        if math.isfinite(dt) and dt > tol_t:
-            return (f"{g.temperature_c:.1f} C, lights {light.temperature_c:.1f} C "
-                    f"(tolerance {tol_t:g} C)"), 0
-        if _exposure_close(g.exposure_s, light.exposure_s, config.exposure_tolerance):
-            return None, 0
-        if config.scale_darks and chosen["bias"] is not None:
-            return None, 1  # scaled by the exposure ratio: ranked after the exact ones
-        return (f"exposure {g.exposure_s:g} s, lights {light.exposure_s:g} s "
-                "(a bias is needed to scale it)"), 0
-
-    chosen["darks"] = pick("darks", dark_check, light.time, light.temperature_c)
+    chosen["bias"] = _pick("bias", candidates, lambda g: (_settings_mismatch(g, light, light), 0), light.time, None,
+                           notes)
+    have_bias = chosen["bias"] is not None
+    chosen["darks"] = _pick("darks", candidates, lambda g: _dark_check(g, light, config, have_bias), light.time,
+                            light.temperature_c, notes)
     d = chosen["darks"]
     if d is not None and d.source == "library" and not _exposure_close(d.exposure_s, light.exposure_s,
                                                                        config.exposure_tolerance):
         notes.append(f"dark of {d.exposure_s:g} s scaled to the lights' {light.exposure_s:g} s")
-
-    def flat_check(g: CalibrationGroup) -> tuple[str | None, int]:
-        why = _hard_mismatch(g, *ident)
-        if why is None and g.filter and light.filter and g.filter != light.filter and g.source != "session":
-            why = f"filter {g.filter} (lights {light.filter})"
-        return why, 0
-
-    chosen["flats"] = pick("flats", flat_check, light.time, None)
+    chosen["flats"] = _pick("flats", candidates, lambda g: _flat_check(g, light), light.time, None, notes)
     flat = chosen["flats"]
     if flat is not None:
-        def dark_flat_check(g: CalibrationGroup) -> tuple[str | None, int]:
-            why = _hard_mismatch(g, *ident)
-            if why is not None or g.source == "session":
-                return why, 0
-            why = _iso_mismatch(g, flat.iso, flat.gain)
-            if why is None and not _exposure_close(g.exposure_s, flat.exposure_s, config.exposure_tolerance):
-                why = f"exposure {g.exposure_s:g} s, flats {flat.exposure_s:g} s"
-            return why, 0
-
-        chosen["dark_flats"] = pick("dark_flats", dark_flat_check, flat.time, None)
+        chosen["dark_flats"] = _pick("dark_flats", candidates, lambda g: _dark_flat_check(g, light, flat, config),
+                                     flat.time, None, notes)
     return chosen, notes
+
+
+#: What a check says of a candidate group: why it does not fit (None: it fits), and its rank class
+#: (0 exact; 1 usable but ranked after the exact ones, e.g. a dark to be scaled).
+_Verdict = tuple[str | None, int]
+
+
+def _pick(kind: str, candidates: Sequence[CalibrationGroup], check: Callable[[CalibrationGroup], _Verdict],
+          ref_time: _dt.datetime | None, ref_temp: float | None, notes: list[str]) -> CalibrationGroup | None:
+    """The best ``kind`` group that passes ``check``, or None; why groups were left out goes to ``notes``.
+
+    Ranked by: the session's own first, rank class, date distance to ``ref_time``,
+    temperature distance to ``ref_temp``, most files, then folder and first file.
+    """
+    ranked, rejected = [], []
+    for g in candidates:
+        if g.kind != kind:
+            continue
+        why, klass = check(g)
+        if why is not None:
+            rejected.append(f"{g.source} {g.folder}: {why}")
+            continue
+        src = 0 if g.source == "session" else 1
+        ranked.append(((src, klass, _date_distance(g.time, ref_time), _temp_distance(g.temperature_c, ref_temp),
+                        -len(g.files), g.folder, str(g.files[0])), g))
+    own_rejected = [r for r in rejected if r.startswith("session ")]
+    for r in own_rejected:
+        notes.append(f"own {kind} not used: {r.removeprefix('session ')}")
+    if not ranked:
+        lib = [r for r in rejected if not r.startswith("session ")]
+        if lib:
+            more = f" (+{len(lib) - 3} more)" if len(lib) > 3 else ""
+            notes.append(f"no {kind} match: " + "; ".join(lib[:3]) + more)
+        return None
+    ranked.sort(key=lambda t: t[0])
+    return ranked[0][1]
+
+
+def _dark_check(g: CalibrationGroup, light: LightSummary, config: CalibrationMatchConfig,
+                have_bias: bool) -> _Verdict:
+    """A dark: same camera mode; a library dark also ISO/gain, temperature and exposure (or scalable)."""
+    why = _settings_mismatch(g, light, light)
+    if why is not None or g.source == "session":
+        return why, 0
+    tol_t = float(config.temperature_tolerance_c)
+    dt = _temp_distance(g.temperature_c, light.temperature_c)
+    if math.isfinite(dt) and dt > tol_t:
+        return (f"{g.temperature_c:.1f} C, lights {light.temperature_c:.1f} C "
+                f"(tolerance {tol_t:g} C)"), 0
+    if _exposure_close(g.exposure_s, light.exposure_s, config.exposure_tolerance):
+        return None, 0
+    if config.scale_darks and have_bias:
+        return None, 1  # scaled by the exposure ratio: ranked after the exact ones
+    return (f"exposure {g.exposure_s:g} s, lights {light.exposure_s:g} s "
+            "(a bias is needed to scale it)"), 0
+
+
+def _flat_check(g: CalibrationGroup, light: LightSummary) -> _Verdict:
+    """A flat: same camera mode; a library flat also the lights' filter, when both say one."""
+    why = _hard_mismatch(g, light)
+    if why is None and g.filter and light.filter and g.filter != light.filter and g.source != "session":
+        why = f"filter {g.filter} (lights {light.filter})"
+    return why, 0
+
+
+def _dark_flat_check(g: CalibrationGroup, light: LightSummary, flat: CalibrationGroup,
+                     config: CalibrationMatchConfig) -> _Verdict:
+    """A dark-flat: the lights' camera mode; a library one also the chosen flats' ISO/gain and exposure."""
+    why = _settings_mismatch(g, light, flat)
+    if why is None and g.source != "session" and not _exposure_close(g.exposure_s, flat.exposure_s, config.exposure_tolerance):
+        why = f"exposure {g.exposure_s:g} s, flats {flat.exposure_s:g} s"
+    return why, 0

@@ -30,7 +30,8 @@ def _settings_fingerprint(cfg: StackConfig) -> dict[str, Any]:
 
 
 def _fingerprint(name: str, files: SessionFiles, cfg: StackConfig, outputs: dict[str, Path]) -> str:
-    from skystack.engine.masters import CACHE_VERSION, MasterConfig
+    from skystack.engine.masterfile import CACHE_VERSION
+    from skystack.engine.masters import MasterConfig
 
     doc = {
         "skystack": __version__, "batch_format": BATCH_FORMAT, "master_cache": CACHE_VERSION,

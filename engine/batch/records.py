@@ -71,7 +71,34 @@ class CalibrationMatchConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
-class CalibrationGroup:
+class HeaderSummary:
+    """What the headers of a set of frames say (None or ``()`` when unknown).
+
+    Attributes
+    ----------
+    camera, shape, pattern : str or None, tuple of int, str or None
+        Camera mode.
+    iso, gain, exposure_s, temperature_c : float or None
+        Sensor settings (medians).
+    time : datetime or None
+        Median capture time (naive UTC).
+    filter : str or None
+        ``FILTER`` header.
+    """
+
+    camera: str | None = None
+    shape: tuple[int, ...] = ()
+    pattern: str | None = None
+    iso: float | None = None
+    gain: float | None = None
+    exposure_s: float | None = None
+    temperature_c: float | None = None
+    time: _dt.datetime | None = None
+    filter: str | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class CalibrationGroup(HeaderSummary):
     """Calibration frames that make one master (or one master FITS).
 
     Attributes
@@ -96,15 +123,6 @@ class CalibrationGroup:
     source: str
     folder: str
     master: bool = False
-    camera: str | None = None
-    shape: tuple[int, ...] = ()
-    pattern: str | None = None
-    iso: float | None = None
-    gain: float | None = None
-    exposure_s: float | None = None
-    temperature_c: float | None = None
-    time: _dt.datetime | None = None
-    filter: str | None = None
 
     def describe(self) -> str:
         """``"library darks/2025-03 (5 frames, 20 s, ISO 1600, 15.0 C, 2025-03-01)"``."""
@@ -134,7 +152,7 @@ class CalibrationGroup:
 
 
 @dataclass(frozen=True, kw_only=True)
-class LightSummary:
+class LightSummary(HeaderSummary):
     """What a session's light headers say (majority or median of a sample).
 
     Attributes
@@ -156,16 +174,7 @@ class LightSummary:
 
     count: int
     readable: int
-    camera: str | None = None
-    shape: tuple[int, ...] = ()
-    pattern: str | None = None
-    iso: float | None = None
-    gain: float | None = None
-    exposure_s: float | None = None
-    temperature_c: float | None = None
-    time: _dt.datetime | None = None
     object: str | None = None
-    filter: str | None = None
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -488,9 +488,8 @@ class _Runtime:
         return 12000
 
 
-class _Stream:
-    def __init__(self, non_blocking=False, null=False) -> None:
-        pass
+class _Synchronizing:
+    """What a stream and a device share: ``synchronize`` and use as a context (both do nothing more here)."""
 
     def synchronize(self) -> None:
         _sync()
@@ -500,23 +499,19 @@ class _Stream:
 
     def __exit__(self, *exc):
         return False
+
+
+class _Stream(_Synchronizing):
+    def __init__(self, non_blocking=False, null=False) -> None:
+        pass
 
     def use(self):
         return self
 
 
-class _Device:
+class _Device(_Synchronizing):
     def __init__(self, i: int = 0) -> None:
         self.id = i
-
-    def synchronize(self) -> None:
-        _sync()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 class _Pool:
