@@ -58,6 +58,7 @@ from typing import Any
 
 import numpy as np
 
+from skystack.tools.bench.cli import split_child_request
 from skystack.tools.bench.config import PRESETS
 from skystack.tools.bench.harness import results_name, write_json
 from skystack.tools.bench.machine import machine_info, machine_key
@@ -696,9 +697,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["--peer"]:
-        return _peer_main(json.loads(argv[1]))
+    argv, spec = split_child_request(argv, "--peer")
+    if spec is not None:
+        return _peer_main(spec)
     args = build_parser().parse_args(argv)
     try:
         results = compare(args)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Sequence
+from typing import Any, Sequence
 
 from skystack.engine.errors import SkystackError
 from skystack.tools.bench.child import child_main
@@ -80,11 +80,21 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def split_child_request(argv: Sequence[str] | None, flag: str) -> tuple[list[str], dict[str, Any] | None]:
+    """The command line (default ``sys.argv[1:]``) and, when it is ``flag JSON``, the child's spec.
+
+    Measurement scripts run their child processes as ``script flag JSON``
+    (``--one`` here, ``--peer`` in ``bench/siril_compare.py``).
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    return argv, (json.loads(argv[1]) if argv[:1] == [flag] else None)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """``python bench/run.py`` / ``python -m skystack.tools.bench``; ``--one SPEC`` runs a child."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["--one"]:
-        return child_main(json.loads(argv[1]))
+    argv, spec = split_child_request(argv, "--one")
+    if spec is not None:
+        return child_main(spec)
     args = build_parser().parse_args(argv)
     if args.debug:
         return bench_command(args)

@@ -45,6 +45,11 @@ def _say(cfg: BenchConfig, text: str) -> None:
         print(text, file=sys.stderr, flush=True)
 
 
+def _say_result(cfg: BenchConfig, result: dict[str, Any], failed: str, describe) -> None:
+    """Say how a child went: ``describe(result)`` when it succeeded, else ``<failed>: <its error>``."""
+    _say(cfg, describe(result) if result.get("ok") else f"{failed}: {result.get('error')}")
+
+
 def _best(results: list[dict[str, Any]], key) -> dict[str, Any]:
     ok = [r for r in results if r.get("ok")]
     if not ok:
@@ -52,6 +57,15 @@ def _best(results: list[dict[str, Any]], key) -> dict[str, Any]:
     best = dict(min(ok, key=key))
     best["repeats"] = [key(r) for r in ok]
     return best
+
+
+def _fastest(config: BenchConfig, spec: dict[str, Any], log_dir: Path, message: str, key) -> dict[str, Any]:
+    """Run the child ``spec`` ``config.repeat`` times (saying ``message`` before each); the fastest by ``key``."""
+    results = []
+    for _ in range(max(1, int(config.repeat))):
+        _say(config, message)
+        results.append(run_child(spec, log_dir=log_dir, timeout_s=config.timeout_s))
+    return _best(results, key=key)
 
 
 def _summarise_run(run: dict[str, Any], decode: dict[str, Any], n_lights: int, mp: float) -> dict[str, Any]:
@@ -170,16 +184,9 @@ def _session_summary(session: Path, files) -> tuple[dict[str, Any], list[Path], 
 
 def _decode_floor(config: BenchConfig, base: dict[str, Any], log_dir: Path) -> dict[str, Any]:
     """The fastest of ``config.repeat`` decode-floor children."""
-    decodes = []
-    for _ in range(max(1, int(config.repeat))):
-        _say(config, "decode floor ...")
-        decodes.append(run_child({**base, "mode": "decode"}, log_dir=log_dir, timeout_s=config.timeout_s))
-    decode = _best(decodes, key=lambda r: r["total_s"])
-    if decode.get("ok"):
-        _say(config, f"decode floor: {decode['total_s']:.2f} s (lights {decode['lights_s']:.2f} s, "
-                     f"{decode['workers']} workers)")
-    else:
-        _say(config, f"decode floor failed: {decode.get('error')}")
+    decode = _fastest(config, {**base, "mode": "decode"}, log_dir, "decode floor ...", key=lambda r: r["total_s"])
+    _say_result(config, decode, "decode floor failed",
+                lambda d: f"decode floor: {d['total_s']:.2f} s (lights {d['lights_s']:.2f} s, {d['workers']} workers)")
     return decode
 
 
@@ -190,21 +197,14 @@ def _backend_run(config: BenchConfig, be: str, base: dict[str, Any], log_dir: Pa
         _say(config, "gpu warm-up (3 lights) ...")
         run_child({**base, "mode": "stack", "backend": "gpu", "lights_limit": 3,
                    "memory_limit": config.memory_limit}, log_dir=log_dir, timeout_s=config.timeout_s)
-    attempts = []
-    for _ in range(max(1, int(config.repeat))):
-        _say(config, f"pipeline on {be} ...")
-        attempts.append(run_child({**base, "mode": "stack", "backend": be, "memory_limit": config.memory_limit},
-                                  log_dir=log_dir, timeout_s=config.timeout_s))
-    run = _best(attempts, key=lambda r: r["timings"]["total"])
+    run = _fastest(config, {**base, "mode": "stack", "backend": be, "memory_limit": config.memory_limit}, log_dir,
+                   f"pipeline on {be} ...", key=lambda r: r["timings"]["total"])
     run["requested_backend"] = be
     if not run.get("ok"):
         run.setdefault("backend", be)
     _summarise_run(run, decode, n_lights, mp_frame)
-    if run.get("ok"):
-        _say(config, f"{be}: {run['total_s']:.2f} s, ratio to decode floor "
-                     f"{fmt_value(run.get('ratio_to_decode_floor'), '{:.2f}')}")
-    else:
-        _say(config, f"{be}: failed: {run.get('error')}")
+    _say_result(config, run, f"{be}: failed", lambda r: f"{be}: {r['total_s']:.2f} s, ratio to decode floor "
+                                                         f"{fmt_value(r.get('ratio_to_decode_floor'), '{:.2f}')}")
     return run
 
 
