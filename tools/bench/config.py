@@ -6,7 +6,8 @@ from dataclasses import dataclass
 
 from skystack.engine.errors import SkystackError
 
-#: ``name -> (lights, megapixels per frame)``; calibration frames: :func:`~skystack.tools.bench.sessions.session_synth_config`.
+#: ``name -> (lights, megapixels per frame)``; calibration frames: see
+#: :func:`~skystack.tools.bench.sessions.session_synth_config`.
 PRESETS: dict[str, tuple[int, float]] = {
     "ci": (8, 0.5),
     "small": (20, 4.0),

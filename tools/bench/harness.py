@@ -18,7 +18,13 @@ from skystack.tools.bench.config import BenchConfig
 from skystack.tools.bench.machine import machine_info, machine_key
 from skystack.tools.bench.measure import json_default, run_child
 from skystack.tools.bench.report import fmt_value
-from skystack.tools.bench.sessions import all_frames, ensure_session, session_files, session_synth_config, warm_page_cache
+from skystack.tools.bench.sessions import (
+    all_frames,
+    ensure_session,
+    session_files,
+    session_synth_config,
+    warm_page_cache,
+)
 
 _REPO = Path(__file__).resolve().parents[2]
 

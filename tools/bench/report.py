@@ -40,7 +40,8 @@ def _table_rows(results: dict[str, Any]) -> tuple[list[str], list[list[str]], li
         if not r.get("ok"):
             stage_rows.append([r.get("requested_backend", "?"), *(["-"] * (len(stage_cols) - 2)), "failed"])
             continue
-        stage_rows.append([r["backend"], *[fmt_value(t.get(s)) for s in (*present, *extra)], fmt_value(r.get("other_s")),
+        stage_rows.append([r["backend"], *[fmt_value(t.get(s)) for s in (*present, *extra)],
+                           fmt_value(r.get("other_s")),
                            fmt_value(r.get("total_s"))])
     sess = results["session"]
     sum_cols = ["backend", "device", "frames", "MP/frame", "total s", "frames/s", "MP/s", "peak RSS MiB",
@@ -55,7 +56,8 @@ def _table_rows(results: dict[str, Any]) -> tuple[list[str], list[list[str]], li
         sum_rows.append([
             r["backend"], str(r.get("device", "")), f"{r.get('frames_used', '?')}/{sess['lights']}",
             f"{sess['megapixels']:.1f}", fmt_value(r.get("total_s")), fmt_value(r.get("frames_per_s")),
-            fmt_value(r.get("megapixels_per_s"), "{:.1f}"), _mib(r.get("peak_rss_bytes")), _mib(r.get("gpu_pool_bytes")),
+            fmt_value(r.get("megapixels_per_s"), "{:.1f}"), _mib(r.get("peak_rss_bytes")),
+            _mib(r.get("gpu_pool_bytes")),
             fmt_value(r.get("decode_floor_s")), fmt_value(r.get("ratio_to_decode_floor")),
             fmt_value(r.get("ratio_lights_to_decode_lights")),
             *_traffic_cells(r.get("device_traffic")),

@@ -13,7 +13,7 @@ from __future__ import annotations
 import datetime as _dt
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -397,7 +397,7 @@ class SynthTruth:
 
     # ------------------------------------------------------------------ fixed patterns (cached)
 
-    def _cached(self, key: str, make) -> Any:
+    def _cached(self, key: str, make: Callable[[], Any]) -> Any:
         if key not in self._cache:
             self._cache[key] = make()
         return self._cache[key]
