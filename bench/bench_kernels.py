@@ -36,6 +36,15 @@ def _defects(rng, shape, fraction=2e-4):
     return mask
 
 
+def _calibration_inputs(xp, rng, shape) -> tuple:
+    """A light, bias, dark and flat on the device (drawn in that order from ``rng``)."""
+    light = xp.asarray(_float(rng, shape))
+    bias = xp.asarray(_float(rng, shape, 0.0, 0.01))
+    dark = xp.asarray(_float(rng, shape, 0.0, 0.01))
+    flat = xp.asarray(_float(rng, shape, 0.8, 1.0))
+    return light, bias, dark, flat
+
+
 def _similarity(deg: float, dx: float, dy: float, shape) -> np.ndarray:
     h, w = shape
     th = math.radians(deg)
@@ -56,11 +65,7 @@ def test_cfa_to_float(benchmark, backend, sync, frame_size, bench_rng):
 def test_calibrate(benchmark, backend, sync, frame_size, bench_rng):
     from skystack.engine.calibrate import calibrate
 
-    xp = backend.xp
-    light = xp.asarray(_float(bench_rng, frame_size))
-    bias = xp.asarray(_float(bench_rng, frame_size, 0.0, 0.01))
-    dark = xp.asarray(_float(bench_rng, frame_size, 0.0, 0.01))
-    flat = xp.asarray(_float(bench_rng, frame_size, 0.8, 1.0))
+    light, bias, dark, flat = _calibration_inputs(backend.xp, bench_rng, frame_size)
     out = benchmark(lambda: sync(calibrate(light, bias=bias, dark=dark, dark_scale=1.0, flat=flat)))
     assert out.shape == frame_size
 
@@ -68,12 +73,8 @@ def test_calibrate(benchmark, backend, sync, frame_size, bench_rng):
 def test_calibrate_fused_defects(benchmark, backend, sync, frame_size, bench_rng):
     from skystack.engine.calibrate import calibrate
 
-    xp = backend.xp
-    light = xp.asarray(_float(bench_rng, frame_size))
-    bias = xp.asarray(_float(bench_rng, frame_size, 0.0, 0.01))
-    dark = xp.asarray(_float(bench_rng, frame_size, 0.0, 0.01))
-    flat = xp.asarray(_float(bench_rng, frame_size, 0.8, 1.0))
-    mask = xp.asarray(_defects(bench_rng, frame_size))
+    light, bias, dark, flat = _calibration_inputs(backend.xp, bench_rng, frame_size)
+    mask = backend.xp.asarray(_defects(bench_rng, frame_size))
     out = benchmark(lambda: sync(calibrate(light, bias=bias, dark=dark, flat=flat, defects=mask,
                                            pattern=PATTERN)))
     assert out.shape == frame_size

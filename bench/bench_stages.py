@@ -23,7 +23,7 @@ N_LIGHTS = 6
 
 @pytest.fixture(scope="module")
 def session(frame_size):
-    from skystack.tools.bench import ensure_session, session_synth_config
+    from skystack.tools.bench.sessions import ensure_session, session_synth_config
     from skystack.engine.session import discover_session
 
     h, w = frame_size

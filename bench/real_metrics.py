@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from skystack.tools.bench import _box_stats, _colour_noise
+from skystack.tools.bench.quality import box_stats, colour_noise
 
 
 def _stars(image: np.ndarray):
@@ -141,12 +141,12 @@ class Scorer:
             scale = np.ones(img.shape[0] if img.ndim == 3 else 1)
         else:
             scale = relative_scale(img, self.ref_image, stars=st, ref_stars=self.stars[self.reference])
-        sig, sigb = _box_stats(img, self.mask, self.boxes, self.box)
+        sig, sigb = box_stats(img, self.mask, self.boxes, self.box)
         noise = [float(np.nanmedian(sig[:, c]) / scale[c]) for c in range(sig.shape[1])]
         noise_b = [float(np.nanmedian(sigb[:, c]) / scale[c]) for c in range(sigb.shape[1])]
         q = measure_quality(st)
         return {"noise": noise, "noise_mean": float(np.mean(noise)), "noise_binned": noise_b,
                 "noise_binned_mean": float(np.mean(noise_b)), "scale": [float(s) for s in scale],
-                "colour_noise": list(_colour_noise(img, scale, self.mask, self.boxes, self.box)),
+                "colour_noise": list(colour_noise(img, scale, self.mask, self.boxes, self.box)),
                 "fwhm_px": float(q.fwhm_px), "n_stars": int(q.n_stars), "n_boxes": int(len(self.boxes))}
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import sys
 
-from skystack.tools.bench import main
+from skystack.tools.bench.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

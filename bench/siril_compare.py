@@ -58,23 +58,20 @@ from typing import Any
 
 import numpy as np
 
-from skystack.tools.bench import (
-    PRESETS,
-    _session_files,
-    _warm_page_cache,
-    warm_memory,
-    _write_json,
+from skystack.tools.bench.cli import split_child_request
+from skystack.tools.bench.config import PRESETS
+from skystack.tools.bench.harness import results_name, write_json
+from skystack.tools.bench.machine import machine_info, machine_key
+from skystack.tools.bench.measure import run_child, run_measured
+from skystack.tools.bench.quality import star_free_mask, truth_quality
+from skystack.tools.bench.registration import measured_registration_error, registration_error
+from skystack.tools.bench.report import fmt_value, update_results_md
+from skystack.tools.bench.sessions import (
     ensure_session,
-    machine_info,
-    machine_key,
-    truth_quality,
-    measured_registration_error,
-    registration_error,
-    run_child,
-    run_measured,
+    session_files,
     session_synth_config,
-    star_free_mask,
-    update_results_md,
+    warm_memory,
+    warm_page_cache,
 )
 from skystack.engine.errors import SkystackError
 
@@ -427,12 +424,6 @@ def _matched_resolution(images: dict[str, np.ndarray], tools: dict[str, dict[str
                                            "noise_binned": got[1], "fwhm_px": got[2], "colour_noise": got[3]}
 
 
-def _fmt(v: Any, fmt: str = "{:.2f}") -> str:
-    if v is None or (isinstance(v, float) and not math.isfinite(v)):
-        return "-"
-    return fmt.format(v)
-
-
 def comparison_rows(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     tools = results["tools"]
     cols = ["metric", *[t["label"] for t in tools]]
@@ -461,33 +452,35 @@ def comparison_rows(results: dict[str, Any]) -> tuple[list[str], list[list[str]]
         return r.get(k)
 
     rows = [
-        row("wall time (s)", lambda t: _fmt(t.get("wall_s"))),
-        row("internal time (s)", lambda t: _fmt(t.get("internal_s"))),
-        row("CPU time (s)", lambda t: _fmt(t.get("cpu_s"))),
-        row("peak memory (MiB)", lambda t: _fmt((t.get("peak_rss_bytes") or 0) / 2**20, "{:.0f}")),
+        row("wall time (s)", lambda t: fmt_value(t.get("wall_s"))),
+        row("internal time (s)", lambda t: fmt_value(t.get("internal_s"))),
+        row("CPU time (s)", lambda t: fmt_value(t.get("cpu_s"))),
+        row("peak memory (MiB)", lambda t: fmt_value((t.get("peak_rss_bytes") or 0) / 2**20, "{:.0f}")),
         row("frames stacked", lambda t: str(t.get("frames_used", "-"))),
-        row("background noise (ADU, mean RGB)", lambda t: _fmt(q(t, "noise_mean_adu"), "{:.3f}")),
+        row("background noise (ADU, mean RGB)", lambda t: fmt_value(q(t, "noise_mean_adu"), "{:.3f}")),
         row("background noise R/G/B (ADU)",
-            lambda t: "/".join(_fmt(v, "{:.3f}") for v in (q(t, "noise_adu") or []))),
-        row("noise at 4x4 binning (ADU, mean RGB)", lambda t: _fmt(q(t, "noise_binned_mean_adu"), "{:.3f}")),
+            lambda t: "/".join(fmt_value(v, "{:.3f}") for v in (q(t, "noise_adu") or []))),
+        row("noise at 4x4 binning (ADU, mean RGB)", lambda t: fmt_value(q(t, "noise_binned_mean_adu"), "{:.3f}")),
         row("colour noise R-G / B-G (ADU)",
-            lambda t: "/".join(_fmt(v, "{:.3f}") for v in (q(t, "colour_noise_adu") or [])) or "-"),
-        row("median star FWHM (px)", lambda t: _fmt(q(t, "fwhm_px"), "{:.3f}")),
+            lambda t: "/".join(fmt_value(v, "{:.3f}") for v in (q(t, "colour_noise_adu") or [])) or "-"),
+        row("median star FWHM (px)", lambda t: fmt_value(q(t, "fwhm_px"), "{:.3f}")),
         row("at equal FWHM: noise 1x1 / 4x4 / colour (ADU)",
-            lambda t: f"{_fmt(mt(t, 'noise'), '{:.3f}')} / {_fmt(mt(t, 'noise_binned'), '{:.3f}')} / "
-                      f"{_fmt(mt(t, 'colour_noise'), '{:.3f}')} (FWHM {_fmt(mt(t, 'fwhm_px'), '{:.3f}')})"),
+            lambda t: f"{fmt_value(mt(t, 'noise'), '{:.3f}')} / {fmt_value(mt(t, 'noise_binned'), '{:.3f}')} / "
+                      f"{fmt_value(mt(t, 'colour_noise'), '{:.3f}')} (FWHM {fmt_value(mt(t, 'fwhm_px'), '{:.3f}')})"),
         row("faint-star completeness / 50 % limit (ADU)",
-            lambda t: f"{_fmt(q(t, 'completeness'), '{:.3f}')} / {_fmt(q(t, 'limit_flux_adu'), '{:.0f}')}"),
-        row("FWHM centre / corner ninths (px)", lambda t: f"{_fmt(rg(t, 'fwhm_centre'))} / {_fmt(rg(t, 'fwhm_corner'))}"),
-        row("elongation centre / corner", lambda t: f"{_fmt(rg(t, 'elong_centre'))} / {_fmt(rg(t, 'elong_corner'))}"),
+            lambda t: f"{fmt_value(q(t, 'completeness'), '{:.3f}')} / {fmt_value(q(t, 'limit_flux_adu'), '{:.0f}')}"),
+        row("FWHM centre / corner ninths (px)",
+            lambda t: f"{fmt_value(rg(t, 'fwhm_centre'))} / {fmt_value(rg(t, 'fwhm_corner'))}"),
+        row("elongation centre / corner",
+            lambda t: f"{fmt_value(rg(t, 'elong_centre'))} / {fmt_value(rg(t, 'elong_corner'))}"),
         row("stars detected", lambda t: str(q(t, "n_stars") or "-")),
         row("registration error RMS / max (px)",
-            lambda t: f"{_fmt(reg(t, 'rms_px'), '{:.3f}')} / {_fmt(reg(t, 'max_px'), '{:.3f}')}"),
+            lambda t: f"{fmt_value(reg(t, 'rms_px'), '{:.3f}')} / {fmt_value(reg(t, 'max_px'), '{:.3f}')}"),
         row("registration error measured from",
             lambda t: str(reg(t, "method") or "-") + (f" (floor {reg(t, 'floor_px'):.3f} px)"
                                                       if reg(t, "floor_px") is not None else "")),
-        row("background residual vs truth (ADU)", lambda t: _fmt(q(t, "bg_residual_adu"), "{:.3f}")),
-        row("large-scale background error (ADU)", lambda t: _fmt(q(t, "bg_large_scale_adu"), "{:.3f}")),
+        row("background residual vs truth (ADU)", lambda t: fmt_value(q(t, "bg_residual_adu"), "{:.3f}")),
+        row("large-scale background error (ADU)", lambda t: fmt_value(q(t, "bg_large_scale_adu"), "{:.3f}")),
     ]
     return cols, [r for r in rows if any(c.strip("-/ ") for c in r[1:])]
 
@@ -509,24 +502,18 @@ def markdown(results: dict[str, Any]) -> str:
 
 
 def compare(args: argparse.Namespace) -> dict[str, Any]:
+    """Stack one session with skystack, Siril and (when installed) the Python peer; score each.
+
+    Every tool runs in its own measured process on memory the host has
+    backed; the images are scored in the grid of light 0, against the truth
+    when the session has one. Returns the results :func:`main` prints and saves.
+    """
     from skystack.engine.io import read_meta
     from skystack.tools.synth import load_truth
 
     say = (lambda s: None) if args.quiet else (lambda s: print(s, file=sys.stderr, flush=True))
-    if args.session:
-        session = Path(args.session).expanduser()
-    else:
-        n, mp = PRESETS[args.preset]
-        n = args.frames or n
-        mp = args.megapixels or mp
-        if args.scene == "tripod":
-            from skystack.tools.synth_scene import tripod_config
-
-            scfg = tripod_config(file_format="fits", seed=args.seed, n_lights=args.frames or 40)
-        else:
-            scfg = session_synth_config(n, mp, file_format="fits", seed=args.seed)
-        session = ensure_session(scfg, args.cache_dir, quiet=args.quiet)
-    files = _session_files(session)
+    session = _compare_session(args)
+    files = session_files(session)
     truth = load_truth(session) if (session / "truth.json").is_file() else None  # None: real frames
     if truth is not None and truth.reference_index != 0:
         say("note: the session's truth reference is not light 0; metrics use light 0's grid anyway")
@@ -534,15 +521,61 @@ def compare(args: argparse.Namespace) -> dict[str, Any]:
     h, w = meta.shape[-2:]
     work_root = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="skystack-siril-"))
     work_root.mkdir(parents=True, exist_ok=True)
-    _warm_page_cache([*files.lights, *files.bias, *files.darks, *files.flats])
-    tools: list[dict[str, Any]] = []
+    warm_page_cache([*files.lights, *files.bias, *files.darks, *files.flats])
     # each tool starts on memory the host has backed: twice the registered frames (RGB float32) + 1 GiB
     warm = 2 * len(files.lights) * h * w * 12 + (1 << 30)
+    img_path = work_root / "skystack.npy"
 
-    # --- skystack (CPU, fresh process, same reference as Siril: light 0)
     say("skystack (cpu) ...")
     warm_memory(warm)
-    img_path = work_root / "skystack.npy"
+    sk, sk_entry = _run_skystack(args, session, files, work_root, img_path)
+    say("siril ...")
+    warm_memory(warm)
+    siril = _run_siril_entry(args, files, work_root)
+    tools: list[dict[str, Any]] = [sk_entry, siril]
+    peer = None
+    if _peer_available() and not args.no_peer and truth is not None:
+        say("ccdproc + astroalign ...")
+        peer = _run_peer_entry(session, work_root, args.timeout)
+        tools.append(peer)
+
+    # --- scoring, all in the grid of light 0
+    say("scoring ...")
+    images = _tool_images(sk_entry, siril, img_path, work_root)
+    if truth is None:
+        _score_real(images, sk_entry, siril, float(meta.white_level) - float(np.mean(meta.black_level)))
+    else:
+        _score_synthetic(images, truth, sk_entry, siril, peer, sk, work_root)
+    if not (peer is not None or args.no_peer):
+        tools.append({"label": "ccdproc+astroalign", "ok": False, "skipped": True,
+                      "error": "not installed (pip install ccdproc astroalign to include it)"})
+    results = _results(session, files, (w, h), truth is not None, tools, siril, work_root)
+    if not args.keep:
+        for sub in ("siril", "peer"):
+            shutil.rmtree(work_root / sub, ignore_errors=True)
+        img_path.unlink(missing_ok=True)
+    return results
+
+
+def _compare_session(args: argparse.Namespace) -> Path:
+    """The ``--session`` folder, or the synthetic FITS session of the preset/scene (built on first use)."""
+    if args.session:
+        return Path(args.session).expanduser()
+    n, mp = PRESETS[args.preset]
+    n = args.frames or n
+    mp = args.megapixels or mp
+    if args.scene == "tripod":
+        from skystack.tools.synth_scene import tripod_config
+
+        scfg = tripod_config(file_format="fits", seed=args.seed, n_lights=args.frames or 40)
+    else:
+        scfg = session_synth_config(n, mp, file_format="fits", seed=args.seed)
+    return ensure_session(scfg, args.cache_dir, quiet=args.quiet)
+
+
+def _run_skystack(args: argparse.Namespace, session: Path, files, work_root: Path, img_path: Path
+                  ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """skystack in a fresh process, same reference as Siril (light 0): its child result and its table entry."""
     sk = run_child({"mode": "stack", "session": str(session), "backend": args.backend or "cpu",
                     "workers": args.workers, "reference": str(files.lights[0]), "save_image": str(img_path),
                     "options": {k: v for k, v in (("debayer", args.debayer),
@@ -558,12 +591,11 @@ def compare(args: argparse.Namespace) -> dict[str, Any]:
                         timings=sk["timings"], skipped=sk.get("skipped"))
     else:
         sk_entry["error"] = sk.get("error")
-    tools.append(sk_entry)
+    return sk, sk_entry
 
-    # --- Siril
-    say("siril ...")
-    warm_memory(warm)
-    siril = None
+
+def _run_siril_entry(args: argparse.Namespace, files, work_root: Path) -> dict[str, Any]:
+    """Siril's table entry (installing ``siril-cli`` first when allowed and needed)."""
     try:
         exe = ensure_siril(install=not args.no_install)
         siril = run_siril(exe, files, work_root / "siril", timeout_s=args.timeout)
@@ -572,20 +604,21 @@ def compare(args: argparse.Namespace) -> dict[str, Any]:
     siril["label"] = f"Siril {siril.get('version') or ''}".strip()
     if siril.get("ok"):
         siril["frames_used"] = len(list((work_root / "siril" / "process").glob("r_pp_light_*.fit")))
-    tools.append(siril)
+    return siril
 
-    # --- Python peer
-    peer = None
-    if _peer_available() and not args.no_peer and truth is not None:
-        say("ccdproc + astroalign ...")
-        peer = run_peer(session, work_root / "peer", timeout_s=args.timeout)
-        peer["label"] = "ccdproc+astroalign"
-        if peer.get("ok"):
-            peer["frames_used"] = len(peer.get("transforms", {}))
-        tools.append(peer)
 
-    # --- scoring, all in the grid of light 0
-    say("scoring ...")
+def _run_peer_entry(session: Path, work_root: Path, timeout_s: float) -> dict[str, Any]:
+    """The Python peer's (ccdproc + astroalign) table entry."""
+    peer = run_peer(session, work_root / "peer", timeout_s=timeout_s)
+    peer["label"] = "ccdproc+astroalign"
+    if peer.get("ok"):
+        peer["frames_used"] = len(peer.get("transforms", {}))
+    return peer
+
+
+def _tool_images(sk_entry: dict[str, Any], siril: dict[str, Any], img_path: Path, work_root: Path
+                 ) -> dict[str, np.ndarray]:
+    """The stacked images of the tools that succeeded (skystack's ``.npy``, Siril's ``result.fit``)."""
     images = {}
     if sk_entry.get("ok"):
         images["skystack"] = np.load(img_path)
@@ -593,32 +626,26 @@ def compare(args: argparse.Namespace) -> dict[str, Any]:
         from astropy.io import fits
 
         images["siril"] = np.asarray(fits.getdata(work_root / "siril" / "result.fit"), dtype=np.float32)
-    if truth is None:
-        _score_real(images, sk_entry, siril, float(meta.white_level) - float(np.mean(meta.black_level)))
-    else:
-        _score_synthetic(images, truth, sk_entry, siril, peer, sk, work_root)
-    if not (peer is not None or args.no_peer):
-        tools.append({"label": "ccdproc+astroalign", "ok": False, "skipped": True,
-                      "error": "not installed (pip install ccdproc astroalign to include it)"})
+    return images
 
+
+def _results(session: Path, files, size: tuple[int, int], has_truth: bool, tools: list[dict[str, Any]],
+             siril: dict[str, Any], work_root: Path) -> dict[str, Any]:
+    """The comparison's results: command, machine (with Siril's version), session and the tools' entries."""
+    w, h = size
     info = machine_info()
     if siril.get("ok"):
         info["versions"]["siril"] = siril.get("version")
-    results = {
+    return {
         "command": " ".join(["python", "bench/siril_compare.py", *sys.argv[1:]]),
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "machine": info,
         "session": {"path": str(session), "lights": len(files.lights), "width": int(w), "height": int(h),
                     "bias": len(files.bias), "darks": len(files.darks), "flats": len(files.flats),
-                    "truth": truth is not None},
+                    "truth": has_truth},
         "tools": tools,
         "workdir": str(work_root),
     }
-    if not args.keep:
-        for sub in ("siril", "peer"):
-            shutil.rmtree(work_root / sub, ignore_errors=True)
-        img_path.unlink(missing_ok=True)
-    return results
 
 
 def print_results(results: dict[str, Any]) -> None:
@@ -672,9 +699,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["--peer"]:
-        return _peer_main(json.loads(argv[1]))
+    argv, spec = split_child_request(argv, "--peer")
+    if spec is not None:
+        return _peer_main(spec)
     args = build_parser().parse_args(argv)
     try:
         results = compare(args)
@@ -682,12 +709,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print_results(results)
-    stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    slug = re.sub(r"[^A-Za-z0-9]+", "-", machine_key(results["machine"])).strip("-").lower()[:60]
     s = results["session"]
-    out = Path(args.json) if args.json else REPO / "bench" / "results" / (
-        f"siril-{slug}-{s['lights']}x{s['width']}x{s['height']}-{stamp}.json")
-    _write_json(out, results)
+    out = Path(args.json) if args.json else REPO / "bench" / "results" / results_name(
+        results["machine"], f"{s['lights']}x{s['width']}x{s['height']}", prefix="siril-")
+    write_json(out, results)
     print(f"results: {out}")
     if args.results_md:
         scene = "" if args.scene == "telescope" else f", {args.scene} night"

@@ -1,4 +1,4 @@
-"""The benchmark machinery (tools/bench.py): sessions, isolated measurements, tables, JSON, metrics."""
+"""The benchmark machinery (tools/bench/): sessions, isolated measurements, tables, JSON, metrics."""
 
 from __future__ import annotations
 

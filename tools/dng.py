@@ -211,8 +211,33 @@ def write_dng(
     """
     import tifffile
 
+    from skystack.engine.output import atomic_path
+
     path = Path(path)
     cfa = np.asarray(cfa)
+    black, white = _checked_levels(path, cfa, pattern, black_level, white_level)
+    exif = dict(exif or {})
+    neutral = _as_shot_neutral(path, wb, as_shot_neutral)
+    cm = np.asarray(DEFAULT_COLOR_MATRIX if color_matrix is None else color_matrix, dtype=float)
+    if cm.shape != (3, 3):
+        raise OutputError(f"{path}: color_matrix must be 3x3, got shape {cm.shape}")
+    tags = _ifd0_tags(pattern, black, white, cm, neutral, exif)
+    exif_entries = _exif_tags_into(path, exif, tags)
+    tags.sort(key=lambda t: 34665 if isinstance(t[0], str) else t[0])
+
+    with atomic_path(path) as tmp_name:  # errors name the path and the fix
+        tifffile.imwrite(
+            tmp_name, np.ascontiguousarray(cfa), photometric="cfa", planarconfig=None,
+            compression=None, rowsperstrip=cfa.shape[0], metadata=None, software="skystack synth",
+            byteorder="<", bigtiff=False, extratags=tags,
+        )
+        with open(tmp_name, "r+b") as fh:
+            _patch_exif_ifd(fh, exif_entries)
+
+
+def _checked_levels(path: Path, cfa: np.ndarray, pattern: str, black_level: Sequence[float],
+                    white_level: int) -> tuple[list[float], int]:
+    """Validate the mosaic, its pattern and its levels; return ``(black, white)``."""
     if cfa.ndim != 2 or cfa.dtype != np.uint16:
         raise OutputError(f"{path}: DNG data must be a 2-D uint16 mosaic, got {cfa.dtype} {cfa.shape}")
     if pattern not in BAYER_PATTERNS:
@@ -223,8 +248,12 @@ def write_dng(
     white = int(white_level)
     if not 0 < white <= 65535 or any(b < 0 or b >= white for b in black):
         raise OutputError(f"{path}: need 0 <= black < white <= 65535, got black {black}, white {white}")
-    exif = dict(exif or {})
+    return black, white
 
+
+def _as_shot_neutral(path: Path, wb: Sequence[float] | None,
+                     as_shot_neutral: Sequence[float] | None) -> list[float]:
+    """``AsShotNeutral``: given, else ``1 / wb`` normalised to G = 1, else ``(1, 1, 1)``."""
     if as_shot_neutral is None:
         if wb is not None:
             mult = np.asarray(wb, dtype=float)
@@ -235,16 +264,16 @@ def write_dng(
         neutral = [float(v) for v in as_shot_neutral]
     if len(neutral) != 3 or min(neutral) <= 0:
         raise OutputError(f"{path}: AsShotNeutral/wb needs 3 positive values, got {neutral}")
-    cm = np.asarray(DEFAULT_COLOR_MATRIX if color_matrix is None else color_matrix, dtype=float)
-    if cm.shape != (3, 3):
-        raise OutputError(f"{path}: color_matrix must be 3x3, got shape {cm.shape}")
+    return neutral
 
+
+def _ifd0_tags(pattern: str, black: list[float], white: int, cm: np.ndarray, neutral: list[float],
+               exif: Mapping[str, Any]) -> list[tuple[int | str, int, int, Any, bool]]:
+    """The DNG tags of IFD0 (tifffile ``extratags``), capture settings not included."""
     make = str(exif.get("make") or "Skystack")
     model = str(exif.get("model") or "SynthCam")
     unique = model if model.startswith(make) else f"{make} {model}"
-
-    h = cfa.shape[0]
-    tags: list[tuple[int, int | str, int, Any, bool]] = [
+    return [
         (254, _LONG, 1, 0, True),  # NewSubfileType: main (full-resolution) image
         (271, _ASCII, 0, make, True),
         (272, _ASCII, 0, model, True),
@@ -267,6 +296,11 @@ def write_dng(
         (50728, _RATIONAL, 3, tuple(v for x in neutral for v in _rational(x, 10000)), True),
         (50778, _SHORT, 1, 21, True),  # CalibrationIlluminant1: D65
     ]
+
+
+def _exif_tags_into(path: Path, exif: Mapping[str, Any],
+                    tags: list[tuple[int | str, int, int, Any, bool]]) -> list[tuple[int, int, int, Any]]:
+    """Append the capture settings' IFD0 copies to ``tags``; return the EXIF IFD's entries."""
     try:
         exif_entries = _exif_entries(exif)
         if exif.get("timestamp") is not None:
@@ -280,15 +314,4 @@ def write_dng(
             tags.append((code, typ, 0, value, True))
         else:
             tags.append((code, typ, len(value), value[0] if len(value) == 1 else value, True))
-    tags.sort(key=lambda t: 34665 if isinstance(t[0], str) else t[0])
-
-    from skystack.engine.output import atomic_path
-
-    with atomic_path(path) as tmp_name:  # errors name the path and the fix
-        tifffile.imwrite(
-            tmp_name, np.ascontiguousarray(cfa), photometric="cfa", planarconfig=None,
-            compression=None, rowsperstrip=h, metadata=None, software="skystack synth",
-            byteorder="<", bigtiff=False, extratags=tags,
-        )
-        with open(tmp_name, "r+b") as fh:
-            _patch_exif_ifd(fh, exif_entries)
+    return exif_entries

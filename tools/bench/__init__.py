@@ -1,0 +1,66 @@
+"""End-to-end benchmark (``skystack bench``) and the quality metrics of the Siril comparison.
+
+:func:`run_benchmark` synthesizes a session of a given size (lights, bias,
+darks and flats; cached by configuration hash), measures the *decode floor*
+(the time to only decode every frame with the same
+:class:`~skystack.engine.producer.FrameProducer` thread pool) and runs
+:func:`~skystack.engine.stack.stack_session` once per available backend, each
+in a fresh Python process so that peak memory figures do not mix. It returns
+(and saves as JSON) per-stage seconds, frames/s and MP/s, peak memory, the
+decode floor and the ratio of pipeline time to decode floor, with the
+machine's CPU, cores, GPU and library versions.
+
+The quality measures ``bench/siril_compare.py`` prints side by side for
+skystack, Siril and a Python peer (background noise, FWHM, completeness,
+registration error, background residual) are in :mod:`.quality` and
+:mod:`.registration`.
+
+Modules: :mod:`.config` (presets, :class:`BenchConfig`), :mod:`.sessions`
+(cached synthetic sessions), :mod:`.machine` (hardware and versions),
+:mod:`.measure` (measured child processes), :mod:`.child` (what a child
+measures), :mod:`.harness` (:func:`run_benchmark`), :mod:`.report` (tables,
+markdown, RESULTS.md), :mod:`.cli` (``skystack bench`` options and
+``bench/run.py``). This package re-exports the names the CLI, ``bench/`` and
+the tests use.
+
+Run a child measurement by hand with
+``python -m skystack.tools.bench --one '{"mode": "decode", ...}'``.
+"""
+
+from skystack.tools.bench.child import LAUNCH_HOST_S
+from skystack.tools.bench.cli import add_bench_arguments, bench_command, main
+from skystack.tools.bench.config import PRESETS, BenchConfig
+from skystack.tools.bench.harness import run_benchmark
+from skystack.tools.bench.machine import machine_info, machine_key
+from skystack.tools.bench.measure import Measured, run_child, run_measured
+from skystack.tools.bench.quality import QualityMetrics, star_free_mask, truth_quality
+from skystack.tools.bench.registration import measured_registration_error, registration_error
+from skystack.tools.bench.report import bench_tables, markdown_tables, update_results_md
+from skystack.tools.bench.sessions import ensure_session, sensor_size, session_synth_config, warm_memory
+
+__all__ = [
+    "LAUNCH_HOST_S",
+    "PRESETS",
+    "BenchConfig",
+    "Measured",
+    "QualityMetrics",
+    "add_bench_arguments",
+    "bench_command",
+    "bench_tables",
+    "ensure_session",
+    "machine_info",
+    "machine_key",
+    "main",
+    "markdown_tables",
+    "truth_quality",
+    "measured_registration_error",
+    "registration_error",
+    "run_benchmark",
+    "run_child",
+    "run_measured",
+    "sensor_size",
+    "session_synth_config",
+    "star_free_mask",
+    "update_results_md",
+    "warm_memory",
+]
