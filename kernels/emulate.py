@@ -54,7 +54,7 @@ from skystack.engine.errors import KernelCompileError
 from skystack.kernels import KERNEL_DIR, KernelParam, check_args, parse_kernels
 
 __all__ = ["EmulatedModule", "emulated", "emulated_launch", "use_emulator", "emulator_available",
-           "cache_dir", "CXX_FLAGS"]
+           "cache_dir", "source_file", "CXX_FLAGS"]
 
 #: g++ flags of every emulation build.
 CXX_FLAGS: tuple[str, ...] = ("-O2", "-std=c++17", "-ffp-contract=off", "-fPIC", "-shared",
@@ -364,6 +364,21 @@ def _emulated(path: str, text: str, defines: tuple[str, ...], native: bool = Fal
     return EmulatedModule(source=path, defines=defines, path=so, signatures=signatures, _lib=lib)
 
 
+def source_file(source: str | os.PathLike) -> Path:
+    """The ``.cu`` file ``source`` names: a file in ``kernels/``, else a path.
+
+    Raises
+    ------
+    FileNotFoundError
+        When there is no such file.
+    """
+    p = Path(source)
+    full = p if p.is_absolute() or not (KERNEL_DIR / p).exists() else KERNEL_DIR / p
+    if not full.is_file():
+        raise FileNotFoundError(f"no CUDA source {source} (give a name in {KERNEL_DIR} or a path)")
+    return full
+
+
 def emulated(source: str | os.PathLike, defines: Sequence[str] = ()) -> EmulatedModule:
     """Build (once per source text and defines) the CPU emulation of a CUDA source.
 
@@ -385,12 +400,7 @@ def emulated(source: str | os.PathLike, defines: Sequence[str] = ()) -> Emulated
     KernelCompileError
         When g++ is missing or rejects the source (message holds its log).
     """
-    p = Path(source)
-    full = p if p.is_absolute() or not (KERNEL_DIR / p).exists() else KERNEL_DIR / p
-    if not full.is_file():
-        raise FileNotFoundError(f"no CUDA source {source} (give a name in {KERNEL_DIR} or a path)")
-    text = full.read_text()
-    return _emulated(str(source), text, tuple(str(d) for d in defines))
+    return _emulated(str(source), source_file(source).read_text(), tuple(str(d) for d in defines))
 
 
 def emulated_launch(source: str, kernel: str, n_items: int, args: Sequence[Any], *,

@@ -20,11 +20,9 @@ from __future__ import annotations
 
 import logging
 import os
-from pathlib import Path
 from typing import Sequence
 
-from skystack.kernels import KERNEL_DIR
-from skystack.kernels.emulate import EmulatedModule, _emulated, emulator_available
+from skystack.kernels.emulate import EmulatedModule, _emulated, emulator_available, source_file
 
 __all__ = ["native", "available", "threads"]
 
@@ -56,25 +54,9 @@ def threads() -> int:
 def native(source: str | os.PathLike, defines: Sequence[str] = ()) -> EmulatedModule:
     """Build (once per source text and defines) the native multi-core CPU module of a CUDA source.
 
-    Parameters
-    ----------
-    source : str or path
-        File name in ``kernels/`` (``"combine.cu"``), or a path to another ``.cu`` file.
-    defines : sequence of str
-        Preprocessor defines (``("MAX_FRAMES=64",)``).
-
-    Returns
-    -------
-    EmulatedModule
-        ``.launch(kernel, n_items, args)`` with NumPy arrays, as for the emulator.
-
-    Raises
-    ------
-    KernelCompileError
-        When g++ is missing or rejects the source.
+    ``source`` and ``defines`` as for :func:`skystack.kernels.emulate.emulated`
+    (``"combine.cu"``, ``("MAX_FRAMES=64",)``); so is the result,
+    ``.launch(kernel, n_items, args)`` on NumPy arrays, and the
+    ``KernelCompileError`` raised when g++ is missing or rejects the source.
     """
-    p = Path(source)
-    full = p if p.is_absolute() or not (KERNEL_DIR / p).exists() else KERNEL_DIR / p
-    if not full.is_file():
-        raise FileNotFoundError(f"no CUDA source {source} (give a name in {KERNEL_DIR} or a path)")
-    return _emulated(str(source), full.read_text(), tuple(str(d) for d in defines), True)
+    return _emulated(str(source), source_file(source).read_text(), tuple(str(d) for d in defines), True)
