@@ -51,9 +51,8 @@ import numpy as np
 from skystack.engine.backend import array_module, is_device_array, launch, run_cpu
 from skystack.engine.errors import SkystackError
 from skystack.engine.rejection import REGISTRY, ClipResult, RejectionMethod
-from skystack.engine.rejection.base import _FRAME_BUCKETS, MAX_SUPPORTED_FRAMES, ROBUST_MIN_KEPT
+from skystack.engine.rejection.base import _FRAME_BUCKETS, MAX_SUPPORTED_FRAMES, ROBUST_MIN_KEPT, WINSOR_MAX_ITER
 from skystack.engine.rejection.gesd import gesd_critical_values
-from skystack.engine.rejection.winsorized import WINSOR_MAX_ITER
 
 __all__ = ["ClipResult", "sigma_clip_mean", "combine", "METHODS", "DEFAULT_KAPPAS", "MAX_SUPPORTED_FRAMES",
            "WINSOR_MAX_ITER", "ROBUST_MIN_KEPT", "max_frames_define", "gesd_critical_values",

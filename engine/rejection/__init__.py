@@ -1,7 +1,9 @@
 """Rejection methods of :func:`skystack.engine.combine.combine`: one module each, and their registry.
 
 Each module (``sigma.py``, ``gesd.py``...) defines one method exactly in its
-docstring and declares it as ``METHOD``, a :class:`RejectionMethod`: its name,
+docstring (kl and kh there are ``kappa_low`` and ``kappa_high``; the rules every
+method shares, such as the fewest values a round may leave, are in
+:mod:`skystack.engine.combine`) and declares it as ``METHOD``, a :class:`RejectionMethod`: its name,
 default kappas and what they mean, its kernel entry in ``kernels/combine.cu`` and
 the kernel's NumPy twin (plus, where the method needs them, a kappa check, the
 host tables its kernel takes, or a fixed ``max_iter``). :data:`REGISTRY` holds

@@ -16,7 +16,7 @@ import numpy as np
 
 from skystack.engine.robust import MAD_TO_SIGMA
 
-__all__ = ["ClipResult", "RejectionMethod", "MAX_SUPPORTED_FRAMES", "ROBUST_MIN_KEPT"]
+__all__ = ["ClipResult", "RejectionMethod", "MAX_SUPPORTED_FRAMES", "ROBUST_MIN_KEPT", "WINSOR_MAX_ITER"]
 
 #: Compile-time sizes of the kernel's per-thread sort buffer (``-DMAX_FRAMES=``).
 _FRAME_BUCKETS = (64, 256, 1024, 4096)
@@ -24,6 +24,8 @@ _FRAME_BUCKETS = (64, 256, 1024, 4096)
 MAX_SUPPORTED_FRAMES = _FRAME_BUCKETS[-1]
 #: Sigma and winsorized (robust centre and scale) may reject down to this many kept values.
 ROBUST_MIN_KEPT = 2
+#: Most rounds of the winsorized (Huber) sigma loop (``WINSOR_MAX_ITER`` in combine.cu).
+WINSOR_MAX_ITER = 50
 
 _ZERO = np.float32(0.0)
 _HALF = np.float32(0.5)
@@ -242,3 +244,70 @@ def _kept_mean_ranks(v: np.ndarray, valid: np.ndarray, order: np.ndarray, kept_r
     kept = np.empty_like(kept_ranks)
     kept.ravel()[flat.ravel()] = kept_ranks.ravel()
     return _kept_mean(v, valid, kept, weights, shape)
+
+
+def _winsorized_sigma(sz: np.ndarray, inside: np.ndarray, cntf: np.ndarray, dof: np.ndarray,
+                      centre: np.ndarray, sigma: np.ndarray) -> np.ndarray:
+    """The Huber-like sigma of ``"winsorized"`` per column, from the start ``sigma``.
+
+    ``sz``: sorted values, 0 where none; ``inside``: 0/1 float mask of the kept ranks.
+    """
+    sigma = sigma.copy()
+    lo = np.full(sigma.shape, -np.inf, dtype=np.float32)
+    hi = np.full(sigma.shape, np.inf, dtype=np.float32)
+    act = np.arange(sigma.size)
+    for _ in range(WINSOR_MAX_ITER):
+        if act.size == 0:
+            break
+        c, sg, ins, cf, df = centre[act], sigma[act], inside[:, act], cntf[act], dof[act]
+        lo_a = np.maximum(lo[act], c - np.float32(1.5) * sg)
+        hi_a = np.minimum(hi[act], c + np.float32(1.5) * sg)
+        lo[act], hi[act] = lo_a, hi_a
+        wv = np.minimum(hi_a, np.maximum(lo_a, sz[:, act]))
+        wv *= ins
+        mean_w = _seqsum(wv) / cf
+        d = wv - mean_w
+        d *= ins
+        new = np.float32(1.134) * np.sqrt(_seqsum(d * d) / df)
+        sigma[act] = new
+        act = act[np.abs(new - sg) > sg * np.float32(0.0005)]
+    return sigma
+
+
+def _robust_clip_mean(winsorized: bool, cube: np.ndarray, kappa_low: np.float32, kappa_high: np.float32,
+                      max_iter: int, scale: np.ndarray, offset: np.ndarray, weights: np.ndarray) -> ClipResult:
+    """Twin of the sigma (``winsorized`` False) and winsorized kernels, whose rounds are ``combine_robust_rounds``.
+
+    The kept set is every valid value in an interval, so the kept values are a
+    rank range ``[a, b)`` of each pixel's sorted values.
+    """
+    n, h, w = cube.shape
+    v, valid = _normalised(cube, scale, offset)
+    srt = _sort_values(v)  # NaN last
+    srt_z = _zeroed(srt)
+    nvalid = valid.sum(axis=0)
+    a = np.zeros(v.shape[1], dtype=np.intp)
+    b = nvalid.astype(np.intp)
+    idx = np.flatnonzero(b >= 3) if max_iter > 0 else np.empty(0, dtype=np.intp)
+    for it in range(max_iter):
+        if idx.size == 0:
+            break
+        s, ai, bi = srt[:, idx], a[idx], b[idx]
+        centre = _median_sorted(s, ai, bi)
+        cntf = (bi - ai).astype(np.float32)
+        if winsorized or it == 0:
+            start = sigma = _mad_sigma(s, ai, bi, centre)
+        else:
+            start = sigma = _std_masked(srt_z[:, idx], _rank_mask(ai, bi, n).astype(np.float32), cntf, cntf)
+        if winsorized:
+            inside = _rank_mask(ai, bi, n).astype(np.float32)
+            sigma = _winsorized_sigma(srt_z[:, idx], inside, cntf, (bi - ai - 1).astype(np.float32), centre, start)
+        nv = nvalid[idx]
+        lo, hi = (ai, bi) if winsorized else (np.zeros_like(nv), nv)  # sigma: from every valid value
+        a2, b2 = _clip_range(s, lo, hi, nv, centre - kappa_low * sigma, centre + kappa_high * sigma)
+        go = (start > 0) & ((b2 - a2) >= ROBUST_MIN_KEPT) & ((a2 != ai) | (b2 != bi))
+        a[idx[go]] = a2[go]
+        b[idx[go]] = b2[go]
+        idx = idx[go]
+        idx = idx[b[idx] - a[idx] >= 3]  # the kernel's loop needs 3 kept values
+    return _kept_mean_interval(v, valid, srt, a, b, weights, (h, w))

@@ -3,8 +3,8 @@
 Generalized extreme Studentized deviate test (Rosner 1983), as in Siril
 and PixInsight; one pass (any ``max_iter >= 1``). **kl is the largest
 fraction of outliers** (default 0.3) **and kh the significance**
-(default 0.01; Siril's 0.05 rejects ~1.5 % of pure noise at 13 values). With the ``n`` valid values sorted, ``r = int(kl * n)``
-steps (while at least 3 values are left): ``mean`` and ``std1`` of the
+(default 0.01; Siril's 0.05 rejects ~1.5 % of pure noise at 13 values).
+With the ``n`` valid values sorted, ``r = int(kl * n)`` steps (while at least 3 values are left): ``mean`` and ``std1`` of the
 kept values; the value farthest from the mean (the highest on a tie) has
 deviation ``dev``; step ``j`` is significant if
 ``dev > lambda(m) * std1`` for the ``m`` values tested, with Rosner's
@@ -18,10 +18,6 @@ in rank order, ``mean = k + S1/m`` and ``std1 = sqrt(max(0, (S2 - S1 *
 (S1/m)) / (m-1)))``; a dropped ``d`` is subtracted from ``S1`` and ``d*d``
 from ``S2``, except where ``d*d > S2/2`` (a large outlier, whose difference
 would lose bits): there both sums are recomputed over the values left.
-
-The rules every method shares (the smallest kept count, ``max_iter = 0``, the median,
-the std, the MAD-sigma) are in :mod:`skystack.engine.combine`; kl and kh are
-``kappa_low`` and ``kappa_high``.
 """
 
 from __future__ import annotations

@@ -11,10 +11,6 @@ the values kept each round; rounds repeat like ``"sigma"``. A residual
 alone on its side of the line is exactly ``m/2`` sigma (the residuals sum
 to 0), so kappas of 1.5, 2, 2.5 meet 3, 4, 5 values on that edge, where
 rounding decides.
-
-The rules every method shares (the smallest kept count, ``max_iter = 0``, the median,
-the std, the MAD-sigma) are in :mod:`skystack.engine.combine`; kl and kh are
-``kappa_low`` and ``kappa_high``.
 """
 
 from __future__ import annotations

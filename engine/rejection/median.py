@@ -2,10 +2,6 @@
 
 The median of the valid values (``count`` = valid values, nothing
 rejected). Weights, kappas and ``max_iter`` are ignored.
-
-The rules every method shares (the smallest kept count, ``max_iter = 0``, the median,
-the std, the MAD-sigma) are in :mod:`skystack.engine.combine`; kl and kh are
-``kappa_low`` and ``kappa_high``.
 """
 
 from __future__ import annotations

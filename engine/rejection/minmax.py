@@ -5,10 +5,6 @@ for ``kappa >= 1`` and ``k = 1`` below (so ``kappa`` 0 still drops one
 value per side); nothing is dropped unless ``k_low + k_high + 3`` values
 are valid. Equal values are ranked in frame order (a stable sort), which
 decides which frame loses a tied value.
-
-The rules every method shares (the smallest kept count, ``max_iter = 0``, the median,
-the std, the MAD-sigma) are in :mod:`skystack.engine.combine`; kl and kh are
-``kappa_low`` and ``kappa_high``.
 """
 
 from __future__ import annotations

@@ -6,10 +6,6 @@ Siril), drop ``v < c - kl*|c|`` and ``v > c + kh*|c|``. **The kappas are
 fractions of the median here** (Siril's defaults are 0.2 and 0.1), not
 standard deviations; ``|c|`` keeps the bounds ordered for a negative median
 (Siril's data is never negative).
-
-The rules every method shares (the smallest kept count, ``max_iter = 0``, the median,
-the std, the MAD-sigma) are in :mod:`skystack.engine.combine`; kl and kh are
-``kappa_low`` and ``kappa_high``.
 """
 
 from __future__ import annotations
