@@ -1,22 +1,20 @@
 """``"gesd"``: the generalized extreme Studentized deviate test (kernel ``gesd_clip_mean``).
 
-Generalized extreme Studentized deviate test (Rosner 1983), as in Siril
-and PixInsight; one pass (any ``max_iter >= 1``). **kl is the largest
-fraction of outliers** (default 0.3) **and kh the significance**
-(default 0.01; Siril's 0.05 rejects ~1.5 % of pure noise at 13 values).
-With the ``n`` valid values sorted, ``r = int(kl * n)`` steps (while at least 3 values are left): ``mean`` and ``std1`` of the
-kept values; the value farthest from the mean (the highest on a tie) has
-deviation ``dev``; step ``j`` is significant if
-``dev > lambda(m) * std1`` for the ``m`` values tested, with Rosner's
-critical value ``lambda(m) = (m-1) t / sqrt((m-2+t^2) m)``, ``t`` the
-``1 - kh/(2m)`` quantile of Student's t with ``m - 2`` degrees of
-freedom (:func:`gesd_critical_values`); drop that value. The outliers are
-the values dropped up to the last significant step. The statistics come
-from running sums (one step costs O(1)): with ``d = s - k``, ``k`` the
-sorted middle value ``s[(n-1)//2]``, ``S1 = sum(d)`` and ``S2 = sum(d*d)``
-in rank order, ``mean = k + S1/m`` and ``std1 = sqrt(max(0, (S2 - S1 *
-(S1/m)) / (m-1)))``; a dropped ``d`` is subtracted from ``S1`` and ``d*d``
-from ``S2``, except where ``d*d > S2/2`` (a large outlier, whose difference
+Generalized extreme Studentized deviate test (Rosner 1983), as in Siril and PixInsight;
+one pass (any ``max_iter >= 1``). **kl is the largest fraction of outliers** (default
+0.3) **and kh the significance** (default 0.01; Siril's 0.05 rejects ~1.5 % of pure
+noise at 13 values). With the ``n`` valid values sorted, ``r = int(kl * n)`` steps
+(while at least 3 values are left): ``mean`` and ``std1`` of the kept values; the value
+farthest from the mean (the highest on a tie) has deviation ``dev``; step ``j`` is
+significant if ``dev > lambda(m) * std1`` for the ``m`` values tested, with Rosner's
+critical value ``lambda(m) = (m-1) t / sqrt((m-2+t^2) m)``, ``t`` the ``1 - kh/(2m)``
+quantile of Student's t with ``m - 2`` degrees of freedom
+(:func:`gesd_critical_values`); drop that value. The outliers are the values dropped up
+to the last significant step. The statistics come from running sums (one step costs
+O(1)): with ``d = s - k``, ``k`` the sorted middle value ``s[(n-1)//2]``, ``S1 =
+sum(d)`` and ``S2 = sum(d*d)`` in rank order, ``mean = k + S1/m`` and ``std1 =
+sqrt(max(0, (S2 - S1 * (S1/m)) / (m-1)))``; a dropped ``d`` is subtracted from ``S1``
+and ``d*d`` from ``S2``, except where ``d*d > S2/2`` (a large outlier, whose difference
 would lose bits): there both sums are recomputed over the values left.
 """
 
