@@ -304,7 +304,8 @@ __device__ bool combine_refuse(int nframes, long long i, float* mean_out, int* c
 
 // ------------------------------------------------------------------------------------ the kernels
 // Every combine kernel takes these parameters (GESD adds its critical values between the two
-// lists) and runs combine_pixel (defined after the methods, at the end) on each of its pixels.
+// lists) and runs combine_pixel<its method> (defined after the methods, at the end) on each
+// of its pixels.
 #define COMBINE_TILE_PARAMS \
     const float* __restrict__ cube, long long npix, int nframes, const float* __restrict__ scale, \
     const float* __restrict__ offset, const float* __restrict__ weights
@@ -320,11 +321,11 @@ __device__ bool combine_refuse(int nframes, long long i, float* mean_out, int* c
 #define COMBINE_MINMAX 5
 #define COMBINE_MEDIAN 6
 
-__device__ __forceinline__ void combine_pixel(int method, const float* cube, long long npix, long long i,
-                                              int nframes, const float* scale, const float* offset,
-                                              const float* weights, const float* lambda, float kappa_low,
-                                              float kappa_high, int max_iter, float* mean_out, int* count_out,
-                                              unsigned long long* rejected);
+template <int METHOD>
+__device__ __forceinline__ void combine_pixel(const float* cube, long long npix, long long i, int nframes,
+                                              const float* scale, const float* offset, const float* weights,
+                                              const float* lambda, float kappa_low, float kappa_high, int max_iter,
+                                              float* mean_out, int* count_out, unsigned long long* rejected);
 
 // Winsorized sigma (Huber, as Siril's) of the sorted kept values s[a..b) around their median
 // centre, from the start sigma: repeat at most WINSOR_MAX_ITER times L = max(L, centre - 1.5 sigma),
@@ -388,8 +389,8 @@ extern "C" __global__ void sigma_clip_mean(COMBINE_TILE_PARAMS, COMBINE_CLIP_PAR
 {
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < npix;
          i += (long long)blockDim.x * gridDim.x)
-        combine_pixel(COMBINE_SIGMA, cube, npix, i, nframes, scale, offset, weights, nullptr, kappa_low,
-                      kappa_high, max_iter, mean_out, count_out, rejected);
+        combine_pixel<COMBINE_SIGMA>(cube, npix, i, nframes, scale, offset, weights, nullptr, kappa_low,
+                                     kappa_high, max_iter, mean_out, count_out, rejected);
 }
 
 // Winsorized sigma clipping (Siril's, from a robust start): combine_robust_rounds with the
@@ -398,8 +399,8 @@ extern "C" __global__ void winsorized_clip_mean(COMBINE_TILE_PARAMS, COMBINE_CLI
 {
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < npix;
          i += (long long)blockDim.x * gridDim.x)
-        combine_pixel(COMBINE_WINSORIZED, cube, npix, i, nframes, scale, offset, weights, nullptr, kappa_low,
-                      kappa_high, max_iter, mean_out, count_out, rejected);
+        combine_pixel<COMBINE_WINSORIZED>(cube, npix, i, nframes, scale, offset, weights, nullptr, kappa_low,
+                                          kappa_high, max_iter, mean_out, count_out, rejected);
 }
 
 // Linear fit clipping (Siril): per round, with the m kept values sorted (s[0..m), x = rank
@@ -451,8 +452,8 @@ extern "C" __global__ void linear_fit_clip_mean(COMBINE_TILE_PARAMS, COMBINE_CLI
 {
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < npix;
          i += (long long)blockDim.x * gridDim.x)
-        combine_pixel(COMBINE_LINEAR, cube, npix, i, nframes, scale, offset, weights, nullptr, kappa_low,
-                      kappa_high, max_iter, mean_out, count_out, rejected);
+        combine_pixel<COMBINE_LINEAR>(cube, npix, i, nframes, scale, offset, weights, nullptr, kappa_low,
+                                      kappa_high, max_iter, mean_out, count_out, rejected);
 }
 
 // Sums over the shifted sorted values d[a..b) in rank order: *s1 = sum(d), *s2 = sum(d*d).
@@ -519,8 +520,8 @@ extern "C" __global__ void gesd_clip_mean(COMBINE_TILE_PARAMS, const float* __re
 {
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < npix;
          i += (long long)blockDim.x * gridDim.x)
-        combine_pixel(COMBINE_GESD, cube, npix, i, nframes, scale, offset, weights, lambda, kappa_low,
-                      kappa_high, max_iter, mean_out, count_out, rejected);
+        combine_pixel<COMBINE_GESD>(cube, npix, i, nframes, scale, offset, weights, lambda, kappa_low,
+                                    kappa_high, max_iter, mean_out, count_out, rejected);
 }
 
 // Percentile clipping (Siril), one pass (max_iter >= 1): c = median of the n valid values;
@@ -547,8 +548,8 @@ extern "C" __global__ void percentile_clip_mean(COMBINE_TILE_PARAMS, COMBINE_CLI
 {
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < npix;
          i += (long long)blockDim.x * gridDim.x)
-        combine_pixel(COMBINE_PERCENTILE, cube, npix, i, nframes, scale, offset, weights, nullptr, kappa_low,
-                      kappa_high, max_iter, mean_out, count_out, rejected);
+        combine_pixel<COMBINE_PERCENTILE>(cube, npix, i, nframes, scale, offset, weights, nullptr, kappa_low,
+                                          kappa_high, max_iter, mean_out, count_out, rejected);
 }
 
 // Values min/max rejection drops on one side: (int)kappa for kappa >= 1 (at most MAX_FRAMES), else 1.
@@ -563,8 +564,8 @@ extern "C" __global__ void minmax_clip_mean(COMBINE_TILE_PARAMS, COMBINE_CLIP_PA
 {
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < npix;
          i += (long long)blockDim.x * gridDim.x)
-        combine_pixel(COMBINE_MINMAX, cube, npix, i, nframes, scale, offset, weights, nullptr, kappa_low,
-                      kappa_high, max_iter, mean_out, count_out, rejected);
+        combine_pixel<COMBINE_MINMAX>(cube, npix, i, nframes, scale, offset, weights, nullptr, kappa_low,
+                                      kappa_high, max_iter, mean_out, count_out, rejected);
 }
 
 // Median combine: the median of the n sorted valid values (NaN if none), count n, nothing rejected
@@ -580,27 +581,28 @@ extern "C" __global__ void median_combine(COMBINE_TILE_PARAMS, COMBINE_CLIP_PARA
 {
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < npix;
          i += (long long)blockDim.x * gridDim.x)
-        combine_pixel(COMBINE_MEDIAN, cube, npix, i, nframes, scale, offset, weights, nullptr, kappa_low,
-                      kappa_high, max_iter, mean_out, count_out, rejected);
+        combine_pixel<COMBINE_MEDIAN>(cube, npix, i, nframes, scale, offset, weights, nullptr, kappa_low,
+                                      kappa_high, max_iter, mean_out, count_out, rejected);
 }
 
-// Pixel i of the kernel of `method`: refuse a tile too large for this build, load and sort the
-// valid values, take the method's kept rank range [a, b) of them and write the result.
-__device__ __forceinline__ void combine_pixel(int method, const float* cube, long long npix, long long i,
-                                              int nframes, const float* scale, const float* offset,
-                                              const float* weights, const float* lambda, float kappa_low,
-                                              float kappa_high, int max_iter, float* mean_out, int* count_out,
-                                              unsigned long long* rejected)
+// Pixel i of the kernel of METHOD (a template parameter, so each kernel gets its own code):
+// refuse a tile too large for this build, load and sort the valid values, take the method's
+// kept rank range [a, b) of them and write the result.
+template <int METHOD>
+__device__ __forceinline__ void combine_pixel(const float* cube, long long npix, long long i, int nframes,
+                                              const float* scale, const float* offset, const float* weights,
+                                              const float* lambda, float kappa_low, float kappa_high, int max_iter,
+                                              float* mean_out, int* count_out, unsigned long long* rejected)
 {
     if (combine_refuse(nframes, i, mean_out, count_out)) return;
     float s[MAX_FRAMES];
     unsigned short id[MAX_FRAMES];
-    const int n = combine_load_sorted(cube, npix, i, nframes, scale, offset, s, id, method == COMBINE_SIGMA);
+    const int n = combine_load_sorted(cube, npix, i, nframes, scale, offset, s, id, METHOD == COMBINE_SIGMA);
     int a = 0, b = n;
-    switch (method) {
+    switch (METHOD) {
     case COMBINE_SIGMA:
     case COMBINE_WINSORIZED:
-        combine_robust_rounds(method == COMBINE_WINSORIZED, s, n, kappa_low, kappa_high, max_iter, &a, &b);
+        combine_robust_rounds(METHOD == COMBINE_WINSORIZED, s, n, kappa_low, kappa_high, max_iter, &a, &b);
         break;
     case COMBINE_LINEAR:
         b = combine_linear_fit_rounds(s, id, n, kappa_low, kappa_high, max_iter);
@@ -623,6 +625,6 @@ __device__ __forceinline__ void combine_pixel(int method, const float* cube, lon
         combine_write_median(s, n, i, mean_out, count_out);
         return;
     }
-    combine_finish(cube, npix, i, nframes, scale, offset, weights, s, id, a, b, method == COMBINE_SIGMA,
+    combine_finish(cube, npix, i, nframes, scale, offset, weights, s, id, a, b, METHOD == COMBINE_SIGMA,
                    mean_out, count_out, rejected);
 }

@@ -176,10 +176,12 @@ __device__ __forceinline__ float warp_bilinear_sample(const float* s, int src_h,
     return acc / wsum;
 }
 
-// Output pixel i of every channel (Lanczos-3, else bilinear): NaN where the nearest source pixel
-// lies outside the frame or is NaN, else the channel's sample.
-__device__ __forceinline__ void warp_pixel(bool lanczos3, const float* src, float* dst, long long i, long long n,
-                                           int channels, int src_h, int src_w, int dst_w, WARP_MAP_PARAMS)
+// Output pixel i of every channel (LANCZOS3, else bilinear; a template parameter, so each kernel
+// gets its own code): NaN where the nearest source pixel lies outside the frame or is NaN, else
+// the channel's sample.
+template <bool LANCZOS3>
+__device__ __forceinline__ void warp_pixel(const float* src, float* dst, long long i, long long n, int channels,
+                                           int src_h, int src_w, int dst_w, WARP_MAP_PARAMS)
 {
     const long long plane = (long long)src_h * src_w;
     const float x = (float)(i % dst_w);
@@ -201,7 +203,7 @@ __device__ __forceinline__ void warp_pixel(bool lanczos3, const float* src, floa
     float wx[6], wy[6];
     bool all_inside = false;
     float hw_all = 0.0f;
-    if (lanczos3) {
+    if (LANCZOS3) {
         warp_lanczos3_weights(u - fu0, (fu0 + 1.0f) - u, wx);
         warp_lanczos3_weights(v - fv0, (fv0 + 1.0f) - v, wy);
         all_inside = iu >= 2 && iu + 3 < src_w && iv >= 2 && iv + 3 < src_h;
@@ -220,7 +222,7 @@ __device__ __forceinline__ void warp_pixel(bool lanczos3, const float* src, floa
             dst[c * n + i] = nanf("");
             continue;
         }
-        dst[c * n + i] = lanczos3 ? warp_lanczos3_sample(s, src_h, src_w, iu, iv, wx, wy, all_inside, hw_all)
+        dst[c * n + i] = LANCZOS3 ? warp_lanczos3_sample(s, src_h, src_w, iu, iv, wx, wy, all_inside, hw_all)
                                   : warp_bilinear_sample(s, src_h, src_w, iu, iv, wx, wy);
     }
 }
@@ -230,7 +232,7 @@ extern "C" __global__ void warp_lanczos3(const float* __restrict__ src, float* _
 {
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
          i += (long long)blockDim.x * gridDim.x)
-        warp_pixel(true, src, dst, i, n, channels, src_h, src_w, dst_w, WARP_MAP_ARGS);
+        warp_pixel<true>(src, dst, i, n, channels, src_h, src_w, dst_w, WARP_MAP_ARGS);
 }
 
 extern "C" __global__ void warp_bilinear(const float* __restrict__ src, float* __restrict__ dst, long long n,
@@ -238,5 +240,5 @@ extern "C" __global__ void warp_bilinear(const float* __restrict__ src, float* _
 {
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
          i += (long long)blockDim.x * gridDim.x)
-        warp_pixel(false, src, dst, i, n, channels, src_h, src_w, dst_w, WARP_MAP_ARGS);
+        warp_pixel<false>(src, dst, i, n, channels, src_h, src_w, dst_w, WARP_MAP_ARGS);
 }
