@@ -208,8 +208,25 @@ def _parse_param(text: str, kernel: str) -> KernelParam:
                        const=const, decl=type_decl)
 
 
+#: An object-like ``#define NAME text`` (continuation lines included; not ``NAME(args)``).
+_DEFINE_RE = re.compile(r"^[ \t]*#[ \t]*define[ \t]+([A-Za-z_]\w*)(?![\w(])((?:[^\n]*\\\n)*[^\n]*)", re.M)
+
+
+def _expand_macros(text: str, macros: dict[str, str], kernel: str) -> str:
+    """``text`` with the object-like ``macros`` expanded (a parameter list shared by several kernels)."""
+    for _ in range(16):
+        new = re.sub(r"[A-Za-z_]\w*", lambda m: macros.get(m[0], m[0]), text)
+        if new == text:
+            return text
+        text = new
+    raise ValueError(f"kernel {kernel}: its signature's macros do not expand")
+
+
 def parse_kernels(text: str) -> dict[str, tuple[KernelParam, ...]]:
     """Parse every ``extern "C" __global__ void name(...)`` entry point of a CUDA source.
+
+    A signature may use the source's object-like macros (``#define COMBINE_IN
+    const float* cube, ...``): kernels that take the same parameters share one list.
 
     Parameters
     ----------
@@ -222,6 +239,7 @@ def parse_kernels(text: str) -> dict[str, tuple[KernelParam, ...]]:
         Kernel name -> its parameters, in source order.
     """
     src = strip_comments(text)
+    macros = {m[1]: m[2].replace("\\\n", " ").strip() for m in _DEFINE_RE.finditer(src)}
     kernels: dict[str, tuple[KernelParam, ...]] = {}
     for m in _ENTRY_RE.finditer(src):
         name = m.group(1)
@@ -231,7 +249,7 @@ def parse_kernels(text: str) -> dict[str, tuple[KernelParam, ...]]:
             j += 1
         if depth:
             raise ValueError(f"kernel {name}: unbalanced parentheses in its signature")
-        inner = src[m.end():j - 1].strip()
+        inner = _expand_macros(src[m.end():j - 1], macros, name).strip()
         params = () if inner in ("", "void") else tuple(
             _parse_param(p, name) for p in inner.split(",")
         )

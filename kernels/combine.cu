@@ -1,5 +1,5 @@
 // combine.cu -- per-pixel rejection + (weighted) mean of an (N, H, W) tile, one kernel per
-// rejection method (skystack.engine.combine documents each method exactly).
+// rejection method (each documented exactly by its module in skystack.engine.rejection).
 //
 // Every kernel: one thread per pixel i (grid-stride). For frame f the value is
 // v = cube[f*npix + i] * scale[f] + offset[f]; non-finite v (NaN = no data, or inf)
@@ -9,7 +9,7 @@
 // A rejection round never leaves fewer than 3 kept values (2 for sigma and winsorized;
 // such a round is not applied and rejection stops) and max_iter = 0 turns rejection off.
 // All arithmetic is float32 with no fused multiply-add and every sum runs in a
-// fixed order, so the NumPy twins in skystack.engine.combine give the same bits.
+// fixed order, so the NumPy twins (skystack.engine.rejection) give the same bits.
 //
 //   sigma_clip_mean       kappa-sigma clipping (median centre, MAD sigma), iterated
 //   winsorized_clip_mean  winsorized sigma clipping (Huber sigma from a MAD start, 1.134 correction), iterated
@@ -35,6 +35,10 @@
 // The other kernels sort (value, frame) pairs -- ties in frame order, like a stable
 // sort -- so a rank maps to one frame even where values repeat (minmax, linear fit);
 // their sums run in rank order.
+//
+// Each kernel runs combine_pixel on its pixels: load and sort the valid values, take its
+// method's kept rank range (the method's function just above the kernel) and write the
+// result (combine_finish). Adding a method: its function, its kernel, a case in combine_pixel.
 
 // The compile check also builds the smallest and largest sizes engine/combine.py picks:
 // compile-check-defines: MAX_FRAMES=64
@@ -194,10 +198,13 @@ __device__ void combine_rank_sort(const float* t, const unsigned short* tf, int 
     }
 }
 
-// Loads the valid normalised values of pixel i with their frame numbers and sorts them
-// (ascending, equal values in frame order); returns how many there are.
+// Loads the valid normalised values of pixel i and sorts them (ascending); returns how many there
+// are. Their frames go to id (equal values in frame order) unless values_only (sigma, whose kept
+// set is a value interval): then, above COMBINE_SMALL frames, a heapsort of the values alone sorts
+// them and id is left unset.
 __device__ int combine_load_sorted(const float* cube, long long npix, long long i, int nframes,
-                                   const float* scale, const float* offset, float* s, unsigned short* id)
+                                   const float* scale, const float* offset, float* s, unsigned short* id,
+                                   bool values_only)
 {
     if (nframes <= COMBINE_SMALL) {
         float t[COMBINE_SMALL];
@@ -217,11 +224,15 @@ __device__ int combine_load_sorted(const float* cube, long long npix, long long 
         const float v = combine_value(cube, npix, i, f, scale, offset);
         if (isfinite(v)) {
             s[n] = v;
-            id[n] = (unsigned short)f;
+            if (!values_only) id[n] = (unsigned short)f;
             ++n;
         }
     }
-    combine_pair_sort(s, id, n);
+    if (values_only) {
+        combine_heap_sort(s, n);
+    } else {
+        combine_pair_sort(s, id, n);
+    }
     return n;
 }
 
@@ -250,19 +261,28 @@ __device__ void combine_clip_range(const float* s, int a, int b, float lo, float
     *b2 = nb;
 }
 
-// Writes the pixel's result: kept = the frames id[a..b). s is reused as a per-frame flag.
+// Writes the pixel's result: the weighted mean (frame order) of the kept values, their count
+// b - a, and a rejection for each valid value not kept. Kept: the frames id[a..b) (s is reused as
+// a per-frame flag), or, by_value (sigma: its kept set is every valid value in an interval), the
+// valid values in [s[a], s[b-1]].
 __device__ void combine_finish(const float* cube, long long npix, long long i, int nframes,
                                const float* scale, const float* offset, const float* weights,
-                               float* s, const unsigned short* id, int a, int b,
+                               float* s, const unsigned short* id, int a, int b, bool by_value,
                                float* mean_out, int* count_out, unsigned long long* rejected)
 {
-    for (int f = 0; f < nframes; ++f) s[f] = 0.0f;
-    for (int r = a; r < b; ++r) s[id[r]] = 1.0f;
+    float lo_v = __int_as_float(0x7f800000), hi_v = -lo_v;  // by value, nothing kept: an empty interval
+    if (by_value && b > a) {
+        lo_v = s[a];
+        hi_v = s[b - 1];
+    } else if (!by_value) {
+        for (int f = 0; f < nframes; ++f) s[f] = 0.0f;
+        for (int r = a; r < b; ++r) s[id[r]] = 1.0f;
+    }
     float acc = 0.0f, wsum = 0.0f;
     for (int f = 0; f < nframes; ++f) {
         const float v = combine_value(cube, npix, i, f, scale, offset);
         if (!isfinite(v)) continue;
-        if (s[f] != 0.0f) {
+        if (by_value ? v >= lo_v && v <= hi_v : s[f] != 0.0f) {
             acc += weights[f] * v;
             wsum += weights[f];
         } else {
@@ -282,187 +302,158 @@ __device__ bool combine_refuse(int nframes, long long i, float* mean_out, int* c
     return true;
 }
 
-extern "C" __global__ void sigma_clip_mean(
-    const float* __restrict__ cube, long long npix, int nframes,
-    const float* __restrict__ scale, const float* __restrict__ offset,
-    const float* __restrict__ weights,
-    float kappa_low, float kappa_high, int max_iter,
-    float* __restrict__ mean_out, int* __restrict__ count_out,
-    unsigned long long* __restrict__ rejected)
+// ------------------------------------------------------------------------------------ the kernels
+// Every combine kernel takes these parameters (GESD adds its critical values between the two
+// lists) and runs combine_pixel<its method> (defined after the methods, at the end) on each
+// of its pixels.
+#define COMBINE_TILE_PARAMS \
+    const float* __restrict__ cube, long long npix, int nframes, const float* __restrict__ scale, \
+    const float* __restrict__ offset, const float* __restrict__ weights
+#define COMBINE_CLIP_PARAMS \
+    float kappa_low, float kappa_high, int max_iter, float* __restrict__ mean_out, int* __restrict__ count_out, \
+    unsigned long long* __restrict__ rejected
+
+#define COMBINE_SIGMA 0
+#define COMBINE_WINSORIZED 1
+#define COMBINE_LINEAR 2
+#define COMBINE_GESD 3
+#define COMBINE_PERCENTILE 4
+#define COMBINE_MINMAX 5
+#define COMBINE_MEDIAN 6
+
+template <int METHOD>
+__device__ __forceinline__ void combine_pixel(const float* cube, long long npix, long long i, int nframes,
+                                              const float* scale, const float* offset, const float* weights,
+                                              const float* lambda, float kappa_low, float kappa_high, int max_iter,
+                                              float* mean_out, int* count_out, unsigned long long* rejected);
+
+// Winsorized sigma (Huber, as Siril's) of the sorted kept values s[a..b) around their median
+// centre, from the start sigma: repeat at most WINSOR_MAX_ITER times L = max(L, centre - 1.5 sigma),
+// U = min(U, centre + 1.5 sigma) (L, U start at -inf, +inf), w = the values clamped to [L, U],
+// sigma' = 1.134 * std(w), stop once |sigma' - sigma| <= 0.0005 sigma. The std here divides by
+// (n - 1), as Siril's does.
+__device__ __forceinline__ float combine_winsorized_sigma(const float* s, int a, int b, float centre, float sigma)
 {
-    float s[MAX_FRAMES];
-    const float nan = __int_as_float(0x7fc00000);
-    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < npix;
-         i += (long long)blockDim.x * gridDim.x) {
-        if (nframes > MAX_FRAMES) {  // the caller picks MAX_FRAMES >= nframes
-            mean_out[i] = nan;
-            count_out[i] = -1;
-            continue;
+    const float inf = __int_as_float(0x7f800000);
+    const float cntf = (float)(b - a);
+    const float dof = (float)(b - a - 1);
+    float lo_w = -inf, hi_w = inf;
+    for (int j = 0; j < WINSOR_MAX_ITER; ++j) {
+        lo_w = fmaxf(lo_w, centre - 1.5f * sigma);
+        hi_w = fminf(hi_w, centre + 1.5f * sigma);
+        float sum = 0.0f;
+        for (int r = a; r < b; ++r) sum += fminf(hi_w, fmaxf(lo_w, s[r]));
+        const float mean_w = sum / cntf;
+        float ss = 0.0f;
+        for (int r = a; r < b; ++r) {
+            const float d = fminf(hi_w, fmaxf(lo_w, s[r])) - mean_w;
+            ss += d * d;
         }
-        int n = 0;
-        if (nframes <= COMBINE_SMALL) {  // the frames are not needed here, only the sorted values
-            unsigned short id[COMBINE_SMALL];
-            float t[COMBINE_SMALL];
-            unsigned short tf[COMBINE_SMALL];
-            for (int f = 0; f < nframes; ++f) {
-                const float v = cube[f * npix + i] * scale[f] + offset[f];
-                t[n] = v;
-                tf[n] = (unsigned short)f;
-                n += isfinite(v) ? 1 : 0;
-            }
-            combine_rank_sort(t, tf, n, s, id);
-        } else {
-            for (int f = 0; f < nframes; ++f) {
-                const float v = cube[f * npix + i] * scale[f] + offset[f];
-                if (isfinite(v)) s[n++] = v;
-            }
-            combine_heap_sort(s, n);
-        }
-        int a = 0, b = n;
-        for (int it = 0; it < max_iter && b - a >= 3; ++it) {
-            const float centre = combine_median(s, a, b);
-            const float sigma = it == 0 ? combine_mad_sigma(s, a, b, centre) : combine_std(s, a, b, 0);
-            if (!(sigma > 0.0f)) break;
-            const float lo = centre - kappa_low * sigma;
-            const float hi = centre + kappa_high * sigma;
-            int a2 = 0, b2 = n;  // from every valid value: a value rejected early may come back
-            while (a2 < b2 && s[a2] < lo) ++a2;
-            while (b2 > a2 && s[b2 - 1] > hi) --b2;
-            if (b2 - a2 < COMBINE_ROBUST_MIN_KEPT || (a2 == a && b2 == b)) break;
-            a = a2;
-            b = b2;
-        }
-        const int cnt = b - a;
-        float acc = 0.0f, wsum = 0.0f;
-        if (cnt > 0) {
-            const float lo_v = s[a], hi_v = s[b - 1];
-            for (int f = 0; f < nframes; ++f) {
-                const float v = cube[f * npix + i] * scale[f] + offset[f];
-                if (!isfinite(v)) continue;
-                if (v >= lo_v && v <= hi_v) {
-                    acc += weights[f] * v;
-                    wsum += weights[f];
-                } else {
-                    atomicAdd(&rejected[f], 1ULL);
-                }
-            }
-        }
-        mean_out[i] = wsum > 0.0f ? acc / wsum : nan;
-        count_out[i] = cnt;
+        const float sigma0 = sigma;
+        sigma = 1.134f * sqrtf(ss / dof);
+        if (!(fabsf(sigma - sigma0) > sigma0 * 0.0005f)) break;
     }
+    return sigma;
 }
 
-// Winsorized sigma clipping (Siril's, from a robust start): per round, centre = median(kept)
-// and, starting from sigma = combine_mad_sigma (stop if 0), repeat at most WINSOR_MAX_ITER times: L = max(L, centre - 1.5 sigma),
-// U = min(U, centre + 1.5 sigma) (L, U start at -inf, +inf), w = kept clamped to [L, U],
-// sigma' = 1.134 * std(w), stop once |sigma' - sigma| <= 0.0005 sigma; then drop the kept
-// values below centre - kappa_low*sigma' or above centre + kappa_high*sigma'.
-// The std here divides by (n - 1), as Siril's does. A round may leave 2 values.
-extern "C" __global__ void winsorized_clip_mean(
-    const float* __restrict__ cube, long long npix, int nframes,
-    const float* __restrict__ scale, const float* __restrict__ offset,
-    const float* __restrict__ weights,
-    float kappa_low, float kappa_high, int max_iter,
-    float* __restrict__ mean_out, int* __restrict__ count_out,
-    unsigned long long* __restrict__ rejected)
+// The rounds of sigma and winsorized clipping on the n sorted valid values s: the kept rank
+// range [*pa, *pb). Per round (while b - a >= 3): centre = median(kept); sigma = the MAD-sigma
+// of the kept values (stop if 0), then for sigma clipping after the first round the std of the
+// kept values (ddof 0, rank order) instead, for winsorized the winsorized sigma from the MAD
+// start; keep the values in [centre - kappa_low*sigma, centre + kappa_high*sigma], out of all
+// the valid values for sigma clipping (a value the noisy MAD dropped may come back) and out of
+// the kept ones for winsorized. Stop when nothing changes, or keep the previous set and stop
+// when fewer than COMBINE_ROBUST_MIN_KEPT values would remain.
+__device__ __forceinline__ void combine_robust_rounds(bool winsorized, const float* s, int n, float kappa_low,
+                                                      float kappa_high, int max_iter, int* pa, int* pb)
 {
-    float s[MAX_FRAMES];
-    unsigned short id[MAX_FRAMES];
-    const float inf = __int_as_float(0x7f800000);
-    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < npix;
-         i += (long long)blockDim.x * gridDim.x) {
-        if (combine_refuse(nframes, i, mean_out, count_out)) continue;
-        const int n = combine_load_sorted(cube, npix, i, nframes, scale, offset, s, id);
-        int a = 0, b = n;
-        for (int it = 0; it < max_iter && b - a >= 3; ++it) {
-            const float cntf = (float)(b - a);
-            const float dof = (float)(b - a - 1);
-            const float centre = combine_median(s, a, b);
-            float sigma = combine_mad_sigma(s, a, b, centre);
-            if (!(sigma > 0.0f)) break;
-            float lo_w = -inf, hi_w = inf;
-            for (int j = 0; j < WINSOR_MAX_ITER; ++j) {
-                lo_w = fmaxf(lo_w, centre - 1.5f * sigma);
-                hi_w = fminf(hi_w, centre + 1.5f * sigma);
-                float sum = 0.0f;
-                for (int r = a; r < b; ++r) sum += fminf(hi_w, fmaxf(lo_w, s[r]));
-                const float mean_w = sum / cntf;
-                float ss = 0.0f;
-                for (int r = a; r < b; ++r) {
-                    const float d = fminf(hi_w, fmaxf(lo_w, s[r])) - mean_w;
-                    ss += d * d;
-                }
-                const float sigma0 = sigma;
-                sigma = 1.134f * sqrtf(ss / dof);
-                if (!(fabsf(sigma - sigma0) > sigma0 * 0.0005f)) break;
-            }
-            int a2, b2;
-            combine_clip_range(s, a, b, centre - kappa_low * sigma, centre + kappa_high * sigma, &a2, &b2);
-            if (b2 - a2 < COMBINE_ROBUST_MIN_KEPT || (a2 == a && b2 == b)) break;
-            a = a2;
-            b = b2;
-        }
-        combine_finish(cube, npix, i, nframes, scale, offset, weights, s, id, a, b,
-                       mean_out, count_out, rejected);
+    int a = 0, b = n;
+    for (int it = 0; it < max_iter && b - a >= 3; ++it) {
+        const float centre = combine_median(s, a, b);
+        float sigma = it == 0 || winsorized ? combine_mad_sigma(s, a, b, centre) : combine_std(s, a, b, 0);
+        if (!(sigma > 0.0f)) break;
+        if (winsorized) sigma = combine_winsorized_sigma(s, a, b, centre, sigma);
+        int a2, b2;
+        combine_clip_range(s, winsorized ? a : 0, winsorized ? b : n, centre - kappa_low * sigma,
+                           centre + kappa_high * sigma, &a2, &b2);
+        if (b2 - a2 < COMBINE_ROBUST_MIN_KEPT || (a2 == a && b2 == b)) break;
+        a = a2;
+        b = b2;
     }
+    *pa = a;
+    *pb = b;
+}
+
+// Kappa-sigma clipping: combine_robust_rounds (median centre, MAD sigma first, then the std).
+extern "C" __global__ void sigma_clip_mean(COMBINE_TILE_PARAMS, COMBINE_CLIP_PARAMS)
+{
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < npix;
+         i += (long long)blockDim.x * gridDim.x)
+        combine_pixel<COMBINE_SIGMA>(cube, npix, i, nframes, scale, offset, weights, nullptr, kappa_low,
+                                     kappa_high, max_iter, mean_out, count_out, rejected);
+}
+
+// Winsorized sigma clipping (Siril's, from a robust start): combine_robust_rounds with the
+// winsorized sigma. A round may leave 2 values.
+extern "C" __global__ void winsorized_clip_mean(COMBINE_TILE_PARAMS, COMBINE_CLIP_PARAMS)
+{
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < npix;
+         i += (long long)blockDim.x * gridDim.x)
+        combine_pixel<COMBINE_WINSORIZED>(cube, npix, i, nframes, scale, offset, weights, nullptr, kappa_low,
+                                          kappa_high, max_iter, mean_out, count_out, rejected);
 }
 
 // Linear fit clipping (Siril): per round, with the m kept values sorted (s[0..m), x = rank
 // 0..m-1), fit s = ym + slope*(x - xm) by least squares (xm = (m-1)/2, ym = mean,
 // slope = sum((x-xm)(s-ym)) / sum((x-xm)^2)), sigma = mean |s - fit|, and drop values
 // with fit - s > kappa_low*sigma or s - fit > kappa_high*sigma. The kept values are
-// compacted (still sorted) after each round.
-extern "C" __global__ void linear_fit_clip_mean(
-    const float* __restrict__ cube, long long npix, int nframes,
-    const float* __restrict__ scale, const float* __restrict__ offset,
-    const float* __restrict__ weights,
-    float kappa_low, float kappa_high, int max_iter,
-    float* __restrict__ mean_out, int* __restrict__ count_out,
-    unsigned long long* __restrict__ rejected)
+// compacted (still sorted, with their frames id) after each round; returns how many are kept.
+__device__ __forceinline__ int combine_linear_fit_rounds(float* s, unsigned short* id, int m, float kappa_low,
+                                                         float kappa_high, int max_iter)
 {
-    float s[MAX_FRAMES];
-    unsigned short id[MAX_FRAMES];
-    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < npix;
-         i += (long long)blockDim.x * gridDim.x) {
-        if (combine_refuse(nframes, i, mean_out, count_out)) continue;
-        int m = combine_load_sorted(cube, npix, i, nframes, scale, offset, s, id);
-        for (int it = 0; it < max_iter && m >= 3; ++it) {
-            const float mf = (float)m;
-            const float xm = (float)(m - 1) * 0.5f;
-            float sum = 0.0f;
-            for (int j = 0; j < m; ++j) sum += s[j];
-            const float ym = sum / mf;
-            const float sxx = mf * (mf * mf - 1.0f) / 12.0f;  // sum((j - xm)^2)
-            float sxy = 0.0f;
-            for (int j = 0; j < m; ++j) sxy += ((float)j - xm) * (s[j] - ym);
-            const float slope = sxy / sxx;
-            float sad = 0.0f;
-            for (int j = 0; j < m; ++j) {
-                const float fit = ym + slope * ((float)j - xm);
-                sad += fabsf(s[j] - fit);
-            }
-            const float sigma = sad / mf;
-            const float lo_k = kappa_low * sigma, hi_k = kappa_high * sigma;
-            int kept = 0;
-            for (int j = 0; j < m; ++j) {
-                const float fit = ym + slope * ((float)j - xm);
-                if (!(fit - s[j] > lo_k) && !(s[j] - fit > hi_k)) ++kept;
-            }
-            if (kept < 3 || kept == m) break;
-            int k = 0;
-            for (int j = 0; j < m; ++j) {
-                const float fit = ym + slope * ((float)j - xm);
-                if (!(fit - s[j] > lo_k) && !(s[j] - fit > hi_k)) {
-                    s[k] = s[j];
-                    id[k] = id[j];
-                    ++k;
-                }
-            }
-            m = k;
+    for (int it = 0; it < max_iter && m >= 3; ++it) {
+        const float mf = (float)m;
+        const float xm = (float)(m - 1) * 0.5f;
+        float sum = 0.0f;
+        for (int j = 0; j < m; ++j) sum += s[j];
+        const float ym = sum / mf;
+        const float sxx = mf * (mf * mf - 1.0f) / 12.0f;  // sum((j - xm)^2)
+        float sxy = 0.0f;
+        for (int j = 0; j < m; ++j) sxy += ((float)j - xm) * (s[j] - ym);
+        const float slope = sxy / sxx;
+        float sad = 0.0f;
+        for (int j = 0; j < m; ++j) {
+            const float fit = ym + slope * ((float)j - xm);
+            sad += fabsf(s[j] - fit);
         }
-        combine_finish(cube, npix, i, nframes, scale, offset, weights, s, id, 0, m,
-                       mean_out, count_out, rejected);
+        const float sigma = sad / mf;
+        const float lo_k = kappa_low * sigma, hi_k = kappa_high * sigma;
+        int kept = 0;
+        for (int j = 0; j < m; ++j) {
+            const float fit = ym + slope * ((float)j - xm);
+            if (!(fit - s[j] > lo_k) && !(s[j] - fit > hi_k)) ++kept;
+        }
+        if (kept < 3 || kept == m) break;
+        int k = 0;
+        for (int j = 0; j < m; ++j) {
+            const float fit = ym + slope * ((float)j - xm);
+            if (!(fit - s[j] > lo_k) && !(s[j] - fit > hi_k)) {
+                s[k] = s[j];
+                id[k] = id[j];
+                ++k;
+            }
+        }
+        m = k;
     }
+    return m;
+}
+
+extern "C" __global__ void linear_fit_clip_mean(COMBINE_TILE_PARAMS, COMBINE_CLIP_PARAMS)
+{
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < npix;
+         i += (long long)blockDim.x * gridDim.x)
+        combine_pixel<COMBINE_LINEAR>(cube, npix, i, nframes, scale, offset, weights, nullptr, kappa_low,
+                                      kappa_high, max_iter, mean_out, count_out, rejected);
 }
 
 // Sums over the shifted sorted values d[a..b) in rank order: *s1 = sum(d), *s2 = sum(d*d).
@@ -482,139 +473,158 @@ __device__ void combine_shifted_sums(const float* d, int a, int b, float* s1, fl
 // as a fraction of n) while b - a >= 3: mean and std (ddof 1) of the kept values; the most
 // extreme one (the high end where mean - s[a] <= s[b-1] - mean) has the deviation dev; step j
 // is significant if dev > lambda[b - a] * std; drop that value. The outliers are the values
-// dropped up to the last significant step (none if none is). lambda[m] is the host's critical
-// value for m values (kappa_high, the significance, only sets it).
+// dropped up to the last significant step (none if none is): the kept range is [*pa, *pb).
+// lambda[m] is the host's critical value for m values (kappa_high, the significance, only sets it).
 // The statistics run on d = s - k, k = s[(n-1)/2] (the sorted middle value), from running sums
 // S1 = sum(d), S2 = sum(d^2) (rank order): mean = k + S1/m, std = sqrt(max(0, (S2 - S1*(S1/m))
 // / (m-1))), so a step costs O(1). Dropping d subtracts d and d^2; where d^2 > S2/2 (a large
 // outlier: the difference would lose bits) the sums are recomputed over the new range instead.
-extern "C" __global__ void gesd_clip_mean(
-    const float* __restrict__ cube, long long npix, int nframes,
-    const float* __restrict__ scale, const float* __restrict__ offset,
-    const float* __restrict__ weights, const float* __restrict__ lambda,
-    float kappa_low, float kappa_high, int max_iter,
-    float* __restrict__ mean_out, int* __restrict__ count_out,
-    unsigned long long* __restrict__ rejected)
+// s is left holding d (combine_finish needs only the frames).
+__device__ __forceinline__ void combine_gesd(float* s, int n, const float* lambda, float kappa_low, int max_iter,
+                                             int* pa, int* pb)
 {
-    float s[MAX_FRAMES];
-    unsigned short id[MAX_FRAMES];
-    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < npix;
-         i += (long long)blockDim.x * gridDim.x) {
-        if (combine_refuse(nframes, i, mean_out, count_out)) continue;
-        const int n = combine_load_sorted(cube, npix, i, nframes, scale, offset, s, id);
-        const int r = max_iter > 0 ? (int)(kappa_low * (float)n) : 0;
-        int a = 0, b = n, a_out = 0, b_out = n;
-        if (r > 0 && n >= 3) {
-            const float k = s[(n - 1) / 2];
-            for (int q = 0; q < n; ++q) s[q] -= k;  // s now holds d (combine_finish needs only id)
-            float s1, s2;
-            combine_shifted_sums(s, 0, n, &s1, &s2);
-            for (int j = 1; j <= r && b - a >= 3; ++j) {
-                const float mf = (float)(b - a);
-                const float md = s1 / mf;
-                const float sd = sqrtf(fmaxf((s2 - s1 * md) / (mf - 1.0f), 0.0f));
-                const float lo_d = md - s[a], hi_d = s[b - 1] - md;
-                const bool high = hi_d >= lo_d;
-                const bool hit = (high ? hi_d : lo_d) > lambda[b - a] * sd;
-                const float x = high ? s[b - 1] : s[a];
-                if (high) --b; else ++a;
-                if (hit) {
-                    a_out = a;
-                    b_out = b;
-                }
-                const float x2 = x * x;
-                if (x2 > s2 * 0.5f) {
-                    combine_shifted_sums(s, a, b, &s1, &s2);
-                } else {
-                    s1 -= x;
-                    s2 -= x2;
-                }
+    const int r = max_iter > 0 ? (int)(kappa_low * (float)n) : 0;
+    int a = 0, b = n, a_out = 0, b_out = n;
+    if (r > 0 && n >= 3) {
+        const float k = s[(n - 1) / 2];
+        for (int q = 0; q < n; ++q) s[q] -= k;
+        float s1, s2;
+        combine_shifted_sums(s, 0, n, &s1, &s2);
+        for (int j = 1; j <= r && b - a >= 3; ++j) {
+            const float mf = (float)(b - a);
+            const float md = s1 / mf;
+            const float sd = sqrtf(fmaxf((s2 - s1 * md) / (mf - 1.0f), 0.0f));
+            const float lo_d = md - s[a], hi_d = s[b - 1] - md;
+            const bool high = hi_d >= lo_d;
+            const bool hit = (high ? hi_d : lo_d) > lambda[b - a] * sd;
+            const float x = high ? s[b - 1] : s[a];
+            if (high) --b; else ++a;
+            if (hit) {
+                a_out = a;
+                b_out = b;
+            }
+            const float x2 = x * x;
+            if (x2 > s2 * 0.5f) {
+                combine_shifted_sums(s, a, b, &s1, &s2);
+            } else {
+                s1 -= x;
+                s2 -= x2;
             }
         }
-        combine_finish(cube, npix, i, nframes, scale, offset, weights, s, id, a_out, b_out,
-                       mean_out, count_out, rejected);
+    }
+    *pa = a_out;
+    *pb = b_out;
+}
+
+extern "C" __global__ void gesd_clip_mean(COMBINE_TILE_PARAMS, const float* __restrict__ lambda, COMBINE_CLIP_PARAMS)
+{
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < npix;
+         i += (long long)blockDim.x * gridDim.x)
+        combine_pixel<COMBINE_GESD>(cube, npix, i, nframes, scale, offset, weights, lambda, kappa_low,
+                                    kappa_high, max_iter, mean_out, count_out, rejected);
+}
+
+// Percentile clipping (Siril), one pass (max_iter >= 1): c = median of the n valid values;
+// unless c == 0, drop values below c - kappa_low*|c| or above c + kappa_high*|c|, where at
+// least 3 remain: the kept range [*pa, *pb) (left as it is otherwise).
+__device__ __forceinline__ void combine_percentile(const float* s, int n, float kappa_low, float kappa_high,
+                                                   int max_iter, int* pa, int* pb)
+{
+    if (max_iter > 0 && n >= 3) {
+        const float centre = combine_median(s, 0, n);
+        if (centre != 0.0f) {
+            const float ac = fabsf(centre);
+            int a2, b2;
+            combine_clip_range(s, 0, n, centre - kappa_low * ac, centre + kappa_high * ac, &a2, &b2);
+            if (b2 - a2 >= 3) {
+                *pa = a2;
+                *pb = b2;
+            }
+        }
     }
 }
 
-// Percentile clipping (Siril), one pass (max_iter >= 1): c = median of the valid values;
-// unless c == 0, drop values below c - kappa_low*|c| or above c + kappa_high*|c|.
-extern "C" __global__ void percentile_clip_mean(
-    const float* __restrict__ cube, long long npix, int nframes,
-    const float* __restrict__ scale, const float* __restrict__ offset,
-    const float* __restrict__ weights,
-    float kappa_low, float kappa_high, int max_iter,
-    float* __restrict__ mean_out, int* __restrict__ count_out,
-    unsigned long long* __restrict__ rejected)
+extern "C" __global__ void percentile_clip_mean(COMBINE_TILE_PARAMS, COMBINE_CLIP_PARAMS)
 {
-    float s[MAX_FRAMES];
-    unsigned short id[MAX_FRAMES];
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < npix;
-         i += (long long)blockDim.x * gridDim.x) {
-        if (combine_refuse(nframes, i, mean_out, count_out)) continue;
-        const int n = combine_load_sorted(cube, npix, i, nframes, scale, offset, s, id);
-        int a = 0, b = n;
-        if (max_iter > 0 && n >= 3) {
-            const float centre = combine_median(s, 0, n);
-            if (centre != 0.0f) {
-                const float ac = fabsf(centre);
-                int a2, b2;
-                combine_clip_range(s, 0, n, centre - kappa_low * ac, centre + kappa_high * ac, &a2, &b2);
-                if (b2 - a2 >= 3) {
-                    a = a2;
-                    b = b2;
-                }
-            }
-        }
-        combine_finish(cube, npix, i, nframes, scale, offset, weights, s, id, a, b,
-                       mean_out, count_out, rejected);
-    }
+         i += (long long)blockDim.x * gridDim.x)
+        combine_pixel<COMBINE_PERCENTILE>(cube, npix, i, nframes, scale, offset, weights, nullptr, kappa_low,
+                                          kappa_high, max_iter, mean_out, count_out, rejected);
 }
 
-// Min/max rejection (max_iter >= 1): drop the k_low lowest and k_high highest valid values,
-// k = (int)kappa for kappa >= 1, else 1 (ties in frame order); no rejection unless at
-// least 3 values remain.
-extern "C" __global__ void minmax_clip_mean(
-    const float* __restrict__ cube, long long npix, int nframes,
-    const float* __restrict__ scale, const float* __restrict__ offset,
-    const float* __restrict__ weights,
-    float kappa_low, float kappa_high, int max_iter,
-    float* __restrict__ mean_out, int* __restrict__ count_out,
-    unsigned long long* __restrict__ rejected)
+// Values min/max rejection drops on one side: (int)kappa for kappa >= 1 (at most MAX_FRAMES), else 1.
+__device__ __forceinline__ int combine_minmax_count(float kappa)
 {
+    return kappa >= 1.0f ? (kappa < (float)MAX_FRAMES ? (int)kappa : MAX_FRAMES) : 1;
+}
+
+// Min/max rejection (max_iter >= 1): drop the k_low lowest and k_high highest valid values
+// (combine_minmax_count; ties in frame order); no rejection unless at least 3 values remain.
+extern "C" __global__ void minmax_clip_mean(COMBINE_TILE_PARAMS, COMBINE_CLIP_PARAMS)
+{
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < npix;
+         i += (long long)blockDim.x * gridDim.x)
+        combine_pixel<COMBINE_MINMAX>(cube, npix, i, nframes, scale, offset, weights, nullptr, kappa_low,
+                                      kappa_high, max_iter, mean_out, count_out, rejected);
+}
+
+// Median combine: the median of the n sorted valid values (NaN if none), count n, nothing rejected
+// (weights, kappas and max_iter unused).
+__device__ __forceinline__ void combine_write_median(const float* s, int n, long long i, float* mean_out,
+                                                     int* count_out)
+{
+    mean_out[i] = n > 0 ? combine_median(s, 0, n) : __int_as_float(0x7fc00000);
+    count_out[i] = n;
+}
+
+extern "C" __global__ void median_combine(COMBINE_TILE_PARAMS, COMBINE_CLIP_PARAMS)
+{
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < npix;
+         i += (long long)blockDim.x * gridDim.x)
+        combine_pixel<COMBINE_MEDIAN>(cube, npix, i, nframes, scale, offset, weights, nullptr, kappa_low,
+                                      kappa_high, max_iter, mean_out, count_out, rejected);
+}
+
+// Pixel i of the kernel of METHOD (a template parameter, so each kernel gets its own code):
+// refuse a tile too large for this build, load and sort the valid values, take the method's
+// kept rank range [a, b) of them and write the result.
+template <int METHOD>
+__device__ __forceinline__ void combine_pixel(const float* cube, long long npix, long long i, int nframes,
+                                              const float* scale, const float* offset, const float* weights,
+                                              const float* lambda, float kappa_low, float kappa_high, int max_iter,
+                                              float* mean_out, int* count_out, unsigned long long* rejected)
+{
+    if (combine_refuse(nframes, i, mean_out, count_out)) return;
     float s[MAX_FRAMES];
     unsigned short id[MAX_FRAMES];
-    const int k_low = kappa_low >= 1.0f ? (kappa_low < (float)MAX_FRAMES ? (int)kappa_low : MAX_FRAMES) : 1;
-    const int k_high = kappa_high >= 1.0f ? (kappa_high < (float)MAX_FRAMES ? (int)kappa_high : MAX_FRAMES) : 1;
-    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < npix;
-         i += (long long)blockDim.x * gridDim.x) {
-        if (combine_refuse(nframes, i, mean_out, count_out)) continue;
-        const int n = combine_load_sorted(cube, npix, i, nframes, scale, offset, s, id);
-        int a = 0, b = n;
+    const int n = combine_load_sorted(cube, npix, i, nframes, scale, offset, s, id, METHOD == COMBINE_SIGMA);
+    int a = 0, b = n;
+    switch (METHOD) {
+    case COMBINE_SIGMA:
+    case COMBINE_WINSORIZED:
+        combine_robust_rounds(METHOD == COMBINE_WINSORIZED, s, n, kappa_low, kappa_high, max_iter, &a, &b);
+        break;
+    case COMBINE_LINEAR:
+        b = combine_linear_fit_rounds(s, id, n, kappa_low, kappa_high, max_iter);
+        break;
+    case COMBINE_GESD:
+        combine_gesd(s, n, lambda, kappa_low, max_iter, &a, &b);
+        break;
+    case COMBINE_PERCENTILE:
+        combine_percentile(s, n, kappa_low, kappa_high, max_iter, &a, &b);
+        break;
+    case COMBINE_MINMAX: {
+        const int k_low = combine_minmax_count(kappa_low), k_high = combine_minmax_count(kappa_high);
         if (max_iter > 0 && n - k_low - k_high >= 3) {
             a = k_low;
             b = n - k_high;
         }
-        combine_finish(cube, npix, i, nframes, scale, offset, weights, s, id, a, b,
-                       mean_out, count_out, rejected);
+        break;
     }
-}
-
-// Median of the valid values (weights, kappas and max_iter unused; nothing is rejected).
-extern "C" __global__ void median_combine(
-    const float* __restrict__ cube, long long npix, int nframes,
-    const float* __restrict__ scale, const float* __restrict__ offset,
-    const float* __restrict__ weights,
-    float kappa_low, float kappa_high, int max_iter,
-    float* __restrict__ mean_out, int* __restrict__ count_out,
-    unsigned long long* __restrict__ rejected)
-{
-    float s[MAX_FRAMES];
-    unsigned short id[MAX_FRAMES];
-    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < npix;
-         i += (long long)blockDim.x * gridDim.x) {
-        if (combine_refuse(nframes, i, mean_out, count_out)) continue;
-        const int n = combine_load_sorted(cube, npix, i, nframes, scale, offset, s, id);
-        mean_out[i] = n > 0 ? combine_median(s, 0, n) : __int_as_float(0x7fc00000);
-        count_out[i] = n;
+    default:  // COMBINE_MEDIAN
+        combine_write_median(s, n, i, mean_out, count_out);
+        return;
     }
+    combine_finish(cube, npix, i, nframes, scale, offset, weights, s, id, a, b, METHOD == COMBINE_SIGMA,
+                   mean_out, count_out, rejected);
 }

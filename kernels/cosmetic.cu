@@ -48,6 +48,29 @@ __device__ float cos_median(float* v, int n) {
     return (v[n / 2 - 1] + v[n / 2]) * 0.5f;
 }
 
+// The usable neighbours of pixel (y, x) of the (H, W) plane img: the values of its candidates
+// (above) that lie inside the frame, are not defects (mask != 0; mask may be null: none) and are
+// finite, in candidate order, into v[0..7]; returns how many.
+__device__ __forceinline__ int cos_neighbours(const float* img, const unsigned char* mask, int H, int W, int pat,
+                                              int y, int x, float* v)
+{
+    int kind = (pat < 0) ? 0 : ((cos_colour(pat, y, x) == 1) ? 1 : 2);
+    int m = 0;
+    for (int k = 0; k < 8; ++k) {
+        int dy, dx;
+        cos_offset(kind, k, &dy, &dx);
+        int yy = y + dy, xx = x + dx;
+        if (yy < 0 || yy >= H || xx < 0 || xx >= W) continue;
+        long long jj = (long long)yy * W + xx;
+        if (mask != nullptr && mask[jj] != 0) continue;
+        float s = img[jj];
+        if (!cos_finite(s)) continue;
+        v[m] = s;
+        m = m + 1;
+    }
+    return m;
+}
+
 // n_items = planes * H * W
 extern "C" __global__ void cosmetic_kernel(float* out, const float* in, const unsigned char* mask,
                                            long long n, int H, int W, int pat) {
@@ -62,21 +85,8 @@ extern "C" __global__ void cosmetic_kernel(float* out, const float* in, const un
         }
         int y = (int)(j / W);
         int x = (int)(j - (long long)y * W);
-        int kind = (pat < 0) ? 0 : ((cos_colour(pat, y, x) == 1) ? 1 : 2);
         float v[8];
-        int m = 0;
-        for (int k = 0; k < 8; ++k) {
-            int dy, dx;
-            cos_offset(kind, k, &dy, &dx);
-            int yy = y + dy, xx = x + dx;
-            if (yy < 0 || yy >= H || xx < 0 || xx >= W) continue;
-            long long jj = (long long)yy * W + xx;
-            if (mask[jj] != 0) continue;
-            float s = in[p * hw + jj];
-            if (!cos_finite(s)) continue;
-            v[m] = s;
-            m = m + 1;
-        }
+        int m = cos_neighbours(in + p * hw, mask, H, W, pat, y, x, v);
         out[i] = cos_median(v, m);
     }
 }
@@ -93,19 +103,10 @@ extern "C" __global__ void neighbour_mean_kernel(float* out, const float* img, i
          i += (long long)blockDim.x * gridDim.x) {
         int y = (int)(i / W);
         int x = (int)(i - (long long)y * W);
-        int kind = (pat < 0) ? 0 : ((cos_colour(pat, y, x) == 1) ? 1 : 2);
+        float v[8];
+        int cnt = cos_neighbours(img, nullptr, H, W, pat, y, x, v);
         float acc = 0.0f;
-        int cnt = 0;
-        for (int k = 0; k < 8; ++k) {
-            int dy, dx;
-            cos_offset(kind, k, &dy, &dx);
-            int yy = y + dy, xx = x + dx;
-            if (yy < 0 || yy >= H || xx < 0 || xx >= W) continue;
-            float v = img[(long long)yy * W + xx];
-            if (!cos_finite(v)) continue;
-            acc += v;
-            ++cnt;
-        }
+        for (int k = 0; k < cnt; ++k) acc += v[k];
         out[i] = (cnt > 0) ? (float)((double)acc / (double)cnt) : nanf("");
     }
 }

@@ -40,6 +40,13 @@ __device__ __forceinline__ float db_at(const float* a, int H, int W, int y, int 
 // reflected one near the edges.
 #define DB_AT(a, dy, dx) (in ? (a)[i + (long long)((dy) * W + (dx))] : db_at((a), H, W, y, x, (dy), (dx)))
 
+// Declares the pixel of item i in a kernel's grid-stride loop for DB_AT: its row y and column x
+// (32-bit division: H * W < 2^31, debayer.debayer checks) and `in`.
+#define DB_LOCATE                 \
+    const int y = (int)i / W;     \
+    const int x = (int)i - y * W; \
+    const bool in = y >= 4 && y < H - 4 && x >= 4 && x < W - 4
+
 // Bilinear estimate of channel c at (y, x): the sample itself when the pixel
 // has colour c, else the mean of the finite same-colour pixels among its 8
 // neighbours (row-major order), NaN when there are none.
@@ -138,9 +145,7 @@ extern "C" __global__ void rcd_hpf_kernel(float* hv, float* hh, float* hp, float
     long long n = (long long)H * W;
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
          i += (long long)blockDim.x * gridDim.x) {
-        int y = (int)i / W;  // 32-bit division: H * W < 2^31 (debayer.debayer checks)
-        int x = (int)i - y * W;
-        const bool in = y >= 4 && y < H - 4 && x >= 4 && x < W - 4;
+        DB_LOCATE;
         hv[i] = rcd_hpf2(cfa, H, W, y, x, i, in, 1, 0);
         hh[i] = rcd_hpf2(cfa, H, W, y, x, i, in, 0, 1);
         hp[i] = rcd_hpf2(cfa, H, W, y, x, i, in, 1, 1);
@@ -155,9 +160,7 @@ extern "C" __global__ void rcd_dir_kernel(float* vhdir, float* pqdir, float* lpf
     long long n = (long long)H * W;
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
          i += (long long)blockDim.x * gridDim.x) {
-        int y = (int)i / W;  // 32-bit division: H * W < 2^31 (debayer.debayer checks)
-        int x = (int)i - y * W;
-        const bool in = y >= 4 && y < H - 4 && x >= 4 && x < W - 4;
+        DB_LOCATE;
         float vs = fmaxf(DB_EPSSQ, (DB_AT(hv, -1, 0) + hv[i]) + DB_AT(hv, 1, 0));
         float hs = fmaxf(DB_EPSSQ, (DB_AT(hh, 0, -1) + hh[i]) + DB_AT(hh, 0, 1));
         vhdir[i] = vs / (vs + hs);
@@ -199,9 +202,7 @@ extern "C" __global__ void rcd_green_kernel(float* out, const float* cfa, const 
     long long n = (long long)H * W;
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
          i += (long long)blockDim.x * gridDim.x) {
-        int y = (int)i / W;  // 32-bit division: H * W < 2^31 (debayer.debayer checks)
-        int x = (int)i - y * W;
-        const bool in = y >= 4 && y < H - 4 && x >= 4 && x < W - 4;
+        DB_LOCATE;
         int col = db_colour(pat, y, x);
         if (col == 1) {
             out[n + i] = cfa[i];
@@ -239,15 +240,13 @@ extern "C" __global__ void rcd_green_kernel(float* out, const float* cfa, const 
 // differences (reads the green plane of out and the CFA samples).
 extern "C" __global__ void rcd_rb_kernel(float* out, const float* cfa, const float* pqdir, int H, int W, int pat) {
     long long n = (long long)H * W;
-    const float* G = out + n;
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
          i += (long long)blockDim.x * gridDim.x) {
-        int y = (int)i / W;  // 32-bit division: H * W < 2^31 (debayer.debayer checks)
-        int x = (int)i - y * W;
-        const bool in = y >= 4 && y < H - 4 && x >= 4 && x < W - 4;
+        DB_LOCATE;
         int col = db_colour(pat, y, x);
         if (col == 1) continue;
         int c = 2 - col;
+        const float* G = out + n;  // the green plane
         float g0 = G[i];
         float cnw = DB_AT(cfa, -1, -1), cne = DB_AT(cfa, -1, 1);
         float csw = DB_AT(cfa, 1, -1), cse = DB_AT(cfa, 1, 1);
@@ -276,13 +275,11 @@ extern "C" __global__ void rcd_rb_kernel(float* out, const float* cfa, const flo
 // (reads the R, G and B planes of out, complete at R/B sites after step 4.2).
 extern "C" __global__ void rcd_rbg_kernel(float* out, const float* cfa, const float* vhdir, int H, int W, int pat) {
     long long n = (long long)H * W;
-    const float* G = out + n;
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
          i += (long long)blockDim.x * gridDim.x) {
-        int y = (int)i / W;  // 32-bit division: H * W < 2^31 (debayer.debayer checks)
-        int x = (int)i - y * W;
-        const bool in = y >= 4 && y < H - 4 && x >= 4 && x < W - 4;
+        DB_LOCATE;
         if (db_colour(pat, y, x) != 1) continue;
+        const float* G = out + n;  // the green plane
         float g0 = G[i];
         float d = rcd_disc(vhdir, H, W, y, x);
         for (int c = 0; c <= 2; c += 2) {

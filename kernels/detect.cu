@@ -97,6 +97,20 @@ __device__ void wm_window(double* ex, double* ey, int k, double cx, double cy, d
 
 // Site gains and the weighted flux s0 and first moments (sx, sy) at the current window,
 // in one pass: per-site sums of w d, w d dx and w d dy, combined with the gains after.
+// CFA site of stamp pixel (r, c): its place in the 2x2 tile with 4 sites, else 0.
+__device__ __forceinline__ int wm_site(int r, int c, int sites) {
+    return sites == 4 ? (((r & 1) << 1) | (c & 1)) : 0;
+}
+
+// Stamp pixel (r, c) for the Gaussian fit: its value *d and site *s; false where the value is
+// NaN or its site has no usable normalisation.
+__device__ __forceinline__ bool wm_fit_pixel(const double* data, const double* norm, int k, int sites, int r, int c,
+                                             double* d, int* s) {
+    *d = data[r * k + c];
+    *s = wm_site(r, c, sites);
+    return *d == *d && norm[*s] > 0.0;
+}
+
 __device__ void wm_first(const double* data, const double* ex, const double* ey, int k, int sites,
                          double cx, double cy, double* norm, double* gain, double* m) {
     double share[4] = {0.0, 0.0, 0.0, 0.0}, mx[4] = {0.0, 0.0, 0.0, 0.0}, my[4] = {0.0, 0.0, 0.0, 0.0};
@@ -105,7 +119,7 @@ __device__ void wm_first(const double* data, const double* ex, const double* ey,
         for (int c = 0; c < k; ++c) {
             double d = data[r * k + c];
             if (!(d == d)) continue;
-            int s = sites == 4 ? (((r & 1) << 1) | (c & 1)) : 0;
+            int s = wm_site(r, c, sites);
             double wd = ex[c] * ey[r] * d;
             share[s] += wd;
             mx[s] += wd * ((double)c - cx);
@@ -154,7 +168,7 @@ extern "C" __global__ void window_measure(double* out, double* scratch, const fl
             long long cnt = 0;
             for (int r = 0; r < k; ++r)
                 for (int c = 0; c < k; ++c) {
-                    if (sites == 4 && (((r & 1) << 1) | (c & 1)) != s) continue;
+                    if (wm_site(r, c, sites) != s) continue;
                     double dr = r - c0, dc = c - c0;
                     if (!(dr * dr + dc * dc > ring2)) continue;
                     long long yy = oy + r, xx = ox + c;
@@ -169,7 +183,7 @@ extern "C" __global__ void window_measure(double* out, double* scratch, const fl
                 long long yy = oy + r, xx = ox + c;
                 bool in = yy >= 0 && yy < H && xx >= 0 && xx < W;
                 double v = in ? (double)img[yy * W + xx] : 0.0;
-                data[r * k + c] = in && isfinite(v) ? v - sky[sites == 4 ? (((r & 1) << 1) | (c & 1)) : 0] : nan("");
+                data[r * k + c] = in && isfinite(v) ? v - sky[wm_site(r, c, sites)] : nan("");
             }
         double inv2 = 1.0 / (2.0 * sigma_w * sigma_w);
         double cx = xs[i] - (double)ox, cy = ys[i] - (double)oy;
@@ -198,7 +212,7 @@ extern "C" __global__ void window_measure(double* out, double* scratch, const fl
             for (int c = 0; c < k; ++c) {
                 double d = data[r * k + c];
                 if (!(d == d)) continue;
-                int s = sites == 4 ? (((r & 1) << 1) | (c & 1)) : 0;
+                int s = wm_site(r, c, sites);
                 double w = ex[c] * ey[r];
                 double wd = w * d * gain[s];
                 double dx = (double)c - cx, dy = (double)r - cy;
@@ -223,12 +237,12 @@ extern "C" __global__ void window_measure(double* out, double* scratch, const fl
         double varx = vx / (dxn * dxn), vary = vy / (dyn * dyn);
         // misfit: sqrt of the window-weighted reduced chi-square of the Gaussian of
         // precision P at the centre (amplitude by weighted least squares), at least 1
+        double d;  // a stamp pixel of the fit and its site
+        int s;
         double sdg = 0.0, sgg = 0.0;
         for (int r = 0; r < k; ++r)
             for (int c = 0; c < k; ++c) {
-                double d = data[r * k + c];
-                int s = sites == 4 ? (((r & 1) << 1) | (c & 1)) : 0;
-                if (!(d == d) || !(norm[s] > 0.0)) continue;
+                if (!wm_fit_pixel(data, norm, k, sites, r, c, &d, &s)) continue;
                 double dx = (double)c - cx, dy = (double)r - cy;
                 double q = pxx * dx * dx + 2.0 * pxy * dx * dy + pyy * dy * dy;
                 double g = exp(-0.5 * (q < 200.0 ? q : 200.0));
@@ -241,9 +255,7 @@ extern "C" __global__ void window_measure(double* out, double* scratch, const fl
         double chi_n = 0.0, chi_d = 0.0;
         for (int r = 0; r < k; ++r)
             for (int c = 0; c < k; ++c) {
-                double d = data[r * k + c];
-                int s = sites == 4 ? (((r & 1) << 1) | (c & 1)) : 0;
-                if (!(d == d) || !(norm[s] > 0.0)) continue;
+                if (!wm_fit_pixel(data, norm, k, sites, r, c, &d, &s)) continue;
                 double g = model[r * k + c];
                 double w = ex[c] * ey[r];
                 double res = d * norm[s] - amp * g;

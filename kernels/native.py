@@ -55,21 +55,9 @@ def threads() -> int:
 def native(source: str | os.PathLike, defines: Sequence[str] = ()) -> EmulatedModule:
     """Build (once per source text and defines) the native multi-core CPU module of a CUDA source.
 
-    Parameters
-    ----------
-    source : str or path
-        File name in ``kernels/`` (``"combine.cu"``), or a path to another ``.cu`` file.
-    defines : sequence of str
-        Preprocessor defines (``("MAX_FRAMES=64",)``).
-
-    Returns
-    -------
-    EmulatedModule
-        ``.launch(kernel, n_items, args)`` with NumPy arrays, as for the emulator.
-
-    Raises
-    ------
-    KernelCompileError
-        When g++ is missing or rejects the source.
+    ``source`` and ``defines`` as for :func:`skystack.kernels.emulate.emulated`
+    (``"combine.cu"``, ``("MAX_FRAMES=64",)``); so is the result,
+    ``.launch(kernel, n_items, args)`` on NumPy arrays, and the
+    ``KernelCompileError`` raised when g++ is missing or rejects the source.
     """
     return _emulated(str(source), read_source(source), tuple(str(d) for d in defines), True)

@@ -12,38 +12,41 @@ __device__ __forceinline__ float rawconv_pick(int pos, float v0, float v1, float
     return pos == 0 ? v0 : (pos == 1 ? v1 : (pos == 2 ? v2 : v3));
 }
 
+// The 2x2 CFA tile's black levels and ranges (white - black), in tile order.
+#define RAWCONV_LEVELS \
+    float black0, float black1, float black2, float black3, float range0, float range1, float range2, float range3
+
+// Black level *b and range *r of item i: those of its place in the CFA tile (x = i % width,
+// y = (i / width) % height).
+__device__ __forceinline__ void rawconv_levels(long long i, int width, int height, RAWCONV_LEVELS, float* b, float* r)
+{
+    const long long x = i % width;
+    const long long y = (i / width) % height;
+    const int pos = (int)(((y & 1) << 1) | (x & 1));
+    *b = rawconv_pick(pos, black0, black1, black2, black3);
+    *r = rawconv_pick(pos, range0, range1, range2, range3);
+}
+
 // uint16 input (camera RAW, 16-bit FITS/TIFF): 2 bytes per pixel cross the bus.
-extern "C" __global__ void cfa_to_float_u16(
-    const unsigned short* __restrict__ raw, float* __restrict__ out,
-    long long n, int width, int height,
-    float black0, float black1, float black2, float black3,
-    float range0, float range1, float range2, float range3)
+extern "C" __global__ void cfa_to_float_u16(const unsigned short* __restrict__ raw, float* __restrict__ out,
+                                            long long n, int width, int height, RAWCONV_LEVELS)
 {
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
          i += (long long)blockDim.x * gridDim.x) {
-        const long long x = i % width;
-        const long long y = (i / width) % height;
-        const int pos = (int)(((y & 1) << 1) | (x & 1));
-        const float b = rawconv_pick(pos, black0, black1, black2, black3);
-        const float r = rawconv_pick(pos, range0, range1, range2, range3);
+        float b, r;
+        rawconv_levels(i, width, height, black0, black1, black2, black3, range0, range1, range2, range3, &b, &r);
         out[i] = ((float)raw[i] - b) / r;
     }
 }
 
 // float32 input (float FITS/TIFF, or other integer types converted first).
-extern "C" __global__ void cfa_to_float_f32(
-    const float* __restrict__ raw, float* __restrict__ out,
-    long long n, int width, int height,
-    float black0, float black1, float black2, float black3,
-    float range0, float range1, float range2, float range3)
+extern "C" __global__ void cfa_to_float_f32(const float* __restrict__ raw, float* __restrict__ out,
+                                            long long n, int width, int height, RAWCONV_LEVELS)
 {
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
          i += (long long)blockDim.x * gridDim.x) {
-        const long long x = i % width;
-        const long long y = (i / width) % height;
-        const int pos = (int)(((y & 1) << 1) | (x & 1));
-        const float b = rawconv_pick(pos, black0, black1, black2, black3);
-        const float r = rawconv_pick(pos, range0, range1, range2, range3);
+        float b, r;
+        rawconv_levels(i, width, height, black0, black1, black2, black3, range0, range1, range2, range3, &b, &r);
         out[i] = (raw[i] - b) / r;
     }
 }

@@ -71,6 +71,13 @@ __device__ __forceinline__ void warp_lanczos3_weights(float f, float g, float* w
     w[5] = (kk * sa) / ((g + 2.0f) * (g + 2.0f));
 }
 
+// The mapping of every warp kernel: Minv (m0..m8, row-major) and the lens (output-side centre
+// ocx, ocy; source-side centre scx, scy; 1 / r_norm^2; k1, k2), as parameters and as arguments.
+#define WARP_MAP_PARAMS \
+    float m0, float m1, float m2, float m3, float m4, float m5, float m6, float m7, float m8, \
+    float ocx, float ocy, float scx, float scy, float linv_r2, float lk1, float lk2
+#define WARP_MAP_ARGS m0, m1, m2, m3, m4, m5, m6, m7, m8, ocx, ocy, scx, scy, linv_r2, lk1, lk2
+
 // Source position (u, v) of output pixel (x, y). Without a lens (k1 = k2 = 0):
 // Minv (x, y, 1). With the session's radial lens (skystack.engine.lens), output
 // and source are both in recorded (distorted) pixels: (x, y) is first undistorted
@@ -78,10 +85,7 @@ __device__ __forceinline__ void warp_lanczos3_weights(float f, float g, float* w
 // s (1 + k1 q s^2 + k2 q^2 s^4) = 1, q = |p - oc|^2 / r_norm^2, by 6 Newton steps
 // from s = 1 -- then mapped by Minv, then distorted about the source centre
 // (scx, scy): c + d (1 + r2 (k1 + k2 r2)), r2 = |d|^2 / r_norm^2.
-__device__ __forceinline__ void warp_source(
-    float x, float y, float m0, float m1, float m2, float m3, float m4, float m5, float m6, float m7,
-    float m8, float ocx, float ocy, float scx, float scy, float linv_r2, float lk1, float lk2,
-    float* pu, float* pv)
+__device__ __forceinline__ void warp_source(float x, float y, WARP_MAP_PARAMS, float* pu, float* pv)
 {
     const bool lens = lk1 != 0.0f || lk2 != 0.0f;
     if (lens) {
@@ -115,158 +119,126 @@ __device__ __forceinline__ void warp_source(
     *pv = v;
 }
 
-extern "C" __global__ void warp_lanczos3(
-    const float* __restrict__ src, float* __restrict__ dst,
-    long long n, int channels, int src_h, int src_w, int dst_w,
-    float m0, float m1, float m2, float m3, float m4, float m5, float m6, float m7, float m8,
-    float ocx, float ocy, float scx, float scy, float linv_r2, float lk1, float lk2)
+// Lanczos-3 value of channel plane s at the source position whose taps start at (iu - 2, iv - 2),
+// with the axis weights wx, wy; all_inside: all 36 taps lie inside the frame, hw_all = sum(wx).
+__device__ __forceinline__ float warp_lanczos3_sample(const float* s, int src_h, int src_w, int iu, int iv,
+                                                      const float* wx, const float* wy, bool all_inside,
+                                                      float hw_all)
 {
-    const long long plane = (long long)src_h * src_w;
-    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
-         i += (long long)blockDim.x * gridDim.x) {
-        const float x = (float)(i % dst_w);
-        const float y = (float)(i / dst_w);
-        float u, v;
-        warp_source(x, y, m0, m1, m2, m3, m4, m5, m6, m7, m8, ocx, ocy, scx, scy, linv_r2, lk1, lk2, &u, &v);
-        const float nu = floorf(u + 0.5f);
-        const float nv = floorf(v + 0.5f);
-        if (!(nu >= 0.0f && nu < (float)src_w && nv >= 0.0f && nv < (float)src_h)) {
-            for (int c = 0; c < channels; ++c) dst[c * n + i] = nanf("");
-            continue;
+    if (all_inside) {  // the same sums without the per-tap tests
+        float acc = 0.0f, wsum = 0.0f;
+        const float* row = s + (long long)(iv - 2) * src_w + (iu - 2);
+        for (int j = 0; j < 6; ++j, row += src_w) {
+            float h = 0.0f;
+            for (int k = 0; k < 6; ++k) h += wx[k] * row[k];
+            acc += wy[j] * h;
+            wsum += wy[j] * hw_all;
         }
-        const float fu0 = floorf(u);
-        const float fv0 = floorf(v);
-        const int iu = (int)fu0;
-        const int iv = (int)fv0;
-        const int cu = (int)nu;
-        const int cv = (int)nv;
-        float wx[6], wy[6];
-        warp_lanczos3_weights(u - fu0, (fu0 + 1.0f) - u, wx);
-        warp_lanczos3_weights(v - fv0, (fv0 + 1.0f) - v, wy);
-        // all 36 taps inside the source: the same sums without the per-tap tests
-        const bool inside = iu >= 2 && iu + 3 < src_w && iv >= 2 && iv + 3 < src_h;
-        float hw_all = 0.0f;
-        for (int k = 0; k < 6; ++k) hw_all += wx[k];
-        if (inside && channels == 3) {  // colour: the three channels' sums side by side (same order each)
-            const long long ctr = (long long)cv * src_w + cu;
-            const float* r0 = src + (long long)(iv - 2) * src_w + (iu - 2);
-            const float* r1 = r0 + plane;
-            const float* r2 = r1 + plane;
-            float a0 = 0.0f, a1 = 0.0f, a2 = 0.0f, wsum = 0.0f;
-            for (int j = 0; j < 6; ++j, r0 += src_w, r1 += src_w, r2 += src_w) {
-                float h0 = 0.0f, h1 = 0.0f, h2 = 0.0f;
-                for (int k = 0; k < 6; ++k) {
-                    h0 += wx[k] * r0[k];
-                    h1 += wx[k] * r1[k];
-                    h2 += wx[k] * r2[k];
-                }
-                a0 += wy[j] * h0;
-                a1 += wy[j] * h1;
-                a2 += wy[j] * h2;
-                wsum += wy[j] * hw_all;
-            }
-            if (!isnan(a0) && !isnan(a1) && !isnan(a2) && !isnan(src[ctr]) && !isnan(src[plane + ctr])
-                && !isnan(src[2 * plane + ctr])) {
-                dst[i] = a0 / wsum;
-                dst[n + i] = a1 / wsum;
-                dst[2 * n + i] = a2 / wsum;
-                continue;
-            }
-        }
-        for (int c = 0; c < channels; ++c) {
-            const float* s = src + c * plane;
-            if (isnan(s[(long long)cv * src_w + cu])) {
-                dst[c * n + i] = nanf("");
-                continue;
-            }
-            if (inside) {
-                float acc = 0.0f, wsum = 0.0f;
-                const float* row = s + (long long)(iv - 2) * src_w + (iu - 2);
-                for (int j = 0; j < 6; ++j, row += src_w) {
-                    float h = 0.0f;
-                    for (int k = 0; k < 6; ++k) h += wx[k] * row[k];
-                    acc += wy[j] * h;
-                    wsum += wy[j] * hw_all;
-                }
-                if (!isnan(acc)) {  // a NaN tap: the careful loop below leaves it out
-                    dst[c * n + i] = acc / wsum;
-                    continue;
-                }
-            }
-            float acc = 0.0f, wsum = 0.0f;
-            for (int j = 0; j < 6; ++j) {
-                const int yy = iv - 2 + j;
-                if (yy < 0 || yy >= src_h) continue;
-                float h = 0.0f, hw = 0.0f;
-                for (int k = 0; k < 6; ++k) {
-                    const int xx = iu - 2 + k;
-                    if (xx < 0 || xx >= src_w) continue;
-                    const float val = s[(long long)yy * src_w + xx];
-                    if (isnan(val)) continue;
-                    h += wx[k] * val;
-                    hw += wx[k];
-                }
-                acc += wy[j] * h;
-                wsum += wy[j] * hw;
-            }
-            dst[c * n + i] = acc / wsum;
-        }
+        if (!isnan(acc)) return acc / wsum;  // a NaN tap: the careful loop below leaves it out
     }
+    float acc = 0.0f, wsum = 0.0f;
+    for (int j = 0; j < 6; ++j) {
+        const int yy = iv - 2 + j;
+        if (yy < 0 || yy >= src_h) continue;
+        float h = 0.0f, hw = 0.0f;
+        for (int k = 0; k < 6; ++k) {
+            const int xx = iu - 2 + k;
+            if (xx < 0 || xx >= src_w) continue;
+            const float val = s[(long long)yy * src_w + xx];
+            if (isnan(val)) continue;
+            h += wx[k] * val;
+            hw += wx[k];
+        }
+        acc += wy[j] * h;
+        wsum += wy[j] * hw;
+    }
+    return acc / wsum;
 }
 
-extern "C" __global__ void warp_bilinear(
-    const float* __restrict__ src, float* __restrict__ dst,
-    long long n, int channels, int src_h, int src_w, int dst_w,
-    float m0, float m1, float m2, float m3, float m4, float m5, float m6, float m7, float m8,
-    float ocx, float ocy, float scx, float scy, float linv_r2, float lk1, float lk2)
+// Bilinear value of channel plane s from the taps (iu, iv) .. (iu + 1, iv + 1), axis weights wx, wy.
+__device__ __forceinline__ float warp_bilinear_sample(const float* s, int src_h, int src_w, int iu, int iv,
+                                                      const float* wx, const float* wy)
+{
+    float acc = 0.0f, wsum = 0.0f;
+    for (int j = 0; j < 2; ++j) {
+        const int yy = iv + j;
+        if (yy < 0 || yy >= src_h) continue;
+        for (int k = 0; k < 2; ++k) {
+            const int xx = iu + k;
+            if (xx < 0 || xx >= src_w) continue;
+            const float val = s[(long long)yy * src_w + xx];
+            if (isnan(val)) continue;
+            const float w = wy[j] * wx[k];
+            acc += w * val;
+            wsum += w;
+        }
+    }
+    return acc / wsum;
+}
+
+// Output pixel i of every channel (LANCZOS3, else bilinear; a template parameter, so each kernel
+// gets its own code): NaN where the nearest source pixel lies outside the frame or is NaN, else
+// the channel's sample.
+template <bool LANCZOS3>
+__device__ __forceinline__ void warp_pixel(const float* src, float* dst, long long i, long long n, int channels,
+                                           int src_h, int src_w, int dst_w, WARP_MAP_PARAMS)
 {
     const long long plane = (long long)src_h * src_w;
-    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
-         i += (long long)blockDim.x * gridDim.x) {
-        const float x = (float)(i % dst_w);
-        const float y = (float)(i / dst_w);
-        float u, v;
-        warp_source(x, y, m0, m1, m2, m3, m4, m5, m6, m7, m8, ocx, ocy, scx, scy, linv_r2, lk1, lk2, &u, &v);
-        const float nu = floorf(u + 0.5f);
-        const float nv = floorf(v + 0.5f);
-        if (!(nu >= 0.0f && nu < (float)src_w && nv >= 0.0f && nv < (float)src_h)) {
-            for (int c = 0; c < channels; ++c) dst[c * n + i] = nanf("");
-            continue;
-        }
-        const float fu0 = floorf(u);
-        const float fv0 = floorf(v);
-        const int iu = (int)fu0;
-        const int iv = (int)fv0;
-        const int cu = (int)nu;
-        const int cv = (int)nv;
+    const float x = (float)(i % dst_w);
+    const float y = (float)(i / dst_w);
+    float u, v;
+    warp_source(x, y, WARP_MAP_ARGS, &u, &v);
+    const float nu = floorf(u + 0.5f);
+    const float nv = floorf(v + 0.5f);
+    if (!(nu >= 0.0f && nu < (float)src_w && nv >= 0.0f && nv < (float)src_h)) {
+        for (int c = 0; c < channels; ++c) dst[c * n + i] = nanf("");
+        return;
+    }
+    const float fu0 = floorf(u);
+    const float fv0 = floorf(v);
+    const int iu = (int)fu0;
+    const int iv = (int)fv0;
+    const int cu = (int)nu;
+    const int cv = (int)nv;
+    float wx[6], wy[6];
+    bool all_inside = false;
+    float hw_all = 0.0f;
+    if (LANCZOS3) {
+        warp_lanczos3_weights(u - fu0, (fu0 + 1.0f) - u, wx);
+        warp_lanczos3_weights(v - fv0, (fv0 + 1.0f) - v, wy);
+        all_inside = iu >= 2 && iu + 3 < src_w && iv >= 2 && iv + 3 < src_h;
+        for (int k = 0; k < 6; ++k) hw_all += wx[k];
+    } else {
         const float fu = u - fu0;
         const float fv = v - fv0;
-        float wx[2], wy[2];
         wx[0] = 1.0f - fu;
         wx[1] = fu;
         wy[0] = 1.0f - fv;
         wy[1] = fv;
-        for (int c = 0; c < channels; ++c) {
-            const float* s = src + c * plane;
-            if (isnan(s[(long long)cv * src_w + cu])) {
-                dst[c * n + i] = nanf("");
-                continue;
-            }
-            float acc = 0.0f, wsum = 0.0f;
-            for (int j = 0; j < 2; ++j) {
-                const int yy = iv + j;
-                if (yy < 0 || yy >= src_h) continue;
-                for (int k = 0; k < 2; ++k) {
-                    const int xx = iu + k;
-                    if (xx < 0 || xx >= src_w) continue;
-                    const float val = s[(long long)yy * src_w + xx];
-                    if (isnan(val)) continue;
-                    const float w = wy[j] * wx[k];
-                    acc += w * val;
-                    wsum += w;
-                }
-            }
-            dst[c * n + i] = acc / wsum;
-        }
     }
+    for (int c = 0; c < channels; ++c) {
+        const float* s = src + c * plane;
+        if (isnan(s[(long long)cv * src_w + cu])) {
+            dst[c * n + i] = nanf("");
+            continue;
+        }
+        dst[c * n + i] = LANCZOS3 ? warp_lanczos3_sample(s, src_h, src_w, iu, iv, wx, wy, all_inside, hw_all)
+                                  : warp_bilinear_sample(s, src_h, src_w, iu, iv, wx, wy);
+    }
+}
+
+extern "C" __global__ void warp_lanczos3(const float* __restrict__ src, float* __restrict__ dst, long long n,
+                                         int channels, int src_h, int src_w, int dst_w, WARP_MAP_PARAMS)
+{
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
+         i += (long long)blockDim.x * gridDim.x)
+        warp_pixel<true>(src, dst, i, n, channels, src_h, src_w, dst_w, WARP_MAP_ARGS);
+}
+
+extern "C" __global__ void warp_bilinear(const float* __restrict__ src, float* __restrict__ dst, long long n,
+                                         int channels, int src_h, int src_w, int dst_w, WARP_MAP_PARAMS)
+{
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
+         i += (long long)blockDim.x * gridDim.x)
+        warp_pixel<false>(src, dst, i, n, channels, src_h, src_w, dst_w, WARP_MAP_ARGS);
 }

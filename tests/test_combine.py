@@ -7,8 +7,8 @@ import pytest
 
 from skystack.engine import combine as combine_mod
 from skystack.engine.backend import get_backend, to_host
-from skystack.engine.combine import (MAX_SUPPORTED_FRAMES, ClipResult, _sigma_clip_mean_numpy, combine,
-                                     max_frames_define, sigma_clip_mean)
+from skystack.engine.combine import MAX_SUPPORTED_FRAMES, ClipResult, combine, max_frames_define, sigma_clip_mean
+from skystack.engine.rejection.sigma import _sigma_clip_mean_numpy
 from skystack.engine.errors import SkystackError
 from skystack.kernels.emulate import emulated, emulator_available, use_emulator
 

@@ -9,10 +9,15 @@ import pytest
 
 from skystack.engine import combine as combine_mod
 from skystack.engine.backend import get_backend, to_host
-from skystack.engine.combine import (DEFAULT_KAPPAS, METHODS, WINSOR_MAX_ITER, _gesd_clip_mean_numpy,
-                                     _linear_fit_clip_mean_numpy, _median_combine_numpy, _minmax_clip_mean_numpy,
-                                     _percentile_clip_mean_numpy, _sigma_clip_mean_numpy, _winsorized_clip_mean_numpy,
-                                     combine, gesd_critical_values, max_frames_define)
+from skystack.engine.combine import (DEFAULT_KAPPAS, METHODS, WINSOR_MAX_ITER, combine, gesd_critical_values,
+                                     max_frames_define)
+from skystack.engine.rejection.gesd import _gesd_clip_mean_numpy
+from skystack.engine.rejection.linear import _linear_fit_clip_mean_numpy
+from skystack.engine.rejection.median import _median_combine_numpy
+from skystack.engine.rejection.minmax import _minmax_clip_mean_numpy
+from skystack.engine.rejection.percentile import _percentile_clip_mean_numpy
+from skystack.engine.rejection.sigma import _sigma_clip_mean_numpy
+from skystack.engine.rejection.winsorized import _winsorized_clip_mean_numpy
 from skystack.engine.errors import SkystackError
 from skystack.kernels import read_source
 from skystack.kernels.emulate import emulated, emulator_available, use_emulator
@@ -41,7 +46,8 @@ def _col(values) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------- float64 references
-# Straight from the definitions in engine/combine.py's docstring, pixel by pixel, in float64,
+# Straight from the definitions (each method's module docstring in engine/rejection/, the shared
+# rules in engine/combine.py's), pixel by pixel, in float64,
 # with NumPy's own median / std / clip / stable argsort (nothing shared with the twins).
 
 
@@ -375,6 +381,26 @@ def test_winsor_cap_matches_the_kernel_define():
     assert m and int(m.group(1)) == WINSOR_MAX_ITER
 
 
+def test_registry_is_one_module_per_method():
+    # engine/rejection: each module in MODULES declares METHOD, whose kernel exists in combine.cu
+    # with the combine signature (plus the host tables the method declares before the kappas)
+    from importlib import import_module
+
+    from skystack.engine.rejection import MODULES, REGISTRY
+    from skystack.kernels import kernel_params
+
+    assert tuple(REGISTRY) == METHODS
+    declared = [import_module(f"skystack.engine.rejection.{m}").METHOD for m in MODULES]
+    assert [m.name for m in declared] == list(METHODS)
+    common = ["cube", "npix", "nframes", "scale", "offset", "weights"]
+    tail = ["kappa_low", "kappa_high", "max_iter", "mean_out", "count_out", "rejected"]
+    for m in declared:
+        assert REGISTRY[m.name] is m and callable(m.twin)
+        names = [p.name for p in kernel_params("combine.cu", m.kernel)]
+        n_tables = len(m.tables(5, m.kappas[1])) if m.tables is not None else 0
+        assert names[:6] == common and names[6 + n_tables:] == tail, (m.name, names)
+
+
 # ----------------------------------------------------------------------------- statistics
 
 
@@ -516,7 +542,7 @@ def test_emulated_kernel_equals_twin_on_300_frames(rng, method):
 @pytest.mark.parametrize("cols, order", [(1, "C"), (1, "F"), (2, "F"), (7, "F"), (5, "C")])
 def test_twin_sums_run_in_row_order(rng, cols, order):
     """``_seqsum`` adds row after row from +0 on every layout, like the kernels' loops."""
-    from skystack.engine.combine import _seqsum
+    from skystack.engine.rejection.base import _seqsum
 
     x = np.array(rng.normal(size=(300, cols)) * 10.0 ** rng.uniform(-3, 3, size=(300, 1)), np.float32,
                  order=order)
