@@ -1,6 +1,6 @@
 // detect.cu -- star measurement: windowed centroids and second moments
 // (SExtractor's XWIN), one thread per star. NumPy twin: _window_measure_numpy
-// in skystack/engine/detect.py (the reference; see its docstring for what is
+// in skystack/engine/centroid.py (the reference; see its docstring for what is
 // measured and for the tolerance between the two).
 //
 // The thread reads the frame at the star's stamp (k x k pixels from the

@@ -1,6 +1,6 @@
 // psf.cu -- PSF model fit of a sample of stars: an elliptical Moffat (or
 // Gaussian) by Levenberg-Marquardt with variable projection, one thread per
-// star. NumPy twin: _fit_psf_numpy in skystack/engine/detect.py (the
+// star. NumPy twin: _fit_psf_numpy in skystack/engine/psf.py (the
 // reference: its docstring gives the model and the parametrisation; the
 // tolerance between the two is in docs/architecture.md).
 //

@@ -1,6 +1,6 @@
 """The star measurement kernel (``kernels/detect.cu``: ``window_measure``) against its NumPy twin.
 
-The twin (``detect._window_measure_numpy``) sums in NumPy's pairwise order and
+The twin (``centroid._window_measure_numpy``) sums in NumPy's pairwise order and
 the kernel star by star, so they agree to rounding: the tolerance documented in
 the twin's docstring (``ok`` identical, positions within 1e-9 px, moments and
 errors within 1e-9 relative). The emulated and the native build of the kernel
@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from skystack.engine import backend as be
-from skystack.engine import detect
+from skystack.engine import centroid, detect, psf
 from skystack.kernels.emulate import emulated, emulator_available, use_emulator
 
 pytestmark = pytest.mark.skipif(not emulator_available(), reason="g++ is not on PATH")
@@ -78,7 +78,7 @@ def test_emulated_kernel_equals_twin_and_finds_the_true_centres(rng, sites, sigm
     img, tx, ty, x, y = _scene(rng, sites=sites)
     mod = emulated("detect.cu")
     got = _launch_kernel(mod, img, x, y, sigma_w, sites, n_iter, reverse=reverse)
-    ref = detect._window_measure_numpy(img, x, y, sigma_w, sites, NOISE, n_iter=n_iter)
+    ref = centroid._window_measure_numpy(img, x, y, sigma_w, sites, NOISE, n_iter=n_iter)
     assert_within_tolerance(got, ref)
     if n_iter == 16:  # converged: the true centres of the clean stars, within their stated errors
         clean = got[6].copy()
@@ -98,9 +98,9 @@ def test_device_window_measure_equals_twin(rng):
     import cupy
 
     img, _, _, x, y = _scene(rng)
-    got = detect._window_measure(cupy.asarray(img), x, y, 1.5, 4, NOISE)
+    got = centroid.window_measure(cupy.asarray(img), x, y, 1.5, 4, NOISE)
     assert all(isinstance(a, np.ndarray) for a in got)  # the measures come down, nothing else
-    assert_within_tolerance(got, detect._window_measure_numpy(img, x, y, 1.5, 4, NOISE))
+    assert_within_tolerance(got, centroid._window_measure_numpy(img, x, y, 1.5, 4, NOISE))
 
 
 def test_kernel_edge_cases_equal_twin(rng):
@@ -110,7 +110,7 @@ def test_kernel_edge_cases_equal_twin(rng):
     x = np.concatenate([x, [55.0, -30.0, 300.0, 10.0]])
     y = np.concatenate([y, [55.0, 20.0, 20.0, -30.0]])
     got = _launch_kernel(emulated("detect.cu"), img, x, y, 1.5, 4, 16)
-    ref = detect._window_measure_numpy(img, x, y, 1.5, 4, NOISE)
+    ref = centroid._window_measure_numpy(img, x, y, 1.5, 4, NOISE)
     assert not ref[6][-4:].any()
     np.testing.assert_array_equal(got[6], ref[6])
     ok = ref[6]
@@ -129,7 +129,7 @@ def test_native_kernel_equals_emulated_bits_and_twin(rng):
     nat = _launch_kernel(nat_mod, img, x, y, 1.5, 4, 16)
     for a, b in zip(nat, em):
         np.testing.assert_array_equal(a, b)
-    assert_within_tolerance(nat, detect._window_measure_numpy(img, x, y, 1.5, 4, NOISE))
+    assert_within_tolerance(nat, centroid._window_measure_numpy(img, x, y, 1.5, 4, NOISE))
 
 
 def test_window_measure_dispatch_one_implementation_per_process(rng, monkeypatch):
@@ -139,20 +139,20 @@ def test_window_measure_dispatch_one_implementation_per_process(rng, monkeypatch
     from skystack.kernels.native import available, native
 
     img, _, _, x, y = _scene(rng, h=200, w=200)
-    ref = detect._window_measure_numpy(img, x, y, 1.5, 4, NOISE)
+    ref = centroid._window_measure_numpy(img, x, y, 1.5, 4, NOISE)
     monkeypatch.setattr(be, "_native_choice", {})
     monkeypatch.delenv("SKYSTACK_NATIVE", raising=False)
-    first = detect._window_measure(img[:60, :60], x[:3], y[:3], 1.5, 4, NOISE)
+    first = centroid.window_measure(img[:60, :60], x[:3], y[:3], 1.5, 4, NOISE)
     choice = be._native_choice[("detect.cu", "window_measure", ())]
     assert choice in (("native", "twin") if available() else ("twin",))  # timed on 3 stars
-    chosen = (lambda *a: detect._window_native(native("detect.cu"), *a)) if choice == "native" else \
-        (lambda im, xx, yy, *a: detect._window_measure_numpy(im, xx, yy, *a[:3], n_iter=a[3]))
-    for got in (first, detect._window_measure(img[:60, :60], x[:3], y[:3], 1.5, 4, NOISE)):
+    chosen = (lambda *a: centroid._window_native(native("detect.cu"), *a)) if choice == "native" else \
+        (lambda im, xx, yy, *a: centroid._window_measure_numpy(im, xx, yy, *a[:3], n_iter=a[3]))
+    for got in (first, centroid.window_measure(img[:60, :60], x[:3], y[:3], 1.5, 4, NOISE)):
         for a, b in zip(got, chosen(np.ascontiguousarray(img[:60, :60]), x[:3], y[:3], 1.5, 4, NOISE, 16)):
             np.testing.assert_array_equal(a, b)
-    assert_within_tolerance(detect._window_measure(img, x, y, 1.5, 4, NOISE), ref)
-    use_emulator(monkeypatch, detect)
-    assert_within_tolerance(detect._window_measure(img, x, y, 1.5, 4, NOISE), ref)
+    assert_within_tolerance(centroid.window_measure(img, x, y, 1.5, 4, NOISE), ref)
+    use_emulator(monkeypatch, centroid)
+    assert_within_tolerance(centroid.window_measure(img, x, y, 1.5, 4, NOISE), ref)
 
 
 def test_detect_stars_with_the_kernel_equals_the_twins_stars(monkeypatch):
@@ -164,7 +164,8 @@ def test_detect_stars_with_the_kernel_equals_the_twins_stars(monkeypatch):
     monkeypatch.setenv("SKYSTACK_NATIVE", "off")
     twin = detect.detect_stars(cfa, pattern=pattern)
     monkeypatch.delenv("SKYSTACK_NATIVE")
-    use_emulator(monkeypatch, detect)
+    use_emulator(monkeypatch, centroid)
+    use_emulator(monkeypatch, psf)
     kern = detect.detect_stars(cfa, pattern=pattern)
     assert len(twin) >= 15 and len(kern) == len(twin) and kern.n_total == twin.n_total
     np.testing.assert_array_equal(kern.flag, twin.flag)

@@ -1,6 +1,6 @@
 """The PSF fit kernel (``kernels/psf.cu``: ``psf_fit``) against its NumPy twin.
 
-The twin (``detect._fit_psf_numpy``) fits all stars at once in NumPy's
+The twin (``psf._fit_psf_numpy``) fits all stars at once in NumPy's
 summation order, the kernel star by star; both take the same Levenberg-Marquardt
 steps, so they agree to rounding: ``ok`` identical, positions within 1e-9 px,
 the moments within 1e-9 relative, the centroid errors within 1e-9 relative (the
@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from skystack.engine import backend as be
-from skystack.engine import detect
+from skystack.engine import detect, psf
 from skystack.kernels.emulate import emulated, emulator_available, use_emulator
 
 pytestmark = pytest.mark.skipif(not emulator_available(), reason="g++ is not on PATH")
@@ -80,7 +80,7 @@ def assert_within_tolerance(got, ref):
 def test_emulated_kernel_equals_twin_and_finds_the_true_stars(rng, sites, moffat, reverse):
     img, tx, ty, x, y, s2 = _scene(rng, sites=sites)
     got = _kernel(emulated("psf.cu"), img, x, y, s2, sites, moffat, reverse=reverse)
-    assert_within_tolerance(got, detect._fit_psf_numpy(img, x, y, s2, HALF, sites, moffat=moffat))
+    assert_within_tolerance(got, psf._fit_psf_numpy(img, x, y, s2, HALF, sites, moffat=moffat))
     ok = got[6].copy()
     ok[5] = False
     d = np.hypot(got[0] - tx, got[1] - ty)[ok]
@@ -98,7 +98,7 @@ def test_kernel_edge_cases_equal_twin(rng):
     y = np.concatenate([y, [55.0, 20.0, 20.0, -30.0]])
     s2 = np.concatenate([s2, [3.0] * 4])
     got = _kernel(emulated("psf.cu"), img, x, y, s2, 4, True)
-    ref = detect._fit_psf_numpy(img, x, y, s2, HALF, 4)
+    ref = psf._fit_psf_numpy(img, x, y, s2, HALF, 4)
     assert not ref[6][-4:].any()
     assert_within_tolerance(got, ref)
 
@@ -115,7 +115,7 @@ def test_native_kernel_equals_emulated_bits_and_twin(rng):
     nat = _kernel(mod, img, x, y, s2, 4, True)
     for a, b in zip(nat, em):
         np.testing.assert_array_equal(a, b)
-    assert_within_tolerance(nat, detect._fit_psf_numpy(img, x, y, s2, HALF, 4))
+    assert_within_tolerance(nat, psf._fit_psf_numpy(img, x, y, s2, HALF, 4))
 
 
 def test_fit_psf_dispatch(rng, monkeypatch):
@@ -124,14 +124,14 @@ def test_fit_psf_dispatch(rng, monkeypatch):
     from skystack.kernels.native import available
 
     img, _, _, x, y, s2 = _scene(rng)
-    ref = detect._fit_psf_numpy(img, x, y, s2, HALF, 4)
+    ref = psf._fit_psf_numpy(img, x, y, s2, HALF, 4)
     monkeypatch.setattr(be, "_native_choice", {})
     monkeypatch.delenv("SKYSTACK_NATIVE", raising=False)
-    assert_within_tolerance(detect._fit_psf(img, x, y, s2, HALF, 4), ref)
+    assert_within_tolerance(psf.fit_psf(img, x, y, s2, HALF, 4), ref)
     choice = be._native_choice[("psf.cu", "psf_fit", ())]
     assert choice in (("native", "twin") if available() else ("twin",))
-    use_emulator(monkeypatch, detect)
-    assert_within_tolerance(detect._fit_psf(img, x, y, s2, HALF, 4), ref)
+    use_emulator(monkeypatch, psf)
+    assert_within_tolerance(psf.fit_psf(img, x, y, s2, HALF, 4), ref)
 
 
 @pytest.mark.gpu
@@ -141,6 +141,6 @@ def test_device_psf_fit_equals_twin(rng):
     import cupy
 
     img, _, _, x, y, s2 = _scene(rng)
-    got = detect._fit_psf(cupy.asarray(img), x, y, s2, HALF, 4)
+    got = psf.fit_psf(cupy.asarray(img), x, y, s2, HALF, 4)
     assert all(isinstance(a, np.ndarray) for a in got)
-    assert_within_tolerance(got, detect._fit_psf_numpy(img, x, y, s2, HALF, 4))
+    assert_within_tolerance(got, psf._fit_psf_numpy(img, x, y, s2, HALF, 4))

@@ -226,7 +226,7 @@ def test_detection_on_the_device_equals_the_hosts(sim, night, monkeypatch):
     with only the binned detection image, the stars' measures and the PSF sample's fits brought down."""
     import cupy
 
-    from skystack.engine import detect, normalize
+    from skystack.engine import centroid, detect, normalize, psf
     from skystack.engine.io import read_frame
     from skystack.engine.rawconv import cfa_to_float
 
@@ -246,14 +246,14 @@ def test_detection_on_the_device_equals_the_hosts(sim, night, monkeypatch):
     # no stamps: the binned detection image as float16 (an eighth of the mosaic), the measured
     # stars' seven float64 measures (window_measure's outputs) and the PSF sample's seven float64
     # fits (psf_fit's, at most psf_sample stars)
-    lum, win, psf = (_site_of(f, text) for f, text in ((detect._detection_image, "to_host(half)"),
-                                                      (detect._window_launch, "to_host(out)"),
-                                                      (detect._psf_launch, "to_host(out)")))
-    assert set(sim.d2h) - {lum, win, psf} <= {_site_of(detect._detection_image, s) for s in
+    lum, win, fits = (_site_of(f, text) for f, text in ((detect._detection_image, "to_host(half)"),
+                                                      (centroid._window_launch, "to_host(out)"),
+                                                      (psf._psf_launch, "to_host(out)")))
+    assert set(sim.d2h) - {lum, win, fits} <= {_site_of(detect._detection_image, s) for s in
                                               ("to_host(xp.isfinite", "to_host(sample[", "to_host(xp.nanmax")}
     assert sim.d2h[lum] == x.nbytes // 8
     assert sim.d2h[win] % 56 == 0 and len(got.x) <= sim.d2h[win] // 56 <= 24 + detect.DetectConfig().max_measured
-    assert sim.d2h[psf] % 56 == 0 and 3 <= sim.d2h[psf] // 56 <= detect.DetectConfig().psf_sample, sim.d2h
+    assert sim.d2h[fits] % 56 == 0 and 3 <= sim.d2h[fits] // 56 <= detect.DetectConfig().psf_sample, sim.d2h
     sim.reset()
     assert normalize.highpass_noise(dev, step=2) == normalize.highpass_noise(x, step=2)
     assert sim.d2h_bytes < 1024, sim.d2h  # numbers only (a few dozen scalars)
