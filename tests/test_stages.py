@@ -1,0 +1,77 @@
+"""The session run as a list of stages (engine/pipeline.py, engine/stages/; docs/architecture.md)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from skystack.engine.pipeline import INPUTS, SessionContext, run_stages
+from skystack.engine.session import discover_session
+from skystack.engine.stack import StackConfig, combine_registered, register_session, session_context
+from skystack.engine.stages import SESSION_STAGES
+from skystack.tools.synth import SynthConfig, simulate
+
+
+def test_each_stage_reads_only_what_the_inputs_or_an_earlier_stage_provide():
+    """Every stage declares its name, timer and the context fields it consumes and produces; each
+    field is one of :class:`SessionContext`'s, and each consumed one is an input or an earlier
+    stage's product."""
+    fields = {f.name for f in dataclasses.fields(SessionContext)}
+    assert set(INPUTS) <= fields
+    have = set(INPUTS)
+    names = []
+    for stage in SESSION_STAGES:
+        names.append(stage.name)
+        assert isinstance(stage.timer, (str, type(None))) and callable(stage.run), stage.name
+        assert set(stage.consumes) <= have, (stage.name, set(stage.consumes) - have)
+        assert set(stage.produces) <= fields, (stage.name, set(stage.produces) - fields)
+        have |= set(stage.produces)
+    assert len(set(names)) == len(names)
+    assert names[0] == "scan" and names.index("calibrate") < names.index("register") < names.index("warp")
+
+
+class _CountSkyStars:
+    """A stage as docs/architecture.md's "Adding a stage" writes one: the sky stars of the used frames."""
+
+    name = "sky stars"
+    timer = "sky stars"
+    consumes = ("registration", "used")
+    produces = ("description",)
+
+    def run(self, ctx: SessionContext) -> None:
+        sky = ctx.registration.sky_stars
+        ctx.description["sky_stars"] = sum(len(sky[i]) for i in ctx.used if i in sky)
+
+
+@pytest.fixture(scope="module")
+def night(tmp_path_factory):
+    root = tmp_path_factory.mktemp("stages")
+    simulate(SynthConfig(seed=5, width=480, height=360, n_lights=4, n_bias=0, n_darks=0, n_flats=0,
+                         n_dark_flats=0, file_format="fits", star_density=4000.0, trail_frames=None,
+                         cloudy_frame=None, shake_frame=None), root / "s")
+    return root
+
+
+def test_a_registered_stage_runs_in_order_timed_and_the_stack_is_unchanged(night):
+    """A stage added to the list runs after the ones before it, under its own timer, and sees their
+    products; the run with it registers the same frames as register_session, bit for bit."""
+    cfg = StackConfig(quiet=True, cache_dir=str(night / "c"))
+    files = discover_session(night / "s")
+    stages = list(SESSION_STAGES)
+    stages.insert(len(stages) - 1, _CountSkyStars())  # before "describe", which replaces the description
+    stages.append(_CountSkyStars())
+    ctx = run_stages(stages, session_context(files, cfg))
+    try:
+        assert ctx.description["sky_stars"] > 0
+        timers = list(ctx.report.timer.t)
+        assert timers.index("warp") < timers.index("sky stars")
+        with register_session(files, cfg) as reg:
+            assert (reg.used, reg.ref) == (ctx.used, ctx.ref)
+            for i in reg.used:
+                np.testing.assert_array_equal(reg.frame(i), ctx.store.get(i))
+            image = combine_registered(reg, cfg).image
+        assert np.isfinite(image).any()
+    finally:
+        ctx.store.close()
