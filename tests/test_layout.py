@@ -12,7 +12,7 @@ _TOOLS_IMPORT = re.compile(r"^\s*(from\s+skystack\.tools\b|import\s+skystack\.to
 
 
 def _offenders(folder: Path) -> list[str]:
-    return [f"{p.name}:{i}" for p in sorted(folder.glob("*.py"))
+    return [f"{p.relative_to(folder)}:{i}" for p in sorted(folder.rglob("*.py"))
             for i, line in enumerate(p.read_text().splitlines(), 1) if _TOOLS_IMPORT.match(line)]
 
 
@@ -23,6 +23,20 @@ def test_the_engine_never_imports_the_tools(tmp_path):
     assert _offenders(ROOT / "engine") == [] and _offenders(ROOT / "kernels") == []
     (tmp_path / "stage.py").write_text("import numpy\n    from skystack.tools.synth import simulate\n")
     assert _offenders(tmp_path) == ["stage.py:2"]
+
+
+def test_every_package_folder_is_installed():
+    """pyproject.toml lists every folder of the package that holds an ``__init__.py`` (a plain
+    ``pip install .`` copies only the listed ones), and nothing else."""
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib
+
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {"skystack"} | {"skystack." + ".".join(p.parent.relative_to(ROOT).parts)
+                            for top in ("engine", "kernels", "tools") for p in (ROOT / top).rglob("__init__.py")}
+    assert listed == found
 
 
 def test_the_public_api_is_lazy_and_stacks(tmp_path):
