@@ -29,7 +29,8 @@ from typing import Any
 
 import numpy as np
 
-from skystack.engine.background import object_mask, sigma_clipped_stats
+from skystack.engine.background import object_mask
+from skystack.engine.robust import sigma_clipped_stats
 from skystack.engine.robust import MAD_TO_SIGMA
 
 

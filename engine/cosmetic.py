@@ -58,7 +58,7 @@ import numpy as np
 from skystack.engine.backend import array_module, is_device_array, launch, run_cpu, to_host
 from skystack.engine.debayer import cfa_colours, pattern_code
 from skystack.engine.errors import SkystackError
-from skystack.engine.robust import median_sigma
+from skystack.engine.robust import finite_median_sigma
 
 __all__ = [
     "CosmeticConfig",
@@ -185,14 +185,6 @@ def _position_planes(code: int, shape: tuple[int, int]) -> list[np.ndarray]:
     return [cm == c for c in range(3)]
 
 
-def _robust(values: np.ndarray) -> tuple[float, float]:
-    """Median and 1.4826 x MAD of the finite ``values`` (float64)."""
-    v = values[np.isfinite(values)].astype(np.float64, copy=False)
-    if v.size == 0:
-        return math.nan, math.nan
-    return median_sigma(v)
-
-
 def _cap(hot: np.ndarray, cold: np.ndarray, score: np.ndarray, max_fraction: float
          ) -> tuple[np.ndarray, np.ndarray]:
     """Keep at most ``max_fraction`` of the pixels, the highest ``score`` first."""
@@ -290,14 +282,14 @@ def _local_outliers(img: np.ndarray, code: int, hot_sigma: float, cold_sigma: fl
     for sel in _position_planes(code, (h, w)):
         r = resid[sel]
         step = max(1, r.size // 200_000)
-        _med, sigma = _robust(r[::step])
+        _med, sigma = finite_median_sigma(r[::step])
         if not (math.isfinite(sigma) and sigma > 0):
             continue
         with np.errstate(invalid="ignore"):
             cand_hot = sel & (resid > hot_sigma * sigma)
             cand_cold = sel & (resid < -cold_sigma * sigma)
             if global_candidates:
-                gmed, _ = _robust(img[sel][::step])
+                gmed, _ = finite_median_sigma(img[sel][::step])
                 cand_hot |= sel & (img > gmed + hot_sigma * sigma)
                 cand_cold |= sel & (img < gmed - cold_sigma * sigma)
         ys, xs = np.nonzero(cand_hot | cand_cold)

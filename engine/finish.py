@@ -236,7 +236,7 @@ def boost_saturation(image: np.ndarray, factor: float, *, chroma_blur: float = 1
     if factor < 1.0:  # desaturating adds no noise: apply everywhere
         return np.clip(lum[None] + np.float32(factor) * chroma, 0.0, 1.0)
     sm = ndimage.gaussian_filter(lum, 1.5)
-    from skystack.engine.background import sigma_clipped_stats
+    from skystack.engine.robust import sigma_clipped_stats
 
     step = max(1, sm.size // 500_000)
     med, sig, _ = sigma_clipped_stats(sm.ravel()[::step])

@@ -39,8 +39,7 @@ from typing import Any
 
 import numpy as np
 
-from skystack.engine.background import nanmedian_last
-from skystack.engine.robust import MAD_TO_SIGMA, mad_sigma
+from skystack.engine.robust import MAD_TO_SIGMA, clipped_mad_sigma, nanmedian_last
 
 NORMALIZATIONS = ("none", "additive", "multiplicative", "additive+scale")
 WEIGHTINGS = ("none", "noise", "psf", "stars")
@@ -138,7 +137,7 @@ def _grid_noise(x: Any, sample: int) -> float:
     r = r[xp.isfinite(r)]
     if r.size < 32:
         return float("nan")
-    return _clipped_mad_sigma(xp, r.astype(xp.float64)) / float(np.sqrt(1.25))
+    return clipped_mad_sigma(xp, r.astype(xp.float64)) / float(np.sqrt(1.25))
 
 
 def robust_stats(image: Any, *, sample: int = 200_000, scale_sample: int | None = None) -> FrameStats:
@@ -168,24 +167,8 @@ def robust_stats(image: Any, *, sample: int = 200_000, scale_sample: int | None 
             sub = plane[::k, ::k]
         v = _flatten_background(sub).ravel()
         v = v[xp.isfinite(v)]
-        scales.append(_clipped_mad_sigma(xp, v) if v.size else np.nan)
+        scales.append(clipped_mad_sigma(xp, v) if v.size else np.nan)
     return FrameStats(location=np.asarray(locs, np.float64), scale=np.asarray(scales, np.float64))
-
-
-def _clipped_mad_sigma(xp: Any, v: Any) -> float:
-    """MAD-sigma of ``v`` after two rounds of 3-sigma clipping about the median."""
-    med = float(xp.median(v))
-    sig = mad_sigma(v, med=med, xp=xp)
-    for _ in range(2):
-        if sig <= 0:
-            break
-        keep = xp.abs(v - med) <= 3.0 * sig
-        if int(keep.sum()) < 16:
-            break
-        v = v[keep]
-        med = float(xp.median(v))
-        sig = mad_sigma(v, med=med, xp=xp)
-    return sig
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -6,16 +6,21 @@ absolute deviation scaled to a normal distribution's sigma, as in Siril,
 PixInsight and astropy's ``mad_std``. :data:`MAD_TO_SIGMA` is that scale and
 :func:`mad_sigma` the float64 figure of a sample; the combine's float32
 rejection (``kernels/combine.cu`` and its twin) uses the same constant in
-float32.
+float32. Also the clipped statistics built on them: :func:`clipped_mad_sigma`
+(a sample's noise after two 3-sigma clips), :func:`sigma_clipped_stats` and
+:func:`sigma_clipped_rows` (iterative kappa-sigma clipping, every row of an
+array at once) and :func:`nanmedian_last`.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
 
-__all__ = ["MAD_TO_SIGMA", "mad_sigma", "median_sigma"]
+__all__ = ["MAD_TO_SIGMA", "mad_sigma", "median_sigma", "finite_median_sigma", "clipped_mad_sigma",
+           "sigma_clipped_stats", "sigma_clipped_rows", "nanmedian_last"]
 
 #: ``1 / Phi^-1(3/4)``: a normal distribution's MAD times this is its standard deviation.
 MAD_TO_SIGMA = 1.4826
@@ -42,3 +47,200 @@ def median_sigma(values: Any, *, xp: Any = np) -> tuple[float, float]:
     """``(median, mad_sigma)`` of ``values`` (see :func:`mad_sigma`)."""
     med = float(xp.median(values))
     return med, mad_sigma(values, med=med, xp=xp)
+
+
+def finite_median_sigma(values: np.ndarray) -> tuple[float, float]:
+    """:func:`median_sigma` of the finite ``values`` in float64 (``nan, nan`` when there are none)."""
+    v = values[np.isfinite(values)].astype(np.float64, copy=False)
+    if v.size == 0:
+        return math.nan, math.nan
+    return median_sigma(v)
+
+
+def clipped_mad_sigma(xp: Any, v: Any) -> float:
+    """MAD-sigma of ``v`` after two rounds of 3-sigma clipping about the median."""
+    med = float(xp.median(v))
+    sig = mad_sigma(v, med=med, xp=xp)
+    for _ in range(2):
+        if sig <= 0:
+            break
+        keep = xp.abs(v - med) <= 3.0 * sig
+        if int(keep.sum()) < 16:
+            break
+        v = v[keep]
+        med = float(xp.median(v))
+        sig = mad_sigma(v, med=med, xp=xp)
+    return sig
+
+
+# ----------------------------------------------------------------------------- clipped statistics of rows
+
+
+def sigma_clipped_stats(values: np.ndarray, *, kappa: float = 2.5, iters: int = 5) -> tuple[float, float, int]:
+    """Median and robust sigma of ``values`` after iterative ``kappa``-sigma clipping.
+
+    NaNs are ignored. Returns ``(median, sigma, n_kept)``; ``(nan, nan, 0)``
+    for no data. One row of :func:`sigma_clipped_rows`.
+    """
+    med, sig, n = sigma_clipped_rows(np.asarray(values, dtype=np.float32).reshape(1, -1), kappa=kappa, iters=iters)
+    return float(med[0]), float(sig[0]), int(n[0])
+
+
+def _median_of_range(s: Any, lo: Any, n: Any) -> Any:
+    """Median of ``s[..., lo:lo + n]`` along the last axis of an array sorted along it (``lo``, ``n``:
+    one per row), in ``s``'s dtype as ``np.median`` computes it, where ``s`` is (NumPy or CuPy)."""
+    from skystack.engine.backend import array_module
+
+    xp = array_module(s)
+    last = s.shape[-1] - 1
+    a = xp.take_along_axis(s, xp.minimum(lo + xp.maximum(n - 1, 0) // 2, last)[..., None], -1)[..., 0]
+    b = xp.take_along_axis(s, xp.minimum(lo + n // 2, last)[..., None], -1)[..., 0]
+    return xp.where(n % 2 == 1, a, (a + b) / s.dtype.type(2))
+
+
+def _kth_deviation(s: np.ndarray, med: np.ndarray, lo: np.ndarray, c: np.ndarray, hi: np.ndarray,
+                   k: np.ndarray) -> np.ndarray:
+    """The ``k``-th smallest ``|s - med|`` (float32) over ``s[r, lo:hi]`` of a row-sorted array.
+
+    Below the split ``c`` (first value >= med) the deviations ``med - s`` grow
+    leftwards, above it ``s - med`` rightwards: two sorted runs, whose merged
+    ``k``-th value a binary search on the count taken from the left run finds.
+    """
+    width = s.shape[1]
+    n_left, n_right = c - lo, hi - c
+    inf = np.float32(np.inf)
+
+    def left(i):  # i-th smallest deviation below the median (+-inf off the ends)
+        v = med - _at(s, np.clip(c - 1 - i, 0, width - 1))
+        return np.where(i < 0, -inf, np.where(i >= n_left, inf, v))
+
+    def right(j):
+        v = _at(s, np.clip(c + j, 0, width - 1)) - med
+        return np.where(j < 0, -inf, np.where(j >= n_right, inf, v))
+
+    # smallest i (values taken from the left run among the k + 1 smallest) with left(i) >= right(k - i)
+    a = np.maximum(0, k + 1 - n_right)
+    b = np.minimum(k + 1, n_left)
+    for _ in range(int(width).bit_length() + 1):
+        mid = (a + b) // 2
+        ok = left(mid) >= right(k - mid)
+        a, b = np.where(ok, a, mid + 1), np.where(ok, mid, b)
+    return np.maximum(left(a - 1), right(k - a)).astype(np.float32)
+
+
+def _first_true(pred, a: np.ndarray, b: np.ndarray, width: int) -> np.ndarray:
+    """Per row, the first index in ``[a, b)`` where ``pred(index)`` holds (``b`` if none).
+
+    ``pred`` must be False then True along ``[a, b)`` (a binary search, all rows at once).
+    """
+    for _ in range(int(width).bit_length() + 1):
+        mid = (a + b) // 2
+        ok = (a >= b) | pred(np.minimum(mid, width - 1))
+        a, b = np.where(ok, a, mid + 1), np.where(ok, mid, b)
+    return a
+
+
+def _mad_sigma(s: np.ndarray, med: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    """``MAD_TO_SIGMA * median(|s - med|)`` over ``s[r, lo:hi]`` (the median in float32, as ``np.median``)."""
+    n = hi - lo
+    c = _first_true(lambda i: _at(s, i) >= med, lo, hi, s.shape[1])
+    a = _kth_deviation(s, med, lo, c, hi, np.maximum(n - 1, 0) // 2)
+    b = _kth_deviation(s, med, lo, c, hi, n // 2)
+    mad = np.where(n % 2 == 1, a, (a + b) / np.float32(2)).astype(np.float32)
+    return MAD_TO_SIGMA * mad.astype(np.float64)
+
+
+def _at(s: np.ndarray, i: np.ndarray) -> np.ndarray:
+    """``s[r, i[r]]`` for every row ``r``."""
+    return np.take_along_axis(s, i[:, None], axis=1)[:, 0]
+
+
+def sigma_clipped_rows(rows: np.ndarray, *, kappa: float = 2.5, iters: int = 5,
+                       chunk: int = 1 << 22) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`sigma_clipped_stats` of every row of a 2-D array at once.
+
+    Each row is sorted once (NaN and inf are no data); the values a clip keeps
+    are then a contiguous run of the sorted row, so every iteration only moves
+    the run's ends and finds the median and the MAD by index (no re-sorting).
+    The clipping rule and float32 arithmetic are those of the one-array loop:
+    median, ``sigma = 1.4826 * MAD``, keep ``|v - median| <= kappa * sigma``,
+    at most ``iters`` times, stopping when nothing is clipped or sigma is 0.
+
+    Parameters
+    ----------
+    rows : ndarray
+        ``(R, L)`` values (any float dtype; taken as float32).
+    kappa : float
+        Clipping threshold in robust sigmas.
+    iters : int
+        Most clipping iterations.
+    chunk : int
+        Most values sorted at once (bounds the temporaries).
+
+    Returns
+    -------
+    (median, sigma, n_kept)
+        ``(R,)`` float64 each (``n_kept`` int64); ``nan, nan, 0`` for a row without data.
+    """
+    rows = np.asarray(rows, dtype=np.float32)
+    r, width = rows.shape
+    med = np.full(r, np.nan)
+    sig = np.full(r, np.nan)
+    n = np.zeros(r, dtype=np.int64)
+    step = max(1, chunk // max(width, 1))
+    for i in range(0, r if width else 0, step):
+        med[i:i + step], sig[i:i + step], n[i:i + step] = _clip_sorted(rows[i:i + step], kappa, iters)
+    return med, sig, n
+
+
+def _clip_sorted(rows: np.ndarray, kappa: float, iters: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`sigma_clipped_rows` of one chunk of rows."""
+    s = np.where(np.isfinite(rows), rows, np.float32(np.nan))
+    s.sort(axis=1)  # NaN last
+    width = s.shape[1]
+    lo = np.zeros(s.shape[0], dtype=np.int64)
+    hi = np.isfinite(s).sum(axis=1).astype(np.int64)
+    has = hi > 0
+    med = _median_of_range(s, lo, hi)
+    sig = _mad_sigma(s, med, lo, hi)
+    active = has.copy()
+    for _ in range(iters):
+        active &= sig > 0
+        if not active.any():
+            break
+        # the kept values |v - med| <= thr are a run of the sorted row around the median
+        thr = (kappa * sig).astype(np.float32)
+        c = _first_true(lambda i: _at(s, i) >= med, lo, hi, width)
+        new_lo = _first_true(lambda i: np.abs(_at(s, i) - med) <= thr, lo, c, width)
+        new_hi = _first_true(lambda i: np.abs(_at(s, i) - med) > thr, c, hi, width)
+        active &= ((new_lo != lo) | (new_hi != hi)) & (new_hi > new_lo)
+        lo = np.where(active, new_lo, lo)
+        hi = np.where(active, new_hi, hi)
+        med = np.where(active, _median_of_range(s, lo, hi - lo), med)
+        sig = np.where(active, _mad_sigma(s, med, lo, hi), sig)
+    return (np.where(has, med.astype(np.float64), np.nan), np.where(has, sig, np.nan), hi - lo)
+
+
+def nanmedian_last(a: np.ndarray) -> np.ndarray:
+    """``np.nanmedian(a, axis=-1)`` with the same bits, in a few array passes.
+
+    NumPy's ``nanmedian`` along an axis longer than 600 loops over the rows
+    in Python (holding the GIL); this sorts once (NaN last) and picks the
+    middle values by each row's count. All-NaN rows give NaN, without a warning.
+
+    Parameters
+    ----------
+    a : ndarray
+        Any shape, floating point.
+
+    Returns
+    -------
+    ndarray
+        ``a.shape[:-1]``, the dtype of ``a``, where ``a`` is (NumPy or CuPy).
+    """
+    from skystack.engine.backend import array_module
+
+    xp = array_module(a)
+    cnt = xp.count_nonzero(~xp.isnan(a), axis=-1)
+    med = _median_of_range(xp.sort(a, axis=-1), xp.zeros_like(cnt), cnt)
+    return xp.where(cnt == 0, a.dtype.type(np.nan), med)
