@@ -170,12 +170,12 @@ def _stack_config(args: argparse.Namespace):
     return StackConfig(
         backend=args.backend, rejection=args.rejection, kappa_low=klo, kappa_high=khi,
         normalization=args.normalization, weighting=args.weighting, debayer=args.debayer,
-        apply_wb=not args.no_wb, interpolation=args.interpolation, transform_model=args.model,
+        apply_wb=args.apply_wb, interpolation=args.interpolation, transform_model=args.model,
         framing=args.framing, foreground=args.foreground, save_mask=getattr(args, "save_mask", None),
         reference=args.reference, keep_best=args.keep_best, max_fwhm=args.max_fwhm,
         min_stars=args.min_stars, memory_limit=parse_size(args.memory_limit),
         store_dtype=args.store_dtype, workers=args.workers, dark_optimize=args.dark_optimize,
-        cosmetic=not args.no_cosmetic, cache_dir=args.cache_dir, quiet=args.quiet,
+        cosmetic=args.cosmetic, cache_dir=args.cache_dir, quiet=args.quiet,
     )
 
 
@@ -448,7 +448,9 @@ def _stack_options(p: argparse.ArgumentParser, *, batch: bool = False) -> None:
                    help="colour reconstruction: RCD (sharp, ~0.7x bilinear's colour noise; sharp stars gain "
                         "0.5-2 %% of flux), bilinear (linear in the flux: for photometry) or super-pixel (half "
                         "size) (default: %(default)s)")
-    g.add_argument("--no-wb", action="store_true", help="do not apply the camera white balance")
+    g.add_argument("--apply-wb", action=argparse.BooleanOptionalAction, default=c.apply_wb,
+                   help="apply the camera white balance (default: %(default)s)")
+    g.add_argument("--no-wb", dest="apply_wb", action="store_false", help="the same as --no-apply-wb")
     g.add_argument("--interpolation", default=c.interpolation, choices=choices["interpolation"],
                    help="resampling when frames are aligned (default: %(default)s)")
     g.add_argument("--transform-model", "--model", dest="model", default=c.transform_model,
@@ -464,7 +466,8 @@ def _stack_options(p: argparse.ArgumentParser, *, batch: bool = False) -> None:
     if not batch:
         g.add_argument("--save-mask", metavar="PATH", help="write the landscape mask used (PNG) to correct it")
     g.add_argument("--dark-optimize", action="store_true", help="scale the dark to minimise noise")
-    g.add_argument("--no-cosmetic", action="store_true", help="no hot/cold pixel correction")
+    g.add_argument("--cosmetic", action=argparse.BooleanOptionalAction, default=c.cosmetic,
+                   help="hot/cold pixel correction (default: %(default)s)")
     if batch:
         g.add_argument("--decode-threads", type=int, help="decoder threads per session")
         g.add_argument("--cache-dir", help="master cache folder (default OUT/masters)")

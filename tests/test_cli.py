@@ -239,3 +239,18 @@ def test_parser_and_option_checks_import_no_heavy_module():
     lines = r.stdout.splitlines()
     assert [ln.split()[0] for ln in lines[:4]] == ["--rejection", "--framing", "--transform-model", "--debayer"]
     assert lines[4].strip() == ""  # none of the heavy modules
+
+
+def test_switches_are_named_for_their_fields():
+    """``--apply-wb`` and ``--cosmetic`` (StackConfig's field names) switch on and off, default on as
+    the fields do; ``--no-wb`` stays as the older name of ``--no-apply-wb``."""
+    from skystack.engine.stack import StackConfig
+
+    def config(*flags):
+        return cli._stack_config(cli.build_parser().parse_args(["stack", "x", *flags]))
+
+    base = config()
+    assert base.apply_wb is StackConfig().apply_wb is True and base.cosmetic is StackConfig().cosmetic is True
+    for flags, field in ((["--no-apply-wb"], "apply_wb"), (["--no-wb"], "apply_wb"), (["--no-cosmetic"], "cosmetic")):
+        assert getattr(config(*flags), field) is False, flags
+    assert config("--no-wb", "--apply-wb").apply_wb is True  # the last one given wins

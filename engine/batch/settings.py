@@ -45,7 +45,7 @@ def _apply_toml(cfg: StackConfig, path: Path) -> StackConfig:
                 raise SkystackError(f"{path}: kappa must be [LOW, HIGH], e.g. kappa = [3.0, 3.0]")
             changes["kappa_low"], changes["kappa_high"] = float(value[0]), float(value[1])
             continue
-        if key == "no_wb":
+        if key == "no_wb":  # the older name of apply_wb, inverted
             key, value = "apply_wb", not value
         if key not in fields or key in _NOT_IN_TOML:
             allowed = ", ".join(sorted(k for k in fields if k not in _NOT_IN_TOML))
