@@ -198,6 +198,67 @@ __device__ void combine_rank_sort(const float* t, const unsigned short* tf, int 
     }
 }
 
+#ifdef SKYSTACK_NATIVE
+// From this many values native builds sort by radix instead of counting ranks: O(n) instead of
+// O(n^2) work. Native build, one core, GESD per value, rank / radix: 64 frames 22.5 / 26.6 ns,
+// 96 25.7 / 23.6, 192 36.6 / 21.7; 300 frames on two cores 23.4 / 11.1. GPU and emulator builds
+// keep the rank sort: the radix sort's 256 counters would sit in each GPU thread's local memory.
+#define COMBINE_RADIX_MIN 96
+
+// Sortable key of a finite float: its bits with the sign flipped for positives and all bits
+// flipped for negatives, so the keys order as the values do; -0 counts as +0 (they are equal).
+__device__ __forceinline__ unsigned int combine_radix_key(float v)
+{
+    const unsigned int u = __float_as_uint(v == 0.0f ? 0.0f : v);
+    return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+
+// Least-significant-digit radix sort (four 8-bit digits) of the n finite t[0..n) (frames tf) into
+// s and id. Each pass is stable, so equal values keep frame order: the pairs combine_rank_sort
+// gives, bit for bit. A digit that every key shares is skipped.
+__device__ void combine_radix_sort(const float* t, const unsigned short* tf, int n, float* s,
+                                   unsigned short* id)
+{
+    unsigned int ka[COMBINE_SMALL], kb[COMBINE_SMALL];
+    unsigned short ia[COMBINE_SMALL], ib[COMBINE_SMALL];
+    for (int k = 0; k < n; ++k) {
+        ka[k] = combine_radix_key(t[k]);
+        ia[k] = (unsigned short)k;
+    }
+    unsigned int* src = ka;
+    unsigned int* dst = kb;
+    unsigned short* isrc = ia;
+    unsigned short* idst = ib;
+    for (int shift = 0; shift < 32; shift += 8) {
+        int count[256];
+        for (int d = 0; d < 256; ++d) count[d] = 0;
+        for (int k = 0; k < n; ++k) ++count[(src[k] >> shift) & 255u];
+        if (count[(src[0] >> shift) & 255u] == n) continue;  // one digit for all: nothing moves
+        int start = 0;
+        for (int d = 0; d < 256; ++d) {
+            const int c = count[d];
+            count[d] = start;
+            start += c;
+        }
+        for (int k = 0; k < n; ++k) {
+            const int pos = count[(src[k] >> shift) & 255u]++;
+            dst[pos] = src[k];
+            idst[pos] = isrc[k];
+        }
+        unsigned int* tk = src;
+        src = dst;
+        dst = tk;
+        unsigned short* ti = isrc;
+        isrc = idst;
+        idst = ti;
+    }
+    for (int k = 0; k < n; ++k) {
+        s[k] = t[isrc[k]];
+        id[k] = tf[isrc[k]];
+    }
+}
+#endif
+
 // Loads the valid normalised values of pixel i and sorts them (ascending); returns how many there
 // are. Their frames go to id (equal values in frame order) unless values_only (sigma, whose kept
 // set is a value interval): then, above COMBINE_SMALL frames, a heapsort of the values alone sorts
@@ -216,6 +277,12 @@ __device__ int combine_load_sorted(const float* cube, long long npix, long long 
             tf[n] = (unsigned short)f;
             n += isfinite(v) ? 1 : 0;
         }
+#ifdef SKYSTACK_NATIVE
+        if (n >= COMBINE_RADIX_MIN) {
+            combine_radix_sort(t, tf, n, s, id);
+            return n;
+        }
+#endif
         combine_rank_sort(t, tf, n, s, id);
         return n;
     }
