@@ -205,8 +205,8 @@ def combine(cube: Any, *, method: str = "sigma", kappa_low: float | None = None,
                                  np.float32(kl), np.float32(kh), np.int32(max_iter), mean, count, rejected))
         return ClipResult(mean=mean, count=count, rejected=rejected.view(xp.int64))
 
-    if not is_device_array(cube):
-        return run_cpu("combine.cu", entry.kernel, npix, lambda: _run_twin(
+    if not is_device_array(cube):  # the launch's work is its values: a tile of 300 frames has few pixels
+        return run_cpu("combine.cu", entry.kernel, npix * n, lambda: _run_twin(
             entry.twin, cube, np.float32(kl), np.float32(kh), int(max_iter), scale_a, offset_a, weights_a),
             lambda mod: kernel(mod.launch), defines=defines)
     return kernel(lambda name, items, args: launch("combine.cu", name, items, args, defines=defines))

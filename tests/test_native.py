@@ -614,3 +614,19 @@ def test_native_radix_sort_gives_the_rank_sorts_bits(rng, method):
             np.testing.assert_array_equal(a, b, err_msg=f"{method} {n}")
         if method != "median":
             assert ref[2].sum() > 0
+
+
+def test_a_tile_of_many_frames_and_few_pixels_may_run_natively(monkeypatch, rng):
+    """The combine counts a launch's work in values, not pixels: a memory-bound tile of 300 frames
+    has only a few thousand pixels a thread, and counted in pixels it was too small to time the
+    native kernel against the twin, so it always took the twin (~4x slower at 300 frames)."""
+    from skystack.engine import backend as be
+
+    monkeypatch.setattr(be, "_native_choice", {})
+    monkeypatch.delenv("SKYSTACK_NATIVE", raising=False)
+    cube = _cube(rng, 300, 8, 8)  # 64 pixels, 19 200 values
+    twin = combine(cube, method="gesd")
+    key = ("combine.cu", "gesd_clip_mean", max_frames_define(300))
+    assert key in be._native_choice or not available()
+    for f in ("mean", "count", "rejected"):  # whichever was chosen: the twin's bits
+        np.testing.assert_array_equal(getattr(combine(cube, method="gesd"), f), getattr(twin, f))
