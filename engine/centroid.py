@@ -43,7 +43,8 @@ def stamp_side(half: int, sites: int) -> int:
 
 
 def cut_stamps(img: np.ndarray, x: np.ndarray, y: np.ndarray, half: int, sites: int):
-    """Cut ``(N, K, K)`` float64 stamps around ``(x, y)`` (image pixels).
+    """Cut ``(N, K, K)`` float64 stamps around ``(x, y)`` (pixels of the host image ``img``: the
+    twins' input; on a device the kernels read the frame at each stamp).
 
     With ``sites == 4`` (CFA) every stamp starts on an even row and column,
     so the Bayer site of stamp pixel ``(r, c)`` is ``2 * (r % 2) + c % 2`` for
@@ -61,24 +62,10 @@ def cut_stamps(img: np.ndarray, x: np.ndarray, y: np.ndarray, half: int, sites: 
     xx = ox[:, None, None] + r[None, None, :]
     yy = oy[:, None, None] + r[None, :, None]
     inside = (xx >= 0) & (xx < w) & (yy >= 0) & (yy < h)
-    st = _gather_stamps(img, ox, oy, k).astype(np.float64)
+    st = np.asarray(img)[np.clip(yy, 0, h - 1), np.clip(xx, 0, w - 1)].astype(np.float64)
     valid = inside & np.isfinite(st)
     st = np.where(valid, st, 0.0)
     return st, valid, ox, oy
-
-
-def _gather_stamps(img: Any, ox: np.ndarray, oy: np.ndarray, k: int) -> np.ndarray:
-    """``img``'s ``(N, k, k)`` pixels from origins ``(ox, oy)`` (clamped to the image), on the host.
-
-    On a device the indices are made there from the origins, and only the
-    stamps come down (not the frame).
-    """
-    xp = array_module(img)
-    h, w = img.shape
-    r = xp.arange(k, dtype=xp.int64)
-    xx = xp.clip(xp.asarray(ox)[:, None, None] + r[None, None, :], 0, w - 1)
-    yy = xp.clip(xp.asarray(oy)[:, None, None] + r[None, :, None], 0, h - 1)
-    return to_host(img[yy, xx])
 
 
 def host_float32(img: np.ndarray) -> np.ndarray | None:

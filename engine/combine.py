@@ -51,7 +51,7 @@ import numpy as np
 from skystack.engine.backend import array_module, is_device_array, launch, run_cpu
 from skystack.engine.errors import SkystackError
 from skystack.engine.rejection import REGISTRY, ClipResult, RejectionMethod
-from skystack.engine.rejection.base import _FRAME_BUCKETS, MAX_SUPPORTED_FRAMES, ROBUST_MIN_KEPT, WINSOR_MAX_ITER
+from skystack.engine.rejection.base import FRAME_BUCKETS, MAX_SUPPORTED_FRAMES, ROBUST_MIN_KEPT, WINSOR_MAX_ITER
 from skystack.engine.rejection.gesd import gesd_critical_values
 
 __all__ = ["ClipResult", "sigma_clip_mean", "combine", "METHODS", "DEFAULT_KAPPAS", "MAX_SUPPORTED_FRAMES",
@@ -64,7 +64,7 @@ _CHUNK_VALUES = 1 << 19
 
 def max_frames_define(n_frames: int) -> tuple[str, ...]:
     """The ``MAX_FRAMES`` define of the kernel build used for ``n_frames`` frames."""
-    for cap in _FRAME_BUCKETS:
+    for cap in FRAME_BUCKETS:
         if n_frames <= cap:
             return (f"MAX_FRAMES={cap}",)
     raise SkystackError(

@@ -456,7 +456,7 @@ def _best_hypothesis(s_xy: np.ndarray, d_xy: np.ndarray, cfg: MatchConfig
     The ``cfg.n_brightest`` brightest stars are tried first, then twice as many
     until the best count is significant and a third of the stars that can
     overlap. Returns ``(count, hypothesis, inliers needed)`` or None when no
-    hypothesis was formed, and how many hypotheses were scored.
+    hypothesis was formed, and how many hypotheses were formed.
     """
     from scipy.spatial import cKDTree  # lazy: importing scipy.spatial takes ~0.3 s
     tree = cKDTree(d_xy)
@@ -485,12 +485,11 @@ def _best_hypothesis(s_xy: np.ndarray, d_xy: np.ndarray, cfg: MatchConfig
         # covers trying thousands of hypotheses
         mu = m * p_chance
         need = max(cfg.min_inliers, math.ceil(3.0 + mu + 5.0 * math.sqrt(mu) + 3.0))
-        # good enough: significant and a third of the stars that can overlap
-        good = max(need, min(0.3 * len(zsrc), 12))
-        count, k = _first_good(hyp, zsrc, tree, cfg.ransac_threshold_px, good)
+        enough = min(0.3 * len(zsrc), 12)  # a third of the stars that can overlap
+        count, k = _first_good(hyp, zsrc, tree, cfg.ransac_threshold_px, max(need, enough))
         if best is None or count - need > best[0] - best[2]:
             best = (count, hyp[k], need)
-        if best[0] >= best[2] and best[0] >= min(0.3 * len(zsrc), 12):
+        if best[0] >= max(best[2], enough):  # good enough: significant, and enough stars
             break
     return best, n_hyp_total
 

@@ -19,9 +19,9 @@ from skystack.engine.robust import MAD_TO_SIGMA
 __all__ = ["ClipResult", "RejectionMethod", "MAX_SUPPORTED_FRAMES", "ROBUST_MIN_KEPT", "WINSOR_MAX_ITER"]
 
 #: Compile-time sizes of the kernel's per-thread sort buffer (``-DMAX_FRAMES=``).
-_FRAME_BUCKETS = (64, 256, 1024, 4096)
+FRAME_BUCKETS = (64, 256, 1024, 4096)
 #: Most frames one tile may hold (on either backend, so results never depend on it).
-MAX_SUPPORTED_FRAMES = _FRAME_BUCKETS[-1]
+MAX_SUPPORTED_FRAMES = FRAME_BUCKETS[-1]
 #: Sigma and winsorized (robust centre and scale) may reject down to this many kept values.
 ROBUST_MIN_KEPT = 2
 #: Most rounds of the winsorized (Huber) sigma loop (``WINSOR_MAX_ITER`` in combine.cu).
