@@ -227,12 +227,114 @@ __device__ __forceinline__ void warp_pixel(const float* src, float* dst, long lo
     }
 }
 
+#ifdef SKYSTACK_NATIVE
+// Native builds (kernels/native.py, the host's CPU) run each kernel's loop over a contiguous chunk
+// of items. There the warp takes WARP_BLOCK pixels at a time: their source positions, floors and
+// axis weights in loops over the block that the compiler vectorises, then each pixel's taps as in
+// warp_pixel. The same float operations in the same order: the same bits.
+#define WARP_BLOCK 32
+
+// floorf(x) for |x| < 2e9 (x itself when x is integral, so -0 stays -0), in a form that vectorises.
+__device__ __forceinline__ float warp_floor(float x)
+{
+    const float t = (float)(int)x;
+    return t > x ? t - 1.0f : (t == x ? x : t);
+}
+
+template <bool LANCZOS3>
+static void warp_block(const float* __restrict__ src, float* __restrict__ dst, long long i0, int cnt,
+                       long long n, int channels, int src_h, int src_w, int dst_w, WARP_MAP_PARAMS)
+{
+    const long long plane = (long long)src_h * src_w;
+    float U[WARP_BLOCK], V[WARP_BLOCK], FU[WARP_BLOCK], FV[WARP_BLOCK], HW[WARP_BLOCK];
+    float WX[6][WARP_BLOCK], WY[6][WARP_BLOCK];
+    const long long row = i0 / dst_w;
+    const long long col = i0 - row * dst_w;
+    if (lk1 == 0.0f && lk2 == 0.0f && col + cnt <= dst_w) {  // warp_source without a lens, one row
+        const float y = (float)row;
+        for (int l = 0; l < cnt; ++l) {
+            const float x = (float)(col + l);
+            const float den = (m6 * x + m7 * y) + m8;
+            U[l] = ((m0 * x + m1 * y) + m2) / den;
+            V[l] = ((m3 * x + m4 * y) + m5) / den;
+        }
+    } else {
+        for (int l = 0; l < cnt; ++l)
+            warp_source((float)((i0 + l) % dst_w), (float)((i0 + l) / dst_w), WARP_MAP_ARGS, &U[l], &V[l]);
+    }
+    for (int l = 0; l < cnt; ++l) {  // a position beyond +-2e9 (or NaN) lies outside the frame: unused
+        const bool near = U[l] > -2e9f && U[l] < 2e9f && V[l] > -2e9f && V[l] < 2e9f;
+        FU[l] = warp_floor(near ? U[l] : 0.0f);
+        FV[l] = warp_floor(near ? V[l] : 0.0f);
+    }
+    if (LANCZOS3) {
+        for (int l = 0; l < cnt; ++l) {
+            float w[6];
+            warp_lanczos3_weights(U[l] - FU[l], (FU[l] + 1.0f) - U[l], w);
+            float hw = 0.0f;
+            for (int k = 0; k < 6; ++k) {
+                WX[k][l] = w[k];
+                hw += w[k];
+            }
+            HW[l] = hw;
+            warp_lanczos3_weights(V[l] - FV[l], (FV[l] + 1.0f) - V[l], w);
+            for (int k = 0; k < 6; ++k) WY[k][l] = w[k];
+        }
+    }
+    for (int l = 0; l < cnt; ++l) {
+        const long long i = i0 + l;
+        const float nu = floorf(U[l] + 0.5f);
+        const float nv = floorf(V[l] + 0.5f);
+        if (!(nu >= 0.0f && nu < (float)src_w && nv >= 0.0f && nv < (float)src_h)) {
+            for (int c = 0; c < channels; ++c) dst[c * n + i] = nanf("");
+            continue;
+        }
+        const int iu = (int)FU[l];
+        const int iv = (int)FV[l];
+        float wx[6], wy[6];
+        if (LANCZOS3) {
+            for (int k = 0; k < 6; ++k) {
+                wx[k] = WX[k][l];
+                wy[k] = WY[k][l];
+            }
+        } else {
+            wx[0] = 1.0f - (U[l] - FU[l]);
+            wx[1] = U[l] - FU[l];
+            wy[0] = 1.0f - (V[l] - FV[l]);
+            wy[1] = V[l] - FV[l];
+        }
+        const bool all_inside = LANCZOS3 && iu >= 2 && iu + 3 < src_w && iv >= 2 && iv + 3 < src_h;
+        for (int c = 0; c < channels; ++c) {
+            const float* s = src + c * plane;
+            if (isnan(s[(long long)(int)nv * src_w + (int)nu])) {
+                dst[c * n + i] = nanf("");
+                continue;
+            }
+            dst[c * n + i] = LANCZOS3 ? warp_lanczos3_sample(s, src_h, src_w, iu, iv, wx, wy, all_inside, HW[l])
+                                      : warp_bilinear_sample(s, src_h, src_w, iu, iv, wx, wy);
+        }
+    }
+}
+
+// The loop body of a native build: the block from item i (to the end of the chunk), then i moves
+// to the block's last item (the loop's ++i steps past it).
+#define WARP_BODY(LANCZOS3)                                                                       \
+    {                                                                                             \
+        const long long last = skystack_item_end < n ? skystack_item_end : n;                     \
+        const int cnt = (int)(last - i < WARP_BLOCK ? last - i : WARP_BLOCK);                     \
+        warp_block<LANCZOS3>(src, dst, i, cnt, n, channels, src_h, src_w, dst_w, WARP_MAP_ARGS);  \
+        i += cnt - 1;                                                                             \
+    }
+#else
+#define WARP_BODY(LANCZOS3) warp_pixel<LANCZOS3>(src, dst, i, n, channels, src_h, src_w, dst_w, WARP_MAP_ARGS);
+#endif
+
 extern "C" __global__ void warp_lanczos3(const float* __restrict__ src, float* __restrict__ dst, long long n,
                                          int channels, int src_h, int src_w, int dst_w, WARP_MAP_PARAMS)
 {
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
          i += (long long)blockDim.x * gridDim.x)
-        warp_pixel<true>(src, dst, i, n, channels, src_h, src_w, dst_w, WARP_MAP_ARGS);
+        WARP_BODY(true)
 }
 
 extern "C" __global__ void warp_bilinear(const float* __restrict__ src, float* __restrict__ dst, long long n,
@@ -240,5 +342,5 @@ extern "C" __global__ void warp_bilinear(const float* __restrict__ src, float* _
 {
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
          i += (long long)blockDim.x * gridDim.x)
-        warp_pixel<false>(src, dst, i, n, channels, src_h, src_w, dst_w, WARP_MAP_ARGS);
+        WARP_BODY(false)
 }
