@@ -16,6 +16,9 @@
 #define DB_EPS 1e-5f
 #define DB_EPSSQ 1e-10f
 
+// fmaxf(DB_EPSSQ, v) (DB_EPSSQ when v is NaN), as a comparison the host's compiler need not call for.
+__device__ __forceinline__ float db_at_least_epssq(float v) { return v > DB_EPSSQ ? v : DB_EPSSQ; }
+
 __device__ __forceinline__ int db_colour(int pat, int y, int x) {
     return (pat >> (2 * (((y & 1) << 1) | (x & 1)))) & 3;
 }
@@ -46,6 +49,45 @@ __device__ __forceinline__ float db_at(const float* a, int H, int W, int y, int 
     const int y = (int)i / W;     \
     const int x = (int)i - y * W; \
     const bool in = y >= 4 && y < H - 4 && x >= 4 && x < W - 4
+
+// The loop body of an RCD kernel around its item function CALL (which reads y, x, i and `in`).
+// Native builds (kernels/native.py: the loop runs over a contiguous chunk of items) walk the chunk
+// from item i row by row: no division per item, and the run of pixels at least 4 from every edge
+// calls CALL with `in` a constant true, so its loads are plain (and the loop may vectorise); then
+// i moves to the chunk's last item (the loop's ++i ends it). The same operations: the same bits.
+#ifdef SKYSTACK_NATIVE
+#define DB_ITEMS(CALL)                                                               \
+    {                                                                                \
+        const long long last = skystack_item_end < n ? skystack_item_end : n;        \
+        int y = (int)i / W;                                                          \
+        int x = (int)i - y * W;                                                      \
+        while (i < last) {                                                           \
+            const bool row_in = y >= 4 && y < H - 4;                                 \
+            if (row_in && x >= 4 && x < W - 4) {                                     \
+                const long long left = last - i;                                     \
+                const int x_end = (W - 4 - x < left) ? W - 4 : x + (int)left;        \
+                const bool in = true;                                                \
+                for (; x < x_end; ++x, ++i) CALL;                                    \
+            } else {                                                                 \
+                const bool in = false;                                               \
+                CALL;                                                                \
+                ++x;                                                                 \
+                ++i;                                                                 \
+            }                                                                        \
+            if (x == W) {                                                            \
+                x = 0;                                                               \
+                ++y;                                                                 \
+            }                                                                        \
+        }                                                                            \
+        i = last - 1;                                                                \
+    }
+#else
+#define DB_ITEMS(CALL) \
+    {                  \
+        DB_LOCATE;     \
+        CALL;          \
+    }
+#endif
 
 // Bilinear estimate of channel c at (y, x): the sample itself when the pixel
 // has colour c, else the mean of the finite same-colour pixels among its 8
@@ -132,7 +174,7 @@ extern "C" __global__ void debayer_superpixel_kernel(float* out, const float* cf
 // ------------------------------------------------------------------ RCD
 // Squared colour-difference high-pass of the CFA along a direction (sy, sx):
 // ((c[-3] - c[-1] - c[+1] + c[+3]) - 3 (c[-2] + c[+2]) + 6 c[0])^2
-__device__ float rcd_hpf2(const float* cfa, int H, int W, int y, int x, long long i, bool in, int sy, int sx) {
+__device__ __forceinline__ float rcd_hpf2(const float* cfa, int H, int W, int y, int x, long long i, bool in, int sy, int sx) {
     float t = (DB_AT(cfa, -3 * sy, -3 * sx) - DB_AT(cfa, -sy, -sx) - DB_AT(cfa, sy, sx) + DB_AT(cfa, 3 * sy, 3 * sx))
               - 3.0f * (DB_AT(cfa, -2 * sy, -2 * sx) + DB_AT(cfa, 2 * sy, 2 * sx))
               + 6.0f * cfa[i];
@@ -140,47 +182,57 @@ __device__ float rcd_hpf2(const float* cfa, int H, int W, int y, int x, long lon
 }
 
 // Step 1.1: squared high-pass along vertical, horizontal, P (\) and Q (/) diagonals.
+__device__ __forceinline__ void rcd_hpf_item(float* hv, float* hh, float* hp, float* hq, const float* cfa,
+                                          int H, int W,
+                                          long long n, int y, int x, long long i, bool in) {
+    hv[i] = rcd_hpf2(cfa, H, W, y, x, i, in, 1, 0);
+    hh[i] = rcd_hpf2(cfa, H, W, y, x, i, in, 0, 1);
+    hp[i] = rcd_hpf2(cfa, H, W, y, x, i, in, 1, 1);
+    hq[i] = rcd_hpf2(cfa, H, W, y, x, i, in, 1, -1);
+}
+
 extern "C" __global__ void rcd_hpf_kernel(float* hv, float* hh, float* hp, float* hq, const float* cfa,
                                           int H, int W) {
     long long n = (long long)H * W;
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
          i += (long long)blockDim.x * gridDim.x) {
-        DB_LOCATE;
-        hv[i] = rcd_hpf2(cfa, H, W, y, x, i, in, 1, 0);
-        hh[i] = rcd_hpf2(cfa, H, W, y, x, i, in, 0, 1);
-        hp[i] = rcd_hpf2(cfa, H, W, y, x, i, in, 1, 1);
-        hq[i] = rcd_hpf2(cfa, H, W, y, x, i, in, 1, -1);
+        DB_ITEMS(rcd_hpf_item(hv, hh, hp, hq, cfa, H, W, n, y, x, i, in));
     }
 }
 
 // Step 1.2 + 2: directional discrimination VH_Dir, PQ_Dir and the low-pass filter.
+__device__ __forceinline__ void rcd_dir_item(float* vhdir, float* pqdir, float* lpf, const float* hv,
+                                          const float* hh, const float* hp, const float* hq,
+                                          const float* cfa, int H, int W,
+                                          long long n, int y, int x, long long i, bool in) {
+    float vs = db_at_least_epssq((DB_AT(hv, -1, 0) + hv[i]) + DB_AT(hv, 1, 0));
+    float hs = db_at_least_epssq((DB_AT(hh, 0, -1) + hh[i]) + DB_AT(hh, 0, 1));
+    vhdir[i] = vs / (vs + hs);
+    float ps = db_at_least_epssq((DB_AT(hp, -1, -1) + hp[i]) + DB_AT(hp, 1, 1));
+    float qs = db_at_least_epssq((DB_AT(hq, -1, 1) + hq[i]) + DB_AT(hq, 1, -1));
+    pqdir[i] = ps / (ps + qs);
+    float card = ((DB_AT(cfa, -1, 0) + DB_AT(cfa, 1, 0)) + DB_AT(cfa, 0, -1))
+                 + DB_AT(cfa, 0, 1);
+    float diag = ((DB_AT(cfa, -1, -1) + DB_AT(cfa, -1, 1))
+                  + DB_AT(cfa, 1, -1)) + DB_AT(cfa, 1, 1);
+    lpf[i] = (cfa[i] + 0.5f * card) + 0.25f * diag;
+}
+
 extern "C" __global__ void rcd_dir_kernel(float* vhdir, float* pqdir, float* lpf, const float* hv,
                                           const float* hh, const float* hp, const float* hq,
                                           const float* cfa, int H, int W) {
     long long n = (long long)H * W;
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
          i += (long long)blockDim.x * gridDim.x) {
-        DB_LOCATE;
-        float vs = fmaxf(DB_EPSSQ, (DB_AT(hv, -1, 0) + hv[i]) + DB_AT(hv, 1, 0));
-        float hs = fmaxf(DB_EPSSQ, (DB_AT(hh, 0, -1) + hh[i]) + DB_AT(hh, 0, 1));
-        vhdir[i] = vs / (vs + hs);
-        float ps = fmaxf(DB_EPSSQ, (DB_AT(hp, -1, -1) + hp[i]) + DB_AT(hp, 1, 1));
-        float qs = fmaxf(DB_EPSSQ, (DB_AT(hq, -1, 1) + hq[i]) + DB_AT(hq, 1, -1));
-        pqdir[i] = ps / (ps + qs);
-        float card = ((DB_AT(cfa, -1, 0) + DB_AT(cfa, 1, 0)) + DB_AT(cfa, 0, -1))
-                     + DB_AT(cfa, 0, 1);
-        float diag = ((DB_AT(cfa, -1, -1) + DB_AT(cfa, -1, 1))
-                      + DB_AT(cfa, 1, -1)) + DB_AT(cfa, 1, 1);
-        lpf[i] = (cfa[i] + 0.5f * card) + 0.25f * diag;
+        DB_ITEMS(rcd_dir_item(vhdir, pqdir, lpf, hv, hh, hp, hq, cfa, H, W, n, y, x, i, in));
     }
 }
 
 // Refined discrimination: the mean of the 4 diagonal neighbours when it is
 // more decided (farther from 0.5) than the centre value.
-__device__ float rcd_disc(const float* dir, int H, int W, int y, int x) {
-    float central = dir[(long long)y * W + x];
-    float neigh = 0.25f * (((db_at(dir, H, W, y, x, -1, -1) + db_at(dir, H, W, y, x, -1, 1))
-                            + db_at(dir, H, W, y, x, 1, -1)) + db_at(dir, H, W, y, x, 1, 1));
+__device__ __forceinline__ float rcd_disc(const float* dir, int H, int W, int y, int x, long long i, bool in) {
+    float central = dir[i];
+    float neigh = 0.25f * (((DB_AT(dir, -1, -1) + DB_AT(dir, -1, 1)) + DB_AT(dir, 1, -1)) + DB_AT(dir, 1, 1));
     return (fabsf(0.5f - central) < fabsf(0.5f - neigh)) ? neigh : central;
 }
 
@@ -189,7 +241,7 @@ __device__ float rcd_disc(const float* dir, int H, int W, int y, int x) {
 // non-negative data) so that negative calibrated values cannot blow it up.
 // (RCD's reference adds eps = 1e-5 to the denominator, which biases faint
 // signals in [0, 1] units by ~eps / (2 lpf); the guard makes it unnecessary.)
-__device__ float rcd_ratio(float l0, float lk) {
+__device__ __forceinline__ float rcd_ratio(float l0, float lk) {
     float den = l0 + lk;
     float r = (den > 0.0f) ? (l0 + l0) / den : 1.0f;
     return (r < 0.0f) ? 0.0f : ((r > 2.0f) ? 2.0f : r);
@@ -197,112 +249,125 @@ __device__ float rcd_ratio(float l0, float lk) {
 
 // Step 3: green everywhere (G sites copy the sample); R/B sites also get
 // their own sample in their own channel.
+__device__ __forceinline__ void rcd_green_item(float* out, const float* cfa, const float* vhdir, const float* lpf,
+                                            int H, int W, int pat,
+                                          long long n, int y, int x, long long i, bool in) {
+    int col = db_colour(pat, y, x);
+    if (col == 1) {
+        out[n + i] = cfa[i];
+        return;
+    }
+    out[col * n + i] = cfa[i];
+    float c0 = cfa[i];
+    float cn1 = DB_AT(cfa, -1, 0), cs1 = DB_AT(cfa, 1, 0);
+    float cw1 = DB_AT(cfa, 0, -1), ce1 = DB_AT(cfa, 0, 1);
+    float cn2 = DB_AT(cfa, -2, 0), cs2 = DB_AT(cfa, 2, 0);
+    float cw2 = DB_AT(cfa, 0, -2), ce2 = DB_AT(cfa, 0, 2);
+    float cn3 = DB_AT(cfa, -3, 0), cs3 = DB_AT(cfa, 3, 0);
+    float cw3 = DB_AT(cfa, 0, -3), ce3 = DB_AT(cfa, 0, 3);
+    float cn4 = DB_AT(cfa, -4, 0), cs4 = DB_AT(cfa, 4, 0);
+    float cw4 = DB_AT(cfa, 0, -4), ce4 = DB_AT(cfa, 0, 4);
+    float ng = DB_EPS + fabsf(cn1 - cs1) + fabsf(c0 - cn2) + fabsf(cn1 - cn3) + fabsf(cn2 - cn4);
+    float sg = DB_EPS + fabsf(cs1 - cn1) + fabsf(c0 - cs2) + fabsf(cs1 - cs3) + fabsf(cs2 - cs4);
+    float wg = DB_EPS + fabsf(cw1 - ce1) + fabsf(c0 - cw2) + fabsf(cw1 - cw3) + fabsf(cw2 - cw4);
+    float eg = DB_EPS + fabsf(ce1 - cw1) + fabsf(c0 - ce2) + fabsf(ce1 - ce3) + fabsf(ce2 - ce4);
+    float l0 = lpf[i];
+    float ne = cn1 * rcd_ratio(l0, DB_AT(lpf, -2, 0));
+    float se = cs1 * rcd_ratio(l0, DB_AT(lpf, 2, 0));
+    float we = cw1 * rcd_ratio(l0, DB_AT(lpf, 0, -2));
+    float ee = ce1 * rcd_ratio(l0, DB_AT(lpf, 0, 2));
+    float v_est = (sg * ne + ng * se) / (ng + sg);
+    float h_est = (eg * we + wg * ee) / (eg + wg);
+    float d = rcd_disc(vhdir, H, W, y, x, i, in);
+    float g = d * (h_est - v_est) + v_est;
+    if (!db_finite(g)) g = db_bilinear_at(cfa, H, W, pat, y, x, 1);
+    out[n + i] = g;
+}
+
 extern "C" __global__ void rcd_green_kernel(float* out, const float* cfa, const float* vhdir, const float* lpf,
                                             int H, int W, int pat) {
     long long n = (long long)H * W;
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
          i += (long long)blockDim.x * gridDim.x) {
-        DB_LOCATE;
-        int col = db_colour(pat, y, x);
-        if (col == 1) {
-            out[n + i] = cfa[i];
-            continue;
-        }
-        out[col * n + i] = cfa[i];
-        float c0 = cfa[i];
-        float cn1 = DB_AT(cfa, -1, 0), cs1 = DB_AT(cfa, 1, 0);
-        float cw1 = DB_AT(cfa, 0, -1), ce1 = DB_AT(cfa, 0, 1);
-        float cn2 = DB_AT(cfa, -2, 0), cs2 = DB_AT(cfa, 2, 0);
-        float cw2 = DB_AT(cfa, 0, -2), ce2 = DB_AT(cfa, 0, 2);
-        float cn3 = DB_AT(cfa, -3, 0), cs3 = DB_AT(cfa, 3, 0);
-        float cw3 = DB_AT(cfa, 0, -3), ce3 = DB_AT(cfa, 0, 3);
-        float cn4 = DB_AT(cfa, -4, 0), cs4 = DB_AT(cfa, 4, 0);
-        float cw4 = DB_AT(cfa, 0, -4), ce4 = DB_AT(cfa, 0, 4);
-        float ng = DB_EPS + fabsf(cn1 - cs1) + fabsf(c0 - cn2) + fabsf(cn1 - cn3) + fabsf(cn2 - cn4);
-        float sg = DB_EPS + fabsf(cs1 - cn1) + fabsf(c0 - cs2) + fabsf(cs1 - cs3) + fabsf(cs2 - cs4);
-        float wg = DB_EPS + fabsf(cw1 - ce1) + fabsf(c0 - cw2) + fabsf(cw1 - cw3) + fabsf(cw2 - cw4);
-        float eg = DB_EPS + fabsf(ce1 - cw1) + fabsf(c0 - ce2) + fabsf(ce1 - ce3) + fabsf(ce2 - ce4);
-        float l0 = lpf[i];
-        float ne = cn1 * rcd_ratio(l0, DB_AT(lpf, -2, 0));
-        float se = cs1 * rcd_ratio(l0, DB_AT(lpf, 2, 0));
-        float we = cw1 * rcd_ratio(l0, DB_AT(lpf, 0, -2));
-        float ee = ce1 * rcd_ratio(l0, DB_AT(lpf, 0, 2));
-        float v_est = (sg * ne + ng * se) / (ng + sg);
-        float h_est = (eg * we + wg * ee) / (eg + wg);
-        float d = rcd_disc(vhdir, H, W, y, x);
-        float g = d * (h_est - v_est) + v_est;
-        if (!db_finite(g)) g = db_bilinear_at(cfa, H, W, pat, y, x, 1);
-        out[n + i] = g;
+        DB_ITEMS(rcd_green_item(out, cfa, vhdir, lpf, H, W, pat, n, y, x, i, in));
     }
 }
 
 // Step 4.2: red at blue sites and blue at red sites from diagonal colour
 // differences (reads the green plane of out and the CFA samples).
+__device__ __forceinline__ void rcd_rb_item(float* out, const float* cfa, const float* pqdir, int H, int W, int pat,
+                                          long long n, int y, int x, long long i, bool in) {
+    int col = db_colour(pat, y, x);
+    if (col == 1) return;
+    int c = 2 - col;
+    const float* G = out + n;  // the green plane
+    float g0 = G[i];
+    float cnw = DB_AT(cfa, -1, -1), cne = DB_AT(cfa, -1, 1);
+    float csw = DB_AT(cfa, 1, -1), cse = DB_AT(cfa, 1, 1);
+    float nw_g = DB_EPS + fabsf(cnw - cse) + fabsf(cnw - DB_AT(cfa, -3, -3))
+                 + fabsf(g0 - DB_AT(G, -2, -2));
+    float ne_g = DB_EPS + fabsf(cne - csw) + fabsf(cne - DB_AT(cfa, -3, 3))
+                 + fabsf(g0 - DB_AT(G, -2, 2));
+    float sw_g = DB_EPS + fabsf(csw - cne) + fabsf(csw - DB_AT(cfa, 3, -3))
+                 + fabsf(g0 - DB_AT(G, 2, -2));
+    float se_g = DB_EPS + fabsf(cse - cnw) + fabsf(cse - DB_AT(cfa, 3, 3))
+                 + fabsf(g0 - DB_AT(G, 2, 2));
+    float nw_e = cnw - DB_AT(G, -1, -1);
+    float ne_e = cne - DB_AT(G, -1, 1);
+    float sw_e = csw - DB_AT(G, 1, -1);
+    float se_e = cse - DB_AT(G, 1, 1);
+    float p_est = (nw_g * se_e + se_g * nw_e) / (nw_g + se_g);
+    float q_est = (ne_g * sw_e + sw_g * ne_e) / (ne_g + sw_g);
+    float d = rcd_disc(pqdir, H, W, y, x, i, in);
+    float v = g0 + (d * (q_est - p_est) + p_est);
+    if (!db_finite(v)) v = db_bilinear_at(cfa, H, W, pat, y, x, c);
+    out[c * n + i] = v;
+}
+
 extern "C" __global__ void rcd_rb_kernel(float* out, const float* cfa, const float* pqdir, int H, int W, int pat) {
     long long n = (long long)H * W;
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
          i += (long long)blockDim.x * gridDim.x) {
-        DB_LOCATE;
-        int col = db_colour(pat, y, x);
-        if (col == 1) continue;
-        int c = 2 - col;
-        const float* G = out + n;  // the green plane
-        float g0 = G[i];
-        float cnw = DB_AT(cfa, -1, -1), cne = DB_AT(cfa, -1, 1);
-        float csw = DB_AT(cfa, 1, -1), cse = DB_AT(cfa, 1, 1);
-        float nw_g = DB_EPS + fabsf(cnw - cse) + fabsf(cnw - DB_AT(cfa, -3, -3))
-                     + fabsf(g0 - DB_AT(G, -2, -2));
-        float ne_g = DB_EPS + fabsf(cne - csw) + fabsf(cne - DB_AT(cfa, -3, 3))
-                     + fabsf(g0 - DB_AT(G, -2, 2));
-        float sw_g = DB_EPS + fabsf(csw - cne) + fabsf(csw - DB_AT(cfa, 3, -3))
-                     + fabsf(g0 - DB_AT(G, 2, -2));
-        float se_g = DB_EPS + fabsf(cse - cnw) + fabsf(cse - DB_AT(cfa, 3, 3))
-                     + fabsf(g0 - DB_AT(G, 2, 2));
-        float nw_e = cnw - DB_AT(G, -1, -1);
-        float ne_e = cne - DB_AT(G, -1, 1);
-        float sw_e = csw - DB_AT(G, 1, -1);
-        float se_e = cse - DB_AT(G, 1, 1);
-        float p_est = (nw_g * se_e + se_g * nw_e) / (nw_g + se_g);
-        float q_est = (ne_g * sw_e + sw_g * ne_e) / (ne_g + sw_g);
-        float d = rcd_disc(pqdir, H, W, y, x);
-        float v = g0 + (d * (q_est - p_est) + p_est);
-        if (!db_finite(v)) v = db_bilinear_at(cfa, H, W, pat, y, x, c);
-        out[c * n + i] = v;
+        DB_ITEMS(rcd_rb_item(out, cfa, pqdir, H, W, pat, n, y, x, i, in));
     }
 }
 
 // Step 4.3: red and blue at green sites from cardinal colour differences
 // (reads the R, G and B planes of out, complete at R/B sites after step 4.2).
+__device__ __forceinline__ void rcd_rbg_item(float* out, const float* cfa, const float* vhdir, int H, int W, int pat,
+                                          long long n, int y, int x, long long i, bool in) {
+    if (db_colour(pat, y, x) != 1) return;
+    const float* G = out + n;  // the green plane
+    float g0 = G[i];
+    float d = rcd_disc(vhdir, H, W, y, x, i, in);
+    for (int c = 0; c <= 2; c += 2) {
+        const float* X = out + c * n;
+        float xn1 = DB_AT(X, -1, 0), xs1 = DB_AT(X, 1, 0);
+        float xw1 = DB_AT(X, 0, -1), xe1 = DB_AT(X, 0, 1);
+        float ng = DB_EPS + fabsf(g0 - DB_AT(G, -2, 0)) + fabsf(xn1 - xs1)
+                   + fabsf(xn1 - DB_AT(X, -3, 0));
+        float sg = DB_EPS + fabsf(g0 - DB_AT(G, 2, 0)) + fabsf(xs1 - xn1)
+                   + fabsf(xs1 - DB_AT(X, 3, 0));
+        float wg = DB_EPS + fabsf(g0 - DB_AT(G, 0, -2)) + fabsf(xw1 - xe1)
+                   + fabsf(xw1 - DB_AT(X, 0, -3));
+        float eg = DB_EPS + fabsf(g0 - DB_AT(G, 0, 2)) + fabsf(xe1 - xw1)
+                   + fabsf(xe1 - DB_AT(X, 0, 3));
+        float ne = xn1 - DB_AT(G, -1, 0);
+        float se = xs1 - DB_AT(G, 1, 0);
+        float we = xw1 - DB_AT(G, 0, -1);
+        float ee = xe1 - DB_AT(G, 0, 1);
+        float v_est = (ng * se + sg * ne) / (ng + sg);
+        float h_est = (eg * we + wg * ee) / (eg + wg);
+        float v = g0 + (d * (h_est - v_est) + v_est);
+        if (!db_finite(v)) v = db_bilinear_at(cfa, H, W, pat, y, x, c);
+        out[c * n + i] = v;
+    }
+}
+
 extern "C" __global__ void rcd_rbg_kernel(float* out, const float* cfa, const float* vhdir, int H, int W, int pat) {
     long long n = (long long)H * W;
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
          i += (long long)blockDim.x * gridDim.x) {
-        DB_LOCATE;
-        if (db_colour(pat, y, x) != 1) continue;
-        const float* G = out + n;  // the green plane
-        float g0 = G[i];
-        float d = rcd_disc(vhdir, H, W, y, x);
-        for (int c = 0; c <= 2; c += 2) {
-            const float* X = out + c * n;
-            float xn1 = DB_AT(X, -1, 0), xs1 = DB_AT(X, 1, 0);
-            float xw1 = DB_AT(X, 0, -1), xe1 = DB_AT(X, 0, 1);
-            float ng = DB_EPS + fabsf(g0 - DB_AT(G, -2, 0)) + fabsf(xn1 - xs1)
-                       + fabsf(xn1 - DB_AT(X, -3, 0));
-            float sg = DB_EPS + fabsf(g0 - DB_AT(G, 2, 0)) + fabsf(xs1 - xn1)
-                       + fabsf(xs1 - DB_AT(X, 3, 0));
-            float wg = DB_EPS + fabsf(g0 - DB_AT(G, 0, -2)) + fabsf(xw1 - xe1)
-                       + fabsf(xw1 - DB_AT(X, 0, -3));
-            float eg = DB_EPS + fabsf(g0 - DB_AT(G, 0, 2)) + fabsf(xe1 - xw1)
-                       + fabsf(xe1 - DB_AT(X, 0, 3));
-            float ne = xn1 - DB_AT(G, -1, 0);
-            float se = xs1 - DB_AT(G, 1, 0);
-            float we = xw1 - DB_AT(G, 0, -1);
-            float ee = xe1 - DB_AT(G, 0, 1);
-            float v_est = (ng * se + sg * ne) / (ng + sg);
-            float h_est = (eg * we + wg * ee) / (eg + wg);
-            float v = g0 + (d * (h_est - v_est) + v_est);
-            if (!db_finite(v)) v = db_bilinear_at(cfa, H, W, pat, y, x, c);
-            out[c * n + i] = v;
-        }
+        DB_ITEMS(rcd_rbg_item(out, cfa, vhdir, H, W, pat, n, y, x, i, in));
     }
 }
