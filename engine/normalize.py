@@ -39,7 +39,7 @@ from typing import Any
 
 import numpy as np
 
-from skystack.engine.robust import MAD_TO_SIGMA, clipped_mad_sigma, nanmedian_last
+from skystack.engine.robust import MAD_TO_SIGMA, clipped_mad_sigma, nan_max, nanmedian_last
 
 NORMALIZATIONS = ("none", "additive", "multiplicative", "additive+scale")
 WEIGHTINGS = ("none", "noise", "psf", "stars")
@@ -190,12 +190,14 @@ class StarApertures:
     #: device copies of the gather tables, by array module (filled on first use)
     _on: dict = field(default_factory=dict, repr=False, compare=False)
 
-    def tables(self, xp: Any) -> tuple[Any, Any, Any, Any]:
-        """``(index, valid, inside, ring)``, each ``(S, K)``: every box's pixels as flat indices
-        into one ``(H, W)`` plane (row-major, padded to the largest box), on ``xp``'s device.
+    def tables(self, xp: Any) -> list[ApertureGroup]:
+        """The boxes' gather tables on ``xp``'s device, in groups of boxes of similar size.
 
-        Built there from the boxes' corners and one byte per box pixel (its
-        kind), so a device receives ~1 byte per aperture pixel once per session.
+        Each group's tables are ``(S_g, K)``: its boxes' pixels as flat indices into one
+        ``(H, W)`` plane (row-major, padded to the group's largest box), so a few large
+        boxes do not pad every small one. Built there from the boxes' corners and one
+        byte per box pixel (its kind), so a device receives ~1 byte per aperture pixel
+        once per session.
         """
         key = xp.__name__
         with _TABLES_LOCK:  # frames are measured in threads: build (and upload) once
@@ -203,17 +205,33 @@ class StarApertures:
                 self._on[key] = self._build_tables(xp)
         return self._on[key]
 
-    def _build_tables(self, xp: Any) -> tuple[Any, Any, Any, Any]:
+    def _build_tables(self, xp: Any) -> list[ApertureGroup]:
         geo = np.array([(y0, x0, x1 - x0, (y1 - y0) * (x1 - x0)) for y0, y1, x0, x1 in self.boxes], np.int64)
-        kind = np.concatenate([np.where(r, 3, np.where(a, 2, 1)).ravel().astype(np.uint8)
-                               for a, r in zip(self.inside, self.ring)])
-        y0, x0, bw, size = (xp.asarray(geo[:, c])[:, None] for c in range(4))
-        start = xp.asarray(np.concatenate([[0], np.cumsum(geo[:-1, 3])]))[:, None]
-        k = xp.arange(int(geo[:, 3].max()))[None]
-        valid = k < size
-        code = xp.where(valid, xp.asarray(kind)[xp.where(valid, start + k, 0)], 0)
-        index = xp.where(valid, (y0 + k // bw) * self.width + x0 + k % bw, 0)
-        return index, valid, code == 2, code == 3
+        kinds = [np.where(r, 3, np.where(a, 2, 1)).ravel().astype(np.uint8) for a, r in zip(self.inside, self.ring)]
+        octave = np.ceil(np.log2(geo[:, 3])).astype(np.int64)  # a group's boxes differ in size by < 2x
+        groups = []
+        for o in np.unique(octave):
+            rows = np.flatnonzero(octave == o)
+            g = geo[rows]
+            y0, x0, bw, size = (xp.asarray(g[:, c])[:, None] for c in range(4))
+            start = xp.asarray(np.concatenate([[0], np.cumsum(g[:-1, 3])]))[:, None]
+            k = xp.arange(int(g[:, 3].max()))[None]
+            valid = k < size
+            code = xp.where(valid, xp.asarray(np.concatenate([kinds[r] for r in rows]))[xp.where(valid, start + k, 0)], 0)
+            index = xp.where(valid, (y0 + k // bw) * self.width + x0 + k % bw, 0)
+            groups.append(ApertureGroup(rows=rows, index=index, valid=valid, inside=code == 2, ring=code == 3))
+        return groups
+
+
+@dataclass(frozen=True, kw_only=True)
+class ApertureGroup:
+    """Gather tables of some of :class:`StarApertures`' boxes (``rows``, host indices), on a device."""
+
+    rows: np.ndarray
+    index: Any
+    valid: Any
+    inside: Any
+    ring: Any
 
 
 def star_apertures(ref: np.ndarray, *, max_stars: int = 300, grow: int = 8, pad: int = 6) -> StarApertures:
@@ -281,20 +299,32 @@ def star_apertures(ref: np.ndarray, *, max_stars: int = 300, grow: int = 8, pad:
                          _on=ap._on)
 
 
-def _aperture_fluxes(planes: Any, ap: StarApertures) -> np.ndarray:
+def _aperture_fluxes(planes: Any, ap: StarApertures, *, peaks: bool = False) -> Any:
     """``(S,)`` flux of the channel sum in each aperture above its background's median (NaN if a pixel is missing).
 
-    All boxes at once, where ``planes`` are (NumPy or CuPy): only the ``S`` fluxes leave the device.
+    All boxes at once, where ``planes`` are (NumPy or CuPy): only numbers leave the device.
+    With ``peaks``, also each channel's largest value in each box, ``(C, S)`` float32
+    (-inf where a box has no data): ``(flux, peak)``.
     """
     from skystack.engine.backend import array_module, to_host
 
     xp = array_module(planes)
-    idx, valid, ins, ring = ap.tables(xp)
-    box = planes.sum(axis=0).reshape(-1)[idx]  # (S, K) channel sums
-    whole = xp.all(xp.isfinite(box) | ~valid, axis=1)
-    bg = nanmedian_last(xp.where(ring, box, xp.float32(np.nan)))
-    dev = xp.where(ins, box - bg[:, None], xp.float32(0.0)).astype(xp.float64)
-    return np.where(to_host(whole), to_host(dev.sum(axis=1)), np.nan)
+    flux = np.full(len(ap.boxes), np.nan)
+    peak = np.full((planes.shape[0], len(ap.boxes)), -np.inf, np.float32)
+    low = xp.float32(-np.inf)
+    for g in ap.tables(xp):
+        vals = [plane.reshape(-1)[g.index] for plane in planes]
+        box = vals[0]
+        for v in vals[1:]:  # the channel sum, as planes.sum(axis=0) adds them
+            box = box + v
+        whole = xp.all(xp.isfinite(box) | ~g.valid, axis=1)
+        bg = nanmedian_last(xp.where(g.ring, box, xp.float32(np.nan)))
+        dev = xp.where(g.inside, box - bg[:, None], xp.float32(0.0)).astype(xp.float64)
+        flux[g.rows] = np.where(to_host(whole), to_host(dev.sum(axis=1)), np.nan)
+        if peaks:
+            for c, v in enumerate(vals):
+                peak[c, g.rows] = to_host(xp.where(g.valid & ~xp.isnan(v), v, low).max(axis=1))
+    return (flux, peak) if peaks else flux
 
 
 def signal_ratios(image: np.ndarray, ap: StarApertures) -> np.ndarray:
@@ -317,15 +347,11 @@ def signal_ratios(image: np.ndarray, ap: StarApertures) -> np.ndarray:
     out = np.full(planes.shape[0], np.nan)
     if not len(ap.boxes) or not bool(xp.isfinite(planes).any()):
         return out
-    flux = _aperture_fluxes(planes, ap)
+    flux, peak = _aperture_fluxes(planes, ap, peaks=True)
     ref = ap.ref_flux
     good = np.isfinite(flux) & (ref > 0)
-    idx, valid, _, _ = ap.tables(xp)
-    low = xp.float32(-np.inf)
-    for plane in planes:  # NaN-ignoring maxima, no all-NaN warning
-        top = xp.where(xp.isnan(plane), low, plane).max()
-        peak = xp.where(valid, plane.reshape(-1)[idx], low)
-        good &= to_host(xp.where(xp.isnan(peak), low, peak).max(axis=1) < xp.float32(0.9) * top)
+    for plane, p in zip(planes, peak):  # unsaturated: below 90 % of the channel's maximum
+        good &= p < np.float32(0.9) * np.float32(to_host(nan_max(plane)))
     if good.sum() < MIN_SIGNAL_STARS:
         return out
     ratio = flux[good] / ref[good]

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["MAD_TO_SIGMA", "mad_sigma", "median_sigma", "finite_median_sigma", "clipped_mad_sigma",
+__all__ = ["MAD_TO_SIGMA", "nan_max", "mad_sigma", "median_sigma", "finite_median_sigma", "clipped_mad_sigma",
            "sigma_clipped_stats", "sigma_clipped_rows", "nanmedian_last"]
 
 #: ``1 / Phi^-1(3/4)``: a normal distribution's MAD times this is its standard deviation.
@@ -244,3 +244,19 @@ def nanmedian_last(a: np.ndarray) -> np.ndarray:
     cnt = xp.count_nonzero(~xp.isnan(a), axis=-1)
     med = _median_of_range(xp.sort(a, axis=-1), xp.zeros_like(cnt), cnt)
     return xp.where(cnt == 0, a.dtype.type(np.nan), med)
+
+
+def nan_max(a: Any) -> Any:
+    """The largest value of ``a`` ignoring NaN (-inf when all of it is NaN), without a warning.
+
+    One pass with ``np.fmax`` on the host; on a device, where the array is (a 0-d array
+    of ``a``'s dtype there, a NumPy scalar on the host).
+    """
+    from skystack.engine.backend import array_module
+
+    xp = array_module(a)
+    low = a.dtype.type(-np.inf)
+    if xp is np:
+        top = np.fmax.reduce(a, axis=None, initial=low)
+        return low if np.isnan(top) else top
+    return xp.where(xp.isnan(a), low, a).max()
