@@ -230,8 +230,9 @@ __device__ __forceinline__ void warp_pixel(const float* src, float* dst, long lo
 #ifdef SKYSTACK_NATIVE
 // Native builds (kernels/native.py, the host's CPU) run each kernel's loop over a contiguous chunk
 // of items. There the warp takes WARP_BLOCK pixels at a time: their source positions, floors and
-// axis weights in loops over the block that the compiler vectorises, then each pixel's taps as in
-// warp_pixel. The same float operations in the same order: the same bits.
+// axis weights in loops over the block that the compiler vectorises, then the taps of runs of
+// pixels side by side (warp_lanczos3_run), the rest one pixel at a time (warp_block_pixel). The
+// same float operations in the same order as warp_pixel: the same bits.
 #define WARP_BLOCK 32
 
 // floorf(x) for |x| < 2e9 (x itself when x is integral, so -0 stays -0), in a form that vectorises.
@@ -241,11 +242,97 @@ __device__ __forceinline__ float warp_floor(float x)
     return t > x ? t - 1.0f : (t == x ? x : t);
 }
 
+// One pixel of warp_block (lane l of its arrays): as warp_pixel, from the block's positions and weights.
+template <bool LANCZOS3>
+__device__ __forceinline__ void warp_block_pixel(const float* __restrict__ src, float* __restrict__ dst,
+                                                 long long i, long long n, int channels, int src_h, int src_w,
+                                                 float u, float v, float fu0, float fv0,
+                                                 const float (*WX)[WARP_BLOCK], const float (*WY)[WARP_BLOCK],
+                                                 float hw_all, int l)
+{
+    const long long plane = (long long)src_h * src_w;
+    const float nu = floorf(u + 0.5f);
+    const float nv = floorf(v + 0.5f);
+    if (!(nu >= 0.0f && nu < (float)src_w && nv >= 0.0f && nv < (float)src_h)) {
+        for (int c = 0; c < channels; ++c) dst[c * n + i] = nanf("");
+        return;
+    }
+    const int iu = (int)fu0;
+    const int iv = (int)fv0;
+    float wx[6], wy[6];
+    if (LANCZOS3) {
+        for (int k = 0; k < 6; ++k) {
+            wx[k] = WX[k][l];
+            wy[k] = WY[k][l];
+        }
+    } else {
+        wx[0] = 1.0f - (u - fu0);
+        wx[1] = u - fu0;
+        wy[0] = 1.0f - (v - fv0);
+        wy[1] = v - fv0;
+    }
+    const bool all_inside = LANCZOS3 && iu >= 2 && iu + 3 < src_w && iv >= 2 && iv + 3 < src_h;
+    for (int c = 0; c < channels; ++c) {
+        const float* s = src + c * plane;
+        if (isnan(s[(long long)(int)nv * src_w + (int)nu])) {
+            dst[c * n + i] = nanf("");
+            continue;
+        }
+        dst[c * n + i] = LANCZOS3 ? warp_lanczos3_sample(s, src_h, src_w, iu, iv, wx, wy, all_inside, hw_all)
+                                  : warp_bilinear_sample(s, src_h, src_w, iu, iv, wx, wy);
+    }
+}
+
+// Lanczos-3 of m (<= WARP_BLOCK) consecutive pixels of warp_block whose taps all lie inside the frame,
+// on the same six rows from (iu - 2, iv - 2), one column further each: their taps are contiguous
+// loads, so the sums go lane by lane (the compiler vectorises them), each pixel's in warp_pixel's
+// order. Lane q is the block's lane l + q: position u[q], v[q], weights WX[.][l + q], WY[.][l + q],
+// hw[q]; dst points at the first pixel's output.
+__device__ __forceinline__ void warp_lanczos3_run(const float* __restrict__ src, float* __restrict__ dst,
+                                                  long long n, int channels, int src_h, int src_w, int iu, int iv,
+                                                  int m, const float* u, const float* v,
+                                                  const float (*WX)[WARP_BLOCK], const float (*WY)[WARP_BLOCK],
+                                                  const float* hw, int l)
+{
+    const long long plane = (long long)src_h * src_w;
+    long long centre[WARP_BLOCK];
+    for (int q = 0; q < m; ++q)
+        centre[q] = (long long)floorf(v[q] + 0.5f) * src_w + (long long)floorf(u[q] + 0.5f);
+    for (int c = 0; c < channels; ++c) {
+        const float* s = src + c * plane;
+        float acc[WARP_BLOCK], wsum[WARP_BLOCK], h[WARP_BLOCK];
+        for (int j = 0; j < 6; ++j) {
+            const float* row = s + (long long)(iv - 2 + j) * src_w + (iu - 2);
+            for (int q = 0; q < m; ++q) h[q] = 0.0f + WX[0][l + q] * row[q];
+            for (int k = 1; k < 6; ++k)
+                for (int q = 0; q < m; ++q) h[q] += WX[k][l + q] * row[q + k];
+            for (int q = 0; q < m; ++q) {  // j = 0 starts the sums as warp_pixel's 0.0f + ... does
+                acc[q] = (j == 0 ? 0.0f : acc[q]) + WY[j][l + q] * h[q];
+                wsum[q] = (j == 0 ? 0.0f : wsum[q]) + WY[j][l + q] * hw[q];
+            }
+        }
+        float* d = dst + c * n;
+        for (int q = 0; q < m; ++q) {
+            if (isnan(s[centre[q]])) {
+                d[q] = nanf("");
+            } else if (!isnan(acc[q])) {
+                d[q] = acc[q] / wsum[q];
+            } else {  // a NaN tap: the careful sum leaves it out
+                float wx[6], wy[6];
+                for (int k = 0; k < 6; ++k) {
+                    wx[k] = WX[k][l + q];
+                    wy[k] = WY[k][l + q];
+                }
+                d[q] = warp_lanczos3_sample(s, src_h, src_w, iu + q, iv, wx, wy, false, hw[q]);
+            }
+        }
+    }
+}
+
 template <bool LANCZOS3>
 static void warp_block(const float* __restrict__ src, float* __restrict__ dst, long long i0, int cnt,
                        long long n, int channels, int src_h, int src_w, int dst_w, WARP_MAP_PARAMS)
 {
-    const long long plane = (long long)src_h * src_w;
     float U[WARP_BLOCK], V[WARP_BLOCK], FU[WARP_BLOCK], FV[WARP_BLOCK], HW[WARP_BLOCK];
     float WX[6][WARP_BLOCK], WY[6][WARP_BLOCK];
     const long long row = i0 / dst_w;
@@ -281,38 +368,34 @@ static void warp_block(const float* __restrict__ src, float* __restrict__ dst, l
             for (int k = 0; k < 6; ++k) WY[k][l] = w[k];
         }
     }
+    // Runs of 4 or more pixels for warp_lanczos3_run (a small rotation gives runs of ~1 / |angle|
+    // pixels, cut at the block's end); every other pixel alone.
+    int IU[WARP_BLOCK], IV[WARP_BLOCK];
+    bool RUN[WARP_BLOCK];
     for (int l = 0; l < cnt; ++l) {
-        const long long i = i0 + l;
+        IU[l] = (int)FU[l];
+        IV[l] = (int)FV[l];
+    }
+    for (int l = 0; l < cnt; ++l) {
         const float nu = floorf(U[l] + 0.5f);
         const float nv = floorf(V[l] + 0.5f);
-        if (!(nu >= 0.0f && nu < (float)src_w && nv >= 0.0f && nv < (float)src_h)) {
-            for (int c = 0; c < channels; ++c) dst[c * n + i] = nanf("");
+        const bool inside = nu >= 0.0f && nu < (float)src_w && nv >= 0.0f && nv < (float)src_h;
+        RUN[l] = LANCZOS3 && inside && IU[l] >= 2 && IU[l] + 3 < src_w && IV[l] >= 2 && IV[l] + 3 < src_h;
+    }
+    int l = 0;
+    while (l < cnt) {
+        int e = l + 1;
+        if (RUN[l]) {
+            while (e < cnt && RUN[e] && IV[e] == IV[l] && IU[e] == IU[l] + (e - l)) ++e;
+        }
+        if (LANCZOS3 && RUN[l] && e - l >= 4) {
+            warp_lanczos3_run(src, dst + i0 + l, n, channels, src_h, src_w, IU[l], IV[l], e - l, U + l, V + l,
+                              WX, WY, HW + l, l);
+            l = e;
             continue;
         }
-        const int iu = (int)FU[l];
-        const int iv = (int)FV[l];
-        float wx[6], wy[6];
-        if (LANCZOS3) {
-            for (int k = 0; k < 6; ++k) {
-                wx[k] = WX[k][l];
-                wy[k] = WY[k][l];
-            }
-        } else {
-            wx[0] = 1.0f - (U[l] - FU[l]);
-            wx[1] = U[l] - FU[l];
-            wy[0] = 1.0f - (V[l] - FV[l]);
-            wy[1] = V[l] - FV[l];
-        }
-        const bool all_inside = LANCZOS3 && iu >= 2 && iu + 3 < src_w && iv >= 2 && iv + 3 < src_h;
-        for (int c = 0; c < channels; ++c) {
-            const float* s = src + c * plane;
-            if (isnan(s[(long long)(int)nv * src_w + (int)nu])) {
-                dst[c * n + i] = nanf("");
-                continue;
-            }
-            dst[c * n + i] = LANCZOS3 ? warp_lanczos3_sample(s, src_h, src_w, iu, iv, wx, wy, all_inside, HW[l])
-                                      : warp_bilinear_sample(s, src_h, src_w, iu, iv, wx, wy);
-        }
+        for (; l < e; ++l) warp_block_pixel<LANCZOS3>(src, dst, i0 + l, n, channels, src_h, src_w, U[l], V[l],
+                                                      FU[l], FV[l], WX, WY, HW[l], l);
     }
 }
 

@@ -163,20 +163,23 @@ def test_warp_native_equals_twin(monkeypatch, rng, method):
 @pytest.mark.parametrize("lens", [False, True])
 def test_native_warp_blocks_give_the_twins_bits(monkeypatch, rng, method, lens):
     """The native build warps blocks of pixels (their positions, floors and weights in vectorised
-    loops): the twin's bits across rows that end inside a block, chunks of the launch, the frame's
-    edge, holes and a lens (a floor that truncates instead fails it)."""
+    loops, and the taps of runs of neighbours side by side): the twin's bits across rows that end
+    inside a block, chunks of the launch, the frame's edge, holes inside runs and a lens (a floor
+    that truncates fails it, and so do a run's tap sums taken in another order)."""
     from skystack.engine.lens import RadialLens
 
     src = rng.uniform(0, 1, size=(3, 61, 77)).astype(np.float32)
     src[:, 30:33, 40:42] = np.nan
     src[0, 10, 20] = np.nan
-    t = np.array([[np.cos(0.2), -np.sin(0.2), 9.4], [np.sin(0.2), np.cos(0.2), -6.3], [0, 0, 1]])
     lp = RadialLens(cx=38.0, cy=30.0, r_norm=48.0, k1=-0.08, k2=0.01) if lens else None
-    twin = warp_mod.warp(src, t, (59, 83), method=method, lens=lp)
-    use_native(monkeypatch, warp_mod)
-    got = warp_mod.warp(src, t, (59, 83), method=method, lens=lp)
-    np.testing.assert_array_equal(got, twin)
-    assert np.isfinite(got).mean() > 0.5
+    for angle in (0.2, 0.004):  # runs of a few pixels, and runs as long as a block (taps side by side)
+        t = np.array([[np.cos(angle), -np.sin(angle), 9.4], [np.sin(angle), np.cos(angle), -6.3], [0, 0, 1]])
+        twin = warp_mod.warp(src, t, (59, 83), method=method, lens=lp)
+        with monkeypatch.context() as mp:
+            use_native(mp, warp_mod)
+            got = warp_mod.warp(src, t, (59, 83), method=method, lens=lp)
+        np.testing.assert_array_equal(got, twin)
+        assert np.isfinite(got).mean() > 0.5
 
 
 @pytest.mark.parametrize("pattern", ["RGGB", "GRBG", "GBRG", "BGGR"])
