@@ -275,6 +275,21 @@ def _fits_shape(h: Any, p: Path) -> tuple[int, ...]:
     raise FrameReadError(f"{p}: FITS image has axes {dims}; expected a 2-D frame or a 3-plane colour cube")
 
 
+def _read_fits_u16(p: Path, offset: int, count: int) -> np.ndarray:
+    """The pixels of an unsigned 16-bit FITS image (BITPIX 16, BZERO 32768) as native ``uint16``.
+
+    Read straight from the file: the stored big-endian ``int16`` plus 32768 is the value with its
+    top bit flipped, the same numbers as astropy's scaling at a fraction of its cost (two passes
+    instead of a float round trip).
+    """
+    data = np.fromfile(p, dtype=">u2", count=count, offset=offset)
+    if data.size != count:
+        raise truncated_error(p, f"image needs {count} pixels but the file has {data.size}", "FITS")
+    out = data.astype(np.uint16)
+    out ^= np.uint16(0x8000)
+    return out
+
+
 def _read_fits(p: Path, size: int, want_data: bool) -> tuple[np.ndarray | None, FrameMeta]:
     import warnings
 
@@ -306,7 +321,10 @@ def _read_fits(p: Path, size: int, want_data: bool) -> tuple[np.ndarray | None, 
             is_u8 = integer and bitpix == 8 and bzero == 0.0
             is_i16 = integer and bitpix == 16 and bzero == 0.0
             need_pixels = want_data or not (is_u16 or is_u8 or is_i16)
-            arr = np.asarray(hdu.data) if need_pixels else None
+            if need_pixels and is_u16 and not compressed and not p.name.lower().endswith(".gz"):
+                arr = _read_fits_u16(p, int(hdul.fileinfo(hdul.index(hdu))["datLoc"]), int(np.prod(shape)))
+            else:
+                arr = np.asarray(hdu.data) if need_pixels else None
     if arr is not None:
         arr = arr.reshape(shape) if arr.size == int(np.prod(shape)) else arr[:3].reshape(shape)
     if is_u16:

@@ -128,6 +128,24 @@ def test_fits_uint16_bzero_round_trip(tmp_path, rng):
     assert read_meta(path) == m
 
 
+def test_fits_uint16_read_straight_from_the_file_gives_astropys_numbers(tmp_path, rng):
+    """Unsigned 16-bit images are read from the file's bytes (top bit flipped), not through astropy's
+    scaling: the same numbers for an image in an extension after an empty primary HDU, and for the
+    first three planes of a 4-plane cube."""
+    from astropy.io import fits
+
+    mono = rng.integers(0, 65536, size=(33, 47), dtype=np.uint16)
+    mono[0, :4] = (0, 1, 32767, 65535)
+    p1 = tmp_path / "ext.fits"
+    fits.HDUList([fits.PrimaryHDU(), fits.ImageHDU(data=mono)]).writeto(p1)
+    assert np.array_equal(read_frame(p1).data, np.asarray(fits.getdata(p1, ext=1)))
+    cube = rng.integers(0, 65536, size=(4, 12, 10), dtype=np.uint16)
+    p2 = tmp_path / "rgba.fits"
+    fits.PrimaryHDU(data=cube).writeto(p2)
+    f = read_frame(p2)
+    assert f.data.dtype == np.uint16 and np.array_equal(f.data, cube[:3])
+
+
 def test_fits_float_int16_and_black(tmp_path, rng):
     unit = rng.random((30, 20), dtype=np.float32)
     p1 = tmp_path / "unit.fit"
