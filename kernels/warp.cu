@@ -176,6 +176,25 @@ __device__ __forceinline__ float warp_bilinear_sample(const float* s, int src_h,
     return acc / wsum;
 }
 
+// Output pixel i of every channel from its taps at (iu - 2, iv - 2) (Lanczos-3, else (iu, iv)) with the
+// axis weights wx, wy: NaN where the nearest source pixel (flat index centre in a plane) is NaN.
+template <bool LANCZOS3>
+__device__ __forceinline__ void warp_channels(const float* src, float* dst, long long i, long long n, int channels,
+                                              int src_h, int src_w, int iu, int iv, long long centre,
+                                              const float* wx, const float* wy, bool all_inside, float hw_all)
+{
+    const long long plane = (long long)src_h * src_w;
+    for (int c = 0; c < channels; ++c) {
+        const float* s = src + c * plane;
+        if (isnan(s[centre])) {
+            dst[c * n + i] = nanf("");
+            continue;
+        }
+        dst[c * n + i] = LANCZOS3 ? warp_lanczos3_sample(s, src_h, src_w, iu, iv, wx, wy, all_inside, hw_all)
+                                  : warp_bilinear_sample(s, src_h, src_w, iu, iv, wx, wy);
+    }
+}
+
 // Output pixel i of every channel (LANCZOS3, else bilinear; a template parameter, so each kernel
 // gets its own code): NaN where the nearest source pixel lies outside the frame or is NaN, else
 // the channel's sample.
@@ -183,7 +202,6 @@ template <bool LANCZOS3>
 __device__ __forceinline__ void warp_pixel(const float* src, float* dst, long long i, long long n, int channels,
                                            int src_h, int src_w, int dst_w, WARP_MAP_PARAMS)
 {
-    const long long plane = (long long)src_h * src_w;
     const float x = (float)(i % dst_w);
     const float y = (float)(i / dst_w);
     float u, v;
@@ -216,15 +234,8 @@ __device__ __forceinline__ void warp_pixel(const float* src, float* dst, long lo
         wy[0] = 1.0f - fv;
         wy[1] = fv;
     }
-    for (int c = 0; c < channels; ++c) {
-        const float* s = src + c * plane;
-        if (isnan(s[(long long)cv * src_w + cu])) {
-            dst[c * n + i] = nanf("");
-            continue;
-        }
-        dst[c * n + i] = LANCZOS3 ? warp_lanczos3_sample(s, src_h, src_w, iu, iv, wx, wy, all_inside, hw_all)
-                                  : warp_bilinear_sample(s, src_h, src_w, iu, iv, wx, wy);
-    }
+    warp_channels<LANCZOS3>(src, dst, i, n, channels, src_h, src_w, iu, iv, (long long)cv * src_w + cu, wx, wy,
+                            all_inside, hw_all);
 }
 
 #ifdef SKYSTACK_NATIVE
@@ -242,23 +253,19 @@ __device__ __forceinline__ float warp_floor(float x)
     return t > x ? t - 1.0f : (t == x ? x : t);
 }
 
-// One pixel of warp_block (lane l of its arrays): as warp_pixel, from the block's positions and weights.
+// One pixel of warp_block (lane l of its arrays): warp_pixel's work from the block's position,
+// floors (iu, iv), nearest source pixel (centre; -1 outside the frame) and weights.
 template <bool LANCZOS3>
 __device__ __forceinline__ void warp_block_pixel(const float* __restrict__ src, float* __restrict__ dst,
                                                  long long i, long long n, int channels, int src_h, int src_w,
-                                                 float u, float v, float fu0, float fv0,
-                                                 const float (*WX)[WARP_BLOCK], const float (*WY)[WARP_BLOCK],
-                                                 float hw_all, int l)
+                                                 float u, float v, float fu0, float fv0, int iu, int iv,
+                                                 long long centre, const float (*WX)[WARP_BLOCK],
+                                                 const float (*WY)[WARP_BLOCK], float hw_all, int l)
 {
-    const long long plane = (long long)src_h * src_w;
-    const float nu = floorf(u + 0.5f);
-    const float nv = floorf(v + 0.5f);
-    if (!(nu >= 0.0f && nu < (float)src_w && nv >= 0.0f && nv < (float)src_h)) {
+    if (centre < 0) {
         for (int c = 0; c < channels; ++c) dst[c * n + i] = nanf("");
         return;
     }
-    const int iu = (int)fu0;
-    const int iv = (int)fv0;
     float wx[6], wy[6];
     if (LANCZOS3) {
         for (int k = 0; k < 6; ++k) {
@@ -272,32 +279,21 @@ __device__ __forceinline__ void warp_block_pixel(const float* __restrict__ src, 
         wy[1] = v - fv0;
     }
     const bool all_inside = LANCZOS3 && iu >= 2 && iu + 3 < src_w && iv >= 2 && iv + 3 < src_h;
-    for (int c = 0; c < channels; ++c) {
-        const float* s = src + c * plane;
-        if (isnan(s[(long long)(int)nv * src_w + (int)nu])) {
-            dst[c * n + i] = nanf("");
-            continue;
-        }
-        dst[c * n + i] = LANCZOS3 ? warp_lanczos3_sample(s, src_h, src_w, iu, iv, wx, wy, all_inside, hw_all)
-                                  : warp_bilinear_sample(s, src_h, src_w, iu, iv, wx, wy);
-    }
+    warp_channels<LANCZOS3>(src, dst, i, n, channels, src_h, src_w, iu, iv, centre, wx, wy, all_inside, hw_all);
 }
 
 // Lanczos-3 of m (<= WARP_BLOCK) consecutive pixels of warp_block whose taps all lie inside the frame,
 // on the same six rows from (iu - 2, iv - 2), one column further each: their taps are contiguous
 // loads, so the sums go lane by lane (the compiler vectorises them), each pixel's in warp_pixel's
-// order. Lane q is the block's lane l + q: position u[q], v[q], weights WX[.][l + q], WY[.][l + q],
-// hw[q]; dst points at the first pixel's output.
+// order. Lane q is the block's lane l + q: nearest source pixel centre[q], weights WX[.][l + q],
+// WY[.][l + q], hw[q]; dst points at the first pixel's output.
 __device__ __forceinline__ void warp_lanczos3_run(const float* __restrict__ src, float* __restrict__ dst,
                                                   long long n, int channels, int src_h, int src_w, int iu, int iv,
-                                                  int m, const float* u, const float* v,
+                                                  int m, const long long* centre,
                                                   const float (*WX)[WARP_BLOCK], const float (*WY)[WARP_BLOCK],
                                                   const float* hw, int l)
 {
     const long long plane = (long long)src_h * src_w;
-    long long centre[WARP_BLOCK];
-    for (int q = 0; q < m; ++q)
-        centre[q] = (long long)floorf(v[q] + 0.5f) * src_w + (long long)floorf(u[q] + 0.5f);
     for (int c = 0; c < channels; ++c) {
         const float* s = src + c * plane;
         float acc[WARP_BLOCK], wsum[WARP_BLOCK], h[WARP_BLOCK];
@@ -371,15 +367,15 @@ static void warp_block(const float* __restrict__ src, float* __restrict__ dst, l
     // Runs of 4 or more pixels for warp_lanczos3_run (a small rotation gives runs of ~1 / |angle|
     // pixels, cut at the block's end); every other pixel alone.
     int IU[WARP_BLOCK], IV[WARP_BLOCK];
+    long long CENTRE[WARP_BLOCK];  // the nearest source pixel's flat index, -1 outside the frame
     bool RUN[WARP_BLOCK];
     for (int l = 0; l < cnt; ++l) {
         IU[l] = (int)FU[l];
         IV[l] = (int)FV[l];
-    }
-    for (int l = 0; l < cnt; ++l) {
         const float nu = floorf(U[l] + 0.5f);
         const float nv = floorf(V[l] + 0.5f);
         const bool inside = nu >= 0.0f && nu < (float)src_w && nv >= 0.0f && nv < (float)src_h;
+        CENTRE[l] = inside ? (long long)(int)nv * src_w + (int)nu : -1;
         RUN[l] = LANCZOS3 && inside && IU[l] >= 2 && IU[l] + 3 < src_w && IV[l] >= 2 && IV[l] + 3 < src_h;
     }
     int l = 0;
@@ -389,13 +385,14 @@ static void warp_block(const float* __restrict__ src, float* __restrict__ dst, l
             while (e < cnt && RUN[e] && IV[e] == IV[l] && IU[e] == IU[l] + (e - l)) ++e;
         }
         if (LANCZOS3 && RUN[l] && e - l >= 4) {
-            warp_lanczos3_run(src, dst + i0 + l, n, channels, src_h, src_w, IU[l], IV[l], e - l, U + l, V + l,
+            warp_lanczos3_run(src, dst + i0 + l, n, channels, src_h, src_w, IU[l], IV[l], e - l, CENTRE + l,
                               WX, WY, HW + l, l);
             l = e;
             continue;
         }
-        for (; l < e; ++l) warp_block_pixel<LANCZOS3>(src, dst, i0 + l, n, channels, src_h, src_w, U[l], V[l],
-                                                      FU[l], FV[l], WX, WY, HW[l], l);
+        for (; l < e; ++l)
+            warp_block_pixel<LANCZOS3>(src, dst, i0 + l, n, channels, src_h, src_w, U[l], V[l], FU[l], FV[l], IU[l],
+                                       IV[l], CENTRE[l], WX, WY, HW[l], l);
     }
 }
 
