@@ -283,7 +283,7 @@ def _read_fits_u16(p: Path, offset: int, count: int) -> np.ndarray:
     instead of a float round trip).
     """
     data = np.fromfile(p, dtype=">u2", count=count, offset=offset)
-    if data.size != count:
+    if data.size != count:  # shorter than the size the caller checked: cut while being read
         raise truncated_error(p, f"image needs {count} pixels but the file has {data.size}", "FITS")
     out = data.astype(np.uint16)
     out ^= np.uint16(0x8000)
@@ -311,9 +311,10 @@ def _read_fits(p: Path, size: int, want_data: bool) -> tuple[np.ndarray | None, 
             bzero = number(hdr.get("BZERO")) or 0.0
             bscale = number(hdr.get("BSCALE")) or 1.0
             compressed = isinstance(hdu, fits.CompImageHDU)
-            if not compressed and not p.name.lower().endswith(".gz"):
-                info = hdul.fileinfo(hdul.index(hdu))
-                need = int(info["datLoc"]) + abs(bitpix) // 8 * int(np.prod(shape))
+            plain = not compressed and not p.name.lower().endswith(".gz")
+            if plain:
+                data_at = int(hdul.fileinfo(hdul.index(hdu))["datLoc"])
+                need = data_at + abs(bitpix) // 8 * int(np.prod(shape))
                 if need > size:
                     raise truncated_error(p, f"image needs {need} bytes but the file has {size}", "FITS")
             integer = bitpix > 0 and bscale == 1.0
@@ -321,8 +322,8 @@ def _read_fits(p: Path, size: int, want_data: bool) -> tuple[np.ndarray | None, 
             is_u8 = integer and bitpix == 8 and bzero == 0.0
             is_i16 = integer and bitpix == 16 and bzero == 0.0
             need_pixels = want_data or not (is_u16 or is_u8 or is_i16)
-            if need_pixels and is_u16 and not compressed and not p.name.lower().endswith(".gz"):
-                arr = _read_fits_u16(p, int(hdul.fileinfo(hdul.index(hdu))["datLoc"]), int(np.prod(shape)))
+            if need_pixels and is_u16 and plain:
+                arr = _read_fits_u16(p, data_at, int(np.prod(shape)))
             else:
                 arr = np.asarray(hdu.data) if need_pixels else None
     if arr is not None:

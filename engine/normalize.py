@@ -295,16 +295,16 @@ def star_apertures(ref: np.ndarray, *, max_stars: int = 300, grow: int = 8, pad:
     if not boxes:
         return empty
     ap = StarApertures(boxes=boxes, inside=inside, ring=ring, ref_flux=empty.ref_flux, width=planes.shape[-1])
-    return StarApertures(boxes=boxes, inside=inside, ring=ring, ref_flux=_aperture_fluxes(planes, ap), width=ap.width,
+    return StarApertures(boxes=boxes, inside=inside, ring=ring, ref_flux=_aperture_fluxes(planes, ap)[0], width=ap.width,
                          _on=ap._on)
 
 
-def _aperture_fluxes(planes: Any, ap: StarApertures, *, peaks: bool = False) -> Any:
-    """``(S,)`` flux of the channel sum in each aperture above its background's median (NaN if a pixel is missing).
+def _aperture_fluxes(planes: Any, ap: StarApertures) -> tuple[np.ndarray, np.ndarray]:
+    """``(flux, peak)``: ``(S,)`` flux of the channel sum in each aperture above its background's
+    median (NaN if a pixel is missing), and ``(C, S)`` float32 each channel's largest value in each
+    box (-inf where a box has no data).
 
     All boxes at once, where ``planes`` are (NumPy or CuPy): only numbers leave the device.
-    With ``peaks``, also each channel's largest value in each box, ``(C, S)`` float32
-    (-inf where a box has no data): ``(flux, peak)``.
     """
     from skystack.engine.backend import array_module, to_host
 
@@ -321,10 +321,9 @@ def _aperture_fluxes(planes: Any, ap: StarApertures, *, peaks: bool = False) -> 
         bg = nanmedian_last(xp.where(g.ring, box, xp.float32(np.nan)))
         dev = xp.where(g.inside, box - bg[:, None], xp.float32(0.0)).astype(xp.float64)
         flux[g.rows] = np.where(to_host(whole), to_host(dev.sum(axis=1)), np.nan)
-        if peaks:
-            for c, v in enumerate(vals):
-                peak[c, g.rows] = to_host(xp.where(g.valid & ~xp.isnan(v), v, low).max(axis=1))
-    return (flux, peak) if peaks else flux
+        for c, v in enumerate(vals):
+            peak[c, g.rows] = to_host(xp.where(g.valid & ~xp.isnan(v), v, low).max(axis=1))
+    return flux, peak
 
 
 def signal_ratios(image: np.ndarray, ap: StarApertures) -> np.ndarray:
@@ -347,7 +346,7 @@ def signal_ratios(image: np.ndarray, ap: StarApertures) -> np.ndarray:
     out = np.full(planes.shape[0], np.nan)
     if not len(ap.boxes) or not bool(xp.isfinite(planes).any()):
         return out
-    flux, peak = _aperture_fluxes(planes, ap, peaks=True)
+    flux, peak = _aperture_fluxes(planes, ap)
     ref = ap.ref_flux
     good = np.isfinite(flux) & (ref > 0)
     for plane, p in zip(planes, peak):  # unsaturated: below 90 % of the channel's maximum
