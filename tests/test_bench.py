@@ -210,3 +210,27 @@ def test_registration_error_against_truth(truth):
     moved = grid_rms(exact[k], np.eye(3), truth.shape)
     assert moved > 0.5
     assert m["per_frame"][str(k)] == pytest.approx(moved, abs=0.05)
+
+
+def test_noise_spectrum_is_flat_for_white_noise_and_follows_a_known_filter(truth):
+    """White noise reads its variance in every band; a 2-tap mean along x, |cos(pi fx)|^2 of it."""
+    from scipy.ndimage import correlate1d
+
+    rng = np.random.default_rng(2)
+    a, sigma = 2.5e-5, 3e-4
+    sky = a * truth.sky(0)
+    noise = rng.normal(0.0, sigma, sky.shape)
+    white = bench.noise_spectrum((sky + noise).astype(np.float32), truth, 0, scale=np.full(3, a))
+    assert white.n_boxes >= 8
+    var = (sigma / a) ** 2
+    assert np.mean(white.power) == pytest.approx(var, rel=0.05)
+    assert np.mean(white.chroma) == pytest.approx(2 * var, rel=0.05)  # R - G of independent channels
+    assert np.allclose(white.power, var, rtol=0.2) and np.allclose(white.chroma, 2 * var, rtol=0.2)
+    pair = correlate1d(noise, [0.5, 0.5], axis=2, mode="nearest")
+    smooth = bench.noise_spectrum((sky + pair).astype(np.float32), truth, 0, scale=np.full(3, a))
+    f = np.fft.fftfreq(48)
+    fx, fy = np.meshgrid(f, f)
+    gain = np.cos(np.pi * fx) ** 2
+    for (lo, hi), p, q in zip(smooth.bands, smooth.power, white.power):
+        band = (np.hypot(fx, fy) >= lo) & (np.hypot(fx, fy) < hi)
+        assert p / q == pytest.approx(gain[band].mean(), rel=0.08, abs=0.02)

@@ -33,7 +33,7 @@ from skystack.tools.bench.config import PRESETS, BenchConfig
 from skystack.tools.bench.harness import run_benchmark
 from skystack.tools.bench.machine import machine_info, machine_key
 from skystack.tools.bench.measure import Measured, run_child, run_measured
-from skystack.tools.bench.quality import QualityMetrics, star_free_mask, truth_quality
+from skystack.tools.bench.quality import NoiseSpectrum, QualityMetrics, noise_spectrum, star_free_mask, truth_quality
 from skystack.tools.bench.registration import measured_registration_error, registration_error
 from skystack.tools.bench.report import bench_tables, markdown_tables, update_results_md
 from skystack.tools.bench.sessions import ensure_session, sensor_size, session_synth_config, warm_memory
@@ -43,6 +43,7 @@ __all__ = [
     "PRESETS",
     "BenchConfig",
     "Measured",
+    "NoiseSpectrum",
     "QualityMetrics",
     "add_bench_arguments",
     "bench_command",
@@ -52,6 +53,7 @@ __all__ = [
     "machine_key",
     "main",
     "markdown_tables",
+    "noise_spectrum",
     "truth_quality",
     "measured_registration_error",
     "registration_error",
