@@ -137,7 +137,7 @@ def _grid_noise(x: Any, sample: int) -> float:
     r = r[xp.isfinite(r)]
     if r.size < 32:
         return float("nan")
-    return clipped_mad_sigma(xp, r.astype(xp.float64)) / float(np.sqrt(1.25))
+    return clipped_mad_sigma(xp, r, dtype=xp.float64) / float(np.sqrt(1.25))
 
 
 def robust_stats(image: Any, *, sample: int = 200_000, scale_sample: int | None = None) -> FrameStats:

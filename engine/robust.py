@@ -57,14 +57,18 @@ def finite_median_sigma(values: np.ndarray) -> tuple[float, float]:
     return median_sigma(v)
 
 
-def clipped_mad_sigma(xp: Any, v: Any) -> float:
+def clipped_mad_sigma(xp: Any, v: Any, *, dtype: Any = None) -> float:
     """MAD-sigma of ``v`` after two rounds of 3-sigma clipping about the median.
 
-    On the host the values are sorted once (:func:`_clipped_mad_sigma_sorted`); the
-    same number as the rounds of medians below, which a device runs.
+    The arithmetic is in ``dtype`` (default ``v``'s; a wider one: as if ``v`` were
+    cast to it first). On the host the values are sorted once
+    (:func:`_clipped_mad_sigma_sorted`), in ``v``'s own type (a widening cast keeps
+    the order, and float32 sorts in ~60 % of float64's time); the same number as the
+    rounds of medians below, which a device runs.
     """
     if xp is np and v.size >= 2 and not np.isnan(v).any():
-        return _clipped_mad_sigma_sorted(np.sort(v))
+        return _clipped_mad_sigma_sorted(np.sort(v).astype(v.dtype if dtype is None else dtype, copy=False))
+    v = v if dtype is None else v.astype(dtype)
     med = float(xp.median(v))
     sig = mad_sigma(v, med=med, xp=xp)
     for _ in range(2):
