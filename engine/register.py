@@ -429,7 +429,13 @@ def choose_model(heldout: dict[str, float], rel: float = 0.05, abs_px: float = 0
 
 def _final_plain(reg: SessionRegistration, lists: dict[int, _Stars], trans: dict[int, np.ndarray],
                  chained: list[int], tick: Callable[[], None]) -> None:
-    """Transforms of the chosen lens-less model: the matcher's result against the reference."""
+    """Transforms of the chosen lens-less model against the reference, refined from the provisional ones.
+
+    The provisional homographies (matched to the provisional reference, then
+    composed onto the final one) put every star within the association radius,
+    so no triangle search is needed again; a frame whose refinement fails is
+    matched from scratch, and a chained frame keeps its chained guess.
+    """
     cfg = MatchConfig(model=reg.model)
     r = lists[reg.ref]
     for i in sorted(trans):
@@ -439,9 +445,11 @@ def _final_plain(reg: SessionRegistration, lists: dict[int, _Stars], trans: dict
             continue
         s = lists[i]
         try:
-            if i in chained:
+            try:
                 res = refine_from(trans[i], s, r, config=cfg)
-            else:
+            except RegistrationError:
+                if i in chained:
+                    raise
                 res = match_stars(s, r, config=cfg)
         except RegistrationError as exc:
             reg.failures[i] = f"registration failed: {exc}"
