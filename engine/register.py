@@ -5,7 +5,9 @@ transforms, for any session from a tracked telescope to a phone on a tripod
 for an hour:
 
 1. **Provisional matches.** Every frame is matched to a provisional reference
-   (the best-scoring frame, or ``--reference``) by
+   (the best-scoring frame, or ``--reference``), in time order: refined from
+   the last matched frame's transform (:func:`~skystack.engine.match.refine_from`)
+   when that holds at least half as many stars, otherwise by
    :func:`~skystack.engine.match.match_stars` (triangles, RANSAC, homography
    refinement).
 2. **Sky stars only.** A source found at the same *sensor* position in other
@@ -32,9 +34,9 @@ for an hour:
    night, fitted jointly over those frames (variable projection: for given
    ``k1, k2`` every frame's homography is a least-squares fit in ideal
    pixels; ``k1, k2`` minimise the reprojection error of all of them).
-6. **Final transforms.** Without a lens: :func:`match_stars` of every frame
-   against the reference with the chosen model (exactly the matcher's
-   result). With a lens: homographies refined in ideal pixels; the warp
+6. **Final transforms.** Without a lens: each frame refined against the
+   reference with the chosen model from its provisional transform (the
+   matcher's result from a guess; :func:`match_stars` when that fails). With a lens: homographies refined in ideal pixels; the warp
    applies the lens (:func:`skystack.engine.warp.warp`, ``lens=``).
 """
 
@@ -201,18 +203,42 @@ def _norm(t: np.ndarray) -> np.ndarray:
     return t / t[2, 2] if abs(t[2, 2]) > 1e-12 else t
 
 
+#: A frame refined from its predecessor's transform keeps the result when at least this fraction
+#: of the predecessor's agreeing stars agree (else it is matched from scratch).
+NEIGHBOUR_AGREEMENT = 0.5
+
+
 def _match_all(lists: dict[int, _Stars], ref: int, cfg: MatchConfig) -> tuple[dict[int, np.ndarray], dict[int, str]]:
-    """Match every frame to ``ref``; return transforms and failure reasons."""
+    """Match every frame to ``ref``; return transforms and failure reasons.
+
+    Frames go in index (time) order. Neighbours in time see nearly the same sky,
+    so each frame is first refined from the last matched frame's transform
+    (no triangle search) and keeps that result when at least
+    :data:`NEIGHBOUR_AGREEMENT` as many stars agree as agreed for that frame;
+    otherwise (the first frame, a dither jump, clouds) it is matched from scratch.
+    """
     trans: dict[int, np.ndarray] = {ref: np.eye(3)}
     fails: dict[int, str] = {}
     r = lists[ref]
-    for i, s in lists.items():
+    guess, agreed = None, 0
+    for i in sorted(lists):
         if i == ref:
             continue
+        s = lists[i]
+        res = None
+        if guess is not None:
+            try:
+                res = refine_from(guess, s, r, config=cfg)
+            except RegistrationError:
+                res = None
+            if res is not None and res.src_idx.size < max(cfg.min_inliers, NEIGHBOUR_AGREEMENT * agreed):
+                res = None
         try:
-            trans[i] = match_stars(s, r, config=cfg).transform
+            res = res or match_stars(s, r, config=cfg)
         except RegistrationError as exc:
             fails[i] = str(exc)
+            continue
+        trans[i], guess, agreed = res.transform, res.transform, int(res.src_idx.size)
     return trans, fails
 
 

@@ -96,3 +96,39 @@ def test_cloudy_frame_is_skipped_not_crashed(session):
         if len(stars[i]) < 6:
             with pytest.raises(NotEnoughStars):
                 match_stars(stars[i], stars[truth.reference_index])
+
+
+def test_session_registration_refines_from_neighbours_and_survives_a_dither_jump(monkeypatch):
+    """Star lists of a drifting session with one 75-px dither jump: every frame registers to the
+    truth, and only the first frame and the jump need a triangle search (the others are refined
+    from their neighbour's transform, in the provisional pass and the final one alike)."""
+    from types import SimpleNamespace
+
+    from skystack.engine import register
+
+    rng = np.random.default_rng(4)
+    shape = (800, 1200)
+    sky = rng.uniform([-100, -100], [1300, 900], (900, 2))  # star field, reference pixels
+    ref, truths, stars = 10, {}, {}
+    for i in range(30):  # frame i -> reference: a slow drift and turn, and a jump at frame 15
+        a = 4e-4 * (i - ref)
+        dx, dy = 0.7 * (i - ref) + (75.0 if i >= 15 else 0.0), -0.4 * (i - ref)
+        truths[i] = np.array([[np.cos(a), -np.sin(a), dx], [np.sin(a), np.cos(a), dy], [0, 0, 1]])
+        p = np.c_[sky, np.ones(len(sky))] @ np.linalg.inv(truths[i]).T  # the sky seen in frame i
+        p = p[:, :2] + rng.normal(0.0, 0.05, (len(sky), 2))
+        p = p[(p[:, 0] > 5) & (p[:, 0] < shape[1] - 5) & (p[:, 1] > 5) & (p[:, 1] < shape[0] - 5)]
+        junk = rng.uniform([0, 0], [shape[1], shape[0]], (len(p) // 10, 2))  # hot pixels, noise
+        xy = np.concatenate([p[:250], junk, p[250:]])
+        stars[i] = SimpleNamespace(xy=xy, pos_err=np.full(len(xy), 0.05))
+    calls = []  # the frames matched from scratch
+    real = register.match_stars
+    which = {tuple(xy): i for i, st in stars.items() for xy in st.xy}
+    monkeypatch.setattr(register, "match_stars", lambda s, *a, **k: calls.append(which[tuple(s.xy[0])])
+                        or real(s, *a, **k))
+    reg = register.register_frames(stars, {i: 1.0 for i in stars}, shape, model="similarity",
+                                   provisional=ref, fixed_reference=True)
+    err = [grid_rms(reg.transforms[i], truths[i], shape) for i in stars]
+    assert not reg.failures and max(err) < 0.02, (reg.failures, max(err))
+    # frame 0 (nothing to refine from) and frame 15 (the jump), in each provisional pass (a second
+    # one runs when coincidences in this dense field were flagged as static sources), none after
+    assert set(calls) == {0, 15} and len(calls) <= 4, calls
