@@ -639,6 +639,47 @@ def test_native_radix_sort_gives_the_rank_sorts_bits(rng, method):
             assert ref[2].sum() > 0
 
 
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("lanes", ["avx2", "four"])
+def test_native_sorting_network_gives_the_rank_sorts_bits(rng, method, lanes):
+    """Up to 95 frames a native build sorts neighbouring pixels' values together with a sorting
+    network on (value, frame) pairs, eight pixels a vector with AVX2, else four; the emulator (and
+    a GPU) counts ranks pixel by pixel. Missing values, ties, -0 and +0, infinities, a row whose
+    pixels are not a whole number of vectors: the same bits, down to the rejected frames."""
+    from skystack.kernels.emulate import emulated
+
+    for n in (2, 3, 8, 9, 33, 64, 95):
+        h, w = 5, 7
+        cube = np.round(rng.normal(1.0, 0.05, size=(n, h, w)) * 64).astype(np.float32) / np.float32(64)  # ties
+        cube[rng.random(cube.shape) < 0.1] = np.nan
+        cube[rng.random(cube.shape) < 0.04] += 1.0
+        cube[:, 2, :3] = np.nan  # pixels with no value at all
+        cube[0, 3, 3] = np.inf
+        cube[[0, n - 1], 0, 0] = 0.0
+        cube[[n // 2], 0, 0] = -0.0
+        cube[:, 0, 1] = 1.0  # every value equal: which frames minmax drops is frame order alone
+        cube[::2, 0, 2] = 0.5  # half of them equal and low
+        scale = np.ones(n, np.float32)  # keeps the equal values equal
+        offset = np.full(n, -0.0, np.float32)
+        weights = rng.uniform(0.5, 2, n).astype(np.float32)
+        kl, kh = KAPPAS[method]
+        defines = max_frames_define(n)
+        entry = combine_mod.REGISTRY[method]
+        tables = entry.tables(n, kh) if entry.tables else ()
+
+        def run(mod):
+            mean, count = np.empty((h, w), np.float32), np.empty((h, w), np.int32)
+            rej = np.zeros(n, np.uint64)
+            mod.launch(entry.kernel, h * w, (cube, np.int64(h * w), np.int32(n), scale, offset, weights, *tables,
+                                             np.float32(kl), np.float32(kh), np.int32(10), mean, count, rej))
+            return mean.view(np.uint32), count, rej
+
+        extra = ("COMBINE_NO_AVX2=1",) if lanes == "four" else ()
+        ref, got = run(emulated("combine.cu", defines)), run(native("combine.cu", defines + extra))
+        for a, b in zip(got, ref):
+            np.testing.assert_array_equal(a, b, err_msg=f"{method} {n}")
+
+
 def test_a_tile_of_many_frames_and_few_pixels_may_run_natively(monkeypatch, rng):
     """The combine counts a launch's work in values, not pixels: a memory-bound tile of 300 frames
     has only a few thousand pixels a thread, and counted in pixels it was too small to time the
