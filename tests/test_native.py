@@ -600,6 +600,19 @@ def test_native_chunks_cover_every_item_whatever_the_launch(tmp_path):
         native(bad)
 
 
+def _launch_combine(mod, method, cube, scale, offset, weights):
+    """(mean bits, count, rejected) of ``method``'s kernel in ``mod`` on ``cube`` (N, H, W), 10 rounds."""
+    n, h, w = cube.shape
+    kl, kh = KAPPAS[method]
+    entry = combine_mod.REGISTRY[method]
+    tables = entry.tables(n, kh) if entry.tables else ()
+    mean, count = np.empty((h, w), np.float32), np.empty((h, w), np.int32)
+    rej = np.zeros(n, np.uint64)
+    mod.launch(entry.kernel, h * w, (cube, np.int64(h * w), np.int32(n), scale, offset, weights, *tables,
+                                     np.float32(kl), np.float32(kh), np.int32(10), mean, count, rej))
+    return mean.view(np.uint32), count, rej
+
+
 @pytest.mark.parametrize("method", ["gesd", "sigma", "linear", "winsorized", "minmax", "median"])
 def test_native_radix_sort_gives_the_rank_sorts_bits(rng, method):
     """From 96 valid values a native build sorts each pixel's values by radix, the emulator (and a GPU)
@@ -620,19 +633,9 @@ def test_native_radix_sort_gives_the_rank_sorts_bits(rng, method):
         scale = np.ones(n, np.float32)
         minus_zero = np.full(n, -0.0, np.float32)  # offsets of -0 keep -0 values -0 (+0 would make them +0)
         weights = rng.uniform(0.5, 2, n).astype(np.float32)
-        kl, kh = KAPPAS[method]
         defines = max_frames_define(n)
-        entry = combine_mod.REGISTRY[method]
-        tables = entry.tables(n, kh) if entry.tables else ()
-
-        def run(mod):
-            mean, count = np.empty((h, w), np.float32), np.empty((h, w), np.int32)
-            rej = np.zeros(n, np.uint64)
-            mod.launch(entry.kernel, h * w, (cube, np.int64(h * w), np.int32(n), scale, minus_zero, weights, *tables,
-                                             np.float32(kl), np.float32(kh), np.int32(10), mean, count, rej))
-            return mean, count, rej
-
-        ref, got = run(emulated("combine.cu", defines)), run(native("combine.cu", defines))
+        ref, got = (_launch_combine(mod("combine.cu", defines), method, cube, scale, minus_zero, weights)
+                    for mod in (emulated, native))
         for a, b in zip(got, ref):
             np.testing.assert_array_equal(a, b, err_msg=f"{method} {n}")
         if method != "median":
@@ -662,20 +665,10 @@ def test_native_sorting_network_gives_the_rank_sorts_bits(rng, method, lanes):
         scale = np.ones(n, np.float32)  # keeps the equal values equal
         offset = np.full(n, -0.0, np.float32)
         weights = rng.uniform(0.5, 2, n).astype(np.float32)
-        kl, kh = KAPPAS[method]
         defines = max_frames_define(n)
-        entry = combine_mod.REGISTRY[method]
-        tables = entry.tables(n, kh) if entry.tables else ()
-
-        def run(mod):
-            mean, count = np.empty((h, w), np.float32), np.empty((h, w), np.int32)
-            rej = np.zeros(n, np.uint64)
-            mod.launch(entry.kernel, h * w, (cube, np.int64(h * w), np.int32(n), scale, offset, weights, *tables,
-                                             np.float32(kl), np.float32(kh), np.int32(10), mean, count, rej))
-            return mean.view(np.uint32), count, rej
-
         extra = ("COMBINE_NO_AVX2=1",) if lanes == "four" else ()
-        ref, got = run(emulated("combine.cu", defines)), run(native("combine.cu", defines + extra))
+        ref = _launch_combine(emulated("combine.cu", defines), method, cube, scale, offset, weights)
+        got = _launch_combine(native("combine.cu", defines + extra), method, cube, scale, offset, weights)
         for a, b in zip(got, ref):
             np.testing.assert_array_equal(a, b, err_msg=f"{method} {n}")
 
