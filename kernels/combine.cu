@@ -178,7 +178,8 @@ __device__ float combine_value(const float* cube, long long npix, long long i, i
 // data-dependent branches (a heapsort or an insertion sort mispredicts about once a value).
 // Native build, one core, GESD per value: 80 frames 17.8 ns against the heapsort's 51; 300
 // frames 55 against 75; even at ~500. The buffers are sized by it (within MAX_FRAMES). Native
-// builds sort up to COMBINE_NET_MAX frames with a sorting network instead (combine_block).
+// builds sort up to COMBINE_NET_MAX frames with a sorting network instead (combine_block): the
+// GPU keeps one thread a pixel, and a thread's network would not fit its registers.
 #ifndef COMBINE_SMALL
 #define COMBINE_SMALL (MAX_FRAMES < 384 ? MAX_FRAMES : 384)
 #endif
@@ -199,67 +200,6 @@ __device__ void combine_rank_sort(const float* t, const unsigned short* tf, int 
     }
 }
 
-#ifdef SKYSTACK_NATIVE
-// From this many values native builds sort by radix instead of counting ranks: O(n) instead of
-// O(n^2) work. Native build, one core, GESD per value, rank / radix: 64 frames 22.5 / 26.6 ns,
-// 96 25.7 / 23.6, 192 36.6 / 21.7; 300 frames on two cores 23.4 / 11.1. GPU and emulator builds
-// keep the rank sort: the radix sort's 256 counters would sit in each GPU thread's local memory.
-#define COMBINE_RADIX_MIN 96
-
-// Sortable key of a finite float: its bits with the sign flipped for positives and all bits
-// flipped for negatives, so the keys order as the values do; -0 counts as +0 (they are equal).
-__device__ __forceinline__ unsigned int combine_radix_key(float v)
-{
-    const unsigned int u = __float_as_uint(v == 0.0f ? 0.0f : v);
-    return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
-}
-
-// Least-significant-digit radix sort (four 8-bit digits) of the n finite t[0..n) (frames tf) into
-// s and id. Each pass is stable, so equal values keep frame order: the pairs combine_rank_sort
-// gives, bit for bit. A digit that every key shares is skipped.
-__device__ void combine_radix_sort(const float* t, const unsigned short* tf, int n, float* s,
-                                   unsigned short* id)
-{
-    unsigned int ka[COMBINE_SMALL], kb[COMBINE_SMALL];
-    unsigned short ia[COMBINE_SMALL], ib[COMBINE_SMALL];
-    for (int k = 0; k < n; ++k) {
-        ka[k] = combine_radix_key(t[k]);
-        ia[k] = (unsigned short)k;
-    }
-    unsigned int* src = ka;
-    unsigned int* dst = kb;
-    unsigned short* isrc = ia;
-    unsigned short* idst = ib;
-    for (int shift = 0; shift < 32; shift += 8) {
-        int count[256];
-        for (int d = 0; d < 256; ++d) count[d] = 0;
-        for (int k = 0; k < n; ++k) ++count[(src[k] >> shift) & 255u];
-        if (count[(src[0] >> shift) & 255u] == n) continue;  // one digit for all: nothing moves
-        int start = 0;
-        for (int d = 0; d < 256; ++d) {
-            const int c = count[d];
-            count[d] = start;
-            start += c;
-        }
-        for (int k = 0; k < n; ++k) {
-            const int pos = count[(src[k] >> shift) & 255u]++;
-            dst[pos] = src[k];
-            idst[pos] = isrc[k];
-        }
-        unsigned int* tk = src;
-        src = dst;
-        dst = tk;
-        unsigned short* ti = isrc;
-        isrc = idst;
-        idst = ti;
-    }
-    for (int k = 0; k < n; ++k) {
-        s[k] = t[isrc[k]];
-        id[k] = tf[isrc[k]];
-    }
-}
-#endif
-
 // Loads the valid normalised values of pixel i and sorts them (ascending); returns how many there
 // are. Their frames go to id (equal values in frame order) unless values_only (sigma, whose kept
 // set is a value interval): then, above COMBINE_SMALL frames, a heapsort of the values alone sorts
@@ -278,12 +218,6 @@ __device__ int combine_load_sorted(const float* cube, long long npix, long long 
             tf[n] = (unsigned short)f;
             n += isfinite(v) ? 1 : 0;
         }
-#ifdef SKYSTACK_NATIVE
-        if (n >= COMBINE_RADIX_MIN) {
-            combine_radix_sort(t, tf, n, s, id);
-            return n;
-        }
-#endif
         combine_rank_sort(t, tf, n, s, id);
         return n;
     }
@@ -735,10 +669,11 @@ __device__ __forceinline__ void combine_pixel(const float* cube, long long npix,
 // pixels, each compare-exchange ordering (value, frame) pairs -- the order combine_rank_sort
 // gives. A missing value (not finite) enters as (+inf, frame + nframes), after every valid one.
 // With AVX2 (checked at run time) eight pixels share a vector, else four. One core, AVX2, old
-// and new builds in turn, ns a value at 20 / 40 / 80 frames: GESD 13.6 / 19.2 / 18.3 -> 12.6 /
-// 11.3 / 9.6, sigma 12.2 / 15.4 / 17.3 -> 9.8 / 11.3 / 9.9, median 6.4 / 8.1 / 12.7 -> 3.0 /
-// 4.4 / 4.7.
-#define COMBINE_NET_MAX 95
+// and new builds in turn, ns a value at 20 / 40 / 80 frames (rank sort before): GESD 13.6 /
+// 19.2 / 18.3 -> 12.6 / 11.3 / 9.6, sigma 12.2 / 15.4 / 17.3 -> 9.8 / 11.3 / 9.9, median 6.4 /
+// 8.1 / 12.7 -> 3.0 / 4.4 / 4.7; at 150 / 300 frames (radix sort before): GESD 20.1 / 23.2 ->
+// 14.0 / 13.1, median 16.6 / 13.7 -> 7.1 / 9.0.
+#define COMBINE_NET_MAX COMBINE_SMALL  // at most 384 frames: networks of at most 512 inputs
 #ifndef COMBINE_NO_AVX2  // 1: four pixels at a time even where AVX2 exists (the tests build both)
 #define COMBINE_NO_AVX2 0
 #endif
@@ -746,7 +681,7 @@ __device__ __forceinline__ void combine_pixel(const float* cube, long long npix,
 struct CombineNet {
     int n = -1;
     int m = 0;
-    unsigned char a[1500], b[1500];  // comparators of a network of <= 128 inputs (1471 for 128)
+    unsigned short a[9728], b[9728];  // comparators of a network of <= 512 inputs (9727 for 512)
 };
 
 static void combine_net_build(CombineNet* net, int n)
@@ -759,8 +694,8 @@ static void combine_net_build(CombineNet* net, int n)
             for (int j = k % pp; j + k < p; j += 2 * k)
                 for (int i = 0; i < k && i + j + k < p; ++i)
                     if ((i + j) / (2 * pp) == (i + j + k) / (2 * pp) && i + j + k < n) {
-                        net->a[net->m] = (unsigned char)(i + j);
-                        net->b[net->m] = (unsigned char)(i + j + k);
+                        net->a[net->m] = (unsigned short)(i + j);
+                        net->b[net->m] = (unsigned short)(i + j + k);
                         ++net->m;
                     }
     net->n = n;

@@ -614,15 +614,16 @@ def _launch_combine(mod, method, cube, scale, offset, weights):
 
 
 @pytest.mark.parametrize("method", ["gesd", "sigma", "linear", "winsorized", "minmax", "median"])
-def test_native_radix_sort_gives_the_rank_sorts_bits(rng, method):
-    """From 96 valid values a native build sorts each pixel's values by radix, the emulator (and a GPU)
-    by counting ranks: the same (value, frame) order, ties in frame order and -0 equal to +0, so
-    the same bits, down to which frames were rejected."""
+def test_native_sort_of_many_frames_gives_the_rank_sorts_bits(rng, method):
+    """Up to 384 frames a native build sorts by network (a network of up to 512 inputs, its
+    comparators past the frames dropped), beyond them pixel by pixel; the emulator (and a GPU)
+    counts ranks: the same (value, frame) order, ties in frame order and -0 equal to +0, so the
+    same bits, down to which frames were rejected."""
     from skystack.kernels.emulate import emulated
 
     if not available():
         pytest.skip("no C++ compiler")
-    for n in (95, 96, 150, 300):
+    for n in (95, 96, 150, 300, 384, 385):
         h, w = 6, 7
         cube = np.round(rng.normal(1.0, 0.05, size=(n, h, w)) * 64).astype(np.float32) / np.float32(64)  # ties
         cube[rng.random(cube.shape) < 0.03] = np.nan
