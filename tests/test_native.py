@@ -161,11 +161,13 @@ def test_warp_native_equals_twin(monkeypatch, rng, method):
 
 @pytest.mark.parametrize("method", ["lanczos3", "bilinear"])
 @pytest.mark.parametrize("lens", [False, True])
-def test_native_warp_blocks_give_the_twins_bits(monkeypatch, rng, method, lens):
+@pytest.mark.parametrize("build", ["as the CPU allows", "baseline x86-64"])
+def test_native_warp_blocks_give_the_twins_bits(monkeypatch, rng, method, lens, build):
     """The native build warps blocks of pixels (their positions, floors and weights in vectorised
     loops, and the taps of runs of neighbours side by side): the twin's bits across rows that end
     inside a block, chunks of the launch, the frame's edge, holes inside runs and a lens (a floor
-    that truncates fails it, and so do a run's tap sums taken in another order)."""
+    that truncates fails it, and so do a run's tap sums taken in another order). Both builds of
+    the block: AVX2 where the CPU has it (no FMA: the same roundings), and the baseline one."""
     from skystack.engine.lens import RadialLens
 
     src = rng.uniform(0, 1, size=(3, 61, 77)).astype(np.float32)
@@ -177,6 +179,9 @@ def test_native_warp_blocks_give_the_twins_bits(monkeypatch, rng, method, lens):
         twin = warp_mod.warp(src, t, (59, 83), method=method, lens=lp)
         with monkeypatch.context() as mp:
             use_native(mp, warp_mod)
+            if build == "baseline x86-64":
+                mp.setattr(warp_mod, "launch", lambda src_, k, n, a, **kw: _native_launch(
+                    src_, k, n, a, **{**kw, "defines": (*kw.get("defines", ()), "WARP_NO_AVX2=1")}))
             got = warp_mod.warp(src, t, (59, 83), method=method, lens=lp)
         np.testing.assert_array_equal(got, twin)
         assert np.isfinite(got).mean() > 0.5
