@@ -668,14 +668,16 @@ __device__ __forceinline__ void combine_pixel(const float* cube, long long npix,
 // comparators reaching past the n frames dropped) on vectors of one frame's values of the
 // pixels, each compare-exchange ordering (value, frame) pairs -- the order combine_rank_sort
 // gives. A missing value (not finite) enters as (+inf, frame + nframes), after every valid one.
-// With AVX2 (checked at run time) eight pixels share a vector, else four. One core, AVX2, old
+// Built for AVX2, eight pixels share a vector, else four. One core, AVX2, old
 // and new builds in turn, ns a value at 20 / 40 / 80 frames (rank sort before): GESD 13.6 /
 // 19.2 / 18.3 -> 12.6 / 11.3 / 9.6, sigma 12.2 / 15.4 / 17.3 -> 9.8 / 11.3 / 9.9, median 6.4 /
 // 8.1 / 12.7 -> 3.0 / 4.4 / 4.7; at 150 / 300 frames (radix sort before): GESD 20.1 / 23.2 ->
 // 14.0 / 13.1, median 16.6 / 13.7 -> 7.1 / 9.0.
 #define COMBINE_NET_MAX COMBINE_SMALL  // at most 384 frames: networks of at most 512 inputs
-#ifndef COMBINE_NO_AVX2  // 1: four pixels at a time even where AVX2 exists (the tests build both)
-#define COMBINE_NO_AVX2 0
+#ifdef __AVX2__  // a native build for AVX2 (kernels/native.py, host_isa)
+#define COMBINE_NET_LANES 8
+#else
+#define COMBINE_NET_LANES 4
 #endif
 
 struct CombineNet {
@@ -749,8 +751,11 @@ typedef int combine_i8 __attribute__((vector_size(32)));
         }                                                                                               \
     }
 
-COMBINE_NET_BLOCK(combine_net_block4, combine_f4, combine_i4, 4)
-__attribute__((target("avx2"))) COMBINE_NET_BLOCK(combine_net_block8, combine_f8, combine_i8, 8)
+#ifdef __AVX2__
+COMBINE_NET_BLOCK(combine_net_block, combine_f8, combine_i8, 8)
+#else
+COMBINE_NET_BLOCK(combine_net_block, combine_f4, combine_i4, 4)
+#endif
 
 // The pixels [i0, i0 + cnt) (cnt <= COMBINE_LANES) of the kernel of METHOD: combine_pixel's
 // results, sorted by network (one pixel at a time beyond COMBINE_NET_MAX frames).
@@ -767,17 +772,13 @@ static void combine_block(const float* cube, long long npix, long long i0, int c
         return;
     }
     static thread_local CombineNet net;
-    static const bool avx2 = !COMBINE_NO_AVX2 && __builtin_cpu_supports("avx2");
     if (net.n != nframes) combine_net_build(&net, nframes);
     float s[COMBINE_LANES][COMBINE_NET_MAX + 1];
     unsigned short id[COMBINE_LANES][COMBINE_NET_MAX + 1];
     int nv[COMBINE_LANES];
-    if (avx2) {
-        combine_net_block8(cube, npix, i0, cnt, nframes, scale, offset, &net, s, id, nv);
-    } else {
-        combine_net_block4(cube, npix, i0, cnt < 4 ? cnt : 4, nframes, scale, offset, &net, s, id, nv);
-        if (cnt > 4)
-            combine_net_block4(cube, npix, i0 + 4, cnt - 4, nframes, scale, offset, &net, s + 4, id + 4, nv + 4);
+    for (int l0 = 0; l0 < cnt; l0 += COMBINE_NET_LANES) {
+        const int m = cnt - l0 < COMBINE_NET_LANES ? cnt - l0 : COMBINE_NET_LANES;
+        combine_net_block(cube, npix, i0 + l0, m, nframes, scale, offset, &net, s + l0, id + l0, nv + l0);
     }
     for (int l = 0; l < cnt; ++l)
         combine_pixel_sorted<METHOD>(cube, npix, i0 + l, nframes, scale, offset, weights, lambda, kappa_low,

@@ -308,8 +308,15 @@ class EmulatedModule:
         getattr(self._lib, f"skystack_emu_{kernel}")(*c_args)
 
 
+#: Extra g++ flags of a native build per instruction-set level (:func:`skystack.kernels.native.host_isa`).
+#: No ``-mfma``: with ``-ffp-contract=off`` nothing would be fused anyway, and AVX2's wider vectors
+#: round every operation as SSE2's do, so both builds give the same bits.
+NATIVE_ISA_FLAGS: dict[str, tuple[str, ...]] = {"baseline": (), "avx2": ("-mavx2",)}
+
+
 def _build(text: str, label: str, defines: tuple[str, ...],
-           signatures: dict[str, tuple[KernelParam, ...]], *, native: bool = False) -> Path:
+           signatures: dict[str, tuple[KernelParam, ...]], *, native: bool = False,
+           isa: str = "baseline") -> Path:
     cxx = _cxx()
     if cxx is None:
         raise KernelCompileError("the CPU kernel emulator needs g++ on PATH (apt-get install g++)")
@@ -319,7 +326,8 @@ def _build(text: str, label: str, defines: tuple[str, ...],
             "#line 1 \"<skystack-emulation-launchers>\"\n"
             + "".join(_launcher(k, ps, parallel=native) for k, ps in signatures.items())
             + (_NATIVE_THREADS if native else ""))
-    flags = list(NATIVE_CXX_FLAGS if native else CXX_FLAGS) + [f"-D{d}" for d in defines]
+    flags = (list(NATIVE_CXX_FLAGS) + list(NATIVE_ISA_FLAGS[isa]) if native else list(CXX_FLAGS)) \
+        + [f"-D{d}" for d in defines]
     version = _cxx_version(cxx)
     key = hashlib.sha256("\0".join(
         [_LAUNCHER_VERSION, unit, shim, cxx, version, *flags]).encode()).hexdigest()[:24]
@@ -350,10 +358,11 @@ def _build(text: str, label: str, defines: tuple[str, ...],
 
 
 @lru_cache(maxsize=None)
-def _emulated(path: str, text: str, defines: tuple[str, ...], native: bool = False) -> EmulatedModule:
+def _emulated(path: str, text: str, defines: tuple[str, ...], native: bool = False,
+              isa: str = "baseline") -> EmulatedModule:
     signatures = parse_kernels(text)
     with _build_lock:
-        so = _build(text, Path(path).name, defines, signatures, native=native)
+        so = _build(text, Path(path).name, defines, signatures, native=native, isa=isa)
     lib = ctypes.CDLL(str(so))
     for name, params in signatures.items():
         fn = getattr(lib, f"skystack_emu_{name}")

@@ -245,9 +245,6 @@ __device__ __forceinline__ void warp_pixel(const float* src, float* dst, long lo
 // pixels side by side (warp_lanczos3_run), the rest one pixel at a time (warp_block_pixel). The
 // same float operations in the same order as warp_pixel: the same bits.
 #define WARP_BLOCK 32
-#ifndef WARP_NO_AVX2  // 1: the baseline build even where AVX2 exists (the tests build both)
-#define WARP_NO_AVX2 0
-#endif
 
 // floorf(x) for |x| < 2e9 (x itself when x is integral, so -0 stays -0), in a form that vectorises.
 __device__ __forceinline__ float warp_floor(float x)
@@ -329,10 +326,8 @@ __device__ __forceinline__ void warp_lanczos3_run(const float* __restrict__ src,
 }
 
 template <bool LANCZOS3>
-static inline __attribute__((always_inline)) void warp_block(const float* __restrict__ src,
-                                                             float* __restrict__ dst, long long i0, int cnt,
-                                                             long long n, int channels, int src_h, int src_w,
-                                                             int dst_w, WARP_MAP_PARAMS)
+static void warp_block(const float* __restrict__ src, float* __restrict__ dst, long long i0, int cnt,
+                       long long n, int channels, int src_h, int src_w, int dst_w, WARP_MAP_PARAMS)
 {
     float U[WARP_BLOCK], V[WARP_BLOCK], FU[WARP_BLOCK], FV[WARP_BLOCK], HW[WARP_BLOCK];
     float WX[6][WARP_BLOCK], WY[6][WARP_BLOCK];
@@ -401,41 +396,13 @@ static inline __attribute__((always_inline)) void warp_block(const float* __rest
     }
 }
 
-// warp_block built twice: for the baseline x86-64 (SSE2) and, chosen at run time where the CPU has
-// it, for AVX2 (twice the lanes; no FMA, so the same roundings and the same bits).
-template <bool LANCZOS3>
-static void warp_block_sse(const float* __restrict__ src, float* __restrict__ dst, long long i0, int cnt,
-                           long long n, int channels, int src_h, int src_w, int dst_w, WARP_MAP_PARAMS)
-{
-    warp_block<LANCZOS3>(src, dst, i0, cnt, n, channels, src_h, src_w, dst_w, WARP_MAP_ARGS);
-}
-
-template <bool LANCZOS3>
-__attribute__((target("avx2"))) static void warp_block_avx2(const float* __restrict__ src, float* __restrict__ dst,
-                                                            long long i0, int cnt, long long n, int channels,
-                                                            int src_h, int src_w, int dst_w, WARP_MAP_PARAMS)
-{
-    warp_block<LANCZOS3>(src, dst, i0, cnt, n, channels, src_h, src_w, dst_w, WARP_MAP_ARGS);
-}
-
-static bool warp_avx2()
-{
-    static const bool yes = !WARP_NO_AVX2 && __builtin_cpu_supports("avx2");
-    return yes;
-}
-
 // The loop body of a native build: the block from item i (to the end of the chunk), then i moves
 // to the block's last item (the loop's ++i steps past it).
 #define WARP_BODY(LANCZOS3)                                                                       \
     {                                                                                             \
         const long long last = skystack_item_end < n ? skystack_item_end : n;                     \
         const int cnt = (int)(last - i < WARP_BLOCK ? last - i : WARP_BLOCK);                     \
-        if (warp_avx2())                                                                          \
-            warp_block_avx2<LANCZOS3>(src, dst, i, cnt, n, channels, src_h, src_w, dst_w,          \
-                                      WARP_MAP_ARGS);                                             \
-        else                                                                                      \
-            warp_block_sse<LANCZOS3>(src, dst, i, cnt, n, channels, src_h, src_w, dst_w,           \
-                                     WARP_MAP_ARGS);                                              \
+        warp_block<LANCZOS3>(src, dst, i, cnt, n, channels, src_h, src_w, dst_w, WARP_MAP_ARGS);  \
         i += cnt - 1;                                                                             \
     }
 #else

@@ -17,7 +17,7 @@ from skystack.engine import rawconv as rawconv_mod
 from skystack.engine import warp as warp_mod
 from skystack.engine.backend import BLOCK
 from skystack.engine.combine import METHODS, combine, max_frames_define
-from skystack.kernels.native import available, native
+from skystack.kernels.native import available, host_isa, native
 
 pytestmark = pytest.mark.skipif(not available(), reason="g++ is not on PATH")
 
@@ -161,13 +161,13 @@ def test_warp_native_equals_twin(monkeypatch, rng, method):
 
 @pytest.mark.parametrize("method", ["lanczos3", "bilinear"])
 @pytest.mark.parametrize("lens", [False, True])
-@pytest.mark.parametrize("build", ["as the CPU allows", "baseline x86-64"])
-def test_native_warp_blocks_give_the_twins_bits(monkeypatch, rng, method, lens, build):
+@pytest.mark.parametrize("isa", ["avx2", "baseline"])
+def test_native_warp_blocks_give_the_twins_bits(monkeypatch, rng, method, lens, isa):
     """The native build warps blocks of pixels (their positions, floors and weights in vectorised
     loops, and the taps of runs of neighbours side by side): the twin's bits across rows that end
     inside a block, chunks of the launch, the frame's edge, holes inside runs and a lens (a floor
-    that truncates fails it, and so do a run's tap sums taken in another order). Both builds of
-    the block: AVX2 where the CPU has it (no FMA: the same roundings), and the baseline one."""
+    that truncates fails it, and so do a run's tap sums taken in another order), built for AVX2
+    and for baseline x86-64."""
     from skystack.engine.lens import RadialLens
 
     src = rng.uniform(0, 1, size=(3, 61, 77)).astype(np.float32)
@@ -179,10 +179,10 @@ def test_native_warp_blocks_give_the_twins_bits(monkeypatch, rng, method, lens, 
         twin = warp_mod.warp(src, t, (59, 83), method=method, lens=lp)
         with monkeypatch.context() as mp:
             use_native(mp, warp_mod)
-            if build == "baseline x86-64":
-                mp.setattr(warp_mod, "launch", lambda src_, k, n, a, **kw: _native_launch(
-                    src_, k, n, a, **{**kw, "defines": (*kw.get("defines", ()), "WARP_NO_AVX2=1")}))
+            mp.setenv("SKYSTACK_NATIVE_ISA", isa)
+            host_isa.cache_clear()
             got = warp_mod.warp(src, t, (59, 83), method=method, lens=lp)
+        host_isa.cache_clear()
         np.testing.assert_array_equal(got, twin)
         assert np.isfinite(got).mean() > 0.5
 
@@ -649,11 +649,11 @@ def test_native_sort_of_many_frames_gives_the_rank_sorts_bits(rng, method):
 
 
 @pytest.mark.parametrize("method", METHODS)
-@pytest.mark.parametrize("lanes", ["avx2", "four"])
-def test_native_sorting_network_gives_the_rank_sorts_bits(rng, method, lanes):
+@pytest.mark.parametrize("isa", ["avx2", "baseline"])
+def test_native_sorting_network_gives_the_rank_sorts_bits(rng, method, isa):
     """Up to 95 frames a native build sorts neighbouring pixels' values together with a sorting
-    network on (value, frame) pairs, eight pixels a vector with AVX2, else four; the emulator (and
-    a GPU) counts ranks pixel by pixel. Missing values, ties, -0 and +0, infinities, a row whose
+    network on (value, frame) pairs, eight pixels a vector when built for AVX2, else four; the
+    emulator (and a GPU) counts ranks pixel by pixel. Missing values, ties, -0 and +0, infinities, a row whose
     pixels are not a whole number of vectors: the same bits, down to the rejected frames."""
     from skystack.kernels.emulate import emulated
 
@@ -672,9 +672,8 @@ def test_native_sorting_network_gives_the_rank_sorts_bits(rng, method, lanes):
         offset = np.full(n, -0.0, np.float32)
         weights = rng.uniform(0.5, 2, n).astype(np.float32)
         defines = max_frames_define(n)
-        extra = ("COMBINE_NO_AVX2=1",) if lanes == "four" else ()
         ref = _launch_combine(emulated("combine.cu", defines), method, cube, scale, offset, weights)
-        got = _launch_combine(native("combine.cu", defines + extra), method, cube, scale, offset, weights)
+        got = _launch_combine(native("combine.cu", defines, isa=isa), method, cube, scale, offset, weights)
         for a, b in zip(got, ref):
             np.testing.assert_array_equal(a, b, err_msg=f"{method} {n}")
 
