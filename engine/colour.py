@@ -187,8 +187,10 @@ def aperture_photometry(image: np.ndarray, x: np.ndarray, y: np.ndarray, *, radi
 
 
 def measure_background(image: np.ndarray, *, mask: np.ndarray | None = None,
-                       sample: int = 1_000_000) -> np.ndarray:
-    """Sigma-clipped median sky level of each channel outside the object mask."""
+                       sample: int = 200_000) -> np.ndarray:
+    """Sigma-clipped median sky level of each channel outside the object mask, from about ``sample``
+    of its sky pixels (every k-th): the median's standard error is then ~0.003 of the sky's noise.
+    On the Seestar M 94 stack (2 MP) 1 000 000 of them cost 424 ms and moved the levels by 4e-5."""
     img = np.asarray(image, dtype=np.float32)
     chans = img[None] if img.ndim == 2 else img
     if mask is None:
