@@ -49,8 +49,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{ref.n_boxes} tiles; power in ADU^2 of one light (channels | chroma), ratio to Siril's")
     print("band (cyc/px) | " + " | ".join(spectra))
     for i, (lo, hi) in enumerate(ref.bands):
-        cells = [f"{s.power[i]:7.1f} {s.chroma[i]:7.1f} ({s.power[i] / ref.power[i]:.3f} {s.chroma[i] / ref.chroma[i]:.3f})"
-                 for s in spectra.values()]
+        cells = [f"{s.power[i]:7.1f} {s.chroma[i]:7.1f} "
+                 f"({s.power[i] / ref.power[i]:.3f} {s.chroma[i] / ref.chroma[i]:.3f})" for s in spectra.values()]
         print(f"{lo:.2f}-{hi:.2f} | " + " | ".join(cells))
     return 0
 

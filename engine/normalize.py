@@ -217,7 +217,8 @@ class StarApertures:
             start = xp.asarray(np.concatenate([[0], np.cumsum(g[:-1, 3])]))[:, None]
             k = xp.arange(int(g[:, 3].max()))[None]
             valid = k < size
-            code = xp.where(valid, xp.asarray(np.concatenate([kinds[r] for r in rows]))[xp.where(valid, start + k, 0)], 0)
+            kind = xp.asarray(np.concatenate([kinds[r] for r in rows]))
+            code = xp.where(valid, kind[xp.where(valid, start + k, 0)], 0)
             index = xp.where(valid, (y0 + k // bw) * self.width + x0 + k % bw, 0)
             groups.append(ApertureGroup(rows=rows, index=index, valid=valid, inside=code == 2, ring=code == 3))
         return groups
@@ -295,8 +296,8 @@ def star_apertures(ref: np.ndarray, *, max_stars: int = 300, grow: int = 8, pad:
     if not boxes:
         return empty
     ap = StarApertures(boxes=boxes, inside=inside, ring=ring, ref_flux=empty.ref_flux, width=planes.shape[-1])
-    return StarApertures(boxes=boxes, inside=inside, ring=ring, ref_flux=_aperture_fluxes(planes, ap)[0], width=ap.width,
-                         _on=ap._on)
+    return StarApertures(boxes=boxes, inside=inside, ring=ring, ref_flux=_aperture_fluxes(planes, ap)[0],
+                         width=ap.width, _on=ap._on)
 
 
 def _aperture_fluxes(planes: Any, ap: StarApertures) -> tuple[np.ndarray, np.ndarray]:

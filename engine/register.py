@@ -36,8 +36,9 @@ for an hour:
    pixels; ``k1, k2`` minimise the reprojection error of all of them).
 6. **Final transforms.** Without a lens: each frame refined against the
    reference with the chosen model from its provisional transform (the
-   matcher's result from a guess; :func:`match_stars` when that fails). With a lens: homographies refined in ideal pixels; the warp
-   applies the lens (:func:`skystack.engine.warp.warp`, ``lens=``).
+   matcher's result from a guess; :func:`match_stars` when that fails).
+   With a lens: homographies refined in ideal pixels; the warp applies the lens
+   (:func:`skystack.engine.warp.warp`, ``lens=``).
 """
 
 from __future__ import annotations
@@ -234,7 +235,7 @@ def _match_all(lists: dict[int, _Stars], ref: int, cfg: MatchConfig) -> tuple[di
             if res is not None and res.src_idx.size < max(cfg.min_inliers, NEIGHBOUR_AGREEMENT * agreed):
                 res = None
         try:
-            res = res or match_stars(s, r, config=cfg)
+            res = res if res is not None else match_stars(s, r, config=cfg)
         except RegistrationError as exc:
             fails[i] = str(exc)
             continue

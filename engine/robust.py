@@ -92,10 +92,13 @@ def _clipped_mad_sigma_sorted(s: np.ndarray) -> float:
     clipping test are the same array expressions as ``np.median(np.abs(v - med))`` and
     ``np.abs(v - med) <= 3 sigma``, applied in another order.
     """
-    lo, hi = 0, s.size
-    med = _sorted_median(s[lo:hi])
-    d = np.abs(s[lo:hi] - med)
-    sig = MAD_TO_SIGMA * _middle_deviation(d, int(np.searchsorted(s[lo:hi], med)))
+    def mad(kept: np.ndarray) -> tuple[np.ndarray, float]:  # deviations from the median, MAD-sigma
+        med = _sorted_median(kept)
+        d = np.abs(kept - med)
+        return d, MAD_TO_SIGMA * _middle_deviation(d, int(np.searchsorted(kept, med)))
+
+    lo = 0
+    d, sig = mad(s)
     for _ in range(2):
         if sig <= 0:
             break
@@ -103,9 +106,7 @@ def _clipped_mad_sigma_sorted(s: np.ndarray) -> float:
         if keep.size < 16:
             break
         lo, hi = lo + int(keep[0]), lo + int(keep[-1]) + 1
-        med = _sorted_median(s[lo:hi])
-        d = np.abs(s[lo:hi] - med)
-        sig = MAD_TO_SIGMA * _middle_deviation(d, int(np.searchsorted(s[lo:hi], med)))
+        d, sig = mad(s[lo:hi])
     return sig
 
 

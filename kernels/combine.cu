@@ -335,7 +335,11 @@ static void combine_block(const float* cube, long long npix, long long i0, int c
                           const float* scale, const float* offset, const float* weights, const float* lambda,
                           float kappa_low, float kappa_high, int max_iter, float* mean_out, int* count_out,
                           unsigned long long* rejected);
+#ifdef __AVX2__  // a native build for AVX2 (kernels/native.py, host_isa): eight floats a vector
 #define COMBINE_LANES 8
+#else
+#define COMBINE_LANES 4
+#endif
 
 // The loop body of a native build: the block from item i (to the end of the chunk), then i moves
 // to the block's last item (the loop's ++i steps past it).
@@ -674,11 +678,6 @@ __device__ __forceinline__ void combine_pixel(const float* cube, long long npix,
 // 8.1 / 12.7 -> 3.0 / 4.4 / 4.7; at 150 / 300 frames (radix sort before): GESD 20.1 / 23.2 ->
 // 14.0 / 13.1, median 16.6 / 13.7 -> 7.1 / 9.0.
 #define COMBINE_NET_MAX COMBINE_SMALL  // at most 384 frames: networks of at most 512 inputs
-#ifdef __AVX2__  // a native build for AVX2 (kernels/native.py, host_isa)
-#define COMBINE_NET_LANES 8
-#else
-#define COMBINE_NET_LANES 4
-#endif
 
 struct CombineNet {
     int n = -1;
@@ -703,59 +702,50 @@ static void combine_net_build(CombineNet* net, int n)
     net->n = n;
 }
 
-typedef float combine_f4 __attribute__((vector_size(16)));
-typedef int combine_i4 __attribute__((vector_size(16)));
-typedef float combine_f8 __attribute__((vector_size(32)));
-typedef int combine_i8 __attribute__((vector_size(32)));
+typedef float combine_vf __attribute__((vector_size(4 * COMBINE_LANES)));  // a frame's values of the pixels
+typedef int combine_vi __attribute__((vector_size(4 * COMBINE_LANES)));    // and their frames
 
-// Loads, sorts and hands out (per lane l < cnt: s[l][0..nv[l]), id[l]) the values of L pixels
-// from i0; lanes from lane0 of the caller's arrays.
-#define COMBINE_NET_BLOCK(NAME, VF, VI, L)                                                              \
-    static void NAME(const float* cube, long long npix, long long i0, int cnt, int nframes,             \
-                     const float* scale, const float* offset, const CombineNet* net,                    \
-                     float (*s)[COMBINE_NET_MAX + 1], unsigned short (*id)[COMBINE_NET_MAX + 1], int* nv)  \
-    {                                                                                                   \
-        VF v[COMBINE_NET_MAX];                                                                          \
-        VI f[COMBINE_NET_MAX];                                                                          \
-        for (int q = 0; q < nframes; ++q) {                                                             \
-            VF x;                                                                                       \
-            VI fi;                                                                                      \
-            for (int l = 0; l < L; ++l) {                                                               \
-                const float val = l < cnt ? combine_value(cube, npix, i0 + l, q, scale, offset)         \
-                                          : __int_as_float(0x7fc00000);                                 \
-                const bool ok = isfinite(val);                                                          \
-                x[l] = ok ? val : __int_as_float(0x7f800000);                                           \
-                fi[l] = ok ? q : q + nframes;                                                           \
-            }                                                                                           \
-            v[q] = x;                                                                                   \
-            f[q] = fi;                                                                                  \
-        }                                                                                               \
-        for (int c = 0; c < net->m; ++c) {                                                              \
-            const int ia = net->a[c], ib = net->b[c];                                                   \
-            const VF va = v[ia], vb = v[ib];                                                            \
-            const VI fa = f[ia], fb = f[ib];                                                            \
-            const VI sw = (va > vb) | ((va == vb) & (fa > fb));                                         \
-            v[ia] = sw ? vb : va;                                                                       \
-            v[ib] = sw ? va : vb;                                                                       \
-            f[ia] = sw ? fb : fa;                                                                       \
-            f[ib] = sw ? fa : fb;                                                                       \
-        }                                                                                               \
-        for (int l = 0; l < cnt; ++l) {                                                                 \
-            int n = 0;                                                                                  \
-            for (int r = 0; r < nframes; ++r) {                                                         \
-                s[l][r] = v[r][l];                                                                      \
-                id[l][r] = (unsigned short)f[r][l];                                                     \
-                n += f[r][l] < nframes ? 1 : 0;                                                         \
-            }                                                                                           \
-            nv[l] = n;                                                                                  \
-        }                                                                                               \
+// Loads and sorts the values of the pixels [i0, i0 + cnt) (cnt <= COMBINE_LANES) and hands them
+// out: pixel l's nv[l] valid values in s[l], their frames in id[l].
+static void combine_net_block(const float* cube, long long npix, long long i0, int cnt, int nframes,
+                              const float* scale, const float* offset, const CombineNet* net,
+                              float (*s)[COMBINE_NET_MAX + 1], unsigned short (*id)[COMBINE_NET_MAX + 1], int* nv)
+{
+    combine_vf v[COMBINE_NET_MAX];
+    combine_vi f[COMBINE_NET_MAX];
+    for (int q = 0; q < nframes; ++q) {
+        combine_vf x;
+        combine_vi fi;
+        for (int l = 0; l < COMBINE_LANES; ++l) {
+            const float val = l < cnt ? combine_value(cube, npix, i0 + l, q, scale, offset)
+                                      : __int_as_float(0x7fc00000);
+            const bool ok = isfinite(val);
+            x[l] = ok ? val : __int_as_float(0x7f800000);
+            fi[l] = ok ? q : q + nframes;
+        }
+        v[q] = x;
+        f[q] = fi;
     }
-
-#ifdef __AVX2__
-COMBINE_NET_BLOCK(combine_net_block, combine_f8, combine_i8, 8)
-#else
-COMBINE_NET_BLOCK(combine_net_block, combine_f4, combine_i4, 4)
-#endif
+    for (int c = 0; c < net->m; ++c) {
+        const int ia = net->a[c], ib = net->b[c];
+        const combine_vf va = v[ia], vb = v[ib];
+        const combine_vi fa = f[ia], fb = f[ib];
+        const combine_vi sw = (va > vb) | ((va == vb) & (fa > fb));
+        v[ia] = sw ? vb : va;
+        v[ib] = sw ? va : vb;
+        f[ia] = sw ? fb : fa;
+        f[ib] = sw ? fa : fb;
+    }
+    for (int l = 0; l < cnt; ++l) {
+        int n = 0;
+        for (int r = 0; r < nframes; ++r) {
+            s[l][r] = v[r][l];
+            id[l][r] = (unsigned short)f[r][l];
+            n += f[r][l] < nframes ? 1 : 0;
+        }
+        nv[l] = n;
+    }
+}
 
 // The pixels [i0, i0 + cnt) (cnt <= COMBINE_LANES) of the kernel of METHOD: combine_pixel's
 // results, sorted by network (one pixel at a time beyond COMBINE_NET_MAX frames).
@@ -765,7 +755,7 @@ static void combine_block(const float* cube, long long npix, long long i0, int c
                           float kappa_low, float kappa_high, int max_iter, float* mean_out, int* count_out,
                           unsigned long long* rejected)
 {
-    if (nframes > COMBINE_NET_MAX || nframes > MAX_FRAMES) {
+    if (nframes > COMBINE_NET_MAX) {  // (COMBINE_NET_MAX <= MAX_FRAMES: combine_pixel refuses the rest)
         for (int l = 0; l < cnt; ++l)
             combine_pixel<METHOD>(cube, npix, i0 + l, nframes, scale, offset, weights, lambda, kappa_low, kappa_high,
                                   max_iter, mean_out, count_out, rejected);
@@ -776,10 +766,7 @@ static void combine_block(const float* cube, long long npix, long long i0, int c
     float s[COMBINE_LANES][COMBINE_NET_MAX + 1];
     unsigned short id[COMBINE_LANES][COMBINE_NET_MAX + 1];
     int nv[COMBINE_LANES];
-    for (int l0 = 0; l0 < cnt; l0 += COMBINE_NET_LANES) {
-        const int m = cnt - l0 < COMBINE_NET_LANES ? cnt - l0 : COMBINE_NET_LANES;
-        combine_net_block(cube, npix, i0 + l0, m, nframes, scale, offset, &net, s + l0, id + l0, nv + l0);
-    }
+    combine_net_block(cube, npix, i0, cnt, nframes, scale, offset, &net, s, id, nv);
     for (int l = 0; l < cnt; ++l)
         combine_pixel_sorted<METHOD>(cube, npix, i0 + l, nframes, scale, offset, weights, lambda, kappa_low,
                                      kappa_high, max_iter, mean_out, count_out, rejected, s[l], id[l], nv[l]);

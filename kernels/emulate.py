@@ -63,8 +63,8 @@ CXX_FLAGS: tuple[str, ...] = ("-O2", "-std=c++17", "-ffp-contract=off", "-fPIC",
 #: float rules (no contraction, no fast-math), -O3, blocks over the cores, real atomics;
 #: no ``errno`` from math functions (the same results, and ``sqrtf`` in a loop can vectorise).
 NATIVE_CXX_FLAGS: tuple[str, ...] = ("-O3", "-std=c++17", "-ffp-contract=off", "-fPIC", "-shared",
-                                     "-fno-strict-aliasing", "-fno-semantic-interposition", "-fno-math-errno", "-fopenmp",
-                                     "-DSKYSTACK_NATIVE=1")
+                                     "-fno-strict-aliasing", "-fno-semantic-interposition", "-fno-math-errno",
+                                     "-fopenmp", "-DSKYSTACK_NATIVE=1")
 SHIM = KERNEL_DIR / "cuda_shim.h"
 _LAUNCHER_VERSION = "8"  # bump when the generated wrapper changes
 _build_lock = threading.Lock()
