@@ -368,3 +368,43 @@ def test_bench_reports_gpu_traffic_on_the_simulated_device(sim, tmp_path):
     assert 0 < t["host_s_per_light"] < run["timings"]["total"]
     md = bench.markdown_tables(res)
     assert f"| {t['h2d_bytes_per_light_px']:.1f} | {t['d2h_bytes_per_light_px']:.1f} |" in md
+
+
+def test_stage_host_seconds_leave_out_only_that_threads_device_work(sim):
+    """The bench's host seconds of a stage are its wall time less the device work its own thread ran
+    inside it: a stage of 60 ms busy host work around ~device work reads 60 ms, and device work
+    another thread runs meanwhile is not taken off."""
+    import threading
+    import time
+
+    import cupy
+
+    from skystack.engine.pipeline import _Timer
+    from skystack.tools.bench.child import _stage_device_seconds
+
+    a = cupy.asarray(np.ones((1500, 1500), dtype=np.float32))
+    b = cupy.asarray(np.ones((1500, 1500), dtype=np.float32))
+
+    def device_work(x, n):
+        for _ in range(n):
+            x = x * np.float32(1.0)
+        return x
+
+    def busy(seconds):
+        t0 = time.perf_counter()
+        while time.perf_counter() - t0 < seconds:
+            pass
+
+    timer = _Timer()
+    with _stage_device_seconds(sim) as device:
+        other = threading.Thread(target=device_work, args=(b, 40))
+        with timer("stage"):
+            other.start()
+            busy(0.03)
+            device_work(a, 20)
+            busy(0.03)
+        other.join()
+    seconds, launches = device["stage"]
+    assert launches == 20 and seconds > 0
+    host = timer.t["stage"] - seconds
+    assert 0.06 <= host < 0.06 + 0.5 * seconds + 0.02, (host, seconds, timer.t["stage"])

@@ -8,7 +8,9 @@ import os
 import shutil
 import sys
 import tempfile
+import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -68,27 +70,82 @@ def _gpu_sync_and_pool() -> int | None:
 #: thread: CuPy's launch overhead, order of magnitude.
 LAUNCH_HOST_S = 10e-6
 
+#: Stage timers that are the session's, not its lights': building masters, scanning headers.
+SESSION_STAGES = ("scan", "masters")
 
-def _device_traffic(res) -> dict[str, Any] | None:
+
+def _sim_device():
+    """The simulated device's counters (``cupy.sim`` of ``tests/fakecupy``), or None."""
+    try:
+        import cupy
+    except Exception:  # no CuPy, or a broken CUDA install
+        return None
+    return getattr(cupy, "sim", None)
+
+
+@contextmanager
+def _stage_device_seconds(sim):
+    """Under the simulated device: every stage timer also sums the device seconds and launches its
+    own thread ran inside it (``{timer: [seconds, launches]}``, filled while the block runs).
+
+    A stage's host seconds are then its wall time less that device work, which a real device
+    runs asynchronously to the host thread; work of other threads (the decoders) is not
+    subtracted, so contention for the interpreter still counts as host time.
+    """
+    from skystack.engine import pipeline
+
+    if sim is None:
+        yield None
+        return
+    device: dict[str, list[float]] = {}
+    lock = threading.Lock()
+    original = pipeline._Timer.__call__
+
+    @contextmanager
+    def timed(self, name: str):
+        s0, n0 = sim.thread_device()
+        try:
+            with original(self, name):
+                yield
+        finally:
+            s1, n1 = sim.thread_device()
+            with lock:
+                acc = device.setdefault(name, [0.0, 0])
+                acc[0] += s1 - s0
+                acc[1] += n1 - n0
+
+    pipeline._Timer.__call__ = timed
+    try:
+        yield device
+    finally:
+        pipeline._Timer.__call__ = original
+
+
+def _device_traffic(res, stage_device: dict[str, list[float]] | None) -> dict[str, Any] | None:
     """Host<->device bytes per light pixel and host seconds per light of a GPU run.
 
     Only the simulated device of the tests (``tests/fakecupy``, which counts every
-    transfer, and the seconds it spends on the device's work: emulating kernels and
-    running CuPy's array operations with NumPy) gives them; CuPy on a real device has
-    no such counters, so this is ``None`` there and on the CPU. Host seconds are the
-    run's total less that device work, plus :data:`LAUNCH_HOST_S` per launch.
+    transfer, and the seconds each thread spends on the device's work: emulating
+    kernels and running CuPy's array operations with NumPy) gives them; CuPy on a real
+    device has no such counters, so this is ``None`` there and on the CPU.
+    ``host_s_by_stage`` is each stage timer's seconds less the device work its thread
+    ran inside it, plus :data:`LAUNCH_HOST_S` per launch; ``host_s_per_light`` sums the
+    stages of the lights (all but :data:`SESSION_STAGES`) over the lights.
     """
-    sim = getattr(sys.modules.get("cupy"), "sim", None)
-    if res.backend != "gpu" or sim is None:
+    sim = _sim_device()
+    if res.backend != "gpu" or sim is None or stage_device is None:
         return None
     n = max(1, len(res.frames))
     px = n * int(np.prod(res.image.shape[-2:]))
-    ops = sum(sim.launches.values()) + int(getattr(sim, "array_ops", 0))
-    host_s = (float(res.timings.get("total", 0.0)) - float(sim.kernel_seconds)
-              - float(getattr(sim, "array_seconds", 0.0)) + ops * LAUNCH_HOST_S)
+    host = {name: float(wall) - stage_device.get(name, [0.0, 0])[0]
+            + stage_device.get(name, [0.0, 0])[1] * LAUNCH_HOST_S
+            for name, wall in res.timings.items() if name != "total"}
+    lights_s = sum(v for k, v in host.items() if k not in SESSION_STAGES)
     return {"h2d_bytes_per_light_px": sim.h2d_bytes / px, "d2h_bytes_per_light_px": sim.d2h_bytes / px,
-            "host_s_per_light": host_s / n, "syncs": int(sim.syncs), "peak_device_bytes": int(sim.peak),
-            "note": "simulated device: all traffic of the run (masters and results included)"}
+            "host_s_by_stage": host, "host_s_lights": lights_s, "host_s_per_light": lights_s / n,
+            "syncs": int(sim.syncs), "peak_device_bytes": int(sim.peak),
+            "note": "simulated device: all traffic of the run (masters and results included); host seconds "
+                    "of the lights' stages (not " + ", ".join(SESSION_STAGES) + ")"}
 
 
 def _child_stack(spec: dict[str, Any]) -> dict[str, Any]:
@@ -112,7 +169,8 @@ def _child_stack(spec: dict[str, Any]) -> dict[str, Any]:
             prof = cProfile.Profile()
             prof.enable()
         t0 = time.perf_counter()
-        res = stack_session(files, cfg)
+        with _stage_device_seconds(_sim_device()) as stage_device:
+            res = stack_session(files, cfg)
         pool = _gpu_sync_and_pool()
         wall = time.perf_counter() - t0
         if prof is not None:
@@ -127,7 +185,7 @@ def _child_stack(spec: dict[str, Any]) -> dict[str, Any]:
         "peak_rss_bytes_reported": int(res.peak_rss_bytes), "gpu_pool_bytes": pool,
         "queue_peak": int(res.queue_peak), "queue_bound": int(res.queue_bound),
         "store_on_disk": bool(res.store_on_disk), "reference": res.reference,
-        "device_traffic": _device_traffic(res),
+        "device_traffic": _device_traffic(res, stage_device),
         "skipped": {Path(f.path).name: f.reason for f in res.frames if not f.used},
         "transforms": {str(i): f.transform for i, f in enumerate(res.frames) if f.transform is not None},
     }

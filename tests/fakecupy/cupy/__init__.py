@@ -46,6 +46,7 @@ class SimStats:
 
     def __init__(self) -> None:
         self._lock = threading.RLock()
+        self._thread = threading.local()  # this thread's device seconds (thread_device_seconds)
         self.total_bytes = int(os.environ.get("SKYSTACK_SIM_VRAM", 8 << 30))
         self._live: dict[int, int] = {}
         self.in_use = 0
@@ -114,9 +115,20 @@ class SimStats:
         try:
             return fn(*args, **kwargs)
         finally:
+            dt = time.perf_counter() - t0
+            self._add_thread_seconds(dt)
             with self._lock:
                 self.array_ops += 1
-                self.array_seconds += time.perf_counter() - t0
+                self.array_seconds += dt
+
+    def _add_thread_seconds(self, dt: float) -> None:
+        self._thread.seconds = getattr(self._thread, "seconds", 0.0) + dt
+        self._thread.ops = getattr(self._thread, "ops", 0) + 1
+
+    def thread_device(self) -> tuple[float, int]:
+        """Seconds of device work (kernels emulated, array operations) the calling thread has
+        run so far, and how many launches: what a real device would run asynchronously to it."""
+        return getattr(self._thread, "seconds", 0.0), getattr(self._thread, "ops", 0)
 
     def summary(self) -> dict[str, Any]:
         return {"h2d_bytes": self.h2d_bytes, "d2h_bytes": self.d2h_bytes, "syncs": self.syncs,
@@ -413,9 +425,11 @@ class RawKernel:
             host_args.append(a._a if isinstance(a, ndarray) else a)
         t0 = time.perf_counter()
         self._mod.call(self.name, grid, block, host_args)
+        dt = time.perf_counter() - t0
+        sim._add_thread_seconds(dt)
         with sim._lock:
             sim.launches[self.name] += 1
-            sim.kernel_seconds += time.perf_counter() - t0
+            sim.kernel_seconds += dt
 
 
 class RawModule:
