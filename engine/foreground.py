@@ -48,7 +48,7 @@ import numpy as np
 from skystack.engine.errors import SkystackError
 from skystack.engine.lens import RadialLens
 from skystack.engine.match import transform_points
-from skystack.engine.robust import mad_sigma
+from skystack.engine.robust import mad_sigma, moving_median
 from skystack.engine.workers import map_threads
 
 #: Small frames used by the detector (spread over the session).
@@ -146,10 +146,8 @@ def small_bin(shape: tuple[int, int]) -> int:
 
 
 def _highpass(img: np.ndarray) -> np.ndarray:
-    from scipy.ndimage import median_filter
-
     fill = np.where(np.isfinite(img), img, np.nanmedian(img))
-    return (img - median_filter(fill, size=7, mode="nearest")).astype(np.float32)
+    return (img - moving_median(fill, 7)).astype(np.float32)
 
 
 def _noise(img: np.ndarray) -> float:

@@ -9,7 +9,7 @@ rejection (``kernels/combine.cu`` and its twin) uses the same constant in
 float32. Also the clipped statistics built on them: :func:`clipped_mad_sigma`
 (a sample's noise after two 3-sigma clips), :func:`sigma_clipped_stats` and
 :func:`sigma_clipped_rows` (iterative kappa-sigma clipping, every row of an
-array at once) and :func:`nanmedian_last`.
+array at once), :func:`nanmedian_last` and :func:`moving_median`.
 """
 
 from __future__ import annotations
@@ -328,3 +328,39 @@ def nan_max(a: Any) -> Any:
         top = np.fmax.reduce(a, axis=None, initial=low)
         return low if np.isnan(top) else top
     return xp.where(xp.isnan(a), low, a).max()
+
+
+def moving_median(img: np.ndarray, size: int) -> np.ndarray:
+    """The median of every pixel's ``size x size`` neighbourhood, edges replicated: SciPy's
+    ``median_filter(img, size, mode="nearest")`` with the same bits (a selection, no arithmetic),
+    ~4x faster for a 7 x 7 window.
+
+    Each band of rows is laid out as one row of window values per pixel and
+    partitioned at its middle, a band's windows held in ~1 MB.
+
+    Parameters
+    ----------
+    img : ndarray
+        ``(H, W)`` finite values (NaN has no place in an order statistic here).
+    size : int
+        Odd window side.
+
+    Returns
+    -------
+    ndarray
+        ``(H, W)``, the dtype of ``img``.
+    """
+    from numpy.lib.stride_tricks import sliding_window_view
+
+    if size < 1 or size % 2 == 0:
+        raise ValueError(f"moving_median needs an odd window side, got {size}")
+    r, k = size // 2, size * size // 2
+    h, w = img.shape
+    padded = np.pad(img, r, mode="edge")
+    out = np.empty_like(img)
+    rows = max(1, (1 << 18) // (w * size * size))
+    for y0 in range(0, h, rows):
+        y1 = min(h, y0 + rows)
+        win = sliding_window_view(padded[y0:y1 + 2 * r], (size, size)).reshape(y1 - y0, w, size * size)
+        out[y0:y1] = np.partition(win, k, axis=-1)[..., k]
+    return out

@@ -362,3 +362,17 @@ def test_clipped_mad_sigma_from_one_sort_gives_the_rounds_of_medians():
         assert clipped_mad_sigma(np, v) == _clipped_mad_sigma_rounds(v), (trial, n, v.dtype)
         if v.dtype == np.float32:  # float64 arithmetic on float32 values: the rounds on their cast
             assert clipped_mad_sigma(np, v, dtype=np.float64) == _clipped_mad_sigma_rounds(v.astype(np.float64))
+
+
+@pytest.mark.parametrize("size,shape", [(3, (17, 40)), (7, (200, 300)), (7, (5, 9)), (5, (64, 1))])
+def test_moving_median_equals_scipys_median_filter(rng, size, shape):
+    """The band-wise moving median selects exactly what SciPy's median filter (edges replicated) does."""
+    from scipy.ndimage import median_filter
+
+    from skystack.engine.robust import moving_median
+
+    img = rng.normal(size=shape).astype(np.float32)
+    img[::3, ::2] = 0.5  # ties
+    assert np.array_equal(moving_median(img, size), median_filter(img, size=size, mode="nearest"))
+    with pytest.raises(ValueError):
+        moving_median(img, 4)
