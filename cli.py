@@ -581,8 +581,8 @@ def _add_batch(sub) -> None:
     p.add_argument("-o", "--output", required=True,
                    help="output folder: one sub-folder per session, journal.jsonl, summary.csv, masters/")
     p.add_argument("--workers", type=int,
-                   help="sessions at once in local processes (default: half the CPU cores, 1 on the GPU; "
-                        "0 = in this process)")
+                   help="sessions at once in local processes (default: half the CPU cores, or one per GPU, each "
+                        "process on its own device; 0 = in this process)")
     p.add_argument("--scheduler", metavar="ADDRESS", help="run on a dask.distributed cluster, e.g. tcp://host:8786")
     p.add_argument("--dry-run", action="store_true",
                    help="show the sessions, their frame counts and the masters each gets; write nothing")

@@ -104,6 +104,20 @@ def _gpu_probe() -> tuple[Backend | None, str]:
     return Backend(name="gpu", xp=cupy, device_name=name), ""
 
 
+def gpu_devices() -> list[str]:
+    """The CUDA devices this process may use, as ``CUDA_VISIBLE_DEVICES`` names them for a child
+    process (empty without CuPy or a driver): one entry per device CuPy counts, taken from this
+    process's own ``CUDA_VISIBLE_DEVICES`` when it is set, else ``0 .. n-1``."""
+    try:
+        import cupy
+
+        n = int(cupy.cuda.runtime.getDeviceCount())
+    except Exception:  # no CuPy, no driver
+        return []
+    own = [d.strip() for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+    return own[:n] if len(own) >= n else [str(i) for i in range(n)]
+
+
 def error_line(exc: BaseException, limit: int = 200) -> str:
     """One line naming an exception's cause: its first line that mentions an error, else its first line.
 

@@ -38,6 +38,7 @@ thread itself.
 
 from __future__ import annotations
 
+import functools
 import sys
 
 import numpy as np
@@ -275,9 +276,10 @@ def _row_taps(plane_tail: np.ndarray, indptr: np.ndarray, idx: np.ndarray, data:
     in exactly that order, starting from 0; ``idx`` must lie inside ``plane_tail``.
     """
     n = out.size
-    if _csr_matvec is not None:
+    matvec = _csr_matvec() if _csr_matvec is not None else None
+    if matvec is not None:
         out.fill(0.0)
-        _csr_matvec(n, plane_tail.size, indptr, idx, data, plane_tail, out)
+        matvec(n, plane_tail.size, indptr, idx, data, plane_tail, out)
     else:  # SciPy without the private module: the same loop through the public API
         from scipy.sparse import csr_matrix
 
@@ -286,10 +288,17 @@ def _row_taps(plane_tail: np.ndarray, indptr: np.ndarray, idx: np.ndarray, data:
 
 _LITTLE_ENDIAN = sys.byteorder == "little"
 
-try:  # the loop behind ``csr_matrix @ vector``, without building a matrix object per call
-    from scipy.sparse._sparsetools import csr_matvec as _csr_matvec
-except ImportError:  # pragma: no cover
-    _csr_matvec = None
+
+@functools.lru_cache(maxsize=None)
+def _csr_matvec():
+    """The loop behind ``csr_matrix @ vector``, without a matrix object per call (None when this
+    SciPy lacks the private module). Imported at first use: ``scipy.sparse`` takes ~0.15 s to import,
+    and only the NumPy twin needs it."""
+    try:
+        from scipy.sparse._sparsetools import csr_matvec
+    except ImportError:  # pragma: no cover
+        return None
+    return csr_matvec
 
 
 def _warp_numpy(src: np.ndarray, m: np.ndarray, out: np.ndarray, method: str,

@@ -572,3 +572,33 @@ def test_unicode_session_name_and_html_index(tmp_path):
     assert 'href="Night Ω été 1/report.html"' in index
     page = (folder / "report.html").read_text()
     assert page.count('<tr class="used">') == 4 and 'id="time-plots"' in page
+
+
+@pytest.mark.gpu
+def test_batch_puts_one_worker_process_on_each_gpu(archive, tmp_path, monkeypatch, sim):
+    """On a machine of two GPUs (the simulated device's ``SKYSTACK_SIM_DEVICES=2``) a batch runs one
+    worker process per GPU by default, each seeing only its own device (``CUDA_VISIBLE_DEVICES``), so
+    the sessions spread over both and each keeps its device's whole memory budget; four workers on
+    two GPUs share each device by two."""
+    import json
+
+    monkeypatch.setenv("SKYSTACK_SIM_DEVICES", "2")
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    arch, lib = archive
+    plan = plan_batch(arch, tmp_path / "out", calibration_library=lib, stack_config=StackConfig(backend="gpu"))
+    res = run_batch(plan, quiet=True)
+    assert res.executor == "local:2 on GPUs 0,1" and res.failed == ["broken"] and len(res.ran) == 4
+    reports = [json.loads(p.read_text()) for p in (tmp_path / "out").rglob("report.json")]
+    assert len(reports) == 4
+    devices = sorted(r["device"] for r in reports)
+    assert set(devices) == {"Simulated CUDA device 0 (g++ emulator)", "Simulated CUDA device 1 (g++ emulator)"}
+    assert all(r["settings"].get("memory_limit") is None for r in reports)
+
+    shared = run_batch(plan_batch(arch, tmp_path / "out4", calibration_library=lib,
+                                  stack_config=StackConfig(backend="gpu")), workers=4, quiet=True)
+    assert shared.executor == "local:4 on GPUs 0,1" and len(shared.ran) == 4
+    limits = {r["settings"].get("memory_limit")
+              for r in (json.loads(p.read_text()) for p in (tmp_path / "out4").rglob("report.json"))}
+    from skystack.engine.backend import get_backend
+
+    assert limits == {get_backend("gpu").memory_budget(None) // 2}

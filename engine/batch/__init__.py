@@ -87,8 +87,10 @@ Parallelism
 -----------
 Locally, sessions run in a process pool (``spawn``; ``workers`` processes,
 default half the CPU cores; ``workers=0`` runs them in this process). On the
-GPU backend the pool has one process unless ``workers`` says more, and then
-each session gets ``1/workers`` of the GPU's memory budget (unless
+GPU backend the pool has one process per GPU, each shown only its own device
+(``CUDA_VISIBLE_DEVICES``, given out in turn as the processes start); with
+more ``workers`` than GPUs the processes of one device share it, each session
+getting that share of the device's memory budget (unless
 ``StackConfig.memory_limit`` is set), so sessions never fight for one device.
 A worker process that dies (crash, out of memory) fails only its session: the
 sessions it left are run again one at a time. With ``scheduler`` (a

@@ -33,19 +33,29 @@ class _Inline:
 
 
 class _Pool:
-    """A ``spawn`` process pool; a dead worker fails only the task it ran."""
+    """A ``spawn`` process pool; a dead worker fails only the task it ran.
 
-    def __init__(self, workers: int) -> None:
+    With ``devices`` (``CUDA_VISIBLE_DEVICES`` names, :func:`~skystack.engine.backend.gpu_devices`)
+    each worker process is given one of them in turn before it imports CuPy, so ``workers`` equal
+    to the devices' count puts one process on each GPU.
+    """
+
+    def __init__(self, workers: int, devices: list[str] | None = None) -> None:
+        import multiprocessing
+
         self.workers = max(1, int(workers))
-        self.label = f"local:{self.workers}"
+        self.devices = list(devices or [])
+        self.label = f"local:{self.workers}" + (f" on GPUs {','.join(self.devices)}" if len(self.devices) > 1
+                                                else "")
         self._pool = None
+        self._ctx = multiprocessing.get_context("spawn")
+        self._next_device = self._ctx.Value("i", 0)  # the worker processes take their device in turn
 
     def _new(self, n: int):
-        import multiprocessing
         from concurrent.futures import ProcessPoolExecutor
 
-        return ProcessPoolExecutor(max_workers=n, mp_context=multiprocessing.get_context("spawn"),
-                                   initializer=_worker_init)
+        return ProcessPoolExecutor(max_workers=n, mp_context=self._ctx, initializer=_worker_init,
+                                   initargs=(self._next_device, tuple(self.devices)))
 
     def map(self, fn: Callable[[Any], dict], items: list[tuple[str, Any]],
             on_result: Callable[[str, dict], None]) -> None:
@@ -171,7 +181,8 @@ class _Dask:
             self._client.close()
 
 
-def _default_workers(n_tasks: int, gpu: bool) -> int:
+def _default_workers(n_tasks: int, gpu: bool, n_devices: int = 1) -> int:
+    """Worker processes of a local pool: one per GPU, or half the CPU cores; never more than the tasks."""
     if gpu:
-        return 1
+        return max(1, min(n_tasks, n_devices))
     return max(1, min(n_tasks, (os.cpu_count() or 2) // 2))

@@ -124,7 +124,7 @@ def run_batch(plan: BatchPlan, *, workers: int | None = None, scheduler: str | N
     OutputError
         ``OUT`` cannot be written or another batch holds it.
     """
-    from skystack.engine.backend import get_backend
+    from skystack.engine.backend import get_backend, gpu_devices
 
     out = plan.out_dir
     try:
@@ -153,19 +153,23 @@ def run_batch(plan: BatchPlan, *, workers: int | None = None, scheduler: str | N
                 runnable.append(s)
         backend_name = plan.stack_config.backend
         gpu = False
+        devices: list[str] = []
         if runnable and scheduler is None:
             gpu = get_backend(backend_name, quiet=True).is_gpu
+            devices = gpu_devices() if gpu and workers != 0 else []
         if runnable:
             if scheduler:
                 ex: Any = _Dask(scheduler)
             elif workers == 0:
                 ex = _Inline()
             else:
-                ex = _Pool(workers if workers is not None else _default_workers(len(runnable), gpu))
+                ex = _Pool(workers if workers is not None else _default_workers(len(runnable), gpu, len(devices)),
+                           devices=devices)
             result.executor = ex.label
             try:
+                n_workers = getattr(ex, "workers", 1)
                 _run_sessions(ex, plan, runnable, last, result, say, gpu=gpu,
-                              n_workers=getattr(ex, "workers", 1))
+                              sharing=-(-n_workers // max(1, len(devices))))
             except KeyboardInterrupt:
                 # what completed is journaled; the summary says what did not run
                 rows = [_summary_row(s, last.get(s.name)) for s in plan.sessions]
@@ -233,7 +237,9 @@ def _record_result(out: Path, s: SessionPlan, res: dict[str, Any], last: dict[st
 
 
 def _run_sessions(ex: Any, plan: BatchPlan, runnable: list[SessionPlan], last: dict[str, dict[str, Any]],
-                  result: BatchResult, say: Callable[[str], None], *, gpu: bool, n_workers: int) -> None:
+                  result: BatchResult, say: Callable[[str], None], *, gpu: bool, sharing: int) -> None:
+    """Build the masters, then stack the sessions, on ``ex``; on a GPU, ``sharing`` worker processes
+    share each device (each session then gets that part of its memory budget)."""
     from skystack.engine.backend import get_backend
 
     cache_dir = str(plan.out_dir / _MASTERS_DIR)
@@ -263,9 +269,9 @@ def _run_sessions(ex: Any, plan: BatchPlan, runnable: list[SessionPlan], last: d
                     last, result, say)
             continue
         cfg = dataclasses.replace(s.config, quiet=True)
-        if gpu and n_workers > 1 and cfg.memory_limit is None:
+        if gpu and sharing > 1 and cfg.memory_limit is None:
             # several sessions share one device: each gets its part of the budget
-            cfg = dataclasses.replace(cfg, memory_limit=get_backend("gpu", quiet=True).memory_budget(None) // n_workers)
+            cfg = dataclasses.replace(cfg, memory_limit=get_backend("gpu", quiet=True).memory_budget(None) // sharing)
         tasks.append((s.name, {
             "name": s.name, "files": s.files, "config": cfg, "outputs": s.outputs, "out_root": str(plan.out_dir),
             "fingerprint": s.fingerprint, "object": s.object,

@@ -22,14 +22,22 @@ from skystack.engine.batch.records import _VOLATILE_REPORT_KEYS, _json_float
 # ----------------------------------------------------------------------------- work done in the workers
 
 
-def _worker_init() -> None:
+def _worker_init(next_device=None, devices: tuple[str, ...] = ()) -> None:
     """Pool initializer: die with the coordinator when it is killed (Linux ``PR_SET_PDEATHSIG``).
 
     Ctrl-C reaches the whole process group: the workers ignore it and the
     coordinator stops them (:meth:`_Pool.map`), so no queued session starts.
+    With ``devices``, this worker sees only the next of them (``CUDA_VISIBLE_DEVICES``,
+    set before CuPy is imported; ``next_device`` is the pool's shared counter).
     """
     import logging
     import signal
+
+    if devices and next_device is not None:
+        with next_device.get_lock():
+            k = next_device.value
+            next_device.value += 1
+        os.environ["CUDA_VISIBLE_DEVICES"] = devices[k % len(devices)]
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     # a session's remarks go to its report (notes); the worker prints nothing itself

@@ -478,11 +478,12 @@ class _Runtime:
 
     @staticmethod
     def getDeviceCount() -> int:
-        return 1
+        """``SKYSTACK_SIM_DEVICES`` devices (default 1), less those ``CUDA_VISIBLE_DEVICES`` hides."""
+        return len(_visible_devices())
 
     @staticmethod
     def getDeviceProperties(i: int) -> dict:
-        return {"name": b"Simulated CUDA device (g++ emulator)", "totalGlobalMem": sim.total_bytes,
+        return {"name": _device_label(i).encode(), "totalGlobalMem": sim.total_bytes,
                 "major": 9, "minor": 0, "multiProcessorCount": 1}
 
     @staticmethod
@@ -500,6 +501,32 @@ class _Runtime:
     @staticmethod
     def driverGetVersion() -> int:
         return 12000
+
+
+def _visible_devices() -> list[int]:
+    """The simulated machine's devices this process sees, as CUDA numbers them: ``CUDA_VISIBLE_DEVICES``
+    (a comma-separated list of device numbers; one that does not exist ends the list) over
+    ``SKYSTACK_SIM_DEVICES`` devices."""
+    total = int(os.environ.get("SKYSTACK_SIM_DEVICES", "1"))
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is None:
+        return list(range(total))
+    out: list[int] = []
+    for item in visible.split(","):
+        item = item.strip()
+        if not item.isdigit() or int(item) >= total or int(item) in out:
+            break
+        out.append(int(item))
+    return out
+
+
+def _device_label(i: int) -> str:
+    """Device ``i``'s name: the single device's is ``Simulated CUDA device (g++ emulator)``; on a
+    machine of several, the physical number shows (``Simulated CUDA device 1 (g++ emulator)``)."""
+    seen = _visible_devices()
+    if int(os.environ.get("SKYSTACK_SIM_DEVICES", "1")) <= 1 or i >= len(seen):
+        return "Simulated CUDA device (g++ emulator)"
+    return f"Simulated CUDA device {seen[i]} (g++ emulator)"
 
 
 class _Synchronizing:
