@@ -137,6 +137,11 @@ class FrameStore:
         """Bytes held (in RAM or on disk)."""
         return self.n * self._frame
 
+    @property
+    def where(self) -> str:
+        """``"disk"`` (spilled) or ``"RAM"``."""
+        return "disk" if self.on_disk else "RAM"
+
     def put(self, i: int, image: np.ndarray) -> None:
         """Store frame ``i`` (``(C,H,W)`` or ``(H,W)`` for C = 1)."""
         img = np.asarray(image, dtype=np.float32).reshape(self.shape)
@@ -275,6 +280,8 @@ class DeviceFrameStore:
     def nbytes(self) -> int:
         """Bytes held on the device."""
         return self.n * int(np.prod(self.shape)) * 4
+
+    where = "device"
 
     def put(self, i: int, image) -> None:
         """Store frame ``i`` (``(C,H,W)`` or ``(H,W)`` for C = 1)."""

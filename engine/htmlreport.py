@@ -304,7 +304,10 @@ def render_report(report: dict[str, Any], *, preview: str | None, coverage: np.n
     peak = mem.get("peak_rss_bytes")
     timings = {k: f"{v:.2f} s" for k, v in (report.get("timings_s") or {}).items()}
     timings["peak memory"] = f"{peak / 2**20:.0f} MiB" if peak else None
-    timings["frame store"] = "disk spill" if mem.get("store_on_disk") else "RAM"
+    where = mem.get("frame_store") or ("disk" if mem.get("store_on_disk") else "RAM")
+    size = mem.get("frame_store_bytes")
+    timings["frame store"] = ({"disk": "disk spill", "device": "device memory"}.get(where, where)
+                              + (f", {size / 2**20:.0f} MiB" if size else ""))
     masters = {k: ", ".join(f"{a}={_fmt(b)}" for a, b in v.items() if a in ("count", "method", "exposure_s",
                                                                                 "temperature_c", "path"))
                for k, v in (report.get("masters") or {}).items()} or {"masters": "none (uncalibrated)"}

@@ -45,6 +45,8 @@ def build_report(result, *, outputs: dict[str, str] | None = None) -> dict[str, 
         "memory": {
             "peak_rss_bytes": result.peak_rss_bytes,
             "store_on_disk": result.store_on_disk,
+            "frame_store": getattr(result, "store_where", "disk" if result.store_on_disk else "RAM"),
+            "frame_store_bytes": int(getattr(result, "store_bytes", 0)),
             "decoded_frames_peak": result.queue_peak,
             "decoded_frames_bound": result.queue_bound,
         },

@@ -162,6 +162,8 @@ class StackResult:
     queue_bound: int = 0
     exposure_s: float = 0.0
     store_on_disk: bool = False
+    store_where: str = "RAM"  # the frame store: "device" memory, "RAM" or "disk" (spilled)
+    store_bytes: int = 0
     lights_meta: list[Any] = field(default_factory=list)  # FrameMeta of the combined lights, reference first
     notes: list[str] = field(default_factory=list)  # calibration remarks and skipped calibration frames
 
@@ -383,7 +385,7 @@ def combine_registered(reg: Registered, config: StackConfig = StackConfig()) -> 
         landscape=land_mask, peak_rss_bytes=peak_rss_bytes(),
         queue_peak=reg.queue_peak, queue_bound=reg.queue_bound,
         exposure_s=float(sum(records[i].exposure_s or 0.0 for i in used)),
-        store_on_disk=store.on_disk,
+        store_on_disk=store.on_disk, store_where=store.where, store_bytes=int(store.nbytes),
         lights_meta=[reg.metas[i] for i in [ref, *(j for j in used if j != ref)]] if reg.metas else [],
         notes=list(reg.notes),
     )

@@ -303,13 +303,16 @@ def test_vram_store_and_host_store_give_the_same_stack(sim, night, tmp_path, mon
     from skystack.engine.stack import StackConfig, combine_registered, register_session
 
     cfg = StackConfig(quiet=True, backend="gpu", cache_dir=str(tmp_path))
-    images, kinds = [], []
+    images, kinds, where = [], [], []
     for vram in (8 << 30, 40 << 20):  # 40 MiB: the 22 MB store exceeds half the budget
         monkeypatch.setattr(sim, "total_bytes", vram)
         with register_session(discover_session(night), cfg) as reg:
             kinds.append(type(reg.store).__name__)
-            images.append(combine_registered(reg, cfg).image)
+            res = combine_registered(reg, cfg)
+            images.append(res.image)
+            where.append((res.store_where, res.store_bytes == reg.store.nbytes > 20e6))
     assert kinds == ["DeviceFrameStore", "FrameStore"]
+    assert where == [("device", True), ("RAM", True)]  # what the report and the bench show
     np.testing.assert_array_equal(images[0], images[1])
 
 
@@ -368,6 +371,11 @@ def test_bench_reports_gpu_traffic_on_the_simulated_device(sim, tmp_path):
     assert 0 < t["host_s_per_light"] < run["timings"]["total"]
     md = bench.markdown_tables(res)
     assert f"| {t['h2d_bytes_per_light_px']:.1f} | {t['d2h_bytes_per_light_px']:.1f} |" in md
+    # the frames stayed in device memory (4 lights x 3 channels x 0.3 MP x 4 B), as the table says
+    assert run["store_where"] == "device" and run["store_bytes"] >= 4 * 3 * 0.29e6 * 4
+    assert f"| device {run['store_bytes'] / 2**20:.0f} | {t['h2d_bytes_per_light_px']:.1f} |" in md
+    assert set(t["host_s_by_stage"]) >= {"calibrate", "detect", "warp", "combine", "masters"}
+    assert 0 < t["host_s_per_light"] * 4 == pytest.approx(t["host_s_lights"])
 
 
 def test_stage_host_seconds_leave_out_only_that_threads_device_work(sim):

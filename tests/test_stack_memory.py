@@ -36,6 +36,7 @@ def test_stack_three_times_the_memory_limit(tmp_path):
     report = json.loads(out.with_suffix(".json").read_text())
     assert report["frames_used"] == n
     assert report["memory"]["store_on_disk"] is True
+    assert report["memory"]["frame_store"] == "disk" and report["memory"]["frame_store_bytes"] >= registered_bytes
     peak = report["memory"]["peak_rss_bytes"]
     # The acceptance bound, and (stricter) proof that the store did not sit in RAM:
     # holding it would need registered_bytes = 3 x limit on top of the interpreter.

@@ -22,6 +22,12 @@ def _mib(v: Any) -> str:
     return "-" if not v else f"{v / 2**20:.0f}"
 
 
+def _store_cell(r: dict[str, Any]) -> str:
+    """Where the frame store was and its size: ``device 1707``, ``RAM 512``, ``disk 2048`` (MiB)."""
+    where = r.get("store_where")
+    return "-" if not where else f"{where} {_mib(r.get('store_bytes'))}"
+
+
 def _traffic_cells(t: dict[str, Any] | None) -> list[str]:
     if not t:
         return ["-", "-", "-"]
@@ -46,7 +52,7 @@ def _table_rows(results: dict[str, Any]) -> tuple[list[str], list[list[str]], li
     sess = results["session"]
     sum_cols = ["backend", "device", "frames", "MP/frame", "total s", "frames/s", "MP/s", "peak RSS MiB",
                 "GPU pool MiB", "decode floor s", "pipeline / decode floor", "lights-only ratio",
-                "B/light px up", "B/light px down", "host s/light"]
+                "frame store MiB", "B/light px up", "B/light px down", "host s/light"]
     sum_rows = []
     for r in runs:
         if not r.get("ok"):
@@ -60,7 +66,7 @@ def _table_rows(results: dict[str, Any]) -> tuple[list[str], list[list[str]], li
             _mib(r.get("gpu_pool_bytes")),
             fmt_value(r.get("decode_floor_s")), fmt_value(r.get("ratio_to_decode_floor")),
             fmt_value(r.get("ratio_lights_to_decode_lights")),
-            *_traffic_cells(r.get("device_traffic")),
+            _store_cell(r), *_traffic_cells(r.get("device_traffic")),
         ])
     return stage_cols, stage_rows, sum_cols, sum_rows
 
