@@ -258,8 +258,13 @@ def star_apertures(ref: np.ndarray, *, max_stars: int = 300, grow: int = 8, pad:
     # only these (4 bytes and 1 bit a pixel) leave a device, once per session
     total = xp.nan_to_num(planes.sum(axis=0))
     hot = xp.zeros(total.shape, dtype=bool)
-    for plane in planes:
-        hot |= xp.nan_to_num(plane) >= xp.float32(0.9) * xp.where(xp.isnan(plane), xp.float32(-np.inf), plane).max()
+    for plane in planes:  # nan_to_num(plane) >= 90 % of the plane's maximum, without its copy
+        thr = np.float32(0.9) * np.float32(to_host(nan_max(plane)))
+        if np.isposinf(thr):  # nan_to_num makes +inf finite: nothing reaches an infinite maximum
+            continue
+        hot |= plane >= thr
+        if not thr > 0:  # NaN reads 0 there
+            hot |= xp.isnan(plane)
     hot = np.unpackbits(to_host(xp.packbits(hot)), count=hot.size).reshape(hot.shape).astype(bool)
     flat = _flatten_background(to_host(total))
     sig = robust_stats(flat).scale[0]
@@ -271,13 +276,15 @@ def star_apertures(ref: np.ndarray, *, max_stars: int = 300, grow: int = 8, pad:
     lab, nc = ndimage.label(core)
     if nc:  # a star covers several pixels; a hot pixel or a cosmic ray (one pixel, or a few after
         # demosaicing) would tie the scale to a defect that only the reference has
-        area = ndimage.sum_labels(core, lab, np.arange(1, nc + 1))
+        area = np.bincount(lab.ravel(), minlength=nc + 1)[1:]
         core = np.isin(lab, 1 + np.flatnonzero(area >= MIN_STAR_AREA))
     grown = ndimage.binary_dilation(core, iterations=grow)
     labels, n = ndimage.label(grown)
     idx = np.arange(1, n + 1)
-    flux = ndimage.sum_labels(flat, labels, idx)
-    ok = ndimage.sum_labels(hot[:h, :w], labels, idx) == 0  # no pixel at 90 % of a channel's maximum
+    # per-label sums as ndimage.sum_labels takes them (one bincount in pixel order: the same float64
+    # sums), without its second bincount of the counts
+    flux = np.bincount(labels.ravel(), weights=flat.ravel(), minlength=n + 1)[1:]
+    ok = np.bincount(labels[hot[:h, :w]], minlength=n + 1)[1:] == 0  # no pixel at 90 % of a channel's maximum
     objects = ndimage.find_objects(labels)
     boxes, inside, ring = [], [], []
     for k in idx[ok][np.argsort(-flux[ok])]:
