@@ -4,7 +4,9 @@ Stars are found with `sep <https://sep.readthedocs.io>`_ (SExtractor as a
 library) on a *luminance* image: the 2x2-binned mean of a CFA mosaic (each bin
 holds one full Bayer tile, so the colour checkerboard disappears and the image
 is four times smaller), the channel mean of a colour image, or a mono image
-itself. The background mesh is subtracted first.
+itself. The background mesh is subtracted first. sep is called through its C
+library (:mod:`skystack.engine.extraction`), which lets the other threads run
+meanwhile; its Python API holds the GIL throughout.
 
 Each detection is then measured on the **full-resolution data** by a windowed
 centroid (SExtractor's XWIN: the fixed point of a Gaussian-weighted first moment,
@@ -441,12 +443,11 @@ def _sep_sources(lum: np.ndarray, bad: np.ndarray, cfg: DetectConfig):
     the image or finds nothing. ``bad`` (no data) pixels are 0 during the
     extraction and NaN again after it.
     """
-    import sep
+    from skystack.engine import extraction
 
     box = int(max(8, min(cfg.bkg_box, min(lum.shape) // 2)))
     try:
-        bkg = sep.Background(lum, mask=bad if bad.any() else None, bw=box, bh=box,
-                             fw=cfg.bkg_filter, fh=cfg.bkg_filter)
+        bkg = extraction.Background(lum, mask=bad if bad.any() else None, box=box, filt=cfg.bkg_filter)
     except Exception:  # sep refuses degenerate images
         return None, float("nan"), float("nan")
     background, noise = float(bkg.globalback), float(bkg.globalrms)
@@ -460,9 +461,8 @@ def _sep_sources(lum: np.ndarray, bad: np.ndarray, cfg: DetectConfig):
     tries = 0
     while objs is None and tries < 4:  # a frame full of nebulosity can overflow sep's buffers
         try:
-            objs = sep.extract(lum, thresh, err=noise, minarea=int(cfg.min_area),
-                               deblend_cont=0.005 if cfg.deblend else 1.0,
-                               clean=cfg.deblend)
+            objs = extraction.extract(lum, thresh, err=noise, minarea=int(cfg.min_area),
+                                      deblend_cont=0.005 if cfg.deblend else 1.0, clean=cfg.deblend)
         except Exception as exc:
             if not _grow_pixstack(exc):  # a larger pixel buffer gives the same result; else a higher threshold
                 thresh *= 2.0
