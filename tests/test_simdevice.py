@@ -184,6 +184,9 @@ def _per_light_pixel(stats, night):
 
 
 def test_cli_gpu_stack_matches_cpu(gpu_stack, night, tmp_path):
+    """The whole GPU stack equals the CPU's within 1e-6 of full scale (issue 15's bound; measured on the
+    simulated device: the same bits, every kernel and twin in the same order, except where the CPU
+    picks a twin that sums in another order (docs/architecture.md): 1e-14 px in star positions)."""
     import tifffile
 
     out, _ = gpu_stack
@@ -193,7 +196,8 @@ def test_cli_gpu_stack_matches_cpu(gpu_stack, night, tmp_path):
     gpu, cpu = tifffile.imread(out).astype(np.float64), tifffile.imread(cpu_out).astype(np.float64)
     both = np.isfinite(gpu) & np.isfinite(cpu)
     assert both.mean() > 0.95
-    assert np.max(np.abs(gpu[both] - cpu[both])) < 1e-4 * np.nanmax(np.abs(cpu))
+    assert np.array_equal(np.isfinite(gpu), np.isfinite(cpu))
+    assert np.max(np.abs(gpu[both] - cpu[both])) <= 1e-6 * np.nanmax(np.abs(cpu))
 
 
 def test_cli_gpu_stack_bytes_per_light_pixel_today(gpu_stack, night):
