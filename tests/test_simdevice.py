@@ -380,6 +380,13 @@ def test_bench_reports_gpu_traffic_on_the_simulated_device(sim, tmp_path):
     assert f"| device {run['store_bytes'] / 2**20:.0f} | {t['h2d_bytes_per_light_px']:.1f} |" in md
     assert set(t["host_s_by_stage"]) >= {"calibrate", "detect", "warp", "combine", "masters"}
     assert 0 < t["host_s_per_light"] * 4 == pytest.approx(t["host_s_lights"])
+    # per added light: this run (4 lights) against the warm-up's (3), and decoding one light
+    assert t["host_s_per_added_light"] == pytest.approx(t["host_s_lights"] - t["host_s_lights_warmup"])
+    dec = res["decode_floor"]
+    assert run["decode_s_per_light"] == pytest.approx(dec["lights_s"] * dec["workers"] / 4)
+    assert run["decode_s_per_light"] > 0
+    assert (f"| {t['host_s_per_light']:.3f} | {t['host_s_per_added_light']:.3f} | "
+            f"{run['decode_s_per_light']:.3f} |") in md
 
 
 def test_stage_host_seconds_leave_out_only_that_threads_device_work(sim):

@@ -91,7 +91,25 @@ def _summarise_run(run: dict[str, Any], decode: dict[str, Any], n_lights: int, m
         lights_part = total - float(t.get("masters", 0.0))
         run["ratio_lights_to_decode_lights"] = (lights_part / decode["lights_s"]
                                                 if decode["lights_s"] > 0 else None)
+        if decode.get("lights_frames"):  # decoder thread-seconds per light (every worker kept busy)
+            run["decode_s_per_light"] = decode["lights_s"] * int(decode.get("workers") or 1) / decode["lights_frames"]
     return run
+
+
+#: Lights of the GPU warm-up run (kernels compiled and loaded outside the measurement).
+WARMUP_LIGHTS = 3
+
+
+def _host_per_added_light(run: dict[str, Any], warm: dict[str, Any], n_lights: int) -> None:
+    """Under the simulated device: the host seconds each light adds, from the warm-up run (fewer lights,
+    the same session, so the per-session costs cancel) and the measured one. An upper bound: with
+    3 lights the landscape search and the lens model's choice do not run, so their costs count as
+    the added lights'."""
+    t, w = run.get("device_traffic"), warm.get("device_traffic")
+    if not (run.get("ok") and warm.get("ok") and t and w) or n_lights <= WARMUP_LIGHTS:
+        return
+    t["host_s_lights_warmup"] = w["host_s_lights"]
+    t["host_s_per_added_light"] = (t["host_s_lights"] - w["host_s_lights"]) / (n_lights - WARMUP_LIGHTS)
 
 
 def results_name(info: dict[str, Any], label: str, *, prefix: str = "") -> str:
@@ -199,16 +217,18 @@ def _decode_floor(config: BenchConfig, base: dict[str, Any], log_dir: Path) -> d
 def _backend_run(config: BenchConfig, be: str, base: dict[str, Any], log_dir: Path, decode: dict[str, Any],
                  n_lights: int, mp_frame: float) -> dict[str, Any]:
     """The fastest of ``config.repeat`` pipeline children on backend ``be``, summarised against the decode floor."""
+    warm: dict[str, Any] = {}
     if be == "gpu":  # compile/load the kernels once, outside the measurement
-        _say(config, "gpu warm-up (3 lights) ...")
-        run_child({**base, "mode": "stack", "backend": "gpu", "lights_limit": 3,
-                   "memory_limit": config.memory_limit}, log_dir=log_dir, timeout_s=config.timeout_s)
+        _say(config, f"gpu warm-up ({WARMUP_LIGHTS} lights) ...")
+        warm = run_child({**base, "mode": "stack", "backend": "gpu", "lights_limit": WARMUP_LIGHTS,
+                          "memory_limit": config.memory_limit}, log_dir=log_dir, timeout_s=config.timeout_s)
     run = _fastest(config, {**base, "mode": "stack", "backend": be, "memory_limit": config.memory_limit}, log_dir,
                    f"pipeline on {be} ...", key=lambda r: r["timings"]["total"])
     run["requested_backend"] = be
     if not run.get("ok"):
         run.setdefault("backend", be)
     _summarise_run(run, decode, n_lights, mp_frame)
+    _host_per_added_light(run, warm, n_lights)
     _say_result(config, run, f"{be}: failed", lambda r: f"{be}: {r['total_s']:.2f} s, ratio to decode floor "
                                                          f"{fmt_value(r.get('ratio_to_decode_floor'), '{:.2f}')}")
     return run

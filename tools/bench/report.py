@@ -30,9 +30,9 @@ def _store_cell(r: dict[str, Any]) -> str:
 
 def _traffic_cells(t: dict[str, Any] | None) -> list[str]:
     if not t:
-        return ["-", "-", "-"]
+        return ["-", "-", "-", "-"]
     return [fmt_value(t.get("h2d_bytes_per_light_px"), "{:.1f}"), fmt_value(t.get("d2h_bytes_per_light_px"), "{:.1f}"),
-            fmt_value(t.get("host_s_per_light"), "{:.3f}")]
+            fmt_value(t.get("host_s_per_light"), "{:.3f}"), fmt_value(t.get("host_s_per_added_light"), "{:.3f}")]
 
 
 def _table_rows(results: dict[str, Any]) -> tuple[list[str], list[list[str]], list[str], list[list[str]]]:
@@ -52,7 +52,8 @@ def _table_rows(results: dict[str, Any]) -> tuple[list[str], list[list[str]], li
     sess = results["session"]
     sum_cols = ["backend", "device", "frames", "MP/frame", "total s", "frames/s", "MP/s", "peak RSS MiB",
                 "GPU pool MiB", "decode floor s", "pipeline / decode floor", "lights-only ratio",
-                "frame store MiB", "B/light px up", "B/light px down", "host s/light"]
+                "frame store MiB", "B/light px up", "B/light px down", "host s/light", "host s/added light",
+                "decode s/light"]
     sum_rows = []
     for r in runs:
         if not r.get("ok"):
@@ -67,6 +68,7 @@ def _table_rows(results: dict[str, Any]) -> tuple[list[str], list[list[str]], li
             fmt_value(r.get("decode_floor_s")), fmt_value(r.get("ratio_to_decode_floor")),
             fmt_value(r.get("ratio_lights_to_decode_lights")),
             _store_cell(r), *_traffic_cells(r.get("device_traffic")),
+            fmt_value(r.get("decode_s_per_light"), "{:.3f}"),
         ])
     return stage_cols, stage_rows, sum_cols, sum_rows
 
