@@ -89,6 +89,11 @@ def _library() -> Any:
     return lib
 
 
+def _c_library(use_c: bool | None) -> Any:
+    """The C library to call, or None for sep's Python API: ``use_c`` None means where :func:`available`."""
+    return _library() if (available() if use_c is None else use_c) else None
+
+
 def _image(data: np.ndarray, mask: np.ndarray | None = None, noise: float | None = None) -> _Image:
     im = _Image()
     im.data, im.dtype, im.h, im.w = data.ctypes.data, _TFLOAT, data.shape[0], data.shape[1]
@@ -116,7 +121,7 @@ class Background:
 
     def __init__(self, data: np.ndarray, *, mask: np.ndarray | None, box: int, filt: int,
                  use_c: bool | None = None) -> None:
-        self._lib = _library() if (available() if use_c is None else use_c) else None
+        self._lib = _c_library(use_c)
         if self._lib is None:
             import sep
 
@@ -150,7 +155,7 @@ def extract(data: np.ndarray, thresh: float, *, err: float, minarea: int, deblen
             use_c: bool | None = None) -> np.ndarray:
     """``sep.extract(data, thresh, err=err, minarea=minarea, deblend_cont=deblend_cont, clean=clean)``
     (relative threshold, scalar noise, sep's default matched filter): its structured array of objects."""
-    lib = _library() if (available() if use_c is None else use_c) else None
+    lib = _c_library(use_c)
     if lib is None:
         import sep
 

@@ -161,7 +161,6 @@ class StackResult:
     queue_peak: int = 0
     queue_bound: int = 0
     exposure_s: float = 0.0
-    store_on_disk: bool = False
     store_where: str = "RAM"  # the frame store: "device" memory, "RAM" or "disk" (spilled)
     store_bytes: int = 0
     lights_meta: list[Any] = field(default_factory=list)  # FrameMeta of the combined lights, reference first
@@ -170,6 +169,11 @@ class StackResult:
     @property
     def n_used(self) -> int:
         return sum(1 for f in self.frames if f.used)
+
+    @property
+    def store_on_disk(self) -> bool:
+        """True when the frame store spilled to disk."""
+        return self.store_where == "disk"
 
 
 def peak_rss_bytes() -> int:
@@ -385,7 +389,7 @@ def combine_registered(reg: Registered, config: StackConfig = StackConfig()) -> 
         landscape=land_mask, peak_rss_bytes=peak_rss_bytes(),
         queue_peak=reg.queue_peak, queue_bound=reg.queue_bound,
         exposure_s=float(sum(records[i].exposure_s or 0.0 for i in used)),
-        store_on_disk=store.on_disk, store_where=store.where, store_bytes=int(store.nbytes),
+        store_where=store.where, store_bytes=int(store.nbytes),
         lights_meta=[reg.metas[i] for i in [ref, *(j for j in used if j != ref)]] if reg.metas else [],
         notes=list(reg.notes),
     )
