@@ -56,7 +56,11 @@ __device__ __forceinline__ float db_at(const float* a, int H, int W, int y, int 
 // calls CALL with `in` a constant true, so its loads are plain (and the loop may vectorise); then
 // i moves to the chunk's last item (the loop's ++i ends it). The same operations: the same bits.
 #ifdef SKYSTACK_NATIVE
-#define DB_ITEMS(CALL)                                                               \
+#define DB_ITEMS(CALL) DB_RUNS(CALL, for (; x < x_end; ++x, ++i) CALL)
+// DB_ITEMS, with the run of pixels at least 4 from every edge (row y, columns x .. x_end - 1, from
+// item i) given to RUN, which leaves x at x_end and i at its item: a kernel's run function
+// computes the run in vectorisable loops (db_*_run below), with the item function's operations.
+#define DB_RUNS(CALL, RUN)                                                           \
     {                                                                                \
         const long long last = skystack_item_end < n ? skystack_item_end : n;        \
         int y = (int)i / W;                                                          \
@@ -67,7 +71,8 @@ __device__ __forceinline__ float db_at(const float* a, int H, int W, int y, int 
                 const long long left = last - i;                                     \
                 const int x_end = (W - 4 - x < left) ? W - 4 : x + (int)left;        \
                 const bool in = true;                                                \
-                for (; x < x_end; ++x, ++i) CALL;                                    \
+                (void)in;                                                            \
+                RUN;                                                                 \
             } else {                                                                 \
                 const bool in = false;                                               \
                 CALL;                                                                \
@@ -87,6 +92,7 @@ __device__ __forceinline__ float db_at(const float* a, int H, int W, int y, int 
         DB_LOCATE;     \
         CALL;          \
     }
+#define DB_RUNS(CALL, RUN) DB_ITEMS(CALL)
 #endif
 
 // Bilinear estimate of channel c at (y, x): the sample itself when the pixel
@@ -191,12 +197,36 @@ __device__ __forceinline__ void rcd_hpf_item(float* hv, float* hh, float* hp, fl
     hq[i] = rcd_hpf2(cfa, H, W, y, x, i, in, 1, -1);
 }
 
+#ifdef SKYSTACK_NATIVE
+// rcd_hpf2 on a run: c is the run's first pixel, s the step of the direction.
+static inline float rcd_hpf2_run(const float* __restrict__ c, long long s) {
+    float t = (c[-3 * s] - c[-s] - c[s] + c[3 * s]) - 3.0f * (c[-2 * s] + c[2 * s]) + 6.0f * c[0];
+    return t * t;
+}
+
+// rcd_hpf_item on the run of len pixels from item i0 (all at least 4 from every edge).
+__attribute__((noinline)) static void rcd_hpf_run(float* __restrict__ hv, float* __restrict__ hh, float* __restrict__ hp,
+                        float* __restrict__ hq, const float* __restrict__ cfa, int W, long long i0, int len) {
+    const long long w = W;
+    for (int k = 0; k < len; ++k) {
+        const float* c = cfa + i0 + k;
+        hv[i0 + k] = rcd_hpf2_run(c, w);
+        hh[i0 + k] = rcd_hpf2_run(c, 1);
+        hp[i0 + k] = rcd_hpf2_run(c, w + 1);
+        hq[i0 + k] = rcd_hpf2_run(c, w - 1);
+    }
+}
+#define RCD_HPF_RUN rcd_hpf_run(hv, hh, hp, hq, cfa, W, i, x_end - x); i += x_end - x; x = x_end
+#else
+#define RCD_HPF_RUN
+#endif
+
 extern "C" __global__ void rcd_hpf_kernel(float* hv, float* hh, float* hp, float* hq, const float* cfa,
                                           int H, int W) {
     long long n = (long long)H * W;
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
          i += (long long)blockDim.x * gridDim.x) {
-        DB_ITEMS(rcd_hpf_item(hv, hh, hp, hq, cfa, H, W, n, y, x, i, in));
+        DB_RUNS(rcd_hpf_item(hv, hh, hp, hq, cfa, H, W, n, y, x, i, in), RCD_HPF_RUN);
     }
 }
 
@@ -218,13 +248,37 @@ __device__ __forceinline__ void rcd_dir_item(float* vhdir, float* pqdir, float* 
     lpf[i] = (cfa[i] + 0.5f * card) + 0.25f * diag;
 }
 
+#ifdef SKYSTACK_NATIVE
+// rcd_dir_item on the run of len pixels from item i0.
+__attribute__((noinline)) static void rcd_dir_run(float* __restrict__ vhdir, float* __restrict__ pqdir, float* __restrict__ lpf,
+                        const float* __restrict__ hv, const float* __restrict__ hh, const float* __restrict__ hp,
+                        const float* __restrict__ hq, const float* __restrict__ cfa, int W, long long i0, int len) {
+    const long long w = W;
+    for (int k = 0; k < len; ++k) {
+        const long long i = i0 + k;
+        float vs = db_at_least_epssq((hv[i - w] + hv[i]) + hv[i + w]);
+        float hs = db_at_least_epssq((hh[i - 1] + hh[i]) + hh[i + 1]);
+        vhdir[i] = vs / (vs + hs);
+        float ps = db_at_least_epssq((hp[i - w - 1] + hp[i]) + hp[i + w + 1]);
+        float qs = db_at_least_epssq((hq[i - w + 1] + hq[i]) + hq[i + w - 1]);
+        pqdir[i] = ps / (ps + qs);
+        float card = ((cfa[i - w] + cfa[i + w]) + cfa[i - 1]) + cfa[i + 1];
+        float diag = ((cfa[i - w - 1] + cfa[i - w + 1]) + cfa[i + w - 1]) + cfa[i + w + 1];
+        lpf[i] = (cfa[i] + 0.5f * card) + 0.25f * diag;
+    }
+}
+#define RCD_DIR_RUN rcd_dir_run(vhdir, pqdir, lpf, hv, hh, hp, hq, cfa, W, i, x_end - x); i += x_end - x; x = x_end
+#else
+#define RCD_DIR_RUN
+#endif
+
 extern "C" __global__ void rcd_dir_kernel(float* vhdir, float* pqdir, float* lpf, const float* hv,
                                           const float* hh, const float* hp, const float* hq,
                                           const float* cfa, int H, int W) {
     long long n = (long long)H * W;
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
          i += (long long)blockDim.x * gridDim.x) {
-        DB_ITEMS(rcd_dir_item(vhdir, pqdir, lpf, hv, hh, hp, hq, cfa, H, W, n, y, x, i, in));
+        DB_RUNS(rcd_dir_item(vhdir, pqdir, lpf, hv, hh, hp, hq, cfa, H, W, n, y, x, i, in), RCD_DIR_RUN);
     }
 }
 
@@ -284,12 +338,100 @@ __device__ __forceinline__ void rcd_green_item(float* out, const float* cfa, con
     out[n + i] = g;
 }
 
+#ifdef SKYSTACK_NATIVE
+// Pixels a run function estimates at once (its estimates wait in a buffer of this many).
+#define DB_BLOCK 256
+
+// rcd_ratio with the division made whether it is kept or not (the same value where it is), so
+// that a loop over a run may be vectorised.
+static inline float rcd_ratio_run(float l0, float lk) {
+    float den = l0 + lk;
+    float q = (l0 + l0) / den;
+    float r = (den > 0.0f) ? q : 1.0f;
+    float lo = (r < 0.0f) ? 0.0f : r;
+    return (lo > 2.0f) ? 2.0f : lo;
+}
+
+// rcd_disc at d (a pixel at least 4 from every edge; w the row length).
+static inline float rcd_disc_run(const float* __restrict__ d, long long w) {
+    float central = d[0];
+    float neigh = 0.25f * (((d[-w - 1] + d[-w + 1]) + d[w - 1]) + d[w + 1]);
+    return (fabsf(0.5f - central) < fabsf(0.5f - neigh)) ? neigh : central;
+}
+
+// Whether row y alternates green and another colour; *first_green: whether column x is green.
+static inline bool db_bayer_row(int pat, int y, int x, bool* first_green) {
+    const bool g0 = db_colour(pat, y, x) == 1, g1 = db_colour(pat, y, x + 1) == 1;
+    *first_green = g0;
+    return g0 != g1;
+}
+
+// rcd_green_item on the run of len pixels from (y, x0), item i0: the estimate computed at every
+// pixel (vectorised; the green sites keep their sample), then the other colour's own plane and
+// the fallback of a non-finite estimate at the non-green sites.
+__attribute__((noinline)) static void rcd_green_run(float* out, const float* __restrict__ cfa,
+                                                    const float* __restrict__ vhdir, const float* __restrict__ lpf,
+                                                    int H, int W, int pat, long long n, int y, int x0, long long i0,
+                                                    int len) {
+    bool first_green;
+    if (!db_bayer_row(pat, y, x0, &first_green)) {
+        for (int k = 0; k < len; ++k) rcd_green_item(out, cfa, vhdir, lpf, H, W, pat, n, y, x0 + k, i0 + k, true);
+        return;
+    }
+    const long long w = W;
+    const int odd = first_green ? 1 : 0;  // parity of k at the non-green sites
+    const int col = db_colour(pat, y, x0 + odd);
+    float* G = out + n;
+    float est[DB_BLOCK];
+    for (int b0 = 0; b0 < len; b0 += DB_BLOCK) {
+        const int m = len - b0 < DB_BLOCK ? len - b0 : DB_BLOCK;
+        for (int k = 0; k < m; ++k) {
+            const long long i = i0 + b0 + k;
+            const float* c = cfa + i;
+            float c0 = c[0];
+            float cn1 = c[-w], cs1 = c[w];
+            float cw1 = c[-1], ce1 = c[1];
+            float cn2 = c[-2 * w], cs2 = c[2 * w];
+            float cw2 = c[-2], ce2 = c[2];
+            float cn3 = c[-3 * w], cs3 = c[3 * w];
+            float cw3 = c[-3], ce3 = c[3];
+            float cn4 = c[-4 * w], cs4 = c[4 * w];
+            float cw4 = c[-4], ce4 = c[4];
+            float ng = DB_EPS + fabsf(cn1 - cs1) + fabsf(c0 - cn2) + fabsf(cn1 - cn3) + fabsf(cn2 - cn4);
+            float sg = DB_EPS + fabsf(cs1 - cn1) + fabsf(c0 - cs2) + fabsf(cs1 - cs3) + fabsf(cs2 - cs4);
+            float wg = DB_EPS + fabsf(cw1 - ce1) + fabsf(c0 - cw2) + fabsf(cw1 - cw3) + fabsf(cw2 - cw4);
+            float eg = DB_EPS + fabsf(ce1 - cw1) + fabsf(c0 - ce2) + fabsf(ce1 - ce3) + fabsf(ce2 - ce4);
+            float l0 = lpf[i];
+            float ne = cn1 * rcd_ratio_run(l0, lpf[i - 2 * w]);
+            float se = cs1 * rcd_ratio_run(l0, lpf[i + 2 * w]);
+            float we = cw1 * rcd_ratio_run(l0, lpf[i - 2]);
+            float ee = ce1 * rcd_ratio_run(l0, lpf[i + 2]);
+            float v_est = (sg * ne + ng * se) / (ng + sg);
+            float h_est = (eg * we + wg * ee) / (eg + wg);
+            float d = rcd_disc_run(vhdir + i, w);
+            est[k] = d * (h_est - v_est) + v_est;
+        }
+        for (int k = 0; k < m; ++k) {  // green sites: their sample; the others: the estimate
+            const long long i = i0 + b0 + k;
+            G[i] = ((b0 + k) & 1) == odd ? est[k] : cfa[i];
+        }
+    }
+    for (int k = odd; k < len; k += 2) {  // the non-green sites' own colour, and the fallback
+        out[col * n + i0 + k] = cfa[i0 + k];
+        if (!db_finite(G[i0 + k])) G[i0 + k] = db_bilinear_at(cfa, H, W, pat, y, x0 + k, 1);
+    }
+}
+#define RCD_GREEN_RUN rcd_green_run(out, cfa, vhdir, lpf, H, W, pat, n, y, x, i, x_end - x); i += x_end - x; x = x_end
+#else
+#define RCD_GREEN_RUN
+#endif
+
 extern "C" __global__ void rcd_green_kernel(float* out, const float* cfa, const float* vhdir, const float* lpf,
                                             int H, int W, int pat) {
     long long n = (long long)H * W;
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
          i += (long long)blockDim.x * gridDim.x) {
-        DB_ITEMS(rcd_green_item(out, cfa, vhdir, lpf, H, W, pat, n, y, x, i, in));
+        DB_RUNS(rcd_green_item(out, cfa, vhdir, lpf, H, W, pat, n, y, x, i, in), RCD_GREEN_RUN);
     }
 }
 
@@ -324,11 +466,60 @@ __device__ __forceinline__ void rcd_rb_item(float* out, const float* cfa, const 
     out[c * n + i] = v;
 }
 
+#ifdef SKYSTACK_NATIVE
+// rcd_rb_item on the run of len pixels from (y, x0), item i0: the estimate computed at every
+// pixel of a block (vectorised), then kept at the non-green sites (or their fallback).
+__attribute__((noinline)) static void rcd_rb_run(float* out, const float* __restrict__ cfa, const float* __restrict__ pqdir, int H, int W,
+                       int pat, long long n, int y, int x0, long long i0, int len) {
+    bool first_green;
+    if (!db_bayer_row(pat, y, x0, &first_green)) {
+        for (int k = 0; k < len; ++k) rcd_rb_item(out, cfa, pqdir, H, W, pat, n, y, x0 + k, i0 + k, true);
+        return;
+    }
+    const long long w = W;
+    const int odd = first_green ? 1 : 0;
+    const int c = 2 - db_colour(pat, y, x0 + odd);
+    const float* __restrict__ G = out + n;
+    float* __restrict__ X = out + c * n;
+    float est[DB_BLOCK];
+    for (int b0 = 0; b0 < len; b0 += DB_BLOCK) {
+        const int m = len - b0 < DB_BLOCK ? len - b0 : DB_BLOCK;
+        for (int k = 0; k < m; ++k) {
+            const long long i = i0 + b0 + k;
+            const float* cc = cfa + i;
+            const float* g = G + i;
+            float g0 = g[0];
+            float cnw = cc[-w - 1], cne = cc[-w + 1];
+            float csw = cc[w - 1], cse = cc[w + 1];
+            float nw_g = DB_EPS + fabsf(cnw - cse) + fabsf(cnw - cc[-3 * w - 3]) + fabsf(g0 - g[-2 * w - 2]);
+            float ne_g = DB_EPS + fabsf(cne - csw) + fabsf(cne - cc[-3 * w + 3]) + fabsf(g0 - g[-2 * w + 2]);
+            float sw_g = DB_EPS + fabsf(csw - cne) + fabsf(csw - cc[3 * w - 3]) + fabsf(g0 - g[2 * w - 2]);
+            float se_g = DB_EPS + fabsf(cse - cnw) + fabsf(cse - cc[3 * w + 3]) + fabsf(g0 - g[2 * w + 2]);
+            float nw_e = cnw - g[-w - 1];
+            float ne_e = cne - g[-w + 1];
+            float sw_e = csw - g[w - 1];
+            float se_e = cse - g[w + 1];
+            float p_est = (nw_g * se_e + se_g * nw_e) / (nw_g + se_g);
+            float q_est = (ne_g * sw_e + sw_g * ne_e) / (ne_g + sw_g);
+            float d = rcd_disc_run(pqdir + i, w);
+            est[k] = g0 + (d * (q_est - p_est) + p_est);
+        }
+        for (int k = (b0 + odd) & 1; k < m; k += 2) {  // the non-green sites
+            const float v = est[k];
+            X[i0 + b0 + k] = db_finite(v) ? v : db_bilinear_at(cfa, H, W, pat, y, x0 + b0 + k, c);
+        }
+    }
+}
+#define RCD_RB_RUN rcd_rb_run(out, cfa, pqdir, H, W, pat, n, y, x, i, x_end - x); i += x_end - x; x = x_end
+#else
+#define RCD_RB_RUN
+#endif
+
 extern "C" __global__ void rcd_rb_kernel(float* out, const float* cfa, const float* pqdir, int H, int W, int pat) {
     long long n = (long long)H * W;
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
          i += (long long)blockDim.x * gridDim.x) {
-        DB_ITEMS(rcd_rb_item(out, cfa, pqdir, H, W, pat, n, y, x, i, in));
+        DB_RUNS(rcd_rb_item(out, cfa, pqdir, H, W, pat, n, y, x, i, in), RCD_RB_RUN);
     }
 }
 
@@ -364,10 +555,64 @@ __device__ __forceinline__ void rcd_rbg_item(float* out, const float* cfa, const
     }
 }
 
+#ifdef SKYSTACK_NATIVE
+// rcd_rbg_item on the run of len pixels from (y, x0), item i0: both estimates computed at every
+// pixel of a block (vectorised, into buffers: they read the planes they are written to), then
+// kept at the green sites (or their fallback).
+__attribute__((noinline)) static void rcd_rbg_run(float* out, const float* __restrict__ cfa, const float* __restrict__ vhdir, int H, int W,
+                        int pat, long long n, int y, int x0, long long i0, int len) {
+    bool first_green;
+    if (!db_bayer_row(pat, y, x0, &first_green)) {
+        for (int k = 0; k < len; ++k) rcd_rbg_item(out, cfa, vhdir, H, W, pat, n, y, x0 + k, i0 + k, true);
+        return;
+    }
+    const long long w = W;
+    const int even = first_green ? 0 : 1;  // parity of k at the green sites
+    const float* G = out + n;
+    float est[2][DB_BLOCK];
+    for (int b0 = 0; b0 < len; b0 += DB_BLOCK) {
+        const int m = len - b0 < DB_BLOCK ? len - b0 : DB_BLOCK;
+        for (int ch = 0; ch < 2; ++ch) {
+            const float* X = out + 2 * ch * n;
+            float* __restrict__ e = est[ch];
+            for (int k = 0; k < m; ++k) {
+                const long long i = i0 + b0 + k;
+                const float* g = G + i;
+                const float* xx = X + i;
+                float g0 = g[0];
+                float d = rcd_disc_run(vhdir + i, w);
+                float xn1 = xx[-w], xs1 = xx[w];
+                float xw1 = xx[-1], xe1 = xx[1];
+                float ng = DB_EPS + fabsf(g0 - g[-2 * w]) + fabsf(xn1 - xs1) + fabsf(xn1 - xx[-3 * w]);
+                float sg = DB_EPS + fabsf(g0 - g[2 * w]) + fabsf(xs1 - xn1) + fabsf(xs1 - xx[3 * w]);
+                float wg = DB_EPS + fabsf(g0 - g[-2]) + fabsf(xw1 - xe1) + fabsf(xw1 - xx[-3]);
+                float eg = DB_EPS + fabsf(g0 - g[2]) + fabsf(xe1 - xw1) + fabsf(xe1 - xx[3]);
+                float ne = xn1 - g[-w];
+                float se = xs1 - g[w];
+                float we = xw1 - g[-1];
+                float ee = xe1 - g[1];
+                float v_est = (ng * se + sg * ne) / (ng + sg);
+                float h_est = (eg * we + wg * ee) / (eg + wg);
+                e[k] = g0 + (d * (h_est - v_est) + v_est);
+            }
+        }
+        for (int k = (b0 + even) & 1; k < m; k += 2) {  // the green sites
+            for (int ch = 0; ch < 2; ++ch) {
+                const float v = est[ch][k];
+                out[2 * ch * n + i0 + b0 + k] = db_finite(v) ? v : db_bilinear_at(cfa, H, W, pat, y, x0 + b0 + k, 2 * ch);
+            }
+        }
+    }
+}
+#define RCD_RBG_RUN rcd_rbg_run(out, cfa, vhdir, H, W, pat, n, y, x, i, x_end - x); i += x_end - x; x = x_end
+#else
+#define RCD_RBG_RUN
+#endif
+
 extern "C" __global__ void rcd_rbg_kernel(float* out, const float* cfa, const float* vhdir, int H, int W, int pat) {
     long long n = (long long)H * W;
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
          i += (long long)blockDim.x * gridDim.x) {
-        DB_ITEMS(rcd_rbg_item(out, cfa, vhdir, H, W, pat, n, y, x, i, in));
+        DB_RUNS(rcd_rbg_item(out, cfa, vhdir, H, W, pat, n, y, x, i, in), RCD_RBG_RUN);
     }
 }

@@ -61,10 +61,13 @@ CXX_FLAGS: tuple[str, ...] = ("-O2", "-std=c++17", "-ffp-contract=off", "-fPIC",
                               "-fno-strict-aliasing")
 #: g++ flags of the native CPU backend (:mod:`skystack.kernels.native`): the same IEEE
 #: float rules (no contraction, no fast-math), -O3, blocks over the cores, real atomics;
-#: no ``errno`` from math functions (the same results, and ``sqrtf`` in a loop can vectorise).
+#: no ``errno`` from math functions (the same results, and ``sqrtf`` in a loop can vectorise);
+#: no floating-point traps (the same values: only the exception flags, which nothing reads, may
+#: differ; a comparison may then run where the source skips it, so a loop of selects on compared
+#: values, like RCD's clamped ratios, can vectorise).
 NATIVE_CXX_FLAGS: tuple[str, ...] = ("-O3", "-std=c++17", "-ffp-contract=off", "-fPIC", "-shared",
                                      "-fno-strict-aliasing", "-fno-semantic-interposition", "-fno-math-errno",
-                                     "-fopenmp", "-DSKYSTACK_NATIVE=1")
+                                     "-fno-trapping-math", "-fopenmp", "-DSKYSTACK_NATIVE=1")
 SHIM = KERNEL_DIR / "cuda_shim.h"
 _LAUNCHER_VERSION = "8"  # bump when the generated wrapper changes
 _build_lock = threading.Lock()

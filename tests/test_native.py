@@ -18,6 +18,7 @@ from skystack.engine import warp as warp_mod
 from skystack.engine.backend import BLOCK
 from skystack.engine.combine import METHODS, combine, max_frames_define
 from skystack.kernels.native import available, host_isa, native
+from skystack.kernels.native import threads as threads_default
 
 pytestmark = pytest.mark.skipif(not available(), reason="g++ is not on PATH")
 
@@ -201,6 +202,32 @@ def test_rcd_on_the_host_band_by_band_gives_the_whole_frames_bits(rng, pattern, 
     banded = debayer_mod._rcd_bands(mod.launch, cfa, code, band_rows=rows)
     np.testing.assert_array_equal(banded, whole)
     np.testing.assert_allclose(banded, debayer_mod._rcd_numpy(cfa, code), rtol=1e-5, atol=1e-3, equal_nan=True)
+
+
+@pytest.mark.parametrize("isa", ["avx2", "baseline"])
+@pytest.mark.parametrize("pattern", ["RGGB", "GRBG", "GBRG", "BGGR"])
+def test_native_rcd_runs_give_the_emulators_bits(rng, isa, pattern):
+    """Native builds compute RCD's steps over each row's interior run in vectorised loops (every
+    pixel's estimate into a buffer, then kept at its sites; the ratios' division made whether kept
+    or not): the emulator's bits, which run the item functions one pixel at a time, across
+    frames narrower than a run, runs longer than a buffer (256), chunks of the launch that end
+    inside rows, holes (the bilinear fallback) and sharp peaks (clamped ratios)."""
+    from skystack.kernels.emulate import emulated
+
+    code = debayer_mod.pattern_code(pattern)
+    for h, w in ((37, 8), (40, 9), (61, 300), (23, 613)):
+        cfa = rng.gamma(2.0, 300.0, size=(h, w)).astype(np.float32)
+        cfa[rng.random(cfa.shape) < 0.01] = np.nan
+        cfa[rng.integers(0, h, 30), rng.integers(0, w, 30)] += 20000.0
+        cfa[h // 3:h // 3 + 5, w // 2:w // 2 + 3] = -900.0  # dark patches: ratios clamped to 0 and 2
+        cfa[h // 2:h // 2 + 2, 1:5] = -400.0
+        want = debayer_mod._rcd_launch(emulated(debayer_mod._SRC).launch, np, cfa, code)
+        mod = native(debayer_mod._SRC, isa=isa)
+        for threads in (1, 3):
+            mod.set_threads(threads)
+            got = debayer_mod._rcd_launch(mod.launch, np, cfa, code)
+            np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32))
+        mod.set_threads(threads_default())
 
 
 @pytest.mark.parametrize("method", ["rcd", "bilinear"])
