@@ -30,7 +30,7 @@ from skystack.engine.crop import apply_box, max_rectangle
 from skystack.engine.errors import SkystackError
 from skystack.engine.pipeline import Reporter, SessionContext, _Progress, compute_threads, run_stages
 from skystack.engine.session import SessionFiles, discover_session
-from skystack.engine.workers import run_parallel
+from skystack.engine.workers import read_ahead, run_parallel
 
 #: Bytes per stored pixel per frame per channel of working space the combine
 #: step needs, as a multiple of the tile itself (NumPy twin's temporaries).
@@ -417,9 +417,8 @@ def _combine_store(store, used: list[int], nscale, noffset, weights, config: Sta
     """
     c, h, w = store.shape
     h0 = first_row
-    # A tile row costs the block itself (C planes) plus, per channel in flight, a
-    # contiguous copy and the combine's bounded temporaries.
-    per_row = len(used) * w * 4 * _COMBINE_WORKSPACE
+    ahead = not store.on_device  # a host store's next block is read during the combine
+    per_row = _tile_row_bytes(store, len(used))
     if budget is None:
         budget = be.memory_budget(config.memory_limit)
     # The block is read into host memory (and, on a GPU, copied up): it must fit
@@ -428,13 +427,21 @@ def _combine_store(store, used: list[int], nscale, noffset, weights, config: Sta
     rows = int(max(1, min(h, min(budget, host_budget) // max(per_row, 1))))
     tiles = _TileCombiner(store.shape, h0, used, nscale, noffset, weights, config, be)
     step = progress.stepper("combine", -(-(h - h0) // rows)) if progress is not None else (lambda: None)
-    for y0 in range(h0, h, rows):
-        y1 = min(h, y0 + rows)
-        block = store.tile(used, y0, y1)  # (N, C, rows, W)
+    spans = [(y0, min(h, y0 + rows)) for y0 in range(h0, h, rows)]
+    read = lambda span: store.tile(used, *span)  # noqa: E731 - (N, C, rows, W)
+    blocks = read_ahead(read, spans) if ahead else ((s, read(s)) for s in spans)
+    for (y0, _), block in blocks:
         tiles.add(block, y0 - h0)
         step()
-        del block  # the tile is freed before the next is read
+        del block  # freed before the one after the next is read
     return tiles.image, tiles.count, tiles.coverage, tiles.rejected
+
+
+def _tile_row_bytes(store, n: int) -> int:
+    """Bytes a tile row of ``n`` frames of ``store`` costs the combine: the block itself (C planes)
+    plus, per channel in flight, a contiguous copy and the combine's bounded temporaries; with a host
+    store one block more, the next one, read meanwhile (:func:`~skystack.engine.workers.read_ahead`)."""
+    return n * store.shape[2] * 4 * (_COMBINE_WORKSPACE + (0 if store.on_device else 1))
 
 
 class _TileCombiner:

@@ -76,14 +76,14 @@ def test_combine_tile_fits_the_host_budget_too(backend, monkeypatch):
 
     from skystack.engine import stack as stack_mod
     from skystack.engine.framestore import FrameStore
-    from skystack.engine.stack import _COMBINE_WORKSPACE, _combine_store
+    from skystack.engine.stack import _combine_store, _tile_row_bytes
 
     n, c, h, w = 7, 3, 40, 24
     rng = np.random.default_rng(3)
     store = FrameStore(n, (c, h, w))
     for i in range(n):
         store.put(i, rng.normal(1.0, 0.1, (c, h, w)).astype(np.float32))
-    per_row = n * w * 4 * _COMBINE_WORKSPACE
+    per_row = _tile_row_bytes(store, n)
     host_free = 2 * 5 * per_row  # the host budget (half the free RAM) fits 5 rows
     blocks = []
     real_tile = FrameStore.tile
