@@ -73,6 +73,7 @@ import numpy as np
 from skystack.engine.backend import array_module, to_host
 from skystack.engine.centroid import window_measure
 from skystack.engine.psf import fit_psf
+from skystack.engine.robust import median
 
 #: 2 * sqrt(2 ln 2): FWHM of a Gaussian of unit sigma.
 GAUSS_FWHM = 2.0 * math.sqrt(2.0 * math.log(2.0))
@@ -396,7 +397,7 @@ def detect_stars(image: np.ndarray, *, pattern: str | None = None,
     if bad.all():
         return _empty(shape, binning)
     if bad.any():
-        lum[bad] = np.float32(np.median(lum[~bad]))
+        lum[bad] = np.float32(median(lum[~bad]))
     objs, background, noise = _sep_sources(lum, bad, cfg)
     if objs is None:
         return _empty(shape, binning, background, noise)

@@ -39,7 +39,7 @@ from typing import Any
 
 import numpy as np
 
-from skystack.engine.robust import MAD_TO_SIGMA, clipped_mad_sigma, nan_max, nanmedian_last
+from skystack.engine.robust import MAD_TO_SIGMA, clipped_mad_sigma, median, nan_max, nanmedian_last
 
 NORMALIZATIONS = ("none", "additive", "multiplicative", "additive+scale")
 WEIGHTINGS = ("none", "noise", "psf", "stars")
@@ -158,7 +158,7 @@ def robust_stats(image: Any, *, sample: int = 200_000, scale_sample: int | None 
         step = max(1, plane.size // sample)
         flat = plane.ravel()[::step]
         flat = flat[xp.isfinite(flat)]
-        locs.append(float(xp.median(flat)) if flat.size else np.nan)
+        locs.append(median(flat, xp=xp) if flat.size else np.nan)
         # Sub-sample rows (or rows and columns, for a scale_sample) so that large frames stay cheap.
         if scale_sample is None:
             sub = plane[::step]

@@ -19,11 +19,30 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["MAD_TO_SIGMA", "nan_max", "mad_sigma", "median_sigma", "finite_median_sigma", "clipped_mad_sigma",
+__all__ = ["MAD_TO_SIGMA", "median", "nan_max", "mad_sigma", "median_sigma", "finite_median_sigma", "clipped_mad_sigma",
            "sigma_clipped_stats", "sigma_clipped_rows", "nanmedian_last"]
 
 #: ``1 / Phi^-1(3/4)``: a normal distribution's MAD times this is its standard deviation.
 MAD_TO_SIGMA = 1.4826
+
+
+def median(values: Any, *, xp: Any = np) -> float:
+    """``float(xp.median(values))``: on the host with one partition of a copy (NumPy partitions at the
+    two middle ranks and the last, ~1.6x the time), the same number (NaN when there is one).
+    """
+    if xp is not np:
+        return float(xp.median(values))
+    v = np.asarray(values).ravel()
+    n = v.size
+    if n < 2 or v.dtype.kind != "f":
+        return float(np.median(v))
+    m = n // 2
+    p = np.partition(v, m)  # NaN sorts last: there is one iff the upper part has one
+    if np.isnan(p[m:]).any():
+        return float("nan")
+    if n % 2:
+        return float(p[m])
+    return float(np.mean(np.array([p[:m].max(), p[m]], dtype=p.dtype)))  # np.median's mean of the two
 
 
 def mad_sigma(values: Any, *, med: float | None = None, xp: Any = np) -> float:
@@ -39,13 +58,13 @@ def mad_sigma(values: Any, *, med: float | None = None, xp: Any = np) -> float:
         The array module of ``values``.
     """
     if med is None:
-        med = float(xp.median(values))
-    return MAD_TO_SIGMA * float(xp.median(xp.abs(values - med)))
+        med = median(values, xp=xp)
+    return MAD_TO_SIGMA * median(xp.abs(values - med), xp=xp)
 
 
 def median_sigma(values: Any, *, xp: Any = np) -> tuple[float, float]:
     """``(median, mad_sigma)`` of ``values`` (see :func:`mad_sigma`)."""
-    med = float(xp.median(values))
+    med = median(values, xp=xp)
     return med, mad_sigma(values, med=med, xp=xp)
 
 

@@ -376,3 +376,25 @@ def test_moving_median_equals_scipys_median_filter(rng, size, shape):
     assert np.array_equal(moving_median(img, size), median_filter(img, size=size, mode="nearest"))
     with pytest.raises(ValueError):
         moving_median(img, 4)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_median_gives_numpys_median(rng, dtype):
+    """``robust.median`` (one partition) is ``float(np.median(v))``, bit for bit: odd and even sizes
+    (the mean of the two middle values in the array's type), ties, NaN anywhere, tiny arrays."""
+    from skystack.engine.robust import median
+
+    cases = [rng.normal(0.05, 0.01, n).astype(dtype) for n in (1, 2, 3, 4, 1001, 240_000, 240_001)]
+    cases.append(np.round(rng.normal(0, 3, 10_000)).astype(dtype))  # many ties
+    cases.append(np.array([np.float32(0.1), np.float32(0.3)], dtype=dtype))  # a mean that rounds
+    for v in cases:
+        got, want = median(v), float(np.median(v))
+        assert np.array_equal(np.float64(got), np.float64(want)), (v.size, got, want)
+        w = v.copy()
+        w[rng.integers(0, v.size)] = np.nan
+        assert np.isnan(median(w)) and np.isnan(np.median(w))
+    v = rng.normal(size=(30, 41)).astype(dtype)  # not flat
+    assert median(v) == float(np.median(v))
+    big = rng.normal(size=50_001).astype(dtype)
+    big[:30_000] = np.nan  # more than half NaN
+    assert np.isnan(median(big))
