@@ -46,7 +46,8 @@ from typing import Any
 import numpy as np
 
 from skystack.engine.backend import Backend, array_module, is_device_array, launch, run_cpu, to_host
-from skystack.engine.cosmetic import CosmeticConfig, DefectMap, _correct_defects_numpy, find_defects_from_dark
+from skystack.engine.cosmetic import (CosmeticConfig, DarkOutliers, DefectMap, _correct_defects_numpy, dark_outliers,
+                                     find_defects_from_dark)
 from skystack.engine.debayer import pattern_code
 from skystack.engine.errors import CalibrationError
 from skystack.engine.frame import FrameMeta
@@ -463,13 +464,14 @@ def _calibrate_numpy(light: np.ndarray, bias: np.ndarray | None, dark: np.ndarra
 
 def make_calibration_set(*, bias: Master | None = None, dark: Master | None = None, flat: Master | None = None,
                          dark_flat: Master | None = None, defects: DefectMap | None = None,
-                         cosmetic: CosmeticConfig | None = CosmeticConfig()) -> CalibrationSet:
+                         cosmetic: CosmeticConfig | None = CosmeticConfig(),
+                         dark_outliers: DarkOutliers | None = None) -> CalibrationSet:
     """Assemble a :class:`CalibrationSet` from masters.
 
     A dark that still holds the bias (built without one) is made thermal
     (``D - B``) when a bias is given. Without ``defects`` and with a dark and
-    ``cosmetic`` settings, the defect map is found in the dark (hot and cold)
-    and the flat (dead pixels).
+    ``cosmetic`` settings, the defect map is found in the dark (hot and cold:
+    ``dark_outliers`` when already found in that thermal dark) and the flat (dead pixels).
     """
     for a, b in ((bias, dark), (bias, flat), (dark, flat)):
         if a is not None and b is not None and (
@@ -479,13 +481,29 @@ def make_calibration_set(*, bias: Master | None = None, dark: Master | None = No
                 f"master {a.kind} ({a.meta.path or 'built'}) is {a.meta.describe()} but master {b.kind} "
                 f"({b.meta.path or 'built'}) is {b.meta.describe()}; use calibration frames of one camera mode"
             )
-    if dark is not None and bias is not None and not dark.meta.bias_subtracted:
-        thermal = np.asarray(dark.data, dtype=np.float32) - np.asarray(bias.data, dtype=np.float32)
-        dark = dataclasses.replace(dark, data=thermal, meta=dataclasses.replace(dark.meta, bias_subtracted=True))
+    dark = _thermal(dark, bias)
     if defects is None and dark is not None and cosmetic is not None and len(dark.meta.shape) == 2:
         defects = find_defects_from_dark(dark.data, pattern=dark.meta.pattern,
-                                         flat=None if flat is None else flat.data, config=cosmetic)
+                                         flat=None if flat is None else flat.data, config=cosmetic,
+                                         outliers=dark_outliers)
     return CalibrationSet(bias=bias, dark=dark, flat=flat, dark_flat=dark_flat, defects=defects)
+
+
+def _thermal(dark: Master | None, bias: Master | None) -> Master | None:
+    """``dark`` without the bias (``D - B``) when it still holds it and a bias is given."""
+    if dark is None or bias is None or dark.meta.bias_subtracted:
+        return dark
+    thermal = np.asarray(dark.data, dtype=np.float32) - np.asarray(bias.data, dtype=np.float32)
+    return dataclasses.replace(dark, data=thermal, meta=dataclasses.replace(dark.meta, bias_subtracted=True))
+
+
+def _dark_outliers(fd: Any, fb: Any, cosmetic: CosmeticConfig | None) -> DarkOutliers | None:
+    """:func:`~skystack.engine.cosmetic.dark_outliers` of the thermal dark of the futures ``fd``
+    (dark) and ``fb`` (bias), or None when make_calibration_set will not look for defects."""
+    dark = _thermal(fd.result(), fb.result())
+    if dark is None or cosmetic is None or len(dark.meta.shape) != 2:
+        return None
+    return dark_outliers(dark.data, pattern=dark.meta.pattern, config=cosmetic)
 
 
 def build_calibration_set(*, bias: Any = None, darks: Any = None, flats: Any = None, dark_flats: Any = None,
@@ -526,17 +544,19 @@ def build_calibration_set(*, bias: Any = None, darks: Any = None, flats: Any = N
             return None
         return load_or_build_master(kind, v, **{k: f.result() for k, f in deps.items()}, **kw)
 
-    # in dependency order; with 2 workers the bias and the dark-flat, then the dark and the flat, run side by side
+    # in dependency order; with 2 workers the bias and the dark-flat, then the dark and the flat, run side by
+    # side, and the dark's hot and cold pixels are found while the flat is still being built
     with ThreadPoolExecutor(max_workers=master_config.workers, thread_name_prefix="skystack-master") as pool:
         fb = pool.submit(build, "bias", bias)
         fdf = pool.submit(build, "dark-flat", dark_flats)
         fd = pool.submit(build, "dark", darks, bias=fb)
         ff = pool.submit(build, "flat", flats, bias=fb, dark_flat=fdf)
-        mb, mdf, md, mf = fb.result(), fdf.result(), fd.result(), ff.result()
+        fo = pool.submit(_dark_outliers, fd, fb, cosmetic)
+        mb, mdf, md, mf, outliers = fb.result(), fdf.result(), fd.result(), ff.result(), fo.result()
     for m in (mb, mdf, md, mf):
         if m is not None:
             skipped.extend(f"{m.kind} {s}" for s in m.meta.skipped)
-    cset = make_calibration_set(bias=mb, dark=md, flat=mf, dark_flat=mdf, cosmetic=cosmetic)
+    cset = make_calibration_set(bias=mb, dark=md, flat=mf, dark_flat=mdf, cosmetic=cosmetic, dark_outliers=outliers)
     return dataclasses.replace(cset, skipped=tuple(skipped))
 
 

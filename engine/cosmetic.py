@@ -326,8 +326,29 @@ def _adjacent_mean(a: np.ndarray, ys: np.ndarray, xs: np.ndarray) -> np.ndarray:
         return np.where(cnt > 0, acc / np.maximum(cnt, 1), 0.0)
 
 
+@dataclass(frozen=True, kw_only=True)
+class DarkOutliers:
+    """The hot and cold pixels of a master dark and their scores (:func:`dark_outliers`), before a
+    flat's dead pixels join them and the cap applies (:func:`find_defects_from_dark`)."""
+
+    hot: np.ndarray
+    cold: np.ndarray
+    score: np.ndarray
+
+
+def dark_outliers(dark: Any, *, pattern: str | None, config: CosmeticConfig = CosmeticConfig()) -> DarkOutliers:
+    """The dark's part of :func:`find_defects_from_dark` (the costly part: it may run while the
+    flat is still being built)."""
+    d = to_host(dark).astype(np.float32, copy=False)
+    if d.ndim != 2:
+        raise SkystackError(f"defect detection needs an (H, W) master dark, got shape {d.shape}")
+    hot, cold, score = _local_outliers(d, _code(pattern), config.hot_sigma, config.cold_sigma, global_candidates=True)
+    return DarkOutliers(hot=hot, cold=cold, score=score)
+
+
 def find_defects_from_dark(dark: Any, *, pattern: str | None, flat: Any | None = None,
-                           config: CosmeticConfig = CosmeticConfig()) -> DefectMap:
+                           config: CosmeticConfig = CosmeticConfig(),
+                           outliers: DarkOutliers | None = None) -> DefectMap:
     """Hot and cold pixels of a master dark (and dead pixels of a master flat).
 
     A pixel is hot (cold) when it exceeds (falls below) the median of its
@@ -347,21 +368,22 @@ def find_defects_from_dark(dark: Any, *, pattern: str | None, flat: Any | None =
         Master flat.
     config : CosmeticConfig
         Thresholds.
+    outliers : DarkOutliers, optional
+        :func:`dark_outliers` of this dark, pattern and config, when already found.
 
     Returns
     -------
     DefectMap
         ``source="dark"``.
     """
-    d = to_host(dark).astype(np.float32, copy=False)
-    if d.ndim != 2:
-        raise SkystackError(f"defect detection needs an (H, W) master dark, got shape {d.shape}")
+    found = outliers if outliers is not None else dark_outliers(dark, pattern=pattern, config=config)
+    d_shape = np.shape(found.hot)
     code = _code(pattern)
-    hot, cold, score = _local_outliers(d, code, config.hot_sigma, config.cold_sigma, global_candidates=True)
+    hot, cold, score = found.hot, found.cold.copy(), found.score
     if flat is not None:
         f = to_host(flat).astype(np.float32, copy=False)
-        if f.shape != d.shape:
-            raise SkystackError(f"master flat {f.shape} and master dark {d.shape} differ in size; "
+        if f.shape != d_shape:
+            raise SkystackError(f"master flat {f.shape} and master dark {d_shape} differ in size; "
                                 "use calibration frames of one camera mode")
         dead = _dead_in_flat(f, code, config.cold_flat_fraction)
         cold |= dead

@@ -203,6 +203,12 @@ def test_dead_pixels_from_flat(rng):
     flat[33, 44] *= 0.1
     flat[100, 3] = 0.0
     dm = find_defects_from_dark(dark, pattern="BGGR", flat=flat)
+    found = cos.dark_outliers(dark, pattern="BGGR")  # found beforehand (while the flat is built)
+    cold_before = found.cold.copy()
+    again = find_defects_from_dark(dark, pattern="BGGR", flat=flat, outliers=found)
+    np.testing.assert_array_equal(again.hot, dm.hot)
+    np.testing.assert_array_equal(again.cold, dm.cold)
+    np.testing.assert_array_equal(found.cold, cold_before)  # the flat's dead pixels join a copy
     assert dm.cold[33, 44] and dm.cold[100, 3]
     assert not dm.cold[60:70, 60:70].any()
     assert {tuple(p) for p in np.argwhere(dm.cold)} == set(cold) | {(33, 44), (100, 3)}

@@ -277,8 +277,9 @@ def test_band_size_and_spill_do_not_change_result(session, built, monkeypatch):
 
 
 def test_masters_built_side_by_side_equal_those_built_in_turn(session, tmp_path):
-    """build_calibration_set with 2 workers (the default) gives the bits of a one-at-a-time build."""
-    from skystack.engine.calibrate import build_calibration_set
+    """build_calibration_set with 2 workers (the default) gives the bits of a one-at-a-time build, and
+    the defect map of the masters assembled afterwards."""
+    from skystack.engine.calibrate import build_calibration_set, make_calibration_set
 
     kw = dict(bias=_files(session, "bias"), darks=_files(session, "dark"), flats=_files(session, "flat"),
               dark_flats=_files(session, "dark_flat"), use_cache=False)
@@ -287,6 +288,12 @@ def test_masters_built_side_by_side_equal_those_built_in_turn(session, tmp_path)
     assert MasterConfig().workers == 2
     for kind in ("bias", "dark", "flat", "dark-flat"):
         np.testing.assert_array_equal(two.masters[kind].data, one.masters[kind].data)
+    # the dark's hot and cold pixels, found in the pool while the flat is built: the map found at the end
+    ref = make_calibration_set(bias=one.masters["bias"], dark=one.masters["dark"], flat=one.masters["flat"])
+    assert ref.defects.count > 0
+    for cset in (two, one):
+        np.testing.assert_array_equal(cset.defects.hot, ref.defects.hot)
+        np.testing.assert_array_equal(cset.defects.cold, ref.defects.cold)
     with pytest.raises(SkystackError, match="workers"):
         MasterConfig(workers=0)
 
