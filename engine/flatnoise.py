@@ -42,6 +42,7 @@ from typing import Any
 import numpy as np
 
 from skystack.engine.robust import mad_sigma
+from skystack.engine.workers import map_threads
 
 #: Side (in pixels of one colour plane) of the neighbourhood of the local plane ``S``.
 WINDOW = 5
@@ -241,27 +242,36 @@ def shrink_flat_noise(flat: np.ndarray, stats: FlatNoiseStats) -> tuple[np.ndarr
     rel_var = stats.master_rel_var()
     if not all(math.isfinite(v) and v > 0 for v in rel_var):
         return flat, None
+    planes = list(zip(_planes(flat.shape, stats.cfa), rel_var))
+    done = map_threads(lambda p: _shrink_plane(flat[p[0]], p[1]), planes)  # independent planes, side by side
+    if any(d is None for d in done):
+        return flat, None
     out = np.array(flat, dtype=np.float32, copy=True)
-    noise, prnu, resid = [], [], []
-    for idx, v0 in zip(_planes(flat.shape, stats.cfa), rel_var):
-        f = np.asarray(flat[idx], dtype=np.float64)
-        good = np.isfinite(f) & (f > 0)
-        if good.mean() < 0.5 or min(f.shape) < 2 * WINDOW:
-            return flat, None
-        fill = np.where(good, f, np.median(f[good]))
-        s = local_plane(f, good, WINDOW)
-        s = np.where(s > 0, s, fill)
-        h = np.where(good, fill / s - 1.0, 0.0)
-        hv = h[good]
-        var_h = mad_sigma(hv) ** 2 / (1.0 - 1.0 / WINDOW ** 2)
-        v = v0 / np.clip(fill, 0.05, None)  # Poisson: relative variance scales as 1 / level
-        sp2 = max(0.0, var_h - float(np.mean(v[good])))
-        k = sp2 / (sp2 + v)
-        z = np.abs(h) / math.sqrt(var_h) if var_h > 0 else np.zeros_like(h)
-        keep = np.clip((z - KEEP_FROM_SIGMA) / (KEEP_ABOVE_SIGMA - KEEP_FROM_SIGMA), 0.0, 1.0)
-        k = k + (1.0 - k) * keep
-        out[idx] = np.where(good, s * (1.0 + k * h), f).astype(np.float32)
-        noise.append(math.sqrt(v0))
-        prnu.append(math.sqrt(sp2))
-        resid.append(math.sqrt(sp2 * v0 / (sp2 + v0)) if sp2 + v0 > 0 else 0.0)
-    return out, FlatShrinkage(noise=tuple(noise), prnu=tuple(prnu), residual=tuple(resid))
+    for (idx, _), (shrunk, _) in zip(planes, done):
+        out[idx] = shrunk
+    noise, prnu, resid = (tuple(d[1][k] for d in done) for k in range(3))
+    return out, FlatShrinkage(noise=noise, prnu=prnu, residual=resid)
+
+
+def _shrink_plane(plane: np.ndarray, v0: float) -> tuple[np.ndarray, tuple[float, float, float]] | None:
+    """One independent plane of :func:`shrink_flat_noise` with its flats' relative variance ``v0``:
+    the shrunk plane (float32) and its (noise, PRNU, residual), or None when it cannot be measured."""
+    f = np.asarray(plane, dtype=np.float64)
+    good = np.isfinite(f) & (f > 0)
+    if good.mean() < 0.5 or min(f.shape) < 2 * WINDOW:
+        return None
+    fill = np.where(good, f, np.median(f[good]))
+    s = local_plane(f, good, WINDOW)
+    s = np.where(s > 0, s, fill)
+    h = np.where(good, fill / s - 1.0, 0.0)
+    hv = h[good]
+    var_h = mad_sigma(hv) ** 2 / (1.0 - 1.0 / WINDOW ** 2)
+    v = v0 / np.clip(fill, 0.05, None)  # Poisson: relative variance scales as 1 / level
+    sp2 = max(0.0, var_h - float(np.mean(v[good])))
+    k = sp2 / (sp2 + v)
+    z = np.abs(h) / math.sqrt(var_h) if var_h > 0 else np.zeros_like(h)
+    keep = np.clip((z - KEEP_FROM_SIGMA) / (KEEP_ABOVE_SIGMA - KEEP_FROM_SIGMA), 0.0, 1.0)
+    k = k + (1.0 - k) * keep
+    shrunk = np.where(good, s * (1.0 + k * h), f).astype(np.float32)
+    resid = math.sqrt(sp2 * v0 / (sp2 + v0)) if sp2 + v0 > 0 else 0.0
+    return shrunk, (math.sqrt(v0), math.sqrt(sp2), resid)
