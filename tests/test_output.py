@@ -74,6 +74,29 @@ def test_preview_png_and_jpeg(tmp_path):
         assert abs(int(arr[..., 1].mean()) - 128) <= 2
 
 
+def test_preview_png_keeps_every_pixel_at_the_size_of_pillows_default(tmp_path, rng):
+    """The preview PNG (zlib's run-length strategy, output.PNG_OPTIONS) decodes to the 8-bit preview's
+    pixels exactly, and on a noisy stretched sky with stars and a gradient its file is no larger than
+    Pillow's default encoding (+2 %)."""
+    import io
+
+    from PIL import Image
+
+    from skystack.engine.stretch import to_8bit
+
+    yy, xx = np.mgrid[0:300, 0:400]
+    sky = 0.2 + 0.1 * yy / 300 + rng.normal(0, 0.03, (3, 300, 400))
+    sky[:, rng.integers(0, 300, 40), rng.integers(0, 400, 40)] = 1.0
+    stretched = np.clip(sky, 0, 1).astype(np.float32)
+    p = write_preview(tmp_path / "p.png", stretched)
+    want = to_8bit(stretched)
+    with Image.open(p) as im:
+        np.testing.assert_array_equal(np.asarray(im), want)
+    buf = io.BytesIO()
+    Image.fromarray(want).save(buf, format="PNG")
+    assert p.stat().st_size <= 1.02 * len(buf.getvalue())
+
+
 def test_json_numpy_values(tmp_path):
     import json
 
