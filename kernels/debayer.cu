@@ -205,8 +205,9 @@ static inline float rcd_hpf2_run(const float* __restrict__ c, long long s) {
 }
 
 // rcd_hpf_item on the run of len pixels from item i0 (all at least 4 from every edge).
-__attribute__((noinline)) static void rcd_hpf_run(float* __restrict__ hv, float* __restrict__ hh, float* __restrict__ hp,
-                        float* __restrict__ hq, const float* __restrict__ cfa, int W, long long i0, int len) {
+__attribute__((noinline)) static void rcd_hpf_run(float* __restrict__ hv, float* __restrict__ hh,
+                                                  float* __restrict__ hp, float* __restrict__ hq,
+                                                  const float* __restrict__ cfa, int W, long long i0, int len) {
     const long long w = W;
     for (int k = 0; k < len; ++k) {
         const float* c = cfa + i0 + k;
@@ -250,9 +251,11 @@ __device__ __forceinline__ void rcd_dir_item(float* vhdir, float* pqdir, float* 
 
 #ifdef SKYSTACK_NATIVE
 // rcd_dir_item on the run of len pixels from item i0.
-__attribute__((noinline)) static void rcd_dir_run(float* __restrict__ vhdir, float* __restrict__ pqdir, float* __restrict__ lpf,
-                        const float* __restrict__ hv, const float* __restrict__ hh, const float* __restrict__ hp,
-                        const float* __restrict__ hq, const float* __restrict__ cfa, int W, long long i0, int len) {
+__attribute__((noinline)) static void rcd_dir_run(float* __restrict__ vhdir, float* __restrict__ pqdir,
+                                                  float* __restrict__ lpf, const float* __restrict__ hv,
+                                                  const float* __restrict__ hh, const float* __restrict__ hp,
+                                                  const float* __restrict__ hq, const float* __restrict__ cfa, int W,
+                                                  long long i0, int len) {
     const long long w = W;
     for (int k = 0; k < len; ++k) {
         const long long i = i0 + k;
@@ -366,6 +369,17 @@ static inline bool db_bayer_row(int pat, int y, int x, bool* first_green) {
     return g0 != g1;
 }
 
+// The start of a run function (row y, columns x0 .. x0 + len - 1, from item i0): declares
+// first_green (whether column x0 is green) where row y alternates green and another colour; on
+// any other row it runs the item function ITEM (of k, the pixel's place in the run) on each
+// pixel and returns.
+#define DB_RUN_START(ITEM)                                   \
+    bool first_green;                                        \
+    if (!db_bayer_row(pat, y, x0, &first_green)) {           \
+        for (int k = 0; k < len; ++k) ITEM;                  \
+        return;                                              \
+    }
+
 // rcd_green_item on the run of len pixels from (y, x0), item i0: the estimate computed at every
 // pixel (vectorised; the green sites keep their sample), then the other colour's own plane and
 // the fallback of a non-finite estimate at the non-green sites.
@@ -373,11 +387,7 @@ __attribute__((noinline)) static void rcd_green_run(float* out, const float* __r
                                                     const float* __restrict__ vhdir, const float* __restrict__ lpf,
                                                     int H, int W, int pat, long long n, int y, int x0, long long i0,
                                                     int len) {
-    bool first_green;
-    if (!db_bayer_row(pat, y, x0, &first_green)) {
-        for (int k = 0; k < len; ++k) rcd_green_item(out, cfa, vhdir, lpf, H, W, pat, n, y, x0 + k, i0 + k, true);
-        return;
-    }
+    DB_RUN_START(rcd_green_item(out, cfa, vhdir, lpf, H, W, pat, n, y, x0 + k, i0 + k, true));
     const long long w = W;
     const int odd = first_green ? 1 : 0;  // parity of k at the non-green sites
     const int col = db_colour(pat, y, x0 + odd);
@@ -469,13 +479,10 @@ __device__ __forceinline__ void rcd_rb_item(float* out, const float* cfa, const 
 #ifdef SKYSTACK_NATIVE
 // rcd_rb_item on the run of len pixels from (y, x0), item i0: the estimate computed at every
 // pixel of a block (vectorised), then kept at the non-green sites (or their fallback).
-__attribute__((noinline)) static void rcd_rb_run(float* out, const float* __restrict__ cfa, const float* __restrict__ pqdir, int H, int W,
-                       int pat, long long n, int y, int x0, long long i0, int len) {
-    bool first_green;
-    if (!db_bayer_row(pat, y, x0, &first_green)) {
-        for (int k = 0; k < len; ++k) rcd_rb_item(out, cfa, pqdir, H, W, pat, n, y, x0 + k, i0 + k, true);
-        return;
-    }
+__attribute__((noinline)) static void rcd_rb_run(float* out, const float* __restrict__ cfa,
+                                                 const float* __restrict__ pqdir, int H, int W, int pat, long long n,
+                                                 int y, int x0, long long i0, int len) {
+    DB_RUN_START(rcd_rb_item(out, cfa, pqdir, H, W, pat, n, y, x0 + k, i0 + k, true));
     const long long w = W;
     const int odd = first_green ? 1 : 0;
     const int c = 2 - db_colour(pat, y, x0 + odd);
@@ -559,13 +566,10 @@ __device__ __forceinline__ void rcd_rbg_item(float* out, const float* cfa, const
 // rcd_rbg_item on the run of len pixels from (y, x0), item i0: both estimates computed at every
 // pixel of a block (vectorised, into buffers: they read the planes they are written to), then
 // kept at the green sites (or their fallback).
-__attribute__((noinline)) static void rcd_rbg_run(float* out, const float* __restrict__ cfa, const float* __restrict__ vhdir, int H, int W,
-                        int pat, long long n, int y, int x0, long long i0, int len) {
-    bool first_green;
-    if (!db_bayer_row(pat, y, x0, &first_green)) {
-        for (int k = 0; k < len; ++k) rcd_rbg_item(out, cfa, vhdir, H, W, pat, n, y, x0 + k, i0 + k, true);
-        return;
-    }
+__attribute__((noinline)) static void rcd_rbg_run(float* out, const float* __restrict__ cfa,
+                                                  const float* __restrict__ vhdir, int H, int W, int pat, long long n,
+                                                  int y, int x0, long long i0, int len) {
+    DB_RUN_START(rcd_rbg_item(out, cfa, vhdir, H, W, pat, n, y, x0 + k, i0 + k, true));
     const long long w = W;
     const int even = first_green ? 0 : 1;  // parity of k at the green sites
     const float* G = out + n;
@@ -599,7 +603,8 @@ __attribute__((noinline)) static void rcd_rbg_run(float* out, const float* __res
         for (int k = (b0 + even) & 1; k < m; k += 2) {  // the green sites
             for (int ch = 0; ch < 2; ++ch) {
                 const float v = est[ch][k];
-                out[2 * ch * n + i0 + b0 + k] = db_finite(v) ? v : db_bilinear_at(cfa, H, W, pat, y, x0 + b0 + k, 2 * ch);
+                out[2 * ch * n + i0 + b0 + k] =
+                    db_finite(v) ? v : db_bilinear_at(cfa, H, W, pat, y, x0 + b0 + k, 2 * ch);
             }
         }
     }
