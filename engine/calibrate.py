@@ -482,7 +482,7 @@ def make_calibration_set(*, bias: Master | None = None, dark: Master | None = No
                 f"({b.meta.path or 'built'}) is {b.meta.describe()}; use calibration frames of one camera mode"
             )
     dark = _thermal(dark, bias)
-    if defects is None and dark is not None and cosmetic is not None and len(dark.meta.shape) == 2:
+    if defects is None and _looks_for_defects(dark, cosmetic):
         defects = find_defects_from_dark(dark.data, pattern=dark.meta.pattern,
                                          flat=None if flat is None else flat.data, config=cosmetic,
                                          outliers=dark_outliers)
@@ -497,13 +497,19 @@ def _thermal(dark: Master | None, bias: Master | None) -> Master | None:
     return dataclasses.replace(dark, data=thermal, meta=dataclasses.replace(dark.meta, bias_subtracted=True))
 
 
-def _dark_outliers(fd: Any, fb: Any, cosmetic: CosmeticConfig | None) -> DarkOutliers | None:
-    """:func:`~skystack.engine.cosmetic.dark_outliers` of the thermal dark of the futures ``fd``
-    (dark) and ``fb`` (bias), or None when make_calibration_set will not look for defects."""
+def _looks_for_defects(dark: Master | None, cosmetic: CosmeticConfig | None) -> bool:
+    """Whether the defect map is found in this (thermal) dark: a 2-D dark and cosmetic settings."""
+    return dark is not None and cosmetic is not None and len(dark.meta.shape) == 2
+
+
+def _thermal_and_outliers(fd: Any, fb: Any, cosmetic: CosmeticConfig | None
+                          ) -> tuple[Master | None, DarkOutliers | None]:
+    """The thermal dark of the futures ``fd`` (dark) and ``fb`` (bias), and its
+    :func:`~skystack.engine.cosmetic.dark_outliers` (None when no defect map is looked for)."""
     dark = _thermal(fd.result(), fb.result())
-    if dark is None or cosmetic is None or len(dark.meta.shape) != 2:
-        return None
-    return dark_outliers(dark.data, pattern=dark.meta.pattern, config=cosmetic)
+    if not _looks_for_defects(dark, cosmetic):
+        return dark, None
+    return dark, dark_outliers(dark.data, pattern=dark.meta.pattern, config=cosmetic)
 
 
 def build_calibration_set(*, bias: Any = None, darks: Any = None, flats: Any = None, dark_flats: Any = None,
@@ -551,12 +557,14 @@ def build_calibration_set(*, bias: Any = None, darks: Any = None, flats: Any = N
         fdf = pool.submit(build, "dark-flat", dark_flats)
         fd = pool.submit(build, "dark", darks, bias=fb)
         ff = pool.submit(build, "flat", flats, bias=fb, dark_flat=fdf)
-        fo = pool.submit(_dark_outliers, fd, fb, cosmetic)
-        mb, mdf, md, mf, outliers = fb.result(), fdf.result(), fd.result(), ff.result(), fo.result()
+        fo = pool.submit(_thermal_and_outliers, fd, fb, cosmetic)  # D - B once, for the set too
+        mb, mdf, md, mf = fb.result(), fdf.result(), fd.result(), ff.result()
+        thermal, outliers = fo.result()
     for m in (mb, mdf, md, mf):
         if m is not None:
             skipped.extend(f"{m.kind} {s}" for s in m.meta.skipped)
-    cset = make_calibration_set(bias=mb, dark=md, flat=mf, dark_flat=mdf, cosmetic=cosmetic, dark_outliers=outliers)
+    cset = make_calibration_set(bias=mb, dark=thermal, flat=mf, dark_flat=mdf, cosmetic=cosmetic,
+                                dark_outliers=outliers)
     return dataclasses.replace(cset, skipped=tuple(skipped))
 
 

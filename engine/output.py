@@ -22,11 +22,11 @@ import json
 import os
 import re
 import shutil
-import time
-import zlib
 import struct
 import tempfile
+import time
 import unicodedata
+import zlib
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 

@@ -49,11 +49,9 @@ def read_source(name: str | Path) -> str:
     FileNotFoundError
         When there is no such source.
     """
-    if isinstance(name, str) and _is_package_source(name):
-        return _package_source(name)
+    if _is_package_source(str(name)):
+        return _package_source(str(name))
     p = Path(name)
-    if not p.is_absolute() and (KERNEL_DIR / p).is_file():
-        return _package_source(str(p))
     if not p.is_file():
         raise FileNotFoundError(f"no CUDA source {name} (give a name in {KERNEL_DIR} or a path)")
     return p.read_text()
