@@ -113,7 +113,8 @@ def _clipped_mad_sigma_sorted(s: np.ndarray) -> float:
     """
     def mad(kept: np.ndarray) -> tuple[np.ndarray, float]:  # deviations from the median, MAD-sigma
         med = _sorted_median(kept)
-        d = np.abs(kept - med)
+        d = kept - med
+        np.abs(d, out=d)
         return d, MAD_TO_SIGMA * _middle_deviation(d, int(np.searchsorted(kept, med)))
 
     lo = 0
@@ -198,11 +199,11 @@ def _kth_deviation(s: np.ndarray, med: np.ndarray, lo: np.ndarray, c: np.ndarray
     inf = np.float32(np.inf)
 
     def left(i):  # i-th smallest deviation below the median (+-inf off the ends)
-        v = med - _at(s, np.clip(c - 1 - i, 0, width - 1))
+        v = med - _at(s, np.minimum(np.maximum(c - 1 - i, 0), width - 1))
         return np.where(i < 0, -inf, np.where(i >= n_left, inf, v))
 
     def right(j):
-        v = _at(s, np.clip(c + j, 0, width - 1)) - med
+        v = _at(s, np.minimum(np.maximum(c + j, 0), width - 1)) - med
         return np.where(j < 0, -inf, np.where(j >= n_right, inf, v))
 
     # smallest i (values taken from the left run among the k + 1 smallest) with left(i) >= right(k - i)
@@ -238,8 +239,9 @@ def _mad_sigma(s: np.ndarray, med: np.ndarray, lo: np.ndarray, hi: np.ndarray) -
 
 
 def _at(s: np.ndarray, i: np.ndarray) -> np.ndarray:
-    """``s[r, i[r]]`` for every row ``r``."""
-    return np.take_along_axis(s, i[:, None], axis=1)[:, 0]
+    """``s[r, i[r]]`` for every row ``r`` of the C-contiguous ``s`` (one flat gather: a ninth of
+    ``take_along_axis``'s time on a few hundred rows)."""
+    return s.reshape(-1)[i + np.arange(0, s.size, s.shape[1])]
 
 
 def sigma_clipped_rows(rows: np.ndarray, *, kappa: float = 2.5, iters: int = 5,
@@ -282,6 +284,11 @@ def sigma_clipped_rows(rows: np.ndarray, *, kappa: float = 2.5, iters: int = 5,
 
 def _clip_sorted(rows: np.ndarray, kappa: float, iters: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """:func:`sigma_clipped_rows` of one chunk of rows."""
+    if rows.shape[0] == 1:
+        finite = rows[0][np.isfinite(rows[0])]  # a copy, sorted in place
+        finite.sort()
+        med1, sig1, n1 = _clip_sorted_row(finite, kappa, iters)
+        return np.array([med1]), np.array([sig1]), np.array([n1], dtype=np.int64)
     s = np.where(np.isfinite(rows), rows, np.float32(np.nan))
     s.sort(axis=1)  # NaN last
     width = s.shape[1]
@@ -306,6 +313,40 @@ def _clip_sorted(rows: np.ndarray, kappa: float, iters: int) -> tuple[np.ndarray
         med = np.where(active, _median_of_range(s, lo, hi - lo), med)
         sig = np.where(active, _mad_sigma(s, med, lo, hi), sig)
     return (np.where(has, med.astype(np.float64), np.nan), np.where(has, sig, np.nan), hi - lo)
+
+
+def _clip_sorted_row(s: np.ndarray, kappa: float, iters: int) -> tuple[float, float, int]:
+    """:func:`_clip_sorted` of one row, from its sorted finite values ``s``: the same numbers.
+
+    The searches over the row become counts over its deviations (``|s - med|``
+    falls, then rises, along ``s``) and :func:`_middle_deviation`'s scalar
+    bisection: a few array passes instead of hundreds of calls on arrays of one
+    (a 400k-value sample: 26 -> 15 ms, of which 12 sort).
+    """
+    lo, hi = 0, s.size
+    if hi == 0:
+        return math.nan, math.nan, 0
+
+    def stats(kept: np.ndarray) -> tuple[np.float32, float, np.ndarray, int]:
+        n = kept.size
+        med = kept[n // 2] if n % 2 else (kept[n // 2 - 1] + kept[n // 2]) / np.float32(2)
+        p = int(np.searchsorted(kept, med))  # the first value >= med
+        d = kept - med
+        np.abs(d, out=d)
+        return med, MAD_TO_SIGMA * _middle_deviation(d, p), d, p
+
+    med, sig, d, p = stats(s)
+    for _ in range(iters):
+        if not sig > 0:
+            break
+        thr = np.float32(kappa * sig)
+        new_lo = lo + int(np.count_nonzero(d[:p] > thr))  # the kept values are a run of the row
+        new_hi = lo + p + int(np.count_nonzero(d[p:] <= thr))
+        if (new_lo == lo and new_hi == hi) or new_hi <= new_lo:
+            break
+        lo, hi = new_lo, new_hi
+        med, sig, d, p = stats(s[lo:hi])
+    return float(med), sig, hi - lo
 
 
 def nanmedian_last(a: np.ndarray) -> np.ndarray:

@@ -231,6 +231,27 @@ def test_sigma_clipped_rows_equal_the_loop(rng):
         assert (n < np.isfinite(rows).sum(axis=1)).sum() > 100  # clipping happened
 
 
+def test_sigma_clipped_stats_of_one_row_equal_the_loop(rng):
+    """One row (its own path: counts over the deviations, not searches over rows) as the loop, bit for bit:
+    sizes from none to 100k, ties, outliers, heavy tails, NaN, inf, and a clip that stops on sigma 0."""
+    cases = [np.full(5, np.nan), np.array([2.0]), np.array([1.0, 3.0]), np.array([1.0, 1.0, 1.0, 9.0]),
+             np.r_[np.full(50, 0.25), 0.26, 7.0]]
+    for n in (3, 10, 301, 4000, 100_001):
+        cases += [rng.normal(0.1, 0.01, n), rng.integers(0, 5, n).astype(float),
+                  rng.standard_cauchy(n) * 1e-3 + 0.05, np.where(rng.random(n) < 0.1, 0.5, rng.normal(0.1, 0.01, n))]
+    for v in cases[5:]:
+        v[rng.random(v.size) < 0.03] = np.inf
+        v[rng.random(v.size) < 0.03] = np.nan
+    clipped = 0
+    for v in cases:
+        for kappa, iters in ((1.5, 5), (2.5, 5), (3.0, 1)):
+            got = sigma_clipped_stats(v, kappa=kappa, iters=iters)
+            ref = _clipped_loop(v, kappa, iters)
+            np.testing.assert_array_equal(got, ref)
+            clipped += got[2] < np.isfinite(v).sum()
+    assert clipped > 20
+
+
 def test_box_statistics_equal_the_per_box_loop(field):
     """coarse_background and fit_background's box values equal the per-box loop on a masked, NaN-edged image
     (the loop reads every k-th row and column of a box, k from BOX_SAMPLE: 2 for these 50-px boxes)."""
