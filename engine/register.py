@@ -367,12 +367,13 @@ def _pairs(lists: dict[int, _Stars], trans: dict[int, np.ndarray], ref: int, fra
     return out
 
 
-def _fit_h(src: np.ndarray, dst: np.ndarray, w: np.ndarray, lens: RadialLens | None) -> np.ndarray:
-    return estimate_transform(_undistort(lens, src), _undistort(lens, dst), "homography", w)
-
-
 def _predict(t: np.ndarray, src: np.ndarray, lens: RadialLens | None) -> np.ndarray:
-    p = transform_points(t, _undistort(lens, src))
+    return _predict_ideal(t, _undistort(lens, src), lens)
+
+
+def _predict_ideal(t: np.ndarray, ideal: np.ndarray, lens: RadialLens | None) -> np.ndarray:
+    """Recorded reference pixels of the ideal (undistorted) source pixels ``ideal`` under ``t``."""
+    p = transform_points(t, ideal)
     return p if lens is None else lens.distort(p)
 
 
@@ -388,13 +389,18 @@ def fit_lens(pairs: list[tuple[np.ndarray, np.ndarray, np.ndarray, int]], shape:
     pairs = [p for p in pairs if len(p[0]) >= 10]
     if not pairs:
         return None
+    recorded = np.concatenate([np.concatenate([s, d]) for s, d, _, _ in pairs])
+    ends = np.cumsum([2 * len(s) for s, _, _, _ in pairs])[:-1]
 
     def resid(k: np.ndarray) -> np.ndarray:
         lens = RadialLens.for_shape(shape, k1=float(k[0]), k2=float(k[1]))
+        # every star undistorted in one call (point by point: each the number of a call of its own)
+        ideal = np.split(lens.undistort(recorded), ends)
         out = []
-        for s, d, w, _ in pairs:
+        for (s, d, w, _), sd in zip(pairs, ideal):
+            us, ud = sd[: len(s)], sd[len(s):]
             try:
-                r = _predict(_fit_h(s, d, w, lens), s, lens) - d
+                r = _predict_ideal(estimate_transform(us, ud, "homography", w), us, lens) - d
             except (np.linalg.LinAlgError, RegistrationError, ValueError):
                 r = np.full_like(s, 10.0)
             out.append((np.nan_to_num(r, nan=10.0) * np.sqrt(w)[:, None]).ravel())
