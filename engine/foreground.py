@@ -48,7 +48,7 @@ import numpy as np
 from skystack.engine.errors import SkystackError
 from skystack.engine.lens import RadialLens
 from skystack.engine.match import transform_points
-from skystack.engine.robust import mad_sigma, moving_median
+from skystack.engine.robust import mad_sigma, moving_median, nanmedian_last
 from skystack.engine.workers import map_threads
 
 #: Small frames used by the detector (spread over the session).
@@ -204,8 +204,7 @@ def detect_foreground(small: dict[int, np.ndarray], transforms: dict[int, np.nda
     hs, ws = next(iter(hp.values())).shape
     ev = _evidence(hp, {k: transforms[k] for k in keys}, (hs, ws), b, lens)
     absent = _absence(star_xy, (hs, ws), b) if star_xy is not None and len(star_xy) else np.zeros((hs, ws))
-    with _quiet():
-        still = np.nanmedian(np.stack([small[k] for k in keys]), axis=0)
+    still = nanmedian_last(np.stack([small[k] for k in keys], axis=-1))
     edges = _edges(still)
     bnd = horizon_dp(ev, absent=absent, edge=edges)
     rows_land = (hs - bnd).clip(0)
@@ -270,9 +269,9 @@ def _evidence(hp: dict[int, np.ndarray], trans: dict[int, np.ndarray], small_sha
         src = transform_points(np.linalg.inv(trans[k]), ideal)
         src = src if lens is None else lens.distort(src)
         stack.append(_sample(img, _to_small(src, b)).reshape(hs, ws))
-    with _quiet():
-        sky = np.nanmedian(np.stack(stack), axis=0)
-        static = np.nanmedian(np.stack(list(hp.values())), axis=0)
+    # the frames' medians per pixel (numpy's nanmedian of 12 values goes through masked arrays: 3x the time)
+    sky = nanmedian_last(np.stack(stack, axis=-1))
+    static = nanmedian_last(np.stack(list(hp.values()), axis=-1))
     rec_ideal = grid if lens is None else lens.undistort(grid)
     acc = np.zeros((hs, ws), dtype=np.float64)
     cnt = np.zeros((hs, ws), dtype=np.float64)
