@@ -17,7 +17,8 @@ Formats
   structure with tifffile for TIFF-based raws, else from LibRaw. X-Trans and
   other non-Bayer sensors return ``pattern=None`` with ``extra["cfa"]`` saying
   why. Colour raws (linear DNG, sRAW, Foveon) return ``(3, H, W)``.
-* **FITS** through astropy: ``uint16`` (BITPIX 16 + BZERO 32768) and ``uint8``
+* **FITS**: a plain image in the primary HDU by :mod:`~skystack.engine.fitsfile`
+  (no astropy import), anything else through astropy: ``uint16`` (BITPIX 16 + BZERO 32768) and ``uint8``
   stay integer; ``int16`` becomes ``uint16`` when it holds no negative value,
   else ``float32``; 32-bit integer and float data become ``float32``. A 3-plane
   cube ``(3, H, W)`` is colour (``pattern=None``).
@@ -73,6 +74,7 @@ import numpy as np
 
 from skystack.engine.errors import FrameReadError, InputNotFound
 from skystack.engine.frame import BAYER_PATTERNS, Frame, FrameMeta
+from skystack.engine import fitsfile
 from skystack.engine.metavalues import (
     bayer_pattern,
     camera_name,
@@ -293,7 +295,29 @@ def _read_fits_u16(p: Path, offset: int, count: int) -> np.ndarray:
     return data
 
 
-def _read_fits(p: Path, size: int, want_data: bool) -> tuple[np.ndarray | None, FrameMeta]:
+def _fits_kind(bitpix: int, bzero: float, bscale: float) -> str | None:
+    """``"u16"``, ``"u8"`` or ``"i16"`` for the unscaled integer pixel types, else None."""
+    if bitpix <= 0 or bscale != 1.0:
+        return None
+    return {(16, 32768.0): "u16", (8, 0.0): "u8", (16, 0.0): "i16"}.get((bitpix, bzero))
+
+
+def _fits_layout(hdr: Any, p: Path) -> tuple[Any, tuple[int, ...], int, float, float]:
+    """``(header, shape, BITPIX, BZERO, BSCALE)`` of a FITS image header."""
+    return (hdr, _fits_shape(hdr, p), int(hdr.get("BITPIX", 0)), number(hdr.get("BZERO")) or 0.0,
+            number(hdr.get("BSCALE")) or 1.0)
+
+
+def _first_image_hdu(hdul: Any, p: Path) -> Any:
+    for h in hdul:
+        if getattr(h, "is_image", False) and int(h.header.get("NAXIS", 0)) >= 2:
+            return h
+    raise FrameReadError(f"{p}: FITS file holds no image; is it a table or a spectrum?")
+
+
+def _read_fits_astropy(p: Path, want_data: bool) -> tuple[tuple, int | None, np.ndarray | None]:
+    """:func:`_fits_layout` of the first image through astropy (any FITS it reads), its data offset
+    when stored plain (else None), and its pixels when needed and not left to :func:`_read_fits_u16`."""
     import warnings
 
     from astropy.io import fits
@@ -301,34 +325,34 @@ def _read_fits(p: Path, size: int, want_data: bool) -> tuple[np.ndarray | None, 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         with fits.open(p, memmap=False, lazy_load_hdus=True) as hdul:
-            hdu = None
-            for h in hdul:
-                if getattr(h, "is_image", False) and int(h.header.get("NAXIS", 0)) >= 2:
-                    hdu = h
-                    break
-            if hdu is None:
-                raise FrameReadError(f"{p}: FITS file holds no image; is it a table or a spectrum?")
-            hdr = hdu.header
-            shape = _fits_shape(hdr, p)
-            bitpix = int(hdr.get("BITPIX", 0))
-            bzero = number(hdr.get("BZERO")) or 0.0
-            bscale = number(hdr.get("BSCALE")) or 1.0
-            compressed = isinstance(hdu, fits.CompImageHDU)
-            plain = not compressed and not p.name.lower().endswith(".gz")
-            if plain:
-                data_at = int(hdul.fileinfo(hdul.index(hdu))["datLoc"])
-                need = data_at + abs(bitpix) // 8 * int(np.prod(shape))
-                if need > size:
-                    raise truncated_error(p, f"image needs {need} bytes but the file has {size}", "FITS")
-            integer = bitpix > 0 and bscale == 1.0
-            is_u16 = integer and bitpix == 16 and bzero == 32768.0
-            is_u8 = integer and bitpix == 8 and bzero == 0.0
-            is_i16 = integer and bitpix == 16 and bzero == 0.0
-            need_pixels = want_data or not (is_u16 or is_u8 or is_i16)
-            if need_pixels and is_u16 and plain:
-                arr = _read_fits_u16(p, data_at, int(np.prod(shape)))
-            else:
-                arr = np.asarray(hdu.data) if need_pixels else None
+            hdu = _first_image_hdu(hdul, p)
+            layout = _fits_layout(hdu.header, p)
+            plain = not isinstance(hdu, fits.CompImageHDU) and not p.name.lower().endswith(".gz")
+            data_at = int(hdul.fileinfo(hdul.index(hdu))["datLoc"]) if plain else None
+            kind = _fits_kind(*layout[2:])
+            load = (want_data or kind is None) and not (kind == "u16" and plain)
+            return layout, data_at, np.asarray(hdu.data) if load else None
+
+
+def _read_fits(p: Path, size: int, want_data: bool) -> tuple[np.ndarray | None, FrameMeta]:
+    fast = None if p.name.lower().endswith((".gz", ".fz")) else fitsfile.read_header(p)
+    if fast is not None:  # a plain primary image: no astropy
+        layout, data_at, arr = _fits_layout(fast, p), fast.data_offset, None
+    else:
+        layout, data_at, arr = _read_fits_astropy(p, want_data)
+    hdr, shape, bitpix, bzero, bscale = layout
+    if data_at is not None:
+        need = data_at + abs(bitpix) // 8 * int(np.prod(shape))
+        if need > size:
+            raise truncated_error(p, f"image needs {need} bytes but the file has {size}", "FITS")
+    kind = _fits_kind(bitpix, bzero, bscale)
+    is_u16, is_u8, is_i16 = kind == "u16", kind == "u8", kind == "i16"
+    if arr is None and (want_data or kind is None):
+        if is_u16 and data_at is not None:
+            arr = _read_fits_u16(p, data_at, int(np.prod(shape)))
+        else:  # the fast header's other pixel types; scaled or uncommon ones through astropy
+            arr = fitsfile.read_pixels(p, fast, shape) if fast is not None else None
+            arr = _read_fits_astropy(p, True)[2] if arr is None else arr
     if arr is not None:
         arr = arr.reshape(shape) if arr.size == int(np.prod(shape)) else arr[:3].reshape(shape)
     if is_u16:

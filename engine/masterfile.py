@@ -186,7 +186,7 @@ def write_master(master: Master, path: str | os.PathLike) -> Master:
     OutputError
         When ``path`` is one of the master's source frames or cannot be written.
     """
-    from astropy.io import fits
+    from skystack.engine.fitsfile import card, write_images
 
     dest = Path(os.fspath(path)).expanduser()
     m = master.meta
@@ -198,50 +198,50 @@ def write_master(master: Master, path: str | os.PathLike) -> Master:
         except FileNotFoundError:
             continue
     data = np.ascontiguousarray(to_host(master.data), dtype=np.float32)
-    hdr = fits.Header()
-    hdr["IMAGETYP"] = (_IMAGETYP[m.kind], "skystack master frame")
-    hdr["SSKIND"] = (m.kind, "skystack master kind")
-    hdr["NCOMBINE"] = (int(m.count), "number of frames combined")
+    hdr: list[str] = []
+    hdr += card("IMAGETYP", _IMAGETYP[m.kind], "skystack master frame")
+    hdr += card("SSKIND", m.kind, "skystack master kind")
+    hdr += card("NCOMBINE", int(m.count), "number of frames combined")
     for key, v, comment in (("EXPTIME", m.exposure_s, "[s] median exposure of the frames"),
                             ("ISOSPEED", m.iso, "median ISO of the frames"),
                             ("GAIN", m.gain, "median gain of the frames"),
                             ("CCD-TEMP", m.temperature_c, "[C] mean sensor temperature")):
         if v is not None:  # unknown values are left out, not invented
-            hdr[key] = (float(v), comment)
-    hdr["METHOD"] = (m.method, "combine: sigma (clipped mean), median or mean")
-    hdr["CLIPLOW"] = (float(m.kappa_low), "kappa below the median")
-    hdr["CLIPHIGH"] = (float(m.kappa_high), "kappa above the median")
-    hdr["CLIPITER"] = (int(m.max_iter), "most clipping rounds")
+            hdr += card(key, float(v), comment)
+    hdr += card("METHOD", m.method, "combine: sigma (clipped mean), median or mean")
+    hdr += card("CLIPLOW", float(m.kappa_low), "kappa below the median")
+    hdr += card("CLIPHIGH", float(m.kappa_high), "kappa above the median")
+    hdr += card("CLIPITER", int(m.max_iter), "most clipping rounds")
     if m.pattern is not None:
-        hdr["BAYERPAT"] = (m.pattern, "CFA pattern of the data as stored")
-    hdr["ROWORDER"] = ("TOP-DOWN", "row 0 is the top row")
+        hdr += card("BAYERPAT", m.pattern, "CFA pattern of the data as stored")
+    hdr += card("ROWORDER", "TOP-DOWN", "row 0 is the top row")
     if m.camera is not None:
-        hdr["INSTRUME"] = (m.camera, "camera of the frames")
+        hdr += card("INSTRUME", fits_text(m.camera), "camera of the frames")
     for i, b in enumerate(m.black_level):
-        hdr[f"BLACK{i}"] = (float(b), f"black level (ADU), 2x2 position {i}")
-    hdr["WHITELVL"] = (float(m.white_level), "white level (ADU)")
-    hdr["BUNIT"] = ("", "dimensionless: (adu - black) / (white - black)")
-    hdr["BIASSUB"] = (bool(m.bias_subtracted), "dark: master bias subtracted (thermal only)")
-    hdr["FLATOFFS"] = (m.flat_offset, "flat: offset removed before normalising")
+        hdr += card(f"BLACK{i}", float(b), f"black level (ADU), 2x2 position {i}")
+    hdr += card("WHITELVL", float(m.white_level), "white level (ADU)")
+    hdr += card("BUNIT", "", "dimensionless: (adu - black) / (white - black)")
+    hdr += card("BIASSUB", bool(m.bias_subtracted), "dark: master bias subtracted (thermal only)")
+    hdr += card("FLATOFFS", m.flat_offset, "flat: offset removed before normalising")
     if m.flat_medians is not None:
-        hdr["FLATNORM"] = ("per-colour median", "flat divided by each CFA colour's median")
+        hdr += card("FLATNORM", "per-colour median", "flat divided by each CFA colour's median")
         for lbl, v in zip("RGB" if len(m.flat_medians) == 3 else "L", m.flat_medians):
-            hdr[f"FLATMED{lbl}"] = (float(v), f"flat median of {lbl} before normalising")
+            hdr += card(f"FLATMED{lbl}", float(v), f"flat median of {lbl} before normalising")
     if m.flat_noise is not None:
         for k, v, what in zip(("FLATNOIS", "FLATPRNU", "FLATRESN"), m.flat_noise,
                               ("flat pixel noise, relative", "flat PRNU, relative",
                                "flat pixel noise after shrinking")):
-            hdr[k] = (float(v), what)
-    hdr["SSKEY"] = m.key  # 64 hex digits: no room for a comment
-    hdr["SSVER"] = (__version__, "skystack version")
-    hdr["SSCACHEV"] = (CACHE_VERSION, "skystack master format version")
-    hdr["DATE"] = (m.created, "UTC time of the combine")
+            hdr += card(k, float(v), what)
+    hdr += card("SSKEY", m.key)  # 64 hex digits: no room for a comment
+    hdr += card("SSVER", __version__, "skystack version")
+    hdr += card("SSCACHEV", CACHE_VERSION, "skystack master format version")
+    hdr += card("DATE", m.created, "UTC time of the combine")
     for s in m.sources:
-        hdr.add_history(f"source: {Path(s).name}")
+        hdr += card("HISTORY", fits_text(f"source: {Path(s).name}"))
     for s in m.skipped:
-        hdr.add_history(fits_text(f"skipped: {s}")[:72])
+        hdr += card("HISTORY", fits_text(f"skipped: {s}")[:72])
     with atomic_path(dest) as tmp:
-        fits.PrimaryHDU(data=data, header=hdr).writeto(tmp, overwrite=True, output_verify="silentfix")
+        write_images(tmp, [(data, hdr, None)])
     return dataclasses.replace(master, meta=dataclasses.replace(m, path=str(dest)))
 
 
@@ -257,6 +257,11 @@ def is_master_file(path: str | os.PathLike) -> bool:
     p = Path(os.fspath(path))
     if p.suffix.lower() not in (".fits", ".fit", ".fts") or not p.is_file():
         return False
+    from skystack.engine.fitsfile import read_header
+
+    fast = read_header(p)
+    if fast is not None:
+        return "SSKIND" in fast
     from astropy.io import fits
 
     try:
@@ -277,17 +282,11 @@ def read_master(path: str | os.PathLike) -> Master:
     CalibrationError
         The file is not a skystack master (no ``SSKIND`` header) or is damaged.
     """
-    from astropy.io import fits
-
     p = Path(os.fspath(path)).expanduser()
     if not p.is_file():
         raise InputNotFound(f"master {p} does not exist; check the path")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            with fits.open(p, memmap=False) as hdul:
-                h = hdul[0].header
-                data = None if hdul[0].data is None else np.array(hdul[0].data, dtype=np.float32)
+        h, data = _read_master_file(p)
     except (OSError, ValueError) as exc:
         raise CalibrationError(f"master {p} cannot be read ({exc}); rebuild it with 'skystack master'") from exc
     kind = h.get("SSKIND")
@@ -316,6 +315,26 @@ def read_master(path: str | os.PathLike) -> Master:
                       if str(v).startswith("skipped: ")),
     )
     return Master(data=data, meta=meta, from_cache=False)
+
+
+def _read_master_file(p: Path) -> tuple[Any, np.ndarray | None]:
+    """The primary header and float32 image of a master file: written by :func:`write_master`, a
+    plain image that :mod:`~skystack.engine.fitsfile` reads; through astropy otherwise."""
+    from skystack.engine.fitsfile import read_header, read_pixels
+
+    h = read_header(p)
+    if h is not None:
+        naxis = [int(h.get(f"NAXIS{i}", 0)) for i in range(int(h["NAXIS"]), 0, -1)]
+        data = read_pixels(p, h, tuple(naxis))
+        if data is not None:
+            return h, data.astype(np.float32, copy=False)
+    from astropy.io import fits
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with fits.open(p, memmap=False) as hdul:
+            h = hdul[0].header
+            return h, None if hdul[0].data is None else np.array(hdul[0].data, dtype=np.float32)
 
 
 def _file_key(p: Path) -> str:

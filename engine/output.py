@@ -383,30 +383,24 @@ def write_fits(path: str | os.PathLike, image: np.ndarray, header: dict[str, Any
     image HDUs appended after the primary one (e.g. the stack's ``COVERAGE``
     map), stored the same way.
     """
-    from astropy.io import fits
+    from skystack.engine.fitsfile import card, write_images
 
-    def cards(hdu, values: dict[str, Any] | None) -> None:
+    def cards(values: dict[str, Any] | None) -> list[str]:
+        out: list[str] = []
         for key, value in (values or {}).items():
-            if value is None:
+            if value is None or key == "ROWORDER":
                 continue
-            if key in ("COMMENT", "HISTORY"):
-                getattr(hdu.header, f"add_{key.lower()}")(fits_text(value))
-            else:
-                hdu.header[key] = _fits_card(value)
-        hdu.header["ROWORDER"] = ("BOTTOM-UP", "first stored row is the bottom of the picture")
+            value = _fits_card(value)
+            out += card(key, *value) if isinstance(value, tuple) else card(key, value)
+        return out + card("ROWORDER", "BOTTOM-UP", "first stored row is the bottom of the picture")
 
     def bottom_up(a: np.ndarray) -> np.ndarray:
         return np.ascontiguousarray(np.asarray(a)[..., ::-1, :])
 
-    hdu = fits.PrimaryHDU(bottom_up(np.asarray(image, dtype=np.float32)))
-    cards(hdu, header)
-    hdus = [hdu]
-    for name, data, hdr in extensions:
-        ext = fits.ImageHDU(bottom_up(data), name=name)
-        cards(ext, hdr)
-        hdus.append(ext)
+    hdus = [(bottom_up(np.asarray(image, dtype=np.float32)), cards(header), None)]
+    hdus += [(bottom_up(data), cards(hdr), name) for name, data, hdr in extensions]
     with atomic_path(path, inputs=inputs) as tmp:
-        fits.HDUList(hdus).writeto(tmp, overwrite=True)
+        write_images(tmp, hdus)
     return Path(path)
 
 
