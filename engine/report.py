@@ -202,6 +202,28 @@ def rejection_map(result) -> np.ndarray | None:
     return np.clip(cov.astype(np.int32) - count.astype(np.int32), 0, None)
 
 
+def _write_image_files(result, run_id: str, *, tiff: str | None, fits: str | None, inputs: list) -> dict[str, str]:
+    """The stack's TIFF and FITS (with its coverage and landscape maps), those asked for; their paths."""
+    from skystack.engine.output import write_fits, write_tiff
+
+    out: dict[str, str] = {}
+    img = result.image
+    if tiff:
+        out["tiff"] = str(write_tiff(tiff, img, inputs=inputs, description=f"skystack {__version__} run {run_id}"))
+    if fits:
+        ext = []
+        if getattr(result, "coverage", None) is not None:
+            ext.append(("COVERAGE", result.coverage.astype(np.int16),
+                        {"NFRAMES": (result.n_used, "frames combined"),
+                         "COMMENT": "frames whose data covered each pixel, before rejection"}))
+        if getattr(result, "landscape", None) is not None:
+            ext.append(("LANDSCAPE", result.landscape.astype(np.uint8),
+                        {"COMMENT": "1 = still landscape, stacked unregistered (--foreground)"}))
+        header = {**fits_header(result), "RUNID": (run_id, "skystack run that wrote this output set")}
+        out["fits"] = str(write_fits(fits, img, header, inputs=inputs, extensions=ext))
+    return out
+
+
 def write_outputs(result, *, tiff: str | None, preview: str | None = None, fits: str | None = None,
                   report: str | None = None, html: str | None = None, inputs=(),
                   linked: bool = True) -> dict[str, str]:
@@ -211,16 +233,16 @@ def write_outputs(result, *, tiff: str | None, preview: str | None = None, fits:
     are written to temporary files first and renamed together, so a kill never
     leaves files of two runs side by side. Each also carries the same run id
     (TIFF description, FITS ``RUNID``, PNG text, ``run_id`` in the JSON and HTML).
-    The preview is made 8-bit once; its PNG is encoded in a thread (zlib runs
-    without the GIL) while the HTML report (its reduced copy of the preview,
-    the plots and maps) and the JSON are made; everything else runs in turn,
-    so no two copies of the image are alive at once.
+    The TIFF and the FITS are written in a thread while the preview is made
+    (8-bit, once); its PNG is encoded in another thread (zlib runs without the
+    GIL) while the HTML report (its reduced copy of the preview, the plots and
+    maps) and the JSON are made.
     """
     import uuid
     from concurrent.futures import ThreadPoolExecutor
 
     from skystack.engine.htmlreport import preview_uri, render_report
-    from skystack.engine.output import output_set, write_fits, write_json, write_preview, write_text, write_tiff
+    from skystack.engine.output import output_set, write_json, write_preview, write_text
     from skystack.engine.finish import preview_image
     from skystack.engine.stretch import to_8bit
 
@@ -228,27 +250,19 @@ def write_outputs(result, *, tiff: str | None, preview: str | None = None, fits:
     run_id = uuid.uuid4().hex[:16]
     out: dict[str, str] = {}
     img = result.image
-    with output_set(), ThreadPoolExecutor(max_workers=1, thread_name_prefix="skystack-png") as pool:
+    with output_set(), ThreadPoolExecutor(max_workers=2, thread_name_prefix="skystack-out") as pool:
         try:
-            if tiff:
-                out["tiff"] = str(write_tiff(tiff, img, inputs=inputs,
-                                             description=f"skystack {__version__} run {run_id}"))
-            if fits:
-                ext = []
-                if getattr(result, "coverage", None) is not None:
-                    ext.append(("COVERAGE", result.coverage.astype(np.int16),
-                                {"NFRAMES": (result.n_used, "frames combined"),
-                                 "COMMENT": "frames whose data covered each pixel, before rejection"}))
-                if getattr(result, "landscape", None) is not None:
-                    ext.append(("LANDSCAPE", result.landscape.astype(np.uint8),
-                                {"COMMENT": "1 = still landscape, stacked unregistered (--foreground)"}))
-                header = {**fits_header(result), "RUNID": (run_id, "skystack run that wrote this output set")}
-                out["fits"] = str(write_fits(fits, img, header, inputs=inputs, extensions=ext))
+            def job(fn, *args, **kwargs):  # runs in this output set (a copy of the context)
+                return pool.submit(contextvars.copy_context().run, fn, *args, **kwargs)
+
+            files = job(_write_image_files, result, run_id, tiff=tiff, fits=fits, inputs=inputs)
             shown = to_8bit(preview_image(img, linked=linked)) if preview or html else None
             png = None
-            if preview:  # the job runs in this output set (a copy of the context)
-                png = pool.submit(contextvars.copy_context().run, write_preview, preview, shown, inputs=inputs,
-                                  text={"Software": f"skystack {__version__}", "skystack-run": run_id})
+            if preview:
+                png = job(write_preview, preview, shown, inputs=inputs,
+                          text={"Software": f"skystack {__version__}", "skystack-run": run_id})
+            out.update(files.result())
+            if preview:
                 out["preview"] = str(Path(preview))
             if report:
                 out["report"] = str(report)

@@ -245,6 +245,7 @@ __device__ __forceinline__ void warp_pixel(const float* src, float* dst, long lo
 // pixels side by side (warp_lanczos3_run), the rest one pixel at a time (warp_block_pixel). The
 // same float operations in the same order as warp_pixel: the same bits.
 #define WARP_BLOCK 32
+#define WARP_LANES 8  // pixels side by side in warp_lanczos3_run
 
 // floorf(x) for |x| < 2e9 (x itself when x is integral, so -0 stays -0), in a form that vectorises.
 __device__ __forceinline__ float warp_floor(float x)
@@ -259,8 +260,8 @@ template <bool LANCZOS3>
 __device__ __forceinline__ void warp_block_pixel(const float* __restrict__ src, float* __restrict__ dst,
                                                  long long i, long long n, int channels, int src_h, int src_w,
                                                  float u, float v, float fu0, float fv0, int iu, int iv,
-                                                 long long centre, const float (*WX)[WARP_BLOCK],
-                                                 const float (*WY)[WARP_BLOCK], float hw_all, int l)
+                                                 long long centre, const float (*WX)[WARP_BLOCK + WARP_LANES],
+                                                 const float (*WY)[WARP_BLOCK + WARP_LANES], float hw_all, int l)
 {
     if (centre < 0) {
         for (int c = 0; c < channels; ++c) dst[c * n + i] = nanf("");
@@ -282,38 +283,76 @@ __device__ __forceinline__ void warp_block_pixel(const float* __restrict__ src, 
     warp_channels<LANCZOS3>(src, dst, i, n, channels, src_h, src_w, iu, iv, centre, wx, wy, all_inside, hw_all);
 }
 
+// Eight floats in one vector register (GCC's vector extension; two SSE registers in a baseline
+// build): lane-wise IEEE mul and add, never contracted (-ffp-contract=off), so each lane's value is
+// the scalar code's. Loads and stores go through memcpy: any alignment.
+typedef float warp_v8 __attribute__((vector_size(32)));  // WARP_LANES floats
+
+__device__ __forceinline__ warp_v8 warp_load8(const float* p)
+{
+    warp_v8 v;
+    __builtin_memcpy(&v, p, sizeof v);
+    return v;
+}
+
 // Lanczos-3 of m (<= WARP_BLOCK) consecutive pixels of warp_block whose taps all lie inside the frame,
 // on the same six rows from (iu - 2, iv - 2), one column further each: their taps are contiguous
-// loads, so the sums go lane by lane (the compiler vectorises them), each pixel's in warp_pixel's
-// order. Lane q is the block's lane l + q: nearest source pixel centre[q], weights WX[.][l + q],
-// WY[.][l + q], hw[q]; dst points at the first pixel's output.
+// loads, so WARP_LANES pixels go side by side in vector registers, each pixel's sums in warp_pixel's
+// order. The lanes of a last group past the run are computed and dropped, when their taps stay in
+// the row (else that group goes lane by lane). Lane q is the block's lane l + q: nearest source pixel
+// centre[q], weights WX[.][l + q], WY[.][l + q] (the block's arrays have WARP_LANES lanes past its
+// end), hw[q]; dst points at the first pixel's output.
 __device__ __forceinline__ void warp_lanczos3_run(const float* __restrict__ src, float* __restrict__ dst,
                                                   long long n, int channels, int src_h, int src_w, int iu, int iv,
                                                   int m, const long long* centre,
-                                                  const float (*WX)[WARP_BLOCK], const float (*WY)[WARP_BLOCK],
+                                                  const float (*WX)[WARP_BLOCK + WARP_LANES],
+                                                  const float (*WY)[WARP_BLOCK + WARP_LANES],
                                                   const float* hw, int l)
 {
     const long long plane = (long long)src_h * src_w;
+    const warp_v8 zero = {};
+    // groups of WARP_LANES: whole ones, and a last one when its taps (to column iu - 2 + g + 12) stay in the row
+    int groups = m / WARP_LANES;
+    if (m % WARP_LANES && (iu - 2) + groups * WARP_LANES + WARP_LANES + 5 <= src_w) ++groups;
+    const int vec_end = groups * WARP_LANES < m ? groups * WARP_LANES : m;
     for (int c = 0; c < channels; ++c) {
         const float* s = src + c * plane;
-        float acc[WARP_BLOCK], wsum[WARP_BLOCK], h[WARP_BLOCK];
-        for (int j = 0; j < 6; ++j) {
-            const float* row = s + (long long)(iv - 2 + j) * src_w + (iu - 2);
-            for (int q = 0; q < m; ++q) h[q] = 0.0f + WX[0][l + q] * row[q];
-            for (int k = 1; k < 6; ++k)
-                for (int q = 0; q < m; ++q) h[q] += WX[k][l + q] * row[q + k];
-            for (int q = 0; q < m; ++q) {  // j = 0 starts the sums as warp_pixel's 0.0f + ... does
-                acc[q] = (j == 0 ? 0.0f : acc[q]) + WY[j][l + q] * h[q];
-                wsum[q] = (j == 0 ? 0.0f : wsum[q]) + WY[j][l + q] * hw[q];
+        float acc[WARP_BLOCK + WARP_LANES], wsum[WARP_BLOCK + WARP_LANES];
+        // the six rows a little past the run, for the next run: loads the streams of 3 x 6 rows would miss
+        for (int j = 0; j < 6; ++j) __builtin_prefetch(s + (long long)(iv - 2 + j) * src_w + (iu - 2) + m + 32);
+        for (int g = 0; g < groups * WARP_LANES; g += WARP_LANES) {
+            warp_v8 va = zero, vw = zero;
+            const warp_v8 hw8 = warp_load8(hw + g);
+            for (int j = 0; j < 6; ++j) {
+                const float* row = s + (long long)(iv - 2 + j) * src_w + (iu - 2) + g;
+                warp_v8 h = zero + warp_load8(WX[0] + l + g) * warp_load8(row);
+                for (int k = 1; k < 6; ++k) h = h + warp_load8(WX[k] + l + g) * warp_load8(row + k);
+                const warp_v8 wy = warp_load8(WY[j] + l + g);
+                va = va + wy * h;  // j = 0 starts the sums as warp_pixel's 0.0f + ... does
+                vw = vw + wy * hw8;
             }
+            __builtin_memcpy(acc + g, &va, sizeof va);
+            __builtin_memcpy(wsum + g, &vw, sizeof vw);
+        }
+        for (int q = vec_end; q < m; ++q) {  // a last group whose taps would leave the row
+            const float* row = s + (long long)(iv - 2) * src_w + (iu - 2) + q;
+            float a = 0.0f, w = 0.0f;
+            for (int j = 0; j < 6; ++j, row += src_w) {
+                float h = 0.0f + WX[0][l + q] * row[0];
+                for (int k = 1; k < 6; ++k) h += WX[k][l + q] * row[k];
+                a += WY[j][l + q] * h;
+                w += WY[j][l + q] * hw[q];
+            }
+            acc[q] = a;
+            wsum[q] = w;
         }
         float* d = dst + c * n;
-        for (int q = 0; q < m; ++q) {
+        for (int q = 0; q < m; ++q) d[q] = acc[q] / wsum[q];
+        for (int q = 0; q < m; ++q) {  // a NaN sum (the nearest source pixel is one of the taps)
+            if (!isnan(acc[q])) continue;
             if (isnan(s[centre[q]])) {
                 d[q] = nanf("");
-            } else if (!isnan(acc[q])) {
-                d[q] = acc[q] / wsum[q];
-            } else {  // a NaN tap: the careful sum leaves it out
+            } else {  // a NaN tap elsewhere: the careful sum leaves it out
                 float wx[6], wy[6];
                 for (int k = 0; k < 6; ++k) {
                     wx[k] = WX[k][l + q];
@@ -329,8 +368,8 @@ template <bool LANCZOS3>
 static void warp_block(const float* __restrict__ src, float* __restrict__ dst, long long i0, int cnt,
                        long long n, int channels, int src_h, int src_w, int dst_w, WARP_MAP_PARAMS)
 {
-    float U[WARP_BLOCK], V[WARP_BLOCK], FU[WARP_BLOCK], FV[WARP_BLOCK], HW[WARP_BLOCK];
-    float WX[6][WARP_BLOCK], WY[6][WARP_BLOCK];
+    float U[WARP_BLOCK], V[WARP_BLOCK], FU[WARP_BLOCK], FV[WARP_BLOCK], HW[WARP_BLOCK + WARP_LANES];
+    float WX[6][WARP_BLOCK + WARP_LANES], WY[6][WARP_BLOCK + WARP_LANES];  // lanes past cnt: 0, read and dropped
     const long long row = i0 / dst_w;
     const long long col = i0 - row * dst_w;
     if (lk1 == 0.0f && lk2 == 0.0f && col + cnt <= dst_w) {  // warp_source without a lens, one row
@@ -346,7 +385,7 @@ static void warp_block(const float* __restrict__ src, float* __restrict__ dst, l
             warp_source((float)((i0 + l) % dst_w), (float)((i0 + l) / dst_w), WARP_MAP_ARGS, &U[l], &V[l]);
     }
     for (int l = 0; l < cnt; ++l) {  // a position beyond +-2e9 (or NaN) lies outside the frame: unused
-        const bool near = U[l] > -2e9f && U[l] < 2e9f && V[l] > -2e9f && V[l] < 2e9f;
+        const bool near = (U[l] > -2e9f) & (U[l] < 2e9f) & (V[l] > -2e9f) & (V[l] < 2e9f);  // no branch: vectorises
         FU[l] = warp_floor(near ? U[l] : 0.0f);
         FV[l] = warp_floor(near ? V[l] : 0.0f);
     }
@@ -363,6 +402,10 @@ static void warp_block(const float* __restrict__ src, float* __restrict__ dst, l
             warp_lanczos3_weights(V[l] - FV[l], (FV[l] + 1.0f) - V[l], w);
             for (int k = 0; k < 6; ++k) WY[k][l] = w[k];
         }
+    }
+    for (int l = cnt; l < cnt + WARP_LANES; ++l) {
+        HW[l] = 0.0f;
+        for (int k = 0; k < 6; ++k) WX[k][l] = WY[k][l] = 0.0f;
     }
     // Runs of 4 or more pixels for warp_lanczos3_run (a small rotation gives runs of ~1 / |angle|
     // pixels, cut at the block's end); every other pixel alone.
