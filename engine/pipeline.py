@@ -224,6 +224,8 @@ class SessionContext:
     # select
     candidates: list[int] = field(default_factory=list)  # lights selection kept
     provisional: int = -1  # the provisional reference
+    # foreground-prefetch
+    small_prefetch: Any = None  # landscape.SmallFrames being binned on a thread, or None
     # register
     registration: Any = None  # register.SessionRegistration (mosaic pixels)
     ref: int = -1

@@ -75,3 +75,30 @@ def test_a_registered_stage_runs_in_order_timed_and_the_stack_is_unchanged(night
         assert np.isfinite(image).any()
     finally:
         ctx.store.close()
+
+
+def test_the_landscape_searchs_small_frames_binned_beside_registration_are_the_same(rng):
+    """``PrefetchLandscape`` bins the likely frames on a thread; the landscape stage takes them and
+    bins the rest (a frame registration dropped, the reference it chose): the frames and their order
+    are those of ``small_frames`` itself, and another block size bins everything again."""
+    from skystack.engine import foreground as fgm
+    from skystack.engine.stages.landscape import SmallFrames
+
+    frames = {i: rng.normal(0.1, 0.01, (3, 60, 80)).astype(np.float32) for i in range(20)}
+    frames[4][:, :10] = np.nan
+    reads = []
+
+    def get(i):
+        reads.append(i)
+        return frames[i]
+
+    early = SmallFrames(get, [0, 4, 9, 13], 4)
+    want = [0, 4, 7, 13, 19]
+    got = early.take(get, want, 4)
+    ref = fgm.small_frames(lambda i: frames[i], want, 4)
+    assert list(got) == want == list(ref)
+    for i in want:
+        np.testing.assert_array_equal(got[i], ref[i])
+    assert sorted(reads) == [0, 4, 7, 9, 13, 19]  # each frame read once; 9 read early, not needed
+    again = SmallFrames(get, [0, 4], 4).take(get, [0, 4], 5)
+    np.testing.assert_array_equal(again[4], fgm.small_frames(lambda i: frames[i], [4], 5)[4])

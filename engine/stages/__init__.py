@@ -18,7 +18,7 @@ from skystack.engine.stages.budget import PlanMemory
 from skystack.engine.stages.calibration import BuildMasters
 from skystack.engine.stages.canvas import MakeCanvas
 from skystack.engine.stages.description import DescribeRegistration
-from skystack.engine.stages.landscape import SeparateLandscape
+from skystack.engine.stages.landscape import PrefetchLandscape, SeparateLandscape
 from skystack.engine.stages.lights import CalibrateLights
 from skystack.engine.stages.registration import RegisterFrames
 from skystack.engine.stages.scan import ScanHeaders
@@ -34,6 +34,7 @@ SESSION_STAGES: tuple[Stage, ...] = (
     OpenStore(),  # the frame store: device memory, RAM or a spill file
     CalibrateLights(),  # pass 1: decode, calibrate, detect, debayer -> store
     SelectFrames(),  # quality selection, provisional reference
+    PrefetchLandscape(),  # the landscape search's small frames, binned beside registration
     RegisterFrames(),  # transforms (and lens) to the reference
     SeparateLandscape(),  # the still landscape, stacked unregistered
     MakeCanvas(),  # the output grid

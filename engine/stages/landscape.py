@@ -8,6 +8,7 @@ seam (:func:`skystack.engine.stack._blend_landscape`).
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,48 @@ from skystack.engine.workers import run_parallel
 _FG_MARGIN_BLOCKS, _FG_FEATHER_BLOCKS = 1.5, 2.0
 
 
+class PrefetchLandscape:
+    """Start binning the frames the landscape search will most likely read (``--foreground auto``,
+    a host store) on a thread of their own, while registration keeps one core busy with Python:
+    ``small_prefetch`` (None when there is nothing to start)."""
+
+    name = "foreground-prefetch"
+    timer = None
+    consumes = ("candidates", "provisional", "store")
+    produces = ("small_prefetch",)
+
+    def run(self, ctx: SessionContext) -> None:
+        ctx.small_prefetch = None
+        if ctx.config.foreground == "auto" and not ctx.store.on_device and len(ctx.candidates) >= 3:
+            pick = _pick(ctx.candidates, ctx.provisional)  # registration seldom changes either
+            ctx.small_prefetch = SmallFrames(ctx.store.get, pick, fgm.small_bin(ctx.out_shape))
+
+
+class SmallFrames:
+    """:func:`~skystack.engine.foreground.small_frames` of ``indices``, made on a daemon thread."""
+
+    def __init__(self, get, indices: list[int], b: int) -> None:
+        self.b, self.frames = b, {}
+        self._thread = threading.Thread(target=self._bin, args=(get, indices), name="skystack-small", daemon=True)
+        self._thread.start()
+
+    def _bin(self, get, indices: list[int]) -> None:
+        for i in indices:
+            self.frames[i] = fgm.block_mean(get(i), self.b)
+
+    def take(self, get, indices: list[int], b: int) -> dict[int, np.ndarray]:
+        """The small frames of ``indices`` in their order: those binned already, the rest now."""
+        self._thread.join()
+        have = self.frames if b == self.b else {}
+        rest = fgm.small_frames(get, [i for i in indices if i not in have], b)
+        return {i: have[i] if i in have else rest[i] for i in indices}
+
+
+def _pick(used: list[int], ref: int) -> list[int]:
+    """The frames the landscape search reads: spread over the session, and the reference."""
+    return sorted(set(_spread(used, fgm.N_FRAMES - 1)) | {ref})
+
+
 class SeparateLandscape:
     """Find the landscape (still while the sky turns, without stars, below a silhouette edge), write
     it to ``--save-mask`` if asked, and stack it: ``land`` is None when there is none."""
@@ -38,7 +81,7 @@ class SeparateLandscape:
     name = "foreground"
     timer = "foreground"
     consumes = ("registration", "used", "ref", "store", "store_transforms", "store_lens", "calibration",
-                "calibration_config", "budget", "plan")
+                "calibration_config", "budget", "plan", "small_prefetch")
     produces = ("foreground", "land", "sky_exclusion")
 
     def run(self, ctx: SessionContext) -> None:
@@ -47,7 +90,8 @@ class SeparateLandscape:
         sky_xy = np.concatenate([sreg.sky_stars[i] for i in used if i in sreg.sky_stars] or [np.zeros((0, 2))])
         sky_xy = (sky_xy - 0.5) / 2.0 if superpixel else sky_xy
         fg = _foreground(ctx.config, ctx.store, used, ctx.ref, ctx.store_transforms, ctx.store_lens, motion,
-                         out_shape, ctx.lights, sky_xy)
+                         out_shape, ctx.lights, sky_xy, ctx.small_prefetch)
+        ctx.small_prefetch = None
         ctx.foreground, ctx.land, ctx.sky_exclusion = fg, None, None
         if fg.found:
             ctx.land = _landscape_stack(fg, [ctx.lights[i] for i in used], ctx, 2 if superpixel else 1)
@@ -61,7 +105,8 @@ def _fg_margins(shape: tuple[int, int]) -> tuple[float, float]:
 
 
 def _foreground(config: StackConfig, store, used: list[int], ref: int, transforms: dict[int, np.ndarray], lens,
-                motion: float, shape: tuple[int, int], lights: list[Path], star_xy: np.ndarray):
+                motion: float, shape: tuple[int, int], lights: list[Path], star_xy: np.ndarray,
+                prefetch: SmallFrames | None = None):
     """The landscape of the session (``--foreground auto|none|MASK``), written to ``--save-mask`` if asked."""
     if config.foreground == "none":
         fg = fgm.none("none (--foreground none)")
@@ -70,9 +115,8 @@ def _foreground(config: StackConfig, store, used: list[int], ref: int, transform
     elif motion < fgm.MIN_MOTION_PX:
         fg = fgm.detect_foreground({}, transforms, shape, 1, motion_px=motion)
     else:
-        b = fgm.small_bin(shape)
-        pick = sorted(set(_spread(used, fgm.N_FRAMES - 1)) | {ref})
-        small = fgm.small_frames(store.get, pick, b)
+        b, pick = fgm.small_bin(shape), _pick(used, ref)
+        small = prefetch.take(store.get, pick, b) if prefetch is not None else fgm.small_frames(store.get, pick, b)
         fg = fgm.detect_foreground(small, {i: transforms[i] for i in pick}, shape, b, lens=lens, motion_px=motion,
                                    star_xy=star_xy)
     if config.save_mask:
