@@ -275,3 +275,27 @@ def test_bad_foreground_and_framing_are_one_line_errors(tmp_path):
     with pytest.raises(SkystackError, match=r"m.png: mask is 20x10 but the lights are 64x48"):
         load_mask(p, (48, 64))
     assert load_mask(p, (10, 20)).mask.sum() == 0
+
+
+def test_block_mean_is_numpys_nanmean_and_quiet_from_threads(rng):
+    """The small frames' block means are NumPy's nanmean bit for bit (NaN-only blocks NaN), and binning
+    in several threads at once gives no "Mean of empty slice" warning (warnings filters are global)."""
+    import warnings
+
+    from skystack.engine.foreground import block_mean
+    from skystack.engine.workers import map_threads
+
+    imgs = [rng.normal(0.1, 0.02, (3, 61, 83)).astype(np.float32) for _ in range(8)]
+    for img in imgs:
+        img[:, rng.random((61, 83)) < 0.2] = np.nan
+        img[:, :8] = np.nan  # whole blocks without data
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        got = map_threads(lambda im: block_mean(im, 4), imgs)
+    assert not [w for w in seen if "empty slice" in str(w.message)]
+    for img, g in zip(imgs, got):
+        lum = img.mean(axis=0)[:60, :80].reshape(15, 4, 20, 4)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ref = np.nanmean(lum, axis=(1, 3)).astype(np.float32)
+        assert g.dtype == np.float32 and np.array_equal(g, ref, equal_nan=True) and np.isnan(g[:2]).all()
