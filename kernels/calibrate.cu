@@ -68,6 +68,63 @@ __device__ float calc_median(float* v, int n) {
 }
 
 // n_items = planes * H * W; all arrays but mask are (planes, H, W), mask is (H, W).
+// Item i (plane p, pixel j of the plane) of calibrate_cosmetic_kernel.
+__device__ __forceinline__ void cal_cosmetic_item(float* out, const float* light, const float* bias,
+                                                  const float* dark, const float* flat,
+                                                  const unsigned char* mask, long long i, long long p,
+                                                  long long j, long long hw, int H, int W, int pat,
+                                                  int has_bias, int has_dark, int has_flat, float dark_scale) {
+    if (mask[j] == 0) {
+        out[i] = cal_pixel(light, bias, dark, flat, i, has_bias, has_dark, has_flat, dark_scale);
+        return;
+    }
+    int y = (int)(j / W);
+    int x = (int)(j - (long long)y * W);
+    int kind = (pat < 0) ? 0 : ((calc_colour(pat, y, x) == 1) ? 1 : 2);
+    float v[8];
+    int m = 0;
+    for (int k = 0; k < 8; ++k) {
+        int dy, dx;
+        calc_offset(kind, k, &dy, &dx);
+        int yy = y + dy, xx = x + dx;
+        if (yy < 0 || yy >= H || xx < 0 || xx >= W) continue;
+        long long jj = (long long)yy * W + xx;
+        if (mask[jj] != 0) continue;
+        float s = cal_pixel(light, bias, dark, flat, p * hw + jj, has_bias, has_dark, has_flat, dark_scale);
+        if (!calc_finite(s)) continue;
+        v[m] = s;
+        m = m + 1;
+    }
+    out[i] = calc_median(v, m);
+}
+
+#ifdef SKYSTACK_NATIVE
+// Native builds (kernels/native.py) run the loop over a contiguous chunk of items: the plane and
+// pixel counted along it (no 64-bit division per item, which took most of the time), then i moves
+// to the chunk's last item (the loop's ++i ends it). The same operations: the same bits.
+#define CAL_COSMETIC_BODY                                                                          \
+    {                                                                                              \
+        const long long last = skystack_item_end < n ? skystack_item_end : n;                     \
+        long long p = i / hw;                                                                      \
+        for (long long j = i - p * hw; i < last; ++i) {                                            \
+            cal_cosmetic_item(out, light, bias, dark, flat, mask, i, p, j, hw, H, W, pat, has_bias, \
+                              has_dark, has_flat, dark_scale);                                     \
+            if (++j == hw) {                                                                       \
+                j = 0;                                                                             \
+                ++p;                                                                               \
+            }                                                                                      \
+        }                                                                                          \
+        i = last - 1;                                                                              \
+    }
+#else
+#define CAL_COSMETIC_BODY                                                                          \
+    {                                                                                              \
+        const long long p = i / hw;                                                                \
+        cal_cosmetic_item(out, light, bias, dark, flat, mask, i, p, i - p * hw, hw, H, W, pat,     \
+                          has_bias, has_dark, has_flat, dark_scale);                               \
+    }
+#endif
+
 extern "C" __global__ void calibrate_cosmetic_kernel(float* out, const float* light, const float* bias,
                                                      const float* dark, const float* flat,
                                                      const unsigned char* mask, long long n, int H, int W,
@@ -75,30 +132,6 @@ extern "C" __global__ void calibrate_cosmetic_kernel(float* out, const float* li
                                                      float dark_scale) {
     long long hw = (long long)H * W;
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
-         i += (long long)blockDim.x * gridDim.x) {
-        long long p = i / hw;
-        long long j = i - p * hw;
-        if (mask[j] == 0) {
-            out[i] = cal_pixel(light, bias, dark, flat, i, has_bias, has_dark, has_flat, dark_scale);
-            continue;
-        }
-        int y = (int)(j / W);
-        int x = (int)(j - (long long)y * W);
-        int kind = (pat < 0) ? 0 : ((calc_colour(pat, y, x) == 1) ? 1 : 2);
-        float v[8];
-        int m = 0;
-        for (int k = 0; k < 8; ++k) {
-            int dy, dx;
-            calc_offset(kind, k, &dy, &dx);
-            int yy = y + dy, xx = x + dx;
-            if (yy < 0 || yy >= H || xx < 0 || xx >= W) continue;
-            long long jj = (long long)yy * W + xx;
-            if (mask[jj] != 0) continue;
-            float s = cal_pixel(light, bias, dark, flat, p * hw + jj, has_bias, has_dark, has_flat, dark_scale);
-            if (!calc_finite(s)) continue;
-            v[m] = s;
-            m = m + 1;
-        }
-        out[i] = calc_median(v, m);
-    }
+         i += (long long)blockDim.x * gridDim.x)
+        CAL_COSMETIC_BODY
 }

@@ -27,16 +27,49 @@ __device__ __forceinline__ void rawconv_levels(long long i, int width, int heigh
     *r = rawconv_pick(pos, range0, range1, range2, range3);
 }
 
+#ifdef SKYSTACK_NATIVE
+// Native builds (kernels/native.py) run each kernel's loop over a contiguous chunk of items: there
+// the chunk goes row by row, the tile's levels picked once per row (no 64-bit division per item,
+// which took half the time), then i moves to the chunk's last item (the loop's ++i ends it). The
+// same operations: the same bits.
+#define RAWCONV_BODY(VALUE)                                                                     \
+    {                                                                                           \
+        const long long last = skystack_item_end < n ? skystack_item_end : n;                  \
+        long long x = i % width;                                                                \
+        long long y = (i / width) % height;                                                     \
+        while (i < last) {                                                                      \
+            const long long stop = last - i < width - x ? last : i + (width - x);               \
+            const int p0 = (int)((y & 1) << 1);                                                 \
+            const float b0 = rawconv_pick(p0, black0, black1, black2, black3);                  \
+            const float b1 = rawconv_pick(p0 | 1, black0, black1, black2, black3);              \
+            const float r0 = rawconv_pick(p0, range0, range1, range2, range3);                  \
+            const float r1 = rawconv_pick(p0 | 1, range0, range1, range2, range3);              \
+            for (; i < stop; ++i, ++x) {                                                        \
+                const bool odd = (x & 1) != 0;                                                  \
+                out[i] = (VALUE - (odd ? b1 : b0)) / (odd ? r1 : r0);                           \
+            }                                                                                   \
+            x = 0;                                                                              \
+            y = y + 1 == height ? 0 : y + 1;                                                    \
+        }                                                                                       \
+        i = last - 1;                                                                           \
+    }
+#else
+#define RAWCONV_BODY(VALUE)                                                                     \
+    {                                                                                           \
+        float b, r;                                                                             \
+        rawconv_levels(i, width, height, black0, black1, black2, black3, range0, range1, range2, \
+                       range3, &b, &r);                                                         \
+        out[i] = (VALUE - b) / r;                                                               \
+    }
+#endif
+
 // uint16 input (camera RAW, 16-bit FITS/TIFF): 2 bytes per pixel cross the bus.
 extern "C" __global__ void cfa_to_float_u16(const unsigned short* __restrict__ raw, float* __restrict__ out,
                                             long long n, int width, int height, RAWCONV_LEVELS)
 {
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
-         i += (long long)blockDim.x * gridDim.x) {
-        float b, r;
-        rawconv_levels(i, width, height, black0, black1, black2, black3, range0, range1, range2, range3, &b, &r);
-        out[i] = ((float)raw[i] - b) / r;
-    }
+         i += (long long)blockDim.x * gridDim.x)
+        RAWCONV_BODY((float)raw[i])
 }
 
 // float32 input (float FITS/TIFF, or other integer types converted first).
@@ -44,9 +77,6 @@ extern "C" __global__ void cfa_to_float_f32(const float* __restrict__ raw, float
                                             long long n, int width, int height, RAWCONV_LEVELS)
 {
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
-         i += (long long)blockDim.x * gridDim.x) {
-        float b, r;
-        rawconv_levels(i, width, height, black0, black1, black2, black3, range0, range1, range2, range3, &b, &r);
-        out[i] = (raw[i] - b) / r;
-    }
+         i += (long long)blockDim.x * gridDim.x)
+        RAWCONV_BODY(raw[i])
 }

@@ -107,7 +107,7 @@ def test_follows_kernel_rules(src):
 
 def _broken_copy() -> str:
     good = read_source("rawconv.cu")
-    bad = good.replace("out[i] = ((float)raw[i] - b) / r;", "out[i] = ((float)raw[i] - black) / r;")
+    bad = good.replace("out[i] = (VALUE - b) / r;", "out[i] = (VALUE - black) / r;")
     assert bad != good
     return bad
 

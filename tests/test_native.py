@@ -93,6 +93,45 @@ def test_rawconv_native_equals_twin(monkeypatch, rng, kind):
     np.testing.assert_array_equal(rawconv_mod.cfa_to_float(raw, **kw), twin)
 
 
+def test_native_row_walks_give_the_emulators_bits(rng):
+    """Native builds walk raw conversion and the fused calibration + defect fix row by row (no
+    64-bit division per item): the emulator's bits (one item at a time) across planes of odd height
+    (the CFA row parity restarts with each plane), chunks that end inside rows and planes, and one
+    or three cores."""
+    from skystack.kernels.emulate import emulated
+
+    levels = [np.float32(v) for v in (0.01, 0.02, 0.03, 0.04, 0.9, 0.8, 0.7, 0.6)]
+    for planes, h, w in ((1, 37, 50), (3, 37, 51), (2, 5, 1001)):
+        n = planes * h * w
+        raw = rng.integers(0, 4096, size=(planes, h, w)).astype(np.uint16)
+        light = rng.normal(0.3, 0.05, (planes, h, w)).astype(np.float32)
+        mask = (rng.random((h, w)) < 0.05).astype(np.uint8)
+        calib = (light, light * 0.1, light * 0.2, light * 0 + 0.9)
+        runs = {"cfa_to_float_u16": (raw, np.int64(n), np.int32(w), np.int32(h), *levels),
+                "cfa_to_float_f32": (raw.astype(np.float32), np.int64(n), np.int32(w), np.int32(h), *levels)}
+        for kernel, (src, *rest) in runs.items():
+            want = np.empty((planes, h, w), np.float32)
+            emulated("rawconv.cu").launch(kernel, n, (src, want, *rest))
+            mod = native("rawconv.cu")
+            for threads in (1, 3):
+                mod.set_threads(threads)
+                got = np.full_like(want, np.nan)
+                mod.launch(kernel, n, (src, got, *rest))
+                np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32))
+            mod.set_threads(threads_default())
+        args = (*calib, mask, np.int64(n), np.int32(h), np.int32(w), np.int32(0b01101001), np.int32(1),
+                np.int32(1), np.int32(1), np.float32(0.8))
+        want = np.empty_like(light)
+        emulated("calibrate.cu").launch("calibrate_cosmetic_kernel", n, (want, *args))
+        mod = native("calibrate.cu")
+        for threads in (1, 3):
+            mod.set_threads(threads)
+            got = np.full_like(want, np.nan)
+            mod.launch("calibrate_cosmetic_kernel", n, (got, *args))
+            np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32))
+        mod.set_threads(threads_default())
+
+
 @pytest.mark.parametrize("with_defects", [False, True])
 @pytest.mark.parametrize("mode", ["on", "auto"])
 def test_calibrate_native_equals_twin(monkeypatch, rng, with_defects, mode):
