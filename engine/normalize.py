@@ -390,7 +390,13 @@ def frame_measures(image: np.ndarray, ap: StarApertures) -> tuple[FrameStats, np
     (FrameStats, ndarray)
         Its statistics and its ``(C,)`` star-flux ratio to the reference.
     """
-    return robust_stats(image, scale_sample=FALLBACK_SCALE_SAMPLE), signal_ratios(image, ap)
+    return frame_stats(image), signal_ratios(image, ap)
+
+
+def frame_stats(image: np.ndarray) -> FrameStats:
+    """:func:`frame_measures`' statistics, which need no apertures: :func:`robust_stats` with the
+    fallback dispersion from :data:`FALLBACK_SCALE_SAMPLE` pixels."""
+    return robust_stats(image, scale_sample=FALLBACK_SCALE_SAMPLE)
 
 
 def normalization_factors(stats: list[FrameStats], ref: int, method: str,

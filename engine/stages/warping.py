@@ -7,6 +7,7 @@ on the device only numbers come down, and the store is not read again.
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import numpy as np
@@ -31,15 +32,8 @@ class WarpFrames:
 
     def run(self, ctx: SessionContext) -> None:
         frames = _Warper(ctx)
-        step = ctx.report.bar("warp + normalize", len(ctx.used))
-        ref_frame = frames.warp(ctx.ref)
-        ref_frame = ctx.target.get(ctx.ref) if ref_frame is None else ref_frame
-        frames.apertures = normalize.star_apertures(ref_frame)
-        ctx.frame_stats[ctx.ref] = normalize.frame_measures(ref_frame, frames.apertures)
-        del ref_frame
-        step()
-        run_parallel(frames.warp_measure, [i for i in ctx.used if i != ctx.ref],
-                     compute_threads(ctx.backend, ctx.config), on_done=step)
+        run_parallel(frames.warp_measure, [ctx.ref, *(i for i in ctx.used if i != ctx.ref)],
+                     compute_threads(ctx.backend, ctx.config), on_done=ctx.report.bar("warp + normalize", len(ctx.used)))
         ctx.landscape = _placed_landscape(ctx) if ctx.land is not None else None
         if ctx.target is not ctx.store:
             ctx.store.close()
@@ -47,15 +41,35 @@ class WarpFrames:
 
 
 class _Warper:
-    """Warps frames of the store into the canvas's store (``target``), on the store's backend."""
+    """Warps frames of the store into the canvas's store (``target``), on the store's backend.
+
+    The reference goes first: its stars are the apertures of every frame's star-flux ratio. The
+    other workers warp their frames and take their statistics meanwhile, and wait for the
+    apertures only for the ratio (their numbers are those of :func:`normalize.frame_measures`).
+    """
 
     def __init__(self, ctx: SessionContext) -> None:
         self.ctx = ctx
         self.apertures: Any = None  # the reference's stars (normalize.star_apertures), once it is warped
+        self._ready = threading.Event()
 
     def warp_measure(self, i: int) -> None:
-        """Warp frame ``i`` and keep its normalisation statistics."""
-        self.ctx.frame_stats[i] = normalize.frame_measures(self.warp(i), self.apertures)
+        """Warp frame ``i`` and keep its normalisation statistics (the reference: and its apertures)."""
+        ctx = self.ctx
+        if i == ctx.ref:
+            try:
+                img = self.warp(i)
+                img = ctx.target.get(i) if img is None else img
+                self.apertures = normalize.star_apertures(img)
+            finally:
+                self._ready.set()
+        else:
+            img = self.warp(i)
+        stats = normalize.frame_stats(img)
+        self._ready.wait()
+        if self.apertures is None:  # the reference failed: its error is the one raised
+            return
+        ctx.frame_stats[i] = (stats, normalize.signal_ratios(img, self.apertures))
 
     def warp(self, i: int) -> Any:
         """Warp (or place) frame ``i`` into ``target``; the frame stored, or None if left as it was."""
