@@ -468,17 +468,17 @@ class _TileCombiner:
 
     def add(self, block, row: int) -> None:
         """Combine ``block`` ``(N, C, rows, W)``, whose first row is output row ``row``."""
-        bxp = array_module(block)  # the device for the VRAM store, else the host
         n_rows = block.shape[2]
-        self.coverage[row:row + n_rows] = self.be.to_host(bxp.isfinite(block[:, 0]).sum(axis=0, dtype=bxp.int16))
         cuts = np.linspace(0, n_rows, min(self.threads, n_rows) + 1).astype(int)
         bands = list(zip(cuts[:-1], cuts[1:]))
         run_parallel(partial(self._band, block, row, len(bands)), bands, self.threads)
 
     def _band(self, block, row: int, n_bands: int, band: tuple[int, int]) -> None:
-        """Every channel of rows ``band`` of ``block``."""
+        """Every channel of rows ``band`` of ``block``, and their coverage."""
         xp, be, config = self.be.xp, self.be, self.config
         r0, r1 = band  # rows of the block
+        bxp = array_module(block)  # the device for the VRAM store, else the host
+        self.coverage[row + r0:row + r1] = be.to_host(bxp.isfinite(block[:, 0, r0:r1]).sum(axis=0, dtype=bxp.int16))
         for ch in range(block.shape[1]):
             cube = xp.ascontiguousarray(xp.asarray(block[:, ch, r0:r1]))  # a host block goes up here
             with cpu_workers(n_bands):
