@@ -271,22 +271,26 @@ def _evidence(hp: dict[int, np.ndarray], trans: dict[int, np.ndarray], small_sha
     hs, ws = small_shape
     grid = _grid(hs, ws, b)
     ideal = grid if lens is None else lens.undistort(grid)  # reference ideal pixels of the small grid
-    stack = []
-    for k, img in hp.items():  # each frame on the reference's ideal grid
+
+    def on_reference(k: int) -> np.ndarray:  # frame k on the reference's ideal grid
         src = transform_points(np.linalg.inv(trans[k]), ideal)
         src = src if lens is None else lens.distort(src)
-        stack.append(_sample(img, _to_small(src, b)).reshape(hs, ws))
+        return _sample(hp[k], _to_small(src, b)).reshape(hs, ws)
+
     # the frames' medians per pixel (numpy's nanmedian of 12 values goes through masked arrays: 3x the time)
-    sky = nanmedian_last(np.stack(stack, axis=-1))
+    sky = nanmedian_last(np.stack(map_threads(on_reference, list(hp)), axis=-1))
     static = nanmedian_last(np.stack(list(hp.values()), axis=-1))
-    rec_ideal = grid if lens is None else lens.undistort(grid)
-    acc = np.zeros((hs, ws), dtype=np.float64)
-    cnt = np.zeros((hs, ws), dtype=np.float64)
-    for k, img in hp.items():  # sky prediction mapped back into frame k
-        q = transform_points(trans[k], rec_ideal)
+
+    def residual(k: int) -> np.ndarray:  # the sky prediction mapped back into frame k, against the still one
+        q = transform_points(trans[k], ideal)
         q = q if lens is None else lens.distort(q)
         pred = _sample(sky, _to_small(q, b)).reshape(hs, ws)
-        d = (np.abs(img - pred) - np.abs(img - static)) / _noise(img)
+        img = hp[k]
+        return (np.abs(img - pred) - np.abs(img - static)) / _noise(img)
+
+    acc = np.zeros((hs, ws), dtype=np.float64)
+    cnt = np.zeros((hs, ws), dtype=np.float64)
+    for d in map_threads(residual, list(hp)):  # the frames on the cores, summed in their order
         ok = np.isfinite(d)
         acc[ok] += d[ok]
         cnt[ok] += 1
