@@ -32,8 +32,9 @@ class WarpFrames:
 
     def run(self, ctx: SessionContext) -> None:
         frames = _Warper(ctx)
+        step = ctx.report.bar("warp + normalize", len(ctx.used))
         run_parallel(frames.warp_measure, [ctx.ref, *(i for i in ctx.used if i != ctx.ref)],
-                     compute_threads(ctx.backend, ctx.config), on_done=ctx.report.bar("warp + normalize", len(ctx.used)))
+                     compute_threads(ctx.backend, ctx.config), on_done=step)
         ctx.landscape = _placed_landscape(ctx) if ctx.land is not None else None
         if ctx.target is not ctx.store:
             ctx.store.close()
