@@ -131,10 +131,12 @@ def read_header(path: str | os.PathLike) -> Header | None:
     return Header(values, n * BLOCK)
 
 
-def read_pixels(path: str | os.PathLike, header: Header, shape: tuple[int, ...]) -> np.ndarray | None:
-    """The primary image's pixels (``shape``, native byte order) for BITPIX 8, 16 and -32 without
-    scaling (BZERO 0, BSCALE 1), else None (ask astropy). Unsigned 16-bit data (BZERO 32768) is
-    read by :func:`skystack.engine.io._read_fits_u16`."""
+def read_pixels(path: str | os.PathLike, header: Header, shape: tuple[int, ...] | None = None) -> np.ndarray | None:
+    """The primary image's pixels (``shape``, default the header's axes slowest first, native byte
+    order) for BITPIX 8, 16 and -32 without scaling (BZERO 0, BSCALE 1), else None (ask astropy).
+    Unsigned 16-bit data (BZERO 32768) is read by :func:`skystack.engine.io._read_fits_u16`."""
+    if shape is None:
+        shape = tuple(int(header.get(f"NAXIS{i}", 0)) for i in range(header["NAXIS"], 0, -1))
     dtype = _DTYPES.get(header.get("BITPIX"))
     if dtype is None or header.get("BZERO", 0) != 0 or header.get("BSCALE", 1) != 1:
         return None

@@ -324,8 +324,7 @@ def _read_master_file(p: Path) -> tuple[Any, np.ndarray | None]:
 
     h = read_header(p)
     if h is not None:
-        naxis = [int(h.get(f"NAXIS{i}", 0)) for i in range(int(h["NAXIS"]), 0, -1)]
-        data = read_pixels(p, h, tuple(naxis))
+        data = read_pixels(p, h)
         if data is not None:
             return h, data.astype(np.float32, copy=False)
     from astropy.io import fits
