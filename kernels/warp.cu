@@ -385,7 +385,7 @@ static void warp_block(const float* __restrict__ src, float* __restrict__ dst, l
             warp_source((float)((i0 + l) % dst_w), (float)((i0 + l) / dst_w), WARP_MAP_ARGS, &U[l], &V[l]);
     }
     for (int l = 0; l < cnt; ++l) {  // a position beyond +-2e9 (or NaN) lies outside the frame: unused
-        const bool near = (U[l] > -2e9f) & (U[l] < 2e9f) & (V[l] > -2e9f) & (V[l] < 2e9f);  // no branch: vectorises
+        const bool near = U[l] > -2e9f && U[l] < 2e9f && V[l] > -2e9f && V[l] < 2e9f;
         FU[l] = warp_floor(near ? U[l] : 0.0f);
         FV[l] = warp_floor(near ? V[l] : 0.0f);
     }
