@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from skystack.engine.backend import CPU
-from skystack.engine.memory import plan_memory, return_freed_memory
+from skystack.engine.memory import keep_freed_memory, plan_memory, return_freed_memory
 from skystack.engine.pipeline import SessionContext, compute_threads
 
 
@@ -29,4 +29,6 @@ class PlanMemory:
         if plan.limit is not None:  # frames in flight (decoders and workers) within the limit
             ctx.config = replace(config, workers=plan.threads, queue_size=plan.queue_size)
             return_freed_memory()  # and freed buffers not kept resident by the allocator
+        else:
+            keep_freed_memory()  # freed buffers reused, not faulted in afresh
         ctx.plan = plan
