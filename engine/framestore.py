@@ -18,6 +18,7 @@ import numpy as np
 
 from skystack.engine.backend import run_cpu
 from skystack.engine.errors import OutputError
+from skystack.engine.memory import store_layout
 
 
 def _spill_error(where: Path | str, exc: OSError) -> OutputError:
@@ -34,8 +35,9 @@ HALF_SCALE = 16.0
 _HALF_SRC = "half.cu"
 
 
-def to_half(img: np.ndarray, scale: float) -> np.ndarray:
-    """``img * scale`` (float32 product) rounded to float16, C-contiguous.
+def to_half(img: np.ndarray, scale: float, out: np.ndarray | None = None) -> np.ndarray:
+    """``img * scale`` (float32 product) rounded to float16, C-contiguous (into ``out``, a C-contiguous
+    float16 array of ``img``'s shape, when given).
 
     The ``to_half`` kernel of ``kernels/half.cu`` built for the host where it is
     faster (NumPy's float16 cast, without hardware conversion, ~2.8 ns a value
@@ -43,7 +45,7 @@ def to_half(img: np.ndarray, scale: float) -> np.ndarray:
     bits are the same.
     """
     src = np.ascontiguousarray(img, dtype=np.float32)
-    out = np.empty(src.shape, dtype=np.float16)
+    out = np.empty(src.shape, dtype=np.float16) if out is None else out
     n = src.size
 
     def native(mod):
@@ -78,7 +80,7 @@ def from_half(stored: np.ndarray, scale: float, out: np.ndarray | None = None) -
 
 
 class FrameStore:
-    """``n`` frames of shape ``(C, H, W)`` in RAM or in a disk-backed memmap.
+    """``n`` frames of shape ``(C, H, W)`` in RAM or in a spill file on disk.
 
     Parameters
     ----------
@@ -90,10 +92,12 @@ class FrameStore:
         Bytes the store may take in RAM; above it the store spills to disk.
         ``None`` keeps everything in RAM.
     dtype : {"float32", "float16"}
-        Storage type of the spill cache (RAM storage is always float32). Float16
-        values are kept divided by :data:`HALF_SCALE` (a power of two: no rounding
-        of its own), so the spill holds up to ~1e6 ADU, beyond a flat-fielded
-        saturated star, with float16's 11 significant bits.
+        Storage type of the spill cache, and of the RAM store when float32 does
+        not fit in ``ram_budget`` but this does
+        (:func:`~skystack.engine.memory.store_layout`). Float16 values are kept
+        divided by :data:`HALF_SCALE` (a power of two: no rounding of its own),
+        so they reach ~1e6 ADU, beyond a flat-fielded saturated star, with
+        float16's 11 significant bits.
     spill_dir : path or None
         Folder for the cache file (default: the system temp folder). The cache
         lives in a ``skystack-store-*`` folder locked by this process; such
@@ -107,15 +111,14 @@ class FrameStore:
                  dtype: str = "float32", spill_dir: str | os.PathLike | None = None) -> None:
         self.n = int(n)
         self.shape = tuple(int(s) for s in shape)
-        need = self.n * int(np.prod(self.shape)) * 4
-        self.on_disk = ram_budget is not None and need > ram_budget
+        held, self.on_disk = store_layout(self.n * int(np.prod(self.shape)) * 4, ram_budget, dtype)
+        self.dtype = np.dtype(held)
         self._dir: Path | None = None
         self._fd: int | None = None
         self._lock: int | None = None
         if self.on_disk:
             from skystack.engine.output import live_dir
 
-            self.dtype = np.dtype(dtype)
             try:
                 self._dir, self._lock = live_dir("skystack-store-", spill_dir)
                 self._fd = os.open(self._dir / "frames.bin", os.O_RDWR | os.O_CREAT, 0o600)
@@ -125,8 +128,7 @@ class FrameStore:
                 raise _spill_error(where, exc) from exc
             self._data = None
         else:
-            self.dtype = np.dtype(np.float32)
-            self._data = np.empty((self.n, *self.shape), dtype=np.float32)
+            self._data = np.empty((self.n, *self.shape), dtype=self.dtype)
         c, h, w = self.shape
         self._row = w * self.dtype.itemsize
         self._plane = h * self._row
@@ -146,7 +148,10 @@ class FrameStore:
         """Store frame ``i`` (``(C,H,W)`` or ``(H,W)`` for C = 1)."""
         img = np.asarray(image, dtype=np.float32).reshape(self.shape)
         if self._fd is None:
-            self._data[i] = img
+            if self.dtype == np.float32:
+                self._data[i] = img
+            else:
+                to_half(img, 1.0 / HALF_SCALE, out=self._data[i])
             return
         buf = memoryview(self._encode(img)).cast("B")  # no copy when float32 already so
         done = 0
@@ -175,9 +180,11 @@ class FrameStore:
     def get(self, i: int, out: np.ndarray | None = None) -> np.ndarray:
         """Frame ``i`` as float32 ``(C, H, W)``: a view of the RAM store, or read from the spill
         (into ``out``, a caller's reused float32 buffer of that shape, when given)."""
-        if self._fd is None:
+        if self._fd is None and self.dtype == np.float32:
             return self._data[i]
         out = np.empty(self.shape, dtype=np.float32) if out is None else out
+        if self._fd is None:
+            return self._decode(self._data[i], out=out)
         if self.dtype == np.float32:  # straight into the result: one frame, not two
             self._read_into(out, i * self._frame)
             return out
@@ -206,9 +213,9 @@ class FrameStore:
         c, h, w = self.shape
         x1 = w if x1 is None else x1
         if self._fd is None:
-            if len(idx) == self.n and idx == list(range(self.n)):
-                return np.asarray(self._data[:, :, y0:y1, x0:x1], dtype=np.float32)
-            return np.asarray(self._data[idx, :, y0:y1, x0:x1], dtype=np.float32)
+            every = len(idx) == self.n and idx == list(range(self.n))
+            block = self._data[:, :, y0:y1, x0:x1] if every else self._data[idx, :, y0:y1, x0:x1]
+            return np.asarray(block, dtype=np.float32) if self.dtype == np.float32 else self._decode(block)
         out = np.empty((len(idx), c, y1 - y0, x1 - x0), dtype=np.float32)
         direct = self.dtype == np.float32 and x0 == 0 and x1 == w  # whole rows: read into the block
         rows = out if direct else np.empty((len(idx), c, y1 - y0, w), dtype=self.dtype)

@@ -4,8 +4,9 @@ The limit bounds the whole process above the interpreter's own baseline (the
 modules imported), not only the frame store. It is split once, from the frame
 sizes, into:
 
-* the frame store: in RAM when it takes at most half of the limit, else spilled
-  to disk (:class:`~skystack.engine.framestore.FrameStore`);
+* the frame store: in RAM when it takes at most half of the limit (as float32,
+  or as the spill's float16 when only that fits), else spilled to disk
+  (:class:`~skystack.engine.framestore.FrameStore`, :func:`store_layout`);
 * the frames in flight: each frame being calibrated, debayered or warped needs
   about :data:`FRAME_WORK_BPP` bytes per mosaic pixel, each decoded frame
   waiting in the queue :data:`DECODED_BPP`; the threads and the queue shrink
@@ -77,8 +78,29 @@ class MemoryPlan:
             raise SkystackError(f"invalid memory plan {self}")
 
 
+def store_layout(float32_bytes: int, ram_budget: int | None, dtype: str = "float16") -> tuple[str, bool]:
+    """How a host frame store of ``float32_bytes`` (its frames in float32) holds them.
+
+    In RAM as float32 when that fits in ``ram_budget`` (None: no budget); else
+    in RAM as ``dtype`` (the spill's type) when that fits; else spilled to disk
+    as ``dtype``. The RAM the store takes never exceeds the budget either way;
+    float16 in RAM costs the same rounding as the float16 spill it replaces,
+    without writing the frames through the page cache and reading them back.
+
+    Returns
+    -------
+    (str, bool)
+        The stored dtype and whether the store spills to disk.
+    """
+    if ram_budget is None or float32_bytes <= ram_budget:
+        return "float32", False
+    itemsize = 2 if str(dtype) == "float16" else 4
+    return str(dtype), float32_bytes // 4 * itemsize > ram_budget
+
+
 def plan_memory(limit: int | None, *, available: int, frame_px: int, store_bytes: int, out_px: int,
-                channels: int, threads: int, queue_size: int, gpu: bool = False) -> MemoryPlan:
+                channels: int, threads: int, queue_size: int, gpu: bool = False,
+                store_dtype: str = "float16") -> MemoryPlan:
     """Share ``limit`` (or, without one, the defaults) between the stages of a stack.
 
     Parameters
@@ -103,6 +125,8 @@ def plan_memory(limit: int | None, *, available: int, frame_px: int, store_bytes
         The stack runs on a GPU: without a limit its tiles stay as large as
         the host allows (a GPU wants large launches; the device budget bounds
         them too).
+    store_dtype : str
+        The frame store's spill type (what it holds in RAM when float32 does not fit).
 
     Returns
     -------
@@ -115,7 +139,8 @@ def plan_memory(limit: int | None, *, available: int, frame_px: int, store_bytes
                           tile_bytes=ceiling if gpu else max(MIN_TILE_BYTES, min(ceiling // 4, DEFAULT_TILE_BYTES)))
     budget = min(int(limit), ceiling)
     store_ram = budget // 2
-    free = budget - (store_bytes if store_bytes <= store_ram else 0)
+    held, on_disk = store_layout(store_bytes, store_ram, store_dtype)
+    free = budget - (0 if on_disk else store_bytes // 4 * (2 if held == "float16" else 4))
     free -= out_px * OUTPUT_BPP * channels
     per_frame = frame_px * (FRAME_WORK_BPP + 2 * DECODED_BPP)
     fit = max(1, min(threads, free // max(1, per_frame)))

@@ -57,3 +57,31 @@ def test_get_into_a_callers_buffer(rng, dtype):
             got = store.get(i, out=buf)
             assert got is buf
             np.testing.assert_array_equal(got, store.get(i))
+
+
+def test_float16_in_ram_when_only_it_fits_the_budget(rng):
+    """A store whose float32 frames exceed the RAM budget but whose float16 ones fit stays in RAM as
+    float16: within the budget, no spill file, and every read (frame, frame into a buffer, tile, a
+    subset's tile) gives the float16 spill's values bit for bit."""
+    n, shape = 4, (3, 13, 19)
+    frames = rng.normal(900.0, 40.0, (n, *shape)).astype(np.float32)
+    frames[1, 0, 2, 3] = np.nan
+    frames[2, 1, 4, 5] = 3.0e5
+    f32 = n * int(np.prod(shape)) * 4
+    with FrameStore(n, shape, ram_budget=f32 // 2, dtype="float16") as ram, \
+            FrameStore(n, shape, ram_budget=f32 // 2 - 1, dtype="float16") as disk, \
+            FrameStore(n, shape, ram_budget=f32 // 2, dtype="float32") as f32_disk:
+        assert (ram.on_disk, ram.dtype, ram.nbytes, ram.where) == (False, np.float16, f32 // 2, "RAM")
+        assert ram._dir is None
+        assert disk.on_disk and disk.dtype == np.float16 and f32_disk.on_disk and f32_disk.dtype == np.float32
+        for i, f in enumerate(frames):
+            ram.put(i, f)
+            disk.put(i, f)
+        buf = np.empty(shape, np.float32)
+        for i in range(n):
+            np.testing.assert_array_equal(ram.get(i), disk.get(i))
+            assert ram.get(i, out=buf) is buf
+            np.testing.assert_array_equal(buf, disk.get(i))
+        np.testing.assert_array_equal(ram.tile(range(n), 2, 9, 1, 15), disk.tile(range(n), 2, 9, 1, 15))
+        np.testing.assert_array_equal(ram.tile([3, 1], 0, 13), disk.tile([3, 1], 0, 13))
+        assert np.nanmax(np.abs(ram.tile(range(n), 0, 13) - frames) / np.abs(frames)) <= 2.0 ** -11

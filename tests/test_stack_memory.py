@@ -168,19 +168,23 @@ def test_memory_limit_bounds_the_whole_process(tmp_path):
 
 
 def test_memory_plan_fits_the_limit_and_keeps_defaults():
-    """Under a limit the frames in flight, the output and a RAM store add up to at most the limit;
-    without one the speed settings stay and the store spills above DEFAULT_STORE_RAM."""
+    """Under a limit the frames in flight, the output and a RAM store (float32, or float16 when only
+    that fits its share) add up to at most the limit; without one the speed settings stay and the
+    store spills above DEFAULT_STORE_RAM."""
     from skystack.engine import memory as mem
 
     free = 64 << 30
-    for px, n, limit in ((2_000_000, 90, 300 * MB), (500_000, 10, 300 * MB), (24_000_000, 40, 4 << 30),
-                         (2_000_000, 4, 300 * MB)):
+    for px, n, limit, half in ((2_000_000, 90, 300 * MB, False), (500_000, 10, 300 * MB, False),
+                               (24_000_000, 40, 4 << 30, False), (2_000_000, 4, 300 * MB, False),
+                               (1_000_000, 20, 300 * MB, True)):
         store = n * 3 * px * 4
         p = mem.plan_memory(limit, available=free, frame_px=px, store_bytes=store, out_px=px, channels=3,
                             threads=4, queue_size=4)
-        in_ram = store <= p.store_ram
+        held = store if store <= p.store_ram else store // 2 if store // 2 <= p.store_ram else 0
+        assert (store // 2 == held) is half, (px, n, p)
+        assert mem.store_layout(store, p.store_ram) == ("float32" if held == store else "float16", held == 0)
         used = p.threads * px * (mem.FRAME_WORK_BPP + 2 * mem.DECODED_BPP) + px * 3 * mem.OUTPUT_BPP
-        assert used + (store if in_ram else 0) <= limit, (px, n, p)
+        assert used + held <= limit, (px, n, p)
         assert p.queue_size <= p.threads and p.tile_bytes <= mem.DEFAULT_TILE_BYTES
     small = mem.plan_memory(300 * MB, available=free, frame_px=500_000, store_bytes=0, out_px=500_000,
                             channels=3, threads=2, queue_size=4)
@@ -196,7 +200,8 @@ def test_memory_plan_fits_the_limit_and_keeps_defaults():
 
 
 def test_default_stack_spills_a_store_above_the_default_share(tmp_path, monkeypatch):
-    """No --memory-limit: a store larger than DEFAULT_STORE_RAM goes to disk, tiles stay within
+    """No --memory-limit: a store larger than DEFAULT_STORE_RAM goes to disk (as float16 in RAM when that
+    fits, with the same image as the float16 spill), tiles stay within
     DEFAULT_TILE_BYTES, and the image is the one from a store in RAM: to float32 rounding with a
     float32 spill; with the default float16 spill, within a twentieth of the stack's pixel noise
     (its rounding, 1/2048 of a value, moves the sky's order statistics by a fraction of their own
@@ -232,8 +237,12 @@ def test_default_stack_spills_a_store_above_the_default_share(tmp_path, monkeypa
     assert np.array_equal(np.isfinite(ram.image), np.isfinite(disk.image))
     scale = np.nanmax(np.abs(ram.image))
     assert np.max(np.abs(ram.image[both] - disk.image[both])) <= 4 * np.finfo(np.float32).eps * scale
+    half_ram = stack_session(files, scfg)  # float16 fits the share: held in RAM as the spill would hold it
+    monkeypatch.setattr(mem, "DEFAULT_STORE_RAM", n * 3 * h * w * 2 - 1)
     half = stack_session(files, scfg)
-    assert half.store_on_disk is True and np.array_equal(np.isfinite(ram.image), np.isfinite(half.image))
+    assert half_ram.store_on_disk is False and half.store_on_disk is True
+    assert np.array_equal(half_ram.image, half.image, equal_nan=True)
+    assert np.array_equal(np.isfinite(ram.image), np.isfinite(half.image))
     sky = ram.image[:, 20:-20, 20:-20]
     noise = np.nanstd(sky - ndimage.median_filter(sky, size=(1, 9, 9)))
     assert np.nanstd((half.image - ram.image)[:, 20:-20, 20:-20]) < 0.05 * noise

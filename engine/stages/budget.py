@@ -25,7 +25,7 @@ class PlanMemory:
         plan = plan_memory(config.memory_limit, available=CPU.free_memory(), frame_px=h_full * w_full,
                            store_bytes=len(ctx.lights) * n_ch * out_h * out_w * 4, out_px=out_h * out_w,
                            channels=n_ch, threads=compute_threads(be, config), queue_size=config.queue_size,
-                           gpu=be.is_gpu)
+                           gpu=be.is_gpu, store_dtype=config.store_dtype)
         if plan.limit is not None:  # frames in flight (decoders and workers) within the limit
             ctx.config = replace(config, workers=plan.threads, queue_size=plan.queue_size)
             return_freed_memory()  # and freed buffers not kept resident by the allocator
