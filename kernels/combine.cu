@@ -705,14 +705,14 @@ static void combine_net_build(CombineNet* net, int n)
 typedef float combine_vf __attribute__((vector_size(4 * COMBINE_LANES)));  // a frame's values of the pixels
 typedef int combine_vi __attribute__((vector_size(4 * COMBINE_LANES)));    // and their frames
 
-// Loads and sorts the values of the pixels [i0, i0 + cnt) (cnt <= COMBINE_LANES) and hands them
-// out: pixel l's nv[l] valid values in s[l], their frames in id[l].
-static void combine_net_block(const float* cube, long long npix, long long i0, int cnt, int nframes,
-                              const float* scale, const float* offset, const CombineNet* net,
-                              float (*s)[COMBINE_NET_MAX + 1], unsigned short (*id)[COMBINE_NET_MAX + 1], int* nv)
+// Loads and sorts the values of the pixels [i0, i0 + cnt) (cnt <= COMBINE_LANES): v[r] holds rank r's
+// value of every pixel, f[r] its frame. True when every pixel is one (cnt == COMBINE_LANES) and every
+// value of each is valid.
+static bool combine_net_sort(const float* cube, long long npix, long long i0, int cnt, int nframes,
+                             const float* scale, const float* offset, const CombineNet* net, combine_vf* v,
+                             combine_vi* f)
 {
-    combine_vf v[COMBINE_NET_MAX];
-    combine_vi f[COMBINE_NET_MAX];
+    bool full = cnt == COMBINE_LANES;
     for (int q = 0; q < nframes; ++q) {
         combine_vf x;
         combine_vi fi;
@@ -720,6 +720,7 @@ static void combine_net_block(const float* cube, long long npix, long long i0, i
             const float val = l < cnt ? combine_value(cube, npix, i0 + l, q, scale, offset)
                                       : __int_as_float(0x7fc00000);
             const bool ok = isfinite(val);
+            full = full && ok;
             x[l] = ok ? val : __int_as_float(0x7f800000);
             fi[l] = ok ? q : q + nframes;
         }
@@ -736,6 +737,13 @@ static void combine_net_block(const float* cube, long long npix, long long i0, i
         f[ia] = sw ? fb : fa;
         f[ib] = sw ? fa : fb;
     }
+    return full;
+}
+
+// Hands the sorted pixels out: pixel l's nv[l] valid values in s[l], their frames in id[l].
+static void combine_net_hand_out(const combine_vf* v, const combine_vi* f, int cnt, int nframes,
+                                 float (*s)[COMBINE_NET_MAX + 1], unsigned short (*id)[COMBINE_NET_MAX + 1], int* nv)
+{
     for (int l = 0; l < cnt; ++l) {
         int n = 0;
         for (int r = 0; r < nframes; ++r) {
@@ -747,8 +755,99 @@ static void combine_net_block(const float* cube, long long npix, long long i0, i
     }
 }
 
+// Sums over d[a[l]..b[l]) of pixel l in rank order, for the pixels of mask: combine_shifted_sums.
+static void combine_lane_sums(const combine_vf* d, const combine_vi& a, const combine_vi& b, const combine_vi& mask,
+                              combine_vf* s1, combine_vf* s2)
+{
+    for (int l = 0; l < COMBINE_LANES; ++l) {
+        if (!mask[l]) continue;
+        float t1 = 0.0f, t2 = 0.0f;
+        for (int r = a[l]; r < b[l]; ++r) {
+            t1 += d[r][l];
+            t2 += d[r][l] * d[r][l];
+        }
+        (*s1)[l] = t1;
+        (*s2)[l] = t2;
+    }
+}
+
+// combine_gesd on every pixel of a full block at once, v[r] the pixels' sorted values of rank r (all
+// n = nframes valid: each step drops one value of each pixel, so every pixel has b - a values and the
+// same critical value; a pixel's operations are its own in combine_gesd's order, so its bits). v is
+// left holding the shifted values; the kept rank ranges go to *pa, *pb.
+static void combine_gesd_lanes(combine_vf* v, int n, const float* lambda, float kappa_low, int max_iter,
+                               combine_vi* pa, combine_vi* pb)
+{
+    const int r = max_iter > 0 ? (int)(kappa_low * (float)n) : 0;
+    combine_vi a = {}, b = a + n, a_out = a, b_out = b;
+    if (r > 0 && n >= 3) {
+        const combine_vf k = v[(n - 1) / 2];
+        for (int q = 0; q < n; ++q) v[q] -= k;
+        combine_vf s1 = {}, s2 = {};
+        for (int q = 0; q < n; ++q) {  // combine_shifted_sums of every pixel over [0, n)
+            s1 += v[q];
+            s2 += v[q] * v[q];
+        }
+        for (int j = 1; j <= r && b[0] - a[0] >= 3; ++j) {
+            const float mf = (float)(b[0] - a[0]);
+            const combine_vf md = s1 / mf;
+            const combine_vf q = (s2 - s1 * md) / (mf - 1.0f);
+            combine_vf sd, lo, hi;
+            for (int l = 0; l < COMBINE_LANES; ++l) {
+                sd[l] = sqrtf(fmaxf(q[l], 0.0f));
+                lo[l] = v[a[l]][l];
+                hi[l] = v[b[l] - 1][l];
+            }
+            const combine_vf lo_d = md - lo, hi_d = hi - md;
+            const combine_vi high = hi_d >= lo_d;
+            const combine_vi hit = (high ? hi_d : lo_d) > lambda[b[0] - a[0]] * sd;
+            const combine_vf x = high ? hi : lo;
+            b += high;  // true is -1
+            a -= ~high;
+            a_out = hit ? a : a_out;
+            b_out = hit ? b : b_out;
+            const combine_vf x2 = x * x;
+            const combine_vi redo = x2 > s2 * 0.5f;  // (s2 before the drop)
+            s1 -= x;
+            s2 -= x2;
+            combine_lane_sums(v, a, b, redo, &s1, &s2);
+        }
+    }
+    *pa = a_out;
+    *pb = b_out;
+}
+
+// combine_finish for the pixels [i0, i0 + COMBINE_LANES) of a full block (every value valid), each
+// keeping the frames of its ranks [a[l], b[l]) (f[r]: the frames of rank r): the same sums in frame
+// order, and one atomic add per frame for its rejected values.
+static void combine_finish_lanes(const float* cube, long long npix, long long i0, int nframes, const float* scale,
+                                 const float* offset, const float* weights, const combine_vi* f,
+                                 const combine_vi& a, const combine_vi& b, float* mean_out, int* count_out,
+                                 unsigned long long* rejected)
+{
+    combine_vi keep[COMBINE_NET_MAX];
+    for (int r = 0; r < nframes; ++r)
+        for (int l = 0; l < COMBINE_LANES; ++l) keep[f[r][l]][l] = r >= a[l] && r < b[l] ? -1 : 0;
+    combine_vf acc = {}, wsum = {};
+    for (int q = 0; q < nframes; ++q) {
+        combine_vf x;
+        __builtin_memcpy(&x, cube + q * npix + i0, sizeof x);
+        const combine_vf val = x * scale[q] + offset[q];
+        acc = keep[q] ? acc + weights[q] * val : acc;
+        wsum = keep[q] ? wsum + weights[q] : wsum;
+        int kept = 0;
+        for (int l = 0; l < COMBINE_LANES; ++l) kept -= keep[q][l];
+        if (kept < COMBINE_LANES) atomicAdd(&rejected[q], (unsigned long long)(COMBINE_LANES - kept));
+    }
+    for (int l = 0; l < COMBINE_LANES; ++l) {
+        mean_out[i0 + l] = wsum[l] > 0.0f ? acc[l] / wsum[l] : __int_as_float(0x7fc00000);
+        count_out[i0 + l] = b[l] - a[l];
+    }
+}
+
 // The pixels [i0, i0 + cnt) (cnt <= COMBINE_LANES) of the kernel of METHOD: combine_pixel's
-// results, sorted by network (one pixel at a time beyond COMBINE_NET_MAX frames).
+// results, sorted by network (one pixel at a time beyond COMBINE_NET_MAX frames); GESD on a full
+// block runs its steps on every pixel at once (combine_gesd_lanes).
 template <int METHOD>
 static void combine_block(const float* cube, long long npix, long long i0, int cnt, int nframes,
                           const float* scale, const float* offset, const float* weights, const float* lambda,
@@ -763,10 +862,19 @@ static void combine_block(const float* cube, long long npix, long long i0, int c
     }
     static thread_local CombineNet net;
     if (net.n != nframes) combine_net_build(&net, nframes);
+    combine_vf v[COMBINE_NET_MAX];
+    combine_vi f[COMBINE_NET_MAX];
+    const bool full = combine_net_sort(cube, npix, i0, cnt, nframes, scale, offset, &net, v, f);
+    if (METHOD == COMBINE_GESD && full) {
+        combine_vi a, b;
+        combine_gesd_lanes(v, nframes, lambda, kappa_low, max_iter, &a, &b);
+        combine_finish_lanes(cube, npix, i0, nframes, scale, offset, weights, f, a, b, mean_out, count_out, rejected);
+        return;
+    }
     float s[COMBINE_LANES][COMBINE_NET_MAX + 1];
     unsigned short id[COMBINE_LANES][COMBINE_NET_MAX + 1];
     int nv[COMBINE_LANES];
-    combine_net_block(cube, npix, i0, cnt, nframes, scale, offset, &net, s, id, nv);
+    combine_net_hand_out(v, f, cnt, nframes, s, id, nv);
     for (int l = 0; l < cnt; ++l)
         combine_pixel_sorted<METHOD>(cube, npix, i0 + l, nframes, scale, offset, weights, lambda, kappa_low,
                                      kappa_high, max_iter, mean_out, count_out, rejected, s[l], id[l], nv[l]);

@@ -744,6 +744,34 @@ def test_native_sorting_network_gives_the_rank_sorts_bits(rng, method, isa):
             np.testing.assert_array_equal(a, b, err_msg=f"{method} {n}")
 
 
+@pytest.mark.parametrize("isa", ["avx2", "baseline"])
+def test_native_gesd_of_whole_vectors_gives_the_emulators_bits(rng, isa):
+    """GESD runs its steps on a whole vector of pixels at once where every value of each is valid
+    (eight pixels built for AVX2, else four): each pixel's own operations in the scalar order, so the
+    emulator's bits, down to the rejected frames. Outliers large enough to make the running sums be
+    recomputed, ties, negative values, scale, offset and weights; blocks with a missing value and a
+    row that is not a whole number of vectors take the pixel-by-pixel path beside them."""
+    from skystack.kernels.emulate import emulated
+
+    for n in (3, 4, 10, 20, 33, 95):
+        h, w = 9, 13
+        cube = np.round(rng.normal(300.0, 8.0, size=(n, h, w)) * 4).astype(np.float32) / np.float32(4)  # ties
+        hot = rng.random(cube.shape) < 0.06
+        cube[hot] += rng.choice(np.array([40.0, -60.0, 3e4, -2e5], np.float32), hot.sum())
+        cube[:, 4] -= 600.0  # a row of negative values
+        cube[0, 7, 9] = np.nan  # one block with a missing value
+        scale = rng.uniform(0.9, 1.1, n).astype(np.float32)
+        offset = rng.normal(0.0, 2.0, n).astype(np.float32)
+        weights = rng.uniform(0.5, 2, n).astype(np.float32)
+        defines = max_frames_define(n)
+        ref = _launch_combine(emulated("combine.cu", defines), "gesd", cube, scale, offset, weights)
+        got = _launch_combine(native("combine.cu", defines, isa=isa), "gesd", cube, scale, offset, weights)
+        for a, b in zip(got, ref):
+            np.testing.assert_array_equal(a, b, err_msg=f"gesd {n}")
+        if n >= 10:
+            assert ref[2].sum() > 0.03 * cube.size  # the outliers were found and dropped
+
+
 def test_a_tile_of_many_frames_and_few_pixels_may_run_natively(monkeypatch, rng):
     """The combine counts a launch's work in values, not pixels: a memory-bound tile of 300 frames
     has only a few thousand pixels a thread, and counted in pixels it was too small to time the
