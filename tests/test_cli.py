@@ -254,3 +254,32 @@ def test_switches_are_named_for_their_fields():
     for flags, field in ((["--no-apply-wb"], "apply_wb"), (["--no-wb"], "apply_wb"), (["--no-cosmetic"], "cosmetic")):
         assert getattr(config(*flags), field) is False, flags
     assert config("--no-wb", "--apply-wb").apply_wb is True  # the last one given wins
+
+
+def test_a_skystack_process_loads_numpy_with_one_blas_thread():
+    """skystack runs its own threads per frame and tile; OpenBLAS's pool would only spin beside them. A
+    process prepared as the CLI prepares itself (and the benchmark's children) starts no BLAS thread;
+    the same import without it starts one per core (where the BLAS has a pool at all)."""
+    import os
+    import subprocess
+    import sys
+
+    if (os.cpu_count() or 1) < 2 or not os.path.isdir("/proc/self/task"):
+        pytest.skip("needs two cores and /proc")
+    code = ("import os, sys\n"
+            "if sys.argv[1] == 'cli':\n"
+            "    from skystack.cli import prepare_process\n"
+            "    prepare_process()\n"
+            "import numpy\n"
+            "print(len(os.listdir('/proc/self/task')))\n")
+    env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_NUM_THREADS"}
+
+    def threads(mode: str) -> int:
+        run = subprocess.run([sys.executable, "-c", code, mode], capture_output=True, text=True, env=env,
+                             check=True, timeout=120)
+        return int(run.stdout.split()[-1])
+
+    plain = threads("plain")
+    if plain == 1:
+        pytest.skip("this NumPy's BLAS starts no thread pool")
+    assert threads("cli") == 1 < plain
