@@ -617,15 +617,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def prepare_process() -> None:
-    """What a skystack process sets before NumPy loads: OpenBLAS on one thread.
+    """What a skystack process sets before NumPy loads: OpenBLAS on one thread, no huge pages asked for.
 
-    skystack runs its own threads, per frame and per tile; OpenBLAS's pool (a
-    thread per core, for registration's few small matrix products) only spins
-    beside them: 2-3 % of a 2-core stack's CPU, 0.35 s of a real Seestar
-    stack's 8.4 s. An ``OPENBLAS_NUM_THREADS`` already set is kept; once NumPy
-    is loaded this changes nothing but child processes.
+    * skystack runs its own threads, per frame and per tile; OpenBLAS's pool (a
+      thread per core, for registration's few small matrix products) only
+      spins beside them: 2-3 % of a 2-core stack's CPU, 0.35 s of a real
+      Seestar stack's 8.4 s.
+    * NumPy asks the kernel for transparent huge pages on every large array;
+      where the kernel then compacts memory on the fault (``defrag=madvise``,
+      Debian's and Ubuntu's default), a frame store's first fill costs twice as
+      long (21 against 10 ms a 2 MP frame here) and the system time of a stack
+      doubles. The frames' buffers are reused (``memory.keep_freed_memory``), so
+      few pages are faulted in at all.
+
+    Variables already set are kept; once NumPy is loaded this changes nothing
+    but child processes.
     """
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+    os.environ.setdefault("NUMPY_MADVISE_HUGEPAGE", "0")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

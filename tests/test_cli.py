@@ -256,10 +256,11 @@ def test_switches_are_named_for_their_fields():
     assert config("--no-wb", "--apply-wb").apply_wb is True  # the last one given wins
 
 
-def test_a_skystack_process_loads_numpy_with_one_blas_thread():
+def test_a_skystack_process_loads_numpy_with_one_blas_thread_and_no_huge_pages():
     """skystack runs its own threads per frame and tile; OpenBLAS's pool would only spin beside them. A
-    process prepared as the CLI prepares itself (and the benchmark's children) starts no BLAS thread;
-    the same import without it starts one per core (where the BLAS has a pool at all)."""
+    process prepared as the CLI prepares itself (and the benchmark's children) starts no BLAS thread and
+    does not ask for huge pages; the same import without it starts one per core (where the BLAS has a
+    pool at all)."""
     import os
     import subprocess
     import sys
@@ -271,15 +272,18 @@ def test_a_skystack_process_loads_numpy_with_one_blas_thread():
             "    from skystack.cli import prepare_process\n"
             "    prepare_process()\n"
             "import numpy\n"
-            "print(len(os.listdir('/proc/self/task')))\n")
-    env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_NUM_THREADS"}
+            "from numpy._core import multiarray\n"
+            "print(int(multiarray._get_madvise_hugepage()), len(os.listdir('/proc/self/task')))\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("OPENBLAS_NUM_THREADS", "NUMPY_MADVISE_HUGEPAGE")}
 
-    def threads(mode: str) -> int:
-        run = subprocess.run([sys.executable, "-c", code, mode], capture_output=True, text=True, env=env,
+    def run(mode: str) -> tuple[int, int]:
+        out = subprocess.run([sys.executable, "-c", code, mode], capture_output=True, text=True, env=env,
                              check=True, timeout=120)
-        return int(run.stdout.split()[-1])
+        huge, threads = out.stdout.split()[-2:]
+        return int(huge), int(threads)
 
-    plain = threads("plain")
+    _, plain = run("plain")
+    assert run("cli")[0] == 0
     if plain == 1:
         pytest.skip("this NumPy's BLAS starts no thread pool")
-    assert threads("cli") == 1 < plain
+    assert run("cli")[1] == 1 < plain
