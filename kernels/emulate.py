@@ -366,6 +366,9 @@ def _emulated(path: str, text: str, defines: tuple[str, ...], native: bool = Fal
     signatures = parse_kernels(text)
     with _build_lock:
         so = _build(text, Path(path).name, defines, signatures, native=native, isa=isa)
+    # libgomp reads this when the first OpenMP library loads: a team's idle threads sleep instead of
+    # spinning on the cores that skystack's other threads (workers, decoders, writers) need (unless set)
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     lib = ctypes.CDLL(str(so))
     for name, params in signatures.items():
         fn = getattr(lib, f"skystack_emu_{name}")

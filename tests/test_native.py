@@ -786,3 +786,25 @@ def test_a_tile_of_many_frames_and_few_pixels_may_run_natively(monkeypatch, rng)
     assert key in be._native_choice or not available()
     for f in ("mean", "count", "rejected"):  # whichever was chosen: the twin's bits
         np.testing.assert_array_equal(getattr(combine(cube, method="gesd"), f), getattr(twin, f))
+
+
+def test_native_kernels_openmp_teams_wait_passively():
+    """skystack's own threads (workers, decoders, writers) run beside the native kernels' OpenMP teams, so
+    a team's idle threads sleep instead of spinning on the cores the others need: libgomp, loaded with
+    the first native library, spins 0 times before it sleeps (its default: 300 000), unless the user set
+    a wait policy."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import ctypes, sys\n"
+            "from skystack.kernels.native import native\n"
+            "native('half.cu')\n"
+            "gomp = ctypes.CDLL('libgomp.so.1')\n"
+            "gomp.omp_display_env(1)\n")
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    if "OPENMP DISPLAY ENVIRONMENT" not in run.stderr + run.stdout:
+        pytest.skip(f"this libgomp cannot display its settings: {run.stderr[-200:]}")
+    shown = run.stderr + run.stdout
+    assert "OMP_WAIT_POLICY = 'PASSIVE'" in shown and "GOMP_SPINCOUNT = '0'" in shown
