@@ -274,7 +274,8 @@ def test_a_skystack_process_loads_numpy_with_one_blas_thread_and_no_huge_pages()
             "import numpy\n"
             "from numpy._core import multiarray\n"
             "print(int(multiarray._get_madvise_hugepage()), len(os.listdir('/proc/self/task')))\n")
-    env = {k: v for k, v in os.environ.items() if k not in ("OPENBLAS_NUM_THREADS", "NUMPY_MADVISE_HUGEPAGE")}
+    # (OpenBLAS also reads OMP_NUM_THREADS, which dask sets in the test process for its workers)
+    env = {k: v for k, v in os.environ.items() if not k.endswith("_NUM_THREADS") and k != "NUMPY_MADVISE_HUGEPAGE"}
 
     def run(mode: str) -> tuple[int, int]:
         out = subprocess.run([sys.executable, "-c", code, mode], capture_output=True, text=True, env=env,
