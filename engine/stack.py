@@ -37,7 +37,7 @@ from skystack.engine.workers import read_ahead, run_parallel
 _COMBINE_WORKSPACE = 6
 
 
-#: Types of the spilled frame store (:class:`skystack.engine.framestore.FrameStore`).
+#: Types of a frame store whose float32 frames do not fit its RAM share (:class:`skystack.engine.framestore.FrameStore`).
 STORE_DTYPES = ("float32", "float16")
 
 
@@ -64,7 +64,7 @@ class StackConfig:
     max_fwhm: float | None = None
     min_stars: int = 15
     memory_limit: int | None = None
-    store_dtype: str = "float16"  # of the spilled store only: half the page cache, noise unchanged (RESULTS.md)
+    store_dtype: str = "float16"  # where float32 frames do not fit the store's RAM share: noise unchanged (RESULTS.md)
     spill_dir: str | None = None
     workers: int | None = None
     queue_size: int = 4
