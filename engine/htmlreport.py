@@ -67,14 +67,12 @@ def preview_uri(stretched: np.ndarray, *, max_side: int = 1200) -> str:
     """The stretched preview (or its ``to_8bit`` copy) as an inline PNG, at most ``max_side`` px on its longer side."""
     from PIL import Image
 
-    from skystack.engine.output import PNG_OPTIONS
+    from skystack.engine.output import png_bytes
     from skystack.engine.stretch import to_8bit
 
     img = Image.fromarray(to_8bit(stretched))
     img.thumbnail((max_side, max_side))
-    buf = io.BytesIO()
-    img.save(buf, format="PNG", **PNG_OPTIONS)
-    return _png_uri(buf.getvalue())
+    return _png_uri(png_bytes(np.asarray(img)))
 
 
 def _times(frames: Sequence[dict[str, Any]]) -> tuple[np.ndarray, str]:

@@ -97,6 +97,39 @@ def test_preview_png_keeps_every_pixel_at_the_size_of_pillows_default(tmp_path, 
     assert p.stat().st_size <= 1.02 * len(buf.getvalue())
 
 
+@pytest.mark.parametrize("shape", [(37, 23, 3), (64, 1, 3), (1, 50), (45, 17)])
+def test_png_bands_join_into_one_stream_that_decodes_to_the_pixels(monkeypatch, rng, shape):
+    """png_bytes deflates bands of rows on threads: with bands of a few rows (and of one band), zlib
+    checks the joined stream and its Adler-32, and Pillow decodes every pixel and the text chunks
+    (Latin-1 as tEXt, other text as iTXt)."""
+    import io
+    import struct
+    import zlib
+
+    from PIL import Image
+
+    from skystack.engine import output
+
+    pixels = rng.integers(0, 256, shape).astype(np.uint8)
+    pixels[: shape[0] // 2] = 7  # runs as well as noise
+    text = {"Software": "skystack", "Title": "M 94 \u2013 \u00e9t\u00e9 \u2605"}
+    for band in (1, 3 * shape[1] * (shape[2] if len(shape) == 3 else 1) + 1, 1 << 20):
+        monkeypatch.setattr(output, "PNG_BAND_BYTES", band)
+        data = output.png_bytes(pixels, text)
+        idat, pos = b"", 8
+        while pos < len(data):
+            n, kind = struct.unpack(">I4s", data[pos:pos + 8])
+            assert zlib.crc32(data[pos + 4:pos + 8 + n]) == struct.unpack(">I", data[pos + 8 + n:pos + 12 + n])[0]
+            idat += data[pos + 8:pos + 8 + n] if kind == b"IDAT" else b""
+            pos += 12 + n
+        rows = np.frombuffer(zlib.decompress(idat), np.uint8).reshape(shape[0], -1)
+        assert (rows[:, 0] == 0).all()
+        np.testing.assert_array_equal(rows[:, 1:], pixels.reshape(shape[0], -1))
+        with Image.open(io.BytesIO(data)) as im:
+            np.testing.assert_array_equal(np.asarray(im), pixels)
+            assert im.text == text
+
+
 def test_json_numpy_values(tmp_path):
     import json
 
