@@ -25,6 +25,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+
 MiB = 1 << 20
 
 #: Peak working memory of one frame in flight, bytes per pixel of its mosaic:
@@ -94,8 +96,7 @@ def store_layout(float32_bytes: int, ram_budget: int | None, dtype: str = "float
     """
     if ram_budget is None or float32_bytes <= ram_budget:
         return "float32", False
-    itemsize = 2 if str(dtype) == "float16" else 4
-    return str(dtype), float32_bytes // 4 * itemsize > ram_budget
+    return str(dtype), float32_bytes // 4 * np.dtype(dtype).itemsize > ram_budget
 
 
 def plan_memory(limit: int | None, *, available: int, frame_px: int, store_bytes: int, out_px: int,
@@ -140,7 +141,7 @@ def plan_memory(limit: int | None, *, available: int, frame_px: int, store_bytes
     budget = min(int(limit), ceiling)
     store_ram = budget // 2
     held, on_disk = store_layout(store_bytes, store_ram, store_dtype)
-    free = budget - (0 if on_disk else store_bytes // 4 * (2 if held == "float16" else 4))
+    free = budget - (0 if on_disk else store_bytes // 4 * np.dtype(held).itemsize)
     free -= out_px * OUTPUT_BPP * channels
     per_frame = frame_px * (FRAME_WORK_BPP + 2 * DECODED_BPP)
     fit = max(1, min(threads, free // max(1, per_frame)))

@@ -425,12 +425,12 @@ def _png_text(key: str, value: str) -> bytes:
         return _png_chunk(b"iTXt", key.encode("latin-1", "replace") + b"\0\0\0\0\0" + value.encode("utf-8"))
 
 
-def _deflate_band(rows: np.ndarray, last: bool) -> bytes:
-    """Raw deflate of ``rows`` ``(n, W * C)`` uint8, each led by PNG's filter byte 0 (none)."""
+def _deflate_band(rows: np.ndarray, last: bool) -> tuple[np.ndarray, bytes]:
+    """``rows`` ``(n, W * C)`` uint8, each led by PNG's filter byte 0 (none), and their raw deflate."""
     raw = np.zeros((rows.shape[0], rows.shape[1] + 1), dtype=np.uint8)
     raw[:, 1:] = rows
     z = zlib.compressobj(zlib.Z_DEFAULT_COMPRESSION, zlib.DEFLATED, -15, 9, zlib.Z_RLE)
-    return z.compress(raw) + z.flush(zlib.Z_FINISH if last else zlib.Z_SYNC_FLUSH)
+    return raw, z.compress(raw) + z.flush(zlib.Z_FINISH if last else zlib.Z_SYNC_FLUSH)
 
 
 def png_bytes(pixels: np.ndarray, text: dict[str, str] | None = None) -> bytes:
@@ -447,13 +447,12 @@ def png_bytes(pixels: np.ndarray, text: dict[str, str] | None = None) -> bytes:
     starts = list(range(0, h, step)) or [0]
     bands = map_threads(lambda r0: _deflate_band(rows[r0:r0 + step], r0 + step >= h), starts)
     adler = 1
-    for r0 in starts:  # the checksum of the filtered rows: the filter byte, then the row
-        for r in range(r0, min(h, r0 + step)):
-            adler = zlib.adler32(rows[r], zlib.adler32(b"\0", adler))
+    for raw, _ in bands:  # the checksum of the filtered rows, band after band
+        adler = zlib.adler32(raw, adler)
     colour = 2 if pixels.ndim == 3 else 0
     head = _png_chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, colour, 0, 0, 0))
     texts = b"".join(_png_text(k, v) for k, v in (text or {}).items())
-    stream = b"\x78\x9c" + b"".join(bands) + struct.pack(">I", adler)
+    stream = b"\x78\x9c" + b"".join(z for _, z in bands) + struct.pack(">I", adler)
     return b"\x89PNG\r\n\x1a\n" + head + texts + _png_chunk(b"IDAT", stream) + _png_chunk(b"IEND", b"")
 
 
