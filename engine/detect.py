@@ -72,6 +72,7 @@ import numpy as np
 
 from skystack.engine.backend import array_module, to_host
 from skystack.engine.centroid import window_measure
+from skystack.engine.neighbours import PointIndex
 from skystack.engine.psf import fit_psf
 from skystack.engine.robust import median
 
@@ -557,9 +558,9 @@ def _psf_sample(img, sx, sy, s2, x, y, pos_err, fwhm, clean, half, sites, cfg) -
     """
     if cfg.psf_sample <= 0:
         return 1.0
-    from scipy.spatial import cKDTree
-
-    d, _ = cKDTree(np.column_stack([sx, sy])).query(np.column_stack([x, y]), k=2)
+    # the nearest detection (a star's own) and the next, if within 2 half (else inf)
+    d, _ = PointIndex(np.column_stack([sx, sy])).query(np.column_stack([x, y]), k=2,
+                                                       distance_upper_bound=np.nextafter(2.0 * half, np.inf))
     cand = np.flatnonzero(clean & (d[:, 1] > 2.0 * half))[: cfg.psf_sample]
     if cand.size < 3:
         return 1.0

@@ -39,14 +39,12 @@ from __future__ import annotations
 import itertools
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from skystack.engine.errors import NotEnoughStars, RegistrationError
-
-if TYPE_CHECKING:
-    from scipy.spatial import cKDTree
+from skystack.engine.neighbours import PointIndex
 
 MODELS = ("similarity", "affine", "homography")
 _MIN_POINTS = {"similarity": 2, "affine": 3, "homography": 4}
@@ -310,8 +308,7 @@ def _triangles(xy: np.ndarray, k: int, min_side: float) -> tuple[np.ndarray, np.
     if n < 3:
         return np.zeros((0, 3), dtype=np.int64), np.zeros((0, 2))
     kk = min(k + 1, n)
-    from scipy.spatial import cKDTree  # lazy: importing scipy.spatial takes ~0.3 s
-    _, nn = cKDTree(xy).query(xy, k=kk)
+    _, nn = PointIndex(xy).query(xy, k=kk)
     combos = np.array(list(itertools.combinations(range(kk), 3)))
     tri = nn[:, combos].reshape(-1, 3)
     tri = np.unique(np.sort(tri, axis=1), axis=0)
@@ -333,8 +330,7 @@ def _hypotheses(src: np.ndarray, dst: np.ndarray, cfg: MatchConfig, n: int) -> t
     vd, inv_d = _triangles(dst[:n], cfg.n_neighbors, cfg.min_side_px)
     if len(vs) == 0 or len(vd) == 0:
         return np.zeros((0, 2), dtype=np.complex128), 0
-    from scipy.spatial import cKDTree  # lazy: importing scipy.spatial takes ~0.3 s
-    tree = cKDTree(inv_d)
+    tree = PointIndex(inv_d)
     dist, j = tree.query(inv_s, k=min(8, len(inv_d)), distance_upper_bound=cfg.invariant_tol)
     dist = dist.reshape(len(inv_s), -1)
     j = j.reshape(len(inv_s), -1)
@@ -356,7 +352,7 @@ def _hypotheses(src: np.ndarray, dst: np.ndarray, cfg: MatchConfig, n: int) -> t
     return np.column_stack([a[ok], b[ok]]), int(len(order))
 
 
-def _first_good(hyp: np.ndarray, zsrc: np.ndarray, tree: cKDTree, thr: float, good: float) -> tuple[int, int]:
+def _first_good(hyp: np.ndarray, zsrc: np.ndarray, tree: PointIndex, thr: float, good: float) -> tuple[int, int]:
     """``(inliers, index)`` of the best hypothesis, scoring them in batches in their order (best
     triangle agreement first) and stopping after the first batch whose best reaches ``good``.
 
@@ -375,7 +371,7 @@ def _first_good(hyp: np.ndarray, zsrc: np.ndarray, tree: cKDTree, thr: float, go
     return best, k
 
 
-def _score(hyp: np.ndarray, zsrc: np.ndarray, tree: cKDTree, thr: float) -> np.ndarray:
+def _score(hyp: np.ndarray, zsrc: np.ndarray, tree: PointIndex, thr: float) -> np.ndarray:
     """Inlier count of each hypothesis (frame stars near a reference star)."""
     counts = np.zeros(len(hyp), dtype=np.int64)
     step = max(1, 200_000 // max(len(zsrc), 1))
@@ -387,7 +383,7 @@ def _score(hyp: np.ndarray, zsrc: np.ndarray, tree: cKDTree, thr: float) -> np.n
     return counts
 
 
-def _associate(tsrc: np.ndarray, dst_tree: cKDTree, radius: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _associate(tsrc: np.ndarray, dst_tree: PointIndex, radius: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One-to-one nearest-neighbour pairs within ``radius``: (src_idx, dst_idx, dist)."""
     d, j = dst_tree.query(tsrc, distance_upper_bound=radius)
     si = np.flatnonzero(np.isfinite(d))
@@ -403,8 +399,7 @@ def _associate(tsrc: np.ndarray, dst_tree: cKDTree, radius: float) -> tuple[np.n
 
 def _refine(t0: np.ndarray, src: np.ndarray, dst: np.ndarray, es: np.ndarray | None, ed: np.ndarray | None,
             cfg: MatchConfig, model: str):
-    from scipy.spatial import cKDTree  # lazy: importing scipy.spatial takes ~0.3 s
-    tree = cKDTree(dst)
+    tree = PointIndex(dst)
     t = t0
     prev: tuple[bytes, bytes] | None = None
     si = di = np.zeros(0, dtype=np.int64)
@@ -458,8 +453,7 @@ def _best_hypothesis(s_xy: np.ndarray, d_xy: np.ndarray, cfg: MatchConfig
     overlap. Returns ``(count, hypothesis, inliers needed)`` or None when no
     hypothesis was formed, and how many hypotheses were formed.
     """
-    from scipy.spatial import cKDTree  # lazy: importing scipy.spatial takes ~0.3 s
-    tree = cKDTree(d_xy)
+    tree = PointIndex(d_xy)
     n_total = max(len(s_xy), len(d_xy))
     tries = []
     n = min(cfg.n_brightest, n_total)

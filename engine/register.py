@@ -51,6 +51,7 @@ import numpy as np
 
 from skystack.engine.errors import RegistrationError
 from skystack.engine.lens import RadialLens
+from skystack.engine.neighbours import PointIndex
 from skystack.engine.match import (ERR_FLOOR_PX, MatchConfig, estimate_transform, match_stars, refine_from,
                                    transform_points)
 
@@ -255,8 +256,7 @@ def _flag_static(lists: dict[int, _Stars], trans: dict[int, np.ndarray], ref: in
     """Per frame, a bool mask of sources that stay put on the sensor while the sky moves."""
     reg = sorted(trans)
     sample = _spread(reg, 9)
-    from scipy.spatial import cKDTree  # lazy: importing scipy.spatial takes ~0.3 s
-    trees = {j: cKDTree(lists[j].xy) for j in sample if len(lists[j].xy)}
+    trees = {j: PointIndex(lists[j].xy) for j in sample if len(lists[j].xy)}
     out = {i: np.zeros(len(s.xy), dtype=bool) for i, s in lists.items()}
     for i in reg:
         p = lists[i].xy
@@ -382,10 +382,8 @@ def fit_lens(pairs: list[tuple[np.ndarray, np.ndarray, np.ndarray, int]], shape:
 
     For given ``k1, k2`` each frame's homography is its weighted least-squares
     fit in ideal pixels; ``k1, k2`` minimise the weighted reprojection error
-    (reference pixels) of all frames together (SciPy's ``least_squares``).
+    (reference pixels) of all frames together (:func:`_least_squares_box`).
     """
-    from scipy.optimize import least_squares
-
     pairs = [p for p in pairs if len(p[0]) >= 10]
     if not pairs:
         return None
@@ -406,9 +404,52 @@ def fit_lens(pairs: list[tuple[np.ndarray, np.ndarray, np.ndarray, int]], shape:
             out.append((np.nan_to_num(r, nan=10.0) * np.sqrt(w)[:, None]).ravel())
         return np.concatenate(out)
 
-    sol = least_squares(resid, x0=[0.0, 0.0], bounds=([-0.5, -0.5], [0.5, 0.5]), x_scale=[0.01, 0.01],
-                        diff_step=1e-4, max_nfev=60)
-    return RadialLens.for_shape(shape, k1=float(sol.x[0]), k2=float(sol.x[1]))
+    k = _least_squares_box(resid, np.zeros(2), -0.5, 0.5, diff_step=1e-4, max_nfev=60)
+    return RadialLens.for_shape(shape, k1=float(k[0]), k2=float(k[1]))
+
+
+def _least_squares_box(fun: Callable[[np.ndarray], np.ndarray], x0: np.ndarray, lo: float, hi: float, *,
+                       diff_step: float, max_nfev: int, tol: float = 1e-8) -> np.ndarray:
+    """``x`` in the box ``[lo, hi]`` minimising ``|fun(x)|^2``: Levenberg-Marquardt with forward-difference
+    derivatives (a step of ``diff_step`` times ``max(1, |x|)``, backwards at the upper bound) and Marquardt's
+    scaling; a parameter on a bound that the descent pushes against stays there, the others' steps are
+    clipped to the box. Stops when a step, or the cost's decrease (predicted, or made), is
+    below ``tol`` (relative), or after ``max_nfev`` calls of ``fun``. (A few parameters and cheap calls: SciPy's ``least_squares``
+    did this, but importing ``scipy.optimize`` took longer than the fit.)
+    """
+    x = np.clip(np.asarray(x0, dtype=np.float64), lo, hi)
+    r = fun(x)
+    cost, nfev, lam = float(r @ r), 1, 1e-6
+    while nfev + x.size < max_nfev:
+        jac = np.empty((r.size, x.size))
+        for j in range(x.size):
+            h = diff_step * max(1.0, abs(x[j]))
+            h = -h if x[j] + h > hi else h
+            xj = x.copy()
+            xj[j] += h
+            jac[:, j] = (fun(xj) - r) / h
+        nfev += x.size
+        a, g = jac.T @ jac, jac.T @ r
+        free = ~(((x <= lo) & (g > 0)) | ((x >= hi) & (g < 0)))  # a bound the descent pushes against holds
+        a, g = a * np.outer(free, free) + np.diag(~free), g * free
+        damp = np.diag(np.maximum(np.diag(a), 1e-300))
+        while nfev < max_nfev:
+            xn = np.clip(x - np.linalg.solve(a + lam * damp, g), lo, hi)
+            step = xn - x
+            if np.all(np.abs(step) <= tol * (tol + np.abs(x))) or -(2.0 * g @ step + step @ a @ step) <= tol * cost:
+                return x  # at the minimum, to the derivatives' precision
+            rn = fun(xn)
+            nfev += 1
+            cn = float(rn @ rn)
+            if cn < cost:
+                break
+            lam *= 10.0
+        else:  # no step lowered the cost before the calls ran out
+            return x
+        if cost - cn <= tol * cost:
+            return xn
+        x, r, cost, lam = xn, rn, cn, max(lam / 10.0, 1e-12)
+    return x
 
 
 #: Frames with fewer matched pairs than this do not vote on the model (a homography on a half of
