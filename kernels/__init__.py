@@ -149,32 +149,17 @@ class KernelParam:
     decl: str
 
 
+#: A string or character literal (kept), a // comment, or a /* */ comment (unterminated: to the end).
+_TOKEN_RE = re.compile(r'"(?:\\.|[^"\\])*"?|\'(?:\\.|[^\'\\])*\'?|//[^\n]*|/\*.*?(?:\*/|\Z)', re.DOTALL)
+
+
 def strip_comments(text: str) -> str:
-    """``text`` with C/C++ comments replaced by spaces (string literals kept)."""
-    out = []
-    i, n = 0, len(text)
-    while i < n:
-        c = text[i]
-        if c == '"' or c == "'":
-            j = i + 1
-            while j < n and text[j] != c:
-                j += 2 if text[j] == "\\" else 1
-            out.append(text[i:j + 1])
-            i = j + 1
-        elif text.startswith("//", i):
-            j = text.find("\n", i)
-            j = n if j < 0 else j
-            out.append(" " * (j - i))
-            i = j
-        elif text.startswith("/*", i):
-            j = text.find("*/", i + 2)
-            j = n if j < 0 else j + 2
-            out.append("".join(ch if ch == "\n" else " " for ch in text[i:j]))
-            i = j
-        else:
-            out.append(c)
-            i += 1
-    return "".join(out)
+    """``text`` with C/C++ comments replaced by spaces (string literals kept, line breaks too)."""
+    def blank(m: re.Match) -> str:
+        t = m.group(0)
+        return t if t[0] in "\"'" else re.sub(r"[^\n]", " ", t)
+
+    return _TOKEN_RE.sub(blank, text)
 
 
 _ENTRY_RE = re.compile(

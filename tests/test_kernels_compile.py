@@ -178,3 +178,43 @@ def test_nvcc_missing_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(shutil, "which", lambda name: None)
     with pytest.raises(KernelCompileError, match="nvcc is not on PATH"):
         nvrtc.compile_nvcc_ptx(Path(KERNEL_DIR / "rawconv.cu"))
+
+
+def _strip_reference(text: str) -> str:
+    """A character scanner: literals kept whole (backslash escapes skipped), each comment character but
+    its line breaks made a space; an unterminated literal or comment runs to the end."""
+    out, i, n = [], 0, len(text)
+    while i < n:
+        c = text[i]
+        if c in "\"'":
+            j = i + 1
+            while j < n and text[j] != c:
+                j += 2 if text[j] == "\\" else 1
+            out.append(text[i:j + 1])
+            i = j + 1
+        elif text.startswith("//", i):
+            j = text.find("\n", i)
+            j = n if j < 0 else j
+            out.append(" " * (j - i))
+            i = j
+        elif text.startswith("/*", i):
+            j = text.find("*/", i + 2)
+            j = n if j < 0 else j + 2
+            out.append("".join(ch if ch == "\n" else " " for ch in text[i:j]))
+            i = j
+        else:
+            out.append(c)
+            i += 1
+    return "".join(out)
+
+
+def test_strip_comments_keeps_literals_and_line_breaks():
+    import random
+
+    rng = random.Random(7)
+    pieces = ["/", "*", '"', "'", "\\", "\n", "a", " ", "//", "/*", "*/"]
+    texts = [read_source(s) for s in SOURCES]
+    texts += ["".join(rng.choice(pieces) for _ in range(rng.randint(0, 30))) for _ in range(5000)]
+    for t in texts:
+        assert strip_comments(t) == _strip_reference(t), repr(t)
+    assert strip_comments('a /* x\ny */ "/*s*/" // z\nb') == 'a     \n     "/*s*/"     \nb'

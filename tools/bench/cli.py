@@ -8,11 +8,7 @@ import sys
 from typing import Any, Sequence
 
 from skystack.engine.errors import SkystackError
-from skystack.tools.bench.child import child_main
 from skystack.tools.bench.config import PRESETS, BenchConfig
-from skystack.tools.bench.harness import run_benchmark
-from skystack.tools.bench.machine import machine_key
-from skystack.tools.bench.report import bench_tables, markdown_tables, print_profile, update_results_md
 
 
 def add_bench_arguments(p: argparse.ArgumentParser) -> None:
@@ -56,6 +52,10 @@ def bench_command(args: argparse.Namespace) -> int:
     """
     from rich.console import Console
 
+    from skystack.tools.bench.harness import run_benchmark
+    from skystack.tools.bench.machine import machine_key
+    from skystack.tools.bench.report import bench_tables, markdown_tables, print_profile, update_results_md
+
     results = run_benchmark(config_from_args(args))
     console = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
     for t in bench_tables(results):
@@ -94,6 +94,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """``python bench/run.py`` / ``python -m skystack.tools.bench``; ``--one SPEC`` runs a child."""
     argv, spec = split_child_request(argv, "--one")
     if spec is not None:
+        from skystack.tools.bench.child import child_main
+
         return child_main(spec)
     args = build_parser().parse_args(argv)
     if args.debug:
