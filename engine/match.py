@@ -223,12 +223,13 @@ def _homography_lsq(src: np.ndarray, dst: np.ndarray, w: np.ndarray) -> np.ndarr
     s = transform_points(ns, src)
     d = transform_points(nd, dst)
     n = len(s)
-    a = np.zeros((2 * n, 9))
     x, y, u, v = s[:, 0], s[:, 1], d[:, 0], d[:, 1]
-    a[0::2, 0:3] = np.column_stack([x, y, np.ones(n)])
-    a[0::2, 6:9] = -u[:, None] * np.column_stack([x, y, np.ones(n)])
-    a[1::2, 3:6] = np.column_stack([x, y, np.ones(n)])
-    a[1::2, 6:9] = -v[:, None] * np.column_stack([x, y, np.ones(n)])
+    xy1 = np.column_stack([x, y, np.ones(n)])
+    a = np.zeros((2 * n, 9))
+    a[0::2, 0:3] = xy1
+    a[0::2, 6:9] = -u[:, None] * xy1
+    a[1::2, 3:6] = xy1
+    a[1::2, 6:9] = -v[:, None] * xy1
     a *= np.repeat(np.sqrt(w), 2)[:, None]
     _, _, vt = np.linalg.svd(a, full_matrices=False)  # only V is needed: not the (2n x 2n) U
     h = vt[-1].reshape(3, 3)
@@ -236,19 +237,19 @@ def _homography_lsq(src: np.ndarray, dst: np.ndarray, w: np.ndarray) -> np.ndarr
     h = h / h[2, 2] if abs(h[2, 2]) > 1e-12 else h
     p = h.ravel()[:8].copy()
     sw = np.sqrt(w)
+    sw2 = np.concatenate([sw, sw])
+    j = np.zeros((2 * n, 8))
     for _ in range(10):
-        hh = np.append(p, 1.0).reshape(3, 3)
-        den = hh[2, 0] * x + hh[2, 1] * y + 1.0
-        pu = (hh[0, 0] * x + hh[0, 1] * y + hh[0, 2]) / den
-        pv = (hh[1, 0] * x + hh[1, 1] * y + hh[1, 2]) / den
+        den = p[6] * x + p[7] * y + 1.0
+        xd, yd, d1 = x / den, y / den, 1.0 / den
+        pu = (p[0] * x + p[1] * y + p[2]) / den
+        pv = (p[3] * x + p[4] * y + p[5]) / den
         r = np.concatenate([(u - pu) * sw, (v - pv) * sw])
-        j = np.zeros((2 * n, 8))
-        j[:n, 0], j[:n, 1], j[:n, 2] = x / den, y / den, 1.0 / den
+        j[:n, 0], j[:n, 1], j[:n, 2] = xd, yd, d1
         j[:n, 6], j[:n, 7] = -pu * x / den, -pu * y / den
-        j[n:, 3], j[n:, 4], j[n:, 5] = x / den, y / den, 1.0 / den
+        j[n:, 3], j[n:, 4], j[n:, 5] = xd, yd, d1
         j[n:, 6], j[n:, 7] = -pv * x / den, -pv * y / den
-        j *= np.concatenate([sw, sw])[:, None]
-        step, *_ = np.linalg.lstsq(j, r, rcond=None)
+        step, *_ = np.linalg.lstsq(j * sw2[:, None], r, rcond=None)
         p = p + step
         if np.max(np.abs(step)) < 1e-12:
             break
