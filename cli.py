@@ -413,6 +413,7 @@ def _common(p: argparse.ArgumentParser, *, top: bool = False) -> None:
 
 def _stack_options(p: argparse.ArgumentParser, *, batch: bool = False) -> None:
     from skystack.engine.combine import kappa_help
+    from skystack.engine.memory import DEFAULT_STORE_RAM
     from skystack.engine.stack import StackConfig, option_choices
 
     c, choices = StackConfig(), option_choices()  # defaults and choices live there, not here
@@ -436,7 +437,8 @@ def _stack_options(p: argparse.ArgumentParser, *, batch: bool = False) -> None:
                         "(star peak over noise), stars (quality score) or none (default: %(default)s)")
     g.add_argument("--memory-limit", help="memory the whole run may take above the interpreter's own, e.g. 4GB: "
                    "the frame store spills to disk beyond half of it, fewer frames are processed at once and "
-                   "tiles shrink to fit; without it the store spills above 256 MiB (default: half the free memory)")
+                   f"tiles shrink to fit; without it the store spills above {DEFAULT_STORE_RAM >> 20} MiB "
+                   "(default: half the free memory)")
     g.add_argument("--store-dtype", default=c.store_dtype, choices=choices["store_dtype"],
                    help="type of the frame store when its float32 frames do not fit its RAM share (then in RAM "
                         "if they fit so, else spilled to disk): float16 halves it and rounds at 1/2048 of a value, "
