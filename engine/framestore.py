@@ -98,6 +98,8 @@ class FrameStore:
         divided by :data:`HALF_SCALE` (a power of two: no rounding of its own),
         so they reach ~1e6 ADU, beyond a flat-fielded saturated star, with
         float16's 11 significant bits.
+    float32_budget : int or None
+        Bytes of float32 frames the store may hold in RAM (None: ``ram_budget``).
     spill_dir : path or None
         Folder for the cache file (default: the system temp folder). The cache
         lives in a ``skystack-store-*`` folder locked by this process; such
@@ -108,10 +110,11 @@ class FrameStore:
     on_device = False
 
     def __init__(self, n: int, shape: tuple[int, int, int], *, ram_budget: int | None = None,
-                 dtype: str = "float32", spill_dir: str | os.PathLike | None = None) -> None:
+                 dtype: str = "float32", spill_dir: str | os.PathLike | None = None,
+                 float32_budget: int | None = None) -> None:
         self.n = int(n)
         self.shape = tuple(int(s) for s in shape)
-        held, self.on_disk = store_layout(self.n * int(np.prod(self.shape)) * 4, ram_budget, dtype)
+        held, self.on_disk = store_layout(self.n * int(np.prod(self.shape)) * 4, ram_budget, dtype, float32_budget)
         self.dtype = np.dtype(held)
         self._dir: Path | None = None
         self._fd: int | None = None

@@ -42,10 +42,11 @@ DECODED_BPP = 4
 #: normalisation keeps (float32), shared over the channels.
 OUTPUT_BPP = 12
 #: Without ``--memory-limit``: the most RAM the frame store may take before it spills (a quarter of
-#: the available RAM at most). A spill file is RAM too until the kernel writes it back, and the
-#: page cache's fresh pages cost more than the process's own: 80 frames of 1 MP (a 440 MiB float16
-#: store) stacked in 8.9 s against 9.6 s spilled at 256 MiB, system time 0.7 against 1.6 s, for a
-#: peak of 650 against 207 MB (Siril: 415 MB). Larger stores spill.
+#: the available RAM at most), as float16 frames; float32 frames only up to half of it (the same
+#: noise at half the size: RESULTS.md). A spill file is RAM too until the kernel writes it back, and
+#: the page cache's fresh pages cost more than the process's own: 80 frames of 1 MP (a 440 MiB
+#: float16 store) stacked in 8.9 s against 9.6 s spilled at 256 MiB, system time 0.7 against 1.6 s,
+#: for a peak of 650 against 207 MB (Siril: 415 MB). Larger stores spill.
 DEFAULT_STORE_RAM = 512 * MiB
 #: The largest combine tile or master band (bigger ones are no faster).
 DEFAULT_TILE_BYTES = 64 * MiB
@@ -63,6 +64,9 @@ class MemoryPlan:
         ``--memory-limit`` in bytes (None: no limit given).
     store_ram : int
         Bytes the frame store may hold in RAM; a larger store spills to disk.
+    float32_ram : int or None
+        Bytes of float32 frames the store may hold in RAM (None: ``store_ram``); a larger
+        store is held as its spill type (float16) in ``store_ram``.
     threads : int
         Frames processed at once (calibration, warp, normalisation).
     queue_size : int
@@ -76,6 +80,7 @@ class MemoryPlan:
     threads: int
     queue_size: int
     tile_bytes: int
+    float32_ram: int | None = None
 
     def __post_init__(self) -> None:
         from skystack.engine.errors import SkystackError
@@ -84,23 +89,30 @@ class MemoryPlan:
             raise SkystackError(f"invalid memory plan {self}")
 
 
-def store_layout(float32_bytes: int, ram_budget: int | None, dtype: str = "float16") -> tuple[str, bool]:
+def store_layout(float32_bytes: int, ram_budget: int | None, dtype: str = "float16",
+                 float32_budget: int | None = None) -> tuple[str, bool]:
     """How a host frame store of ``float32_bytes`` (its frames in float32) holds them.
 
-    In RAM as float32 when that fits in ``ram_budget`` (None: no budget); else
-    in RAM as ``dtype`` (the spill's type) when that fits; else spilled to disk
-    as ``dtype``. The RAM the store takes never exceeds the budget either way;
-    float16 in RAM costs the same rounding as the float16 spill it replaces,
-    without writing the frames through the page cache and reading them back.
+    In RAM as float32 when that fits in ``float32_budget`` (None: ``ram_budget``;
+    never more than it) and ``ram_budget`` (None: no budget); else in RAM as
+    ``dtype`` (the spill's type) when that fits in ``ram_budget`` (a float32
+    ``dtype`` in the float32 budget); else spilled to disk as ``dtype``. The RAM the store takes never
+    exceeds the budget either way; float16 in RAM costs the same rounding as
+    the float16 spill it replaces, without writing the frames through the page
+    cache and reading them back.
 
     Returns
     -------
     (str, bool)
         The stored dtype and whether the store spills to disk.
     """
-    if ram_budget is None or float32_bytes <= ram_budget:
+    if ram_budget is None:
         return "float32", False
-    return str(dtype), float32_bytes // 4 * np.dtype(dtype).itemsize > ram_budget
+    f32 = ram_budget if float32_budget is None else min(float32_budget, ram_budget)
+    if float32_bytes <= f32:
+        return "float32", False
+    held = np.dtype(dtype)
+    return str(dtype), float32_bytes // 4 * held.itemsize > (f32 if held == np.float32 else ram_budget)
 
 
 def plan_memory(limit: int | None, *, available: int, frame_px: int, store_bytes: int, out_px: int,
@@ -140,7 +152,8 @@ def plan_memory(limit: int | None, *, available: int, frame_px: int, store_bytes
     ceiling = max(1, available // 2)
     if limit is None:
         store_ram = min(ceiling // 2, DEFAULT_STORE_RAM)
-        return MemoryPlan(limit=None, store_ram=store_ram, threads=threads, queue_size=queue_size,
+        return MemoryPlan(limit=None, store_ram=store_ram, float32_ram=store_ram // 2, threads=threads,
+                          queue_size=queue_size,
                           tile_bytes=ceiling if gpu else max(MIN_TILE_BYTES, min(ceiling // 4, DEFAULT_TILE_BYTES)))
     budget = min(int(limit), ceiling)
     store_ram = budget // 2

@@ -199,6 +199,26 @@ def test_memory_plan_fits_the_limit_and_keeps_defaults():
                            queue_size=1, gpu=True).tile_bytes == free // 2
 
 
+def test_default_share_holds_float32_frames_in_half_of_it():
+    """Without a limit the store takes DEFAULT_STORE_RAM as float16 frames but float32 frames only in
+    half of it (the same noise at half the size); under a limit float32 may take the whole share."""
+    from skystack.engine import memory as mem
+
+    d = mem.plan_memory(None, available=64 << 30, frame_px=2_000_000, store_bytes=1 << 30, out_px=2_000_000,
+                        channels=3, threads=2, queue_size=4)
+    r, f = d.store_ram, d.float32_ram
+    assert (r, f) == (mem.DEFAULT_STORE_RAM, mem.DEFAULT_STORE_RAM // 2)
+    assert mem.store_layout(f, r, "float16", f) == ("float32", False)
+    assert mem.store_layout(f + 4, r, "float16", f) == ("float16", False)
+    assert mem.store_layout(2 * r, r, "float16", f) == ("float16", False)
+    assert mem.store_layout(2 * r + 8, r, "float16", f) == ("float16", True)
+    assert mem.store_layout(f + 4, r, "float32", f) == ("float32", True)  # float32 spill: the float32 half
+    lim = mem.plan_memory(600 * MB, available=64 << 30, frame_px=500_000, store_bytes=0, out_px=500_000,
+                          channels=3, threads=2, queue_size=4)
+    assert lim.float32_ram is None
+    assert mem.store_layout(lim.store_ram, lim.store_ram, "float16", lim.float32_ram) == ("float32", False)
+
+
 def test_default_stack_spills_a_store_above_the_default_share(tmp_path, monkeypatch):
     """No --memory-limit: a store larger than DEFAULT_STORE_RAM goes to disk (as float16 in RAM when that
     fits, with the same image as the float16 spill), tiles stay within

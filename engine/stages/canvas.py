@@ -23,4 +23,5 @@ class MakeCanvas:
         ctx.canvas, ctx.target = canvas, ctx.store
         if canvas.shape != out_shape:
             ctx.target = FrameStore(len(ctx.lights), (ctx.channels, *canvas.shape), ram_budget=ctx.plan.store_ram,
-                                    dtype=config.store_dtype, spill_dir=config.spill_dir)
+                                    dtype=config.store_dtype, spill_dir=config.spill_dir,
+                                    float32_budget=ctx.plan.float32_ram)

@@ -141,7 +141,8 @@ def _landscape_stack(fg, paths: list[Path], ctx: SessionContext,
     rows = np.flatnonzero(weight.max(axis=1) > 0)
     y0 = (max(0, int(rows[0]) - 4) * scale) // 2 * 2  # full-resolution, even: the CFA pattern is kept
     h_full, w_full = fg.mask.shape[0] * scale, fg.mask.shape[1] * scale
-    band = FrameStore(len(paths), (1, h_full - y0, w_full), ram_budget=ctx.plan.store_ram)
+    band = FrameStore(len(paths), (1, h_full - y0, w_full), ram_budget=ctx.plan.store_ram,
+                      float32_budget=ctx.plan.float32_ram)
     metas: list[Any] = [None] * len(paths)
     producer = FrameProducer(paths, workers=config.workers, queue_size=config.queue_size, manual_release=True)
     try:

@@ -24,4 +24,4 @@ class OpenStore:
             ctx.budget -= ctx.store.nbytes
         else:
             ctx.store = FrameStore(n, shape, ram_budget=ctx.plan.store_ram, dtype=config.store_dtype,
-                                   spill_dir=config.spill_dir)
+                                   spill_dir=config.spill_dir, float32_budget=ctx.plan.float32_ram)
