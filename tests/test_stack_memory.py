@@ -347,9 +347,11 @@ def test_default_allocator_reuses_freed_frame_buffers():
                              check=True, timeout=120)
         return int(run.stdout.split()[-1])
 
-    kept = faults("keep")
-    if kept < 0:
+    if faults("keep") < 0:
         pytest.skip("not glibc: no mallopt")
+    # medians of 5 runs: on a busy VM a single run of either mode now and then faults ~2 % or ~0.2 %
+    kept = sorted(faults("keep") for _ in range(5))[2]
+    default = sorted(faults("default") for _ in range(5))[2]
     pages_written = 2 * 10 * (3 * 4 + 3 * 2 + 4 + 4 * 2) * 1080 * 1920 // 4096
     assert kept < 0.01 * pages_written
-    assert faults("default") > 0.05 * pages_written  # what the setting saves: the measurement sees faults
+    assert default > 0.05 * pages_written  # what the setting saves: the measurement sees faults
