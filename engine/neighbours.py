@@ -10,9 +10,9 @@ at the same distance the lower index comes first.
 
 A bounded query looks only at the points whose x is within the bound of the
 query point's (a strip of the points sorted by x); an unbounded one compares
-every pair, in blocks. Importing
-``scipy.spatial`` for this cost ~0.27 s of one core at the start of every
-stack (it loads ``scipy.sparse`` and ``scipy.linalg`` as well).
+every pair, in blocks. Importing ``scipy.spatial`` for this cost ~0.27 s of
+one core at the start of every stack (it loads ``scipy.sparse`` and
+``scipy.linalg`` as well).
 """
 
 from __future__ import annotations

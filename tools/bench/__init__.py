@@ -68,31 +68,4 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = [
-    "LAUNCH_HOST_S",
-    "PRESETS",
-    "BenchConfig",
-    "Measured",
-    "NoiseSpectrum",
-    "QualityMetrics",
-    "add_bench_arguments",
-    "bench_command",
-    "bench_tables",
-    "ensure_session",
-    "machine_info",
-    "machine_key",
-    "main",
-    "markdown_tables",
-    "noise_spectrum",
-    "truth_quality",
-    "measured_registration_error",
-    "registration_error",
-    "run_benchmark",
-    "run_child",
-    "run_measured",
-    "sensor_size",
-    "session_synth_config",
-    "star_free_mask",
-    "update_results_md",
-    "warm_memory",
-]
+__all__ = list(_HOME)
