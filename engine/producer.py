@@ -54,7 +54,8 @@ class FrameProducer:
     queue_size : int
         Decoded frames that may wait for the consumer.
     reader : callable
-        ``reader(path) -> Frame`` (default :func:`skystack.engine.io.read_frame`).
+        ``reader(path) -> Frame`` (default :func:`skystack.engine.io.read_frame`), called in the
+        decoder threads; the attribute :attr:`reader` may be replaced before iterating.
     manual_release : bool
         When True the consumer calls :meth:`release` once it is done with an
         item (so frames handed to worker threads still count against the
@@ -68,7 +69,7 @@ class FrameProducer:
         self.paths = [Path(p) for p in paths]
         self.workers = max(1, workers or min(4, os.cpu_count() or 1))
         self.queue_size = max(1, queue_size)
-        self._reader = reader
+        self.reader = reader
         self.gauge = _Gauge()
         # A slot is taken before decoding starts and given back when the consumer
         # is done with the frame: this is the bound on decoded frames alive.
@@ -110,7 +111,7 @@ class FrameProducer:
                     return
                 path = self.paths[i]
                 try:
-                    item = Decoded(index=i, path=path, frame=self._reader(path))
+                    item = Decoded(index=i, path=path, frame=self.reader(path))
                     self.gauge.add(1)
                 except SkystackError as exc:
                     item = Decoded(index=i, path=path, frame=None, error=str(exc))

@@ -16,6 +16,7 @@ import pytest
 
 from skystack import cli
 from skystack.engine import backend as be
+from skystack.engine.upload import StagedUploader
 from skystack.tools.synth import SynthConfig, simulate
 
 pytestmark = pytest.mark.gpu
@@ -347,6 +348,59 @@ def test_cli_gpu_stack_bytes_per_light_pixel_target(gpu_stack, night, tmp_path_f
                                                   "per session down": down6 / 640 / 480 - 6 * down})
 
 
+def test_cli_gpu_stack_lights_go_up_from_pinned_buffers(gpu_stack, night):
+    """Each light's raw mosaic goes up once, from a decoder thread's pinned buffer on its copy stream
+    (asynchronous to the compute thread): the pinned asynchronous bytes are the lights' raw bytes,
+    every other upload is per session (masters, calibration set, apertures), and the decoder
+    threads allocated their pinned buffers once each, not once a frame."""
+    from skystack.engine.io import read_frame
+
+    lights = sorted((night / "lights").iterdir())
+    raw = sum(read_frame(p).data.nbytes for p in lights)
+    stats = gpu_stack[1]
+    assert stats["h2d_async_sites"] == {_site_of(StagedUploader.upload, "dev.set("): raw}
+    assert 1 <= stats["pinned_allocs"] <= 4  # one per decoder thread (at most min(4, cores))
+
+
+def test_staged_uploader_sends_the_decoded_frame_bit_for_bit_and_reuses_its_buffer(sim):
+    """The uploader gives the decoded frame's values on the device (big-endian FITS data too), from
+    one pinned buffer per thread, grown only for a larger frame; a frame above its share of the
+    device memory, or one whose upload fails, stays on the host for the compute thread."""
+    import threading
+
+    import cupy
+
+    from skystack.engine.frame import Frame, FrameMeta
+
+    rng = np.random.default_rng(3)
+    frames = {f"f{k}": rng.integers(0, 65535, (h, w)).astype(dt) for k, (h, w, dt) in
+              enumerate([(40, 60, "<u2"), (40, 60, ">u2"), (30, 20, "<u2"), (50, 64, ">f4")])}
+    meta = FrameMeta(path="x", format="fits", shape=(1, 1))
+
+    def reader(name):
+        return Frame(data=frames[name], meta=meta)
+
+    up = StagedUploader(cupy, reader, bound=4, free_bytes=4 * 4 * 50 * 64 * 4)
+    sim.reset()
+    got = {}
+    worker = threading.Thread(target=lambda: got.update({n: up(n).data for n in frames}))
+    worker.start()
+    worker.join()
+    for name, data in frames.items():
+        assert isinstance(got[name], cupy.ndarray) and got[name].dtype == data.dtype.newbyteorder("=")
+        np.testing.assert_array_equal(got[name].get(), data)
+    assert sim.pinned_allocs == 2  # the first frame's buffer, then one for the float32 frame (larger)
+    assert sum(sim.h2d_async.values()) == sum(d.nbytes for d in frames.values()) == sim.h2d_bytes
+    small = StagedUploader(cupy, reader, bound=4, free_bytes=4 * 4 * 40 * 60 * 2 - 1)
+    assert isinstance(small("f0").data, np.ndarray)  # above its share: left on the host
+
+    def broken(*a, **k):
+        raise cupy.cuda.runtime.CUDARuntimeError("out of memory")
+
+    up.upload = broken
+    assert up("f1").data is frames["f1"]
+
+
 def test_stand_in_times_cupys_array_operations_as_device_work(sim):
     """CuPy's own operations (ufuncs, reductions, indexing) are device launches: the stand-in counts
     them and their NumPy seconds apart from the host's, as it does for the emulated kernels."""
@@ -382,6 +436,10 @@ def test_bench_reports_gpu_traffic_on_the_simulated_device(sim, tmp_path):
     assert 0 < t["host_s_per_light"] * 4 == pytest.approx(t["host_s_lights"])
     # per added light: this run (4 lights) against the warm-up's (3), and decoding one light
     assert t["host_s_per_added_light"] == pytest.approx(t["host_s_lights"] - t["host_s_lights_warmup"])
+    per_stage = t["host_s_per_added_light_by_stage"]
+    assert set(per_stage) == set(t["host_s_by_stage"])
+    assert sum(v for k, v in per_stage.items() if k not in ("scan", "masters")) == \
+        pytest.approx(t["host_s_per_added_light"])
     dec = res["decode_floor"]
     assert run["decode_s_per_light"] == pytest.approx(dec["lights_s"] * dec["workers"] / 4)
     assert run["decode_s_per_light"] > 0

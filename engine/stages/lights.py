@@ -1,7 +1,8 @@
 """Stage ``calibrate`` (pass 1): decode -> calibrate -> detect -> debayer -> store, frame by frame.
 
 A producer pool decodes the lights into a bounded queue; worker threads (one on
-a GPU) take them through the rest, on the backend, into the frame store.
+a GPU) take them through the rest, on the backend, into the frame store. On a
+GPU the decoder threads also send each light up (:mod:`skystack.engine.upload`).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from skystack.engine.errors import SkystackError
 from skystack.engine.pipeline import SessionContext, compute_threads, finite
 from skystack.engine.producer import FrameProducer
 from skystack.engine.rawconv import cfa_to_float
+from skystack.engine.upload import StagedUploader
 from skystack.engine.workers import run_parallel
 
 
@@ -33,6 +35,9 @@ class CalibrateLights:
         step = ctx.report.bar("calibrate", len(ctx.todo))
         producer = FrameProducer([ctx.lights[i] for i in ctx.todo], workers=ctx.config.workers,
                                  queue_size=ctx.config.queue_size, manual_release=True)
+        if ctx.backend.is_gpu:  # the decoders upload from pinned buffers on copy streams of their own
+            producer.reader = StagedUploader(ctx.backend.xp, producer.reader, bound=producer.bound,
+                                             free_bytes=ctx.backend.free_memory(), timed=ctx.report.timed)
         run_parallel(_LightWork(ctx, producer), producer, compute_threads(ctx.backend, ctx.config), on_done=step)
         ctx.queue_peak, ctx.queue_bound = producer.gauge.peak, producer.bound
 
@@ -78,7 +83,7 @@ class _LightWork:
         cset = ctx.calibration
         with self.time("calibrate"):
             try:
-                raw = ctx.backend.xp.asarray(frame.data)  # uint16 upload: 2 bytes/px
+                raw = ctx.backend.xp.asarray(frame.data)  # uint16 upload (2 bytes/px), unless a decoder sent it
                 x = cfa_to_float(raw, pattern=m.pattern, black_level=m.black_level, white_level=m.white_level)
                 cl = cal.calibrate_light(x, m, cset, config=ctx.calibration_config)
             except SkystackError as exc:  # e.g. levels the header gets wrong: skip this light, named

@@ -108,8 +108,11 @@ def _host_per_added_light(run: dict[str, Any], warm: dict[str, Any], n_lights: i
     t, w = run.get("device_traffic"), warm.get("device_traffic")
     if not (run.get("ok") and warm.get("ok") and t and w) or n_lights <= WARMUP_LIGHTS:
         return
+    added = n_lights - WARMUP_LIGHTS
     t["host_s_lights_warmup"] = w["host_s_lights"]
-    t["host_s_per_added_light"] = (t["host_s_lights"] - w["host_s_lights"]) / (n_lights - WARMUP_LIGHTS)
+    t["host_s_per_added_light"] = (t["host_s_lights"] - w["host_s_lights"]) / added
+    t["host_s_per_added_light_by_stage"] = {k: (v - w["host_s_by_stage"].get(k, 0.0)) / added
+                                            for k, v in t["host_s_by_stage"].items()}
 
 
 def results_name(info: dict[str, Any], label: str, *, prefix: str = "") -> str:

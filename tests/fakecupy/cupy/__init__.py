@@ -12,6 +12,9 @@ kernels (``RawModule(code=...).get_function(name)``) in the g++ emulator of
 :data:`sim` counts host->device and device->host bytes per call site (the
 first stack frame outside this module), synchronisations, kernel launches and
 the seconds spent emulating them, and the device memory in use and its peak.
+``cuda.alloc_pinned_memory`` gives host memory it remembers as pinned: ``ndarray.set``
+from it on a stream other than the null one is an asynchronous upload, counted apart
+(``h2d_async``) and timed as device work (the copy engine's), as is CuPy's.
 ``SKYSTACK_SIM_VRAM`` sets the device's size (default 8 GiB) and
 ``SKYSTACK_SIM_COMPILE_ERROR=1`` makes every kernel compile fail (with a long
 log, as NVRTC's are) after the device itself works, and ``SKYSTACK_SIM_STATS=FILE``
@@ -56,6 +59,9 @@ class SimStats:
         with self._lock:
             self.h2d: collections.Counter = collections.Counter()
             self.d2h: collections.Counter = collections.Counter()
+            # of h2d, what went up from pinned memory on a stream (asynchronous, the copy engine's work)
+            self.h2d_async: collections.Counter = collections.Counter()
+            self.pinned_allocs = 0
             self.syncs = 0
             self.launches: collections.Counter = collections.Counter()
             self.kernel_seconds = 0.0
@@ -82,9 +88,12 @@ class SimStats:
             return "?"
         return f"{Path(f.f_code.co_filename).name}:{f.f_lineno}"
 
-    def up(self, nbytes: int) -> None:
+    def up(self, nbytes: int, *, pinned_async: bool = False) -> None:
         with self._lock:
-            self.h2d[self._site()] += int(nbytes)
+            site = self._site()
+            self.h2d[site] += int(nbytes)
+            if pinned_async:
+                self.h2d_async[site] += int(nbytes)
 
     def down(self, nbytes: int) -> None:
         with self._lock:
@@ -134,7 +143,8 @@ class SimStats:
         return {"h2d_bytes": self.h2d_bytes, "d2h_bytes": self.d2h_bytes, "syncs": self.syncs,
                 "launches": sum(self.launches.values()), "kernel_seconds": self.kernel_seconds,
                 "array_ops": self.array_ops, "array_seconds": self.array_seconds,
-                "peak_bytes": self.peak, "h2d_sites": dict(self.h2d), "d2h_sites": dict(self.d2h)}
+                "peak_bytes": self.peak, "h2d_sites": dict(self.h2d), "d2h_sites": dict(self.d2h),
+                "h2d_async_sites": dict(self.h2d_async), "pinned_allocs": self.pinned_allocs}
 
 
 sim = SimStats()
@@ -235,8 +245,16 @@ class ndarray:
         return h
 
     def set(self, arr, stream=None) -> None:
-        sim.up(arr.nbytes)
-        self._a[...] = arr
+        """Copy ``arr`` up: from pinned memory on a stream other than the null one, asynchronously
+        (the copy engine's work, timed as device work); otherwise a blocking copy by the host."""
+        if _np.dtype(arr.dtype) != self._a.dtype or arr.shape != self._a.shape:
+            raise ValueError(f"set: {arr.dtype}{arr.shape} into {self._a.dtype}{self._a.shape}")
+        pinned = stream is not None and not getattr(stream, "null", False) and _is_pinned(arr)
+        sim.up(arr.nbytes, pinned_async=pinned)
+        if pinned:
+            sim.device_op(_np.copyto, self._a, arr)
+        else:
+            self._a[...] = arr
 
     def item(self):
         sim.down(self._a.itemsize)
@@ -544,10 +562,39 @@ class _Synchronizing:
 
 class _Stream(_Synchronizing):
     def __init__(self, non_blocking=False, null=False) -> None:
-        pass
+        self.null = null
 
     def use(self):
         return self
+
+
+class _PinnedMemory(_np.ndarray):
+    """``cupy.cuda.alloc_pinned_memory(n)``: page-locked host memory (here plain memory, remembered as
+    pinned); NumPy reads it through the buffer protocol (``numpy.frombuffer``), as CuPy's."""
+
+
+#: Start -> end address of each live pinned allocation.
+_PINNED: dict[int, int] = {}
+
+
+def _is_pinned(arr: _np.ndarray) -> bool:
+    """True when all of ``arr`` lies in one pinned allocation."""
+    if not isinstance(arr, _np.ndarray):
+        return False
+    lo = arr.ctypes.data
+    hi = lo + arr.nbytes
+    with sim._lock:
+        return any(a <= lo and hi <= b for a, b in _PINNED.items())
+
+
+def alloc_pinned_memory(size: int) -> _PinnedMemory:
+    mem = _np.empty(max(1, int(size)), dtype=_np.uint8).view(_PinnedMemory)
+    start = mem.ctypes.data
+    with sim._lock:
+        sim.pinned_allocs += 1
+        _PINNED[start] = start + mem.nbytes
+    weakref.finalize(mem, _PINNED.pop, start, None)
+    return mem
 
 
 class _Device(_Synchronizing):
@@ -582,6 +629,7 @@ def get_default_pinned_memory_pool() -> _Pool:
 
 cuda = types.SimpleNamespace(
     runtime=_Runtime(), Stream=_Stream, Device=_Device, is_available=lambda: True,
+    alloc_pinned_memory=alloc_pinned_memory,
     compiler=types.SimpleNamespace(CompileException=CompileException),
 )
 cuda.Stream.null = _Stream(null=True)
