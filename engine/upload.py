@@ -8,7 +8,10 @@ from frame to frame, and sends it up on a copy stream of its own with
 ``ndarray.set(..., stream=...)``: the copy engine moves it while the compute
 thread calibrates and measures the frame before. The decoder thread waits for
 its copy to finish (so its buffer is free for the next frame) and hands the
-compute thread a device array that is ready to use.
+compute thread a device array that is ready to use. The copy first waits for the
+work already queued on the null stream (an event): CuPy's memory pool may give
+the new array a block the compute thread has just freed while its kernels still
+read it. Later work of the compute thread overlaps the copy.
 
 Decoded lights then wait in the queue on the device: at most the producer's
 bound of them, each its raw size (2 bytes a pixel). A frame whose share would
@@ -87,6 +90,9 @@ class StagedUploader:
         staged = np.frombuffer(local.mem, dtype=dtype, count=data.size).reshape(data.shape)
         np.copyto(staged, data)
         dev = xp.empty(data.shape, dtype=dtype)
+        # CuPy's pool may hand out a block the compute thread freed while its kernels on the null
+        # stream still read it; the copy stream is not ordered after them unless told to be
+        local.stream.wait_event(xp.cuda.Stream.null.record())
         dev.set(staged, stream=local.stream)
         local.stream.synchronize()  # the buffer is free for this thread's next frame
         return dev

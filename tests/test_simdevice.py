@@ -362,7 +362,7 @@ def test_cli_gpu_stack_lights_go_up_from_pinned_buffers(gpu_stack, night):
     assert 1 <= stats["pinned_allocs"] <= 4  # one per decoder thread (at most min(4, cores))
 
 
-def test_staged_uploader_sends_the_decoded_frame_bit_for_bit_and_reuses_its_buffer(sim):
+def test_staged_uploader_sends_the_decoded_frame_bit_for_bit_and_reuses_its_buffer(sim, monkeypatch):
     """The uploader gives the decoded frame's values on the device (big-endian FITS data too), from
     one pinned buffer per thread, grown only for a larger frame; a frame above its share of the
     device memory, or one whose upload fails, stays on the host for the compute thread."""
@@ -381,6 +381,8 @@ def test_staged_uploader_sends_the_decoded_frame_bit_for_bit_and_reuses_its_buff
         return Frame(data=frames[name], meta=meta)
 
     up = StagedUploader(cupy, reader, bound=4, free_bytes=4 * 4 * 50 * 64 * 4)
+    waits = []  # each copy waits for the null stream's queued work (a reused pool block)
+    monkeypatch.setattr(type(cupy.cuda.Stream.null), "wait_event", lambda self, ev: waits.append(self))
     sim.reset()
     got = {}
     worker = threading.Thread(target=lambda: got.update({n: up(n).data for n in frames}))
@@ -390,6 +392,7 @@ def test_staged_uploader_sends_the_decoded_frame_bit_for_bit_and_reuses_its_buff
         assert isinstance(got[name], cupy.ndarray) and got[name].dtype == data.dtype.newbyteorder("=")
         np.testing.assert_array_equal(got[name].get(), data)
     assert sim.pinned_allocs == 2  # the first frame's buffer, then one for the float32 frame (larger)
+    assert len(waits) == len(frames) and all(not w.null for w in waits)
     assert sum(sim.h2d_async.values()) == sum(d.nbytes for d in frames.values()) == sim.h2d_bytes
     small = StagedUploader(cupy, reader, bound=4, free_bytes=4 * 4 * 40 * 60 * 2 - 1)
     assert isinstance(small("f0").data, np.ndarray)  # above its share: left on the host

@@ -560,12 +560,26 @@ class _Synchronizing:
         return False
 
 
+class _Event(_Synchronizing):
+    """A stream's event: work here is done when it is launched, so it is always complete."""
+
+    def query(self) -> bool:
+        return True
+
+
 class _Stream(_Synchronizing):
     def __init__(self, non_blocking=False, null=False) -> None:
         self.null = null
 
     def use(self):
         return self
+
+    def record(self, event=None) -> _Event:
+        return event if event is not None else _Event()
+
+    def wait_event(self, event: _Event) -> None:
+        if not isinstance(event, _Event):
+            raise TypeError(f"wait_event takes an Event, not {type(event).__name__}")
 
 
 class _PinnedMemory(_np.ndarray):
@@ -628,7 +642,7 @@ def get_default_pinned_memory_pool() -> _Pool:
 
 
 cuda = types.SimpleNamespace(
-    runtime=_Runtime(), Stream=_Stream, Device=_Device, is_available=lambda: True,
+    runtime=_Runtime(), Stream=_Stream, Event=_Event, Device=_Device, is_available=lambda: True,
     alloc_pinned_memory=alloc_pinned_memory,
     compiler=types.SimpleNamespace(CompileException=CompileException),
 )
