@@ -440,9 +440,10 @@ def _stack_options(p: argparse.ArgumentParser, *, batch: bool = False) -> None:
                    f"tiles shrink to fit; without it the store spills above {DEFAULT_STORE_RAM >> 20} MiB "
                    "(default: half the free memory)")
     g.add_argument("--store-dtype", default=c.store_dtype, choices=choices["store_dtype"],
-                   help="type of the frame store when its float32 frames do not fit its RAM share (then in RAM "
-                        "if they fit so, else spilled to disk): float16 halves it and rounds at 1/2048 of a value, "
-                        "far below a light's noise (default: %(default)s)")
+                   help="type of the frame store when its float32 frames do not fit its RAM share, or on a GPU "
+                        "its share of device memory (then there if they fit so, else in RAM or spilled to disk): "
+                        "float16 halves it and rounds at 1/2048 of a value, far below a light's noise "
+                        "(default: %(default)s)")
     g.add_argument("--reference", help="reference light (default: best score)")
     g.add_argument("--keep-best", type=float, metavar="PERCENT",
                    help="keep the best PERCENT (0-100] of frames by star quality (default: all usable frames)")

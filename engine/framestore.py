@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from skystack.engine.backend import run_cpu
+from skystack.engine.backend import is_device_array, launch, run_cpu
 from skystack.engine.errors import OutputError
 from skystack.engine.memory import store_layout
 
@@ -39,11 +39,14 @@ def to_half(img: np.ndarray, scale: float, out: np.ndarray | None = None) -> np.
     """``img * scale`` (float32 product) rounded to float16, C-contiguous (into ``out``, a C-contiguous
     float16 array of ``img``'s shape, when given).
 
-    The ``to_half`` kernel of ``kernels/half.cu`` built for the host where it is
+    On a device array, the kernel on the device (``out`` a device array too). On the host,
+    the ``to_half`` kernel of ``kernels/half.cu`` built for the host where it is
     faster (NumPy's float16 cast, without hardware conversion, ~2.8 ns a value
     here against the kernel's ~1 ns), else the twin :func:`_to_half_numpy`; the
     bits are the same.
     """
+    if is_device_array(img):
+        return _half_on_device("to_half", img, "float32", "float16", scale, out)
     src = np.ascontiguousarray(img, dtype=np.float32)
     out = np.empty(src.shape, dtype=np.float16) if out is None else out
     n = src.size
@@ -62,7 +65,10 @@ def _to_half_numpy(src: np.ndarray, scale: float, out: np.ndarray) -> np.ndarray
 
 def from_half(stored: np.ndarray, scale: float, out: np.ndarray | None = None) -> np.ndarray:
     """Float32 ``stored * scale`` of a float16 array (exact conversion, float32 product), into ``out``
-    (C-contiguous, of ``stored``'s shape) when given: the ``from_half`` kernel or its twin, same bits."""
+    (C-contiguous, of ``stored``'s shape) when given: the ``from_half`` kernel or its twin, same bits;
+    on a device array, the kernel on the device."""
+    if is_device_array(stored):
+        return _half_on_device("from_half", stored, "float16", "float32", scale, out)
     src = np.ascontiguousarray(stored, dtype=np.float16)
     out = np.empty(src.shape, dtype=np.float32) if out is None else out
     n = src.size
@@ -77,6 +83,21 @@ def from_half(stored: np.ndarray, scale: float, out: np.ndarray | None = None) -
     if not out.flags.c_contiguous:
         return twin()
     return run_cpu(_HALF_SRC, "from_half", n, twin, native)
+
+
+def _half_on_device(kernel: str, src, src_dtype: str, out_dtype: str, scale: float, out=None):
+    """``kernel`` (``to_half`` or ``from_half``) of the device array ``src`` into ``out`` (a
+    C-contiguous device array of its shape; new when None). float16 goes as its bits (uint16)."""
+    from skystack.engine.backend import array_module
+
+    xp = array_module(src)
+    src = xp.ascontiguousarray(src, dtype=src_dtype)
+    out = xp.empty(src.shape, dtype=out_dtype) if out is None else out
+    if not out.flags.c_contiguous or out.shape != src.shape or out.dtype != np.dtype(out_dtype):
+        raise ValueError(f"{kernel}: out must be a C-contiguous {out_dtype} array of shape {src.shape}")
+    bits = (lambda a: a.view(xp.uint16) if a.dtype == np.float16 else a)
+    launch(_HALF_SRC, kernel, src.size, (bits(src), bits(out), np.int64(src.size), np.float32(scale)))
+    return out
 
 
 class FrameStore:
@@ -256,12 +277,14 @@ class FrameStore:
 
 
 class DeviceFrameStore:
-    """``n`` frames of shape ``(C, H, W)`` float32 in GPU memory (the VRAM frame store).
+    """``n`` frames of shape ``(C, H, W)`` in GPU memory (the VRAM frame store).
 
     The same interface as :class:`FrameStore`, on device arrays: ``put`` takes a
-    device array (a host one is copied up), ``get`` and ``tile`` return device
-    arrays, so frames stay on the device from debayering through warping to the
-    combine. Use it when :meth:`fits`; otherwise the host store is the fallback.
+    device array (a host one is copied up), ``get`` and ``tile`` return float32
+    device arrays, so frames stay on the device from debayering through warping
+    to the combine. Frames are held as float32 when they fit, else as the host
+    store's float16 (the same kernels: the same bits as a float16 host store);
+    :meth:`layout` says which, if either, fits the budget.
 
     Parameters
     ----------
@@ -269,49 +292,69 @@ class DeviceFrameStore:
         As :class:`FrameStore`.
     xp : module
         ``cupy`` (the backend's array module).
+    dtype : {"float32", "float16"}
+        How the frames are held (float16 values divided by :data:`HALF_SCALE`).
     """
 
     on_disk = False
     on_device = True
 
-    def __init__(self, n: int, shape: tuple[int, int, int], *, xp) -> None:
+    def __init__(self, n: int, shape: tuple[int, int, int], *, xp, dtype: str = "float32") -> None:
         self.n = int(n)
         self.shape = tuple(int(s) for s in shape)
-        self.dtype = np.dtype(np.float32)
+        self.dtype = np.dtype(dtype)
+        if self.dtype not in (np.float32, np.float16):
+            raise ValueError(f"a device store holds float32 or float16 frames, not {dtype}")
         self._xp = xp
-        self._data = xp.empty((self.n, *self.shape), dtype=xp.float32)
+        self._data = xp.empty((self.n, *self.shape), dtype=self.dtype)
 
     @staticmethod
-    def fits(n: int, shape: tuple[int, int, int], budget: int) -> bool:
-        """True when ``n`` frames of ``shape`` take at most half of the device ``budget``."""
-        return n * int(np.prod(shape)) * 4 <= budget // 2
+    def layout(n: int, shape: tuple[int, int, int], budget: int, store_dtype: str = "float16") -> str | None:
+        """``"float32"`` when ``n`` frames of ``shape`` take at most half of the device ``budget`` as
+        float32, else ``store_dtype`` when it is float16 and they fit as that, else None (the host
+        store)."""
+        px = n * int(np.prod(shape))
+        if px * 4 <= budget // 2:
+            return "float32"
+        if np.dtype(store_dtype) == np.float16 and px * 2 <= budget // 2:
+            return "float16"
+        return None
 
     @property
     def nbytes(self) -> int:
         """Bytes held on the device."""
-        return self.n * int(np.prod(self.shape)) * 4
+        return self.n * int(np.prod(self.shape)) * self.dtype.itemsize
 
     where = "device"
 
     def put(self, i: int, image) -> None:
         """Store frame ``i`` (``(C,H,W)`` or ``(H,W)`` for C = 1)."""
-        self._data[i] = self._xp.asarray(image, dtype=self._xp.float32).reshape(self.shape)
+        img = self._xp.asarray(image, dtype=self._xp.float32).reshape(self.shape)
+        if self.dtype == np.float32:
+            self._data[i] = img
+        else:
+            to_half(img, 1.0 / HALF_SCALE, out=self._data[i])
 
     def get(self, i: int, out=None):
-        """Frame ``i``, a ``(C, H, W)`` device array: a view (copy it before changing it), or copied
-        into ``out`` (a device array of that shape) when given, as :meth:`FrameStore.get`."""
+        """Frame ``i``, a float32 ``(C, H, W)`` device array: a view of a float32 store (copy it before
+        changing it), or copied into ``out`` (a device array of that shape) when given, as
+        :meth:`FrameStore.get`."""
+        if self.dtype == np.float16:
+            return from_half(self._data[i], HALF_SCALE, out=out)
         if out is None:
             return self._data[i]
         out[...] = self._data[i]
         return out
 
     def tile(self, indices, y0: int, y1: int, x0: int = 0, x1: int | None = None):
-        """Block ``(len(indices), C, y1-y0, x1-x0)``, a device array."""
+        """Block ``(len(indices), C, y1-y0, x1-x0)``, a float32 device array."""
         idx = [int(i) for i in indices]
         x1 = self.shape[2] if x1 is None else x1
         if idx == list(range(self.n)):
-            return self._data[:, :, y0:y1, x0:x1]
-        return self._data[self._xp.asarray(np.asarray(idx, dtype=np.int64))][:, :, y0:y1, x0:x1]
+            block = self._data[:, :, y0:y1, x0:x1]
+        else:
+            block = self._data[self._xp.asarray(np.asarray(idx, dtype=np.int64))][:, :, y0:y1, x0:x1]
+        return block if self.dtype == np.float32 else from_half(block, HALF_SCALE)
 
     def close(self) -> None:
         """Free the device memory."""

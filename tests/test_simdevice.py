@@ -303,22 +303,80 @@ def test_normalisation_statistics_on_the_device_equal_the_hosts(sim, rng):
 
 
 def test_vram_store_and_host_store_give_the_same_stack(sim, night, tmp_path, monkeypatch):
-    """A store that does not fit half the device budget falls back to host memory, with the same result."""
+    """A store that does not fit half the device budget as float32 is held there as float16, with the
+    bits of a float16 host store; one that does not fit as that either falls back to host memory,
+    with the float32 device store's result."""
+    from skystack.engine import framestore
     from skystack.engine.session import discover_session
     from skystack.engine.stack import StackConfig, combine_registered, register_session
 
     cfg = StackConfig(quiet=True, backend="gpu", cache_dir=str(tmp_path))
     images, kinds, where = [], [], []
-    for vram in (8 << 30, 40 << 20):  # 40 MiB: the 22 MB store exceeds half the budget
+    # 8 GiB: float32 on the device; 64 MiB: the 22 MB store exceeds half the budget, its 11 MB of
+    # float16 do not; 40 MiB: neither does (host store, float32 in RAM); 40 MiB with the host store
+    # made to hold float16 in RAM
+    layout = framestore.store_layout
+    for vram, host_half in ((8 << 30, False), (64 << 20, False), (40 << 20, False), (40 << 20, True)):
         monkeypatch.setattr(sim, "total_bytes", vram)
+        monkeypatch.setattr(framestore, "store_layout",
+                            (lambda *a, **k: ("float16", False)) if host_half else layout)
         with register_session(discover_session(night), cfg) as reg:
-            kinds.append(type(reg.store).__name__)
+            kinds.append((type(reg.store).__name__, reg.store.dtype.name))
             res = combine_registered(reg, cfg)
             images.append(res.image)
-            where.append((res.store_where, res.store_bytes == reg.store.nbytes > 20e6))
-    assert kinds == ["DeviceFrameStore", "FrameStore"]
-    assert where == [("device", True), ("RAM", True)]  # what the report and the bench show
-    np.testing.assert_array_equal(images[0], images[1])
+            where.append((res.store_where, res.store_bytes == reg.store.nbytes > 10e6))
+    assert kinds == [("DeviceFrameStore", "float32"), ("DeviceFrameStore", "float16"), ("FrameStore", "float32"),
+                     ("FrameStore", "float16")]
+    assert where == [("device", True)] * 2 + [("RAM", True)] * 2  # what the report and the bench show
+    np.testing.assert_array_equal(images[0], images[2])
+    np.testing.assert_array_equal(images[1], images[3])
+    ok = np.isfinite(images[0])
+    # float16's 11 bits round each frame's values (and a rejection may go the other way where a value
+    # sits on the clip boundary): the difference is a small part of the sky's noise, which is unchanged
+    sigma = [_sky_sigma(im, ok) for im in images[:2]]
+    d = np.abs(images[1][ok] - images[0][ok]) / sigma[0]
+    assert 0 < np.median(d) <= 0.02 and abs(sigma[1] / sigma[0] - 1) <= 0.01, (np.median(d), sigma)
+
+
+def _sky_sigma(image: np.ndarray, ok: np.ndarray) -> float:
+    """MAD-sigma of an image's differences along rows (its pixel-to-pixel noise), where ``ok``."""
+    d = np.diff(np.where(ok, image, np.nan), axis=-1)
+    d = d[np.isfinite(d)]
+    return float(1.4826 * np.median(np.abs(d - np.median(d))) / np.sqrt(2))
+
+
+def test_float16_device_store_holds_the_host_stores_bits(sim, rng):
+    """put / get / tile of a float16 device store give a float16 host store's values bit for bit
+    (NaN, infinities, subnormals and values past float16's range included), as float32 device
+    arrays, in half the bytes of a float32 device store."""
+    import cupy
+
+    from skystack.engine import framestore
+
+    n, shape = 3, (2, 17, 23)
+    frames = rng.normal(100, 300, (n, *shape)).astype(np.float32)
+    frames[0, 0, 0, :6] = [np.nan, np.inf, -np.inf, 3e-8, 2e6, -65520 * 16]
+    host = framestore.FrameStore(n, shape, ram_budget=frames.nbytes - 1, dtype="float16", float32_budget=0)
+    dev = framestore.DeviceFrameStore(n, shape, xp=cupy, dtype="float16")
+    assert host.dtype == np.float16 and not host.on_disk
+    for i in range(n):
+        host.put(i, frames[i])
+        dev.put(i, cupy.asarray(frames[i]))
+    assert dev.nbytes == framestore.DeviceFrameStore(n, shape, xp=cupy).nbytes // 2
+    for i in range(n):
+        got = dev.get(i)
+        assert isinstance(got, cupy.ndarray) and got.dtype == np.float32
+        np.testing.assert_array_equal(got.get(), host.get(i))
+    for args in (([0, 1, 2], 3, 11), ([2, 0], 0, 17, 4, 19)):
+        np.testing.assert_array_equal(dev.tile(*args).get(), host.tile(*args))
+    out = cupy.empty(shape, dtype=np.float32)
+    assert dev.get(1, out=out) is out
+    np.testing.assert_array_equal(out.get(), host.get(1))
+    layout = framestore.DeviceFrameStore.layout  # at most half the budget
+    assert layout(n, shape, 2 * frames.nbytes) == "float32"
+    assert layout(n, shape, 2 * frames.nbytes - 2) == layout(n, shape, frames.nbytes) == "float16"
+    assert layout(n, shape, 2 * frames.nbytes - 2, "float32") is None
+    assert layout(n, shape, frames.nbytes - 2) is None
 
 
 #: Call sites whose bytes are per session: the masters, and the landscape detector's small
