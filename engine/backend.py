@@ -51,10 +51,15 @@ class Backend:
         return self.name == "gpu"
 
     def free_memory(self) -> int:
-        """Free bytes on the device (GPU memory, or available RAM on CPU)."""
+        """Free bytes on the device (GPU memory, or available RAM on CPU).
+
+        On a GPU, what the driver has free plus the free blocks CuPy's memory pool keeps for
+        reuse: the driver counts those as taken, so a second stack in one process (``batch``
+        runs many) would otherwise see the first one's frame store as gone from the device.
+        """
         if self.is_gpu:
             free, _total = self.xp.cuda.runtime.memGetInfo()
-            return int(free)
+            return int(free) + int(self.xp.get_default_memory_pool().free_bytes())
         import psutil
 
         return int(psutil.virtual_memory().available)

@@ -306,6 +306,8 @@ def test_vram_store_and_host_store_give_the_same_stack(sim, night, tmp_path, mon
     """A store that does not fit half the device budget as float32 is held there as float16, with the
     bits of a float16 host store; one that does not fit as that either falls back to host memory,
     with the float32 device store's result."""
+    import cupy
+
     from skystack.engine import framestore
     from skystack.engine.session import discover_session
     from skystack.engine.stack import StackConfig, combine_registered, register_session
@@ -317,6 +319,7 @@ def test_vram_store_and_host_store_give_the_same_stack(sim, night, tmp_path, mon
     # made to hold float16 in RAM
     layout = framestore.store_layout
     for vram, host_half in ((8 << 30, False), (64 << 20, False), (40 << 20, False), (40 << 20, True)):
+        cupy.get_default_memory_pool().free_all_blocks()  # as a new process on a device of this size
         monkeypatch.setattr(sim, "total_bytes", vram)
         monkeypatch.setattr(framestore, "store_layout",
                             (lambda *a, **k: ("float16", False)) if host_half else layout)
@@ -343,6 +346,32 @@ def _sky_sigma(image: np.ndarray, ok: np.ndarray) -> float:
     d = np.diff(np.where(ok, image, np.nan), axis=-1)
     d = d[np.isfinite(d)]
     return float(1.4826 * np.median(np.abs(d - np.median(d))) / np.sqrt(2))
+
+
+def test_free_device_memory_counts_the_pools_free_blocks(sim, night, tmp_path, monkeypatch):
+    """CuPy's pool keeps freed blocks, which the driver counts as taken: the backend's free memory
+    adds them back, so a second stack in one process (a batch worker) gets the same device store as
+    the first (here 64 MiB, where the float16 store fits only while the first one's blocks count)."""
+    import cupy
+
+    from skystack.engine.session import discover_session
+    from skystack.engine.stack import StackConfig, combine_registered, register_session
+
+    gpu = be.get_backend("gpu")
+    before = gpu.free_memory()
+    a = cupy.empty((4 << 20,), dtype=np.float32)
+    assert gpu.free_memory() == before - a.nbytes
+    del a
+    assert cupy.cuda.runtime.memGetInfo()[0] <= before - (16 << 20) and gpu.free_memory() == before
+    cupy.get_default_memory_pool().free_all_blocks()
+    monkeypatch.setattr(sim, "total_bytes", 64 << 20)
+    cfg = StackConfig(quiet=True, backend="gpu", cache_dir=str(tmp_path))
+    stores = []
+    for _ in range(2):
+        with register_session(discover_session(night), cfg) as reg:
+            stores.append((type(reg.store).__name__, reg.store.dtype.name))
+            combine_registered(reg, cfg)
+    assert stores == [("DeviceFrameStore", "float16")] * 2
 
 
 def test_float16_device_store_holds_the_host_stores_bits(sim, rng):

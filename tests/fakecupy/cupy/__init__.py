@@ -15,6 +15,9 @@ the seconds spent emulating them, and the device memory in use and its peak.
 ``cuda.alloc_pinned_memory`` gives host memory it remembers as pinned: ``ndarray.set``
 from it on a stream other than the null one is an asynchronous upload, counted apart
 (``h2d_async``) and timed as device work (the copy engine's), as is CuPy's.
+Large buffers (``empty``, uploads) come from a pool that keeps freed blocks, as
+CuPy's memory pool does: ``memGetInfo`` counts them as taken, the pool's
+``free_bytes`` as reusable.
 ``SKYSTACK_SIM_VRAM`` sets the device's size (default 8 GiB) and
 ``SKYSTACK_SIM_COMPILE_ERROR=1`` makes every kernel compile fail (with a long
 log, as NVRTC's are) after the device itself works, and ``SKYSTACK_SIM_STATS=FILE``
@@ -52,8 +55,18 @@ class SimStats:
         self._thread = threading.local()  # this thread's device seconds (thread_device_seconds)
         self.total_bytes = int(os.environ.get("SKYSTACK_SIM_VRAM", 8 << 30))
         self._live: dict[int, int] = {}
-        self.in_use = 0
+        self._plain = 0  # bytes of live device arrays outside the block pool
         self.reset()
+
+    @property
+    def in_use(self) -> int:
+        """Bytes of live device arrays (the pool's blocks in use included)."""
+        return self._plain + _blocks.busy_bytes()
+
+    @property
+    def held(self) -> int:
+        """Bytes the device gives this process: live arrays and the pool's cached free blocks."""
+        return self._plain + _blocks.held_bytes()
 
     def reset(self) -> None:
         with self._lock:
@@ -101,22 +114,26 @@ class SimStats:
             self.syncs += 1  # a device->host copy waits for the device
 
     def track(self, a: _np.ndarray) -> None:
-        """Count ``a``'s buffer as device memory until it is freed."""
+        """Count ``a``'s buffer as device memory until it is freed (a pool block: while it is in use)."""
         root = a
         while isinstance(root.base, _np.ndarray):
             root = root.base
+        if _blocks.owns(root):
+            with self._lock:
+                self.peak = max(self.peak, self.in_use)
+            return
         key = id(root)
         with self._lock:
             if key in self._live:
                 return
             self._live[key] = root.nbytes
-            self.in_use += root.nbytes
+            self._plain += root.nbytes
             self.peak = max(self.peak, self.in_use)
         weakref.finalize(root, self._free, key)
 
     def _free(self, key: int) -> None:
         with self._lock:
-            self.in_use -= self._live.pop(key, 0)
+            self._plain -= self._live.pop(key, 0)
 
     def device_op(self, fn, *args, **kwargs):
         """``fn(*args, **kwargs)``, one of CuPy's array operations, timed as device work."""
@@ -145,6 +162,67 @@ class SimStats:
                 "array_ops": self.array_ops, "array_seconds": self.array_seconds,
                 "peak_bytes": self.peak, "h2d_sites": dict(self.h2d), "d2h_sites": dict(self.d2h),
                 "h2d_async_sites": dict(self.h2d_async), "pinned_allocs": self.pinned_allocs}
+
+
+class _BlockPool:
+    """CuPy's memory pool, for the large buffers (at least :attr:`MIN_BYTES`) that ``empty`` and the
+    uploads allocate: a block whose arrays are all gone is kept and handed out again.
+
+    CuPy's pool neither gives device memory back nor maps it afresh; without this the stand-in would
+    unmap each freed frame-sized buffer and fault its pages in again, host work a device does not
+    cost. A block is free when only the pool refers to it (NumPy views refer to their base).
+    """
+
+    MIN_BYTES = 1 << 20
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._blocks: dict[int, list[_np.ndarray]] = collections.defaultdict(list)
+        self._ids: set[int] = set()
+
+    def take(self, nbytes: int) -> _np.ndarray:
+        """A free block of ``nbytes`` (uint8), new if none is free."""
+        with self._lock:
+            blocks = self._blocks[nbytes]
+            for b in blocks:
+                if sys.getrefcount(b) <= 3:  # the list, this loop's name and the call's argument
+                    return b
+            b = _np.empty(nbytes, dtype=_np.uint8)
+            blocks.append(b)
+            self._ids.add(id(b))
+            return b
+
+    def owns(self, root: _np.ndarray) -> bool:
+        return id(root) in self._ids
+
+    def busy_bytes(self) -> int:
+        with self._lock:
+            return sum(n for n, bl in self._blocks.items() for b in bl if sys.getrefcount(b) > 3)
+
+    def held_bytes(self) -> int:
+        with self._lock:
+            return sum(n * len(bl) for n, bl in self._blocks.items())
+
+    def free_all_blocks(self) -> None:
+        """Give the free blocks back (CuPy's ``MemoryPool.free_all_blocks``)."""
+        with self._lock:
+            for n, bl in self._blocks.items():
+                keep = [b for b in bl if sys.getrefcount(b) > 3]
+                self._ids.difference_update(id(b) for b in bl if sys.getrefcount(b) <= 3)
+                bl[:] = keep
+
+
+_blocks = _BlockPool()
+
+
+def _device_empty(shape, dtype, order: str = "C") -> _np.ndarray:
+    """A NumPy array to hold a device array: from the block pool when it is large."""
+    dt = _np.dtype(dtype)
+    shape = (int(shape),) if _np.isscalar(shape) else tuple(int(v) for v in shape)
+    nbytes = int(_np.prod(shape, dtype=_np.int64)) * dt.itemsize
+    if nbytes < _BlockPool.MIN_BYTES or order not in ("C", "K", "A", None):
+        return _np.empty(shape, dtype=dt, order=order or "C")
+    return _blocks.take(nbytes).view(dt).reshape(shape)
 
 
 sim = SimStats()
@@ -207,7 +285,7 @@ class ndarray:
     __array_priority__ = 100
 
     def __init__(self, shape, dtype=float, order="C") -> None:
-        self._a = _np.empty(shape, dtype=dtype, order=order)
+        self._a = _device_empty(shape, dtype, order)
         sim.track(self._a)
 
     @classmethod
@@ -354,18 +432,28 @@ def asarray(a, dtype=None, order=None, *, blocking=False):
         return a if dtype is None or a.dtype == _np.dtype(dtype) else a.astype(dtype)
     h = _np.asarray(a, dtype=dtype, order=order)
     sim.up(h.nbytes)
-    return ndarray._of(_np.array(h, copy=True))
+    d = _device_empty(h.shape, h.dtype, "F" if order == "F" else "C")
+    _np.copyto(d, h)
+    return ndarray._of(d)
 
 
 def array(a, dtype=None, copy=True, order="K", ndmin=0, *, blocking=False):
     if isinstance(a, ndarray):
         return _wrap(sim.device_op(_np.array, a._a, dtype=dtype, copy=copy, order=order, ndmin=ndmin))
-    h = _np.array(a, dtype=dtype, order=order, ndmin=ndmin)
+    h = _np.asarray(a, dtype=dtype, order=order if order in ("C", "F") else None)
+    h = h.reshape((1,) * (ndmin - h.ndim) + h.shape) if h.ndim < ndmin else h
     sim.up(h.nbytes)
-    return ndarray._of(h)
+    d = _device_empty(h.shape, h.dtype)
+    _np.copyto(d, h)
+    return ndarray._of(d)
 
 
 asanyarray = asarray
+
+
+def empty(shape, dtype=float, order="C") -> ndarray:
+    """``cupy.empty``: a large one is a block of the pool (CuPy's memory pool)."""
+    return ndarray(shape, dtype=dtype, order=order)
 
 
 def asnumpy(a, stream=None, order="C", out=None, *, blocking=True):
@@ -506,7 +594,7 @@ class _Runtime:
 
     @staticmethod
     def memGetInfo() -> tuple[int, int]:
-        return max(0, sim.total_bytes - sim.in_use), sim.total_bytes
+        return max(0, sim.total_bytes - sim.held), sim.total_bytes  # the pool's cached blocks are taken
 
     @staticmethod
     def deviceSynchronize() -> None:
@@ -621,10 +709,13 @@ class _Pool:
         return sim.in_use
 
     def total_bytes(self) -> int:
-        return sim.in_use
+        return sim.held
+
+    def free_bytes(self) -> int:
+        return sim.held - sim.in_use
 
     def free_all_blocks(self) -> None:
-        pass
+        _blocks.free_all_blocks()
 
     def set_limit(self, size=None, fraction=None) -> None:
         pass
