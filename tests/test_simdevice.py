@@ -374,6 +374,28 @@ def test_free_device_memory_counts_the_pools_free_blocks(sim, night, tmp_path, m
     assert stores == [("DeviceFrameStore", "float16")] * 2
 
 
+def test_real_seestar_night_float16_device_store_gives_the_cpu_stack(sim, realdata, tmp_path, monkeypatch):
+    """The real Seestar M 94 session (20 lights of 2 MP) on a 1.5 GiB device: its 498 MB of float32
+    frames exceed half the device budget, so the VRAM store holds them as float16, as the CPU's RAM
+    store does (its float32 share is 256 MiB). The two stacks are the same bits."""
+    import cupy
+    import tifffile
+
+    lights = realdata / "seestar-m94" / "lights_session1"
+    out = {}
+    for backend in ("cpu", "gpu"):
+        cupy.get_default_memory_pool().free_all_blocks()
+        monkeypatch.setattr(sim, "total_bytes", 1536 << 20)
+        dst = tmp_path / f"{backend}.tif"
+        assert cli.main(["--backend", backend, "--quiet", "stack", str(lights), "-o", str(dst),
+                         "--cache-dir", str(tmp_path / f"cache-{backend}")]) == 0
+        mem = __import__("json").loads(dst.with_suffix(".json").read_text())["memory"]
+        out[backend] = tifffile.imread(dst), mem["frame_store"], mem["frame_store_bytes"]
+    (cpu, cpu_where, cpu_bytes), (gpu, gpu_where, gpu_bytes) = out["cpu"], out["gpu"]
+    assert (cpu_where, gpu_where) == ("RAM", "device") and cpu_bytes == gpu_bytes == 20 * 3 * 1080 * 1920 * 2
+    assert np.array_equal(cpu, gpu, equal_nan=True)
+
+
 def test_float16_device_store_holds_the_host_stores_bits(sim, rng):
     """put / get / tile of a float16 device store give a float16 host store's values bit for bit
     (NaN, infinities, subnormals and values past float16's range included), as float32 device
