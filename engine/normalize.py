@@ -312,7 +312,8 @@ def _aperture_fluxes(planes: Any, ap: StarApertures) -> tuple[np.ndarray, np.nda
     median (NaN if a pixel is missing), and ``(C, S)`` float32 each channel's largest value in each
     box (-inf where a box has no data).
 
-    All boxes at once, where ``planes`` are (NumPy or CuPy): only numbers leave the device.
+    All boxes at once, where ``planes`` are (NumPy or CuPy): only numbers leave the device, in one
+    download of the fluxes and one of the peaks (each a synchronisation on a device).
     """
     from skystack.engine.backend import array_module, to_host
 
@@ -320,6 +321,7 @@ def _aperture_fluxes(planes: Any, ap: StarApertures) -> tuple[np.ndarray, np.nda
     flux = np.full(len(ap.boxes), np.nan)
     peak = np.full((planes.shape[0], len(ap.boxes)), -np.inf, np.float32)
     low = xp.float32(-np.inf)
+    rows, fluxes, peaks = [], [], []
     for g in ap.tables(xp):
         vals = [plane.reshape(-1)[g.index] for plane in planes]
         box = vals[0]
@@ -328,9 +330,13 @@ def _aperture_fluxes(planes: Any, ap: StarApertures) -> tuple[np.ndarray, np.nda
         whole = xp.all(xp.isfinite(box) | ~g.valid, axis=1)
         bg = nanmedian_last(xp.where(g.ring, box, xp.float32(np.nan)))
         dev = xp.where(g.inside, box - bg[:, None], xp.float32(0.0)).astype(xp.float64)
-        flux[g.rows] = np.where(to_host(whole), to_host(dev.sum(axis=1)), np.nan)
-        for c, v in enumerate(vals):
-            peak[c, g.rows] = to_host(xp.where(g.valid & ~xp.isnan(v), v, low).max(axis=1))
+        rows.append(g.rows)
+        fluxes.append(xp.where(whole, dev.sum(axis=1), xp.float64(np.nan)))
+        peaks.append(xp.stack([xp.where(g.valid & ~xp.isnan(v), v, low).max(axis=1) for v in vals]))
+    if rows:
+        order = np.concatenate(rows)
+        flux[order] = to_host(xp.concatenate(fluxes))
+        peak[:, order] = to_host(xp.concatenate(peaks, axis=1))
     return flux, peak
 
 
@@ -357,8 +363,9 @@ def signal_ratios(image: np.ndarray, ap: StarApertures) -> np.ndarray:
     flux, peak = _aperture_fluxes(planes, ap)
     ref = ap.ref_flux
     good = np.isfinite(flux) & (ref > 0)
-    for plane, p in zip(planes, peak):  # unsaturated: below 90 % of the channel's maximum
-        good &= p < np.float32(0.9) * np.float32(to_host(nan_max(plane)))
+    tops = to_host(xp.stack([xp.asarray(nan_max(plane)) for plane in planes]))  # one download
+    for top, p in zip(tops, peak):  # unsaturated: below 90 % of the channel's maximum
+        good &= p < np.float32(0.9) * np.float32(top)
     if good.sum() < MIN_SIGNAL_STARS:
         return out
     ratio = flux[good] / ref[good]

@@ -300,6 +300,9 @@ def test_normalisation_statistics_on_the_device_equal_the_hosts(sim, rng):
     np.testing.assert_array_equal(sig_d, sig_h)
     assert abs(sig_h[0] - 0.9) < 0.01
     assert sim.d2h_bytes < 0.01 * frame.nbytes, sim.d2h
+    sim.reset()  # the star-flux ratio waits on the device four times: data at all, fluxes, peaks, maxima
+    np.testing.assert_array_equal(normalize.signal_ratios(dev, ap_d), sig_h)
+    assert sim.syncs == 4 and len(ap_d.tables(cupy)) >= 2, (sim.syncs, len(ap_d.tables(cupy)))
 
 
 def test_vram_store_and_host_store_give_the_same_stack(sim, night, tmp_path, monkeypatch):
