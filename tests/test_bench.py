@@ -234,3 +234,13 @@ def test_noise_spectrum_is_flat_for_white_noise_and_follows_a_known_filter(truth
     for (lo, hi), p, q in zip(smooth.bands, smooth.power, white.power):
         band = (np.hypot(fx, fy) >= lo) & (np.hypot(fx, fy) < hi)
         assert p / q == pytest.approx(gain[band].mean(), rel=0.08, abs=0.02)
+
+
+def test_gpu_warm_up_is_half_the_lights_up_to_a_whole_sessions_work():
+    """Host seconds per added light come from the measured run less the warm-up: from 24 lights on,
+    both do the whole per-session work (landscape frames, the model choice's validation frames)."""
+    from skystack.engine import foreground, register
+    from skystack.tools.bench import harness
+
+    assert harness.WHOLE_SESSION_LIGHTS >= max(foreground.N_FRAMES, register.N_VALIDATE + 1)
+    assert [harness.warmup_lights(n) for n in (4, 6, 10, 23, 24, 50)] == [3, 3, 5, 11, 12, 12]

@@ -96,19 +96,31 @@ def _summarise_run(run: dict[str, Any], decode: dict[str, Any], n_lights: int, m
     return run
 
 
-#: Lights of the GPU warm-up run (kernels compiled and loaded outside the measurement).
+#: Fewest lights of the GPU warm-up run (kernels compiled and loaded outside the measurement).
 WARMUP_LIGHTS = 3
+#: Lights from which a session's per-session work is whole: the landscape search's small frames
+#: (``foreground.N_FRAMES``) and the model choice's validation frames (``register.N_VALIDATE`` besides
+#: the reference) stop growing.
+WHOLE_SESSION_LIGHTS = 12
+
+
+def warmup_lights(n_lights: int) -> int:
+    """Lights of the GPU warm-up run for a measured run of ``n_lights``: half of them up to
+    :data:`WHOLE_SESSION_LIGHTS`, at least :data:`WARMUP_LIGHTS`. From 24 lights on, both runs do the
+    whole per-session work, so the difference is the lights' own."""
+    return max(WARMUP_LIGHTS, min(WHOLE_SESSION_LIGHTS, n_lights // 2))
 
 
 def _host_per_added_light(run: dict[str, Any], warm: dict[str, Any], n_lights: int) -> None:
     """Under the simulated device: the host seconds each light adds, from the warm-up run (fewer lights,
-    the same session, so the per-session costs cancel) and the measured one. An upper bound: with
-    3 lights the landscape search and the lens model's choice do not run, so their costs count as
-    the added lights'."""
+    the same session, so the per-session costs cancel) and the measured one. Below 24 lights an upper
+    bound: the warm-up's fewer lights may not run the landscape search or the lens model's choice,
+    so their costs count as the added lights'."""
     t, w = run.get("device_traffic"), warm.get("device_traffic")
-    if not (run.get("ok") and warm.get("ok") and t and w) or n_lights <= WARMUP_LIGHTS:
+    n_warm = warmup_lights(n_lights)
+    if not (run.get("ok") and warm.get("ok") and t and w) or n_lights <= n_warm:
         return
-    added = n_lights - WARMUP_LIGHTS
+    added = n_lights - n_warm
     t["host_s_lights_warmup"] = w["host_s_lights"]
     t["host_s_per_added_light"] = (t["host_s_lights"] - w["host_s_lights"]) / added
     t["host_s_per_added_light_by_stage"] = {k: (v - w["host_s_by_stage"].get(k, 0.0)) / added
@@ -222,8 +234,8 @@ def _backend_run(config: BenchConfig, be: str, base: dict[str, Any], log_dir: Pa
     """The fastest of ``config.repeat`` pipeline children on backend ``be``, summarised against the decode floor."""
     warm: dict[str, Any] = {}
     if be == "gpu":  # compile/load the kernels once, outside the measurement
-        _say(config, f"gpu warm-up ({WARMUP_LIGHTS} lights) ...")
-        warm = run_child({**base, "mode": "stack", "backend": "gpu", "lights_limit": WARMUP_LIGHTS,
+        _say(config, f"gpu warm-up ({warmup_lights(n_lights)} lights) ...")
+        warm = run_child({**base, "mode": "stack", "backend": "gpu", "lights_limit": warmup_lights(n_lights),
                           "memory_limit": config.memory_limit}, log_dir=log_dir, timeout_s=config.timeout_s)
     run = _fastest(config, {**base, "mode": "stack", "backend": be, "memory_limit": config.memory_limit}, log_dir,
                    f"pipeline on {be} ...", key=lambda r: r["timings"]["total"])
