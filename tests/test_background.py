@@ -27,6 +27,7 @@ from skystack.engine.background import (
 )
 from skystack.engine.errors import SkystackError
 from skystack.engine.robust import sigma_clipped_rows, sigma_clipped_stats
+from skystack.kernels.emulate import emulator_available
 from skystack.tools.synth import SynthConfig, build_truth
 
 from aperture import aperture_sums
@@ -383,6 +384,36 @@ def test_clipped_mad_sigma_from_one_sort_gives_the_rounds_of_medians():
         assert clipped_mad_sigma(np, v) == _clipped_mad_sigma_rounds(v), (trial, n, v.dtype)
         if v.dtype == np.float32:  # float64 arithmetic on float32 values: the rounds on their cast
             assert clipped_mad_sigma(np, v, dtype=np.float64) == _clipped_mad_sigma_rounds(v.astype(np.float64))
+
+
+@pytest.mark.skipif(not emulator_available(), reason="g++ is not on PATH")
+def test_clipped_mad_sigma_rows_kernel_gives_the_rounds_of_medians():
+    """``clipped_mad_sigma_rows`` (kernels/robuststats.cu, a thread a row) gives, under the emulator,
+    the rounds of np.median of each row's finite values, and so does its host twin: odd and even
+    counts, ties, a zero MAD, fewer than 16 kept, heavy tails, NaN and inf among the values, rows
+    with one value or none."""
+    from skystack.engine.robust import clipped_mad_sigma_rows
+    from skystack.kernels.emulate import emulated
+
+    rng = np.random.default_rng(11)
+    mod = emulated("robuststats.cu")
+    for trial in range(40):
+        n = int(rng.integers(1, 300)) if trial % 4 else int(rng.integers(300, 5000))
+        rows = [rng.normal(100, 5, n), np.round(rng.normal(100, 5, n)), rng.integers(0, 3, n).astype(float),
+                np.concatenate([rng.normal(0, 1, n - n // 3), rng.normal(50, 1, n // 3)]),
+                rng.standard_cauchy(n), np.full(n, 7.0), rng.normal(0, 1, n)]
+        v = np.array(rows, dtype=np.float32)
+        v[6, rng.random(n) < 0.3] = rng.choice([np.nan, np.inf, -np.inf])
+        v[5, : max(0, n - 1)] = np.nan  # one value left (or none)
+        if trial % 7 == 0:
+            v[4] = np.nan  # no finite value: NaN
+        ref = np.array([_clipped_mad_sigma_rounds(r[np.isfinite(r)]) if np.isfinite(r).any() else np.nan
+                        for r in v])
+        out = np.full(len(v), -1.0)
+        mod.launch("clipped_mad_sigma_rows", len(v), (v, np.empty((len(v), 2 * n), np.float32), out,
+                                                      np.int64(len(v)), np.int64(n)))
+        np.testing.assert_array_equal(out, ref, err_msg=f"trial {trial}, n {n}")
+        np.testing.assert_array_equal(clipped_mad_sigma_rows(v), ref)
 
 
 @pytest.mark.parametrize("size,shape", [(3, (17, 40)), (7, (200, 300)), (7, (5, 9)), (5, (64, 1))])
