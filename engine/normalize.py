@@ -311,32 +311,64 @@ def _aperture_fluxes(planes: Any, ap: StarApertures) -> tuple[np.ndarray, np.nda
     median (NaN if a pixel is missing), and ``(C, S)`` float32 each channel's largest value in each
     box (-inf where a box has no data).
 
-    All boxes at once, where ``planes`` are (NumPy or CuPy): only numbers leave the device, in one
-    download of the fluxes and one of the peaks (each a synchronisation on a device).
+    All boxes at once, where ``planes`` are (NumPy or CuPy; on a device one ``aperture_measure``
+    launch a group): only numbers leave the device, in one download of the fluxes and one of the
+    peaks (each a synchronisation on a device).
     """
     from skystack.engine.backend import array_module, to_host
 
     xp = array_module(planes)
     flux = np.full(len(ap.boxes), np.nan)
     peak = np.full((planes.shape[0], len(ap.boxes)), -np.inf, np.float32)
-    low = xp.float32(-np.inf)
+    measure = _aperture_arrays_numpy if xp is np else _aperture_arrays_device
     rows, fluxes, peaks = [], [], []
     for g in ap.tables(xp):
-        vals = [plane.reshape(-1)[g.index] for plane in planes]
-        box = vals[0]
-        for v in vals[1:]:  # the channel sum, as planes.sum(axis=0) adds them
-            box = box + v
-        whole = xp.all(xp.isfinite(box) | ~g.valid, axis=1)
-        bg = nanmedian_last(xp.where(g.ring, box, xp.float32(np.nan)))
-        dev = xp.where(g.inside, box - bg[:, None], xp.float32(0.0)).astype(xp.float64)
+        dev, peak_g, whole = measure(planes, g)
         rows.append(g.rows)
         fluxes.append(xp.where(whole, dev.sum(axis=1), xp.float64(np.nan)))
-        peaks.append(xp.stack([xp.where(g.valid & ~xp.isnan(v), v, low).max(axis=1) for v in vals]))
+        peaks.append(peak_g)
     if rows:
         order = np.concatenate(rows)
         flux[order] = to_host(xp.concatenate(fluxes))
         peak[:, order] = to_host(xp.concatenate(peaks, axis=1))
     return flux, peak
+
+
+def _aperture_arrays_numpy(planes: Any, g: ApertureGroup) -> tuple[Any, Any, Any]:
+    """A group's ``(dev, peak, whole)``: ``(S_g, K)`` float64 box-minus-background in the aperture (0
+    elsewhere), ``(C, S_g)`` float32 channel maxima, ``(S_g,)`` whether every box pixel is finite.
+    Array operations where ``planes`` are; the twin of ``aperture_measure`` (kernels/framestats.cu)."""
+    from skystack.engine.backend import array_module
+
+    xp = array_module(planes)
+    vals = [plane.reshape(-1)[g.index] for plane in planes]
+    box = vals[0]
+    for v in vals[1:]:  # the channel sum, as planes.sum(axis=0) adds them
+        box = box + v
+    whole = xp.all(xp.isfinite(box) | ~g.valid, axis=1)
+    bg = nanmedian_last(xp.where(g.ring, box, xp.float32(np.nan)))
+    dev = xp.where(g.inside, box - bg[:, None], xp.float32(0.0)).astype(xp.float64)
+    low = xp.float32(-np.inf)
+    peak = xp.stack([xp.where(g.valid & ~xp.isnan(v), v, low).max(axis=1) for v in vals])
+    return dev, peak, whole
+
+
+def _aperture_arrays_device(planes: Any, g: ApertureGroup) -> tuple[Any, Any, Any]:
+    """:func:`_aperture_arrays_numpy` on a device: one ``aperture_measure`` launch (a thread an aperture)."""
+    from skystack.engine.backend import array_module, launch
+
+    xp = array_module(planes)
+    src = xp.ascontiguousarray(planes, dtype=xp.float32)
+    rows, k = (int(s) for s in g.index.shape)
+    c, plane = int(src.shape[0]), int(src.shape[1] * src.shape[2])
+    dev = xp.empty((rows, k), dtype=xp.float64)
+    peak = xp.empty((c, rows), dtype=xp.float32)
+    whole = xp.empty(rows, dtype=xp.bool_)
+    work = xp.empty((rows, k), dtype=xp.float32)
+    launch("framestats.cu", "aperture_measure", rows, (src, g.index, g.valid, g.inside, g.ring, dev, peak, whole,
+                                                      work, np.int64(rows), np.int64(k), np.int32(c),
+                                                      np.int64(plane)))
+    return dev, peak, whole
 
 
 def signal_ratios(image: np.ndarray, ap: StarApertures) -> np.ndarray:

@@ -107,7 +107,7 @@ def clipped_mad_sigma_rows(v: Any) -> np.ndarray:
     """:func:`clipped_mad_sigma` of the finite values of each row of ``v`` ``(R, n)``, float32 (NaN for
     a row without any), where ``v`` is.
 
-    On a device one launch of ``clipped_mad_sigma_rows`` (``kernels/robuststats.cu``, a thread a row)
+    On a device one launch of ``clipped_mad_sigma_rows`` (``kernels/framestats.cu``, a thread a row)
     and one download of the ``R`` numbers, instead of a round trip per clipping round; on the host
     each row through :func:`clipped_mad_sigma`, the kernel's twin, with the same numbers (every
     step is a selection or a float32 operation as NumPy's).
@@ -127,7 +127,7 @@ def clipped_mad_sigma_rows(v: Any) -> np.ndarray:
     n_rows, n = v.shape
     work = xp.empty((n_rows, 2 * max(n, 1)), dtype=xp.float32)
     out = xp.empty(n_rows, dtype=xp.float64)
-    launch("robuststats.cu", "clipped_mad_sigma_rows", n_rows, (v, work, out, np.int64(n_rows), np.int64(n)))
+    launch("framestats.cu", "clipped_mad_sigma_rows", n_rows, (v, work, out, np.int64(n_rows), np.int64(n)))
     return to_host(out)
 
 

@@ -388,7 +388,7 @@ def test_clipped_mad_sigma_from_one_sort_gives_the_rounds_of_medians():
 
 @pytest.mark.skipif(not emulator_available(), reason="g++ is not on PATH")
 def test_clipped_mad_sigma_rows_kernel_gives_the_rounds_of_medians():
-    """``clipped_mad_sigma_rows`` (kernels/robuststats.cu, a thread a row) gives, under the emulator,
+    """``clipped_mad_sigma_rows`` (kernels/framestats.cu, a thread a row) gives, under the emulator,
     the rounds of np.median of each row's finite values, and so does its host twin: odd and even
     counts, ties, a zero MAD, fewer than 16 kept, heavy tails, NaN and inf among the values, rows
     with one value or none."""
@@ -396,7 +396,7 @@ def test_clipped_mad_sigma_rows_kernel_gives_the_rounds_of_medians():
     from skystack.kernels.emulate import emulated
 
     rng = np.random.default_rng(11)
-    mod = emulated("robuststats.cu")
+    mod = emulated("framestats.cu")
     for trial in range(40):
         n = int(rng.integers(1, 300)) if trial % 4 else int(rng.integers(300, 5000))
         rows = [rng.normal(100, 5, n), np.round(rng.normal(100, 5, n)), rng.integers(0, 3, n).astype(float),

@@ -1,0 +1,137 @@
+// framestats.cu -- a registered frame's normalisation statistics on a device (normalize.frame_stats
+// and normalize.signal_ratios): each kernel gives its NumPy twin's numbers, every step being a
+// selection (order-free) or a float32 operation in the twin's order.
+//
+// clipped_mad_sigma_rows -- one thread per row (a frame's channel). Twin: robust.clipped_mad_sigma
+// of each row's finite values. For each row of v (rows x n float32): its finite values; their
+// median m (the middle one, or float32 (a + b) / 2 of the middle two, as np.median); sigma = 1.4826
+// * median(|x - m|), the deviations in float32 and the product in double. Then at most two rounds:
+// stop if sigma <= 0; keep the values with |x - m| <= float(3 sigma) (NumPy compares a float32
+// array with a Python float in float32); stop if fewer than 16 are kept; else m and sigma of those.
+// out[row] = sigma (NaN without finite values). work: rows x 2n float32 of scratch.
+//
+// aperture_measure -- one thread per reference star aperture of a group. Twin:
+// normalize._aperture_arrays_numpy. A group's tables are (rows, k): index (flat pixel index into
+// one plane), valid (a box pixel, not padding), inside (the aperture) and ring (its background).
+// Per aperture, over its k pixels:
+//   box      = plane 0 + plane 1 + ... (float32, in channel order: the channel sum);
+//   whole    = every valid pixel's box value is finite;
+//   bg       = median of the ring pixels' box values, NaN left out (as the median above; NaN
+//              when none);
+//   dev[j]   = inside ? double(box - bg) : 0 (the difference in float32);
+//   peak[c]  = largest non-NaN valid value of channel c (-inf when none), out as (channels, rows).
+// work: rows x k float32 of scratch (the ring values).
+
+// The k-th smallest of a[0, n) (a is reordered: afterwards a[0, k) <= a[k]).
+__device__ float rs_select(float* a, long long n, long long k) {
+    long long lo = 0, hi = n - 1;
+    while (lo < hi) {
+        float pivot = a[k];
+        long long i = lo, j = hi;
+        while (i <= j) {
+            while (a[i] < pivot) ++i;
+            while (pivot < a[j]) --j;
+            if (i <= j) {
+                float t = a[i];
+                a[i] = a[j];
+                a[j] = t;
+                ++i;
+                --j;
+            }
+        }
+        if (j < k) lo = i;
+        if (k < i) hi = j;
+    }
+    return a[k];
+}
+
+// Median of a[0, n), n >= 1, as np.median of float32 (the two middle values' float32 mean).
+__device__ float rs_median(float* a, long long n) {
+    long long h = n / 2;
+    float upper = rs_select(a, n, h);
+    if (n % 2 == 1) return upper;
+    float lower = a[0];
+    for (long long i = 1; i < h; ++i) lower = a[i] > lower ? a[i] : lower;
+    return (lower + upper) / 2.0f;
+}
+
+// 1.4826 * median(|a - med|) over a[0, n), the deviations written to d.
+__device__ double rs_mad_sigma(const float* a, float* d, long long n, float med) {
+    for (long long i = 0; i < n; ++i) d[i] = fabsf(a[i] - med);
+    return 1.4826 * (double)rs_median(d, n);
+}
+
+extern "C" __global__ void clipped_mad_sigma_rows(const float* __restrict__ v, float* __restrict__ work,
+                                                  double* __restrict__ out, long long rows, long long n)
+{
+    for (long long r = blockIdx.x * (long long)blockDim.x + threadIdx.x; r < rows;
+         r += (long long)blockDim.x * gridDim.x) {
+        const float* row = v + r * n;
+        float* a = work + r * 2 * n;
+        float* d = a + n;
+        long long m = 0;
+        for (long long i = 0; i < n; ++i) {
+            if (isfinite(row[i])) a[m++] = row[i];
+        }
+        if (m == 0) {
+            out[r] = nan("");
+            continue;
+        }
+        float med = rs_median(a, m);
+        double sig = rs_mad_sigma(a, d, m, med);
+        for (int round = 0; round < 2; ++round) {
+            if (sig <= 0.0) break;
+            const float thr = (float)(3.0 * sig);
+            long long kept = 0;
+            for (long long i = 0; i < m; ++i) kept += fabsf(a[i] - med) <= thr ? 1 : 0;
+            if (kept < 16) break;
+            long long j = 0;
+            for (long long i = 0; i < m; ++i) {
+                if (fabsf(a[i] - med) <= thr) a[j++] = a[i];
+            }
+            m = kept;
+            med = rs_median(a, m);
+            sig = rs_mad_sigma(a, d, m, med);
+        }
+        out[r] = sig;
+    }
+}
+
+__device__ float ap_box(const float* planes, long long p, int channels, long long plane) {
+    float box = planes[p];
+    for (int c = 1; c < channels; ++c) box = box + planes[c * plane + p];
+    return box;
+}
+
+extern "C" __global__ void aperture_measure(const float* __restrict__ planes, const long long* __restrict__ index,
+                                            const bool* __restrict__ valid, const bool* __restrict__ inside,
+                                            const bool* __restrict__ ring, double* __restrict__ dev,
+                                            float* __restrict__ peak, bool* __restrict__ whole,
+                                            float* __restrict__ work, long long rows, long long k, int channels,
+                                            long long plane)
+{
+    for (long long r = blockIdx.x * (long long)blockDim.x + threadIdx.x; r < rows;
+         r += (long long)blockDim.x * gridDim.x) {
+        const long long o = r * k;
+        float* ringv = work + o;
+        long long n_ring = 0;
+        bool all = true;
+        for (int c = 0; c < channels; ++c) peak[c * rows + r] = -__int_as_float(0x7f800000);
+        for (long long j = 0; j < k; ++j) {
+            const long long p = index[o + j];
+            const float box = ap_box(planes, p, channels, plane);
+            if (valid[o + j] && !isfinite(box)) all = false;
+            if (ring[o + j] && !isnan(box)) ringv[n_ring++] = box;
+            if (!valid[o + j]) continue;
+            for (int c = 0; c < channels; ++c) {
+                const float v = planes[c * plane + p];
+                if (!isnan(v) && v > peak[c * rows + r]) peak[c * rows + r] = v;
+            }
+        }
+        const float bg = n_ring > 0 ? rs_median(ringv, n_ring) : nanf("");
+        for (long long j = 0; j < k; ++j) {
+            dev[o + j] = inside[o + j] ? (double)(ap_box(planes, index[o + j], channels, plane) - bg) : 0.0;
+        }
+        whole[r] = all;
+    }
+}
