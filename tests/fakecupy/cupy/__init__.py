@@ -118,9 +118,7 @@ class SimStats:
         root = a
         while isinstance(root.base, _np.ndarray):
             root = root.base
-        if _blocks.owns(root):
-            with self._lock:
-                self.peak = max(self.peak, self.in_use)
+        if _blocks.owns(root):  # the pool updated the peak when it handed the block out
             return
         key = id(root)
         with self._lock:
@@ -128,7 +126,9 @@ class SimStats:
                 return
             self._live[key] = root.nbytes
             self._plain += root.nbytes
-            self.peak = max(self.peak, self.in_use)
+            # the pool's blocks in use as counted at its last hand-out (scanning them here, for every
+            # array, would cost the host more than CuPy does)
+            self.peak = max(self.peak, self._plain + _blocks.busy_at_last_take)
         weakref.finalize(root, self._free, key)
 
     def _free(self, key: int) -> None:
@@ -179,18 +179,25 @@ class _BlockPool:
         self._lock = threading.Lock()
         self._blocks: dict[int, list[_np.ndarray]] = collections.defaultdict(list)
         self._ids: set[int] = set()
+        self.busy_at_last_take = 0
 
     def take(self, nbytes: int) -> _np.ndarray:
-        """A free block of ``nbytes`` (uint8), new if none is free."""
+        """A free block of ``nbytes`` (uint8), new if none is free; the device's peak is updated."""
         with self._lock:
-            blocks = self._blocks[nbytes]
-            for b in blocks:
+            block = None
+            for b in self._blocks[nbytes]:
                 if sys.getrefcount(b) <= 3:  # the list, this loop's name and the call's argument
-                    return b
-            b = _np.empty(nbytes, dtype=_np.uint8)
-            blocks.append(b)
-            self._ids.add(id(b))
-            return b
+                    block = b
+                    break
+            if block is None:
+                block = _np.empty(nbytes, dtype=_np.uint8)
+                self._blocks[nbytes].append(block)
+                self._ids.add(id(block))
+        busy = self.busy_bytes()  # the block counts as in use: this function refers to it
+        self.busy_at_last_take = busy
+        with sim._lock:
+            sim.peak = max(sim.peak, sim._plain + busy)
+        return block
 
     def owns(self, root: _np.ndarray) -> bool:
         return id(root) in self._ids
