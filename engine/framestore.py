@@ -87,7 +87,7 @@ def from_half(stored: np.ndarray, scale: float, out: np.ndarray | None = None) -
 
 def _half_on_device(kernel: str, src, src_dtype: str, out_dtype: str, scale: float, out=None):
     """``kernel`` (``to_half`` or ``from_half``) of the device array ``src`` into ``out`` (a
-    C-contiguous device array of its shape; new when None). float16 goes as its bits (uint16)."""
+    C-contiguous device array of its shape; new when None)."""
     from skystack.engine.backend import array_module
 
     xp = array_module(src)
@@ -95,7 +95,9 @@ def _half_on_device(kernel: str, src, src_dtype: str, out_dtype: str, scale: flo
     out = xp.empty(src.shape, dtype=out_dtype) if out is None else out
     if not out.flags.c_contiguous or out.shape != src.shape or out.dtype != np.dtype(out_dtype):
         raise ValueError(f"{kernel}: out must be a C-contiguous {out_dtype} array of shape {src.shape}")
-    bits = (lambda a: a.view(xp.uint16) if a.dtype == np.float16 else a)
+    def bits(a):  # float16 goes to the kernel as its bits
+        return a.view(xp.uint16) if a.dtype == np.float16 else a
+
     launch(_HALF_SRC, kernel, src.size, (bits(src), bits(out), np.int64(src.size), np.float32(scale)))
     return out
 

@@ -39,7 +39,8 @@ from typing import Any
 
 import numpy as np
 
-from skystack.engine.robust import MAD_TO_SIGMA, clipped_mad_sigma, clipped_mad_sigma_rows, median, nan_max, nanmedian_last
+from skystack.engine.robust import (MAD_TO_SIGMA, clipped_mad_sigma, clipped_mad_sigma_rows, median, nan_max,
+                                   nanmedian_last)
 
 NORMALIZATIONS = ("none", "additive", "multiplicative", "additive+scale")
 WEIGHTINGS = ("none", "noise", "psf", "stars")

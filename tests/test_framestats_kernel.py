@@ -22,7 +22,8 @@ def _frame_and_apertures(rng, channels: int):
     yy, xx = np.mgrid[0:h, 0:w]
     ref = rng.normal(50, 2, (channels, h, w)).astype(np.float32)
     for y, x, f in zip(rng.uniform(20, h - 20, 40), rng.uniform(20, w - 20, 40), rng.uniform(300, 5000, 40)):
-        ref += (f * np.exp(-((yy - y) ** 2 + (xx - x) ** 2) / (2 * (rng.choice([1.0, 3.0], p=[0.7, 0.3]) * rng.uniform(0.8, 1.2)) ** 2))).astype(np.float32)
+        sigma = rng.choice([1.0, 3.0], p=[0.7, 0.3]) * rng.uniform(0.8, 1.2)  # a few wide stars: two box groups
+        ref += (f * np.exp(-((yy - y) ** 2 + (xx - x) ** 2) / (2 * sigma ** 2))).astype(np.float32)
     ap = normalize.star_apertures(ref)
     frame = (ref * np.float32(0.93) + rng.normal(0, 2, ref.shape).astype(np.float32)).astype(np.float32)
     frame[:, :, :40] = np.nan  # boxes with missing pixels, rings with none
