@@ -95,6 +95,7 @@ def _half_on_device(kernel: str, src, src_dtype: str, out_dtype: str, scale: flo
     out = xp.empty(src.shape, dtype=out_dtype) if out is None else out
     if not out.flags.c_contiguous or out.shape != src.shape or out.dtype != np.dtype(out_dtype):
         raise ValueError(f"{kernel}: out must be a C-contiguous {out_dtype} array of shape {src.shape}")
+
     def bits(a):  # float16 goes to the kernel as its bits
         return a.view(xp.uint16) if a.dtype == np.float16 else a
 
@@ -314,13 +315,10 @@ class DeviceFrameStore:
     def layout(n: int, shape: tuple[int, int, int], budget: int, store_dtype: str = "float16") -> str | None:
         """``"float32"`` when ``n`` frames of ``shape`` take at most half of the device ``budget`` as
         float32, else ``store_dtype`` when it is float16 and they fit as that, else None (the host
-        store)."""
-        px = n * int(np.prod(shape))
-        if px * 4 <= budget // 2:
-            return "float32"
-        if np.dtype(store_dtype) == np.float16 and px * 2 <= budget // 2:
-            return "float16"
-        return None
+        store): :func:`~skystack.engine.memory.store_layout` with half the budget, where spilling
+        means leaving the device."""
+        held, spills = store_layout(n * int(np.prod(shape)) * 4, budget // 2, store_dtype)
+        return None if spills else held
 
     @property
     def nbytes(self) -> int:

@@ -311,21 +311,20 @@ def test_vram_store_and_host_store_give_the_same_stack(sim, night, tmp_path, mon
     with the float32 device store's result."""
     import cupy
 
-    from skystack.engine import framestore
+    from skystack.engine import memory
     from skystack.engine.session import discover_session
     from skystack.engine.stack import StackConfig, combine_registered, register_session
 
     cfg = StackConfig(quiet=True, backend="gpu", cache_dir=str(tmp_path))
     images, kinds, where = [], [], []
     # 8 GiB: float32 on the device; 64 MiB: the 22 MB store exceeds half the budget, its 11 MB of
-    # float16 do not; 40 MiB: neither does (host store, float32 in RAM); 40 MiB with the host store
-    # made to hold float16 in RAM
-    layout = framestore.store_layout
+    # float16 do not; 40 MiB: neither does (host store, float32 in RAM); 40 MiB with a 16 MiB RAM
+    # share (8 MiB of it for float32): the host store holds float16 in RAM
+    share = memory.DEFAULT_STORE_RAM
     for vram, host_half in ((8 << 30, False), (64 << 20, False), (40 << 20, False), (40 << 20, True)):
         cupy.get_default_memory_pool().free_all_blocks()  # as a new process on a device of this size
         monkeypatch.setattr(sim, "total_bytes", vram)
-        monkeypatch.setattr(framestore, "store_layout",
-                            (lambda *a, **k: ("float16", False)) if host_half else layout)
+        monkeypatch.setattr(memory, "DEFAULT_STORE_RAM", 16 << 20 if host_half else share)
         with register_session(discover_session(night), cfg) as reg:
             kinds.append((type(reg.store).__name__, reg.store.dtype.name))
             res = combine_registered(reg, cfg)
