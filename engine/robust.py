@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 __all__ = ["MAD_TO_SIGMA", "median", "nan_max", "mad_sigma", "median_sigma", "finite_median_sigma", "clipped_mad_sigma",
-           "clipped_mad_sigma_rows",
+           "clipped_mad_sigma_rows", "clipped_median_mad_sigma", "clipped_median_sigma_rows",
            "sigma_clipped_stats", "sigma_clipped_rows", "nanmedian_last"]
 
 #: ``1 / Phi^-1(3/4)``: a normal distribution's MAD times this is its standard deviation.
@@ -78,12 +78,19 @@ def finite_median_sigma(values: np.ndarray) -> tuple[float, float]:
 
 
 def clipped_mad_sigma(xp: Any, v: Any, *, dtype: Any = None) -> float:
-    """MAD-sigma of ``v`` after two rounds of 3-sigma clipping about the median.
+    """MAD-sigma of ``v`` after two rounds of 3-sigma clipping about the median
+    (:func:`clipped_median_mad_sigma`'s sigma)."""
+    return clipped_median_mad_sigma(xp, v, dtype=dtype)[1]
 
-    The arithmetic is in ``dtype`` (default ``v``'s; a wider one: as if ``v`` were
-    cast to it first). On the host the values are sorted once
-    (:func:`_clipped_mad_sigma_sorted`), in ``v``'s own type (a widening cast keeps
-    the order, and float32 sorts in ~60 % of float64's time); the same number as the
+
+def clipped_median_mad_sigma(xp: Any, v: Any, *, dtype: Any = None) -> tuple[float, float]:
+    """Median and MAD-sigma of ``v`` after two rounds of 3-sigma clipping about the median.
+
+    Each round keeps the values within 3 MAD-sigma of the median (stopping when the sigma is 0 or
+    fewer than 16 would be kept) and takes their median and MAD-sigma again. The arithmetic is in
+    ``dtype`` (default ``v``'s; a wider one: as if ``v`` were cast to it first). On the host the
+    values are sorted once (:func:`_clipped_mad_sigma_sorted`), in ``v``'s own type (a widening
+    cast keeps the order, and float32 sorts in ~60 % of float64's time); the same numbers as the
     rounds of medians below, which a device runs.
     """
     if xp is np and v.size >= 2 and not np.isnan(v).any():
@@ -100,39 +107,62 @@ def clipped_mad_sigma(xp: Any, v: Any, *, dtype: Any = None) -> float:
         v = v[keep]
         med = float(xp.median(v))
         sig = mad_sigma(v, med=med, xp=xp)
-    return sig
+    return med, sig
 
 
 def clipped_mad_sigma_rows(v: Any) -> np.ndarray:
     """:func:`clipped_mad_sigma` of the finite values of each row of ``v`` ``(R, n)``, float32 (NaN for
-    a row without any), where ``v`` is.
-
-    On a device one launch of ``clipped_mad_sigma_rows`` (``kernels/framestats.cu``, a thread a row)
-    and one download of the ``R`` numbers, instead of a round trip per clipping round; on the host
-    each row through :func:`clipped_mad_sigma`, the kernel's twin, with the same numbers (every
-    step is a selection or a float32 operation as NumPy's).
+    a row without any), where ``v`` is (:func:`clipped_median_sigma_rows`' sigmas).
 
     Returns
     -------
     ndarray of float64
         ``(R,)``.
     """
-    from skystack.engine.backend import array_module, is_device_array, launch, to_host
+    return clipped_median_sigma_rows(v)[1]
 
-    if not is_device_array(v):
-        rows = [r[np.isfinite(r)] for r in np.asarray(v, dtype=np.float32)]
-        return np.array([clipped_mad_sigma(np, r) if r.size else np.nan for r in rows], dtype=np.float64)
+
+def clipped_median_sigma_rows(v: Any) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`clipped_median_mad_sigma` of the finite values of each row of ``v`` ``(R, n)``, float32
+    (NaN for a row without any), where ``v`` is.
+
+    On a device one launch of ``clipped_mad_sigma_rows`` (``kernels/framestats.cu``, a thread a row)
+    and one download of the ``2 R`` numbers, instead of a round trip per clipping round; on the host
+    its native build or each row through :func:`clipped_median_mad_sigma`, the kernel's twin, with
+    the same numbers (every step is a selection or a float32 operation as NumPy's).
+
+    Returns
+    -------
+    (ndarray, ndarray) of float64
+        ``(R,)`` medians and ``(R,)`` sigmas.
+    """
+    from skystack.engine.backend import array_module, is_device_array, launch, run_cpu, to_host
+
     xp = array_module(v)
     v = xp.ascontiguousarray(v, dtype=xp.float32)
     n_rows, n = v.shape
-    work = xp.empty((n_rows, 2 * max(n, 1)), dtype=xp.float32)
-    out = xp.empty(n_rows, dtype=xp.float64)
-    launch("framestats.cu", "clipped_mad_sigma_rows", n_rows, (v, work, out, np.int64(n_rows), np.int64(n)))
-    return to_host(out)
+    out = xp.empty((2, n_rows), dtype=xp.float64)
+    args = lambda work: (v, work, out[0], out[1], np.int64(n_rows), np.int64(n))  # noqa: E731
+    if is_device_array(v):
+        launch("framestats.cu", "clipped_mad_sigma_rows", n_rows, args(xp.empty((n_rows, 2 * max(n, 1)), xp.float32)))
+        got = to_host(out)
+        return got[0], got[1]
+
+    def twin() -> np.ndarray:
+        rows = [r[np.isfinite(r)] for r in v]
+        return np.array([clipped_median_mad_sigma(np, r) if r.size else (np.nan, np.nan) for r in rows],
+                        dtype=np.float64).reshape(n_rows, 2).T
+
+    def native(mod: Any) -> np.ndarray:
+        mod.launch("clipped_mad_sigma_rows", n_rows, args(np.empty((n_rows, 2 * max(n, 1)), np.float32)))
+        return out.copy()
+
+    got = run_cpu("framestats.cu", "clipped_mad_sigma_rows", n_rows * n, twin, native)
+    return got[0], got[1]
 
 
-def _clipped_mad_sigma_sorted(s: np.ndarray) -> float:
-    """:func:`clipped_mad_sigma` of sorted finite values, with NumPy's numbers.
+def _clipped_mad_sigma_sorted(s: np.ndarray) -> tuple[float, float]:
+    """:func:`clipped_median_mad_sigma` of sorted finite values, with NumPy's numbers.
 
     Each round's kept values are a range of ``s`` (|s - med| is V-shaped in sorted
     order), so its median is read off the range and its MAD is the middle of two
@@ -141,7 +171,7 @@ def _clipped_mad_sigma_sorted(s: np.ndarray) -> float:
     ``np.abs(v - med) <= 3 sigma``, applied in another order.
     """
     lo = 0
-    _, d, _, sig = _sorted_mad(s)
+    med, d, _, sig = _sorted_mad(s)
     for _ in range(2):
         if sig <= 0:
             break
@@ -149,8 +179,8 @@ def _clipped_mad_sigma_sorted(s: np.ndarray) -> float:
         if keep.size < 16:
             break
         lo, hi = lo + int(keep[0]), lo + int(keep[-1]) + 1
-        _, d, _, sig = _sorted_mad(s[lo:hi])
-    return sig
+        med, d, _, sig = _sorted_mad(s[lo:hi])
+    return med, sig
 
 
 def _sorted_mad(kept: np.ndarray) -> tuple[float, np.ndarray, int, float]:

@@ -2,8 +2,8 @@
 // and normalize.signal_ratios): each kernel gives its NumPy twin's numbers, every step being a
 // selection (order-free) or a float32 operation in the twin's order.
 //
-// clipped_mad_sigma_rows -- one thread per row (a frame's channel). Twin: robust.clipped_mad_sigma
-// of each row's finite values. For each row of v (rows x n float32): its finite values; their
+// clipped_mad_sigma_rows -- one thread per row (a frame's channel, a background box). Twin:
+// robust.clipped_median_mad_sigma of each row's finite values. For each row of v (rows x n float32): its finite values; their
 // median m (the middle one, or float32 (a + b) / 2 of the middle two, as np.median); sigma = 1.4826
 // * median(|x - m|), the deviations in float32 and the product in double. Then at most two rounds:
 // stop if sigma <= 0; keep the values with |x - m| <= float(3 sigma) (NumPy compares a float32
@@ -62,7 +62,8 @@ __device__ double rs_mad_sigma(const float* a, float* d, long long n, float med)
 }
 
 extern "C" __global__ void clipped_mad_sigma_rows(const float* __restrict__ v, float* __restrict__ work,
-                                                  double* __restrict__ out, long long rows, long long n)
+                                                  double* __restrict__ med_out, double* __restrict__ out,
+                                                  long long rows, long long n)
 {
     for (long long r = blockIdx.x * (long long)blockDim.x + threadIdx.x; r < rows;
          r += (long long)blockDim.x * gridDim.x) {
@@ -74,6 +75,7 @@ extern "C" __global__ void clipped_mad_sigma_rows(const float* __restrict__ v, f
             if (isfinite(row[i])) a[m++] = row[i];
         }
         if (m == 0) {
+            med_out[r] = nan("");
             out[r] = nan("");
             continue;
         }
@@ -93,6 +95,7 @@ extern "C" __global__ void clipped_mad_sigma_rows(const float* __restrict__ v, f
             med = rs_median(a, m);
             sig = rs_mad_sigma(a, d, m, med);
         }
+        med_out[r] = med;
         out[r] = sig;
     }
 }

@@ -353,6 +353,11 @@ def test_nanmedian_last_gives_numpys_bits():
 
 def _clipped_mad_sigma_rounds(v):
     """clipped_mad_sigma as rounds of np.median (the device's path, and the host's before it sorted once)."""
+    return _clipped_median_mad_sigma_rounds(v)[1]
+
+
+def _clipped_median_mad_sigma_rounds(v):
+    """clipped_median_mad_sigma as rounds of np.median: the last round's median and MAD-sigma."""
     from skystack.engine.robust import MAD_TO_SIGMA
 
     med = float(np.median(v))
@@ -366,13 +371,13 @@ def _clipped_mad_sigma_rounds(v):
         v = v[keep]
         med = float(np.median(v))
         sig = MAD_TO_SIGMA * float(np.median(np.abs(v - med)))
-    return sig
+    return med, sig
 
 
 def test_clipped_mad_sigma_from_one_sort_gives_the_rounds_of_medians():
     """The host sorts once and reads each round's median and MAD off the sorted values: the same number
     as the rounds of np.median, for odd and even counts, ties, a zero MAD, outliers and heavy tails."""
-    from skystack.engine.robust import clipped_mad_sigma
+    from skystack.engine.robust import clipped_mad_sigma, clipped_median_mad_sigma
 
     rng = np.random.default_rng(5)
     for trial in range(600):
@@ -381,6 +386,7 @@ def test_clipped_mad_sigma_from_one_sort_gives_the_rounds_of_medians():
              np.concatenate([rng.normal(0, 1, n), rng.normal(50, 1, 1 + n // 10)]),
              rng.integers(0, 3, n).astype(float), rng.standard_cauchy(n)][trial % 5]
         v = v.astype(np.float32 if trial % 2 else np.float64)
+        assert clipped_median_mad_sigma(np, v) == _clipped_median_mad_sigma_rounds(v), (trial, n, v.dtype)
         assert clipped_mad_sigma(np, v) == _clipped_mad_sigma_rounds(v), (trial, n, v.dtype)
         if v.dtype == np.float32:  # float64 arithmetic on float32 values: the rounds on their cast
             assert clipped_mad_sigma(np, v, dtype=np.float64) == _clipped_mad_sigma_rounds(v.astype(np.float64))
@@ -389,10 +395,10 @@ def test_clipped_mad_sigma_from_one_sort_gives_the_rounds_of_medians():
 @pytest.mark.skipif(not emulator_available(), reason="g++ is not on PATH")
 def test_clipped_mad_sigma_rows_kernel_gives_the_rounds_of_medians():
     """``clipped_mad_sigma_rows`` (kernels/framestats.cu, a thread a row) gives, under the emulator,
-    the rounds of np.median of each row's finite values, and so does its host twin: odd and even
+    the rounds of np.median of each row's finite values (the last median and MAD-sigma), and so does its host twin: odd and even
     counts, ties, a zero MAD, fewer than 16 kept, heavy tails, NaN and inf among the values, rows
     with one value or none."""
-    from skystack.engine.robust import clipped_mad_sigma_rows
+    from skystack.engine.robust import clipped_mad_sigma_rows, clipped_median_sigma_rows
     from skystack.kernels.emulate import emulated
 
     rng = np.random.default_rng(11)
@@ -407,13 +413,14 @@ def test_clipped_mad_sigma_rows_kernel_gives_the_rounds_of_medians():
         v[5, : max(0, n - 1)] = np.nan  # one value left (or none)
         if trial % 7 == 0:
             v[4] = np.nan  # no finite value: NaN
-        ref = np.array([_clipped_mad_sigma_rounds(r[np.isfinite(r)]) if np.isfinite(r).any() else np.nan
-                        for r in v])
-        out = np.full(len(v), -1.0)
-        mod.launch("clipped_mad_sigma_rows", len(v), (v, np.empty((len(v), 2 * n), np.float32), out,
+        ref = np.array([_clipped_median_mad_sigma_rounds(r[np.isfinite(r)]) if np.isfinite(r).any()
+                        else (np.nan, np.nan) for r in v]).T
+        out = np.full((2, len(v)), -1.0)
+        mod.launch("clipped_mad_sigma_rows", len(v), (v, np.empty((len(v), 2 * n), np.float32), out[0], out[1],
                                                       np.int64(len(v)), np.int64(n)))
         np.testing.assert_array_equal(out, ref, err_msg=f"trial {trial}, n {n}")
-        np.testing.assert_array_equal(clipped_mad_sigma_rows(v), ref)
+        np.testing.assert_array_equal(np.array(clipped_median_sigma_rows(v)), ref)
+        np.testing.assert_array_equal(clipped_mad_sigma_rows(v), ref[1])
 
 
 @pytest.mark.parametrize("size,shape", [(3, (17, 40)), (7, (200, 300)), (7, (5, 9)), (5, (64, 1))])
