@@ -214,8 +214,10 @@ def reference_stars(image: np.ndarray, config: ColourConfig = ColourConfig()) ->
     r_in, r_out = radius + max(2.0, 0.5 * fwhm), radius + max(8.0, 3.0 * fwhm)
     ph = aperture_photometry(img, stars.x, stars.y, radius=radius, r_in=r_in, r_out=r_out)
     keep = good & ph.ok & (ph.flux > 0).all(axis=1)
-    # isolated: no other detection overlapping the aperture, and none brighter than a
-    # fifth of the star in its sky annulus (the annulus median shrugs off fainter ones)
+    # isolated: no other detection overlapping the aperture with more than a thirtieth of the
+    # star's flux (fainter ones shift its colour by under ~1 %, and the detection finds more of
+    # them the deeper it goes), and none brighter than a fifth of the star in its sky annulus
+    # (the annulus median shrugs off fainter ones)
     xy = stars.xy
     if len(xy) > 1:
         from scipy.spatial import cKDTree
@@ -229,7 +231,7 @@ def reference_stars(image: np.ndarray, config: ColourConfig = ColourConfig()) ->
                 if j == i:
                     continue
                 d = math.hypot(xy[j, 0] - xy[i, 0], xy[j, 1] - xy[i, 1])
-                if d < 2.0 * radius or sep_flux[j] > 0.2 * sep_flux[i]:
+                if (d < 2.0 * radius and sep_flux[j] > sep_flux[i] / 30.0) or sep_flux[j] > 0.2 * sep_flux[i]:
                     keep[i] = False
                     break
     # saturated: near the brightest pixel of a channel, or a flat top
