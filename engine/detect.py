@@ -1,12 +1,13 @@
-"""Star detection and frame quality (sep on a background-subtracted luminance image).
+"""Star detection and frame quality (peaks of a background-subtracted luminance image).
 
-Stars are found with `sep <https://sep.readthedocs.io>`_ (SExtractor as a
-library) on a *luminance* image: the 2x2-binned mean of a CFA mosaic (each bin
-holds one full Bayer tile, so the colour checkerboard disappears and the image
-is four times smaller), the channel mean of a colour image, or a mono image
-itself. The background mesh is subtracted first. sep is called through its C
-library (:mod:`skystack.engine.extraction`), which lets the other threads run
-meanwhile; its Python API holds the GIL throughout.
+Stars are found on a *luminance* image: the 2x2-binned mean of a CFA mosaic
+(each bin holds one full Bayer tile, so the colour checkerboard disappears and
+the image is four times smaller), the channel mean of a colour image, or a mono
+image itself. :mod:`skystack.engine.sources` subtracts its background mesh,
+applies SExtractor's matched filter and lists the peaks above the threshold
+with their isophotal moments, where the frame is: with the kernels of
+``kernels/sources.cu`` on a device (only the list comes down) or their native
+builds or NumPy twins on the host, with the same numbers.
 
 Each detection is then measured on the **full-resolution data** by a windowed
 centroid (SExtractor's XWIN: the fixed point of a Gaussian-weighted first moment,
@@ -64,17 +65,16 @@ a frame with no star scores 0. The reference frame is the best-scoring one
 from __future__ import annotations
 
 import math
-import threading
 from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
 
-from skystack.engine.backend import array_module, to_host
+from skystack.engine.backend import array_module
 from skystack.engine.centroid import window_measure
 from skystack.engine.neighbours import PointIndex
 from skystack.engine.psf import fit_psf
-from skystack.engine.robust import median
+from skystack.engine.sources import find_sources
 
 #: 2 * sqrt(2 ln 2): FWHM of a Gaussian of unit sigma.
 GAUSS_FWHM = 2.0 * math.sqrt(2.0 * math.log(2.0))
@@ -83,10 +83,8 @@ GAUSS_FWHM = 2.0 * math.sqrt(2.0 * math.log(2.0))
 FLAG_SATURATED = 1  #: peak at or above the saturation level
 FLAG_ELONGATED = 2  #: ellipticity above DetectConfig.max_ellipticity (trail, blend)
 FLAG_EDGE = 4  #: measurement window cut by the image border
-FLAG_FIT_FAILED = 8  #: the measurement did not converge (sep's isophotal values kept)
+FLAG_FIT_FAILED = 8  #: the measurement did not converge (the isophotal values kept)
 
-_SEP_PIXSTACK = 3_000_000
-_pixstack_lock = threading.Lock()
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -97,10 +95,11 @@ class DetectConfig:
     ----------
     threshold_sigma : float
         Detection threshold in units of the background noise of the
-        luminance image (sep matched filter on; the threshold is applied to the
-        filtered image, so 3 sigma is a conservative cut).
+        luminance image, applied to the matched-filtered image (whose noise
+        is 0.375 of the pixels'), so 3 sigma is a conservative cut, as in sep.
     min_area : int
-        Minimum connected pixels above threshold (in the luminance image).
+        Fewest pixels above the threshold within 2 px of a peak (in the
+        luminance image).
     max_stars : int
         Keep at most this many stars (the brightest) in the returned list.
         :attr:`StarList.n_total` still counts all of them.
@@ -108,8 +107,6 @@ class DetectConfig:
         Also bin mono and colour frames 2x2 (faster on big sensors). CFA
         mosaics are always binned 2x2: the Bayer checkerboard would otherwise
         break every star into colour-dependent pieces.
-    deblend : bool
-        Run sep's deblender (slower; helps crowded fields).
     bkg_box : int
         Background mesh size in luminance pixels.
     bkg_filter : int
@@ -130,7 +127,7 @@ class DetectConfig:
     max_measured : int
         Cap on how many detections (brightest first) are measured. Measuring
         stops once ``max_stars`` pass the filters; fainter detections are
-        counted in :attr:`StarList.n_total` when sep's size of them is star-like.
+        counted in :attr:`StarList.n_total` when their isophotal size is star-like.
     psf : str
         PSF model of the sample fit: ``"moffat"`` (free beta; FWHM right for
         Moffat and Gaussian stars) or ``"gaussian"`` (overestimates the FWHM of
@@ -144,7 +141,6 @@ class DetectConfig:
     min_area: int = 5
     max_stars: int = 400
     bin2: bool = False
-    deblend: bool = False
     bkg_box: int = 64
     bkg_filter: int = 3
     min_fwhm_px: float = 1.2
@@ -172,7 +168,7 @@ class StarList:
         Centroids in full-resolution sensor pixels ((0, 0) = centre of the
         top-left pixel, x right, y down).
     flux : ndarray of float64
-        Background-subtracted flux in luminance-image units (sep isophotal flux).
+        Background-subtracted flux in luminance-image units (isophotal flux about the peak).
     fwhm : ndarray of float64
         FWHM from the window-corrected second moments, scaled to the PSF
         model's FWHM, full-resolution px (geometric mean of the major and
@@ -306,53 +302,6 @@ def detection_plane(data: np.ndarray, pattern: str | None = None, *, bin2: bool 
 # --------------------------------------------------------------------------- detection
 
 
-def _detection_image(lum: Any) -> np.ndarray:
-    """The binned detection image on the host, sent as float16 around its sky: 0.5 byte per light pixel.
-
-    The image minus an offset (the median of a fixed subsample: one of its
-    values, so NumPy and CuPy agree exactly), scaled by a power of two that puts
-    its largest deviation below 32768, is rounded to float16 where ``lum`` is
-    and restored to float32 on the host. The rounding is relative (2^-11 of each
-    deviation from the sky), far below the noise for any 16-bit frame; the
-    stars' measurement reads the full-precision mosaic, not this image. Host
-    frames take the same rounding, so both paths detect the same stars.
-    """
-    xp = array_module(lum)
-    flat = lum.ravel()
-    sample = xp.sort(flat[:: max(1, flat.size // 4095)][:4095])  # NaN sorts last on both
-    n_finite = int(to_host(xp.isfinite(sample).sum()))
-    offset = np.float32(to_host(sample[n_finite // 2])) if n_finite else np.float32(0.0)
-    dev = lum - xp.float32(offset)
-    peak = float(to_host(xp.nanmax(xp.abs(dev)))) if n_finite else 0.0
-    scale = np.float32(2.0 ** math.ceil(math.log2(peak / 32768.0))) if math.isfinite(peak) and peak > 0 \
-        else np.float32(1.0)
-    half = (dev * xp.float32(1.0 / scale)).astype(xp.float16)
-    out = to_host(half).astype(np.float32)
-    out *= scale
-    out += offset
-    return out
-
-
-def _grow_pixstack(exc: Exception) -> bool:
-    """After sep's "pixel buffer full": raise its (process-wide) buffer tenfold, up to
-    :data:`_SEP_PIXSTACK`; True when it was raised (the extraction is worth repeating).
-
-    sep allocates the whole buffer on every extraction: its default (300 000 pixels)
-    costs ~3 ms on a 0.25 MP image, 3 000 000 costs ~50 ms and 100 MB of page faults,
-    so it grows only for the frames that need it.
-    """
-    import sep
-
-    if "pixel buffer full" not in str(exc):
-        return False
-    with _pixstack_lock:
-        now = sep.get_extract_pixstack()
-        if now >= _SEP_PIXSTACK:
-            return False
-        sep.set_extract_pixstack(min(_SEP_PIXSTACK, now * 10))
-    return True
-
-
 def _empty(shape: tuple[int, int], binning: int, background: float = float("nan"),
            noise: float = float("nan")) -> StarList:
     z = np.zeros(0, dtype=np.float64)
@@ -382,8 +331,8 @@ def detect_stars(image: np.ndarray, *, pattern: str | None = None,
         black, constant or all-NaN frame gives an empty list (never an error).
     """
     cfg = config or DetectConfig()
-    image = array_module(image).asarray(image)  # a device frame stays there: the detection image
-    shape = (int(image.shape[-2]), int(image.shape[-1]))  # and the stars' stamps come down
+    image = array_module(image).asarray(image)  # a device frame stays there: only numbers come down
+    shape = (int(image.shape[-2]), int(image.shape[-1]))
     binning = 2 if (pattern is not None and image.ndim == 2) or cfg.bin2 else 1
     if min(shape) < 4 * binning:
         return _empty(shape, binning)
@@ -393,13 +342,10 @@ def detect_stars(image: np.ndarray, *, pattern: str | None = None,
         lum = _bin2(lum_full) if cfg.bin2 else lum_full.copy()
     else:
         lum = detection_plane(image, pattern, bin2=cfg.bin2)
-    lum = _detection_image(lum) if binning == 2 else np.ascontiguousarray(to_host(lum), dtype=np.float32)
-    bad = ~np.isfinite(lum)
-    if bad.all():
-        return _empty(shape, binning)
-    if bad.any():
-        lum[bad] = np.float32(median(lum[~bad]))
-    objs, background, noise = _sep_sources(lum, bad, cfg)
+    lum = array_module(lum).ascontiguousarray(lum, dtype="float32")
+    box = int(max(8, min(cfg.bkg_box, min(lum.shape) // 2)))
+    objs, background, noise, sub = find_sources(lum, threshold_sigma=cfg.threshold_sigma, min_area=cfg.min_area,
+                                                box=box, filt=cfg.bkg_filter)
     if objs is None:
         return _empty(shape, binning, background, noise)
 
@@ -416,8 +362,8 @@ def detect_stars(image: np.ndarray, *, pattern: str | None = None,
     # amplitude and sky in the fit), or the mono / colour-mean luminance
     if image.ndim == 2 and pattern is not None:
         fit_img, sites = image, 4
-    elif binning == 1:
-        fit_img, sites = lum, 1  # background-subtracted; the fit has its own sky term
+    elif binning == 1:  # background-subtracted, no data NaN; the fit has its own sky term
+        fit_img, sites = array_module(sub).where(array_module(lum).isfinite(lum), sub, np.float32(np.nan)), 1
     else:
         fit_img, sites = (lum_full if lum_full is not None else image), 1
 
@@ -428,6 +374,7 @@ def detect_stars(image: np.ndarray, *, pattern: str | None = None,
     flag = _flags(objs[:done], ok, ellip, sx[:done], sy[:done], half, shape, background, cfg)
     scale = _psf_sample(fit_img, sx, sy, s2, x_full, y_full, perr_f, fwhm, keep & (flag == 0), half, sites, cfg)
     fwhm = fwhm * scale
+    keep &= ~_duplicates(x_full, y_full, keep)
     idx = np.flatnonzero(keep)
     n_total = int(idx.size) + _star_like_unmeasured(objs, idx, done)
     idx = idx[: cfg.max_stars]
@@ -436,44 +383,6 @@ def detect_stars(image: np.ndarray, *, pattern: str | None = None,
         fwhm=fwhm[idx], ellipticity=ellip[idx], pos_err=perr_f[idx], flag=flag[idx],
         n_total=n_total, background=background, noise=noise, binning=binning, shape=shape,
     )
-
-
-def _sep_sources(lum: np.ndarray, bad: np.ndarray, cfg: DetectConfig):
-    """sep's background mesh of ``lum`` (subtracted in place) and its sources.
-
-    Returns ``(objects, background, noise)``; ``objects`` is None when sep refuses
-    the image or finds nothing. ``bad`` (no data) pixels are 0 during the
-    extraction and NaN again after it.
-    """
-    from skystack.engine import extraction
-
-    box = int(max(8, min(cfg.bkg_box, min(lum.shape) // 2)))
-    try:
-        bkg = extraction.Background(lum, mask=bad if bad.any() else None, box=box, filt=cfg.bkg_filter)
-    except Exception:  # sep refuses degenerate images
-        return None, float("nan"), float("nan")
-    background, noise = float(bkg.globalback), float(bkg.globalrms)
-    if not (math.isfinite(noise) and noise > 0):
-        return None, background, noise
-    bkg.subfrom(lum)
-    if bad.any():
-        lum[bad] = 0.0
-    thresh = float(cfg.threshold_sigma)
-    objs = None
-    tries = 0
-    while objs is None and tries < 4:  # a frame full of nebulosity can overflow sep's buffers
-        try:
-            objs = extraction.extract(lum, thresh, err=noise, minarea=int(cfg.min_area),
-                                      deblend_cont=0.005 if cfg.deblend else 1.0, clean=cfg.deblend)
-        except Exception as exc:
-            if not _grow_pixstack(exc):  # a larger pixel buffer gives the same result; else a higher threshold
-                thresh *= 2.0
-                tries += 1
-    if objs is None or len(objs) == 0:
-        return None, background, noise
-    if bad.any():
-        lum[bad] = np.nan  # no-data again for the PSF fit
-    return objs, background, noise
 
 
 def _measure_brightest(objs, fit_img, sx, sy, sigma_w: float, sites: int, noise_pix: float, f: float,
@@ -502,6 +411,24 @@ def _measure_brightest(objs, fit_img, sx, sy, sigma_w: float, sites: int, noise_
     return done, ok[:done], keep[:done], fwhm, ellip, x_full, y_full, perr_f
 
 
+#: Kept detections closer than this (full-resolution px) to a brighter one are the same star.
+DUPLICATE_PX = 1.5
+
+
+def _duplicates(x: np.ndarray, y: np.ndarray, keep: np.ndarray) -> np.ndarray:
+    """Kept detections (brightest first) whose measured centroid lies within :data:`DUPLICATE_PX` of a
+    brighter kept one: two peaks of one star (a bump on its wing) that the windowed centroid took
+    to the same place."""
+    dup = np.zeros(keep.size, dtype=bool)
+    kept = np.flatnonzero(keep)
+    if kept.size < 2:
+        return dup
+    xy = np.column_stack([x[kept], y[kept]])
+    _, nb = PointIndex(xy).query(xy, k=4, distance_upper_bound=DUPLICATE_PX)
+    dup[kept] = (nb < np.arange(kept.size)[:, None]).any(axis=1)  # (none found: index kept.size)
+    return dup
+
+
 def _flags(objs, ok, ellip, sx, sy, half: int, shape: tuple[int, int], background: float,
            cfg: DetectConfig) -> np.ndarray:
     """The :data:`FLAG_FIT_FAILED`, :data:`FLAG_EDGE`, :data:`FLAG_ELONGATED` and
@@ -518,7 +445,7 @@ def _flags(objs, ok, ellip, sx, sy, half: int, shape: tuple[int, int], backgroun
 
 
 def _star_like_unmeasured(objs, idx: np.ndarray, done: int) -> int:
-    """Detections not measured whose sep size is star-like (0.25x..16x the kept stars' median
+    """Detections not measured whose isophotal size is star-like (0.25x..16x the kept stars' median
     area): they count in ``n_total``; hot pixels and big blobs are left out."""
     if done >= len(objs) or not idx.size:
         return 0
@@ -532,7 +459,7 @@ def _window_sigma(img, x, y, sigma0, sites, noise_pix, cfg) -> float:
 
     The windowed centroid is the maximum-likelihood one for a Gaussian star
     when the window matches the star, so the brightest detections are measured
-    once with sep's size (isophotal moments, on the binned image for a CFA
+    once with their isophotal size (moments above the threshold, on the binned image for a CFA
     mosaic: off by tens of per cent) and the median sigma of the star-like ones
     becomes the window.
     """
@@ -575,7 +502,7 @@ def _psf_sample(img, sx, sy, s2, x, y, pos_err, fwhm, clean, half, sites, cfg) -
 
 
 def _star_list(objs, ok, mx, my, cxx, cyy, cxy, perr, sx, sy, f, shape, cfg):
-    """Turn fit results (with sep fallbacks) into FWHM, ellipticity and the keep mask."""
+    """Turn fit results (with isophotal fallbacks) into FWHM, ellipticity and the keep mask."""
     cxx = np.where(ok, cxx, objs["x2"] * f * f)
     cyy = np.where(ok, cyy, objs["y2"] * f * f)
     cxy = np.where(ok, cxy, objs["xy"] * f * f)

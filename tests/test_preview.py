@@ -3,7 +3,7 @@
 A small simulated session with a strong orange light-pollution gradient
 (``SynthConfig.gradient``, ``gradient_color``) is stacked with the defaults
 and its preview written as the CLI writes it; on the truth's star-free sky
-the preview's channel medians must agree within 3 %, and the sky must be as
+the preview's channel means must agree within 3 %, and the sky must be as
 bright at the polluted edge as at the far one.
 """
 
@@ -46,10 +46,12 @@ def preview(tmp_path_factory):
 
 
 def test_preview_sky_is_neutral(preview):
+    """The channels' mean sky levels agree within 3 % (means: a median of 8-bit values moves in steps
+    of 1.7 % here; measured 58.6 : 57.2 : 58.3, 2.4 %)."""
     png, sky = preview
-    med = np.array([np.median(png[..., c][sky]) for c in range(3)])
-    assert med.min() > 20  # a visible sky, not crushed to black
-    assert med.max() / med.min() - 1 < 0.03, med
+    level = np.array([np.mean(png[..., c][sky]) for c in range(3)])
+    assert level.min() > 20  # a visible sky, not crushed to black
+    assert level.max() / level.min() - 1 < 0.03, level
 
 
 def test_preview_sky_has_no_gradient(preview):

@@ -273,7 +273,9 @@ def test_telescope_session_has_no_landscape(tmp_path):
     stars keep crossing it: the default ``--foreground auto`` must not stack it as ground.
 
     Before: "landscape below a horizon at rows 966-1200 (4 % of the frame), stacked
-    unregistered"; the star density there is 78 % of the sky's.
+    unregistered"; the star density there is 78 % of the sky's with sep's detection, 73 % with
+    skystack's (which reaches fainter stars on the clean sky than on the glowing strip): still
+    nearly three times the 25 % below which it would be ground.
     """
     from skystack.engine.foreground import MAX_STARS_BELOW
 
@@ -284,7 +286,7 @@ def test_telescope_session_has_no_landscape(tmp_path):
     msg = res.registration["foreground"]
     assert msg.startswith("auto: no landscape") and "stars, not ground" in msg
     seen = float(msg.split("shows ")[1].split(" %")[0]) / 100.0
-    assert seen > 3 * MAX_STARS_BELOW
+    assert seen > 2.5 * MAX_STARS_BELOW
 
 
 def test_statistics_are_measured_on_the_way_into_the_store(night, registered, tmp_path, monkeypatch):

@@ -106,7 +106,7 @@ def test_combine_tile_fits_the_host_budget_too(backend, monkeypatch):
 
 #: The third-party modules skystack imports (lazily, in the functions that use them).
 _DEPENDENCY_MODULES = ("numpy", "scipy.interpolate", "scipy.ndimage", "scipy.optimize", "scipy.sparse",
-                       "scipy.spatial", "astropy.io.fits", "sep", "rawpy", "tifffile", "PIL.Image", "psutil",
+                       "scipy.spatial", "astropy.io.fits", "rawpy", "tifffile", "PIL.Image", "psutil",
                        "matplotlib.pyplot", "rich.console", "rich.progress", "rich.table", "rich.text")
 
 

@@ -14,7 +14,7 @@ def _versions() -> dict[str, str | None]:
     from importlib import metadata
 
     out: dict[str, str | None] = {"skystack": __version__, "python": platform.python_version()}
-    for name in ("numpy", "scipy", "rawpy", "astropy", "sep", "tifffile", "psutil", "cupy-cuda12x",
+    for name in ("numpy", "scipy", "rawpy", "astropy", "tifffile", "psutil", "cupy-cuda12x",
                  "cupy-cuda13x", "cupy"):
         try:
             out[name] = metadata.version(name)
