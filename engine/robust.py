@@ -122,9 +122,13 @@ def clipped_mad_sigma_rows(v: Any) -> np.ndarray:
     return clipped_median_sigma_rows(v)[1]
 
 
-def clipped_median_sigma_rows(v: Any) -> tuple[np.ndarray, np.ndarray]:
+def clipped_median_sigma_rows(v: Any, *, boxes: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """:func:`clipped_median_mad_sigma` of the finite values of each row of ``v`` ``(R, n)``, float32
     (NaN for a row without any), where ``v`` is.
+
+    ``boxes``: many short rows (a background mesh), run by the kernel's second entry point
+    ``clipped_mad_sigma_boxes``, so that the host chooses between its native build and the twin
+    (whose cost is mostly per row) for that shape apart from a frame's few long rows.
 
     On a device one launch of ``clipped_mad_sigma_rows`` (``kernels/framestats.cu``, a thread a row)
     and one download of the ``2 R`` numbers, instead of a round trip per clipping round; on the host
@@ -143,8 +147,9 @@ def clipped_median_sigma_rows(v: Any) -> tuple[np.ndarray, np.ndarray]:
     n_rows, n = v.shape
     out = xp.empty((2, n_rows), dtype=xp.float64)
     args = lambda work: (v, work, out[0], out[1], np.int64(n_rows), np.int64(n))  # noqa: E731
+    kernel = "clipped_mad_sigma_boxes" if boxes else "clipped_mad_sigma_rows"
     if is_device_array(v):
-        launch("framestats.cu", "clipped_mad_sigma_rows", n_rows, args(xp.empty((n_rows, 2 * max(n, 1)), xp.float32)))
+        launch("framestats.cu", kernel, n_rows, args(xp.empty((n_rows, 2 * max(n, 1)), xp.float32)))
         got = to_host(out)
         return got[0], got[1]
 
@@ -154,10 +159,10 @@ def clipped_median_sigma_rows(v: Any) -> tuple[np.ndarray, np.ndarray]:
                         dtype=np.float64).reshape(n_rows, 2).T
 
     def native(mod: Any) -> np.ndarray:
-        mod.launch("clipped_mad_sigma_rows", n_rows, args(np.empty((n_rows, 2 * max(n, 1)), np.float32)))
+        mod.launch(kernel, n_rows, args(np.empty((n_rows, 2 * max(n, 1)), np.float32)))
         return out.copy()
 
-    got = run_cpu("framestats.cu", "clipped_mad_sigma_rows", n_rows * n, twin, native)
+    got = run_cpu("framestats.cu", kernel, n_rows * n, twin, native)
     return got[0], got[1]
 
 

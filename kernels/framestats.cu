@@ -2,7 +2,8 @@
 // and normalize.signal_ratios): each kernel gives its NumPy twin's numbers, every step being a
 // selection (order-free) or a float32 operation in the twin's order.
 //
-// clipped_mad_sigma_rows -- one thread per row (a frame's channel, a background box). Twin:
+// clipped_mad_sigma_rows, clipped_mad_sigma_boxes -- one thread per row (a frame's channel; a
+// background box). Twin:
 // robust.clipped_median_mad_sigma of each row's finite values. For each row of v (rows x n float32): its finite values; their
 // median m (the middle one, or float32 (a + b) / 2 of the middle two, as np.median); sigma = 1.4826
 // * median(|x - m|), the deviations in float32 and the product in double. Then at most two rounds:
@@ -61,43 +62,58 @@ __device__ double rs_mad_sigma(const float* a, float* d, long long n, float med)
     return 1.4826 * (double)rs_median(d, n);
 }
 
+// One row's clipped median and MAD-sigma (the rounds described above), its finite values first
+// copied to a, with d as the deviations' scratch (both n long).
+__device__ void rs_clipped_row(const float* row, float* a, float* d, long long n, double* med_out,
+                               double* sig_out)
+{
+    long long m = 0;
+    for (long long i = 0; i < n; ++i) {
+        if (isfinite(row[i])) a[m++] = row[i];
+    }
+    if (m == 0) {
+        *med_out = nan("");
+        *sig_out = nan("");
+        return;
+    }
+    float med = rs_median(a, m);
+    double sig = rs_mad_sigma(a, d, m, med);
+    for (int round = 0; round < 2; ++round) {
+        if (sig <= 0.0) break;
+        const float thr = (float)(3.0 * sig);
+        long long kept = 0;
+        for (long long i = 0; i < m; ++i) kept += fabsf(a[i] - med) <= thr ? 1 : 0;
+        if (kept < 16) break;
+        long long j = 0;
+        for (long long i = 0; i < m; ++i) {
+            if (fabsf(a[i] - med) <= thr) a[j++] = a[i];
+        }
+        m = kept;
+        med = rs_median(a, m);
+        sig = rs_mad_sigma(a, d, m, med);
+    }
+    *med_out = med;
+    *sig_out = sig;
+}
+
 extern "C" __global__ void clipped_mad_sigma_rows(const float* __restrict__ v, float* __restrict__ work,
                                                   double* __restrict__ med_out, double* __restrict__ out,
                                                   long long rows, long long n)
 {
     for (long long r = blockIdx.x * (long long)blockDim.x + threadIdx.x; r < rows;
-         r += (long long)blockDim.x * gridDim.x) {
-        const float* row = v + r * n;
-        float* a = work + r * 2 * n;
-        float* d = a + n;
-        long long m = 0;
-        for (long long i = 0; i < n; ++i) {
-            if (isfinite(row[i])) a[m++] = row[i];
-        }
-        if (m == 0) {
-            med_out[r] = nan("");
-            out[r] = nan("");
-            continue;
-        }
-        float med = rs_median(a, m);
-        double sig = rs_mad_sigma(a, d, m, med);
-        for (int round = 0; round < 2; ++round) {
-            if (sig <= 0.0) break;
-            const float thr = (float)(3.0 * sig);
-            long long kept = 0;
-            for (long long i = 0; i < m; ++i) kept += fabsf(a[i] - med) <= thr ? 1 : 0;
-            if (kept < 16) break;
-            long long j = 0;
-            for (long long i = 0; i < m; ++i) {
-                if (fabsf(a[i] - med) <= thr) a[j++] = a[i];
-            }
-            m = kept;
-            med = rs_median(a, m);
-            sig = rs_mad_sigma(a, d, m, med);
-        }
-        med_out[r] = med;
-        out[r] = sig;
-    }
+         r += (long long)blockDim.x * gridDim.x)
+        rs_clipped_row(v + r * n, work + r * 2 * n, work + r * 2 * n + n, n, med_out + r, out + r);
+}
+
+// The same for many short rows (a background mesh's boxes): its own entry point, so the host times
+// its native build against the twin for that shape apart from a frame's few long rows.
+extern "C" __global__ void clipped_mad_sigma_boxes(const float* __restrict__ v, float* __restrict__ work,
+                                                   double* __restrict__ med_out, double* __restrict__ out,
+                                                   long long rows, long long n)
+{
+    for (long long r = blockIdx.x * (long long)blockDim.x + threadIdx.x; r < rows;
+         r += (long long)blockDim.x * gridDim.x)
+        rs_clipped_row(v + r * n, work + r * 2 * n, work + r * 2 * n + n, n, med_out + r, out + r);
 }
 
 __device__ float ap_box(const float* planes, long long p, int channels, long long plane) {

@@ -68,7 +68,8 @@ extern "C" __global__ void mesh_subtract(const float* __restrict__ lum, const fl
                                          const float* __restrict__ wy0, const float* __restrict__ wy1,
                                          float* __restrict__ sub, long long H, long long W, long long nx)
 {
-    for (long long p = blockIdx.x * (long long)blockDim.x + threadIdx.x; p < H * W;
+    const long long n = H * W;
+    for (long long p = blockIdx.x * (long long)blockDim.x + threadIdx.x; p < n;
          p += (long long)blockDim.x * gridDim.x) {
         const long long y = p / W, x = p - y * W;
         const float v = lum[p];
@@ -89,7 +90,8 @@ extern "C" __global__ void match_filter(const float* __restrict__ sub, float* __
                                         long long W)
 {
     const float k[3][3] = {{1.0f, 2.0f, 1.0f}, {2.0f, 4.0f, 2.0f}, {1.0f, 2.0f, 1.0f}};
-    for (long long p = blockIdx.x * (long long)blockDim.x + threadIdx.x; p < H * W;
+    const long long n = H * W;
+    for (long long p = blockIdx.x * (long long)blockDim.x + threadIdx.x; p < n;
          p += (long long)blockDim.x * gridDim.x) {
         const long long y = p / W, x = p - y * W;
         float acc = 0.0f;
@@ -108,7 +110,8 @@ extern "C" __global__ void find_peaks(const float* __restrict__ f, long long* __
                                       unsigned long long* __restrict__ count, long long H, long long W, float thr,
                                       int min_area, long long cap)
 {
-    for (long long p = blockIdx.x * (long long)blockDim.x + threadIdx.x; p < H * W;
+    const long long n = H * W;
+    for (long long p = blockIdx.x * (long long)blockDim.x + threadIdx.x; p < n;
          p += (long long)blockDim.x * gridDim.x) {
         const float v = f[p];
         if (!(v > thr)) continue;
