@@ -10,10 +10,10 @@ regions:
 1. **Background mesh.** The image is cut into ``box`` x ``box`` boxes. Each
    box's sky is the median of its finite pixels (every other row and column)
    after two rounds of 3-sigma clipping (:func:`robust.clipped_median_sigma_rows`,
-   one launch). Boxes
-   without data take the median box; the mesh is median filtered (``filt`` x
-   ``filt``) about its least-squares plane, so an outlying box goes and a
-   gradient stays. The frame's background is the median of the mesh.
+   one launch). Boxes without data take the median box; the mesh is median
+   filtered (``filt`` x ``filt``) about its least-squares plane, so an
+   outlying box goes and a gradient stays. The frame's background is the
+   median of the mesh.
 2. **Subtraction.** The mesh is interpolated bilinearly between the box centres
    (and extrapolated to the edges) and subtracted (no-data pixels become 0).
    The noise is then the median of the boxes' clipped MAD-sigma of the
@@ -34,9 +34,9 @@ regions:
    (a neighbour's hill is left out, as a deblender would; noise on a wing
    is not): the flux and the peak pixel of the image, and the centroid, the
    second moments and the centroid's variance per unit variance of the
-   filtered image, as sep measures them there (its sizes are ~1.4x the
-   unfiltered image's for a small star, and the detection's windows and
-   stamps are scaled by them).
+   filtered image, as sep measures them (its sizes are ~1.4x the unfiltered
+   image's for a small star, and the detection's windows and stamps are
+   scaled by them).
 6. **Extended light out.** The *prominence* of a peak is how far the
    filtered image falls on the way from it to the window's border, where it
    falls least (its peak less the highest saddle towards the border). A
@@ -47,8 +47,8 @@ regions:
 
 The list is what :func:`skystack.engine.detect.detect_stars` used from sep:
 a structured array with sep's field names (``x``, ``y``, ``flux``, ``peak``,
-``x2``, ``y2``, ``xy``, ``a``, ``b``, ``errx2``, ``erry2``, ``npix``), in
-raster order of the peak pixels; every star is then measured on the
+``x2``, ``y2``, ``xy``, ``a``, ``b``, ``errx2``, ``erry2``, ``npix``) and
+``prominence``, in raster order of the peak pixels; every star is then measured on the
 full-resolution frame (:mod:`skystack.engine.centroid`).
 """
 
@@ -116,6 +116,7 @@ def find_sources(lum: Any, *, threshold_sigma: float, min_area: int, box: int,
         Fewest pixels above the threshold within 2 px of a peak.
     box, filt : int
         Background box size and the size of the median filter over the mesh.
+
     Returns
     -------
     (catalogue or None, background, noise, sub)

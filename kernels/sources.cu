@@ -24,9 +24,9 @@
 // F = sum sub and the largest sub; all in double. Out (11, n_peaks), with mx = Sx / S, my = Sy / S:
 //   x = px + mx, y = py + my, flux = F, peak, x2 = Sxx / S - mx mx, y2 = Syy / S - my my,
 //   xy = Sxy / S - mx my, ex = (Uxx - 2 mx Ux + n mx mx) / (S S) (the centroid's x variance per unit
-//   pixel variance of f), ey likewise, n (0 when S <= 0: no source), and the prominence: f at the peak less the
-//   largest, over the window's border pixels (on the image), of the lowest f on the way there
-//   (+inf when no border pixel is on the image).
+//   pixel variance of f), ey likewise, n (0 when S <= 0: no source), and the prominence: f at the
+//   peak less the largest, over the window's border pixels (on the image), of the lowest f on the
+//   way there (+inf when no border pixel is on the image).
 // The way from the peak to the offset (dx, dy), K = max(|dx|, |dy|) steps: step k (1..K) is at
 // (floor((2 dx k + K) / 2K), floor((2 dy k + K) / 2K)).
 
