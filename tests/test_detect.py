@@ -394,3 +394,15 @@ def test_measure_quality_accepts_image_and_stars(rng):
     img = render(xy, flux, 3.0, rng=rng)
     st = detect_stars(img)
     assert measure_quality(img, st, pattern=None) == measure_quality(st)
+
+
+def test_two_peaks_of_one_star_are_one_detection():
+    """Kept detections whose measured centroids lie within DUPLICATE_PX of a brighter one are dropped
+    (two peaks of one star); a star 2 px away is kept, and so are stars not kept in the first place."""
+    from skystack.engine.detect import DUPLICATE_PX, _duplicates
+
+    x = np.array([10.0, 10.8, 30.0, 32.0, 50.0, 50.5])
+    y = np.array([10.0, 10.5, 30.0, 30.0, 50.0, 50.0])
+    keep = np.array([True, True, True, True, False, True])
+    assert DUPLICATE_PX == 1.5
+    np.testing.assert_array_equal(_duplicates(x, y, keep), [False, True, False, False, False, False])

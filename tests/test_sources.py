@@ -201,3 +201,16 @@ def test_a_cloud_is_not_a_cluster_of_stars(rng):
     cat, *_ = sources.find_sources(img.astype(np.float32), threshold_sigma=3.0, min_area=5, box=64, filt=3)
     assert idx_all.size >= 5
     assert cat is None or len(cat) <= 1, cat[["x", "y", "prominence"]]
+
+
+def test_too_many_peaks_raise_the_threshold(rng, monkeypatch):
+    """Past MAX_PEAKS (a frame full of nebulosity) the threshold doubles until the peaks fit: the
+    bright stars are still found, and no more than MAX_PEAKS candidates are measured."""
+    img, stars, snr, _ = _field(rng)
+    cat_all, *_ = sources.find_sources(img, threshold_sigma=0.5, min_area=1, box=64, filt=3)
+    assert len(cat_all) > 200  # a low threshold: the noise's peaks too
+    monkeypatch.setattr(sources, "MAX_PEAKS", 150)
+    cat, *_ = sources.find_sources(img, threshold_sigma=0.5, min_area=1, box=64, filt=3)
+    assert 0 < len(cat) <= 150
+    d = np.hypot(stars[:, 0, None] - cat["x"][None], stars[:, 1, None] - cat["y"][None]).min(axis=1)
+    assert np.mean(d[snr >= 30] < 1.0) > 0.9
