@@ -247,7 +247,8 @@ def native_mode() -> str:
 
 
 def run_cpu(source: str, kernel: str, n_items: int, twin: Any, native: Any, *,
-            defines: Sequence[str] = (), min_items: int = NATIVE_MIN_ITEMS, same_bits: bool = True) -> Any:
+            defines: Sequence[str] = (), min_items: int = NATIVE_MIN_ITEMS, same_bits: bool = True,
+            variant: str = "") -> Any:
     """Run an operation's CPU branch: its NumPy twin, or its kernel compiled natively.
 
     The native build (:mod:`skystack.kernels.native`: the same CUDA source at
@@ -279,6 +280,10 @@ def run_cpu(source: str, kernel: str, n_items: int, twin: Any, native: Any, *,
         a tolerance (False), the timed launch returns the result of the one chosen,
         so every launch of the process gives that one's numbers (a stack run twice
         in one process gives the same bits).
+    variant : str
+        A name for one shape of the kernel's launches whose winner may differ from the
+        others' (a background mesh's ~140 short rows against a frame's three long ones,
+        where the twin's cost is mostly per row): timed and remembered apart.
     twin : callable
         ``twin()`` computes the result with NumPy.
     native : callable
@@ -292,7 +297,7 @@ def run_cpu(source: str, kernel: str, n_items: int, twin: Any, native: Any, *,
         What ``twin()`` or ``native(module)`` returned.
     """
     mode = native_mode()
-    key = (source, kernel, tuple(defines))
+    key = (source, kernel, tuple(defines)) + ((variant,) if variant else ())
     choice = "twin" if mode == "off" else _native_choice.get(key)
     if choice == "twin":
         return twin()
@@ -316,12 +321,17 @@ def run_cpu(source: str, kernel: str, n_items: int, twin: Any, native: Any, *,
         return twin()
     with _bench_lock:
         if key not in _native_choice:
-            saved = _saved_choice(module, kernel, n_items)
+            saved = _saved_choice(module, _label(key), n_items)
             if saved is None:
                 return _benchmark(key, twin, native, module, same_bits, n_items)
             _native_choice[key] = saved
     return run_cpu(source, kernel, n_items, twin, native, defines=defines,  # another thread benchmarked it
-                   min_items=min_items, same_bits=same_bits)
+                   min_items=min_items, same_bits=same_bits, variant=variant)
+
+
+def _label(key: tuple) -> str:
+    """The name a choice is logged and kept under: the kernel, and its variant if any."""
+    return key[1] if len(key) == 3 else f"{key[1]}.{key[3]}"
 
 
 def cpu_model() -> str:
@@ -473,10 +483,10 @@ def _benchmark(key: tuple, twin: Any, native: Any, module: Any, same_bits: bool 
     _native_choice[key] = "native" if t1 - t0 < t2 - t1 else "twin"
     elsewhere = _busy_elsewhere(start, t2 - t0)
     logging.getLogger(__name__).debug("%s: native %.4f s on %d core(s), twin %.4f s -> %s (%.0f %% of the cores "
-                                      "busy elsewhere)", key[1], t1 - t0, share, t2 - t1, _native_choice[key],
+                                      "busy elsewhere)", _label(key), t1 - t0, share, t2 - t1, _native_choice[key],
                                       100 * elsewhere)
     # kept for later processes only when the winner is clear and the machine was quiet: other load
     # slows an OpenMP team far more than a single-threaded twin, so a busy machine's winner is not this one's
     if max(t1 - t0, t2 - t1) >= KEEP_MARGIN * min(t1 - t0, t2 - t1) and elsewhere <= BUSY_ELSEWHERE_MAX:
-        _save_choice(module, key[1], _native_choice[key], n_items, (t1 - t0, t2 - t1))
+        _save_choice(module, _label(key), _native_choice[key], n_items, (t1 - t0, t2 - t1))
     return native_result if not same_bits and _native_choice[key] == "native" else result

@@ -126,9 +126,9 @@ def clipped_median_sigma_rows(v: Any, *, boxes: bool = False) -> tuple[np.ndarra
     """:func:`clipped_median_mad_sigma` of the finite values of each row of ``v`` ``(R, n)``, float32
     (NaN for a row without any), where ``v`` is.
 
-    ``boxes``: many short rows (a background mesh), run by the kernel's second entry point
-    ``clipped_mad_sigma_boxes``, so that the host chooses between its native build and the twin
-    (whose cost is mostly per row) for that shape apart from a frame's few long rows.
+    ``boxes``: many short rows (a background mesh); the host chooses between the native build and
+    the twin (whose cost is mostly per row) for that shape apart from a frame's few long rows
+    (:func:`~skystack.engine.backend.run_cpu`'s ``variant``).
 
     On a device one launch of ``clipped_mad_sigma_rows`` (``kernels/framestats.cu``, a thread a row)
     and one download of the ``2 R`` numbers, instead of a round trip per clipping round; on the host
@@ -147,7 +147,7 @@ def clipped_median_sigma_rows(v: Any, *, boxes: bool = False) -> tuple[np.ndarra
     n_rows, n = v.shape
     out = xp.empty((2, n_rows), dtype=xp.float64)
     args = lambda work: (v, work, out[0], out[1], np.int64(n_rows), np.int64(n))  # noqa: E731
-    kernel = "clipped_mad_sigma_boxes" if boxes else "clipped_mad_sigma_rows"
+    kernel = "clipped_mad_sigma_rows"
     if is_device_array(v):
         launch("framestats.cu", kernel, n_rows, args(xp.empty((n_rows, 2 * max(n, 1)), xp.float32)))
         got = to_host(out)
@@ -162,7 +162,7 @@ def clipped_median_sigma_rows(v: Any, *, boxes: bool = False) -> tuple[np.ndarra
         mod.launch(kernel, n_rows, args(np.empty((n_rows, 2 * max(n, 1)), np.float32)))
         return out.copy()
 
-    got = run_cpu("framestats.cu", kernel, n_rows * n, twin, native)
+    got = run_cpu("framestats.cu", kernel, n_rows * n, twin, native, variant="boxes" if boxes else "")
     return got[0], got[1]
 
 

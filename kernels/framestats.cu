@@ -2,8 +2,7 @@
 // and normalize.signal_ratios): each kernel gives its NumPy twin's numbers, every step being a
 // selection (order-free) or a float32 operation in the twin's order.
 //
-// clipped_mad_sigma_rows, clipped_mad_sigma_boxes -- one thread per row (a frame's channel; a
-// background box). Twin:
+// clipped_mad_sigma_rows -- one thread per row (a frame's channel, a background box). Twin:
 // robust.clipped_median_mad_sigma of each row's finite values. For each row of v (rows x n float32): its finite values; their
 // median m (the middle one, or float32 (a + b) / 2 of the middle two, as np.median); sigma = 1.4826
 // * median(|x - m|), the deviations in float32 and the product in double. Then at most two rounds:
@@ -99,17 +98,6 @@ __device__ void rs_clipped_row(const float* row, float* a, float* d, long long n
 extern "C" __global__ void clipped_mad_sigma_rows(const float* __restrict__ v, float* __restrict__ work,
                                                   double* __restrict__ med_out, double* __restrict__ out,
                                                   long long rows, long long n)
-{
-    for (long long r = blockIdx.x * (long long)blockDim.x + threadIdx.x; r < rows;
-         r += (long long)blockDim.x * gridDim.x)
-        rs_clipped_row(v + r * n, work + r * 2 * n, work + r * 2 * n + n, n, med_out + r, out + r);
-}
-
-// The same for many short rows (a background mesh's boxes): its own entry point, so the host times
-// its native build against the twin for that shape apart from a frame's few long rows.
-extern "C" __global__ void clipped_mad_sigma_boxes(const float* __restrict__ v, float* __restrict__ work,
-                                                   double* __restrict__ med_out, double* __restrict__ out,
-                                                   long long rows, long long n)
 {
     for (long long r = blockIdx.x * (long long)blockDim.x + threadIdx.x; r < rows;
          r += (long long)blockDim.x * gridDim.x)

@@ -419,10 +419,6 @@ def test_clipped_mad_sigma_rows_kernel_gives_the_rounds_of_medians():
         mod.launch("clipped_mad_sigma_rows", len(v), (v, np.empty((len(v), 2 * n), np.float32), out[0], out[1],
                                                       np.int64(len(v)), np.int64(n)))
         np.testing.assert_array_equal(out, ref, err_msg=f"trial {trial}, n {n}")
-        boxes = np.full((2, len(v)), -1.0)  # the entry point for many short rows: the same code
-        mod.launch("clipped_mad_sigma_boxes", len(v), (v, np.empty((len(v), 2 * n), np.float32), boxes[0], boxes[1],
-                                                       np.int64(len(v)), np.int64(n)))
-        np.testing.assert_array_equal(boxes, ref)
         np.testing.assert_array_equal(np.array(clipped_median_sigma_rows(v)), ref)
         np.testing.assert_array_equal(clipped_mad_sigma_rows(v), ref[1])
 

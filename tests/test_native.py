@@ -526,6 +526,31 @@ def test_a_later_process_reuses_the_benchmarks_choice(fake_native, tmp_path, mon
     assert not kept.exists()
 
 
+def test_a_variant_is_timed_and_kept_apart(fake_native, tmp_path, monkeypatch):
+    """One kernel launched in two shapes (``variant``): each gets its own benchmark, its own choice in
+    the process and its own record beside the build, and neither decides for the other."""
+    import json
+    import time
+
+    be, mod = fake_native
+    mod.path = tmp_path / "framestats-0123abcd.so"
+    monkeypatch.setattr(be, "_busy_elsewhere", lambda *a: 0.0)
+
+    def run(variant, twin_s, native_s):
+        return be.run_cpu("framestats.cu", "clipped_mad_sigma_rows", 1 << 20,
+                          lambda: (time.sleep(twin_s), "twin")[1],
+                          lambda m: (m.launch(), time.sleep(native_s), "native")[2], variant=variant)
+
+    run("", 0.0, 0.05)  # long rows: the twin wins
+    run("boxes", 0.05, 0.0)  # short rows: native wins
+    assert be._native_choice[("framestats.cu", "clipped_mad_sigma_rows", ())] == "twin"
+    assert be._native_choice[("framestats.cu", "clipped_mad_sigma_rows", (), "boxes")] == "native"
+    plain = tmp_path / "framestats-0123abcd.clipped_mad_sigma_rows.4of4.choice.json"
+    boxes = tmp_path / "framestats-0123abcd.clipped_mad_sigma_rows.boxes.4of4.choice.json"
+    assert json.loads(plain.read_text())["choice"] == "twin" and json.loads(boxes.read_text())["choice"] == "native"
+    assert run("boxes", 0.0, 0.0) == "native" and run("", 0.0, 0.0) == "twin"
+
+
 def test_a_benchmark_on_a_busy_machine_is_not_kept(fake_native, tmp_path, monkeypatch):
     """Other processes busy during the benchmark: its winner serves this process only, and the next
     process times it again. The probe sees another process's CPU time and not this one's."""
