@@ -110,7 +110,7 @@ class DetectConfig:
     bkg_box : int
         Background mesh size in luminance pixels.
     bkg_filter : int
-        Median filter size of the background mesh.
+        Median filter size of the background mesh (odd, in boxes).
     min_fwhm_px : float
         Detections sharper than this (full-resolution px) are hot pixels or
         cosmic rays and are dropped.
@@ -154,6 +154,8 @@ class DetectConfig:
     def __post_init__(self) -> None:
         if self.psf_sample < 0:
             raise ValueError(f"psf_sample must be >= 0, got {self.psf_sample}")
+        if self.bkg_filter < 1 or self.bkg_filter % 2 == 0:
+            raise ValueError(f"bkg_filter must be an odd number of boxes, got {self.bkg_filter}")
         if self.psf not in ("moffat", "gaussian"):
             raise ValueError(f"unknown PSF model {self.psf!r}; use 'moffat' or 'gaussian'")
 

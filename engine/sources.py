@@ -54,6 +54,7 @@ full-resolution frame (:mod:`skystack.engine.centroid`).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -61,7 +62,7 @@ from typing import Any
 import numpy as np
 
 from skystack.engine.backend import NATIVE_MIN_ITEMS, array_module, launch, run_cpu, to_host
-from skystack.engine.robust import clipped_median_sigma_rows
+from skystack.engine.robust import clipped_median_sigma_rows, moving_median
 
 _SRC = "sources.cu"
 #: Half-width of a peak's moments window (``SOURCES_R`` of ``kernels/sources.cu``).
@@ -87,19 +88,24 @@ class Mesh:
 
     Attributes
     ----------
-    back, rms : ndarray of float32
-        ``(ny, nx)`` sky level and noise per box, median filtered.
+    back : ndarray of float32
+        ``(ny, nx)`` sky level per box, median filtered.
     box : int
         Box size, pixels.
-    background, noise : float
-        The medians of ``back`` and ``rms``: the frame's sky and noise.
+    background : float
+        The median of ``back``: the frame's sky.
+    rms : ndarray of float32 or None
+        ``(ny, nx)`` noise per box of the image less the mesh, median filtered
+        (:func:`residual_noise`; None before it).
+    noise : float
+        The median of ``rms``: the frame's noise (NaN before :func:`residual_noise`).
     """
 
     back: np.ndarray
-    rms: np.ndarray
     box: int
     background: float
-    noise: float
+    rms: np.ndarray | None = None
+    noise: float = math.nan
 
 
 def find_sources(lum: Any, *, threshold_sigma: float, min_area: int, box: int,
@@ -161,23 +167,22 @@ def box_rows(lum: Any, box: int, step: int = 1) -> Any:
 
 
 def background_mesh(lum: Any, *, box: int, filt: int) -> Mesh | None:
-    """The image's :class:`Mesh` (None when no box has data)."""
+    """The image's :class:`Mesh`, its sky only (None when no box has data)."""
     h, w = lum.shape
     ny, nx = -(-h // box), -(-w // box)
-    med, sig = clipped_median_sigma_rows(box_rows(lum, box, MESH_STEP), boxes=True)
-    good = np.isfinite(med) & np.isfinite(sig)
+    med, _ = clipped_median_sigma_rows(box_rows(lum, box, MESH_STEP), boxes=True)
+    good = np.isfinite(med)
     if not good.any():
         return None
     med[~good] = np.median(med[good])
-    sig[~good] = np.median(sig[good])
     back = _median_filter_about_plane(med.reshape(ny, nx), filt).astype(np.float32)
-    rms = _median_filter(sig.reshape(ny, nx), filt).astype(np.float32)
-    return Mesh(back=back, rms=rms, box=box, background=float(np.median(back)), noise=float(np.median(rms)))
+    return Mesh(back=back, box=box, background=float(np.median(back)))
 
 
 def residual_noise(mesh: Mesh, lum: Any, sub: Any, *, filt: int) -> Mesh:
-    """``mesh`` with its noise measured again on ``sub`` (the image less the interpolated mesh): the
-    clipped MAD-sigma of each box, median filtered, and their median.
+    """``mesh`` with its noise measured on ``sub`` (the image less the interpolated mesh): the
+    clipped MAD-sigma of each box, median filtered, and their median (unchanged when no box has
+    data).
 
     A box's own spread includes the sky's gradient across it (a wide lens's vignetting and a
     horizon's glow: a 1e-4 per pixel ramp over 64 px adds as much as the noise); the threshold
@@ -191,22 +196,12 @@ def residual_noise(mesh: Mesh, lum: Any, sub: Any, *, filt: int) -> Mesh:
     if not good.any():
         return mesh
     sig[~good] = np.median(sig[good])
-    rms = _median_filter(sig.reshape(ny, nx), filt).astype(np.float32)
-    return Mesh(back=mesh.back, rms=rms, box=mesh.box, background=mesh.background, noise=float(np.median(rms)))
-
-
-def _median_filter(m: np.ndarray, size: int) -> np.ndarray:
-    """``size`` x ``size`` median filter of a small mesh, edges repeated (sep's mesh filter)."""
-    if size <= 1:
-        return m
-    r = size // 2
-    p = np.pad(m, r, mode="edge")
-    stack = [p[dy:dy + m.shape[0], dx:dx + m.shape[1]] for dy in range(size) for dx in range(size)]
-    return np.median(np.stack(stack), axis=0)
+    rms = moving_median(sig.reshape(ny, nx), filt).astype(np.float32)
+    return dataclasses.replace(mesh, rms=rms, noise=float(np.median(rms)))
 
 
 def _median_filter_about_plane(m: np.ndarray, size: int) -> np.ndarray:
-    """:func:`_median_filter` of the mesh's residual from its least-squares plane, the plane added
+    """:func:`robust.moving_median` of the mesh's residual from its least-squares plane, the plane added
     back: an outlying box (a galaxy, a bright star's halo) is replaced as before, and a gradient
     is kept exactly, where a median filter of the mesh itself bends it at the edges."""
     ny, nx = m.shape
@@ -214,7 +209,7 @@ def _median_filter_about_plane(m: np.ndarray, size: int) -> np.ndarray:
     design = np.column_stack([np.ones(m.size), xx.ravel(), yy.ravel()])
     coef = np.linalg.lstsq(design, m.ravel(), rcond=None)[0]
     plane = (design @ coef).reshape(ny, nx)
-    return _median_filter(m - plane, size) + plane
+    return moving_median(m - plane, size) + plane
 
 
 def interpolation_tables(n: int, box: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:

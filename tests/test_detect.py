@@ -406,3 +406,9 @@ def test_two_peaks_of_one_star_are_one_detection():
     keep = np.array([True, True, True, True, False, True])
     assert DUPLICATE_PX == 1.5
     np.testing.assert_array_equal(_duplicates(x, y, keep), [False, True, False, False, False, False])
+
+
+@pytest.mark.parametrize("kw", [{"bkg_filter": 2}, {"bkg_filter": 0}, {"psf_sample": -1}, {"psf": "airy"}])
+def test_bad_detect_config_is_refused_at_construction(kw):
+    with pytest.raises(ValueError):
+        DetectConfig(**kw)
