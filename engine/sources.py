@@ -55,6 +55,7 @@ full-resolution frame (:mod:`skystack.engine.centroid`).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -212,20 +213,29 @@ def _median_filter_about_plane(m: np.ndarray, size: int) -> np.ndarray:
     return moving_median(m - plane, size) + plane
 
 
-def interpolation_tables(n: int, box: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+@functools.lru_cache(maxsize=16)
+def interpolation_tables(n: int, box: int) -> tuple[np.ndarray, ...]:
     """Linear interpolation tables along one axis of ``n`` pixels cut in boxes: for each pixel two
     neighbouring boxes (int32) and their weights (float32, summing to 1), between box centres, and
     extrapolated from the outer two boxes beyond the outer centres (a gradient runs on to the
-    edge); one box: weight 1 on it."""
+    edge); one box: weight 1 on it. Computed once for every frame of a size: read-only arrays."""
     nb = -(-n // box)
     centre = np.array([(i * box + min(n, (i + 1) * box) - 1) / 2.0 for i in range(nb)])
     pos = np.arange(n, dtype=np.float64)
     if nb == 1:
         zero = np.zeros(n, dtype=np.int32)
-        return zero, zero.copy(), np.ones(n, dtype=np.float32), np.zeros(n, dtype=np.float32)
+        return _read_only(zero, zero.copy(), np.ones(n, dtype=np.float32), np.zeros(n, dtype=np.float32))
     i0 = np.clip(np.searchsorted(centre, pos, side="right") - 1, 0, nb - 2)
     t = (pos - centre[i0]) / (centre[i0 + 1] - centre[i0])
-    return i0.astype(np.int32), (i0 + 1).astype(np.int32), (1.0 - t).astype(np.float32), t.astype(np.float32)
+    return _read_only(i0.astype(np.int32), (i0 + 1).astype(np.int32), (1.0 - t).astype(np.float32),
+                      t.astype(np.float32))
+
+
+def _read_only(*arrays: np.ndarray) -> tuple[np.ndarray, ...]:
+    """``arrays``, each made read-only (they are shared)."""
+    for a in arrays:
+        a.setflags(write=False)
+    return arrays
 
 
 # --------------------------------------------------------------------------- pixel kernels
@@ -386,15 +396,19 @@ def _moments_twin(sub: np.ndarray, f: np.ndarray, idx: np.ndarray, thr: np.float
     return np.vstack([cols, prominence])
 
 
+def _way(dx: int, dy: int) -> list[tuple[int, int]]:
+    """The steps from a peak to the offset ``(dx, dy)``, the kernel's ``src_step`` for k = 1..K."""
+    k_steps = max(abs(dx), abs(dy))
+    return [((2 * dx * k + k_steps) // (2 * k_steps), (2 * dy * k + k_steps) // (2 * k_steps))
+            for k in range(1, k_steps + 1)]
+
+
 def _downhill(fp: np.ndarray, py: np.ndarray, px: np.ndarray, dx: int, dy: int, rise: np.float32) -> np.ndarray:
     """Whether f (``fp``, padded) never rises more than ``rise`` above the lowest value passed on the
-    way from each peak ``(py, px)`` to the offset ``(dx, dy)``, by the steps of the kernel's
-    ``src_downhill``."""
-    k_steps = max(abs(dx), abs(dy))
+    way from each peak ``(py, px)`` to the offset ``(dx, dy)``: the kernel's ``src_downhill``."""
     ok = np.ones(py.size, dtype=bool)
     lowest = fp[py, px]
-    for k in range(1, k_steps + 1):
-        ox, oy = (2 * dx * k + k_steps) // (2 * k_steps), (2 * dy * k + k_steps) // (2 * k_steps)
+    for ox, oy in _way(dx, dy):
         v = fp[py + oy, px + ox]
         ok &= ~(v > lowest + rise)
         lowest = np.minimum(lowest, v)
@@ -404,10 +418,8 @@ def _downhill(fp: np.ndarray, py: np.ndarray, px: np.ndarray, dx: int, dy: int, 
 def _path_min(fp: np.ndarray, py: np.ndarray, px: np.ndarray, dx: int, dy: int) -> np.ndarray:
     """The kernel's ``src_path_min``: the lowest f (``fp``, padded) on the way from each peak to the
     offset ``(dx, dy)``."""
-    k_steps = max(abs(dx), abs(dy))
     lowest = fp[py, px]
-    for k in range(1, k_steps + 1):
-        ox, oy = (2 * dx * k + k_steps) // (2 * k_steps), (2 * dy * k + k_steps) // (2 * k_steps)
+    for ox, oy in _way(dx, dy):
         lowest = np.minimum(lowest, fp[py + oy, px + ox])
     return lowest
 

@@ -35,14 +35,16 @@
 // floor(a / b) for b > 0 (C's division truncates towards zero).
 __device__ long long src_floordiv(long long a, long long b) { return a >= 0 ? a / b : -((-a + b - 1) / b); }
 
+// Step k (1..K) of the way from a peak to the offset d along one axis: floor((2 d k + K) / 2K).
+__device__ long long src_step(int d, int k, int K) { return src_floordiv(2LL * d * k + K, 2LL * K); }
+
 // Whether f, on the way from the peak p to the offset (dx, dy) (W: the row length), never rises more
 // than rise above the lowest value passed so far (another star's hill; noise on a wing does not).
 __device__ bool src_downhill(const float* f, long long p, long long W, int dx, int dy, float rise) {
     const int K = max(abs(dx), abs(dy));
     float lowest = f[p];
     for (int k = 1; k <= K; ++k) {
-        const long long ox = src_floordiv(2LL * dx * k + K, 2LL * K), oy = src_floordiv(2LL * dy * k + K, 2LL * K);
-        const float v = f[p + oy * W + ox];
+        const float v = f[p + src_step(dy, k, K) * W + src_step(dx, k, K)];
         if (v > lowest + rise) return false;
         lowest = v < lowest ? v : lowest;
     }
@@ -54,8 +56,7 @@ __device__ float src_path_min(const float* f, long long p, long long W, int dx, 
     const int K = max(abs(dx), abs(dy));
     float lowest = f[p];
     for (int k = 1; k <= K; ++k) {
-        const long long ox = src_floordiv(2LL * dx * k + K, 2LL * K), oy = src_floordiv(2LL * dy * k + K, 2LL * K);
-        const float v = f[p + oy * W + ox];
+        const float v = f[p + src_step(dy, k, K) * W + src_step(dx, k, K)];
         lowest = v < lowest ? v : lowest;
     }
     return lowest;
