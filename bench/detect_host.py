@@ -1,9 +1,9 @@
 """Benchmark: host milliseconds of one ``detect_stars`` call on a light that is on the device.
 
 Under the simulated device (``PYTHONPATH=tests/fakecupy SKYSTACK_SIM_DEVICE=1``) the host time is
-the wall time less the seconds the stand-in spent on the device's work (emulated kernels, CuPy's array
-operations), plus 10 us a launch, as ``skystack bench`` counts it; on a real device it is the wall time
-(the device's work then overlaps). Run::
+counted as ``skystack bench`` counts it (:func:`skystack.tools.bench.child.host_seconds`: the wall time
+less the seconds spent inside the stand-in, plus CuPy's cost a launch); on a real device it is the wall
+time (the device's work then overlaps). Run::
 
     PYTHONPATH=tests/fakecupy SKYSTACK_SIM_DEVICE=1 python bench/detect_host.py [--light FILE]
 
@@ -18,8 +18,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-
-LAUNCH_HOST_S = 10e-6
 
 
 def _light(cache: Path) -> Path:
@@ -38,6 +36,7 @@ def main() -> None:
     from skystack.engine import detect
     from skystack.engine.io import read_frame
     from skystack.engine.rawconv import cfa_to_float
+    from skystack.tools.bench.child import host_seconds
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--light", type=Path, help="a raw light (default: a simulated 2 MP one)")
@@ -51,12 +50,12 @@ def main() -> None:
     detect.detect_stars(x, pattern=m.pattern)  # builds, first launches
     host = []
     for _ in range(a.repeat):
-        s0, n0 = sim.thread_device() if sim else (0.0, 0)
+        (_, n0), i0 = sim.thread_device() if sim else (0.0, 0), sim.thread_stand_in() if sim else 0.0
         t0 = time.perf_counter()
         stars = detect.detect_stars(x, pattern=m.pattern)
         wall = time.perf_counter() - t0
-        s1, n1 = sim.thread_device() if sim else (0.0, 0)
-        host.append(wall - (s1 - s0) + (n1 - n0) * LAUNCH_HOST_S if sim else wall)
+        (_, n1), i1 = sim.thread_device() if sim else (0.0, 0), sim.thread_stand_in() if sim else 0.0
+        host.append(host_seconds(wall, i1 - i0, n1 - n0) if sim else wall)
     print(f"{len(stars)} stars, {n1 - n0} launches; host ms per detect_stars: "
           + ", ".join(f"{1e3 * h:.2f}" for h in host) + f" (median {1e3 * float(np.median(host)):.2f})")
 

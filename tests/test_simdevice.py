@@ -536,6 +536,7 @@ def test_stand_in_times_cupys_array_operations_as_device_work(sim):
 def test_bench_reports_gpu_traffic_on_the_simulated_device(sim, tmp_path):
     """``skystack bench --backend gpu`` shows bytes per light pixel each way and host seconds per light."""
     from skystack.tools import bench
+    from skystack.tools.bench.child import SESSION_STAGES
 
     cfg = bench.BenchConfig(frames=4, megapixels=0.3, backend="gpu", cache_root=str(tmp_path / "cache"),
                             output=str(tmp_path / "b.json"), quiet=True, timeout_s=600)
@@ -557,26 +558,31 @@ def test_bench_reports_gpu_traffic_on_the_simulated_device(sim, tmp_path):
     assert t["host_s_per_added_light"] == pytest.approx(t["host_s_lights"] - t["host_s_lights_warmup"])
     per_stage = t["host_s_per_added_light_by_stage"]
     assert set(per_stage) == set(t["host_s_by_stage"])
-    assert sum(v for k, v in per_stage.items() if k not in ("scan", "masters")) == \
+    assert sum(v for k, v in per_stage.items() if k not in SESSION_STAGES) == \
         pytest.approx(t["host_s_per_added_light"])
     dec = res["decode_floor"]
     assert run["decode_s_per_light"] == pytest.approx(dec["lights_s"] * dec["workers"] / 4)
     assert run["decode_s_per_light"] > 0
+    # the host's CPU seconds: its work without the waits for the interpreter, within the wall-based ones
+    assert 0 < t["host_cpu_s_per_light"] <= 1.02 * t["host_s_per_light"]
+    # (within the two clocks' resolutions)
+    assert all(t["host_cpu_s_by_stage"][k] <= 1.02 * v + 2e-4 for k, v in t["host_s_by_stage"].items())
+    assert t["host_cpu_s_per_added_light"] == pytest.approx(t["host_cpu_s_lights"] - t["host_cpu_s_lights_warmup"])
     assert (f"| {t['host_s_per_light']:.3f} | {t['host_s_per_added_light']:.3f} | "
-            f"{run['decode_s_per_light']:.3f} |") in md
+            f"{t['host_cpu_s_per_added_light']:.3f} | {run['decode_s_per_light']:.3f} |") in md
 
 
 def test_stage_host_seconds_leave_out_only_that_threads_device_work(sim):
-    """The bench's host seconds of a stage are its wall time less the device work its own thread ran
-    inside it: a stage of 60 ms busy host work around ~device work reads 60 ms, and device work
-    another thread runs meanwhile is not taken off."""
+    """The bench's host seconds of a stage are its wall time less what its own thread ran inside the
+    stand-in, plus CuPy's cost a launch: a stage of 60 ms busy host work around 20 launches of device
+    work reads 60 ms and 20 launches, and device work another thread runs meanwhile is not taken off."""
     import threading
     import time
 
     import cupy
 
     from skystack.engine.pipeline import _Timer
-    from skystack.tools.bench.child import _stage_device_seconds
+    from skystack.tools.bench.child import LAUNCH_HOST_S, _stage_device_seconds, host_seconds
 
     a = cupy.asarray(np.ones((1500, 1500), dtype=np.float32))
     b = cupy.asarray(np.ones((1500, 1500), dtype=np.float32))
@@ -600,7 +606,32 @@ def test_stage_host_seconds_leave_out_only_that_threads_device_work(sim):
             device_work(a, 20)
             busy(0.03)
         other.join()
-    seconds, launches = device["stage"]
-    assert launches == 20 and seconds > 0
-    host = timer.t["stage"] - seconds
-    assert 0.06 <= host < 0.06 + 0.5 * seconds + 0.02, (host, seconds, timer.t["stage"])
+    seconds, launches, stand_in, cpu, stand_in_cpu = device["stage"]
+    assert launches == 20 and 0 < seconds <= stand_in
+    host = host_seconds(timer.t["stage"], stand_in, launches)
+    assert 0.06 + 20 * LAUNCH_HOST_S <= host < 0.06 + 20 * LAUNCH_HOST_S + 0.5 * stand_in + 0.02, \
+        (host, stand_in, timer.t["stage"])
+    # its thread's CPU seconds outside the stand-in: the busy 60 ms (the other thread's work not among them)
+    assert 0.055 <= cpu - stand_in_cpu <= host + 0.002, (cpu, stand_in_cpu, host)
+
+
+def test_the_stand_ins_own_seconds_are_its_outermost_calls(sim):
+    """``sim.thread_stand_in`` counts the seconds a thread spends inside the stand-in: its device work and
+    the bookkeeping around each call (which CuPy's per-launch cost replaces in the bench), once for
+    calls within calls, and not the caller's host work between them."""
+    import time
+
+    import cupy
+
+    a = cupy.asarray(np.ones((800, 800), dtype=np.float32))
+    s0, (d0, n0) = sim.thread_stand_in(), sim.thread_device()
+    t0 = time.perf_counter()
+    b = cupy.where(a > 0, a * np.float32(2), a)  # three operations, nested in the stand-in's dispatch
+    busy = time.perf_counter()
+    while time.perf_counter() - busy < 0.02:
+        pass
+    m = float(b.max())
+    wall = time.perf_counter() - t0
+    stand_in, (device, launches) = sim.thread_stand_in() - s0, sim.thread_device()
+    assert m == 2.0 and launches - n0 == 4
+    assert device - d0 <= stand_in <= wall - 0.02, (device - d0, stand_in, wall)

@@ -79,7 +79,8 @@ class SeparateLandscape:
     it to ``--save-mask`` if asked, and stack it: ``land`` is None when there is none."""
 
     name = "foreground"
-    timer = "foreground"
+    timer = None  # the search "foreground" (a session's step: at most N_FRAMES small frames); the
+    # landscape's stack "landscape", each light's part timed apart (summed over threads)
     consumes = ("registration", "used", "ref", "store", "store_transforms", "store_lens", "calibration",
                 "calibration_config", "budget", "plan", "small_prefetch")
     produces = ("foreground", "land", "sky_exclusion")
@@ -89,13 +90,15 @@ class SeparateLandscape:
         motion = sreg.motion_px / (2.0 if superpixel else 1.0)
         sky_xy = np.concatenate([sreg.sky_stars[i] for i in used if i in sreg.sky_stars] or [np.zeros((0, 2))])
         sky_xy = (sky_xy - 0.5) / 2.0 if superpixel else sky_xy
-        fg = _foreground(ctx.config, ctx.store, used, ctx.ref, ctx.store_transforms, ctx.store_lens, motion,
-                         out_shape, ctx.lights, sky_xy, ctx.small_prefetch)
+        with ctx.report.timed("foreground"):
+            fg = _foreground(ctx.config, ctx.store, used, ctx.ref, ctx.store_transforms, ctx.store_lens, motion,
+                             out_shape, ctx.lights, sky_xy, ctx.small_prefetch)
         ctx.small_prefetch = None
         ctx.foreground, ctx.land, ctx.sky_exclusion = fg, None, None
         if fg.found:
             ctx.land = _landscape_stack(fg, [ctx.lights[i] for i in used], ctx, 2 if superpixel else 1)
-            ctx.sky_exclusion = fgm.sky_exclusion(fg.mask, _fg_margins(out_shape)[0])
+            with ctx.report.timed("landscape"):
+                ctx.sky_exclusion = fgm.sky_exclusion(fg.mask, _fg_margins(out_shape)[0])
 
 
 def _fg_margins(shape: tuple[int, int]) -> tuple[float, float]:
@@ -147,15 +150,17 @@ def _landscape_stack(fg, paths: list[Path], ctx: SessionContext,
     producer = FrameProducer(paths, workers=config.workers, queue_size=config.queue_size, manual_release=True)
     try:
         run_parallel(_BandWork(ctx, producer, band, metas, y0, paths), producer, compute_threads(be, config))
-        k = list(range(len(paths)))
-        ones, zeros = np.ones((len(k), 1), np.float32), np.zeros((len(k), 1), np.float32)
-        cfa, kept, _, _ = _combine_store(band, k, ones, zeros, ones, config, be, ctx.budget, plan=ctx.plan)
+        with ctx.report.timed("landscape"):
+            k = list(range(len(paths)))
+            ones, zeros = np.ones((len(k), 1), np.float32), np.zeros((len(k), 1), np.float32)
+            cfa, kept, _, _ = _combine_store(band, k, ones, zeros, ones, config, be, ctx.budget, plan=ctx.plan)
     finally:
         band.close()
     m = metas[0]
     wb = m.wb if (config.apply_wb and m.wb is not None) else None
     method = "superpixel" if scale == 2 else "rcd"
-    rgb = debayer.debayer(cfa[0], m.pattern, method=method, wb=wb) if m.pattern else cfa
+    with ctx.report.timed("landscape"):
+        rgb = debayer.debayer(cfa[0], m.pattern, method=method, wb=wb) if m.pattern else cfa
     full = np.full((rgb.shape[0], *fg.mask.shape), np.nan, dtype=np.float32)
     full[:, y0 // scale:] = be.to_host(rgb)
     if scale == 2:  # a super-pixel keeps what all four of its mosaic pixels kept
@@ -178,10 +183,11 @@ class _BandWork:
             if item.frame is None:
                 raise SkystackError(item.error or f"{self.paths[item.index]}: cannot decode")
             m = item.frame.meta
-            x = cfa_to_float(ctx.backend.xp.asarray(item.frame.data), pattern=m.pattern,
-                             black_level=m.black_level, white_level=m.white_level)
-            x = cal.calibrate_light(x, m, ctx.calibration, config=ctx.calibration_config).data
-            self.band.put(item.index, ctx.backend.to_host(x[self.y0:])[None])
+            with ctx.report.timed("landscape"):
+                x = cfa_to_float(ctx.backend.xp.asarray(item.frame.data), pattern=m.pattern,
+                                 black_level=m.black_level, white_level=m.white_level)
+                x = cal.calibrate_light(x, m, ctx.calibration, config=ctx.calibration_config).data
+                self.band.put(item.index, ctx.backend.to_host(x[self.y0:])[None])
             self.metas[item.index] = m
         finally:
             self.producer.release(item)

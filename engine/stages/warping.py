@@ -25,7 +25,8 @@ class WarpFrames:
     placed in the canvas."""
 
     name = "warp"
-    timer = "warp"
+    timer = None  # each frame's warp and statistics are timed "warp" (summed over threads); the
+    # reference's apertures, a per-session step, "apertures"
     consumes = ("used", "ref", "store", "target", "canvas", "store_transforms", "store_lens", "registration",
                 "sky_exclusion", "land", "foreground")
     produces = ("frame_stats", "landscape", "store", "records")
@@ -35,10 +36,11 @@ class WarpFrames:
         step = ctx.report.bar("warp + normalize", len(ctx.used))
         run_parallel(frames.warp_measure, [ctx.ref, *(i for i in ctx.used if i != ctx.ref)],
                      compute_threads(ctx.backend, ctx.config), on_done=step)
-        ctx.landscape = _placed_landscape(ctx) if ctx.land is not None else None
-        if ctx.target is not ctx.store:
-            ctx.store.close()
-            ctx.store = ctx.target
+        with ctx.report.timed("warp"):
+            ctx.landscape = _placed_landscape(ctx) if ctx.land is not None else None
+            if ctx.target is not ctx.store:
+                ctx.store.close()
+                ctx.store = ctx.target
 
 
 class _Warper:
@@ -53,24 +55,30 @@ class _Warper:
         self.ctx = ctx
         self.apertures: Any = None  # the reference's stars (normalize.star_apertures), once it is warped
         self._ready = threading.Event()
+        self.time = ctx.report.timed
 
     def warp_measure(self, i: int) -> None:
         """Warp frame ``i`` and keep its normalisation statistics (the reference: and its apertures)."""
         ctx = self.ctx
         if i == ctx.ref:
             try:
-                img = self.warp(i)
-                img = ctx.target.get(i) if img is None else img
-                self.apertures = normalize.star_apertures(img)
+                with self.time("warp"):
+                    img = self.warp(i)
+                    img = ctx.target.get(i) if img is None else img
+                with self.time("apertures"):
+                    self.apertures = normalize.star_apertures(img)
             finally:
                 self._ready.set()
         else:
-            img = self.warp(i)
-        stats = normalize.frame_stats(img)
+            with self.time("warp"):
+                img = self.warp(i)
+        with self.time("warp"):
+            stats = normalize.frame_stats(img)
         self._ready.wait()
         if self.apertures is None:  # the reference failed: its error is the one raised
             return
-        ctx.frame_stats[i] = (stats, normalize.signal_ratios(img, self.apertures))
+        with self.time("warp"):
+            ctx.frame_stats[i] = (stats, normalize.signal_ratios(img, self.apertures))
 
     def warp(self, i: int) -> Any:
         """Warp (or place) frame ``i`` into ``target``; the frame stored, or None if left as it was."""

@@ -34,6 +34,7 @@ from typing import Any
 #: ``skystack stack`` (whose parser lists ``skystack bench``'s options) does not load the harness.
 _HOME = {
     "LAUNCH_HOST_S": "child",
+    "host_seconds": "child",
     "add_bench_arguments": "cli",
     "bench_command": "cli",
     "main": "cli",

@@ -67,11 +67,22 @@ def _gpu_sync_and_pool() -> int | None:
 
 
 #: Host seconds a device launch (a kernel or one of CuPy's array operations) costs the calling
-#: thread: CuPy's launch overhead, order of magnitude.
-LAUNCH_HOST_S = 10e-6
+#: thread: CuPy's per-call overhead, ~10-25 us as its users measure it (cupy/cupy#1294, numba/numba#3003).
+#: It replaces the stand-in's own per-call bookkeeping (~7-40 us: arguments checked, bytes and memory
+#: counted), which :func:`host_seconds` leaves out.
+LAUNCH_HOST_S = 20e-6
 
-#: Stage timers that are the session's, not its lights': building masters, scanning headers.
-SESSION_STAGES = ("scan", "masters")
+
+def host_seconds(wall: float, stand_in: float, launches: int) -> float:
+    """Host seconds of a block that ran ``wall`` seconds under the simulated device: less the
+    seconds its thread spent inside the stand-in (``cupy.sim.thread_stand_in``: the device's work,
+    emulated, and the stand-in's bookkeeping around each call), plus :data:`LAUNCH_HOST_S` for each
+    of its ``launches`` (``cupy.sim.thread_device``): CuPy's own cost on the host."""
+    return wall - stand_in + launches * LAUNCH_HOST_S
+
+#: Stage timers that are the session's, not its lights': scanning headers, building masters, the
+#: reference's star apertures and the landscape search (at most ``foreground.N_FRAMES`` small frames).
+SESSION_STAGES = ("scan", "masters", "apertures", "foreground")
 
 
 def _sim_device():
@@ -85,12 +96,15 @@ def _sim_device():
 
 @contextmanager
 def _stage_device_seconds(sim):
-    """Under the simulated device: every stage timer also sums the device seconds and launches its
-    own thread ran inside it (``{timer: [seconds, launches]}``, filled while the block runs).
+    """Under the simulated device: every stage timer also sums what its own thread ran inside the
+    stand-in, and its thread's CPU seconds (``{timer: [device seconds, launches, stand-in seconds,
+    CPU seconds, CPU seconds inside the stand-in]}``, filled while the block runs).
 
-    A stage's host seconds are then its wall time less that device work, which a real device
-    runs asynchronously to the host thread; work of other threads (the decoders) is not
-    subtracted, so contention for the interpreter still counts as host time.
+    A stage's host seconds are then :func:`host_seconds` of its wall time: the device's work runs
+    asynchronously to the host thread on a real device; work of other threads (the decoders) is
+    not subtracted, so contention for the interpreter still counts as host time. Its host CPU
+    seconds are :func:`host_seconds` of its thread's CPU seconds: the host's work alone, without
+    the waits for the interpreter that the decoder threads hold.
     """
     from skystack.engine import pipeline
 
@@ -103,16 +117,18 @@ def _stage_device_seconds(sim):
 
     @contextmanager
     def timed(self, name: str):
-        s0, n0 = sim.thread_device()
+        (s0, n0), i0, c0, ic0 = sim.thread_device(), sim.thread_stand_in(), time.thread_time(), \
+            sim.thread_stand_in_cpu()
         try:
             with original(self, name):
                 yield
         finally:
-            s1, n1 = sim.thread_device()
+            (s1, n1), i1, c1, ic1 = sim.thread_device(), sim.thread_stand_in(), time.thread_time(), \
+                sim.thread_stand_in_cpu()
             with lock:
-                acc = device.setdefault(name, [0.0, 0])
-                acc[0] += s1 - s0
-                acc[1] += n1 - n0
+                acc = device.setdefault(name, [0.0, 0, 0.0, 0.0, 0.0])
+                for k, d in enumerate((s1 - s0, n1 - n0, i1 - i0, c1 - c0, ic1 - ic0)):
+                    acc[k] += d
 
     pipeline._Timer.__call__ = timed
     try:
@@ -125,27 +141,35 @@ def _device_traffic(res, stage_device: dict[str, list[float]] | None) -> dict[st
     """Host<->device bytes per light pixel and host seconds per light of a GPU run.
 
     Only the simulated device of the tests (``tests/fakecupy``, which counts every
-    transfer, and the seconds each thread spends on the device's work: emulating
-    kernels and running CuPy's array operations with NumPy) gives them; CuPy on a real
-    device has no such counters, so this is ``None`` there and on the CPU.
-    ``host_s_by_stage`` is each stage timer's seconds less the device work its thread
-    ran inside it, plus :data:`LAUNCH_HOST_S` per launch; ``host_s_per_light`` sums the
-    stages of the lights (all but :data:`SESSION_STAGES`) over the lights.
+    transfer, the seconds each thread spends on the device's work -- emulating
+    kernels and running CuPy's array operations with NumPy -- and inside the stand-in)
+    gives them; CuPy on a real device has no such counters, so this is ``None`` there and
+    on the CPU. ``host_s_by_stage`` is :func:`host_seconds` of each stage timer's seconds;
+    ``host_s_per_light`` sums the stages of the lights (all but :data:`SESSION_STAGES`) over the
+    lights. ``stage_device`` keeps each stage's device seconds, launches and stand-in seconds.
     """
     sim = _sim_device()
     if res.backend != "gpu" or sim is None or stage_device is None:
         return None
     n = max(1, len(res.frames))
     px = n * int(np.prod(res.image.shape[-2:]))
-    host = {name: float(wall) - stage_device.get(name, [0.0, 0])[0]
-            + stage_device.get(name, [0.0, 0])[1] * LAUNCH_HOST_S
+    zero = [0.0, 0, 0.0, 0.0, 0.0]
+    host = {name: host_seconds(float(wall), stage_device.get(name, zero)[2], stage_device.get(name, zero)[1])
             for name, wall in res.timings.items() if name != "total"}
+    cpu = {name: host_seconds(stage_device.get(name, zero)[3], stage_device.get(name, zero)[4],
+                              stage_device.get(name, zero)[1])
+           for name in host}
     lights_s = sum(v for k, v in host.items() if k not in SESSION_STAGES)
+    lights_cpu = sum(v for k, v in cpu.items() if k not in SESSION_STAGES)
     return {"h2d_bytes_per_light_px": sim.h2d_bytes / px, "d2h_bytes_per_light_px": sim.d2h_bytes / px,
             "host_s_by_stage": host, "host_s_lights": lights_s, "host_s_per_light": lights_s / n,
-            "syncs": int(sim.syncs), "peak_device_bytes": int(sim.peak),
+            "host_cpu_s_by_stage": cpu, "host_cpu_s_lights": lights_cpu, "host_cpu_s_per_light": lights_cpu / n,
+            "stage_device": {k: {"device_s": v[0], "launches": int(v[1]), "stand_in_s": v[2], "cpu_s": v[3],
+                                 "stand_in_cpu_s": v[4]} for k, v in stage_device.items()},
+            "launch_host_s": LAUNCH_HOST_S, "syncs": int(sim.syncs), "peak_device_bytes": int(sim.peak),
             "note": "simulated device: all traffic of the run (masters and results included); host seconds "
-                    "of the lights' stages (not " + ", ".join(SESSION_STAGES) + ")"}
+                    "of the lights' stages (not " + ", ".join(SESSION_STAGES) + "): wall less the stand-in's "
+                    "seconds, plus launch_host_s a launch"}
 
 
 def _child_stack(spec: dict[str, Any]) -> dict[str, Any]:

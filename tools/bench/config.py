@@ -16,8 +16,8 @@ PRESETS: dict[str, tuple[int, float]] = {
 }
 
 #: Stage timers of :class:`~skystack.engine.stack.StackResult` in pipeline order.
-STAGES = ("scan", "masters", "upload", "calibrate", "detect", "debayer", "store", "register", "warp",
-          "normalize", "combine")
+STAGES = ("scan", "masters", "upload", "calibrate", "detect", "debayer", "store", "register", "foreground",
+          "landscape", "warp", "apertures", "normalize", "combine")
 
 
 @dataclass(frozen=True, kw_only=True)

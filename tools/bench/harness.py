@@ -121,10 +121,13 @@ def _host_per_added_light(run: dict[str, Any], warm: dict[str, Any], n_lights: i
     if not (run.get("ok") and warm.get("ok") and t and w) or n_lights <= n_warm:
         return
     added = n_lights - n_warm
-    t["host_s_lights_warmup"] = w["host_s_lights"]
-    t["host_s_per_added_light"] = (t["host_s_lights"] - w["host_s_lights"]) / added
-    t["host_s_per_added_light_by_stage"] = {k: (v - w["host_s_by_stage"].get(k, 0.0)) / added
-                                            for k, v in t["host_s_by_stage"].items()}
+    for kind in ("host_s", "host_cpu_s"):  # wall-based and thread-CPU-based (child._device_traffic)
+        if f"{kind}_lights" not in w:
+            continue
+        t[f"{kind}_lights_warmup"] = w[f"{kind}_lights"]
+        t[f"{kind}_per_added_light"] = (t[f"{kind}_lights"] - w[f"{kind}_lights"]) / added
+        t[f"{kind}_per_added_light_by_stage"] = {k: (v - w[f"{kind}_by_stage"].get(k, 0.0)) / added
+                                                 for k, v in t[f"{kind}_by_stage"].items()}
 
 
 def results_name(info: dict[str, Any], label: str, *, prefix: str = "") -> str:

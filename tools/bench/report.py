@@ -30,9 +30,10 @@ def _store_cell(r: dict[str, Any]) -> str:
 
 def _traffic_cells(t: dict[str, Any] | None) -> list[str]:
     if not t:
-        return ["-", "-", "-", "-"]
+        return ["-", "-", "-", "-", "-"]
     return [fmt_value(t.get("h2d_bytes_per_light_px"), "{:.1f}"), fmt_value(t.get("d2h_bytes_per_light_px"), "{:.1f}"),
-            fmt_value(t.get("host_s_per_light"), "{:.3f}"), fmt_value(t.get("host_s_per_added_light"), "{:.3f}")]
+            fmt_value(t.get("host_s_per_light"), "{:.3f}"), fmt_value(t.get("host_s_per_added_light"), "{:.3f}"),
+            fmt_value(t.get("host_cpu_s_per_added_light"), "{:.3f}")]
 
 
 def _table_rows(results: dict[str, Any]) -> tuple[list[str], list[list[str]], list[str], list[list[str]]]:
@@ -53,7 +54,7 @@ def _table_rows(results: dict[str, Any]) -> tuple[list[str], list[list[str]], li
     sum_cols = ["backend", "device", "frames", "MP/frame", "total s", "frames/s", "MP/s", "peak RSS MiB",
                 "GPU pool MiB", "decode floor s", "pipeline / decode floor", "lights-only ratio",
                 "frame store MiB", "B/light px up", "B/light px down", "host s/light", "host s/added light",
-                "decode s/light"]
+                "host CPU s/added light", "decode s/light"]
     sum_rows = []
     for r in runs:
         if not r.get("ok"):

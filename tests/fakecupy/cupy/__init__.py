@@ -11,7 +11,9 @@ kernels (``RawModule(code=...).get_function(name)``) in the g++ emulator of
 
 :data:`sim` counts host->device and device->host bytes per call site (the
 first stack frame outside this module), synchronisations, kernel launches and
-the seconds spent emulating them, and the device memory in use and its peak.
+the seconds spent emulating them, each thread's seconds inside the stand-in
+(``thread_stand_in``: the device's work and the stand-in's own bookkeeping, which a
+benchmark replaces with CuPy's per-launch cost), and the device memory in use and its peak.
 ``cuda.alloc_pinned_memory`` gives host memory it remembers as pinned: ``ndarray.set``
 from it on a stream other than the null one is an asynchronous upload, counted apart
 (``h2d_async``) and timed as device work (the copy engine's), as is CuPy's.
@@ -156,6 +158,16 @@ class SimStats:
         run so far, and how many launches: what a real device would run asynchronously to it."""
         return getattr(self._thread, "seconds", 0.0), getattr(self._thread, "ops", 0)
 
+    def thread_stand_in(self) -> float:
+        """Seconds the calling thread has spent inside the stand-in so far (its outermost calls: the
+        device work of :meth:`thread_device` and the stand-in's own bookkeeping around it, which
+        stands for CuPy's per-call host cost, a benchmark's to model)."""
+        return getattr(self._thread, "stand_in", 0.0)
+
+    def thread_stand_in_cpu(self) -> float:
+        """The CPU seconds (``time.thread_time``) of the calling thread within :meth:`thread_stand_in`."""
+        return getattr(self._thread, "stand_in_cpu", 0.0)
+
     def summary(self) -> dict[str, Any]:
         return {"h2d_bytes": self.h2d_bytes, "d2h_bytes": self.d2h_bytes, "syncs": self.syncs,
                 "launches": sum(self.launches.values()), "kernel_seconds": self.kernel_seconds,
@@ -233,6 +245,31 @@ def _device_empty(shape, dtype, order: str = "C") -> _np.ndarray:
 
 
 sim = SimStats()
+
+
+def _entry(fn):
+    """Time ``fn`` as the stand-in's own (:meth:`SimStats.thread_stand_in`) when it is the thread's
+    outermost call into the stand-in."""
+    import functools
+
+    @functools.wraps(fn)
+    def timed(*args, **kwargs):
+        tl = sim._thread
+        if getattr(tl, "inside", False):
+            return fn(*args, **kwargs)
+        tl.inside = True
+        t0, c0 = time.perf_counter(), time.thread_time()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            tl.stand_in = getattr(tl, "stand_in", 0.0) + time.perf_counter() - t0
+            tl.stand_in_cpu = getattr(tl, "stand_in_cpu", 0.0) + time.thread_time() - c0
+            tl.inside = False
+    return timed
+
+
+SimStats.device_op = _entry(SimStats.device_op)
+SimStats._free = _entry(SimStats._free)
 
 
 def _dump_at_exit(path: str) -> None:
@@ -745,3 +782,13 @@ cuda = types.SimpleNamespace(
     compiler=types.SimpleNamespace(CompileException=CompileException),
 )
 cuda.Stream.null = _Stream(null=True)
+
+# The stand-in's entry points: their outermost calls are timed apart from the caller's host work.
+for _owner, _names in ((ndarray, ("__init__", "__array_ufunc__", "get", "set", "item", "tolist", "__getitem__",
+                                  "__setitem__")), (RawKernel, ("__call__",))):
+    for _n in _names:
+        setattr(_owner, _n, _entry(getattr(_owner, _n)))
+_device_call = _entry(_device_call)
+asarray = asanyarray = _entry(asarray)
+array = _entry(array)
+ascontiguousarray = _entry(ascontiguousarray)
