@@ -39,7 +39,7 @@ from typing import Any
 
 import numpy as np
 
-from skystack.engine.robust import (MAD_TO_SIGMA, clipped_mad_sigma, clipped_mad_sigma_rows, median, nan_max,
+from skystack.engine.robust import (MAD_TO_SIGMA, clipped_median_sigma_rows, median_sigma_rows_where, nan_max,
                                    nanmedian_last)
 
 NORMALIZATIONS = ("none", "additive", "multiplicative", "additive+scale")
@@ -63,21 +63,25 @@ class FrameStats:
     scale: np.ndarray  # (C,)
 
 
-def _flatten_background(chan: np.ndarray, block: int = 32) -> np.ndarray:
-    """``chan`` minus its coarse background (block medians): the dispersion left is noise-like.
+def _flatten_background(chan: Any, block: int = 32) -> Any:
+    """``chan`` ``(..., H, W)`` minus its coarse background (the median of each ``block x block``
+    block's finite values, :func:`robust.clipped_median_sigma_rows` with no clipping), cropped to
+    whole blocks, where ``chan`` is: the dispersion left is noise-like.
 
     A light-pollution gradient would otherwise dominate the scale estimate and
     frames would be rescaled by their gradient rather than their signal.
     """
-    h, w = chan.shape
+    h, w = chan.shape[-2:]
     hb, wb = h // block, w // block
     if hb < 2 or wb < 2:
         return chan
-    core = chan[: hb * block, : wb * block].reshape(hb, block, wb, block)
-    blocks = core.transpose(0, 2, 1, 3).reshape(hb, wb, -1)
-    # blocks with no data (outside a frame's footprint) get NaN, without a warning
-    med = nanmedian_last(blocks)
-    return (core - med[:, None, :, None]).reshape(hb * block, wb * block)
+    lead = tuple(chan.shape[:-2])
+    core = chan[..., : hb * block, : wb * block].reshape(*lead, hb, block, wb, block)
+    order = (*range(len(lead)), len(lead), len(lead) + 2, len(lead) + 1, len(lead) + 3)
+    blocks = core.transpose(order).reshape(-1, block * block)
+    # blocks with no data (outside a frame's footprint) get NaN
+    med = median_sigma_rows_where(blocks, boxes=True, rounds=0)[0].astype(np.float32)
+    return (core - med.reshape(*lead, hb, 1, wb, 1)).reshape(*lead, hb * block, wb * block)
 
 
 #: Residuals per sub-grid :func:`highpass_noise` measures: the estimate scatters by 0.37 % (0.17 % with
@@ -97,6 +101,10 @@ def highpass_noise(image: np.ndarray, *, step: int = 1, sample: int = NOISE_SAMP
     noise. The result is the RMS over the grids.
     NaNs are ignored.
 
+    On a device two launches (the residuals, ``highpass_residuals`` in
+    ``kernels/framestats.cu``; their statistics, :func:`robust.clipped_median_sigma_rows`)
+    and one download of a few numbers.
+
     Parameters
     ----------
     image : ndarray, (H, W)
@@ -114,61 +122,91 @@ def highpass_noise(image: np.ndarray, *, step: int = 1, sample: int = NOISE_SAMP
     from skystack.engine.backend import array_module
 
     xp = array_module(image)
-    x = xp.asarray(image, dtype=xp.float32)
-    if x.ndim != 2:
+    if image.ndim != 2:
         return float("nan")
-    k = int(step)
-    var = [_grid_noise(x[py::k, px::k], sample) ** 2 for py in range(k) for px in range(k)]
-    return float(np.sqrt(np.mean(var)))
+    res = highpass_residuals(xp.ascontiguousarray(image, dtype=xp.float32), int(step), int(sample))
+    _, sig = clipped_median_sigma_rows(res, min_count=MIN_NOISE_RESIDUALS)
+    return float(np.sqrt(np.mean((sig / np.sqrt(1.25)) ** 2)))
 
 
-def _grid_noise(x: Any, sample: int) -> float:
-    """:func:`highpass_noise` of one sub-grid (step 1), where ``x`` is (only the number leaves a device)."""
-    from skystack.engine.backend import array_module
+#: Fewest finite residuals a sub-grid needs for :func:`highpass_noise` (NaN below).
+MIN_NOISE_RESIDUALS = 32
+
+
+def _residual_grids(h: int, w: int, k: int, sample: int) -> list[tuple[int, int, int, int]]:
+    """``(rows, columns, row step, count)`` of each sub-grid's residuals (``highpass_residuals``)."""
+    grids = []
+    for g in range(k * k):
+        hg, wg = (h - g // k + k - 1) // k, (w - g % k + k - 1) // k
+        rstep = max(1, (hg * wg) // sample)
+        rows = len(range(1, hg - 1, rstep))
+        grids.append((hg, wg, rstep, rows * max(0, wg - 2)))
+    return grids
+
+
+def highpass_residuals(x: Any, k: int, sample: int) -> Any:
+    """``(k * k, n)`` float32 where ``x`` ``(H, W)`` float32 is: each sub-grid's residuals against the mean
+    of its 4 neighbours (rows sub-sampled to about ``sample`` values), NaN-padded
+    (``highpass_residuals`` in ``kernels/framestats.cu``, or its twin)."""
+    from skystack.engine.backend import array_module, is_device_array, launch, run_cpu
 
     xp = array_module(x)
     h, w = x.shape
-    if h < 3 or w < 3:
-        return float("nan")
-    rstep = max(1, (h * w) // sample)
-    c = x[1:h - 1:rstep]  # rows 1, 1 + rstep, ... and their neighbours above and below
-    n = c.shape[0]
-    nb = xp.float32(0.25) * (x[0:h - 2:rstep][:n, 1:-1] + x[2:h:rstep][:n, 1:-1] + c[:, :-2] + c[:, 2:])
-    r = c[:, 1:-1] - nb
-    r = r[xp.isfinite(r)]
-    if r.size < 32:
-        return float("nan")
-    return clipped_mad_sigma(xp, r, dtype=xp.float64) / float(np.sqrt(1.25))
+    n = max(1, max(g[3] for g in _residual_grids(h, w, k, sample)))
+    out = xp.empty((k * k, n), dtype=xp.float32)
+    args = (x, out, np.int64(h), np.int64(w), np.int32(k), np.int64(sample), np.int64(n))
+    if is_device_array(x):
+        launch("framestats.cu", "highpass_residuals", k * k * n, args)
+        return out
+
+    def native(mod: Any) -> np.ndarray:
+        mod.launch("highpass_residuals", k * k * n, args)
+        return out
+
+    return run_cpu("framestats.cu", "highpass_residuals", k * k * n, lambda: _residuals_twin(x, k, sample, n),
+                   native)
+
+
+def _residuals_twin(x: np.ndarray, k: int, sample: int, n: int) -> np.ndarray:
+    """:func:`highpass_residuals` in NumPy."""
+    out = np.full((k * k, n), np.nan, dtype=np.float32)
+    for g, (hg, wg, rstep, count) in enumerate(_residual_grids(*x.shape, k, sample)):
+        if not count:
+            continue
+        grid = x[g // k::k, g % k::k]
+        c = grid[1:hg - 1:rstep]
+        m = c.shape[0]
+        nb = np.float32(0.25) * (grid[0:hg - 2:rstep][:m, 1:-1] + grid[2:hg:rstep][:m, 1:-1] + c[:, :-2] + c[:, 2:])
+        out[g, :count] = (c[:, 1:-1] - nb).ravel()
+    return out
 
 
 def robust_stats(image: Any, *, sample: int = 200_000, scale_sample: int | None = None) -> FrameStats:
     """Median, and the clipped MAD-sigma of the background-flattened frame, per channel.
 
     ``image`` is ``(C,H,W)`` or ``(H,W)`` (NumPy or CuPy: computed where it
-    is, only the numbers leave the device); NaNs are ignored. The median reads
+    is, only the numbers leave the device, in one download); NaNs are ignored. The median reads
     about ``sample`` pixels, the MAD-sigma as many in whole rows, or about
     ``scale_sample`` on a grid of every k-th row and column.
     """
-    from skystack.engine.backend import array_module
+    from skystack.engine.backend import array_module, to_host
 
     xp = array_module(image)
     img = xp.asarray(image, dtype=xp.float32)
     planes = img if img.ndim == 3 else img[None]
-    locs, flats = [], []
-    for plane in planes:
-        step = max(1, plane.size // sample)
-        flat = plane.ravel()[::step]
-        flat = flat[xp.isfinite(flat)]
-        locs.append(median(flat, xp=xp) if flat.size else np.nan)
-        # Sub-sample rows (or rows and columns, for a scale_sample) so that large frames stay cheap.
-        if scale_sample is None:
-            sub = plane[::step]
-        else:
-            k = max(1, math.isqrt(plane.size // scale_sample))
-            sub = plane[::k, ::k]
-        flats.append(_flatten_background(sub).ravel())
-    scales = clipped_mad_sigma_rows(xp.stack(flats))  # on a device one launch: no round trip per clipping round
-    return FrameStats(location=np.asarray(locs, np.float64), scale=np.asarray(scales, np.float64))
+    c = planes.shape[0]
+    step = max(1, planes[0].size // sample)
+    # Sub-sample rows (or rows and columns, for a scale_sample) so that large frames stay cheap.
+    if scale_sample is None:
+        sub = planes[:, ::step]
+    else:
+        k = max(1, math.isqrt(planes[0].size // scale_sample))
+        sub = planes[:, ::k, ::k]
+    # on a device: each statistic one launch a thread a row, no round trip per clipping round
+    loc = median_sigma_rows_where(planes.reshape(c, -1)[:, ::step], rounds=0)[0]
+    scale = median_sigma_rows_where(_flatten_background(sub).reshape(c, -1))[1]
+    got = to_host(xp.concatenate([loc, scale]))
+    return FrameStats(location=got[:c].astype(np.float64), scale=got[c:].astype(np.float64))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -307,32 +345,38 @@ def star_apertures(ref: np.ndarray, *, max_stars: int = 300, grow: int = 8, pad:
                          width=ap.width, _on=ap._on)
 
 
-def _aperture_fluxes(planes: Any, ap: StarApertures) -> tuple[np.ndarray, np.ndarray]:
+def _aperture_fluxes(planes: Any, ap: StarApertures, *, tops: bool = False) -> tuple[np.ndarray, ...]:
     """``(flux, peak)``: ``(S,)`` flux of the channel sum in each aperture above its background's
     median (NaN if a pixel is missing), and ``(C, S)`` float32 each channel's largest value in each
-    box (-inf where a box has no data).
+    box (-inf where a box has no data); with ``tops``, also ``(C,)`` each channel's largest value
+    in the whole frame (:func:`robust.nan_max`).
 
     All boxes at once, where ``planes`` are (NumPy or CuPy; on a device one ``aperture_measure``
-    launch a group): only numbers leave the device, in one download of the fluxes and one of the
-    peaks (each a synchronisation on a device).
+    launch a group): only numbers leave the device, in one download.
     """
     from skystack.engine.backend import array_module, to_host
 
     xp = array_module(planes)
-    flux = np.full(len(ap.boxes), np.nan)
-    peak = np.full((planes.shape[0], len(ap.boxes)), -np.inf, np.float32)
+    n_s, c = len(ap.boxes), int(planes.shape[0])
+    src = planes if xp is np else xp.ascontiguousarray(planes, dtype=xp.float32)
     measure = _aperture_arrays_numpy if xp is np else _aperture_arrays_device
     rows, fluxes, peaks = [], [], []
     for g in ap.tables(xp):
-        dev, peak_g, whole = measure(planes, g)
+        dev, peak_g, whole = measure(src, g)
         rows.append(g.rows)
         fluxes.append(xp.where(whole, dev.sum(axis=1), xp.float64(np.nan)))
         peaks.append(peak_g)
+    parts = [xp.concatenate(fluxes), xp.concatenate(peaks, axis=1).astype(xp.float64).ravel()] if rows else []
+    if tops:
+        parts.append(nan_max(src.reshape(c, -1), axis=1).astype(xp.float64))
+    got = to_host(xp.concatenate(parts)) if parts else np.zeros(0)
+    flux = np.full(n_s, np.nan)
+    peak = np.full((c, n_s), -np.inf, np.float32)
     if rows:
         order = np.concatenate(rows)
-        flux[order] = to_host(xp.concatenate(fluxes))
-        peak[:, order] = to_host(xp.concatenate(peaks, axis=1))
-    return flux, peak
+        flux[order] = got[:n_s]
+        peak[:, order] = got[n_s:n_s + c * n_s].reshape(c, n_s)
+    return (flux, peak, got[-c:].astype(np.float32)) if tops else (flux, peak)
 
 
 def _aperture_arrays_numpy(planes: Any, g: ApertureGroup) -> tuple[Any, Any, Any]:
@@ -359,7 +403,7 @@ def _aperture_arrays_device(planes: Any, g: ApertureGroup) -> tuple[Any, Any, An
     from skystack.engine.backend import array_module, launch
 
     xp = array_module(planes)
-    src = xp.ascontiguousarray(planes, dtype=xp.float32)
+    src = planes  # C-contiguous float32 (_aperture_fluxes)
     rows, k = (int(s) for s in g.index.shape)
     c, plane = int(src.shape[0]), int(src.shape[1] * src.shape[2])
     dev = xp.empty((rows, k), dtype=xp.float64)
@@ -384,20 +428,19 @@ def signal_ratios(image: np.ndarray, ap: StarApertures) -> np.ndarray:
     fewer than :data:`MIN_SIGNAL_STARS` measurable apertures (inside the
     frame's data, unsaturated there too).
     """
-    from skystack.engine.backend import array_module, to_host
+    from skystack.engine.backend import array_module
 
     xp = array_module(image)
     img = xp.asarray(image, dtype=xp.float32)
     planes = img if img.ndim == 3 else img[None]
     out = np.full(planes.shape[0], np.nan)
-    if not len(ap.boxes) or not bool(xp.isfinite(planes).any()):
+    if not len(ap.boxes):
         return out
-    flux, peak = _aperture_fluxes(planes, ap)
+    flux, peak, tops = _aperture_fluxes(planes, ap, tops=True)  # no data: no flux, and NaN below
     ref = ap.ref_flux
     good = np.isfinite(flux) & (ref > 0)
-    tops = to_host(xp.stack([xp.asarray(nan_max(plane)) for plane in planes]))  # one download
     for top, p in zip(tops, peak):  # unsaturated: below 90 % of the channel's maximum
-        good &= p < np.float32(0.9) * np.float32(top)
+        good &= p < np.float32(0.9) * top
     if good.sum() < MIN_SIGNAL_STARS:
         return out
     ratio = flux[good] / ref[good]

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 __all__ = ["MAD_TO_SIGMA", "median", "nan_max", "mad_sigma", "median_sigma", "finite_median_sigma", "clipped_mad_sigma",
-           "clipped_mad_sigma_rows", "clipped_median_mad_sigma", "clipped_median_sigma_rows",
+           "clipped_mad_sigma_rows", "clipped_median_mad_sigma", "clipped_median_sigma_rows", "median_sigma_rows_where",
            "sigma_clipped_stats", "sigma_clipped_rows", "nanmedian_last"]
 
 #: ``1 / Phi^-1(3/4)``: a normal distribution's MAD times this is its standard deviation.
@@ -83,8 +83,9 @@ def clipped_mad_sigma(xp: Any, v: Any, *, dtype: Any = None) -> float:
     return clipped_median_mad_sigma(xp, v, dtype=dtype)[1]
 
 
-def clipped_median_mad_sigma(xp: Any, v: Any, *, dtype: Any = None) -> tuple[float, float]:
-    """Median and MAD-sigma of ``v`` after two rounds of 3-sigma clipping about the median.
+def clipped_median_mad_sigma(xp: Any, v: Any, *, dtype: Any = None, rounds: int = 2) -> tuple[float, float]:
+    """Median and MAD-sigma of ``v`` after ``rounds`` (default two) rounds of 3-sigma clipping about the
+    median.
 
     Each round keeps the values within 3 MAD-sigma of the median (stopping when the sigma is 0 or
     fewer than 16 would be kept) and takes their median and MAD-sigma again. The arithmetic is in
@@ -94,11 +95,11 @@ def clipped_median_mad_sigma(xp: Any, v: Any, *, dtype: Any = None) -> tuple[flo
     rounds of medians below, which a device runs.
     """
     if xp is np and v.size >= 2 and not np.isnan(v).any():
-        return _clipped_mad_sigma_sorted(np.sort(v).astype(v.dtype if dtype is None else dtype, copy=False))
+        return _clipped_mad_sigma_sorted(np.sort(v).astype(v.dtype if dtype is None else dtype, copy=False), rounds)
     v = v if dtype is None else v.astype(dtype)
     med = float(xp.median(v))
     sig = mad_sigma(v, med=med, xp=xp)
-    for _ in range(2):
+    for _ in range(rounds):
         if sig <= 0:
             break
         keep = xp.abs(v - med) <= 3.0 * sig
@@ -122,13 +123,15 @@ def clipped_mad_sigma_rows(v: Any) -> np.ndarray:
     return clipped_median_sigma_rows(v)[1]
 
 
-def clipped_median_sigma_rows(v: Any, *, boxes: bool = False) -> tuple[np.ndarray, np.ndarray]:
+def clipped_median_sigma_rows(v: Any, *, boxes: bool = False, rounds: int = 2,
+                              min_count: int = 1) -> tuple[np.ndarray, np.ndarray]:
     """:func:`clipped_median_mad_sigma` of the finite values of each row of ``v`` ``(R, n)``, float32
-    (NaN for a row without any), where ``v`` is.
+    (NaN for a row with fewer than ``min_count``, at least one), where ``v`` is.
 
     ``boxes``: many short rows (a background mesh); the host chooses between the native build and
     the twin (whose cost is mostly per row) for that shape apart from a frame's few long rows
-    (:func:`~skystack.engine.backend.run_cpu`'s ``variant``).
+    (:func:`~skystack.engine.backend.run_cpu`'s ``variant``). ``rounds``: of clipping (0: each
+    row's median of its finite values, and their MAD-sigma).
 
     On a device one launch of ``clipped_mad_sigma_rows`` (``kernels/framestats.cu``, a thread a row)
     and one download of the ``2 R`` numbers, instead of a round trip per clipping round; on the host
@@ -140,33 +143,41 @@ def clipped_median_sigma_rows(v: Any, *, boxes: bool = False) -> tuple[np.ndarra
     (ndarray, ndarray) of float64
         ``(R,)`` medians and ``(R,)`` sigmas.
     """
-    from skystack.engine.backend import array_module, is_device_array, launch, run_cpu, to_host
+    from skystack.engine.backend import to_host
+
+    got = to_host(median_sigma_rows_where(v, boxes=boxes, rounds=rounds, min_count=min_count))
+    return got[0], got[1]
+
+
+def median_sigma_rows_where(v: Any, *, boxes: bool = False, rounds: int = 2, min_count: int = 1) -> Any:
+    """:func:`clipped_median_sigma_rows` as one ``(2, R)`` float64 array where ``v`` is: on a device
+    it stays there (for the next launch), nothing comes down."""
+    from skystack.engine.backend import array_module, is_device_array, launch, run_cpu
 
     xp = array_module(v)
     v = xp.ascontiguousarray(v, dtype=xp.float32)
     n_rows, n = v.shape
     out = xp.empty((2, n_rows), dtype=xp.float64)
-    args = lambda work: (v, work, out[0], out[1], np.int64(n_rows), np.int64(n))  # noqa: E731
+    args = lambda work: (v, work, out[0], out[1], np.int64(n_rows), np.int64(n), np.int32(rounds),  # noqa: E731
+                         np.int64(max(1, min_count)))
     kernel = "clipped_mad_sigma_rows"
     if is_device_array(v):
         launch("framestats.cu", kernel, n_rows, args(xp.empty((n_rows, 2 * max(n, 1)), xp.float32)))
-        got = to_host(out)
-        return got[0], got[1]
+        return out
 
     def twin() -> np.ndarray:
         rows = [r[np.isfinite(r)] for r in v]
-        return np.array([clipped_median_mad_sigma(np, r) if r.size else (np.nan, np.nan) for r in rows],
-                        dtype=np.float64).reshape(n_rows, 2).T
+        return np.array([clipped_median_mad_sigma(np, r, rounds=rounds) if r.size >= max(1, min_count)
+                         else (np.nan, np.nan) for r in rows], dtype=np.float64).reshape(n_rows, 2).T
 
     def native(mod: Any) -> np.ndarray:
         mod.launch(kernel, n_rows, args(np.empty((n_rows, 2 * max(n, 1)), np.float32)))
         return out.copy()
 
-    got = run_cpu("framestats.cu", kernel, n_rows * n, twin, native, variant="boxes" if boxes else "")
-    return got[0], got[1]
+    return run_cpu("framestats.cu", kernel, n_rows * n, twin, native, variant="boxes" if boxes else "")
 
 
-def _clipped_mad_sigma_sorted(s: np.ndarray) -> tuple[float, float]:
+def _clipped_mad_sigma_sorted(s: np.ndarray, rounds: int = 2) -> tuple[float, float]:
     """:func:`clipped_median_mad_sigma` of sorted finite values, with NumPy's numbers.
 
     Each round's kept values are a range of ``s`` (|s - med| is V-shaped in sorted
@@ -177,7 +188,7 @@ def _clipped_mad_sigma_sorted(s: np.ndarray) -> tuple[float, float]:
     """
     lo = 0
     med, d, _, sig = _sorted_mad(s)
-    for _ in range(2):
+    for _ in range(rounds):
         if sig <= 0:
             break
         keep = np.flatnonzero(d <= 3.0 * sig)
@@ -434,20 +445,21 @@ def nanmedian_last(a: np.ndarray) -> np.ndarray:
     return xp.where(cnt == 0, a.dtype.type(np.nan), med)
 
 
-def nan_max(a: Any) -> Any:
-    """The largest value of ``a`` ignoring NaN (-inf when all of it is NaN), without a warning.
+def nan_max(a: Any, axis: int | None = None) -> Any:
+    """The largest value of ``a`` (along ``axis``) ignoring NaN (-inf where all of it is NaN), without
+    a warning.
 
-    One pass with ``np.fmax`` on the host; on a device, where the array is (a 0-d array
-    of ``a``'s dtype there, a NumPy scalar on the host).
+    One pass with ``np.fmax`` on the host; on a device, where the array is (an array of ``a``'s
+    dtype there, a NumPy scalar or array on the host).
     """
     from skystack.engine.backend import array_module
 
     xp = array_module(a)
     low = a.dtype.type(-np.inf)
     if xp is np:
-        top = np.fmax.reduce(a, axis=None, initial=low)
-        return low if np.isnan(top) else top
-    return xp.where(xp.isnan(a), low, a).max()
+        top = np.fmax.reduce(a, axis=axis, initial=low)  # NaN never wins against the initial -inf
+        return low if axis is None and np.isnan(top) else top
+    return xp.where(xp.isnan(a), low, a).max(axis=axis)
 
 
 def moving_median(img: np.ndarray, size: int) -> np.ndarray:

@@ -417,7 +417,7 @@ def test_clipped_mad_sigma_rows_kernel_gives_the_rounds_of_medians():
                         else (np.nan, np.nan) for r in v]).T
         out = np.full((2, len(v)), -1.0)
         mod.launch("clipped_mad_sigma_rows", len(v), (v, np.empty((len(v), 2 * n), np.float32), out[0], out[1],
-                                                      np.int64(len(v)), np.int64(n)))
+                                                      np.int64(len(v)), np.int64(n), np.int32(2), np.int64(1)))
         np.testing.assert_array_equal(out, ref, err_msg=f"trial {trial}, n {n}")
         np.testing.assert_array_equal(np.array(clipped_median_sigma_rows(v)), ref)
         np.testing.assert_array_equal(clipped_mad_sigma_rows(v), ref[1])

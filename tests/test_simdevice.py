@@ -254,7 +254,7 @@ def test_detection_on_the_device_equals_the_hosts(sim, night, monkeypatch):
     # their catalogue (eleven float64 a peak), the measured stars' seven float64 measures
     # (window_measure's outputs) and the PSF sample's seven float64 fits (psf_fit's)
     mesh, count, cat, win, fits = (_site_of(f, text) for f, text in (
-        (robust.clipped_median_sigma_rows, "to_host(out)"), (sources.find_peaks, "to_host(count)"),
+        (robust.clipped_median_sigma_rows, "to_host(median_sigma_rows_where"), (sources.find_peaks, "to_host(count)"),
         (sources.peak_moments, "to_host(out)"), (centroid._window_launch, "to_host(out)"),
         (psf._psf_launch, "to_host(out)")))
     assert set(sim.d2h) == {mesh, count, cat, win, fits}, sim.d2h
@@ -305,9 +305,13 @@ def test_normalisation_statistics_on_the_device_equal_the_hosts(sim, rng):
     np.testing.assert_array_equal(sig_d, sig_h)
     assert abs(sig_h[0] - 0.9) < 0.01
     assert sim.d2h_bytes < 0.01 * frame.nbytes, sim.d2h
-    sim.reset()  # the star-flux ratio waits on the device four times: data at all, fluxes, peaks, maxima
+    sim.reset()  # the star-flux ratio waits on the device once: fluxes, peaks and maxima in one download
     np.testing.assert_array_equal(normalize.signal_ratios(dev, ap_d), sig_h)
-    assert sim.syncs == 4 and len(ap_d.tables(cupy)) >= 2, (sim.syncs, len(ap_d.tables(cupy)))
+    assert sim.syncs == 1 and len(ap_d.tables(cupy)) >= 2, (sim.syncs, len(ap_d.tables(cupy)))
+    sim.reset()  # the statistics too: the medians and the clipped sigmas in one download
+    st_d = normalize.frame_stats(dev)
+    assert sim.syncs == 1 and sim.d2h_bytes == 2 * 3 * 8, (sim.syncs, sim.d2h)
+    np.testing.assert_array_equal(st_d.scale, st_h.scale)
 
 
 def test_vram_store_and_host_store_give_the_same_stack(sim, night, tmp_path, monkeypatch):
