@@ -74,7 +74,7 @@ from skystack.engine.backend import array_module
 from skystack.engine.centroid import window_measure
 from skystack.engine.neighbours import PointIndex
 from skystack.engine.psf import fit_psf
-from skystack.engine.sources import find_sources
+from skystack.engine.sources import bin2x2, find_sources
 
 #: 2 * sqrt(2 ln 2): FWHM of a Gaussian of unit sigma.
 GAUSS_FWHM = 2.0 * math.sqrt(2.0 * math.log(2.0))
@@ -259,17 +259,6 @@ class FrameQuality:
 # --------------------------------------------------------------------------- luminance
 
 
-def _bin2(img: Any) -> Any:
-    h, w = img.shape[-2] // 2 * 2, img.shape[-1] // 2 * 2
-    a = img[..., :h, :w]
-    out = a[..., 0::2, 0::2].astype("float32")
-    out += a[..., 0::2, 1::2]
-    out += a[..., 1::2, 0::2]
-    out += a[..., 1::2, 1::2]
-    out *= np.float32(0.25)
-    return out
-
-
 def detection_plane(data: np.ndarray, pattern: str | None = None, *, bin2: bool = False) -> np.ndarray:
     """Return the float32 luminance image stars are detected on.
 
@@ -293,11 +282,11 @@ def detection_plane(data: np.ndarray, pattern: str | None = None, *, bin2: bool 
     data = array_module(data).asarray(data)  # computed where the data is (NumPy or CuPy)
     if data.ndim == 3:
         lum = data.astype("float32").mean(axis=0, dtype="float32")
-        return _bin2(lum) if bin2 else lum
+        return bin2x2(lum) if bin2 else lum
     if data.ndim != 2:
         raise ValueError(f"expected a (H, W) or (3, H, W) image, got shape {data.shape}")
     if pattern is not None or bin2:
-        return _bin2(data)
+        return bin2x2(data)
     return data.astype("float32", copy=True)
 
 
@@ -341,7 +330,7 @@ def detect_stars(image: np.ndarray, *, pattern: str | None = None,
     lum_full = None
     if image.ndim == 3:
         lum_full = detection_plane(image)
-        lum = _bin2(lum_full) if cfg.bin2 else lum_full.copy()
+        lum = bin2x2(lum_full) if cfg.bin2 else lum_full.copy()
     else:
         lum = detection_plane(image, pattern, bin2=cfg.bin2)
     lum = array_module(lum).ascontiguousarray(lum, dtype="float32")

@@ -155,16 +155,53 @@ def find_sources(lum: Any, *, threshold_sigma: float, min_area: int, box: int,
 # --------------------------------------------------------------------------- mesh
 
 
-def box_rows(lum: Any, box: int, step: int = 1) -> Any:
+def box_rows(lum: Any, box: int, step: int = 1, *, values: Any = None) -> Any:
     """The image's boxes as rows (row-major boxes), every ``step``-th row and column of each, NaN
-    past the image's edges: ``(ny * nx, (box // step) ** 2)`` float32 where ``lum`` is."""
+    past the image's edges and where ``lum`` is not finite: ``(ny * nx, ceil(box / step) ** 2)``
+    float32 where ``lum`` is, of ``values`` (default ``lum``; the same shape) at those pixels."""
     xp = array_module(lum)
     h, w = lum.shape
     ny, nx = -(-h // box), -(-w // box)
-    padded = xp.full((ny * box, nx * box), xp.float32(np.nan), dtype=xp.float32)
-    padded[:h, :w] = lum
+    side = -(-box // step)
+    src = lum if values is None else values
+    out = xp.empty((ny * nx, side * side), dtype=xp.float32)
+    args = (src, lum, out, np.int64(h), np.int64(w), np.int64(box), np.int64(step), np.int64(nx), np.int64(ny * nx))
+    got = _run("box_rows", out.size, args, lambda: _box_rows_twin(lum, src, box, step), xp, lambda: out)
+    return out if got is None else got
+
+
+def bin2x2(img: Any) -> Any:
+    """The mean of each 2x2 block of a ``(..., H, W)`` image (an odd last row or column left out), float32
+    where ``img`` is: ``bin2_mean`` for one float32 plane, else its twin's array expressions."""
+    xp = array_module(img)
+    if img.ndim != 2 or img.dtype != np.float32 or min(img.shape) < 2:
+        return _bin2_twin(img)
+    h, w = img.shape
+    src = xp.ascontiguousarray(img)
+    out = xp.empty((h // 2, w // 2), dtype=xp.float32)
+    got = _run("bin2_mean", out.size, (src, out, np.int64(h), np.int64(w)), lambda: _bin2_twin(src), xp,
+               lambda: out)
+    return out if got is None else got
+
+
+def _bin2_twin(img: Any) -> Any:
+    h, w = img.shape[-2] // 2 * 2, img.shape[-1] // 2 * 2
+    a = img[..., :h, :w]
+    out = a[..., 0::2, 0::2].astype("float32")
+    out += a[..., 0::2, 1::2]
+    out += a[..., 1::2, 0::2]
+    out += a[..., 1::2, 1::2]
+    out *= np.float32(0.25)
+    return out
+
+
+def _box_rows_twin(lum: np.ndarray, src: np.ndarray, box: int, step: int) -> np.ndarray:
+    h, w = lum.shape
+    ny, nx = -(-h // box), -(-w // box)
+    padded = np.full((ny * box, nx * box), np.float32(np.nan), dtype=np.float32)
+    padded[:h, :w] = np.where(np.isfinite(lum), src, np.float32(np.nan))
     boxes = padded.reshape(ny, box, nx, box)[:, ::step, :, ::step]
-    return xp.ascontiguousarray(boxes.transpose(0, 2, 1, 3)).reshape(ny * nx, -1)
+    return np.ascontiguousarray(boxes.transpose(0, 2, 1, 3)).reshape(ny * nx, -1)
 
 
 def background_mesh(lum: Any, *, box: int, filt: int) -> Mesh | None:
@@ -189,10 +226,8 @@ def residual_noise(mesh: Mesh, lum: Any, sub: Any, *, filt: int) -> Mesh:
     horizon's glow: a 1e-4 per pixel ramp over 64 px adds as much as the noise); the threshold
     is meant for the noise alone.
     """
-    xp = array_module(sub)
     ny, nx = mesh.back.shape
-    _, sig = clipped_median_sigma_rows(box_rows(xp.where(xp.isfinite(lum), sub, xp.float32(np.nan)), mesh.box,
-                                                MESH_STEP), boxes=True)
+    _, sig = clipped_median_sigma_rows(box_rows(lum, mesh.box, MESH_STEP, values=sub), boxes=True)
     good = np.isfinite(sig)
     if not good.any():
         return mesh
@@ -231,6 +266,13 @@ def interpolation_tables(n: int, box: int) -> tuple[np.ndarray, ...]:
                       t.astype(np.float32))
 
 
+@functools.lru_cache(maxsize=16)
+def _tables_on(xp: Any, n: int, box: int) -> tuple[Any, ...]:
+    """:func:`interpolation_tables` where ``xp`` computes (a device's copies: sent up once per frame size)."""
+    tables = interpolation_tables(n, box)
+    return tables if xp is np else tuple(xp.asarray(a) for a in tables)
+
+
 def _read_only(*arrays: np.ndarray) -> tuple[np.ndarray, ...]:
     """``arrays``, each made read-only (they are shared)."""
     for a in arrays:
@@ -265,7 +307,7 @@ def subtract_mesh(lum: Any, mesh: Mesh) -> Any:
     iy0, iy1, wy0, wy1 = interpolation_tables(h, mesh.box)
     lum = xp.ascontiguousarray(lum, dtype=xp.float32)
     sub = xp.empty((h, w), dtype=xp.float32)
-    tables = [xp.asarray(a) for a in (mesh.back, ix0, ix1, wx0, wx1, iy0, iy1, wy0, wy1)]
+    tables = [xp.asarray(mesh.back), *_tables_on(xp, w, mesh.box), *_tables_on(xp, h, mesh.box)]
     args = (lum, *tables, sub, np.int64(h), np.int64(w), np.int64(mesh.back.shape[1]))
     got = _run("mesh_subtract", h * w, args, lambda: _subtract_twin(lum, mesh.back, ix0, ix1, wx0, wx1, iy0, iy1,
                                                                     wy0, wy1), xp, lambda: sub)

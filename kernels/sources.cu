@@ -7,6 +7,14 @@
 // between them (b = t0 * wy0 + t1 * wy1), all float32 with the host's index and weight tables; 0
 // where lum is not finite (no data).
 //
+// bin2_mean -- a thread per output pixel: the mean of each 2x2 block of src (H x W float32; an odd
+// last row or column left out), (((a + b) + c) + d) * 0.25 in float32 with a, b the block's upper
+// pair and c, d its lower pair, left to right.
+//
+// box_rows -- a thread per output value: the image's box x box boxes (row-major) as rows of their
+// every step-th row and column (row-major), src where mask is finite and NaN elsewhere and past the
+// image's edges.
+//
 // match_filter -- a thread per pixel: f = sub convolved with SExtractor's 3x3 pyramid (1 2 1 / 2 4 2 /
 // 1 2 1), the nine products added row by row from the top left (pixels off the image are left out),
 // times 1/16, in float32.
@@ -84,6 +92,32 @@ extern "C" __global__ void mesh_subtract(const float* __restrict__ lum, const fl
         const float t1 = r1[ix0[x]] * wx0[x] + r1[ix1[x]] * wx1[x];
         const float b = t0 * wy0[y] + t1 * wy1[y];
         sub[p] = v - b;
+    }
+}
+
+extern "C" __global__ void bin2_mean(const float* __restrict__ src, float* __restrict__ out, long long H,
+                                     long long W)
+{
+    const long long w2 = W / 2, n = (H / 2) * (W / 2);
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
+         i += (long long)blockDim.x * gridDim.x) {
+        const long long p = (i / w2) * 2 * W + (i % w2) * 2;
+        out[i] = (((src[p] + src[p + 1]) + src[p + W]) + src[p + W + 1]) * 0.25f;
+    }
+}
+
+extern "C" __global__ void box_rows(const float* __restrict__ src, const float* __restrict__ mask,
+                                    float* __restrict__ out, long long H, long long W, long long box, long long step,
+                                    long long nx, long long n_boxes)
+{
+    const long long side = (box + step - 1) / step, per = side * side;
+    const long long n = n_boxes * per;
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
+         i += (long long)blockDim.x * gridDim.x) {
+        const long long b = i / per, j = i - b * per;
+        const long long y = (b / nx) * box + (j / side) * step, x = (b % nx) * box + (j % side) * step;
+        const long long p = y * W + x;
+        out[i] = (y < H && x < W && isfinite(mask[p])) ? src[p] : nanf("");
     }
 }
 

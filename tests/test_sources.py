@@ -119,7 +119,7 @@ def test_no_data_holes_and_empty_images(rng):
 
 @pytest.mark.skipif(not emulator_available(), reason="g++ is not on PATH")
 def test_kernels_give_their_twins_bits(rng):
-    """mesh_subtract, match_filter, find_peaks and peak_moments under the emulator: the twins' arrays
+    """mesh_subtract, match_filter, find_peaks, peak_moments, bin2_mean and box_rows under the emulator: the twins' arrays
     bit for bit, on a field with a gradient, NaN and inf pixels, stars at the edges, a plateau."""
     img, stars, _, _ = _field(rng, shape=(130, 170), n=60)
     img[5, 7:40] = np.nan
@@ -148,6 +148,27 @@ def test_kernels_give_their_twins_bits(rng):
     out = np.full((11, total), -1.0)
     mod.launch("peak_moments", total, (sub, f, ref_idx, out, np.int64(total), np.int64(h), np.int64(w), thr))
     np.testing.assert_array_equal(out, sources._moments_twin(sub, f, ref_idx, thr))
+    for src in (img, img[:-1, :-1]):  # bin2_mean: an even and an odd size (its last row and column left out)
+        hh, ww = src.shape
+        binned = np.full((hh // 2, ww // 2), -1.0, np.float32)
+        c = np.ascontiguousarray(src)
+        mod.launch("bin2_mean", binned.size, (c, binned, np.int64(hh), np.int64(ww)))
+        np.testing.assert_array_equal(binned, sources._bin2_twin(c))
+        quads = c[:hh // 2 * 2, :ww // 2 * 2].reshape(hh // 2, 2, ww // 2, 2).astype(np.float64)
+        np.testing.assert_allclose(binned, quads.mean(axis=(1, 3)), rtol=1e-6)
+    for box, step in ((32, 2), (32, 1), (30, 4)):  # box_rows of sub where img has data; whole and cut boxes
+        ny, nx, side = -(-h // box), -(-w // box), -(-box // step)
+        rows = np.full((ny * nx, side * side), -1.0, np.float32)
+        mod.launch("box_rows", rows.size, (sub, img, rows, np.int64(h), np.int64(w), np.int64(box), np.int64(step),
+                                           np.int64(nx), np.int64(ny * nx)))
+        ref = sources._box_rows_twin(img, sub, box, step)
+        np.testing.assert_array_equal(rows, ref)
+        for b in (0, nx + 1, ny * nx - 1):  # a box by hand: its pixels' values, NaN off the data and the image
+            y0, x0 = (b // nx) * box, (b % nx) * box
+            cut = np.full((box, box), np.nan, np.float32)
+            part = np.where(np.isfinite(img), sub, np.nan)[y0:y0 + box, x0:x0 + box]
+            cut[:part.shape[0], :part.shape[1]] = part
+            np.testing.assert_array_equal(ref[b], cut[::step, ::step].ravel())
 
 
 def test_interpolation_tables_reach_each_box_centre():
