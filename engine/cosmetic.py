@@ -48,6 +48,7 @@ in ``kernels/calibrate.cu``).
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from dataclasses import dataclass
@@ -141,9 +142,9 @@ class DefectMap:
     def n_cold(self) -> int:
         return int(np.count_nonzero(self.cold))
 
-    @property
+    @functools.cached_property
     def count(self) -> int:
-        """Number of defective pixel positions."""
+        """Number of defective pixel positions (counted once: each light's calibration reports it)."""
         return int(np.count_nonzero(self.hot | self.cold))
 
     def to_dict(self) -> dict[str, Any]:
