@@ -49,14 +49,18 @@ def main() -> None:
     sim = getattr(cupy, "sim", None)
     detect.detect_stars(x, pattern=m.pattern)  # builds, first launches
     host = []
+    n0 = n1 = v0 = v1 = 0
+    i0 = i1 = 0.0
     for _ in range(a.repeat):
-        (_, n0), i0 = sim.thread_device() if sim else (0.0, 0), sim.thread_stand_in() if sim else 0.0
+        if sim:
+            (_, n0), i0, v0 = sim.thread_device(), sim.thread_stand_in(), sim.thread_views()
         t0 = time.perf_counter()
         stars = detect.detect_stars(x, pattern=m.pattern)
         wall = time.perf_counter() - t0
-        (_, n1), i1 = sim.thread_device() if sim else (0.0, 0), sim.thread_stand_in() if sim else 0.0
-        host.append(host_seconds(wall, i1 - i0, n1 - n0) if sim else wall)
-    print(f"{len(stars)} stars, {n1 - n0} launches; host ms per detect_stars: "
+        if sim:
+            (_, n1), i1, v1 = sim.thread_device(), sim.thread_stand_in(), sim.thread_views()
+        host.append(host_seconds(wall, i1 - i0, n1 - n0, v1 - v0) if sim else wall)
+    print(f"{len(stars)} stars, {n1 - n0} launches, {v1 - v0} views; host ms per detect_stars: "
           + ", ".join(f"{1e3 * h:.2f}" for h in host) + f" (median {1e3 * float(np.median(host)):.2f})")
 
 

@@ -72,13 +72,18 @@ def _gpu_sync_and_pool() -> int | None:
 #: counted), which :func:`host_seconds` leaves out.
 LAUNCH_HOST_S = 20e-6
 
+#: Host seconds of a view of a device array (a slice, reshape or transpose: a new array header on the
+#: same memory, which CuPy builds without a launch; ~1-3 us), counted apart from the launches.
+VIEW_HOST_S = 5e-6
 
-def host_seconds(wall: float, stand_in: float, launches: int) -> float:
+
+def host_seconds(wall: float, stand_in: float, launches: int, views: int = 0) -> float:
     """Host seconds of a block that ran ``wall`` seconds under the simulated device: less the
     seconds its thread spent inside the stand-in (``cupy.sim.thread_stand_in``: the device's work,
     emulated, and the stand-in's bookkeeping around each call), plus :data:`LAUNCH_HOST_S` for each
-    of its ``launches`` (``cupy.sim.thread_device``): CuPy's own cost on the host."""
-    return wall - stand_in + launches * LAUNCH_HOST_S
+    of its ``launches`` (``cupy.sim.thread_device``) and :data:`VIEW_HOST_S` for each of its
+    ``views`` (``cupy.sim.thread_views``): CuPy's own cost on the host."""
+    return wall - stand_in + launches * LAUNCH_HOST_S + views * VIEW_HOST_S
 
 #: Stage timers that are the session's, not its lights': scanning headers, building masters, the
 #: reference's star apertures and the landscape search (at most ``foreground.N_FRAMES`` small frames).
@@ -98,7 +103,7 @@ def _sim_device():
 def _stage_device_seconds(sim):
     """Under the simulated device: every stage timer also sums what its own thread ran inside the
     stand-in, and its thread's CPU seconds (``{timer: [device seconds, launches, stand-in seconds,
-    CPU seconds, CPU seconds inside the stand-in]}``, filled while the block runs).
+    CPU seconds, CPU seconds inside the stand-in, views]}``, filled while the block runs).
 
     A stage's host seconds are then :func:`host_seconds` of its wall time: the device's work runs
     asynchronously to the host thread on a real device; work of other threads (the decoders) is
@@ -117,17 +122,17 @@ def _stage_device_seconds(sim):
 
     @contextmanager
     def timed(self, name: str):
-        (s0, n0), i0, c0, ic0 = sim.thread_device(), sim.thread_stand_in(), time.thread_time(), \
-            sim.thread_stand_in_cpu()
+        (s0, n0), i0, c0, ic0, v0 = sim.thread_device(), sim.thread_stand_in(), time.thread_time(), \
+            sim.thread_stand_in_cpu(), sim.thread_views()
         try:
             with original(self, name):
                 yield
         finally:
-            (s1, n1), i1, c1, ic1 = sim.thread_device(), sim.thread_stand_in(), time.thread_time(), \
-                sim.thread_stand_in_cpu()
+            (s1, n1), i1, c1, ic1, v1 = sim.thread_device(), sim.thread_stand_in(), time.thread_time(), \
+                sim.thread_stand_in_cpu(), sim.thread_views()
             with lock:
-                acc = device.setdefault(name, [0.0, 0, 0.0, 0.0, 0.0])
-                for k, d in enumerate((s1 - s0, n1 - n0, i1 - i0, c1 - c0, ic1 - ic0)):
+                acc = device.setdefault(name, [0.0, 0, 0.0, 0.0, 0.0, 0])
+                for k, d in enumerate((s1 - s0, n1 - n0, i1 - i0, c1 - c0, ic1 - ic0, v1 - v0)):
                     acc[k] += d
 
     pipeline._Timer.__call__ = timed
@@ -153,23 +158,21 @@ def _device_traffic(res, stage_device: dict[str, list[float]] | None) -> dict[st
         return None
     n = max(1, len(res.frames))
     px = n * int(np.prod(res.image.shape[-2:]))
-    zero = [0.0, 0, 0.0, 0.0, 0.0]
-    host = {name: host_seconds(float(wall), stage_device.get(name, zero)[2], stage_device.get(name, zero)[1])
-            for name, wall in res.timings.items() if name != "total"}
-    cpu = {name: host_seconds(stage_device.get(name, zero)[3], stage_device.get(name, zero)[4],
-                              stage_device.get(name, zero)[1])
-           for name in host}
+    zero = [0.0, 0, 0.0, 0.0, 0.0, 0]
+    acc = {name: stage_device.get(name, zero) for name in res.timings if name != "total"}
+    host = {name: host_seconds(float(res.timings[name]), a[2], a[1], a[5]) for name, a in acc.items()}
+    cpu = {name: host_seconds(a[3], a[4], a[1], a[5]) for name, a in acc.items()}
     lights_s = sum(v for k, v in host.items() if k not in SESSION_STAGES)
     lights_cpu = sum(v for k, v in cpu.items() if k not in SESSION_STAGES)
     return {"h2d_bytes_per_light_px": sim.h2d_bytes / px, "d2h_bytes_per_light_px": sim.d2h_bytes / px,
             "host_s_by_stage": host, "host_s_lights": lights_s, "host_s_per_light": lights_s / n,
             "host_cpu_s_by_stage": cpu, "host_cpu_s_lights": lights_cpu, "host_cpu_s_per_light": lights_cpu / n,
             "stage_device": {k: {"device_s": v[0], "launches": int(v[1]), "stand_in_s": v[2], "cpu_s": v[3],
-                                 "stand_in_cpu_s": v[4]} for k, v in stage_device.items()},
-            "launch_host_s": LAUNCH_HOST_S, "syncs": int(sim.syncs), "peak_device_bytes": int(sim.peak),
+                                 "stand_in_cpu_s": v[4], "views": int(v[5])} for k, v in stage_device.items()},
+            "launch_host_s": LAUNCH_HOST_S, "view_host_s": VIEW_HOST_S, "syncs": int(sim.syncs), "peak_device_bytes": int(sim.peak),
             "note": "simulated device: all traffic of the run (masters and results included); host seconds "
                     "of the lights' stages (not " + ", ".join(SESSION_STAGES) + "): wall less the stand-in's "
-                    "seconds, plus launch_host_s a launch"}
+                    "seconds, plus launch_host_s a launch and view_host_s a view"}
 
 
 def _child_stack(spec: dict[str, Any]) -> dict[str, Any]:

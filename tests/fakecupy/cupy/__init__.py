@@ -83,6 +83,7 @@ class SimStats:
             # CuPy's own array operations (ufuncs, reductions, copies, indexing), run here by NumPy:
             # on a device they are launches, asynchronous to the host thread
             self.array_ops = 0
+            self.views = 0  # operations whose result is a view of an operand (no launch on a device)
             self.array_seconds = 0.0
             self.peak = self.in_use
 
@@ -138,20 +139,35 @@ class SimStats:
             self._plain -= self._live.pop(key, 0)
 
     def device_op(self, fn, *args, **kwargs):
-        """``fn(*args, **kwargs)``, one of CuPy's array operations, timed as device work."""
+        """``fn(*args, **kwargs)``, one of CuPy's array operations, timed as device work: a launch,
+        or a view (:func:`_is_view`: CuPy launches nothing for it), counted apart."""
         t0 = time.perf_counter()
+        res = None
         try:
-            return fn(*args, **kwargs)
+            res = fn(*args, **kwargs)
+            return res
         finally:
             dt = time.perf_counter() - t0
-            self._add_thread_seconds(dt)
+            view = "out" not in kwargs and _is_view(res, fn, args)
+            self._add_thread_seconds(dt, view=view)
             with self._lock:
-                self.array_ops += 1
+                if view:
+                    self.views += 1
+                else:
+                    self.array_ops += 1
                 self.array_seconds += dt
 
-    def _add_thread_seconds(self, dt: float) -> None:
+    def _add_thread_seconds(self, dt: float, *, view: bool = False) -> None:
         self._thread.seconds = getattr(self._thread, "seconds", 0.0) + dt
-        self._thread.ops = getattr(self._thread, "ops", 0) + 1
+        if view:
+            self._thread.views = getattr(self._thread, "views", 0) + 1
+        else:
+            self._thread.ops = getattr(self._thread, "ops", 0) + 1
+
+    def thread_views(self) -> int:
+        """Views the calling thread has made so far (slices, reshapes, transposes of device arrays:
+        new headers on the same memory, which CuPy makes on the host without a launch)."""
+        return getattr(self._thread, "views", 0)
 
     def thread_device(self) -> tuple[float, int]:
         """Seconds of device work (kernels emulated, array operations) the calling thread has
@@ -171,9 +187,24 @@ class SimStats:
     def summary(self) -> dict[str, Any]:
         return {"h2d_bytes": self.h2d_bytes, "d2h_bytes": self.d2h_bytes, "syncs": self.syncs,
                 "launches": sum(self.launches.values()), "kernel_seconds": self.kernel_seconds,
-                "array_ops": self.array_ops, "array_seconds": self.array_seconds,
+                "array_ops": self.array_ops, "views": self.views, "array_seconds": self.array_seconds,
                 "peak_bytes": self.peak, "h2d_sites": dict(self.h2d), "d2h_sites": dict(self.d2h),
                 "h2d_async_sites": dict(self.h2d_async), "pinned_allocs": self.pinned_allocs}
+
+
+def _root(a: _np.ndarray) -> _np.ndarray:
+    while isinstance(a.base, _np.ndarray):
+        a = a.base
+    return a
+
+
+def _is_view(res: Any, fn: Any, args: tuple) -> bool:
+    """Whether ``res`` shares the memory of an operand of ``fn`` (its array, for a bound method)."""
+    if not isinstance(res, _np.ndarray):
+        return False
+    operands = [*args, getattr(fn, "__self__", None)]
+    roots = {id(_root(a)) for a in operands if isinstance(a, _np.ndarray)}
+    return id(_root(res)) in roots
 
 
 class _BlockPool:
