@@ -291,21 +291,23 @@ def check_args(kernel: str, params: Sequence[KernelParam], args: Sequence[Any], 
             f"({', '.join(p.name for p in params)}), got {len(args)}"
         )
     for i, (p, a) in enumerate(zip(params, args)):
-        where = f"kernel {kernel} argument {i} '{p.name}' ({p.decl})"
-        if p.pointer:
-            is_dev = type(a).__module__.startswith("cupy")
-            ok_kind = is_dev if device else isinstance(a, np.ndarray)
-            if not ok_kind:
-                want = "a CuPy array" if device else "a NumPy array"
-                raise TypeError(f"{where}: expected {want}, got {_describe(a)}")
-            if a.dtype != p.dtype:
-                raise TypeError(f"{where}: expected a {p.dtype} array, got {_describe(a)}")
-            if not a.flags.c_contiguous:
-                raise TypeError(f"{where}: the array must be C-contiguous (use ascontiguousarray)")
-            if not p.const and not device and not a.flags.writeable:
-                raise TypeError(f"{where}: the kernel writes this array but it is read-only")
-        else:
-            if not isinstance(a, np.generic) or a.dtype != p.dtype:
-                raise TypeError(
-                    f"{where}: expected a NumPy scalar np.{p.dtype.name}(...), got {_describe(a)}"
-                )
+        problem = _arg_problem(p, a, device)
+        if problem:  # (the message is only built for a wrong argument: this runs at every launch)
+            raise TypeError(f"kernel {kernel} argument {i} '{p.name}' ({p.decl}): {problem}")
+
+
+def _arg_problem(p: KernelParam, a: Any, device: bool) -> str:
+    """What is wrong with ``a`` as parameter ``p`` (:func:`check_args`), or ``""``."""
+    if not p.pointer:
+        if not isinstance(a, np.generic) or a.dtype != p.dtype:
+            return f"expected a NumPy scalar np.{p.dtype.name}(...), got {_describe(a)}"
+        return ""
+    if not (type(a).__module__.startswith("cupy") if device else isinstance(a, np.ndarray)):
+        return f"expected {'a CuPy array' if device else 'a NumPy array'}, got {_describe(a)}"
+    if a.dtype != p.dtype:
+        return f"expected a {p.dtype} array, got {_describe(a)}"
+    if not a.flags.c_contiguous:
+        return "the array must be C-contiguous (use ascontiguousarray)"
+    if not p.const and not device and not a.flags.writeable:
+        return "the kernel writes this array but it is read-only"
+    return ""
