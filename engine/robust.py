@@ -6,8 +6,9 @@ absolute deviation scaled to a normal distribution's sigma, as in Siril,
 PixInsight and astropy's ``mad_std``. :data:`MAD_TO_SIGMA` is that scale and
 :func:`mad_sigma` the float64 figure of a sample; the combine's float32
 rejection (``kernels/combine.cu`` and its twin) uses the same constant in
-float32. Also the clipped statistics built on them: :func:`clipped_mad_sigma`
-(a sample's noise after two 3-sigma clips), :func:`sigma_clipped_stats` and
+float32. Also the clipped statistics built on them: :func:`clipped_median_mad_sigma`
+(a sample's median and noise after two 3-sigma clips) and :func:`clipped_median_sigma_rows` (the
+same of every row at once, on a device one launch), :func:`sigma_clipped_stats` and
 :func:`sigma_clipped_rows` (iterative kappa-sigma clipping, every row of an
 array at once), :func:`nanmedian_last` and :func:`moving_median`.
 """
@@ -19,8 +20,8 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["MAD_TO_SIGMA", "median", "nan_max", "mad_sigma", "median_sigma", "finite_median_sigma", "clipped_mad_sigma",
-           "clipped_mad_sigma_rows", "clipped_median_mad_sigma", "clipped_median_sigma_rows", "median_sigma_rows_where",
+__all__ = ["MAD_TO_SIGMA", "median", "nan_max", "mad_sigma", "median_sigma", "finite_median_sigma",
+           "clipped_median_mad_sigma", "clipped_median_sigma_rows", "median_sigma_rows_where",
            "sigma_clipped_stats", "sigma_clipped_rows", "nanmedian_last"]
 
 #: ``1 / Phi^-1(3/4)``: a normal distribution's MAD times this is its standard deviation.
@@ -77,26 +78,17 @@ def finite_median_sigma(values: np.ndarray) -> tuple[float, float]:
     return median_sigma(v)
 
 
-def clipped_mad_sigma(xp: Any, v: Any, *, dtype: Any = None) -> float:
-    """MAD-sigma of ``v`` after two rounds of 3-sigma clipping about the median
-    (:func:`clipped_median_mad_sigma`'s sigma)."""
-    return clipped_median_mad_sigma(xp, v, dtype=dtype)[1]
-
-
-def clipped_median_mad_sigma(xp: Any, v: Any, *, dtype: Any = None, rounds: int = 2) -> tuple[float, float]:
+def clipped_median_mad_sigma(xp: Any, v: Any, *, rounds: int = 2) -> tuple[float, float]:
     """Median and MAD-sigma of ``v`` after ``rounds`` (default two) rounds of 3-sigma clipping about the
     median.
 
     Each round keeps the values within 3 MAD-sigma of the median (stopping when the sigma is 0 or
-    fewer than 16 would be kept) and takes their median and MAD-sigma again. The arithmetic is in
-    ``dtype`` (default ``v``'s; a wider one: as if ``v`` were cast to it first). On the host the
-    values are sorted once (:func:`_clipped_mad_sigma_sorted`), in ``v``'s own type (a widening
-    cast keeps the order, and float32 sorts in ~60 % of float64's time); the same numbers as the
-    rounds of medians below, which a device runs.
+    fewer than 16 would be kept) and takes their median and MAD-sigma again, in ``v``'s own type.
+    On the host the values are sorted once (:func:`_clipped_mad_sigma_sorted`); the same numbers as
+    the rounds of medians below, which a device runs.
     """
     if xp is np and v.size >= 2 and not np.isnan(v).any():
-        return _clipped_mad_sigma_sorted(np.sort(v).astype(v.dtype if dtype is None else dtype, copy=False), rounds)
-    v = v if dtype is None else v.astype(dtype)
+        return _clipped_mad_sigma_sorted(np.sort(v), rounds)
     med = float(xp.median(v))
     sig = mad_sigma(v, med=med, xp=xp)
     for _ in range(rounds):
@@ -109,18 +101,6 @@ def clipped_median_mad_sigma(xp: Any, v: Any, *, dtype: Any = None, rounds: int 
         med = float(xp.median(v))
         sig = mad_sigma(v, med=med, xp=xp)
     return med, sig
-
-
-def clipped_mad_sigma_rows(v: Any) -> np.ndarray:
-    """:func:`clipped_mad_sigma` of the finite values of each row of ``v`` ``(R, n)``, float32 (NaN for
-    a row without any), where ``v`` is (:func:`clipped_median_sigma_rows`' sigmas).
-
-    Returns
-    -------
-    ndarray of float64
-        ``(R,)``.
-    """
-    return clipped_median_sigma_rows(v)[1]
 
 
 def clipped_median_sigma_rows(v: Any, *, boxes: bool = False, rounds: int = 2,
