@@ -616,7 +616,7 @@ def test_stage_host_seconds_leave_out_only_that_threads_device_work(sim):
     import cupy
 
     from skystack.engine.pipeline import _Timer
-    from skystack.tools.bench.child import LAUNCH_HOST_S, _stage_device_seconds, host_seconds
+    from skystack.tools.bench.child import LAUNCH_HOST_S, STAGE_COUNTERS, _stage_device_seconds, host_seconds
 
     a = cupy.asarray(np.ones((1500, 1500), dtype=np.float32))
     b = cupy.asarray(np.ones((1500, 1500), dtype=np.float32))
@@ -640,7 +640,7 @@ def test_stage_host_seconds_leave_out_only_that_threads_device_work(sim):
             device_work(a, 20)
             busy(0.03)
         other.join()
-    seconds, launches, stand_in, cpu, stand_in_cpu, views = device["stage"]
+    seconds, launches, stand_in, cpu, stand_in_cpu, views = (device["stage"][k] for k in STAGE_COUNTERS)
     assert launches == 20 and views == 0 and 0 < seconds <= stand_in
     host = host_seconds(timer.t["stage"], stand_in, launches)
     assert 0.06 + 20 * LAUNCH_HOST_S <= host < 0.06 + 20 * LAUNCH_HOST_S + 0.5 * stand_in + 0.02, \

@@ -85,6 +85,11 @@ def host_seconds(wall: float, stand_in: float, launches: int, views: int = 0) ->
     ``views`` (``cupy.sim.thread_views``): CuPy's own cost on the host."""
     return wall - stand_in + launches * LAUNCH_HOST_S + views * VIEW_HOST_S
 
+#: What :func:`_stage_device_seconds` sums for each stage timer, over the threads that ran it: the
+#: device's seconds (``cupy.sim.thread_device``), launches, seconds inside the stand-in, the thread's
+#: CPU seconds and those of them inside the stand-in, and views (``cupy.sim.thread_views``).
+STAGE_COUNTERS = ("device_s", "launches", "stand_in_s", "cpu_s", "stand_in_cpu_s", "views")
+
 #: Stage timers that are the session's, not its lights': scanning headers, building masters, the
 #: reference's star apertures and the landscape search (at most ``foreground.N_FRAMES`` small frames).
 SESSION_STAGES = ("scan", "masters", "apertures", "foreground")
@@ -102,8 +107,8 @@ def _sim_device():
 @contextmanager
 def _stage_device_seconds(sim):
     """Under the simulated device: every stage timer also sums what its own thread ran inside the
-    stand-in, and its thread's CPU seconds (``{timer: [device seconds, launches, stand-in seconds,
-    CPU seconds, CPU seconds inside the stand-in, views]}``, filled while the block runs).
+    stand-in, and its thread's CPU seconds (``{timer: {counter: total}}``, the counters of
+    :data:`STAGE_COUNTERS`, filled while the block runs).
 
     A stage's host seconds are then :func:`host_seconds` of its wall time: the device's work runs
     asynchronously to the host thread on a real device; work of other threads (the decoders) is
@@ -116,24 +121,27 @@ def _stage_device_seconds(sim):
     if sim is None:
         yield None
         return
-    device: dict[str, list[float]] = {}
+    device: dict[str, dict[str, float]] = {}
     lock = threading.Lock()
     original = pipeline._Timer.__call__
 
+    def now() -> tuple[float, ...]:  # in the order of STAGE_COUNTERS
+        seconds, launches = sim.thread_device()
+        return (seconds, launches, sim.thread_stand_in(), time.thread_time(), sim.thread_stand_in_cpu(),
+                sim.thread_views())
+
     @contextmanager
     def timed(self, name: str):
-        (s0, n0), i0, c0, ic0, v0 = sim.thread_device(), sim.thread_stand_in(), time.thread_time(), \
-            sim.thread_stand_in_cpu(), sim.thread_views()
+        start = now()
         try:
             with original(self, name):
                 yield
         finally:
-            (s1, n1), i1, c1, ic1, v1 = sim.thread_device(), sim.thread_stand_in(), time.thread_time(), \
-                sim.thread_stand_in_cpu(), sim.thread_views()
+            end = now()
             with lock:
-                acc = device.setdefault(name, [0.0, 0, 0.0, 0.0, 0.0, 0])
-                for k, d in enumerate((s1 - s0, n1 - n0, i1 - i0, c1 - c0, ic1 - ic0, v1 - v0)):
-                    acc[k] += d
+                acc = device.setdefault(name, dict.fromkeys(STAGE_COUNTERS, 0))
+                for key, a, b in zip(STAGE_COUNTERS, start, end):
+                    acc[key] += b - a
 
     pipeline._Timer.__call__ = timed
     try:
@@ -142,7 +150,7 @@ def _stage_device_seconds(sim):
         pipeline._Timer.__call__ = original
 
 
-def _device_traffic(res, stage_device: dict[str, list[float]] | None) -> dict[str, Any] | None:
+def _device_traffic(res, stage_device: dict[str, dict[str, float]] | None) -> dict[str, Any] | None:
     """Host<->device bytes per light pixel and host seconds per light of a GPU run.
 
     Only the simulated device of the tests (``tests/fakecupy``, which counts every
@@ -151,24 +159,24 @@ def _device_traffic(res, stage_device: dict[str, list[float]] | None) -> dict[st
     gives them; CuPy on a real device has no such counters, so this is ``None`` there and
     on the CPU. ``host_s_by_stage`` is :func:`host_seconds` of each stage timer's seconds;
     ``host_s_per_light`` sums the stages of the lights (all but :data:`SESSION_STAGES`) over the
-    lights. ``stage_device`` keeps each stage's device seconds, launches and stand-in seconds.
+    lights. ``stage_device`` keeps each stage's counters (:data:`STAGE_COUNTERS`).
     """
     sim = _sim_device()
     if res.backend != "gpu" or sim is None or stage_device is None:
         return None
     n = max(1, len(res.frames))
     px = n * int(np.prod(res.image.shape[-2:]))
-    zero = [0.0, 0, 0.0, 0.0, 0.0, 0]
+    zero = dict.fromkeys(STAGE_COUNTERS, 0)
     acc = {name: stage_device.get(name, zero) for name in res.timings if name != "total"}
-    host = {name: host_seconds(float(res.timings[name]), a[2], a[1], a[5]) for name, a in acc.items()}
-    cpu = {name: host_seconds(a[3], a[4], a[1], a[5]) for name, a in acc.items()}
+    host = {name: host_seconds(float(res.timings[name]), a["stand_in_s"], a["launches"], a["views"])
+            for name, a in acc.items()}
+    cpu = {name: host_seconds(a["cpu_s"], a["stand_in_cpu_s"], a["launches"], a["views"]) for name, a in acc.items()}
     lights_s = sum(v for k, v in host.items() if k not in SESSION_STAGES)
     lights_cpu = sum(v for k, v in cpu.items() if k not in SESSION_STAGES)
     return {"h2d_bytes_per_light_px": sim.h2d_bytes / px, "d2h_bytes_per_light_px": sim.d2h_bytes / px,
             "host_s_by_stage": host, "host_s_lights": lights_s, "host_s_per_light": lights_s / n,
             "host_cpu_s_by_stage": cpu, "host_cpu_s_lights": lights_cpu, "host_cpu_s_per_light": lights_cpu / n,
-            "stage_device": {k: {"device_s": v[0], "launches": int(v[1]), "stand_in_s": v[2], "cpu_s": v[3],
-                                 "stand_in_cpu_s": v[4], "views": int(v[5])} for k, v in stage_device.items()},
+            "stage_device": stage_device,
             "launch_host_s": LAUNCH_HOST_S, "view_host_s": VIEW_HOST_S, "syncs": int(sim.syncs), "peak_device_bytes": int(sim.peak),
             "note": "simulated device: all traffic of the run (masters and results included); host seconds "
                     "of the lights' stages (not " + ", ".join(SESSION_STAGES) + "): wall less the stand-in's "

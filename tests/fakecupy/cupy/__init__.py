@@ -29,6 +29,7 @@ writes the counters to FILE (JSON) when the process exits.
 from __future__ import annotations
 
 import collections
+import functools
 import os
 import sys
 import threading
@@ -281,7 +282,6 @@ sim = SimStats()
 def _entry(fn):
     """Time ``fn`` as the stand-in's own (:meth:`SimStats.thread_stand_in`) when it is the thread's
     outermost call into the stand-in."""
-    import functools
 
     @functools.wraps(fn)
     def timed(*args, **kwargs):
