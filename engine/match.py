@@ -224,38 +224,47 @@ def _homography_lsq(src: np.ndarray, dst: np.ndarray, w: np.ndarray) -> np.ndarr
     d = transform_points(nd, dst)
     n = len(s)
     x, y, u, v = s[:, 0], s[:, 1], d[:, 0], d[:, 1]
-    xy1 = np.column_stack([x, y, np.ones(n)])
+    xy1 = np.column_stack([x, y, np.ones(n)]) * np.sqrt(w)[:, None]
     a = np.zeros((2 * n, 9))
-    a[0::2, 0:3] = xy1
-    a[0::2, 6:9] = -u[:, None] * xy1
-    a[1::2, 3:6] = xy1
-    a[1::2, 6:9] = -v[:, None] * xy1
-    a *= np.repeat(np.sqrt(w), 2)[:, None]
-    _, _, vt = np.linalg.svd(a, full_matrices=False)  # only V is needed: not the (2n x 2n) U
-    h = vt[-1].reshape(3, 3)
+    a[:n, 0:3] = xy1
+    a[:n, 6:9] = -u[:, None] * xy1
+    a[n:, 3:6] = xy1
+    a[n:, 6:9] = -v[:, None] * xy1
+    # the DLT: the null vector of the weighted system, from its 9 x 9 normal matrix (the points are
+    # normalised, so its conditioning is the system's squared but tame; Gauss-Newton polishes it)
+    h = np.linalg.eigh(a.T @ a)[1][:, 0]
+    p = (h / h[8] if abs(h[8]) > 1e-12 else h)[:8].copy()
     # Gauss-Newton on the geometric (reprojection) error, in normalised coordinates
-    h = h / h[2, 2] if abs(h[2, 2]) > 1e-12 else h
-    p = h.ravel()[:8].copy()
-    sw = np.sqrt(w)
-    sw2 = np.concatenate([sw, sw])
+    w2 = np.concatenate([w, w])
     j = np.zeros((2 * n, 8))
     for _ in range(10):
-        den = p[6] * x + p[7] * y + 1.0
-        xd, yd, d1 = x / den, y / den, 1.0 / den
-        pu = (p[0] * x + p[1] * y + p[2]) / den
-        pv = (p[3] * x + p[4] * y + p[5]) / den
-        r = np.concatenate([(u - pu) * sw, (v - pv) * sw])
+        d1 = 1.0 / (p[6] * x + p[7] * y + 1.0)
+        xd, yd = x * d1, y * d1
+        pu = (p[0] * x + p[1] * y + p[2]) * d1
+        pv = (p[3] * x + p[4] * y + p[5]) * d1
+        r = np.concatenate([u - pu, v - pv])
         j[:n, 0], j[:n, 1], j[:n, 2] = xd, yd, d1
-        j[:n, 6], j[:n, 7] = -pu * x / den, -pu * y / den
+        j[:n, 6], j[:n, 7] = -pu * xd, -pu * yd
         j[n:, 3], j[n:, 4], j[n:, 5] = xd, yd, d1
-        j[n:, 6], j[n:, 7] = -pv * x / den, -pv * y / den
-        step, *_ = np.linalg.lstsq(j * sw2[:, None], r, rcond=None)
+        j[n:, 6], j[n:, 7] = -pv * xd, -pv * yd
+        step = _normal_solve(j, w2, r)
         p = p + step
         if np.max(np.abs(step)) < 1e-12:
             break
     h = np.append(p, 1.0).reshape(3, 3)
     t = np.linalg.inv(nd) @ h @ ns
     return t / t[2, 2]
+
+
+def _normal_solve(j: np.ndarray, w: np.ndarray, r: np.ndarray) -> np.ndarray:
+    """The weighted least-squares step ``argmin |sqrt(w) (j s - r)|``, from its normal equations (a
+    few parameters, many points); least squares on them where they are singular (a degenerate set)."""
+    jw = j * w[:, None]
+    m, g = jw.T @ j, jw.T @ r
+    try:
+        return np.linalg.solve(m, g)
+    except np.linalg.LinAlgError:
+        return np.linalg.lstsq(m, g, rcond=None)[0]
 
 
 def estimate_transform(src: np.ndarray, dst: np.ndarray, model: str = "similarity",
@@ -424,12 +433,12 @@ def _refine(t0: np.ndarray, src: np.ndarray, dst: np.ndarray, es: np.ndarray | N
         si, di = si[keep], di[keep]
         if si.size < max(cfg.min_inliers, _MIN_POINTS[model]):
             break
-        m = model if si.size >= 2 * _MIN_POINTS[model] + 2 else "similarity"
-        t = estimate_transform(src[si], dst[di], m, 1.0 / var[keep])
         key = (si.tobytes(), di.tobytes())
-        if key == prev and it > 0:
+        if key == prev:  # the pairs of the last fit: it stands (its weights' scale differs by ~1e-6)
             break
         prev = key
+        m = model if si.size >= 2 * _MIN_POINTS[model] + 2 else "similarity"
+        t = estimate_transform(src[si], dst[di], m, 1.0 / var[keep])
     return t, si, di
 
 
