@@ -167,25 +167,38 @@ def read_frame(path: str | os.PathLike, *, header_only: bool = False) -> Frame:
     return Frame(data=data, meta=meta)
 
 
-def read_meta(path: str | os.PathLike) -> FrameMeta:
+def read_meta(path: str | os.PathLike, *, layouts: dict[tuple, FrameMeta] | None = None) -> FrameMeta:
     """Read a frame's metadata only.
 
     FITS, TIFF and JPEG/PNG headers are read without the pixels (except float
     data, scanned for its white level). rawpy offers no header-only mode, so a
-    RAW file is decoded by LibRaw but its pixels are not copied.
+    RAW file is decoded by LibRaw but its pixels are not copied, unless
+    ``layouts`` (a dict shared by the calls for one session's files, filled by
+    them) already holds a file of its camera and sensor layout: then a TIFF-based
+    raw (DNG, CR2, NEF, ARW...) is not decoded, and its pattern, levels and white
+    balance are that file's (its exposure, ISO, focal length and time are its own).
+    Its own decode (:func:`read_frame`) gives its own levels.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        A camera RAW, FITS, TIFF, JPEG or PNG file.
+    layouts : dict, optional
+        Decoded RAW files' metadata by layout, for the next calls (an empty dict to start).
 
     Raises
     ------
     InputNotFound, FrameReadError
         As :func:`read_frame`.
     """
-    return _read(path, want_data=False)[1]
+    return _read(path, want_data=False, layouts=layouts)[1]
 
 
 # ----------------------------------------------------------------------------- dispatch
 
 
-def _read(path: str | os.PathLike, *, want_data: bool) -> tuple[np.ndarray | None, FrameMeta]:
+def _read(path: str | os.PathLike, *, want_data: bool,
+          layouts: dict[tuple, FrameMeta] | None = None) -> tuple[np.ndarray | None, FrameMeta]:
     p = Path(os.fspath(path))
     if not p.exists():
         raise InputNotFound(f"{p}: no such file; check the path (quote names that contain spaces)")
@@ -205,7 +218,7 @@ def _read(path: str | os.PathLike, *, want_data: bool) -> tuple[np.ndarray | Non
         raise FrameReadError(f"{p}: file is empty (0 bytes); the copy was interrupted, copy it again")
     reader = {"raw": read_raw, "fits": _read_fits, "tiff": _read_tiff, "image": _read_image}[kind]
     try:
-        return reader(p, size, want_data)
+        return reader(p, size, want_data, layouts) if kind == "raw" else reader(p, size, want_data)
     except (FrameReadError, InputNotFound):
         raise
     except MemoryError as exc:

@@ -203,9 +203,10 @@ class SessionContext:
     scratch: Scratch = field(default_factory=Scratch)  # each thread's frame buffers (host backends)
 
     # scan
-    metas: list[Any] = field(default_factory=list)  # FrameMeta per light (None: unreadable)
+    metas: list[Any] = field(default_factory=list)  # FrameMeta per light (None: unreadable); pass 1: its decode's
     shape: tuple[int, int] = (0, 0)  # the lights' mosaic, (H, W)
     pattern: str | None = None  # their CFA pattern (None: monochrome)
+    camera: str | None = None  # their camera (None: unnamed)
     # plan
     plan: Any = None  # memory.MemoryPlan: threads, queue, store and tile bytes within --memory-limit
     # masters

@@ -13,9 +13,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from skystack.engine.errors import SkystackError
+
+if TYPE_CHECKING:
+    from skystack.engine.frame import FrameMeta
 
 #: Diagonal of a 36 x 24 mm full-frame sensor, for crop factors.
 FULL_FRAME_DIAGONAL_MM = math.hypot(36.0, 24.0)
@@ -98,7 +101,11 @@ def inputs_from_frame(path: str) -> PlanInputs:
     """Read focal length, f-number, pixel pitch, crop factor and declination from a frame."""
     from skystack.engine.io import read_meta
 
-    meta = read_meta(path)
+    return inputs_from_meta(read_meta(path))
+
+
+def inputs_from_meta(meta: FrameMeta) -> PlanInputs:
+    """:func:`inputs_from_frame` of a frame's metadata, read already."""
     extra = {str(k).lower(): v for k, v in meta.extra.items()}
     f = meta.focal_length_mm or _num(extra.get("focallen")) or _num(extra.get("focal_length_mm"))
     pitch = _num(extra.get("xpixsz")) or _num(extra.get("pixel_pitch_um"))

@@ -11,6 +11,7 @@ structure for TIFF-based raws, else from LibRaw.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import struct
 import threading
@@ -230,8 +231,15 @@ def _unpack_guarded(raw: Any, p: Path) -> None:
         raise box["exc"]
 
 
-def read_raw(p: Path, size: int, want_data: bool) -> tuple[np.ndarray | None, FrameMeta]:
+def read_raw(p: Path, size: int, want_data: bool,
+             layouts: dict[tuple, FrameMeta] | None = None) -> tuple[np.ndarray | None, FrameMeta]:
     """Read a camera RAW file of ``size`` bytes: its CFA data (when ``want_data``) and metadata.
+
+    ``layouts`` (metadata only) is shared by the reads of one session's files: a TIFF-based raw whose
+    layout key (camera, LibRaw's sensor sizes and colours: :func:`_layout_key`) matches a file read
+    with it before is not decoded. LibRaw offers no header-only mode (rawpy decodes the pixels
+    before it tells the pattern or the levels), so such a file takes that file's pattern, levels
+    and white balance, and its own EXIF's exposure, ISO, focal length, f-number and time.
 
     Raises
     ------
@@ -256,6 +264,9 @@ def read_raw(p: Path, size: int, want_data: bool) -> tuple[np.ndarray | None, Fr
         s = raw.sizes
         if s.raw_width * s.raw_height > 8 * size:
             raise truncated_error(p, f"{s.raw_width}x{s.raw_height} sensor in only {size} bytes")
+        key = _layout_key(raw, probe) if layouts is not None and not want_data else None
+        if key is not None and key in layouts:
+            return None, _same_layout(layouts[key], p, probe)
         try:
             _unpack_guarded(raw, p)
         except FrameReadError:
@@ -264,10 +275,41 @@ def read_raw(p: Path, size: int, want_data: bool) -> tuple[np.ndarray | None, Fr
         except rawpy.LibRawError as exc:
             raise FrameReadError(f"{p}: LibRaw could not decode it ({exc_text(exc)}); "
                                  "is it truncated or damaged? copy it again") from exc
-        return _raw_contents(raw, p, probe, want_data)
+        data, meta = _raw_contents(raw, p, probe, want_data)
+        if key is not None:
+            layouts[key] = meta
+        return data, meta
     finally:
         if not abandoned:
             raw.close()
+
+
+def _layout_key(raw: Any, probe: _Probe) -> tuple | None:
+    """What fixes a raw file's layout before its decode: camera, LibRaw's sizes (margins, flip) and
+    colours; None when the file's EXIF is not in its TIFF structure (LibRaw's needs the decode)."""
+    if not (probe.tiff and probe.exif):
+        return None
+    return camera_name(probe.make, probe.model), tuple(raw.sizes), int(raw.num_colors), bytes(raw.color_desc)
+
+
+def _same_layout(like: FrameMeta, p: Path, probe: _Probe) -> FrameMeta:
+    """``like`` (a decoded file of the same layout) for the file ``p``: its own EXIF values."""
+    ex = _exif_values(probe.exif)
+    extra = {k: v for k, v in like.extra.items() if k != "f_number"}
+    if ex["f_number"] is not None:
+        extra["f_number"] = ex["f_number"]
+    return dataclasses.replace(like, path=str(p), exposure_s=ex["exposure_s"], iso=ex["iso"],
+                               focal_length_mm=ex["focal_length_mm"], timestamp=ex["timestamp"], extra=extra)
+
+
+def _exif_values(ex: dict[str, Any]) -> dict[str, Any]:
+    """Exposure, ISO, focal length, f-number and capture time of a TIFF-based raw's EXIF."""
+    return {"exposure_s": number(ex.get("ExposureTime"), positive=True),
+            "iso": iso_speed(ex.get("ISOSpeedRatings") or ex.get("PhotographicSensitivity")),
+            "focal_length_mm": number(ex.get("FocalLength"), positive=True),
+            "f_number": number(ex.get("FNumber"), positive=True),
+            "timestamp": exif_time(ex.get("DateTimeOriginal"), ex.get("SubsecTimeOriginal"),
+                                   ex.get("OffsetTimeOriginal"))}
 
 
 def _raw_contents(raw: Any, p: Path, probe: _Probe, want_data: bool) -> tuple[np.ndarray | None, FrameMeta]:
@@ -316,13 +358,9 @@ def _raw_contents(raw: Any, p: Path, probe: _Probe, want_data: bool) -> tuple[np
         extra["daylight_wb"] = [day[0] / day[1], 1.0, day[2] / day[1]]
 
     if probe.tiff and probe.exif:
-        ex = probe.exif
-        exposure = number(ex.get("ExposureTime"), positive=True)
-        iso = iso_speed(ex.get("ISOSpeedRatings") or ex.get("PhotographicSensitivity"))
-        focal = number(ex.get("FocalLength"), positive=True)
-        fnum = number(ex.get("FNumber"), positive=True)
-        timestamp = exif_time(ex.get("DateTimeOriginal"), ex.get("SubsecTimeOriginal"),
-                               ex.get("OffsetTimeOriginal"))
+        ex = _exif_values(probe.exif)
+        exposure, iso, focal = ex["exposure_s"], ex["iso"], ex["focal_length_mm"]
+        fnum, timestamp = ex["f_number"], ex["timestamp"]
     else:
         o = raw.other
         exposure = number(o.shutter_speed, positive=True)

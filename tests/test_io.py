@@ -55,6 +55,32 @@ def test_dng_round_trip(tmp_path, rng, pattern):
     assert read_frame(path, header_only=True).meta == m  # compatibility keyword
 
 
+def test_read_meta_layouts_decode_one_raw_of_a_layout(tmp_path, rng, monkeypatch):
+    """With ``layouts``, a DNG of a camera and sensor layout already read is not decoded: its
+    pattern and levels are the first file's, its EXIF its own; another camera is decoded."""
+    from skystack.engine import rawfile
+
+    exif = {"exposure_s": 30.0, "iso": 800, "focal_length_mm": 50.0, "f_number": 2.8,
+            "timestamp": "2025-03-01T21:00:00", "make": "Skystack", "model": "SynthCam"}
+    a, b, c = (tmp_path / f"{k}.dng" for k in "abc")
+    write_dng(a, _mosaic(rng), pattern="RGGB", black_level=(100, 140, 180, 220), white_level=4095, exif=exif)
+    write_dng(b, _mosaic(rng), pattern="RGGB", black_level=(100, 140, 180, 220), white_level=4095,
+              exif={**exif, "exposure_s": 15.0, "iso": 1600, "f_number": 4.0, "timestamp": "2025-03-01T21:00:40"})
+    write_dng(c, _mosaic(rng), pattern="BGGR", black_level=(64, 64, 64, 64), white_level=4095,
+              exif={**exif, "model": "OtherCam"})
+    decodes = []
+    real = rawfile._unpack_guarded
+    monkeypatch.setattr(rawfile, "_unpack_guarded", lambda raw, p: (decodes.append(p.name), real(raw, p)))
+    layouts: dict = {}
+    ma, mb, mc = (read_meta(p, layouts=layouts) for p in (a, b, c))
+    assert decodes == ["a.dng", "c.dng"]
+    full_b = read_meta(b)  # no layouts: decoded
+    assert mb == full_b  # the same metadata, its EXIF its own
+    assert (mb.exposure_s, mb.iso, mb.extra["f_number"]) == (15.0, 1600.0, 4.0) != (ma.exposure_s, ma.iso, 2.8)
+    assert mb.path == str(b) and mb.timestamp == "2025-03-01T21:00:40+00:00"
+    assert mc == read_meta(c) and mc.pattern == "BGGR"
+
+
 def _dng_with_active_area(path, full, pattern, area, black=(64, 64, 64, 64), white=4095):
     """Minimal DNG with an ActiveArea (tools/dng.py writes none)."""
     import tifffile

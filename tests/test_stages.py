@@ -102,3 +102,33 @@ def test_the_landscape_searchs_small_frames_binned_beside_registration_are_the_s
     assert sorted(reads) == [0, 4, 7, 9, 13, 19]  # each frame read once; 9 read early, not needed
     again = SmallFrames(get, [0, 4], 4).take(get, [0, 4], 5)
     np.testing.assert_array_equal(again[4], fgm.small_frames(lambda i: frames[i], [4], 5)[4])
+
+
+def test_raw_lights_are_decoded_once_and_a_light_of_another_pattern_is_named(tmp_path, monkeypatch):
+    """The scan decodes one RAW light of the session's camera and layout (LibRaw has no header-only
+    mode) and takes the others' headers; pass 1 decodes each light once and names a light whose
+    decode shows another CFA pattern (the header could not tell); the rest are stacked."""
+    from skystack.engine import rawfile
+    from skystack.engine.io import read_frame
+    from skystack.tools.dng import write_dng
+
+    c = SynthConfig(seed=5, width=480, height=360, n_lights=5, n_bias=0, n_darks=0, n_flats=0, n_dark_flats=0,
+                    file_format="dng", star_density=4000.0, trail_frames=None, cloudy_frame=None, shake_frame=None)
+    simulate(c, tmp_path / "s")
+    files = discover_session(tmp_path / "s")
+    odd = files.lights[3]
+    f = read_frame(odd)  # the same camera, size and EXIF; another 2x2 tile
+    write_dng(odd, f.data, pattern="GRBG", black_level=c.black_level,
+              white_level=c.white_level, exif={"exposure_s": f.meta.exposure_s, "iso": c.iso,
+                                               "focal_length_mm": c.focal_length_mm, "f_number": c.f_number,
+                                               "timestamp": f.meta.timestamp, "make": c.make, "model": c.model})
+    decodes = []
+    real = rawfile._unpack_guarded
+    monkeypatch.setattr(rawfile, "_unpack_guarded", lambda raw, p: (decodes.append(p.name), real(raw, p)))
+    ctx = run_stages(SESSION_STAGES, session_context(files, StackConfig(quiet=True, cache_dir=str(tmp_path / "c"))))
+    ctx.store.close()
+    names = [p.name for p in files.lights]
+    assert sorted(decodes) == sorted([names[0], *names])  # the first light twice, every other once
+    assert ctx.pattern == c.pattern and odd.name not in [files.lights[i].name for i in ctx.used]
+    assert "differs from the session's" in ctx.records[3].reason and "GRBG" in ctx.records[3].reason
+    assert len(ctx.used) == 4 and ctx.metas[3].pattern == "GRBG"

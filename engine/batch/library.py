@@ -125,6 +125,7 @@ def scan_calibration(root: str | os.PathLike, *,
     problems: list[str] = []
     masters: list[CalibrationGroup] = []
     buckets: dict[tuple, list[dict[str, Any]]] = {}
+    layouts: dict[tuple, Any] = {}  # one RAW file of a camera and layout is decoded (read_meta)
     for dirpath, dirnames, filenames in os.walk(lib):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         for name in sorted(filenames):
@@ -140,7 +141,7 @@ def scan_calibration(root: str | os.PathLike, *,
                                                folder=_rel(p, lib), master=True))
                     continue
             try:
-                meta = read_meta(p)
+                meta = read_meta(p, layouts=layouts)
             except SkystackError as exc:
                 problems.append(f"{_rel(p, lib)}: ignored, unreadable ({exc})")
                 continue

@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import datetime as _dt
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from skystack.engine import register
-from skystack.engine.errors import SkystackError
 from skystack.engine.framing import border_points
 from skystack.engine.match import transform_points
 from skystack.engine.pipeline import SessionContext
-from skystack.engine.plan import inputs_from_frame, rule_npf
+from skystack.engine.plan import inputs_from_meta, rule_npf
 
 
 class DescribeRegistration:
@@ -30,13 +28,13 @@ class DescribeRegistration:
         regdesc = register.describe(sreg)
         regdesc.update({"framing": f"{canvas.framing} ({canvas.shape[1]}x{canvas.shape[0]})",
                         "canvas": canvas.to_dict(), "foreground": ctx.foreground.message})
-        trailing = _trailing(sreg.transforms, sreg.lens, ctx.lights, ctx.metas, ctx.used, ctx.shape)
+        trailing = _trailing(sreg.transforms, sreg.lens, ctx.metas, ctx.used, ctx.shape)
         if trailing:
             regdesc["trailing"] = trailing
         ctx.description = regdesc
 
 
-def _trailing(transforms: dict[int, np.ndarray], lens, lights: list[Path], metas: list[Any], used: list[int],
+def _trailing(transforms: dict[int, np.ndarray], lens, metas: list[Any], used: list[int],
               shape: tuple[int, int]) -> str:
     """Star trailing per exposure at the frame's edge, with the NPF rule's suggestion for this lens."""
     rates = []
@@ -55,15 +53,12 @@ def _trailing(transforms: dict[int, np.ndarray], lens, lights: list[Path], metas
         return ""
     px = float(np.median(rates)) * exp
     text = f"{px:.1f} px per {exp:g} s exposure at the frame's edge"
-    try:
-        lens_in = inputs_from_frame(str(lights[used[0]]))
-        if lens_in.focal_length_mm and lens_in.aperture and lens_in.pixel_pitch_um:
-            npf = rule_npf(lens_in.focal_length_mm, lens_in.aperture, lens_in.pixel_pitch_um)
-            text += f"; the NPF rule suggests at most {npf:.1f} s for this lens (skystack plan)"
-        else:
-            text += "; the files do not record the lens and pixel size the NPF rule needs (see skystack plan)"
-    except SkystackError:
-        pass
+    lens_in = inputs_from_meta(metas[used[0]])
+    if lens_in.focal_length_mm and lens_in.aperture and lens_in.pixel_pitch_um:
+        npf = rule_npf(lens_in.focal_length_mm, lens_in.aperture, lens_in.pixel_pitch_um)
+        text += f"; the NPF rule suggests at most {npf:.1f} s for this lens (skystack plan)"
+    else:
+        text += "; the files do not record the lens and pixel size the NPF rule needs (see skystack plan)"
     return text
 
 

@@ -16,6 +16,7 @@ from skystack.engine.errors import SkystackError
 from skystack.engine.pipeline import SessionContext, compute_threads, finite
 from skystack.engine.producer import FrameProducer
 from skystack.engine.rawconv import cfa_to_float
+from skystack.engine.stages.scan import odd_layout
 from skystack.engine.upload import StagedUploader
 from skystack.engine.workers import run_parallel
 
@@ -27,8 +28,8 @@ class CalibrateLights:
 
     name = "calibrate"
     timer = None  # each frame's steps are timed: calibrate, detect, debayer, store (summed over threads)
-    consumes = ("store", "calibration", "calibration_config")
-    produces = ("todo", "stars", "quality", "records", "notes", "queue_peak", "queue_bound")
+    consumes = ("store", "calibration", "calibration_config", "shape", "pattern", "camera")
+    produces = ("todo", "stars", "quality", "records", "notes", "queue_peak", "queue_bound", "metas")
 
     def run(self, ctx: SessionContext) -> None:
         ctx.todo = [i for i, r in enumerate(ctx.records) if not r.reason]
@@ -63,6 +64,10 @@ class _LightWork:
             rec.reason = item.error or "cannot decode"
             return
         m = item.frame.meta
+        ctx.metas[i] = m  # the header's layout may have come from another light: the decode's stands
+        rec.reason = odd_layout(m, ctx)
+        if rec.reason:
+            return
         x = self._calibrated(item.frame, rec)
         if x is None:
             return
