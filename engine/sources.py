@@ -240,12 +240,18 @@ def _median_filter_about_plane(m: np.ndarray, size: int) -> np.ndarray:
     """:func:`robust.moving_median` of the mesh's residual from its least-squares plane, the plane added
     back: an outlying box (a galaxy, a bright star's halo) is replaced as before, and a gradient
     is kept exactly, where a median filter of the mesh itself bends it at the edges."""
-    ny, nx = m.shape
-    yy, xx = np.mgrid[0:ny, 0:nx]
-    design = np.column_stack([np.ones(m.size), xx.ravel(), yy.ravel()])
-    coef = np.linalg.lstsq(design, m.ravel(), rcond=None)[0]
-    plane = (design @ coef).reshape(ny, nx)
+    design, solve = _plane_fit(*m.shape)
+    plane = (design @ (solve @ m.ravel())).reshape(m.shape)
     return moving_median(m - plane, size) + plane
+
+
+@functools.lru_cache(maxsize=16)
+def _plane_fit(ny: int, nx: int) -> tuple[np.ndarray, np.ndarray]:
+    """A ``(ny, nx)`` mesh's plane design ``(ny nx, 3)`` (1, x, y) and its least-squares solver
+    (the pseudo-inverse, ``(3, ny nx)``): computed once per mesh size, read-only."""
+    yy, xx = np.mgrid[0:ny, 0:nx]
+    design = np.column_stack([np.ones(ny * nx), xx.ravel(), yy.ravel()])
+    return _read_only(design, np.linalg.pinv(design))
 
 
 @functools.lru_cache(maxsize=16)
