@@ -43,6 +43,7 @@ for an hour:
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -130,7 +131,8 @@ def _as_stars(st: Any) -> _Stars:
 
 def register_frames(stars: dict[int, Any], scores: dict[int, float], shape: tuple[int, int], *,
                     model: str = "auto", provisional: int, fixed_reference: bool = False,
-                    on_frame: Callable[[], None] | None = None) -> SessionRegistration:
+                    on_frame: Callable[[], None] | None = None,
+                    timed: Callable[[str], Any] | None = None) -> SessionRegistration:
     """Register every frame of a session (see the module docstring).
 
     Parameters
@@ -150,6 +152,10 @@ def register_frames(stars: dict[int, Any], scores: dict[int, float], shape: tupl
         Keep ``provisional`` as the reference (``--reference`` given).
     on_frame : callable, optional
         Called once per frame as its final transform is settled (progress).
+    timed : callable, optional
+        ``timed(name)``: a context manager timing the frames' matches and final transforms as
+        ``"register"``, and the model's choice and the lens (steps 5: at most :data:`N_VALIDATE`
+        frames, a step per session) as ``"model"``.
 
     Returns
     -------
@@ -157,22 +163,48 @@ def register_frames(stars: dict[int, Any], scores: dict[int, float], shape: tupl
     """
     if model != "auto" and model not in MODELS:
         raise ValueError(f"unknown transform model {model!r}; choose auto or one of {', '.join(MODELS)}")
-    lists = {i: _as_stars(s) for i, s in stars.items()}
-    hcfg = MatchConfig(model="homography")
-    trans, fails = _match_all(lists, provisional, hcfg)
-    static = _flag_static(lists, trans, provisional)
-    if any(m.any() for m in static.values()):
-        lists = {i: _Stars(s.xy[~static[i]], s.pos_err[~static[i]]) for i, s in lists.items()}
+    time = timed or (lambda name: contextlib.nullcontext())
+    with time("register"):
+        lists = {i: _as_stars(s) for i, s in stars.items()}
+        hcfg = MatchConfig(model="homography")
         trans, fails = _match_all(lists, provisional, hcfg)
-    ref, reason = provisional, "--reference" if fixed_reference else "best-scoring frame"
-    if not fixed_reference:
-        ref, reason = _choose_reference(trans, scores, shape, provisional)
-    if ref != provisional:
-        inv = np.linalg.inv(trans[ref])
-        trans = {i: _norm(inv @ t) for i, t in trans.items()}
-        trans[ref] = np.eye(3)
-    chained = _chain(lists, trans, fails, ref, hcfg)
-    motion = _max_motion(trans, shape)
+        static = _flag_static(lists, trans, provisional)
+        if any(m.any() for m in static.values()):
+            lists = {i: _Stars(s.xy[~static[i]], s.pos_err[~static[i]]) for i, s in lists.items()}
+            trans, fails = _match_all(lists, provisional, hcfg)
+        ref, reason = provisional, "--reference" if fixed_reference else "best-scoring frame"
+        if not fixed_reference:
+            ref, reason = _choose_reference(trans, scores, shape, provisional)
+        if ref != provisional:
+            inv = np.linalg.inv(trans[ref])
+            trans = {i: _norm(inv @ t) for i, t in trans.items()}
+            trans[ref] = np.eye(3)
+        chained = _chain(lists, trans, fails, ref, hcfg)
+    with time("model"):
+        model, lens, heldout = _choose_model_and_lens(lists, trans, ref, shape, model)
+    with time("register"):
+        reg = SessionRegistration(ref=ref, transforms={}, residuals={}, failures=dict(fails), model=model,
+                                  heldout_rms=heldout, chained=chained, motion_px=_max_motion(trans, shape),
+                                  reference_reason=reason,
+                                  static={i: stars[i].xy[m] if hasattr(stars[i], "xy") else np.zeros((0, 2))
+                                          for i, m in static.items() if m.any()},
+                                  sky_stars={i: s.xy for i, s in lists.items()})
+        tick = on_frame or (lambda: None)
+        if model == "homography+radial" and lens is not None and not lens.is_identity:
+            reg.lens = lens
+            _final_with_lens(reg, lists, trans, lens, tick)
+        else:
+            reg.model = "homography" if model == "homography+radial" else model
+            _final_plain(reg, lists, trans, chained, tick)
+        for _ in fails:  # frames that never registered are done too
+            tick()
+    return reg
+
+
+def _choose_model_and_lens(lists: dict[int, _Stars], trans: dict[int, np.ndarray], ref: int,
+                           shape: tuple[int, int], model: str) -> tuple[str, RadialLens | None, dict[str, float]]:
+    """Step 5: ``(model, lens, held-out RMS per model)`` from the validation frames' matched pairs
+    (``model`` as given unless "auto"; the lens for "auto" and "homography+radial")."""
     heldout: dict[str, float] = {}
     lens = None
     if model in ("auto", "homography+radial"):
@@ -183,22 +215,7 @@ def register_frames(stars: dict[int, Any], scores: dict[int, float], shape: tupl
         if model == "auto":
             heldout = {m: heldout_rms(m, pairs, shape) for m in MODELS} if pairs else {}
             model = choose_model(heldout) if heldout else "similarity"
-    reg = SessionRegistration(ref=ref, transforms={}, residuals={}, failures=dict(fails), model=model,
-                              heldout_rms=heldout, chained=chained, motion_px=motion,
-                              reference_reason=reason,
-                              static={i: stars[i].xy[m] if hasattr(stars[i], "xy") else np.zeros((0, 2))
-                                      for i, m in static.items() if m.any()},
-                              sky_stars={i: s.xy for i, s in lists.items()})
-    tick = on_frame or (lambda: None)
-    if model == "homography+radial" and lens is not None and not lens.is_identity:
-        reg.lens = lens
-        _final_with_lens(reg, lists, trans, lens, tick)
-    else:
-        reg.model = "homography" if model == "homography+radial" else model
-        _final_plain(reg, lists, trans, chained, tick)
-    for _ in fails:  # frames that never registered are done too
-        tick()
-    return reg
+    return model, lens, heldout
 
 
 def _norm(t: np.ndarray) -> np.ndarray:

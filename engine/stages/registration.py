@@ -17,7 +17,7 @@ class RegisterFrames:
     choice, lens, chaining); lights that fail are recorded with their reason."""
 
     name = "register"
-    timer = "register"
+    timer = None  # the frames' matches "register", the model's choice (a step per session) "model"
     consumes = ("candidates", "provisional", "stars", "quality", "shape")
     produces = ("registration", "ref", "used", "store_transforms", "store_lens", "records")
 
@@ -26,7 +26,7 @@ class RegisterFrames:
         sreg = register.register_frames({i: ctx.stars[i] for i in cand}, {i: ctx.quality[i].score for i in cand},
                                         ctx.shape, model=config.transform_model, provisional=ctx.provisional,
                                         fixed_reference=bool(config.reference),
-                                        on_frame=ctx.report.bar("register", len(cand)))
+                                        on_frame=ctx.report.bar("register", len(cand)), timed=ctx.report.timed)
         for i, why in sreg.failures.items():
             records[i].reason = why if why.startswith("registration failed") else f"registration failed: {why}"
         for i, r in sreg.residuals.items():

@@ -90,9 +90,10 @@ def host_seconds(wall: float, stand_in: float, launches: int, views: int = 0) ->
 #: CPU seconds and those of them inside the stand-in, and views (``cupy.sim.thread_views``).
 STAGE_COUNTERS = ("device_s", "launches", "stand_in_s", "cpu_s", "stand_in_cpu_s", "views")
 
-#: Stage timers that are the session's, not its lights': scanning headers, building masters, the
-#: reference's star apertures and the landscape search (at most ``foreground.N_FRAMES`` small frames).
-SESSION_STAGES = ("scan", "masters", "apertures", "foreground")
+#: Stage timers that are the session's, not its lights': scanning headers, building masters, choosing
+#: the transform model and the lens (at most ``register.N_VALIDATE`` frames), the reference's star
+#: apertures and the landscape search (at most ``foreground.N_FRAMES`` small frames).
+SESSION_STAGES = ("scan", "masters", "model", "apertures", "foreground")
 
 
 def _sim_device():

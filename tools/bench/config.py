@@ -16,7 +16,7 @@ PRESETS: dict[str, tuple[int, float]] = {
 }
 
 #: Stage timers of :class:`~skystack.engine.stack.StackResult` in pipeline order.
-STAGES = ("scan", "masters", "upload", "calibrate", "detect", "debayer", "store", "register", "foreground",
+STAGES = ("scan", "masters", "upload", "calibrate", "detect", "debayer", "store", "register", "model", "foreground",
           "landscape", "warp", "apertures", "normalize", "combine")
 
 
