@@ -68,6 +68,20 @@ class PointIndex:
             qi, pj, d = self._pairs_all(q, k, bound)
         return self._nearest(len(q), k, qi, pj, d)
 
+    def pairs_within(self, q, distance_upper_bound: float) -> tuple[np.ndarray, np.ndarray]:
+        """Every (query, point) pair strictly closer than ``distance_upper_bound`` (finite, > 0).
+
+        Returns
+        -------
+        qi, pj : ndarray of intp
+            Indices into ``q`` and into ``points`` of each pair (in no particular order).
+        """
+        q = np.asarray(q, dtype=np.float64).reshape(-1, 2)
+        if not self.n or not len(q):
+            return np.zeros(0, np.intp), np.zeros(0, np.intp)
+        qi, pj, _ = self._pairs_near(q, float(distance_upper_bound))
+        return qi, pj
+
     def _nearest(self, nq: int, k: int, qi: np.ndarray, pj: np.ndarray, d: np.ndarray):
         """Keep the ``k`` nearest of each query's candidate pairs, in cKDTree's output layout."""
         dist = np.full((nq, k), np.inf)

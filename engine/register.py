@@ -272,23 +272,27 @@ def _spread(items: list[int], k: int) -> list[int]:
 def _flag_static(lists: dict[int, _Stars], trans: dict[int, np.ndarray], ref: int) -> dict[int, np.ndarray]:
     """Per frame, a bool mask of sources that stay put on the sensor while the sky moves."""
     reg = sorted(trans)
-    sample = _spread(reg, 9)
-    trees = {j: PointIndex(lists[j].xy) for j in sample if len(lists[j].xy)}
+    sample = [j for j in _spread(reg, 9) if len(lists[j].xy)]
+    # the sample frames' sources in one index, each labelled with its frame's place in the sample
+    index = PointIndex(np.concatenate([lists[j].xy for j in sample]) if sample else np.zeros((0, 2)))
+    label = np.repeat(np.arange(len(sample)), [len(lists[j].xy) for j in sample])
     out = {i: np.zeros(len(s.xy), dtype=bool) for i, s in lists.items()}
     for i in reg:
         p = lists[i].xy
         if not len(p):
             continue
+        near = np.zeros((len(sample), len(p)), dtype=bool)  # a source of frame j within the tolerance
+        qi, pj = index.pairs_within(p, STATIC_TOL_PX)
+        near[label[pj], qi] = True
         found = np.zeros(len(p), dtype=int)
         moved = np.zeros(len(p), dtype=int)
-        for j, tree in trees.items():
+        for k, j in enumerate(sample):
             if j == i:
                 continue
             q = transform_points(np.linalg.inv(trans[j]) @ trans[i], p)  # where the sky of p is in frame j
             mv = np.hypot(*(q - p).T) > STATIC_MOTION_PX
-            d, _ = tree.query(p, distance_upper_bound=STATIC_TOL_PX)
             moved += mv
-            found += mv & np.isfinite(d)
+            found += mv & near[k]
         out[i] = (moved >= 2) & (found >= np.maximum(2, 0.5 * moved))
     return out
 

@@ -36,6 +36,21 @@ def test_query_equals_the_all_pairs_reference(k, bound, grid):
     assert np.isfinite(d).any() and (not math.isfinite(bound) or not np.isfinite(d).all())
 
 
+@pytest.mark.parametrize("grid", [False, True])
+def test_pairs_within_are_every_pair_closer_than_the_bound(grid):
+    """``pairs_within`` gives exactly the (query, point) pairs whose float64 distance is below the bound."""
+    rng = np.random.default_rng(11 + grid)
+    p = rng.uniform(0, 300, (400, 2))
+    q = np.concatenate([rng.uniform(-10, 310, (200, 2)), p[:40]])
+    if grid:  # pairs exactly at the bound are left out
+        p, q = np.round(p / 3) * 3, np.round(q / 3) * 3
+    d = np.sqrt((q[:, None, 0] - p[None, :, 0]) ** 2 + (q[:, None, 1] - p[None, :, 1]) ** 2)
+    want = set(zip(*np.nonzero(d < 6.0)))
+    qi, pj = PointIndex(p).pairs_within(q, 6.0)
+    assert len(qi) == len(want) > 100 and set(zip(qi.tolist(), pj.tolist())) == want
+    assert [a.size for a in PointIndex(np.zeros((0, 2))).pairs_within(q, 6.0)] == [0, 0]
+
+
 def test_bound_is_strict_and_misses_are_inf_and_n():
     p = np.array([[0.0, 0.0], [3.0, 4.0], [10.0, 0.0]])
     d, i = PointIndex(p).query([[0.0, 0.0], [100.0, 100.0]], k=3, distance_upper_bound=5.0)
