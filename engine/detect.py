@@ -415,8 +415,8 @@ def _duplicates(x: np.ndarray, y: np.ndarray, keep: np.ndarray) -> np.ndarray:
     if kept.size < 2:
         return dup
     xy = np.column_stack([x[kept], y[kept]])
-    _, nb = PointIndex(xy).query(xy, k=4, distance_upper_bound=DUPLICATE_PX)
-    dup[kept] = (nb < np.arange(kept.size)[:, None]).any(axis=1)  # (none found: index kept.size)
+    qi, pj = PointIndex(xy).pairs_within(xy, DUPLICATE_PX)
+    dup[kept[qi[pj < qi]]] = True  # a brighter one (a lower index) that close
     return dup
 
 
@@ -476,10 +476,10 @@ def _psf_sample(img, sx, sy, s2, x, y, pos_err, fwhm, clean, half, sites, cfg) -
     """
     if cfg.psf_sample <= 0:
         return 1.0
-    # the nearest detection (a star's own) and the next, if within 2 half (else inf)
-    d, _ = PointIndex(np.column_stack([sx, sy])).query(np.column_stack([x, y]), k=2,
-                                                       distance_upper_bound=np.nextafter(2.0 * half, np.inf))
-    cand = np.flatnonzero(clean & (d[:, 1] > 2.0 * half))[: cfg.psf_sample]
+    # isolated: no detection within 2 half but the star's own
+    qi, _ = PointIndex(np.column_stack([sx, sy])).pairs_within(np.column_stack([x, y]),
+                                                              np.nextafter(2.0 * half, np.inf))
+    cand = np.flatnonzero(clean & (np.bincount(qi, minlength=len(x)) < 2))[: cfg.psf_sample]
     if cand.size < 3:
         return 1.0
     fx, fy, cxx, cyy, cxy, ferr, ok = fit_psf(img, x[cand], y[cand], s2[cand], half, sites,
