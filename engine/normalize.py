@@ -353,37 +353,41 @@ def _aperture_fluxes(planes: Any, ap: StarApertures, *, tops: bool = False) -> t
     in the whole frame (:func:`robust.nan_max`).
 
     All boxes at once, where ``planes`` are (NumPy or CuPy; on a device one ``aperture_measure``
-    launch a group): only numbers leave the device, in one download.
+    launch a group, writing into one array): only numbers leave the device, in one download.
     """
     from skystack.engine.backend import array_module, to_host
 
     xp = array_module(planes)
     n_s, c = len(ap.boxes), int(planes.shape[0])
     src = planes if xp is np else xp.ascontiguousarray(planes, dtype=xp.float32)
-    measure = _aperture_arrays_numpy if xp is np else _aperture_arrays_device
-    rows, fluxes, peaks = [], [], []
-    for g in ap.tables(xp):
-        dev, peak_g, whole = measure(src, g)
-        rows.append(g.rows)
-        fluxes.append(xp.where(whole, dev.sum(axis=1), xp.float64(np.nan)))
-        peaks.append(peak_g)
-    parts = [xp.concatenate(fluxes), xp.concatenate(peaks, axis=1).astype(xp.float64).ravel()] if rows else []
+    measure = _aperture_measure_numpy if xp is np else _aperture_measure_device
+    groups = ap.tables(xp)
+    # [flux of each group's boxes | each group's (C, S_g) peaks | the channels' maxima]
+    out = xp.empty(n_s * (1 + c) + (c if tops else 0), dtype=xp.float64)
+    f0, p0 = 0, n_s
+    for g in groups:
+        m = len(g.rows)
+        measure(src, g, out[f0:f0 + m], out[p0:p0 + c * m])
+        f0, p0 = f0 + m, p0 + c * m
     if tops:
-        parts.append(nan_max(src.reshape(c, -1), axis=1).astype(xp.float64))
-    got = to_host(xp.concatenate(parts)) if parts else np.zeros(0)
+        out[n_s * (1 + c):] = nan_max(src.reshape(c, -1), axis=1)
+    got = to_host(out)
     flux = np.full(n_s, np.nan)
     peak = np.full((c, n_s), -np.inf, np.float32)
-    if rows:
-        order = np.concatenate(rows)
-        flux[order] = got[:n_s]
-        peak[:, order] = got[n_s:n_s + c * n_s].reshape(c, n_s)
-    return (flux, peak, got[-c:].astype(np.float32)) if tops else (flux, peak)
+    f0, p0 = 0, n_s
+    for g in groups:
+        m = len(g.rows)
+        flux[g.rows] = got[f0:f0 + m]
+        peak[:, g.rows] = got[p0:p0 + c * m].reshape(c, m)
+        f0, p0 = f0 + m, p0 + c * m
+    return (flux, peak, got[n_s * (1 + c):].astype(np.float32)) if tops else (flux, peak)
 
 
-def _aperture_arrays_numpy(planes: Any, g: ApertureGroup) -> tuple[Any, Any, Any]:
-    """A group's ``(dev, peak, whole)``: ``(S_g, K)`` float64 box-minus-background in the aperture (0
-    elsewhere), ``(C, S_g)`` float32 channel maxima, ``(S_g,)`` whether every box pixel is finite.
-    Array operations where ``planes`` are; the twin of ``aperture_measure`` (kernels/framestats.cu)."""
+def _aperture_measure_numpy(planes: Any, g: ApertureGroup, flux: Any, peak: Any) -> None:
+    """A group's fluxes and peaks into ``flux`` ``(S_g,)`` and ``peak`` (``(C, S_g)`` row-major), float64:
+    the sum of the box-minus-background values in the aperture, added in order (NaN unless every box
+    pixel is finite), and each channel's largest value. Array operations where ``planes`` are; the
+    twin of ``aperture_measure`` (kernels/framestats.cu)."""
     from skystack.engine.backend import array_module
 
     xp = array_module(planes)
@@ -394,27 +398,22 @@ def _aperture_arrays_numpy(planes: Any, g: ApertureGroup) -> tuple[Any, Any, Any
     whole = xp.all(xp.isfinite(box) | ~g.valid, axis=1)
     bg = nanmedian_last(xp.where(g.ring, box, xp.float32(np.nan)))
     dev = xp.where(g.inside, box - bg[:, None], xp.float32(0.0)).astype(xp.float64)
+    flux[:] = xp.where(whole, xp.cumsum(dev, axis=1)[:, -1], xp.float64(np.nan))
     low = xp.float32(-np.inf)
-    peak = xp.stack([xp.where(g.valid & ~xp.isnan(v), v, low).max(axis=1) for v in vals])
-    return dev, peak, whole
+    peak[:] = xp.stack([xp.where(g.valid & ~xp.isnan(v), v, low).max(axis=1) for v in vals]).ravel()
 
 
-def _aperture_arrays_device(planes: Any, g: ApertureGroup) -> tuple[Any, Any, Any]:
-    """:func:`_aperture_arrays_numpy` on a device: one ``aperture_measure`` launch (a thread an aperture)."""
+def _aperture_measure_device(planes: Any, g: ApertureGroup, flux: Any, peak: Any) -> None:
+    """:func:`_aperture_measure_numpy` on a device: one ``aperture_measure`` launch (a thread an aperture)."""
     from skystack.engine.backend import array_module, launch
 
     xp = array_module(planes)
     src = planes  # C-contiguous float32 (_aperture_fluxes)
     rows, k = (int(s) for s in g.index.shape)
     c, plane = int(src.shape[0]), int(src.shape[1] * src.shape[2])
-    dev = xp.empty((rows, k), dtype=xp.float64)
-    peak = xp.empty((c, rows), dtype=xp.float32)
-    whole = xp.empty(rows, dtype=xp.bool_)
     work = xp.empty((rows, k), dtype=xp.float32)
-    launch("framestats.cu", "aperture_measure", rows, (src, g.index, g.valid, g.inside, g.ring, dev, peak, whole,
-                                                      work, np.int64(rows), np.int64(k), np.int32(c),
-                                                      np.int64(plane)))
-    return dev, peak, whole
+    launch("framestats.cu", "aperture_measure", rows, (src, g.index, g.valid, g.inside, g.ring, flux, peak, work,
+                                                      np.int64(rows), np.int64(k), np.int32(c), np.int64(plane)))
 
 
 def signal_ratios(image: np.ndarray, ap: StarApertures) -> np.ndarray:

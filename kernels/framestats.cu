@@ -12,15 +12,17 @@
 // work: rows x 2n float32 of scratch.
 //
 // aperture_measure -- one thread per reference star aperture of a group. Twin:
-// normalize._aperture_arrays_numpy. A group's tables are (rows, k): index (flat pixel index into
+// normalize._aperture_measure_numpy. A group's tables are (rows, k): index (flat pixel index into
 // one plane), valid (a box pixel, not padding), inside (the aperture) and ring (its background).
 // Per aperture, over its k pixels:
 //   box      = plane 0 + plane 1 + ... (float32, in channel order: the channel sum);
-//   whole    = every valid pixel's box value is finite;
 //   bg       = median of the ring pixels' box values, NaN left out (as the median above; NaN
 //              when none);
 //   dev[j]   = inside ? double(box - bg) : 0 (the difference in float32);
-//   peak[c]  = largest non-NaN valid value of channel c (-inf when none), out as (channels, rows).
+//   flux     = dev[0] + dev[1] + ... + dev[k - 1], added in that order in float64 (NumPy's cumsum),
+//              NaN unless every valid pixel's box value is finite;
+//   peak[c]  = largest non-NaN valid value of channel c (-inf when none), as a double, out as
+//              (channels, rows).
 // work: rows x k float32 of scratch (the ring values).
 
 // The k-th smallest of a[0, n) (a is reordered: afterwards a[0, k) <= a[k]).
@@ -113,10 +115,9 @@ __device__ float ap_box(const float* planes, long long p, int channels, long lon
 
 extern "C" __global__ void aperture_measure(const float* __restrict__ planes, const long long* __restrict__ index,
                                             const bool* __restrict__ valid, const bool* __restrict__ inside,
-                                            const bool* __restrict__ ring, double* __restrict__ dev,
-                                            float* __restrict__ peak, bool* __restrict__ whole,
-                                            float* __restrict__ work, long long rows, long long k, int channels,
-                                            long long plane)
+                                            const bool* __restrict__ ring, double* __restrict__ flux,
+                                            double* __restrict__ peak, float* __restrict__ work, long long rows,
+                                            long long k, int channels, long long plane)
 {
     for (long long r = blockIdx.x * (long long)blockDim.x + threadIdx.x; r < rows;
          r += (long long)blockDim.x * gridDim.x) {
@@ -124,7 +125,7 @@ extern "C" __global__ void aperture_measure(const float* __restrict__ planes, co
         float* ringv = work + o;
         long long n_ring = 0;
         bool all = true;
-        for (int c = 0; c < channels; ++c) peak[c * rows + r] = -__int_as_float(0x7f800000);
+        for (int c = 0; c < channels; ++c) peak[c * rows + r] = -(double)__int_as_float(0x7f800000);
         for (long long j = 0; j < k; ++j) {
             const long long p = index[o + j];
             const float box = ap_box(planes, p, channels, plane);
@@ -133,14 +134,16 @@ extern "C" __global__ void aperture_measure(const float* __restrict__ planes, co
             if (!valid[o + j]) continue;
             for (int c = 0; c < channels; ++c) {
                 const float v = planes[c * plane + p];
-                if (!isnan(v) && v > peak[c * rows + r]) peak[c * rows + r] = v;
+                if (!isnan(v) && (double)v > peak[c * rows + r]) peak[c * rows + r] = (double)v;
             }
         }
         const float bg = n_ring > 0 ? rs_median(ringv, n_ring) : nanf("");
+        double sum = 0.0;
         for (long long j = 0; j < k; ++j) {
-            dev[o + j] = inside[o + j] ? (double)(ap_box(planes, index[o + j], channels, plane) - bg) : 0.0;
+            const double d = inside[o + j] ? (double)(ap_box(planes, index[o + j], channels, plane) - bg) : 0.0;
+            sum = j == 0 ? d : sum + d;
         }
-        whole[r] = all;
+        flux[r] = all ? sum : nan("");
     }
 }
 

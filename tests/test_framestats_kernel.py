@@ -1,9 +1,9 @@
 """A frame in the reference's star apertures on a device (``kernels/framestats.cu``) against its twin.
 
 ``aperture_measure`` runs a thread per aperture of a group; under the g++ emulator it must give
-``normalize._aperture_arrays_numpy``'s arrays bit for bit: box-minus-background in the aperture,
-the channel maxima and whether the box is whole, for odd and even ring counts, NaN and inf in the
-frame, a ring with no data, padding, one channel and three.
+``normalize._aperture_measure_numpy``'s numbers bit for bit: the flux of the box-minus-background in
+the aperture (NaN unless the box is whole) and the channel maxima, for odd and even ring counts, NaN
+and inf in the frame, a ring with no data, padding, one channel and three.
 """
 
 from __future__ import annotations
@@ -41,14 +41,24 @@ def test_aperture_measure_gives_the_twins_arrays(rng, channels):
     c, plane = frame.shape[0], frame.shape[1] * frame.shape[2]
     for g in groups:
         rows, k = g.index.shape
-        dev, peak, whole = np.full((rows, k), -1.0), np.full((c, rows), 7.0, np.float32), np.zeros(rows, bool)
-        mod.launch("aperture_measure", rows, (frame, g.index, g.valid, g.inside, g.ring, dev, peak, whole,
+        flux, peak = np.full(rows, -1.0), np.full(c * rows, 7.0)
+        mod.launch("aperture_measure", rows, (frame, g.index, g.valid, g.inside, g.ring, flux, peak,
                                               np.empty((rows, k), np.float32), np.int64(rows), np.int64(k),
                                               np.int32(c), np.int64(plane)))
-        t_dev, t_peak, t_whole = normalize._aperture_arrays_numpy(frame, g)
-        np.testing.assert_array_equal(dev, t_dev)
+        t_flux, t_peak = np.full(rows, -2.0), np.full(c * rows, 8.0)
+        normalize._aperture_measure_numpy(frame, g, t_flux, t_peak)
+        np.testing.assert_array_equal(flux, t_flux)
         np.testing.assert_array_equal(peak, t_peak)
-        np.testing.assert_array_equal(whole, t_whole)
+        # against float64 sums of each whole box's aperture less the median of its ring (float32 medians)
+        for r in range(rows):
+            box = frame.reshape(c, -1)[:, g.index[r]].sum(axis=0, dtype=np.float32)
+            ring = box[g.ring[r] & ~np.isnan(box)]
+            whole = np.isfinite(box[g.valid[r]]).all()
+            want = (box[g.inside[r]].astype(np.float64) - np.median(ring)).sum() if whole and ring.size else np.nan
+            np.testing.assert_allclose(flux[r], want, rtol=1e-5, atol=1e-3)
+            tops = [np.nanmax(np.where(g.valid[r], frame.reshape(c, -1)[ch, g.index[r]], np.nan), initial=-np.inf)
+                    for ch in range(c)]
+            np.testing.assert_array_equal(peak.reshape(c, rows)[:, r], tops)
     # the cases the frame was made for are there: a partial box, and an even and an odd ring count
     n_ring = np.concatenate([(g.ring & g.valid).sum(axis=1) for g in groups])
     assert {0, 1} <= set(n_ring % 2)
