@@ -363,23 +363,21 @@ def _aperture_fluxes(planes: Any, ap: StarApertures, *, tops: bool = False) -> t
     measure = _aperture_measure_numpy if xp is np else _aperture_measure_device
     groups = ap.tables(xp)
     # [flux of each group's boxes | each group's (C, S_g) peaks | the channels' maxima]
-    out = xp.empty(n_s * (1 + c) + (c if tops else 0), dtype=xp.float64)
-    f0, p0 = 0, n_s
+    spans, f = [], 0  # each group, where its fluxes and its peaks start, its boxes
     for g in groups:
-        m = len(g.rows)
-        measure(src, g, out[f0:f0 + m], out[p0:p0 + c * m])
-        f0, p0 = f0 + m, p0 + c * m
+        spans.append((g, f, n_s + c * f, len(g.rows)))
+        f += len(g.rows)
+    out = xp.empty(n_s * (1 + c) + (c if tops else 0), dtype=xp.float64)
+    for g, f, p, m in spans:
+        measure(src, g, out[f:f + m], out[p:p + c * m])
     if tops:
         out[n_s * (1 + c):] = nan_max(src.reshape(c, -1), axis=1)
     got = to_host(out)
     flux = np.full(n_s, np.nan)
     peak = np.full((c, n_s), -np.inf, np.float32)
-    f0, p0 = 0, n_s
-    for g in groups:
-        m = len(g.rows)
-        flux[g.rows] = got[f0:f0 + m]
-        peak[:, g.rows] = got[p0:p0 + c * m].reshape(c, m)
-        f0, p0 = f0 + m, p0 + c * m
+    for g, f, p, m in spans:
+        flux[g.rows] = got[f:f + m]
+        peak[:, g.rows] = got[p:p + c * m].reshape(c, m)
     return (flux, peak, got[n_s * (1 + c):].astype(np.float32)) if tops else (flux, peak)
 
 

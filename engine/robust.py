@@ -437,8 +437,7 @@ def nan_max(a: Any, axis: int | None = None) -> Any:
     xp = array_module(a)
     low = a.dtype.type(-np.inf)
     if xp is np:
-        top = np.fmax.reduce(a, axis=axis, initial=low)  # NaN never wins against the initial -inf
-        return low if axis is None and np.isnan(top) else top
+        return np.fmax.reduce(a, axis=axis, initial=low)  # NaN never wins against the initial -inf
     return xp.where(xp.isnan(a), low, a).max(axis=axis)
 
 

@@ -85,6 +85,7 @@ def host_seconds(wall: float, stand_in: float, launches: int, views: int = 0) ->
     ``views`` (``cupy.sim.thread_views``): CuPy's own cost on the host."""
     return wall - stand_in + launches * LAUNCH_HOST_S + views * VIEW_HOST_S
 
+
 #: What :func:`_stage_device_seconds` sums for each stage timer, over the threads that ran it: the
 #: device's seconds (``cupy.sim.thread_device``), launches, seconds inside the stand-in, the thread's
 #: CPU seconds and those of them inside the stand-in, and views (``cupy.sim.thread_views``).
@@ -178,7 +179,8 @@ def _device_traffic(res, stage_device: dict[str, dict[str, float]] | None) -> di
             "host_s_by_stage": host, "host_s_lights": lights_s, "host_s_per_light": lights_s / n,
             "host_cpu_s_by_stage": cpu, "host_cpu_s_lights": lights_cpu, "host_cpu_s_per_light": lights_cpu / n,
             "stage_device": stage_device,
-            "launch_host_s": LAUNCH_HOST_S, "view_host_s": VIEW_HOST_S, "syncs": int(sim.syncs), "peak_device_bytes": int(sim.peak),
+            "launch_host_s": LAUNCH_HOST_S, "view_host_s": VIEW_HOST_S, "syncs": int(sim.syncs),
+            "peak_device_bytes": int(sim.peak),
             "note": "simulated device: all traffic of the run (masters and results included); host seconds "
                     "of the lights' stages (not " + ", ".join(SESSION_STAGES) + "): wall less the stand-in's "
                     "seconds, plus launch_host_s a launch and view_host_s a view"}

@@ -119,9 +119,7 @@ class SimStats:
 
     def track(self, a: _np.ndarray) -> None:
         """Count ``a``'s buffer as device memory until it is freed (a pool block: while it is in use)."""
-        root = a
-        while isinstance(root.base, _np.ndarray):
-            root = root.base
+        root = _root(a)
         if _blocks.owns(root):  # the pool updated the peak when it handed the block out
             return
         key = id(root)
